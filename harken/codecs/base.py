@@ -1,0 +1,50 @@
+"""What every codec plugin provides: bytes of one WebSocket message in, PCM16 mono 16 kHz out."""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+TARGET_RATE = 16000
+
+
+class DecodeError(Exception):
+    """One message could not be decoded. The caller drops it, counts it, and goes on."""
+
+
+class UnsupportedFormat(ValueError):
+    """The codec/rate/channels combination cannot be decoded (a bad connection parameter)."""
+
+
+class Decoder(abc.ABC):
+    """Stateful decoder for one connection.
+
+    ``decode`` returns int16 samples at 16 kHz mono, possibly empty (a resampler or a codec may
+    hold samples back). It raises ``DecodeError`` for a bad frame and leaves its state usable.
+    """
+
+    codec: str = "?"
+
+    def __init__(self, sample_rate: int, channels: int):
+        self.sample_rate = sample_rate
+        self.channels = channels
+
+    @abc.abstractmethod
+    def decode(self, message: bytes) -> np.ndarray: ...
+
+    def flush(self) -> np.ndarray:
+        """Samples still held back (resampler tail); called once when the stream ends."""
+        return np.zeros(0, dtype=np.int16)
+
+    def close(self) -> None:
+        """Free native state."""
+
+
+def mix_to_mono(interleaved: np.ndarray, channels: int) -> np.ndarray:
+    """Average interleaved int16 channels into one (no clipping: the mean of int16s fits)."""
+    if channels == 1:
+        return interleaved
+    usable = interleaved[: len(interleaved) - len(interleaved) % channels]
+    frames = usable.reshape(-1, channels).astype(np.int32)
+    return (frames.sum(axis=1) // channels).astype(np.int16)

@@ -1,0 +1,82 @@
+"""The one interface every speech-to-text provider implements.
+
+A provider opens streams; a stream takes PCM16 mono 16 kHz audio with ``send`` and yields
+*final* words with ``async for``. Word times are seconds of *stream* time: 0.0 is the first
+sample the stream was sent. The session maps stream time onto its audio clock (a stream opened
+after a failover starts at a later clock position).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    text: str           # as the engine punctuated it ("Hello," / "there.")
+    start: float        # seconds of stream time
+    end: float
+    speaker: int = 0    # diarized speaker index; 0 when the engine has no diarization
+    confidence: float = 1.0
+
+    def shifted(self, offset: float) -> "Word":
+        return Word(self.text, self.start + offset, self.end + offset, self.speaker, self.confidence)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    language: str = "en"          # BCP-47 code or "multi"
+    sample_rate: int = SAMPLE_RATE
+    diarize: bool = True
+    session_id: str = ""          # for logs only
+    extra: dict = field(default_factory=dict)
+
+
+class STTError(Exception):
+    """A provider failed. ``retryable`` says whether trying the same provider again can help."""
+
+    def __init__(self, message: str, *, retryable: bool = True, code: int | str | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.code = code
+
+
+class STTStream(abc.ABC):
+    """One live transcription stream. Not thread-safe: use from one event loop."""
+
+    provider_name: str = "?"
+
+    @abc.abstractmethod
+    async def send(self, pcm: np.ndarray) -> None:
+        """Queue int16 samples (16 kHz mono). Never blocks on the engine."""
+
+    @abc.abstractmethod
+    async def finalize(self) -> None:
+        """Ask the engine to emit everything it has heard so far as final words."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finalize, let the last words out through iteration, then release everything."""
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[Word]:
+        """Final words in stream-time order; ends after ``close`` or raises ``STTError``."""
+
+
+class Provider(abc.ABC):
+    name: str = "?"
+
+    @abc.abstractmethod
+    def supports(self, language: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def open(self, config: StreamConfig) -> STTStream: ...
+
+    async def aclose(self) -> None:
+        """Release shared resources (models, thread pools) at server shutdown."""
