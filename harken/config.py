@@ -64,6 +64,51 @@ class Settings:
     max_message_bytes: int = _setting(65536, "largest client message; larger closes 1009")
     web_auth_timeout: float = _setting(5.0, "seconds a /v4/web/listen client has to send its auth message")
 
+    # --- cloud speech providers ---------------------------------------------------------
+    deepgram_api_key: str = _setting("", "Deepgram API key; without one Deepgram is left out of the chain", secret=True)
+    deepgram_url: str = _setting("wss://api.deepgram.com", "Deepgram streaming base URL (self-hosted Deepgram, a proxy)")
+    deepgram_model: str = _setting("", "Deepgram model for every language; empty = nova-3 or nova-2-general by language")
+    soniox_api_key: str = _setting("", "Soniox API key; without one Soniox is left out of the chain", secret=True)
+    soniox_url: str = _setting("wss://stt-rt.soniox.com/transcribe-websocket", "Soniox real-time WebSocket URL")
+    soniox_model: str = _setting("stt-rt-v5", "Soniox real-time model")
+    speechmatics_api_key: str = _setting("", "Speechmatics API key; without one Speechmatics is left out", secret=True)
+    speechmatics_url: str = _setting("wss://eu2.rt.speechmatics.com/v2", "Speechmatics real-time WebSocket URL")
+    stt_chain: str = _setting(
+        "soniox,dg-nova-3,dg-nova-2,speechmatics,local",
+        "provider order tried for a language (soniox, dg-nova-3, dg-nova-2, speechmatics, local)",
+    )
+    stt_connect_timeout: float = _setting(10.0, "seconds one connection attempt to a provider may take")
+    stt_result_timeout: float = _setting(
+        10.0, "a provider that reports nothing for this long while audio flows is treated as stalled"
+    )
+    stt_retry_base: float = _setting(1.0, "first reconnect delay in seconds (doubles each attempt, plus jitter)")
+    stt_retry_cap: float = _setting(32.0, "longest reconnect delay in seconds")
+    stt_retry_attempts: int = _setting(3, "connection attempts per provider before the next one is tried")
+    stt_replay_seconds: float = _setting(120.0, "audio kept for replay to the next provider after a failure")
+    stt_probe_interval: float = _setting(30.0, "seconds between background reconnect probes of a failed provider")
+    stt_probe_attempts: int = _setting(20, "probes of a failed provider before it is given up for the session")
+
+    # --- conversations and webhooks -----------------------------------------------------
+    database_url: str = _setting(
+        "", "store URL: sqlite:///FILE or postgresql://USER:PASS@HOST/DB (empty = SQLite harken.db in data_dir)",
+        secret=True,
+    )
+    conversation_check_interval: float = _setting(5.0, "seconds between checks for silent conversations")
+    llm_base_url: str = _setting(
+        "", "OpenAI-compatible API base URL (e.g. https://api.openai.com/v1) for summaries; empty = offline"
+    )
+    llm_model: str = _setting("gpt-4o-mini", "chat model used for conversation summaries")
+    llm_api_key: str = _setting("", "API key for llm_base_url", secret=True)
+    llm_timeout: float = _setting(30.0, "seconds to wait for one summary answer before falling back")
+    webhook_secret: str = _setting("", "key of the X-Harken-Signature HMAC-SHA256 (empty = unsigned)", secret=True)
+    webhook_allow_private: bool = _setting(
+        False, "allow webhook URLs that reach loopback, private or link-local addresses"
+    )
+    webhook_timeout: float = _setting(15.0, "seconds one webhook request may take")
+    webhook_workers: int = _setting(16, "webhook requests in flight per process")
+    webhook_retry_horizon: float = _setting(86400.0, "seconds a failing delivery is retried before dead-lettering")
+    webhook_max_backoff: float = _setting(600.0, "longest wait in seconds between two delivery attempts")
+
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
 

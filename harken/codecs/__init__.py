@@ -1,14 +1,22 @@
 """Codec plugins: bytes in the declared codec → int16 mono PCM at 16 kHz.
 
-``decoder_for(codec, sample_rate, channels)`` is the whole public surface; it raises
-``UnsupportedFormat`` for a combination the codec cannot decode.
+``decoder_for(codec, sample_rate, channels)`` builds the decoder of one connection and raises
+``UnsupportedFormat`` for a combination the codec cannot decode (a bad connection parameter).
+The gateway calls ``await open_decoder(...)``, the same thing run in a worker thread: building a
+decoder costs from microseconds (PCM, LC3, Opus) to a fraction of a millisecond (AAC opens an
+FFmpeg context, soxr builds its filters), which does not belong on the event loop. ``codecs.encode`` is the device side (for clients and tests).
 """
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
 from typing import Callable
 
+from .aac import AACDecoder
 from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono
+from .lc3 import LC3Decoder
+from .opus import OpusDecoder
 from .pcm import PCM16Decoder
 
 # codec name → (decoder factory, default sample rate when the client gives none)
@@ -16,9 +24,16 @@ _Factory = Callable[[int, int], Decoder]
 REGISTRY: dict[str, tuple[_Factory, int]] = {
     "pcm8": (PCM16Decoder, 8000),
     "pcm16": (PCM16Decoder, 16000),
+    # One decoder for both: every Opus packet says its own duration in its TOC byte.
+    "opus": (OpusDecoder, 16000),
+    "opus_fs320": (OpusDecoder, 16000),
+    "aac": (AACDecoder, 16000),
+    "lc3": (LC3Decoder, 16000),  # frame length = message length
+    "lc3_fs1030": (partial(LC3Decoder, frame_bytes=30), 16000),
 }
 
-# Rates a client may declare (PROTOCOL.md §2).
+# Rates a client may declare (PROTOCOL.md §2); each codec narrows them (Opus has no 32/44.1 kHz,
+# LC3 no 12/44.1 kHz), which ``decoder_for`` reports as ``UnsupportedFormat``.
 SAMPLE_RATES = (8000, 12000, 16000, 24000, 32000, 44100, 48000)
 
 
@@ -44,7 +59,12 @@ def decoder_for(codec: str, sample_rate: int, channels: int = 1) -> Decoder:
     return decoder
 
 
+async def open_decoder(codec: str, sample_rate: int, channels: int = 1) -> Decoder:
+    """``decoder_for`` in a worker thread, so that building a decoder never stalls the event loop."""
+    return await asyncio.to_thread(decoder_for, codec, sample_rate, channels)
+
+
 __all__ = [
-    "TARGET_RATE", "Decoder", "DecodeError", "UnsupportedFormat", "decoder_for", "codec_names",
-    "default_rate", "register", "mix_to_mono", "SAMPLE_RATES", "REGISTRY",
+    "TARGET_RATE", "Decoder", "DecodeError", "UnsupportedFormat", "decoder_for", "open_decoder",
+    "codec_names", "default_rate", "register", "mix_to_mono", "SAMPLE_RATES", "REGISTRY",
 ]

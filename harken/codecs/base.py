@@ -9,6 +9,11 @@ import numpy as np
 TARGET_RATE = 16000
 
 
+def no_samples() -> np.ndarray:
+    """A fresh empty int16 array: what a decoder returns when a message yields no audio yet."""
+    return np.zeros(0, dtype=np.int16)
+
+
 class DecodeError(Exception):
     """One message could not be decoded. The caller drops it, counts it, and goes on."""
 
@@ -22,11 +27,16 @@ class Decoder(abc.ABC):
 
     ``decode`` returns int16 samples at 16 kHz mono, possibly empty (a resampler or a codec may
     hold samples back). It raises ``DecodeError`` for a bad frame and leaves its state usable.
+    It never keeps a reference to the array it returned, so callers may keep or mutate it.
     """
 
     codec: str = "?"
 
     def __init__(self, sample_rate: int, channels: int):
+        if channels not in (1, 2):
+            raise UnsupportedFormat(f"channels must be 1 or 2; got {channels!r}")
+        if not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise UnsupportedFormat(f"sample_rate must be a positive integer; got {sample_rate!r}")
         self.sample_rate = sample_rate
         self.channels = channels
 
@@ -35,7 +45,7 @@ class Decoder(abc.ABC):
 
     def flush(self) -> np.ndarray:
         """Samples still held back (resampler tail); called once when the stream ends."""
-        return np.zeros(0, dtype=np.int16)
+        return no_samples()
 
     def close(self) -> None:
         """Free native state."""

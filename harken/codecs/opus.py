@@ -1,0 +1,175 @@
+"""Opus (``opus``: 10 ms packets, ``opus_fs320``: 20 ms packets), one packet per message.
+
+Decoded with libopus (Debian ``libopus0``) through opuslib.
+
+Output rate. The decoder always runs at 16 kHz, whatever rate the device encoded at (8, 12,
+16, 24 or 48 kHz): an Opus decoder may synthesise any of its five rates from any stream
+(RFC 6716 §2 and §4), band-limiting internally. 16 kHz is what the speech engines want, so no
+resampler is needed afterwards (no extra CPU, no extra delay), and nothing above 8 kHz would
+survive the resampling to 16 kHz anyway. The declared ``sample_rate`` is still checked: a rate
+Opus does not have (32 or 44.1 kHz) means the client is confused about its own audio.
+
+Garbage. libopus only rejects packets whose framing is impossible and "decodes" anything else
+(``bytes(range(40))`` gives 10 ms of noise). ``opus_packet_duration`` applies the RFC 6716 §3
+framing rules (TOC byte, frame counts and lengths of code 0/1/2/3 packets, padding, at most
+120 ms) before libopus sees the packet, so a message that cannot be an Opus packet raises
+``DecodeError`` without touching the decoder state. Random bytes still pass those rules about
+half of the time (any byte is a valid TOC and a code 0 packet of 1–1276 bytes is well formed);
+those decode to a short burst of noise, which a speech engine ignores.
+
+Packet loss concealment. libopus can conceal a lost packet (``decode(NULL)``), but the
+protocol carries no sequence numbers or timestamps, so the gateway cannot tell that a packet
+went missing; concealment is therefore never invoked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono, no_samples
+
+try:
+    import opuslib
+    import opuslib.api.decoder as _libopus
+except Exception as exc:  # opuslib raises a bare Exception when libopus is not installed
+    opuslib = None
+    _IMPORT_ERROR: Exception | None = exc
+else:
+    _IMPORT_ERROR = None
+
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+MAX_PACKET_MS = 120  # RFC 6716 §3.2.5: a packet never holds more than 120 ms of audio
+MAX_FRAME_BYTES = 1275  # RFC 6716 §3.2.1
+_MAX_SAMPLES = TARGET_RATE * MAX_PACKET_MS // 1000  # per channel, at the 16 kHz output rate
+
+# Duration of one frame in 48 kHz samples, by TOC configuration number (RFC 6716 §3.1, table 2).
+_FRAME_48K = (
+    (480, 960, 1920, 2880) * 3  # 0-11: SILK-only NB/MB/WB, 10/20/40/60 ms
+    + (480, 960) * 2  # 12-15: hybrid SWB/FB, 10/20 ms
+    + (120, 240, 480, 960) * 4  # 16-31: CELT-only NB/WB/SWB/FB, 2.5/5/10/20 ms
+)
+
+
+def _frame_length(packet: bytes, pos: int) -> tuple[int, int]:
+    """Read one frame length (RFC 6716 §3.2.1) at ``pos``; return (length, position after it)."""
+    if pos >= len(packet):
+        raise DecodeError("opus packet ends inside a frame length")
+    first = packet[pos]
+    if first < 252:
+        return first, pos + 1
+    if pos + 1 >= len(packet):
+        raise DecodeError("opus packet ends inside a two-byte frame length")
+    return first + 4 * packet[pos + 1], pos + 2
+
+
+def opus_packet_duration(packet: bytes) -> int:
+    """Audio in ``packet``, in 48 kHz samples, after checking RFC 6716 §3.4 rules R1–R7.
+
+    Raises ``DecodeError`` naming the broken rule. Pure: touches no decoder.
+    """
+    size = len(packet)
+    if size < 1:
+        raise DecodeError("empty opus packet (R1)")
+    toc = packet[0]
+    frame = _FRAME_48K[toc >> 3]
+    code = toc & 0x3
+    if code == 0:  # one frame
+        count = 1
+        if size - 1 > MAX_FRAME_BYTES:
+            raise DecodeError(f"opus frame of {size - 1} bytes exceeds {MAX_FRAME_BYTES} (R2)")
+    elif code == 1:  # two frames of equal size
+        count = 2
+        if (size - 1) % 2:
+            raise DecodeError("opus code 1 packet with an odd payload (R3)")
+        if (size - 1) // 2 > MAX_FRAME_BYTES:
+            raise DecodeError(f"opus frame exceeds {MAX_FRAME_BYTES} bytes (R2)")
+    elif code == 2:  # two frames, the first one's length coded
+        count = 2
+        first, pos = _frame_length(packet, 1)
+        if first > size - pos:
+            raise DecodeError("opus code 2 first frame overruns the packet (R4)")
+        if size - pos - first > MAX_FRAME_BYTES:
+            raise DecodeError(f"opus frame exceeds {MAX_FRAME_BYTES} bytes (R2)")
+    else:  # code 3: a frame count byte, optional padding, CBR or VBR frames
+        if size < 2:
+            raise DecodeError("opus code 3 packet without a frame count byte (R5)")
+        count_byte = packet[1]
+        count = count_byte & 0x3F
+        if count == 0:
+            raise DecodeError("opus code 3 packet with zero frames (R5)")
+        pos, padding = 2, 0
+        if count_byte & 0x40:  # padding length: 255 means 254 bytes and another length byte
+            while True:
+                if pos >= size:
+                    raise DecodeError("opus padding length runs past the packet (R7)")
+                value = packet[pos]
+                pos += 1
+                padding += 254 if value == 255 else value
+                if value != 255:
+                    break
+        if count_byte & 0x80:  # VBR: every frame but the last has a coded length
+            coded = 0
+            for _ in range(count - 1):
+                length, pos = _frame_length(packet, pos)
+                coded += length
+            last = size - pos - padding - coded
+            if last < 0:
+                raise DecodeError("opus VBR frame lengths overrun the packet (R7)")
+            if last > MAX_FRAME_BYTES:
+                raise DecodeError(f"opus frame exceeds {MAX_FRAME_BYTES} bytes (R7)")
+        else:
+            payload = size - pos - padding
+            if payload < 0:
+                raise DecodeError("opus padding overruns the packet (R6)")
+            if payload % count:
+                raise DecodeError("opus CBR payload is not a multiple of the frame count (R6)")
+            if payload // count > MAX_FRAME_BYTES:
+                raise DecodeError(f"opus frame exceeds {MAX_FRAME_BYTES} bytes (R6)")
+    duration = count * frame
+    if duration > 48 * MAX_PACKET_MS:
+        raise DecodeError(f"opus packet of {duration / 48:g} ms exceeds {MAX_PACKET_MS} ms (R5)")
+    return duration
+
+
+class OpusDecoder(Decoder):
+    """One libopus decoder per connection, decoding straight to 16 kHz (see the module docstring)."""
+
+    codec = "opus"
+
+    def __init__(self, sample_rate: int, channels: int):
+        super().__init__(sample_rate, channels)
+        if sample_rate not in OPUS_RATES:
+            raise UnsupportedFormat(
+                f"Opus sample_rate must be one of {', '.join(map(str, OPUS_RATES))}; got {sample_rate}"
+            )
+        if opuslib is None:
+            raise RuntimeError(f"Opus needs libopus (apt-get install libopus0): {_IMPORT_ERROR}")
+        # A stereo stream gets a stereo decoder, and its two channels are averaged below exactly
+        # like every other codec's, so a downmix sounds the same whatever the codec.
+        self._state = opuslib.Decoder(TARGET_RATE, channels)
+        # opuslib's own ``decode`` allocates and zeroes a buffer and copies through a Python
+        # list on every call (twice the cost of decoding a 10 ms packet); call the same ctypes
+        # function of opuslib's api module into one reused buffer instead.
+        self._pcm = np.zeros(_MAX_SAMPLES * channels, dtype=np.int16)
+        self._pcm_ptr = self._pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_int16))
+
+    def decode(self, message: bytes) -> np.ndarray:
+        if not message:
+            return no_samples()
+        packet = bytes(message)  # ctypes wants bytes; a no-op for the bytes websockets hands us
+        expected = opus_packet_duration(packet) // (48000 // TARGET_RATE)
+        count = _libopus.libopus_decode(
+            self._state.decoder_state, packet, len(packet), self._pcm_ptr, _MAX_SAMPLES, 0
+        )
+        if count < 0:
+            raise DecodeError(f"libopus rejected the packet: {opuslib.exceptions.OpusError(count)}")
+        if count != expected:  # cannot happen for a packet that passed the checks above
+            raise DecodeError(f"opus packet decoded to {count} samples, its TOC says {expected}")
+        pcm = self._pcm[: count * self.channels]
+        return pcm.copy() if self.channels == 1 else mix_to_mono(pcm, self.channels)
+
+    def close(self) -> None:
+        # opuslib frees the native state when its Decoder is collected; drop our reference now.
+        self._state = None

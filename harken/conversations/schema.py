@@ -1,0 +1,110 @@
+"""The store's tables as the code queries them (the shape after the newest migration).
+
+``migrations.py`` builds these tables step by step with frozen definitions of its own, so a
+change here needs a new migration step there; ``tests/test_store.py`` checks that a database
+migrated from scratch matches these definitions column for column.
+
+Portable choices, so one code path serves SQLite and PostgreSQL:
+- every time is a float of Unix seconds (``Double``): no time-zone or driver date handling,
+  and "claimed_until < now" is plain arithmetic on both;
+- JSON is kept as text (orjson-encoded): both engines store it, and nothing queries inside it;
+- no foreign keys: SQLite enforces them only per connection pragma, and the store deletes a
+  conversation's segments in the same transaction as the conversation anyway.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+# SQLite assigns autoincrement ids only to an ``INTEGER PRIMARY KEY``; PostgreSQL wants 64 bits.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+conversations = sa.Table(
+    "conversations", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("uid", sa.String(128), nullable=False),
+    # in_progress → processing → completed; a conversation with no words is deleted instead.
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("language", sa.String(16), nullable=False),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=False),     # wall time of conversation time 0
+    sa.Column("finished_at", sa.Double, nullable=False),    # wall time of the last segment batch
+    sa.Column("timeout_s", sa.Double, nullable=False),      # silence after which it is processed
+    sa.Column("structured", sa.Text),                       # JSON, set by processing
+    sa.Column("discarded", sa.Boolean, nullable=False),
+    # A node holding a live session renews live_until; the sweep leaves such conversations alone.
+    sa.Column("live_until", sa.Double),
+    # Processing claim: whoever set claimed_by may finish it until claim_expires.
+    sa.Column("claimed_by", sa.String(64)),
+    sa.Column("claim_expires", sa.Double),
+    sa.Index("ix_conversations_uid_status", "uid", "status"),
+    sa.Index("ix_conversations_uid_created", "uid", "created_at"),
+    sa.Index("ix_conversations_status_finished", "status", "finished_at"),
+)
+
+# One row per segment, upserted by (conversation_id, segment_id) every batch: a batch writes
+# only what changed, and a crash loses at most the batch being written.
+segments = sa.Table(
+    "segments", metadata,
+    sa.Column("conversation_id", sa.String(64), primary_key=True),
+    sa.Column("segment_id", sa.String(64), primary_key=True),
+    sa.Column("start", sa.Double, nullable=False),
+    sa.Column("end", sa.Double, nullable=False),
+    sa.Column("words", sa.Integer, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),             # the stored segment dict, JSON
+)
+
+webhooks = sa.Table(
+    "webhooks", metadata,
+    sa.Column("uid", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(32), primary_key=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("interval_seconds", sa.Integer),              # audio_bytes only
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+usage = sa.Table(
+    "usage", metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("uid", sa.String(128), nullable=False),
+    sa.Column("session_id", sa.String(64)),
+    sa.Column("conversation_id", sa.String(64)),
+    sa.Column("recorded_at", sa.Double, nullable=False),
+    sa.Column("audio_seconds", sa.Double, nullable=False),
+    sa.Column("speech_seconds", sa.Double, nullable=False),
+    sa.Column("words", sa.Integer, nullable=False),
+    sa.Column("provider", sa.String(32)),
+    sa.Index("ix_usage_uid_recorded", "uid", "recorded_at"),
+)
+
+# Transactional outbox: rows are written in the same transaction as the change that causes
+# them and deleted once delivered; status is "pending" or "dead".
+outbox = sa.Table(
+    "outbox", metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("uid", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("ordering_key", sa.String(160), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("params", sa.Text, nullable=False),           # JSON query parameters
+    sa.Column("headers", sa.Text, nullable=False),          # JSON extra headers
+    sa.Column("content_type", sa.String(64), nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("next_attempt_at", sa.Double, nullable=False),
+    sa.Column("claimed_until", sa.Double, nullable=False),
+    sa.Column("claimed_by", sa.String(64)),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("last_error", sa.Text),
+    sa.Index("ix_outbox_status_key_id", "status", "ordering_key", "id"),
+    sa.Index("ix_outbox_status_next", "status", "next_attempt_at"),
+)
+
+schema_version = sa.Table(
+    "schema_version", metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)

@@ -1,0 +1,68 @@
+"""The ASGI application: routes, and a lifespan that builds the ``Gateway`` and tears it down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+
+from ..config import Settings
+from ..stt.whisper import WhisperProvider
+from .auth import build_authenticator
+from .context import Gateway
+from .listen import listen_endpoint, web_listen_endpoint
+
+log = logging.getLogger("harken.app")
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        authenticator = build_authenticator(settings)
+        whisper = WhisperProvider(settings)
+        await whisper.load()
+        gateway = Gateway(settings=settings, authenticator=authenticator, providers={"local": whisper})
+        app.state.gateway = gateway
+        gateway.ready.set()
+        try:
+            yield
+        finally:
+            gateway.draining = True
+            for provider in gateway.providers.values():
+                await provider.aclose()
+            await authenticator.aclose()
+
+    return Starlette(
+        routes=[
+            WebSocketRoute("/v4/listen", listen_endpoint),
+            WebSocketRoute("/v4/web/listen", web_listen_endpoint),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ],
+        lifespan=lifespan,
+    )
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    problems = []
+    if gateway is None or not gateway.ready.is_set():
+        problems.append("starting")
+    else:
+        if gateway.draining:
+            problems.append("draining")
+        if not gateway.usable_providers():
+            problems.append("no speech provider")
+    body = {"status": "ready" if not problems else "not ready", "problems": problems,
+            "sessions": len(gateway.sessions) if gateway else 0}
+    return JSONResponse(body, status_code=200 if not problems else 503)

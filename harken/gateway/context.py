@@ -1,0 +1,31 @@
+"""What every connection shares: settings, the authenticator, speech providers, live sessions.
+
+One ``Gateway`` per server process, built in the app's lifespan and handed to each session, so
+nothing lives in module globals and tests can run several gateways in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..config import Settings
+from ..stt.base import Provider
+
+if TYPE_CHECKING:
+    from .auth import Authenticator
+    from .session import Session
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    authenticator: "Authenticator"
+    providers: dict[str, Provider]          # name → provider, e.g. {"local": WhisperProvider}
+    sessions: set["Session"] = field(default_factory=set)
+    draining: bool = False
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def usable_providers(self) -> list[str]:
+        return list(self.providers)

@@ -1,0 +1,95 @@
+"""The two WebSocket routes: ``/v4/listen`` (header auth) and ``/v4/web/listen`` (first-message auth).
+
+Both accept first, so that every refusal can carry a close code and reason the client can act on
+(PROTOCOL.md §5), then authenticate, validate the parameters, and hand over to a ``Session``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import orjson
+from starlette.websockets import WebSocket
+
+from . import events
+from .auth import AuthError, bearer_token
+from .context import Gateway
+from .params import ParamError, parse_listen_params
+from .session import Session, _truncate
+
+log = logging.getLogger("harken.listen")
+
+
+async def listen_endpoint(ws: WebSocket) -> None:
+    await ws.accept()
+    await _serve(ws, bearer_token(ws.headers.get("authorization")))
+
+
+async def web_listen_endpoint(ws: WebSocket) -> None:
+    """Browsers cannot set headers: the token comes in the first text message, within 5 s."""
+    gateway: Gateway = ws.app.state.gateway
+    await ws.accept()
+    try:
+        message = await asyncio.wait_for(ws.receive(), gateway.settings.web_auth_timeout)
+    except TimeoutError:
+        await _refuse(ws, 1008, "Auth timeout")
+        return
+    token = None
+    if message.get("text"):
+        try:
+            body = orjson.loads(message["text"])
+        except orjson.JSONDecodeError:
+            body = None
+        if isinstance(body, dict) and body.get("type") == "auth" and isinstance(body.get("token"), str):
+            token = body["token"]
+    if message["type"] == "websocket.disconnect":
+        return
+    await _serve(ws, token, web=True)
+
+
+async def _serve(ws: WebSocket, token: str | None, *, web: bool = False) -> None:
+    gateway: Gateway = ws.app.state.gateway
+    query = ws.query_params
+    try:
+        uid = await gateway.authenticator.authenticate(token, query.get("uid"))
+    except AuthError as exc:
+        if web:
+            await _send_quietly(ws, {"type": "auth_response", "success": False})
+        await _refuse(ws, exc.close_code, exc.reason)
+        return
+    if web:
+        await _send_quietly(ws, {"type": "auth_response", "success": True})
+    try:
+        params = parse_listen_params(query)
+    except ParamError as exc:
+        await _refuse(ws, 1008, exc.message, param=exc.param)
+        return
+    if gateway.draining:
+        await _refuse(ws, 1012, "server draining: reconnect")
+        return
+
+    session = Session(ws, gateway, uid, params, session_id=uuid.uuid4().hex)
+    gateway.sessions.add(session)
+    log.info("session open sid=%s uid=%s codec=%s rate=%s lang=%s", session.id, uid, params.codec,
+             params.sample_rate, params.language)
+    try:
+        await session.run()
+    finally:
+        gateway.sessions.discard(session)
+
+
+async def _refuse(ws: WebSocket, code: int, reason: str, *, param: str | None = None) -> None:
+    await _send_quietly(ws, events.error(code, reason, param))
+    try:
+        await ws.close(code, _truncate(reason))
+    except Exception:
+        pass
+
+
+async def _send_quietly(ws: WebSocket, payload: dict) -> None:
+    try:
+        await ws.send_text(orjson.dumps(payload).decode())
+    except Exception:
+        pass

@@ -1,0 +1,151 @@
+"""Query parameters of ``/v4/listen`` (PROTOCOL.md §2), parsed and validated as pure functions.
+
+Every bad value raises ``ParamError`` naming the parameter and what is allowed; the endpoint turns
+it into an ``error`` event and a 1008 close. Unknown parameters are ignored, as Omi's app sends
+some that mean nothing here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from .. import codecs
+
+STT_SERVICES = ("deepgram", "soniox", "speechmatics", "local")
+CHANNELS = (1, 2)
+TIMEOUT_MIN, TIMEOUT_MAX = 2, 14400
+MAX_SOURCE_LENGTH = 64
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+# BCP-47 in the shape clients send (en, en-US, pt-BR, zh-Hant, es-419); "multi" handled apart.
+_LANGUAGE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
+_SOURCE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class ParamError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ListenParams:
+    language: str = "en"
+    sample_rate: int = 8000
+    codec: str = "pcm8"
+    channels: int = 1
+    include_speech_profile: bool = True
+    conversation_timeout: int = 120
+    stt_service: str | None = None
+    custom_stt: bool = False
+    source: str = "omi"
+    uid: str | None = None
+
+
+def parse_listen_params(query: Mapping[str, str]) -> ListenParams:
+    codec = query.get("codec", "pcm8").strip().lower()
+    if codec not in codecs.codec_names():
+        raise ParamError("codec", f"codec must be one of {', '.join(codecs.codec_names())}; got {codec!r}")
+
+    return ListenParams(
+        language=_language(query.get("language", "en")),
+        sample_rate=_sample_rate(query.get("sample_rate"), codec),
+        codec=codec,
+        channels=_choice_int(query, "channels", 1, CHANNELS),
+        include_speech_profile=_bool(query, "include_speech_profile", True),
+        conversation_timeout=_timeout(query.get("conversation_timeout")),
+        stt_service=_stt_service(query.get("stt_service")),
+        custom_stt=_enabled(query, "custom_stt"),
+        source=_source(query.get("source", "omi")),
+        uid=query.get("uid") or None,
+    )
+
+
+def _language(raw: str) -> str:
+    value = raw.strip()
+    if value.lower() in ("auto", "multi"):
+        return "multi"
+    if not _LANGUAGE_RE.match(value):
+        raise ParamError("language", f"language must be a BCP-47 code (en, pt-BR, …) or multi; got {raw!r}")
+    return value
+
+
+def _sample_rate(raw: str | None, codec: str) -> int:
+    # The digit in pcm8/pcm16 is the device's rate; an explicit sample_rate wins (PROTOCOL §2).
+    if raw is None or raw == "":
+        return codecs.default_rate(codec)
+    allowed = ", ".join(str(r) for r in codecs.SAMPLE_RATES)
+    try:
+        rate = int(raw)
+    except ValueError:
+        raise ParamError("sample_rate", f"sample_rate must be one of {allowed}; got {raw!r}") from None
+    if rate not in codecs.SAMPLE_RATES:
+        raise ParamError("sample_rate", f"sample_rate must be one of {allowed}; got {rate}")
+    return rate
+
+
+def _choice_int(query: Mapping[str, str], name: str, default: int, allowed: tuple[int, ...]) -> int:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value not in allowed:
+        raise ParamError(name, f"{name} must be one of {', '.join(map(str, allowed))}; got {raw!r}")
+    return value
+
+
+def _bool(query: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ParamError(name, f"{name} must be true, false, 1 or 0; got {raw!r}")
+
+
+def _enabled(query: Mapping[str, str], name: str) -> bool:
+    raw = (query.get(name) or "disabled").strip().lower()
+    if raw not in ("enabled", "disabled"):
+        raise ParamError(name, f"{name} must be enabled or disabled; got {query.get(name)!r}")
+    return raw == "enabled"
+
+
+def _timeout(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return 120
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value == -1:
+        return TIMEOUT_MAX
+    if value is None or not TIMEOUT_MIN <= value <= TIMEOUT_MAX:
+        raise ParamError(
+            "conversation_timeout",
+            f"conversation_timeout must be an integer from {TIMEOUT_MIN} to {TIMEOUT_MAX} seconds, or -1; got {raw!r}",
+        )
+    return value
+
+
+def _stt_service(raw: str | None) -> str | None:
+    if raw is None or raw == "":
+        return None
+    value = raw.strip().lower()
+    if value not in STT_SERVICES:
+        raise ParamError("stt_service", f"stt_service must be one of {', '.join(STT_SERVICES)}; got {raw!r}")
+    return value
+
+
+def _source(raw: str) -> str:
+    value = raw.strip()
+    if not value or len(value) > MAX_SOURCE_LENGTH or not _SOURCE_RE.match(value):
+        raise ParamError("source", f"source must be 1-{MAX_SOURCE_LENGTH} letters, digits, '_', '-' or '.'; got {raw[:80]!r}")
+    return value

@@ -1,0 +1,458 @@
+"""Transcript segments: final words in, Omi-style merged segments out.
+
+Pure logic (no I/O, no clock, no asyncio) so every rule can be tested exhaustively. The session
+feeds final words (or ``custom_stt`` suggested segments) as they arrive and calls
+:meth:`SegmentBuilder.flush` every 600 ms; the returned :class:`Batch` is what goes to the client
+(a bare array of ``changed`` segments, then ``segments_deleted`` with ``deleted_ids``).
+
+The rules follow Omi's ``combine_segments`` (reference/omi-listen-behaviour.md §4, §5, §9):
+
+* Raw segments: in one flush, consecutive words of one speaker (and one provider, one set of
+  labels) become one segment.
+* Every new segment is folded onto the conversation's tail: the stored last segment is "merged
+  forward" and re-sent with the *same id* as it grows; clients upsert by id.
+* Ids are stable: an id names one segment whose text only grows by appending, until the id is
+  reported deleted (absorbed into its left neighbour after a relabel); it never comes back.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Sequence
+from uuid import uuid4
+
+from harken.stt.base import Word
+
+# A sentence ends in one of these (English, CJK, Arabic/Urdu, Hindi/Sanskrit full stops), as in Omi.
+SENTENCE_ENDERS = frozenset(".?!。！？؟۔।॥")
+
+# Rule (a) limits: same-speaker segments further apart than this stay separate, and a segment
+# that already holds a whole long sentence does not grow further.
+MAX_SAME_SPEAKER_GAP = 3.0
+LONG_SEGMENT_CHARS = 125
+
+# Engines (Speechmatics, Whisper) emit punctuation as separate tokens; joining tokens with spaces
+# would give "Hello , world ." — the space before these marks is removed.
+_PUNCTUATION_NEEDING_NO_SPACE = ",.?!;:"
+_SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.?!;:])")
+_WHITESPACE_RUN = re.compile(r"\s+")
+_TRAILING_NUMBER = re.compile(r"(\d+)\s*$")
+
+Labels = tuple[bool, "str | None"]
+
+
+def normalise_text(text: str) -> str:
+    """Collapse whitespace runs to one space and drop the space before ``, . ? ! ; :``."""
+    return _SPACE_BEFORE_PUNCTUATION.sub(r"\1", _WHITESPACE_RUN.sub(" ", text).strip())
+
+
+def ends_sentence(text: str) -> bool:
+    return text[-1:] in SENTENCE_ENDERS
+
+
+def starts_lowercase(text: str) -> bool:
+    """True if the first letter is lowercase (leading quotes, digits and marks are skipped).
+
+    Scripts without case (CJK, Arabic) never count as lowercase, so they never use rule (b).
+    """
+    for char in text:
+        if char.isalpha():
+            return char.islower()
+    return False
+
+
+@dataclass
+class Segment:
+    """One transcript segment, as the client and the store see it."""
+
+    id: str
+    text: str
+    speaker_id: int
+    is_user: bool
+    person_id: str | None
+    start: float  # seconds since the conversation started
+    end: float
+    speech_profile_processed: bool = True
+    stt_provider: str | None = None
+    translations: list = field(default_factory=list)  # [{"lang": ..., "text": ...}]
+
+    @property
+    def speaker(self) -> str:
+        return f"SPEAKER_{self.speaker_id:02d}"
+
+    def to_wire(self) -> dict:
+        """The element of the bare array sent to the client (PROTOCOL §4)."""
+        return {
+            "id": self.id,
+            "text": self.text,
+            "speaker": self.speaker,
+            "speaker_id": self.speaker_id,
+            "is_user": self.is_user,
+            "person_id": self.person_id,
+            "start": self.start,
+            "end": self.end,
+            "speech_profile_processed": self.speech_profile_processed,
+            "stt_provider": self.stt_provider,
+            "translations": [dict(t) for t in self.translations],
+        }
+
+    def to_stored(self) -> dict:
+        """The ``transcript_segments`` element of a conversation (PROTOCOL §7).
+
+        ``speakerId`` is the camel-case spelling older Omi clients read. ``stt_provider``,
+        ``speech_profile_processed`` and ``translations`` are kept too so that a resumed
+        conversation merges exactly as if the connection had never dropped.
+        """
+        return {
+            "id": self.id,
+            "text": self.text,
+            "speaker": self.speaker,
+            "speakerId": self.speaker_id,
+            "speaker_id": self.speaker_id,
+            "is_user": self.is_user,
+            "person_id": self.person_id,
+            "start": self.start,
+            "end": self.end,
+            "stt_provider": self.stt_provider,
+            "speech_profile_processed": self.speech_profile_processed,
+            "translations": [dict(t) for t in self.translations],
+        }
+
+    @classmethod
+    def from_stored(cls, d: dict) -> "Segment":
+        """Read a stored element back; tolerant of Omi-era rows that lack the newer keys."""
+        speaker_id = d.get("speaker_id", d.get("speakerId"))
+        if speaker_id is None:
+            speaker_id = parse_speaker(d.get("speaker"))
+        return cls(
+            id=d.get("id") or str(uuid4()),
+            text=d.get("text", ""),
+            speaker_id=int(speaker_id),
+            is_user=bool(d.get("is_user", False)),
+            person_id=d.get("person_id"),
+            start=float(d.get("start", 0.0)),
+            end=float(d.get("end", d.get("start", 0.0))),
+            speech_profile_processed=bool(d.get("speech_profile_processed", True)),
+            stt_provider=d.get("stt_provider"),
+            translations=[dict(t) for t in d.get("translations") or []],
+        )
+
+    def _copy(self) -> "Segment":
+        return replace(self, translations=[dict(t) for t in self.translations])
+
+
+def parse_speaker(value: Any) -> int:
+    """``"SPEAKER_01"`` / ``"1"`` / ``1`` → 1; anything else (missing, junk, negative) → 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and value.is_integer():
+        return max(int(value), 0)
+    if isinstance(value, str):
+        match = _TRAILING_NUMBER.search(value)
+        if match:
+            return int(match.group(1))
+    return 0
+
+
+@dataclass
+class Batch:
+    """What one flush (or relabel) changed, to send to the client."""
+
+    changed: list[Segment] = field(default_factory=list)  # new or changed, in time order
+    deleted_ids: list[str] = field(default_factory=list)  # for a `segments_deleted` event
+
+    def __bool__(self) -> bool:
+        return bool(self.changed or self.deleted_ids)
+
+
+@dataclass
+class _Piece:
+    """A buffered word or suggested segment, already in conversation time, waiting for a flush."""
+
+    text: str
+    start: float
+    end: float
+    speaker_id: int
+    is_user: bool
+    person_id: str | None
+    provider: str
+    speech_profile_processed: bool
+    is_word: bool  # words of one speaker join into a raw segment; suggested segments stay whole
+
+    def joins(self, other: "_Piece") -> bool:
+        return (
+            self.is_word
+            and other.is_word
+            and self.speaker_id == other.speaker_id
+            and self.provider == other.provider
+            and self.speech_profile_processed == other.speech_profile_processed
+            and self.is_user == other.is_user
+            and self.person_id == other.person_id
+        )
+
+
+def _can_merge(first: Segment, second: Segment) -> bool:
+    """Omi's combine rule for two neighbouring segments (``first`` directly before ``second``)."""
+    # Text from different engines never merges: each keeps its own stt_provider label.
+    if first.stt_provider != second.stt_provider:
+        return False
+    # Segments produced before the speech profile was applied (is_user not yet known) never
+    # merge with those after it (reference §5); this holds for both rules.
+    if first.speech_profile_processed != second.speech_profile_processed:
+        return False
+    # (a) One speaker keeps talking: same diarized speaker, or both are the owner; a pause under
+    # 3 s; and the first segment is not already a long (125+ chars) finished sentence.
+    same_voice = first.speaker_id == second.speaker_id or (first.is_user and second.is_user)
+    if (
+        same_voice
+        and second.start - first.end < MAX_SAME_SPEAKER_GAP
+        and (len(first.text) < LONG_SEGMENT_CHARS or not ends_sentence(first.text))
+    ):
+        return True
+    # (b) A sentence cut in the middle: the first has no sentence ender and the second goes on in
+    # lowercase. This joins across speakers (diarization often switches mid-sentence) and gaps.
+    return not ends_sentence(first.text) and starts_lowercase(second.text)
+
+
+def _absorb(first: Segment, second: Segment) -> None:
+    """Append ``second`` to ``first``: the earlier segment keeps its id and its labels."""
+    if not first.text:
+        first.text = second.text
+    elif second.text[:1] in _PUNCTUATION_NEEDING_NO_SPACE:
+        first.text += second.text  # "Hello" + ", there" → "Hello, there"
+    else:
+        first.text += " " + second.text
+    first.end = max(first.end, second.end)
+    # A translation of only one side would describe part of the text: keep languages both have.
+    theirs = {t.get("lang"): t.get("text", "") for t in second.translations}
+    first.translations = [
+        {**t, "text": f"{t.get('text', '')} {theirs[t.get('lang')]}"}
+        for t in first.translations
+        if t.get("lang") in theirs
+    ]
+
+
+def _clamp_after(segment: Segment, previous: Segment) -> None:
+    """Times are monotonic: a segment never starts before its predecessor ends.
+
+    Engines report overlapping words (crosstalk, failover seams); the later segment is moved, the
+    stored one is never touched, so nothing already sent is reordered.
+    """
+    if segment.start < previous.end:
+        segment.start = previous.end
+    if segment.end < segment.start:
+        segment.end = segment.start
+
+
+class SegmentBuilder:
+    """The segments of one conversation, grown by final words, flushed in batches.
+
+    ``existing`` are the conversation's stored segments (a resumed conversation): they count as
+    already sent, and the last one is merged forward. Not thread-safe; one session owns it.
+    """
+
+    def __init__(
+        self,
+        existing: Sequence[Segment] = (),
+        *,
+        id_factory: Callable[[], str] = lambda: str(uuid4()),
+    ) -> None:
+        self._segments: list[Segment] = [s._copy() for s in existing]
+        self._new_id = id_factory
+        self._pending: list[_Piece] = []
+        # Wire form of every segment as the client last saw it, to report exactly what changed.
+        self._sent: dict[str, dict] = {s.id: s.to_wire() for s in self._segments}
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The whole conversation so far, in time order (copies: mutating them changes nothing)."""
+        return [s._copy() for s in self._segments]
+
+    def add_words(
+        self,
+        words: Iterable[Word],
+        *,
+        provider: str,
+        time_offset: float = 0.0,
+        speaker_labels: Callable[[int], Labels] | None = None,
+        speech_profile_processed: bool = True,
+    ) -> None:
+        """Buffer final words until the next flush.
+
+        ``time_offset`` maps the stream's time onto conversation time. ``speaker_labels(speaker)``
+        gives ``(is_user, person_id)`` as known now: a later identification is applied with
+        :meth:`relabel`, not retroactively by this call. Words with no text are skipped.
+        """
+        labels: dict[int, Labels] = {}
+        for word in words:
+            text = normalise_text(word.text)
+            if not text:
+                continue
+            if word.speaker not in labels:
+                labels[word.speaker] = speaker_labels(word.speaker) if speaker_labels else (False, None)
+            is_user, person_id = labels[word.speaker]
+            self._pending.append(
+                _Piece(
+                    text=text,
+                    start=word.start + time_offset,
+                    end=word.end + time_offset,
+                    speaker_id=word.speaker,
+                    is_user=is_user,
+                    person_id=person_id,
+                    provider=provider,
+                    speech_profile_processed=speech_profile_processed,
+                    is_word=True,
+                )
+            )
+
+    def add_suggested(self, segments: Iterable[dict], *, provider: str, time_offset: float = 0.0) -> None:
+        """Buffer ``custom_stt`` segments ``{text, start, end, speaker?, is_user?, person_id?}``.
+
+        They come from the client, so they are checked rather than trusted: an element that is
+        not an object, has no text, or lacks finite numeric times is skipped (the rest still go
+        through); ``end`` before ``start`` is raised to ``start``; a missing or unreadable speaker
+        is speaker 0.
+        """
+        for item in segments:
+            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                continue
+            start, end = _finite(item.get("start")), _finite(item.get("end"))
+            text = normalise_text(item["text"])
+            if start is None or end is None or not text:
+                continue
+            person_id = item.get("person_id")
+            self._pending.append(
+                _Piece(
+                    text=text,
+                    start=start + time_offset,
+                    end=max(end, start) + time_offset,
+                    speaker_id=parse_speaker(item.get("speaker")),
+                    is_user=item.get("is_user") is True,
+                    person_id=person_id if isinstance(person_id, str) else None,
+                    provider=provider,
+                    speech_profile_processed=True,
+                    is_word=False,
+                )
+            )
+
+    def flush(self) -> Batch:
+        """The 600 ms step: buffered words → raw segments → folded onto the conversation's tail."""
+        if not self._pending:
+            return Batch()
+        # Engines and failover seams can deliver words slightly out of order; a stable sort by
+        # start restores speech order (ties keep arrival order).
+        pieces = sorted(self._pending, key=lambda p: p.start)
+        self._pending = []
+        touched: set[str] = set()
+        for raw in _raw_segments(pieces):
+            # One left-to-right fold starting at the stored tail (as Omi's combine_segments does):
+            # the batch combines with itself and the stored last segment is merged forward.
+            tail = self._segments[-1] if self._segments else None
+            if tail is not None:
+                _clamp_after(raw, tail)
+                if _can_merge(tail, raw):
+                    # A raw segment absorbed here never had an id, so the client never sees it.
+                    _absorb(tail, raw)
+                    touched.add(tail.id)
+                    continue
+            raw.id = self._new_id()
+            self._segments.append(raw)
+            touched.add(raw.id)
+        return self._batch(touched, absorbed=[])
+
+    def relabel(
+        self,
+        speaker_id: int,
+        *,
+        is_user: bool,
+        person_id: str | None,
+        segment_ids: Iterable[str] | None = None,
+    ) -> Batch:
+        """A speaker was identified: set ``(is_user, person_id)`` on that speaker's segments.
+
+        ``segment_ids`` limits the change to those segments (of that speaker); without it the
+        speaker's buffered words are relabelled too. New labels can make neighbours mergeable
+        (two owner segments of different diarized speakers are one voice, rule (a)); such a pair
+        is merged and the absorbed segment's id is returned in ``deleted_ids``.
+        """
+        only = None if segment_ids is None else set(segment_ids)
+        relabelled: set[str] = set()
+        for segment in self._segments:
+            if segment.speaker_id != speaker_id or (only is not None and segment.id not in only):
+                continue
+            if (segment.is_user, segment.person_id) != (is_user, person_id):
+                segment.is_user, segment.person_id = is_user, person_id
+                relabelled.add(segment.id)
+        if only is None:
+            for piece in self._pending:
+                if piece.speaker_id == speaker_id:
+                    piece.is_user, piece.person_id = is_user, person_id
+        # Only pairs with a relabelled side can have become mergeable: every other pair was
+        # decided on the same labels, start and first letters when its right side was appended.
+        kept: list[Segment] = []
+        absorbed: list[str] = []
+        for segment in self._segments:
+            left = kept[-1] if kept else None
+            if (
+                left is not None
+                and (left.id in relabelled)
+                and _can_merge(left, segment)
+            ):
+                _absorb(left, segment)
+                relabelled.add(left.id)  # its end moved: its next pair must be decided again
+                absorbed.append(segment.id)
+            else:
+                kept.append(segment)
+        self._segments = kept
+        return self._batch(relabelled, absorbed)
+
+    def _batch(self, touched: set[str], absorbed: list[str]) -> Batch:
+        """Report the touched segments whose wire form differs from what the client last saw."""
+        changed = []
+        for segment in self._segments:
+            if segment.id not in touched:
+                continue
+            wire = segment.to_wire()
+            if self._sent.get(segment.id) != wire:
+                self._sent[segment.id] = wire
+                changed.append(segment._copy())
+        deleted = [segment_id for segment_id in absorbed if self._sent.pop(segment_id, None) is not None]
+        return Batch(changed=changed, deleted_ids=deleted)
+
+
+def _raw_segments(pieces: list[_Piece]) -> list[Segment]:
+    """Join runs of consecutive words that share speaker, provider and labels (ids come later)."""
+    runs: list[list[_Piece]] = []
+    for piece in pieces:
+        if runs and runs[-1][-1].joins(piece):
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    segments = []
+    for run in runs:
+        first = run[0]
+        segments.append(
+            Segment(
+                id="",
+                text=normalise_text(" ".join(p.text for p in run)),
+                speaker_id=first.speaker_id,
+                is_user=first.is_user,
+                person_id=first.person_id,
+                start=first.start,
+                # The last word's end, or an earlier word's if that one lasted longer (overlaps).
+                end=max(p.end for p in run),
+                speech_profile_processed=first.speech_profile_processed,
+                stt_provider=first.provider,
+            )
+        )
+    return segments
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)

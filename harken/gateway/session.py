@@ -1,0 +1,333 @@
+"""One live connection: audio in, segments out (DESIGN.md "The way audio flows").
+
+``Session.run`` wires decoder → audio clock → STT stream → segment builder, and runs the receive
+loop, the 600 ms flush, the 10 s ping, the idle check and the STT consumer as tasks of one
+``asyncio.TaskGroup``. A task ends the session by raising ``EndSession`` with the close code;
+teardown then finalises the STT stream, flushes and sends the last segments (if the client is
+still there), closes the socket and logs the connection's usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import orjson
+from starlette.websockets import WebSocket
+
+from .. import codecs
+from ..stt.base import STTError, STTStream, StreamConfig
+from . import events
+from .clock import AudioClock
+from .context import Gateway
+from .params import ListenParams
+from .segments import Batch, SegmentBuilder
+
+log = logging.getLogger("harken.session")
+
+STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits for the engine's last words
+DECODE_ERROR_WARN_AFTER = 10.0    # only garbage for this long → one `decode_errors` status
+MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
+
+
+class EndSession(Exception):
+    """Raised by any session task to end the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str = "", *, client_gone: bool = False):
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+        self.client_gone = client_gone
+
+
+@dataclass
+class SessionStats:
+    messages: int = 0
+    audio_bytes: int = 0
+    keepalives: int = 0
+    decode_errors: int = 0
+    words: int = 0
+    segments_sent: int = 0
+
+
+class Session:
+    def __init__(self, ws: WebSocket, gateway: Gateway, uid: str, params: ListenParams, session_id: str):
+        self.ws = ws
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self.uid = uid
+        self.params = params
+        self.id = session_id
+        self.clock = AudioClock()
+        self.builder = SegmentBuilder()
+        self.stats = SessionStats()
+        self.decoder: codecs.Decoder | None = None
+        self.stream: STTStream | None = None
+        self.provider_name: str | None = None
+        self.time_offset = 0.0            # conversation time of this session's audio-clock zero
+        self.last_activity = time.monotonic()
+        self._client_gone = False
+        self._first_bad_frame_at: float | None = None
+        self._decode_warning_sent = False
+
+    # -- public -------------------------------------------------------------------------
+    async def run(self) -> None:
+        end = EndSession(1001, "session ended")
+        try:
+            await self._open()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._receive_loop(), name=f"receive-{self.id}")
+                tasks.create_task(self._flush_loop(), name=f"flush-{self.id}")
+                tasks.create_task(self._ping_loop(), name=f"ping-{self.id}")
+                tasks.create_task(self._idle_watch(), name=f"idle-{self.id}")
+                if self.stream is not None:
+                    tasks.create_task(self._transcribe_loop(), name=f"stt-{self.id}")
+        except EndSession as raised:          # from _open, before the task group started
+            end = raised
+        except BaseExceptionGroup as group:
+            end = self._end_from(group)
+        finally:
+            # Shielded so that a server shutdown (cancellation) still releases the engine stream.
+            await asyncio.shield(self._teardown(end))
+
+    # -- opening -------------------------------------------------------------------------
+    async def _open(self) -> None:
+        await self.send_json(events.service_status("initiating"))
+        try:
+            self.decoder = await codecs.open_decoder(self.params.codec, self.params.sample_rate, self.params.channels)
+        except codecs.UnsupportedFormat as exc:
+            await self.send_json(events.error(1008, str(exc), "sample_rate"))
+            raise EndSession(1008, f"sample_rate: {exc}") from None
+        await self.send_json(events.last_memory(None))
+        if self.params.custom_stt:
+            self.provider_name = "custom"
+        else:
+            await self.send_json(events.service_status("stt_initiating"))
+            self.stream = await self._open_stt()
+        await self.send_json(events.service_status("ready"))
+
+    async def _open_stt(self) -> STTStream:
+        language = self.params.language
+        provider = self.gateway.providers.get("local")
+        if provider is None or not provider.supports(language):
+            reason = f"The language is not supported: {language}"
+            await self.send_json(events.error(1008, reason, "language"))
+            raise EndSession(1008, reason)
+        try:
+            stream = await provider.open(StreamConfig(language=language, session_id=self.id))
+        except STTError as exc:
+            await self.send_json(events.service_status("stt_failed", reason=str(exc), retryable=exc.retryable, retry_after=5))
+            raise EndSession(1011, "transcription_service_unavailable") from None
+        self.provider_name = provider.name
+        return stream
+
+    # -- tasks ---------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        limit = self.settings.max_message_bytes
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                raise EndSession(message.get("code") or 1000, "client closed", client_gone=True)
+            self.last_activity = time.monotonic()
+            self.stats.messages += 1
+            data, text = message.get("bytes"), message.get("text")
+            size = len(data) if data is not None else len((text or "").encode())
+            if size > limit:
+                await self.send_json(events.error(1009, f"message of {size} bytes exceeds the {limit}-byte limit"))
+                raise EndSession(1009, "message too large")
+            if data is not None:
+                if len(data) <= 2:        # the app's [0x8A, 0x00] heartbeat: activity, not audio
+                    self.stats.keepalives += 1
+                    continue
+                await self._on_audio(data)
+            elif text is not None:
+                await self._on_text(text)
+
+    async def _transcribe_loop(self) -> None:
+        assert self.stream is not None
+        try:
+            async for word in self.stream:
+                self.stats.words += 1
+                self.builder.add_words([word], provider=self.provider_name or "?", time_offset=self.time_offset)
+        except STTError as exc:
+            log.warning("stt failed sid=%s provider=%s: %s", self.id, self.provider_name, exc)
+            await self.send_json(events.service_status(
+                "stt_failed", reason=str(exc), retryable=exc.retryable, retry_after=5))
+            raise EndSession(1011, "transcription_service_unavailable") from None
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval)
+            await self._send_batch(self.builder.flush())
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await self.send_text("ping")
+            await asyncio.sleep(self.settings.ping_interval)
+
+    async def _idle_watch(self) -> None:
+        timeout = self.settings.idle_timeout
+        while True:
+            idle = time.monotonic() - self.last_activity
+            if idle >= timeout:
+                raise EndSession(1001, "idle timeout")
+            await asyncio.sleep(timeout - idle)
+
+    # -- inbound -------------------------------------------------------------------------
+    async def _on_audio(self, data: bytes) -> None:
+        assert self.decoder is not None
+        self.stats.audio_bytes += len(data)
+        try:
+            pcm = self.decoder.decode(data)
+        except codecs.DecodeError as exc:
+            await self._on_decode_error(exc)
+            return
+        self._first_bad_frame_at = None
+        if len(pcm) == 0:
+            return
+        self.clock.advance(len(pcm))
+        if self.stream is not None:
+            await self.stream.send(pcm)
+
+    async def _on_decode_error(self, exc: Exception) -> None:
+        self.stats.decode_errors += 1
+        now = time.monotonic()
+        if self._first_bad_frame_at is None:
+            self._first_bad_frame_at = now
+            log.debug("decode error sid=%s codec=%s: %s", self.id, self.params.codec, exc)
+        elif not self._decode_warning_sent and now - self._first_bad_frame_at >= DECODE_ERROR_WARN_AFTER:
+            self._decode_warning_sent = True
+            await self.send_json(events.service_status("decode_errors", dropped_frames=self.stats.decode_errors))
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            message = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            log.debug("ignoring non-JSON text sid=%s", self.id)
+            return
+        if not isinstance(message, dict):
+            return
+        kind = message.get("type")
+        if kind == "suggested_transcript" and self.params.custom_stt:
+            segments = message.get("segments")
+            if isinstance(segments, list):
+                provider = str(message.get("stt_provider") or "custom")
+                self.builder.add_suggested([s for s in segments if isinstance(s, dict)],
+                                           provider=provider, time_offset=self.time_offset)
+        elif kind == "speaker_assigned":
+            await self._on_speaker_assigned(message)
+        else:
+            log.debug("ignoring text message type=%r sid=%s", kind, self.id)
+
+    async def _on_speaker_assigned(self, message: dict) -> None:
+        try:
+            speaker_id = int(message["speaker_id"])
+        except (KeyError, TypeError, ValueError):
+            return
+        person_id = message.get("person_id")
+        is_user = person_id == "user"
+        ids = message.get("segment_ids")
+        batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=None if is_user else person_id,
+                                     segment_ids=ids if isinstance(ids, list) else None)
+        await self._send_batch(batch)
+
+    # -- outbound ------------------------------------------------------------------------
+    async def _send_batch(self, batch: Batch) -> None:
+        if not batch:
+            return
+        if batch.deleted_ids:
+            await self.send_json(events.segments_deleted(batch.deleted_ids))
+        if batch.changed:
+            self.stats.segments_sent += len(batch.changed)
+            await self.send_bytes_as_text(orjson.dumps([s.to_wire() for s in batch.changed]))
+
+    async def send_json(self, payload: dict) -> None:
+        await self.send_bytes_as_text(orjson.dumps(payload))
+
+    async def send_bytes_as_text(self, payload: bytes) -> None:
+        await self.send_text(payload.decode())
+
+    async def send_text(self, text: str) -> None:
+        if self._client_gone:
+            return
+        try:
+            await self.ws.send_text(text)
+        except Exception as exc:          # the peer vanished between our check and the write
+            self._client_gone = True
+            raise EndSession(1006, "client gone", client_gone=True) from exc
+
+    # -- closing -------------------------------------------------------------------------
+    def _end_from(self, group: BaseExceptionGroup) -> EndSession:
+        ends = [e for e in _leaves(group) if isinstance(e, EndSession)]
+        if ends:
+            return ends[0]
+        others = [e for e in _leaves(group) if not isinstance(e, asyncio.CancelledError)]
+        if others:
+            log.error("session %s failed", self.id, exc_info=others[0])
+            return EndSession(1011, "internal error")
+        raise group  # only cancellations: the server is shutting down
+
+    async def _teardown(self, end: EndSession) -> None:
+        self._client_gone = self._client_gone or end.client_gone
+        if self.stream is not None:
+            await self._finish_stream()
+        if self.decoder is not None:
+            self.decoder.close()
+        try:
+            await self._send_batch(self.builder.flush())
+        except EndSession:
+            pass
+        if not self._client_gone:
+            try:
+                await self.ws.close(end.code, _truncate(end.reason))
+            except Exception:
+                pass
+        self._log_usage(end)
+
+    async def _finish_stream(self) -> None:
+        """Close the engine stream and collect the words it still had (the last utterance)."""
+        stream = self.stream
+
+        async def drain() -> None:
+            try:
+                async for word in stream:
+                    self.stats.words += 1
+                    self.builder.add_words([word], provider=self.provider_name or "?", time_offset=self.time_offset)
+            except STTError as exc:
+                log.warning("stt failed while closing sid=%s: %s", self.id, exc)
+
+        try:
+            await asyncio.wait_for(asyncio.gather(stream.close(), drain()), STREAM_CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.warning("stt stream of sid=%s did not close within %ss", self.id, STREAM_CLOSE_TIMEOUT)
+        except Exception:
+            log.exception("closing stt stream of sid=%s failed", self.id)
+
+    def _log_usage(self, end: EndSession) -> None:
+        speech = getattr(getattr(self.stream, "stats", None), "speech_seconds", 0.0)
+        log.info(
+            "session closed sid=%s uid=%s code=%s audio_s=%.2f speech_s=%.2f words=%d provider=%s "
+            "segments_sent=%d decode_errors=%d keepalives=%d",
+            self.id, self.uid, end.code, self.clock.seconds, speech, self.stats.words, self.provider_name,
+            self.stats.segments_sent, self.stats.decode_errors, self.stats.keepalives,
+        )
+
+    def usage(self) -> dict:
+        speech = getattr(getattr(self.stream, "stats", None), "speech_seconds", 0.0)
+        return {"audio_seconds": self.clock.seconds, "speech_seconds": speech,
+                "words": self.stats.words, "provider": self.provider_name}
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def _truncate(reason: str) -> str:
+    encoded = reason.encode()[:MAX_CLOSE_REASON_BYTES]
+    return encoded.decode(errors="ignore")

