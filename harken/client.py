@@ -39,6 +39,7 @@ class StreamResult:
     close_code: int | None = None
     close_reason: str = ""
     started_at: float = 0.0
+    sending_started_at: float = 0.0   # monotonic time of the first audio message (audio time 0)
 
     def ordered(self) -> list[dict]:
         return sorted(self.segments.values(), key=lambda s: (s["start"], s["end"]))
@@ -128,7 +129,7 @@ async def stream_messages(
 
         receiver = asyncio.create_task(receive())
         try:
-            start = time.monotonic()
+            start = result.sending_started_at = time.monotonic()
             for index, message in enumerate(messages):
                 if receiver.done():
                     break

@@ -218,6 +218,17 @@ def test_relabel_merges_owner_segments_and_reports_the_absorbed_id():
     assert batch.deleted_ids == ["seg-1"]
 
 
+def test_relabel_of_the_earlier_segment_also_merges_with_an_owner_segment_after_it():
+    owner = {1: (True, None)}
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hi.", 0.0, 0.5), speaker=0) + words(("Bye.", 1.0, 1.5), speaker=1),
+        labels=lambda s: owner.get(s, (False, None)))
+    builder.flush()
+    batch = builder.relabel(0, is_user=True, person_id=None, segment_ids=["seg-0"])
+    assert [(s.id, s.text, s.speaker_id) for s in batch.changed] == [("seg-0", "Hi. Bye.", 0)]
+    assert batch.deleted_ids == ["seg-1"]
+
+
 def test_relabel_to_a_person_changes_only_that_speakers_segments():
     builder = SegmentBuilder(id_factory=counter_ids())
     add(builder, words(("Hi.", 0.0, 0.5), speaker=0) + words(("Bye.", 1.0, 1.5), speaker=1))

@@ -399,7 +399,7 @@ class SegmentBuilder:
             left = kept[-1] if kept else None
             if (
                 left is not None
-                and (left.id in relabelled)
+                and (left.id in relabelled or segment.id in relabelled)
                 and _can_merge(left, segment)
             ):
                 _absorb(left, segment)

@@ -46,7 +46,7 @@ MAX_PENDING_UTTERANCES = 32
 CLOSE_TIMEOUT_S = 30.0
 PREROLL_MS = 300
 
-_RawWord = tuple[str, float, float, float]     # text, start, end (seconds in the clip), probability
+RawWord = tuple[str, float, float, float]     # text, start, end (seconds in the clip), probability
 
 
 class WhisperProvider(Provider):
@@ -71,26 +71,23 @@ class WhisperProvider(Provider):
         return self._model is not None
 
     async def load(self) -> None:
-        """Load (and warm up) the model and the VAD in a worker thread. Idempotent.
+        """Load the model and the VAD in a worker thread, and warm the model up. Idempotent.
 
         Raises ``ModelError`` (not retryable) if the configured model cannot be loaded offline.
         """
         async with self._load_lock:
-            if self._model is None:
-                loop = asyncio.get_running_loop()
-                self._model, self._vad = await loop.run_in_executor(self._executor, self._load_blocking)
-
-    def _load_blocking(self) -> tuple["WhisperModel", SileroVAD]:
-        started = time.perf_counter()
-        model = load_whisper_model(self.settings)
-        vad = SileroVAD.shared()
-        # CTranslate2 allocates its buffers on the first call: pay that now, not on a user's utterance.
-        segments, _ = model.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), language="en", beam_size=1,
-                                       word_timestamps=True, vad_filter=False, condition_on_previous_text=False)
-        list(segments)                           # decoding is lazy: iterate to actually run it
-        log.info("local STT: loaded whisper_model=%s (%s) in %.1f s", self.settings.whisper_model,
-                 self.settings.whisper_compute_type, time.perf_counter() - started)
-        return model, vad
+            if self._model is not None:
+                return
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            model, vad = await loop.run_in_executor(
+                self._executor, lambda: (load_whisper_model(self.settings), SileroVAD.shared()))
+            self._model, self._vad = model, vad
+            # CTranslate2 allocates its buffers on the first decode: pay that now, not on a user's utterance.
+            await loop.run_in_executor(self._executor, self.transcribe_clip, np.zeros(SAMPLE_RATE, dtype=np.int16))
+            log.info("local STT: whisper_model=%s (%s, %d thread(s) per decode, %d decode(s) at once) ready in %.1f s",
+                     self.settings.whisper_model, self.settings.whisper_compute_type, self.settings.whisper_threads,
+                     self.settings.whisper_workers, time.perf_counter() - started)
 
     def supports(self, language: str) -> bool:
         """An English-only (``.en``) model supports ``en`` and ``en-*``; a multilingual one every
@@ -118,13 +115,18 @@ class WhisperProvider(Provider):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- used by WhisperStream ----------------------------------------------------------
-    async def _decode(self, pcm: np.ndarray, language: str | None) -> tuple[list[_RawWord], float]:
+    async def _decode(self, pcm: np.ndarray, language: str | None) -> tuple[list[RawWord], float]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._transcribe, pcm, language)
+        return await loop.run_in_executor(self._executor, self.transcribe_clip, pcm, language)
 
-    def _transcribe(self, pcm: np.ndarray, language: str | None) -> tuple[list[_RawWord], float]:
-        """Decode one utterance (runs in the pool). Returns its words and the CPU-side seconds spent."""
-        assert self._model is not None
+    def transcribe_clip(self, pcm: np.ndarray, language: str | None = "en") -> tuple[list[RawWord], float]:
+        """Decode one int16 clip in the calling thread (blocking; streams run it in the pool).
+
+        Returns Whisper's words as (text, start, end, probability), times in seconds of the clip,
+        and the seconds the decode took. For offline jobs and benchmarks; needs ``load()`` first.
+        """
+        if self._model is None:
+            raise STTError("WhisperProvider.load() has not been awaited", retryable=False)
         started = time.perf_counter()
         audio = pcm.astype(np.float32) / 32768.0
         segments, _info = self._model.transcribe(
@@ -281,7 +283,7 @@ class WhisperStream(STTStream):
         self._out.put_nowait(item)
 
 
-def place_words(raw_words: list[_RawWord], utterance: Utterance, not_before: float) -> list[Word]:
+def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: float) -> list[Word]:
     """Whisper's clip-relative words → ``Word``s in stream time.
 
     Times are clamped to the utterance (Whisper sometimes stretches a word into the padding) and

@@ -1,0 +1,544 @@
+"""Persistence: one SQLAlchemy async Core code path for SQLite (default) and PostgreSQL.
+
+Every method is one transaction and takes the time (``now``) from its caller, so the policy
+(what "timed out" means, how long a claim lasts) lives in ``lifecycle.py``/``outbox.py`` and
+tests can drive time. The few places where the engines differ are marked ``# dialect``:
+upsert syntax, row locking (``FOR UPDATE SKIP LOCKED`` and advisory locks on PostgreSQL;
+SQLite instead serialises writers with ``BEGIN IMMEDIATE``) and connection set-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable, Sequence
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ..config import Settings
+from . import migrations
+from .model import COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting, word_count
+from .schema import conversations, outbox, segments, usage, webhooks
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"
+DEAD = "dead"
+
+# SQLite waits this long for another writer (another worker process) before "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def database_url(settings: Settings) -> str:
+    """The SQLAlchemy URL of ``settings`` (default: ``<data_dir>/harken.db``)."""
+    return settings.database_url or f"sqlite:///{Path(settings.data_dir) / 'harken.db'}"
+
+
+def async_driver_url(url: str) -> sa.URL:
+    """``sqlite:///x`` → aiosqlite, ``postgresql://`` or ``postgres://`` → asyncpg."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise ValueError(f"unsupported database {backend!r}: use sqlite:///FILE or postgresql://…")
+
+
+@dataclass
+class OpenResult:
+    """What ``open_conversation`` found: the conversation to write to and what to process."""
+
+    conversation: Conversation
+    resumed: bool
+    segments: list[dict]
+    stale_ids: list[str]
+
+
+@dataclass
+class OutboxRow:
+    id: int
+    uid: str
+    kind: str
+    ordering_key: str
+    url: str
+    params: dict
+    headers: dict
+    content_type: str
+    body: bytes
+    created_at: float
+    attempts: int
+
+
+@dataclass
+class OutboxMessage:
+    """A webhook request to enqueue; sent only if the user has a ``kind`` webhook set."""
+
+    uid: str
+    kind: str
+    ordering_key: str
+    body: bytes
+    content_type: str = "application/json"
+    params: dict = field(default_factory=dict)
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass
+class Settlement:
+    """Outcomes of a round of deliveries, written back in one transaction."""
+
+    delivered: list[int] = field(default_factory=list)
+    retry: list[tuple[int, float, str]] = field(default_factory=list)     # id, next attempt, error
+    dead: list[tuple[int, str]] = field(default_factory=list)              # id, error
+
+    def __bool__(self) -> bool:
+        return bool(self.delivered or self.retry or self.dead)
+
+
+class Store:
+    """The conversation store. ``await open()`` before use (it migrates); ``await close()`` after."""
+
+    def __init__(self, url: str, *, pg_schema: str | None = None, pool_size: int = 10) -> None:
+        self.url = async_driver_url(url)
+        self.dialect = self.url.get_backend_name()
+        self._pg_schema = pg_schema
+        self._pool_size = pool_size
+        self.engine: AsyncEngine | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Store":
+        return cls(database_url(settings))
+
+    async def open(self, *, schema_version: int = migrations.SCHEMA_VERSION) -> "Store":
+        self.engine = self._create_engine()
+        try:
+            await migrations.migrate(self.engine, schema_version)
+        except BaseException:
+            await self.engine.dispose()
+            self.engine = None
+            raise
+        return self
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.dispose()
+            self.engine = None
+
+    async def ping(self) -> bool:
+        """True if the database answers (readiness)."""
+        try:
+            async with self._read() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    # --- connections (dialect) ---------------------------------------------------------------
+    def _create_engine(self) -> AsyncEngine:
+        if self.dialect == "sqlite":
+            database = self.url.database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_async_engine(self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            _take_over_sqlite_transactions(engine)
+            return engine
+        connect_args: dict[str, Any] = {}
+        if self._pg_schema:
+            connect_args["server_settings"] = {"search_path": self._pg_schema}
+        return create_async_engine(self.url, pool_size=self._pool_size, max_overflow=self._pool_size,
+                                   pool_pre_ping=True, connect_args=connect_args)
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        assert self.engine is not None, "Store.open() was not awaited"
+        async with self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        assert self.engine is not None, "Store.open() was not awaited"
+        async with self.engine.connect() as conn:
+            if self.dialect == "sqlite":     # a reader must not queue behind writers
+                await conn.execution_options(sqlite_begin="DEFERRED")
+            async with conn.begin():
+                yield conn
+
+    async def _lock_user(self, conn: AsyncConnection, uid: str) -> None:
+        """Serialise conversation decisions for one user across nodes (SQLite: already serial)."""
+        if self.dialect == "postgresql":
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(uid, 0))))
+
+    def _insert(self, table: sa.Table):
+        return (pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(table)
+
+    # --- conversations -----------------------------------------------------------------------
+    async def open_conversation(self, new: Conversation, *, now: float, live_until: float) -> OpenResult:
+        """Resume the user's in-progress conversation if its silence is under ``new.timeout_s``,
+        else insert ``new``. In-progress ones that timed out (and are not live elsewhere) are
+        returned as ``stale_ids`` for processing."""
+        c = conversations
+        async with self._write() as conn:
+            await self._lock_user(conn, new.uid)
+            rows = (await conn.execute(
+                sa.select(c).where(c.c.uid == new.uid, c.c.status == IN_PROGRESS).order_by(c.c.finished_at.desc())
+            )).mappings().all()
+            resume = None
+            stale: list[str] = []
+            for row in rows:
+                if resume is None and now - row["finished_at"] < new.timeout_s:
+                    resume = row
+                elif row["live_until"] is None or row["live_until"] < now:
+                    stale.append(row["id"])
+            if resume is not None:
+                await conn.execute(sa.update(c).where(c.c.id == resume["id"])
+                                   .values(timeout_s=new.timeout_s, live_until=live_until))
+                conversation = _conversation(resume)
+                conversation.timeout_s = new.timeout_s
+                return OpenResult(conversation, True, await self._segments(conn, conversation.id), stale)
+            await conn.execute(sa.insert(c).values(**_conversation_row(new), live_until=live_until))
+            return OpenResult(new, False, [], stale)
+
+    async def get_conversation(self, conversation_id: str) -> Conversation | None:
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(conversations).where(conversations.c.id == conversation_id))
+                   ).mappings().first()
+        return _conversation(row) if row else None
+
+    async def get_with_segments(self, conversation_id: str) -> tuple[Conversation, list[dict]] | None:
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(conversations).where(conversations.c.id == conversation_id))
+                   ).mappings().first()
+            if row is None:
+                return None
+            return _conversation(row), await self._segments(conn, conversation_id)
+
+    async def load_segments(self, conversation_id: str) -> list[dict]:
+        async with self._read() as conn:
+            return await self._segments(conn, conversation_id)
+
+    async def _segments(self, conn: AsyncConnection, conversation_id: str) -> list[dict]:
+        s = segments
+        rows = await conn.execute(sa.select(s.c.data).where(s.c.conversation_id == conversation_id)
+                                  .order_by(s.c.start, s.c.end, s.c.segment_id))
+        return [orjson.loads(data) for (data,) in rows]
+
+    async def list_conversations(self, uid: str, *, limit: int, offset: int = 0,
+                                 include_discarded: bool = True) -> list[tuple[Conversation, list[dict]]]:
+        """The user's conversations, newest first, with their segments."""
+        c, s = conversations, segments
+        query = sa.select(c).where(c.c.uid == uid)
+        if not include_discarded:
+            query = query.where(c.c.discarded == sa.false())
+        query = query.order_by(c.c.created_at.desc(), c.c.id.desc()).limit(limit).offset(offset)
+        async with self._read() as conn:
+            rows = [_conversation(r) for r in (await conn.execute(query)).mappings()]
+            by_id: dict[str, list[dict]] = {r.id: [] for r in rows}
+            if by_id:
+                seg_rows = await conn.execute(
+                    sa.select(s.c.conversation_id, s.c.data).where(s.c.conversation_id.in_(list(by_id)))
+                    .order_by(s.c.conversation_id, s.c.start, s.c.end, s.c.segment_id))
+                for conversation_id, data in seg_rows:
+                    by_id[conversation_id].append(orjson.loads(data))
+        return [(r, by_id[r.id]) for r in rows]
+
+    async def last_completed_id(self, uid: str) -> str | None:
+        c = conversations
+        async with self._read() as conn:
+            return (await conn.execute(
+                sa.select(c.c.id).where(c.c.uid == uid, c.c.status == COMPLETED, c.c.discarded == sa.false())
+                .order_by(c.c.finished_at.desc()).limit(1))).scalar()
+
+    async def save_batch(
+        self,
+        conversation: Conversation,
+        changed: Sequence[dict],
+        deleted_ids: Sequence[str],
+        *,
+        now: float,
+        live_until: float,
+        realtime: OutboxMessage | None,
+    ) -> bool:
+        """Write one segment batch, and its realtime webhook row, in one transaction.
+
+        ``conversation`` is the live handle's view: its ``started_at`` is written (the start is
+        anchored at the first word), and the row is created if missing (its creation failed
+        earlier). Returns False, writing nothing, if the conversation is no longer in progress
+        (another node processed it): the caller starts a new one and saves again.
+        """
+        c, s = conversations, segments
+        values: dict[str, Any] = {"live_until": live_until, "started_at": conversation.started_at}
+        if changed:
+            values["finished_at"] = now
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(c).where(c.c.id == conversation.id, c.c.status == IN_PROGRESS).values(**values))
+            if result.rowcount == 0:
+                exists = (await conn.execute(sa.select(c.c.id).where(c.c.id == conversation.id))).first()
+                if exists:
+                    return False
+                row = _conversation_row(conversation)
+                row.update(values)
+                await conn.execute(sa.insert(c).values(**row))
+            if changed:
+                stmt = self._insert(s)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[s.c.conversation_id, s.c.segment_id],
+                    set_={"start": stmt.excluded.start, "end": stmt.excluded.end,
+                          "words": stmt.excluded.words, "data": stmt.excluded.data})
+                await conn.execute(stmt, [_segment_row(conversation.id, seg) for seg in changed])
+            if deleted_ids:
+                await conn.execute(sa.delete(s).where(s.c.conversation_id == conversation.id,
+                                                      s.c.segment_id.in_(list(deleted_ids))))
+            if realtime is not None:
+                await self._enqueue(conn, realtime, now)
+        return True
+
+    async def renew_live(self, conversation_ids: Iterable[str], live_until: float) -> None:
+        ids = list(conversation_ids)
+        if ids:
+            async with self._write() as conn:
+                await conn.execute(sa.update(conversations).where(conversations.c.id.in_(ids))
+                                   .values(live_until=live_until))
+
+    async def release_live(self, conversation_id: str) -> None:
+        async with self._write() as conn:
+            await conn.execute(sa.update(conversations).where(conversations.c.id == conversation_id)
+                               .values(live_until=None))
+
+    async def create_conversation(self, conversation: Conversation, *, live_until: float | None = None) -> None:
+        async with self._write() as conn:
+            await conn.execute(sa.insert(conversations).values(**_conversation_row(conversation),
+                                                               live_until=live_until))
+
+    async def sweep_candidates(self, *, now: float, exclude: Iterable[str] = (), limit: int = 100) -> list[str]:
+        """In-progress conversations silent past their timeout and live nowhere, and processing
+        ones whose claim expired (their node died mid-way)."""
+        c = conversations
+        timed_out = sa.and_(c.c.status == IN_PROGRESS, c.c.finished_at + c.c.timeout_s <= now,
+                            sa.or_(c.c.live_until.is_(None), c.c.live_until < now))
+        abandoned = sa.and_(c.c.status == PROCESSING, c.c.claim_expires < now)
+        query = sa.select(c.c.id).where(sa.or_(timed_out, abandoned)).order_by(c.c.finished_at).limit(limit)
+        excluded = set(exclude)
+        async with self._read() as conn:
+            return [cid for (cid,) in await conn.execute(query) if cid not in excluded]
+
+    async def claim_for_processing(self, conversation_id: str, *, node: str, now: float,
+                                   lease: float) -> tuple[Conversation, list[dict]] | None:
+        """Atomically take a conversation for processing; None if someone else has it or it is done."""
+        c = conversations
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(c).where(c.c.id == conversation_id, sa.or_(
+                    c.c.status == IN_PROGRESS, sa.and_(c.c.status == PROCESSING, c.c.claim_expires < now)))
+                .values(status=PROCESSING, claimed_by=node, claim_expires=now + lease))
+            if result.rowcount == 0:
+                return None
+            row = (await conn.execute(sa.select(c).where(c.c.id == conversation_id))).mappings().one()
+            return _conversation(row), await self._segments(conn, conversation_id)
+
+    async def finish_processing(self, conversation: Conversation, *, node: str,
+                                memory_webhook: OutboxMessage | None, now: float) -> bool:
+        """Mark a claimed conversation completed with its summary and enqueue the memory webhook,
+        together. False if the claim was lost (another node finished it)."""
+        c = conversations
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(c).where(c.c.id == conversation.id, c.c.status == PROCESSING, c.c.claimed_by == node)
+                .values(status=COMPLETED, structured=_json(conversation.structured), discarded=conversation.discarded,
+                        claimed_by=None, claim_expires=None, live_until=None))
+            if result.rowcount == 0:
+                return False
+            if memory_webhook is not None:
+                await self._enqueue(conn, memory_webhook, now)
+        return True
+
+    async def delete_conversation(self, conversation_id: str, *, node: str | None = None) -> bool:
+        """Delete a conversation and its segments (only if ``node`` holds its claim, when given)."""
+        c, s = conversations, segments
+        condition = c.c.id == conversation_id
+        if node is not None:
+            condition = sa.and_(condition, c.c.claimed_by == node)
+        async with self._write() as conn:
+            result = await conn.execute(sa.delete(c).where(condition))
+            if result.rowcount:
+                await conn.execute(sa.delete(s).where(s.c.conversation_id == conversation_id))
+            return bool(result.rowcount)
+
+    # --- webhook settings --------------------------------------------------------------------
+    async def get_webhook(self, uid: str, kind: str) -> WebhookSetting | None:
+        w = webhooks
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(w).where(w.c.uid == uid, w.c.kind == kind))).mappings().first()
+        return WebhookSetting(row["kind"], row["url"], row["interval_seconds"]) if row else None
+
+    async def set_webhook(self, uid: str, setting: WebhookSetting, *, now: float) -> None:
+        w = webhooks
+        stmt = self._insert(w).values(uid=uid, kind=setting.kind, url=setting.url,
+                                      interval_seconds=setting.interval_seconds, updated_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=[w.c.uid, w.c.kind], set_={
+            "url": stmt.excluded.url, "interval_seconds": stmt.excluded.interval_seconds,
+            "updated_at": stmt.excluded.updated_at})
+        async with self._write() as conn:
+            await conn.execute(stmt)
+
+    async def delete_webhook(self, uid: str, kind: str) -> bool:
+        w = webhooks
+        async with self._write() as conn:
+            result = await conn.execute(sa.delete(w).where(w.c.uid == uid, w.c.kind == kind))
+        return bool(result.rowcount)
+
+    # --- usage -------------------------------------------------------------------------------
+    async def record_usage(self, uid: str, used: Usage, *, session_id: str | None,
+                           conversation_id: str | None, now: float) -> None:
+        async with self._write() as conn:
+            await conn.execute(sa.insert(usage).values(
+                uid=uid, session_id=session_id, conversation_id=conversation_id, recorded_at=now,
+                audio_seconds=used.audio_seconds, speech_seconds=used.speech_seconds, words=used.words,
+                provider=used.provider))
+
+    async def usage_totals(self, uid: str, *, since: float = 0.0) -> Usage:
+        u = usage
+        async with self._read() as conn:
+            row = (await conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(u.c.audio_seconds), 0.0),
+                          sa.func.coalesce(sa.func.sum(u.c.speech_seconds), 0.0),
+                          sa.func.coalesce(sa.func.sum(u.c.words), 0))
+                .where(u.c.uid == uid, u.c.recorded_at >= since))).one()
+        return Usage(audio_seconds=float(row[0]), speech_seconds=float(row[1]), words=int(row[2]))
+
+    # --- outbox ------------------------------------------------------------------------------
+    async def _enqueue(self, conn: AsyncConnection, message: OutboxMessage, now: float) -> None:
+        """INSERT … SELECT from the user's webhook setting: no setting, no row; the URL is the
+        one set when the change happened."""
+        w, o = webhooks, outbox
+        source = sa.select(
+            sa.literal(message.uid, sa.String), sa.literal(message.kind, sa.String),
+            sa.literal(message.ordering_key, sa.String), w.c.url,
+            sa.literal(_json(message.params), sa.Text), sa.literal(_json(message.headers), sa.Text),
+            sa.literal(message.content_type, sa.String), sa.literal(message.body, sa.LargeBinary),
+            sa.literal(PENDING, sa.String), sa.literal(now, sa.Double), sa.literal(now, sa.Double),
+            sa.literal(0.0, sa.Double), sa.literal(0, sa.Integer),
+        ).where(w.c.uid == message.uid, w.c.kind == message.kind)
+        await conn.execute(sa.insert(o).from_select(
+            ["uid", "kind", "ordering_key", "url", "params", "headers", "content_type", "body", "status",
+             "created_at", "next_attempt_at", "claimed_until", "attempts"], source))
+
+    async def enqueue(self, messages: Sequence[OutboxMessage], *, now: float) -> None:
+        """Enqueue several messages in one transaction, in order."""
+        if messages:
+            async with self._write() as conn:
+                for message in messages:
+                    await self._enqueue(conn, message, now)
+
+    async def claim_outbox(self, *, node: str, now: float, lease: float, limit: int) -> list[OutboxRow]:
+        """Claim up to ``limit`` due rows, each the oldest pending row of its ordering key, so a
+        key's rows go out one at a time and in order."""
+        o = outbox
+        earlier = outbox.alias("earlier")
+        blocked = sa.exists().where(earlier.c.ordering_key == o.c.ordering_key, earlier.c.status == PENDING,
+                                    earlier.c.id < o.c.id)
+        due = (sa.select(o.c.id).where(o.c.status == PENDING, o.c.next_attempt_at <= now,
+                                       o.c.claimed_until < now, ~blocked)
+               .order_by(o.c.id).limit(limit))
+        if self.dialect == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        stmt = (sa.update(o).where(o.c.id.in_(due.scalar_subquery()))
+                .values(claimed_until=now + lease, claimed_by=node, attempts=o.c.attempts + 1)
+                .returning(o.c.id, o.c.uid, o.c.kind, o.c.ordering_key, o.c.url, o.c.params, o.c.headers,
+                           o.c.content_type, o.c.body, o.c.created_at, o.c.attempts))
+        async with self._write() as conn:
+            rows = (await conn.execute(stmt)).all()
+        claimed = [OutboxRow(id=r[0], uid=r[1], kind=r[2], ordering_key=r[3], url=r[4],
+                             params=orjson.loads(r[5]), headers=orjson.loads(r[6]), content_type=r[7],
+                             body=bytes(r[8]), created_at=r[9], attempts=r[10]) for r in rows]
+        claimed.sort(key=lambda row: row.id)
+        return claimed
+
+    async def settle_outbox(self, settlement: Settlement) -> None:
+        o = outbox
+        async with self._write() as conn:
+            if settlement.delivered:
+                await conn.execute(sa.delete(o).where(o.c.id.in_(settlement.delivered)))
+            if settlement.retry:
+                await conn.execute(
+                    sa.update(o).where(o.c.id == sa.bindparam("row_id")).values(
+                        next_attempt_at=sa.bindparam("next_at"), claimed_until=0.0, claimed_by=None,
+                        last_error=sa.bindparam("error")),
+                    [{"row_id": i, "next_at": t, "error": e} for i, t, e in settlement.retry])
+            if settlement.dead:
+                await conn.execute(
+                    sa.update(o).where(o.c.id == sa.bindparam("row_id")).values(
+                        status=DEAD, claimed_until=0.0, claimed_by=None, last_error=sa.bindparam("error")),
+                    [{"row_id": i, "error": e} for i, e in settlement.dead])
+
+    async def outbox_counts(self) -> dict[str, int]:
+        o = outbox
+        async with self._read() as conn:
+            rows = await conn.execute(sa.select(o.c.status, sa.func.count()).group_by(o.c.status))
+            return {status: int(n) for status, n in rows}
+
+    async def next_outbox_due(self) -> float | None:
+        """When the earliest pending row is next due (None: nothing pending)."""
+        o = outbox
+        async with self._read() as conn:
+            return (await conn.execute(sa.select(sa.func.min(o.c.next_attempt_at))
+                                       .where(o.c.status == PENDING))).scalar()
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _take_over_sqlite_transactions(engine: AsyncEngine) -> None:
+    """SQLAlchemy's documented recipe: the driver stops issuing its own BEGIN, and we emit
+    ``BEGIN IMMEDIATE`` for writes, so two writers never deadlock upgrading read locks (they
+    queue on the busy timeout instead), and ``DEFERRED`` for reads."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection, connection_record) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers run beside the writer; synchronous=NORMAL keeps every commit across
+        # a process crash (a power cut may lose the last commits), at a fraction of FULL's cost.
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn) -> None:
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'IMMEDIATE')}")
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _conversation(row: Any) -> Conversation:
+    return Conversation(
+        id=row["id"], uid=row["uid"], status=row["status"], language=row["language"], source=row["source"],
+        created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+        timeout_s=row["timeout_s"], structured=orjson.loads(row["structured"]) if row["structured"] else None,
+        discarded=bool(row["discarded"]))
+
+
+def _conversation_row(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "id": conversation.id, "uid": conversation.uid, "status": conversation.status,
+        "language": conversation.language, "source": conversation.source,
+        "created_at": conversation.created_at, "started_at": conversation.started_at,
+        "finished_at": conversation.finished_at, "timeout_s": conversation.timeout_s,
+        "structured": _json(conversation.structured), "discarded": conversation.discarded,
+    }
+
+
+def _segment_row(conversation_id: str, segment: dict) -> dict[str, Any]:
+    start = float(segment.get("start", 0.0))
+    return {"conversation_id": conversation_id, "segment_id": str(segment["id"]), "start": start,
+            "end": float(segment.get("end", start)), "words": word_count(segment.get("text")),
+            "data": orjson.dumps(segment).decode()}

@@ -1,0 +1,192 @@
+"""Deepgram live transcription (``/v1/listen``) through ``deepgram-sdk`` v7.
+
+Options are Omi's: punctuation and smart formatting, diarization, 300 ms endpointing, finals
+only, ``no_delay`` (finals do not wait for a possible entity), no filler words, raw linear16 at
+16 kHz mono. ``no_delay`` and ``filler_words`` are not in the SDK's signature, so they travel as
+additional query parameters. The SDK sends no KeepAlive by itself (since v5): this stream sends
+one after ``KEEPALIVE_SECONDS`` without audio, well inside Deepgram's 10 s idle limit (NET-0001).
+``finalize()`` sends Finalize; ``close()`` sends CloseStream and reads the remaining Results up to
+Deepgram's own close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import numpy as np
+from deepgram import AsyncDeepgramClient, DeepgramClientEnvironment
+from deepgram.core.api_error import ApiError
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from .base import Provider, StreamConfig, STTStream, Word
+from .fallback import StreamFailure, status_failure
+from .selection import DEEPGRAM_NOVA2, DEEPGRAM_NOVA3, N2, N2M, N3, N3M, normalize_language
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_SECONDS = 5.0
+CLOSE_SECONDS = 10.0     # wait this long for Deepgram's last Results after CloseStream
+ENDPOINTING_MS = 300
+
+
+def connect_options(config: StreamConfig) -> dict[str, Any]:
+    """``listen.v1.connect`` keyword arguments for a stream config (Omi's option set)."""
+    language = normalize_language(config.language)
+    model = config.extra.get("model") or (DEEPGRAM_NOVA3 if language in N3M or language in N3 else DEEPGRAM_NOVA2)
+    return dict(
+        model=model, language=language, encoding="linear16", sample_rate=config.sample_rate, channels=1,
+        punctuate="true", smart_format="true", diarize="true" if config.diarize else "false",
+        endpointing=ENDPOINTING_MS, interim_results="false", profanity_filter="false",
+        request_options={"additional_query_parameters": {"no_delay": "true", "filler_words": "false"}},
+    )
+
+
+def parse_message(message: Any) -> tuple[list[Word], float | None]:
+    """Final words of one server message and the stream time up to which it settles everything.
+
+    Interim results (not requested) and other message kinds give ``([], None)``; an ``Error``
+    message raises.
+    """
+    kind = getattr(message, "type", None)
+    if kind == "Error":
+        detail = getattr(message, "description", None) or getattr(message, "message", "") or "error"
+        raise StreamFailure(f"deepgram: {detail}", reason="provider_error",
+                            code=getattr(message, "variant", None))
+    if kind != "Results" or not message.is_final:
+        return [], None
+    words: list[Word] = []
+    alternatives = message.channel.alternatives
+    if alternatives:
+        for w in alternatives[0].words or ():
+            words.append(Word(w.punctuated_word or w.word, float(w.start), float(w.end),
+                              int(w.speaker or 0), float(w.confidence)))
+    return words, float(message.start) + float(message.duration)
+
+
+class DeepgramProvider(Provider):
+    name = "deepgram"
+
+    def __init__(self, settings: "Settings"):
+        url = settings.deepgram_url.rstrip("/")
+        http = url.replace("wss://", "https://", 1).replace("ws://", "http://", 1)
+        self._client = AsyncDeepgramClient(
+            api_key=settings.deepgram_api_key,
+            environment=DeepgramClientEnvironment(base=http, production=url, agent=url, agent_rest=http),
+        )
+
+    def supports(self, language: str) -> bool:
+        language = normalize_language(language)
+        return any(language in table for table in (N3M, N3, N2, N2M))
+
+    async def open(self, config: StreamConfig) -> "DeepgramStream":
+        stream = DeepgramStream()
+        await stream.connect(self._client, connect_options(config))
+        return stream
+
+
+class DeepgramStream(STTStream):
+    provider_name = "deepgram"
+
+    def __init__(self) -> None:
+        self.settled_until = 0.0            # see fallback.FallbackStream
+        self._exit = contextlib.AsyncExitStack()
+        self._conn: Any = None
+        self._last_send = time.monotonic()
+        self._keepalive: asyncio.Task | None = None
+        self._close_sent = False
+        self._closed = False
+        self._iterating = False
+        self._ended = asyncio.Event()
+
+    async def connect(self, client: AsyncDeepgramClient, options: dict[str, Any]) -> None:
+        try:
+            self._conn = await self._exit.enter_async_context(client.listen.v1.connect(**options))
+        except ApiError as exc:
+            raise status_failure("deepgram", exc.status_code or 0) from None
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            raise StreamFailure(f"cannot reach deepgram: {exc}", reason="initialization_failed") from None
+        self._last_send = time.monotonic()
+        self._keepalive = asyncio.create_task(self._keep_alive(), name="deepgram-keepalive")
+
+    async def send(self, pcm: np.ndarray) -> None:
+        if not pcm.size:
+            return                          # an empty binary frame would end the stream
+        try:
+            await self._conn.send_media(pcm.astype(np.int16, copy=False).tobytes())
+        except ConnectionClosed as exc:
+            raise _lost(exc) from None
+        self._last_send = time.monotonic()
+
+    async def finalize(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._conn.send_finalize()
+            self._last_send = time.monotonic()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                self._close_sent = True
+                await self._conn.send_close_stream()
+                if self._iterating:
+                    await asyncio.wait_for(self._ended.wait(), CLOSE_SECONDS)
+        except TimeoutError:
+            log.info("deepgram sent no close within %.0fs of CloseStream", CLOSE_SECONDS)
+        finally:
+            await self._exit.aclose()
+
+    async def __aiter__(self) -> AsyncIterator[Word]:
+        self._iterating = True
+        try:
+            while True:
+                try:
+                    message = await self._conn.recv()
+                except ConnectionClosed as exc:
+                    if self._close_sent and exc.rcvd is not None and exc.rcvd.code == 1000:
+                        return
+                    raise _lost(exc) from None
+                except ValueError as exc:        # json.JSONDecodeError and unparseable payloads
+                    raise StreamFailure(f"deepgram sent a malformed message: {exc}",
+                                        reason="malformed_response") from None
+                try:
+                    words, settled = parse_message(message)
+                except StreamFailure:
+                    raise
+                except Exception as exc:
+                    raise StreamFailure(f"deepgram sent an unreadable message: {exc!r}",
+                                        reason="malformed_response") from None
+                for word in words:
+                    yield word
+                if settled is not None:
+                    self.settled_until = max(self.settled_until, settled)
+        finally:
+            self._ended.set()
+
+    async def _keep_alive(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while not self._close_sent:
+                idle = time.monotonic() - self._last_send
+                if idle >= KEEPALIVE_SECONDS:
+                    await self._conn.send_keep_alive()
+                    self._last_send = time.monotonic()
+                    idle = 0.0
+                await asyncio.sleep(KEEPALIVE_SECONDS - idle)
+
+
+def _lost(exc: ConnectionClosed) -> StreamFailure:
+    frame = exc.rcvd
+    if frame is None:
+        return StreamFailure("deepgram connection dropped without a close frame", reason="connection_lost")
+    return StreamFailure(f"deepgram closed the stream: {frame.code} {frame.reason}".rstrip(),
+                         reason="connection_lost", code=frame.code)

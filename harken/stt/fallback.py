@@ -1,0 +1,637 @@
+"""Retry, failover and recovery over a chain of providers, losing and doubling no words.
+
+``FallbackStream`` is the one ``STTStream`` the session talks to. Behind it:
+
+- **Connect** each link in chain order: up to ``retry_attempts`` tries with exponential backoff
+  and jitter (``retry_base`` doubling, at most ``retry_cap``); an error retrying cannot fix
+  (400/401/402/403: bad request, key or billing) skips to the next link at once and that link is
+  not tried again in this stream.
+- **Detect** a lost provider mid-stream: its socket closes or errors, it sends an in-band error or
+  a malformed message, or it *stalls*: reports no progress for ``result_timeout`` while at least
+  half that much audio was sent to it (an idle client is not a stall).
+- **Fail over** to the next link at once (the failed one is retried last) and **replay** the
+  buffered audio from the replay point: the later of the last word's end and the point up to
+  which the failed provider had reported everything final, minus ``replay_preroll`` so the new
+  provider hears whole words. At the seam, words the new provider reports that end before the
+  last emitted word's end plus ``seam_tolerance``, or repeat an overlapping emitted word, are
+  dropped. Word times are mapped onto this stream's own time (seconds since the first sample
+  given to it), whichever provider spoke and however often it was replayed.
+- **Recover**: a link that failed retryably and ranks above the active one is probed in the
+  background (a bare connect every ``probe_interval``, at most ``probe_attempts`` times). Once a
+  probe succeeds, the link takes over at the next silence, opened before the active one is let go
+  (make before break). Silence is read from the active provider when it reports its progress
+  (``settled_until``): it has declared final at least ``silence_gap`` seconds past the last word,
+  so no word can straddle the cut. An engine that reports no progress (the embedded one) is cut
+  where the last ``silence_gap`` seconds of audio are quieter than ``silence_rms``, after it has
+  been drained of the words that start before the cut.
+- **Give up** when every link failed: ``on_status`` gets ``stt_failed`` and iteration raises
+  ``STTError``.
+
+``send`` never waits for a provider: audio goes into a ``ReplayBuffer`` (``replay_seconds``,
+default 120 s) and a feeder task forwards it, so audio that arrives while (re)connecting is sent
+once connected. Audio older than the replay point is released as words become final. If a
+failover needs audio that was already evicted (no provider reported progress for longer than the
+buffer, or reconnecting took longer), replay starts at the oldest sample held: the words in the
+gap are lost, and ``lost_seconds`` says how much audio that was.
+
+Provider streams may expose ``settled_until`` (float, their stream time up to which every word
+has been yielded); the three cloud providers here do. It sharpens the replay point, enables stall
+detection and silence detection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import logging
+import random
+import time
+import unicodedata
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .base import SAMPLE_RATE, STTError, STTStream, StreamConfig, Word
+from .replay import ReplayBuffer
+from .selection import Link
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+StatusCallback = Callable[[dict], Any]
+
+# Statuses after which trying the same provider again can help. Others in 4xx (400 bad request,
+# 401 bad key, 402 payment required, 403 forbidden, ...) need a human.
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 499})
+
+
+def retryable_status(status: int | None) -> bool:
+    if status is None:
+        return True
+    return status in RETRYABLE_STATUSES or not 400 <= status < 500
+
+
+class StreamFailure(STTError):
+    """A provider failure with the ``reason`` reported in ``service_status`` events:
+    ``initialization_failed``, ``connection_lost``, ``stalled``, ``provider_error``,
+    ``malformed_response``, ``send_failed``."""
+
+    def __init__(self, message: str, *, reason: str, retryable: bool = True, code: int | str | None = None):
+        super().__init__(message, retryable=retryable, code=code)
+        self.reason = reason
+
+
+def status_failure(provider: str, status: int, detail: str = "") -> StreamFailure:
+    """A refused handshake (HTTP status) as a failure, retryable or not by its status."""
+    text = f"{provider} refused the connection: HTTP {status}" + (f" ({detail})" if detail else "")
+    return StreamFailure(text, reason="initialization_failed", retryable=retryable_status(status), code=status)
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    connect_timeout: float = 10.0
+    retry_base: float = 1.0
+    retry_cap: float = 32.0
+    retry_attempts: int = 3
+    result_timeout: float = 10.0
+    replay_seconds: float = 120.0
+    replay_preroll: float = 0.3
+    seam_tolerance: float = 0.05
+    probe_interval: float = 30.0
+    probe_attempts: int = 20
+    silence_gap: float = 1.0
+    silence_rms: float = 150.0          # int16 RMS (about -47 dBFS) below which audio counts as silence
+    close_timeout: float = 20.0
+    max_frame_seconds: float = 0.1      # largest chunk sent to a provider at once (replays are chunked)
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", **changes: Any) -> "FallbackPolicy":
+        return cls(
+            connect_timeout=settings.stt_connect_timeout, retry_base=settings.stt_retry_base,
+            retry_cap=settings.stt_retry_cap, retry_attempts=max(1, settings.stt_retry_attempts),
+            result_timeout=settings.stt_result_timeout, replay_seconds=settings.stt_replay_seconds,
+            probe_interval=settings.stt_probe_interval, probe_attempts=settings.stt_probe_attempts,
+        ).replace(**changes)
+
+    def replace(self, **changes: Any) -> "FallbackPolicy":
+        return dataclasses.replace(self, **changes)
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before retry number ``attempt + 1``: base·2^attempt plus up to one base of jitter
+        (Omi's formula), capped."""
+        return min(self.retry_cap, self.retry_base * 2 ** attempt + random.random() * self.retry_base)
+
+
+def as_failure(exc: BaseException, default_reason: str) -> StreamFailure:
+    if isinstance(exc, StreamFailure):
+        return exc
+    if isinstance(exc, STTError):
+        return StreamFailure(str(exc), reason=default_reason, retryable=exc.retryable, code=exc.code)
+    if isinstance(exc, TimeoutError):
+        return StreamFailure("timed out", reason=default_reason)
+    return StreamFailure(f"{type(exc).__name__}: {exc}", reason=default_reason)
+
+
+def _normalized(text: str) -> str:
+    return "".join(c for c in text.casefold() if not unicodedata.category(c).startswith("P"))
+
+
+@dataclass
+class _Active:
+    index: int
+    link: Link
+    stream: STTStream
+    origin: int            # our sample index that is the provider stream's time 0
+    sent: int              # our sample index up to which audio was handed to the provider
+    seam: bool             # still checking words for duplicates of what was already emitted
+
+    @property
+    def name(self) -> str:
+        return self.link.name
+
+    def settled(self) -> float | None:
+        """Our stream time up to which the provider has yielded every word, if it says."""
+        value = getattr(self.stream, "settled_until", None)
+        return None if value is None else self.origin / SAMPLE_RATE + value
+
+
+@dataclass
+class _Outcome:
+    kind: str                                   # "closed" | "failed" | "switch"
+    failure: StreamFailure | None = None
+    next_active: tuple[int, STTStream, float] | None = None     # switch: index, opened stream, cut time
+
+
+class _AllDown(Exception):
+    def __init__(self, failure: StreamFailure, provider: str):
+        super().__init__(str(failure))
+        self.failure, self.provider = failure, provider
+
+
+_END = object()
+
+
+class FallbackStream(STTStream):
+    """An ``STTStream`` over an ordered chain of ``Link``s (or ``(provider, overrides)`` tuples)."""
+
+    def __init__(self, links: Sequence[Link | tuple], config: StreamConfig,
+                 on_status: StatusCallback | None = None, *, policy: FallbackPolicy | None = None):
+        if not links:
+            raise ValueError("a FallbackStream needs at least one link")
+        self._links = [link if isinstance(link, Link) else Link(*link) for link in links]
+        self._config = config
+        self._on_status = on_status
+        self.policy = policy or FallbackPolicy()
+        self._buffer = ReplayBuffer(max(1, int(self.policy.replay_seconds * SAMPLE_RATE)))
+        self._audio = asyncio.Event()
+        self._out: asyncio.Queue = asyncio.Queue()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self._started: asyncio.Future | None = None
+        self._active: _Active | None = None
+        self._last_word_end = 0.0
+        self._recent: deque[Word] = deque(maxlen=8)
+        self._dead: set[int] = set()            # failed with a non-retryable error: never again
+        self._recovered: set[int] = set()       # probed OK, waiting for a silence to take over
+        self._probes: dict[int, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()
+        self._last_failure: tuple[StreamFailure, str] | None = None
+        self.provider_name = self._links[0].name   # provider of the word most recently yielded
+        self.switches = 0
+        self.lost_seconds = 0.0
+
+    # --- STTStream ------------------------------------------------------------------------
+    async def send(self, pcm: np.ndarray) -> None:
+        """Buffer samples (copied) for the active provider; returns at once."""
+        if self._closing:
+            return           # a session tearing down may still hand over its last frame
+        self._ensure_running()
+        evicted = self._buffer.append(np.array(pcm, dtype=np.int16, copy=True).reshape(-1))
+        if evicted and self._active is None:
+            log.debug("replay buffer full while connecting: oldest %d samples evicted", evicted)
+        self._audio.set()
+
+    async def finalize(self) -> None:
+        active = self._active
+        if active is not None:
+            with contextlib.suppress(Exception):     # a dead provider is the reader's business
+                await active.stream.finalize()
+
+    async def close(self) -> None:
+        """Send what is buffered, let the providers' last words out, then stop (bounded)."""
+        if self._closing and self._task is None:
+            return
+        self._closing = True
+        self._audio.set()
+        if self._task is None:
+            self._finish(_END)
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.policy.close_timeout)
+        except TimeoutError:
+            log.warning("stt stream did not close within %.0fs; abandoning provider %s",
+                        self.policy.close_timeout, self._active.name if self._active else "-")
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        except Exception:
+            pass     # the error reaches the consumer through iteration
+
+    async def __aiter__(self) -> AsyncIterator[Word]:
+        self._ensure_running()
+        while True:
+            item = await self._out.get()
+            if item is _END or isinstance(item, BaseException):
+                self._out.put_nowait(item)      # later iterations end the same way
+                if item is _END:
+                    return
+                raise item
+            word, self.provider_name = item
+            yield word
+
+    # --- extra public surface -------------------------------------------------------------
+    async def start(self) -> str:
+        """Connect the first working link; returns its provider name or raises ``STTError``
+        (after ``stt_failed``) when none works. Optional: ``send`` and iteration start it too."""
+        self._ensure_running()
+        assert self._started is not None
+        return await asyncio.shield(self._started)
+
+    @property
+    def active_provider(self) -> str | None:
+        return self._active.name if self._active else None
+
+    # --- the supervisor -------------------------------------------------------------------
+    def _ensure_running(self) -> None:
+        if self._task is None:
+            loop = asyncio.get_running_loop()
+            self._started = loop.create_future()
+            self._started.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            self._task = loop.create_task(self._run(), name=f"stt-fallback-{self._config.session_id}")
+
+    def _finish(self, item: object) -> None:
+        if self._started is not None and not self._started.done():
+            if isinstance(item, BaseException):
+                self._started.set_exception(item)
+            else:
+                self._started.set_exception(STTError("closed before any provider connected", retryable=False))
+        self._out.put_nowait(item)
+
+    async def _run(self) -> None:
+        order = list(range(len(self._links)))
+        previous: str | None = None
+        reason = "initialization_failed"
+        replay_from = 0.0
+        terminal: object = _END
+        try:
+            pending: tuple[int, STTStream] | None = None
+            while True:
+                if pending is None:
+                    index, stream = await self._connect(order)
+                else:
+                    index, stream = pending
+                active = self._activate(index, stream, replay_from)
+                if previous is None and index != 0:
+                    previous = self._links[0].name
+                if previous is not None and previous != active.name:
+                    self.switches += 1
+                    await self._status({
+                        "type": "service_status", "status": "stt_switched", "provider": active.name,
+                        "previous_provider": previous, "reason": reason,
+                        "status_text": f"Transcription moved from {previous} to {active.name}",
+                    })
+                if not self._started.done():
+                    self._started.set_result(active.name)
+                self._start_probes(active.index)
+
+                outcome = await self._serve(active)
+                previous = active.name
+                pending = None
+                if outcome.kind == "closed":
+                    return
+                if outcome.kind == "switch":
+                    assert outcome.next_active is not None
+                    next_index, next_stream, cut = outcome.next_active
+                    pending = (next_index, next_stream)
+                    replay_from = max(0.0, cut - self.policy.replay_preroll)
+                    reason = "recovered"
+                    continue
+                failure = outcome.failure
+                assert failure is not None
+                reason = failure.reason
+                log.warning("stt provider %s failed (%s): %s", active.name, reason, failure)
+                self._last_failure = (failure, active.name)
+                if not failure.retryable:
+                    self._dead.add(active.index)
+                replay_from = max(0.0, max(self._last_word_end, active.settled() or 0.0) - self.policy.replay_preroll)
+                n = len(self._links)
+                order = [(active.index + k) % n for k in range(1, n + 1)]   # next links first, itself last
+        except _AllDown as down:
+            f = down.failure
+            retryable = f.retryable or any(i not in self._dead for i in range(len(self._links)))
+            await self._status({
+                "type": "service_status", "status": "stt_failed", "provider": down.provider,
+                "reason": f.reason, "retryable": retryable,
+                "retry_after": int(round(self.policy.probe_interval)) if retryable else 3600,
+                "status_text": "Transcription temporarily unavailable",
+            })
+            terminal = STTError(f"all speech-to-text providers failed; last: {down.provider}: {f}",
+                                retryable=retryable, code="all_failed")
+        except asyncio.CancelledError:
+            terminal = STTError("stt stream abandoned while closing", retryable=True, code="close_timeout")
+            raise
+        finally:
+            active, self._active = self._active, None
+            for task in self._probes.values():
+                task.cancel()
+            self._finish(terminal)
+            if active is not None:
+                self._discard_later(active.stream)
+            # let replaced streams close (each bounded) so no socket outlives the stream
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _activate(self, index: int, stream: STTStream, replay_from: float) -> _Active:
+        """Make ``stream`` current, fed from the replay point (or the oldest sample still held)."""
+        origin = int(round(replay_from * SAMPLE_RATE))
+        if origin < self._buffer.start:
+            lost = (self._buffer.start - origin) / SAMPLE_RATE
+            self.lost_seconds += lost
+            log.warning("replay buffer no longer holds %.1fs of audio before the failover point; "
+                        "words in it are lost", lost)
+            origin = self._buffer.start
+        seam = self._last_word_end > origin / SAMPLE_RATE - self.policy.seam_tolerance
+        self._active = _Active(index, self._links[index], stream, origin, origin, seam)
+        self._recovered.discard(index)
+        return self._active
+
+    async def _connect(self, order: Iterable[int]) -> tuple[int, STTStream]:
+        for index in order:
+            if index in self._dead:
+                continue
+            link = self._links[index]
+            for attempt in range(self.policy.retry_attempts):
+                try:
+                    return index, await self._open(index)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    failure = as_failure(exc, "initialization_failed")
+                    failure.reason = "initialization_failed"
+                    self._last_failure = (failure, link.name)
+                    log.warning("cannot connect to %s (attempt %d/%d): %s", link.name, attempt + 1,
+                                self.policy.retry_attempts, failure)
+                    if not failure.retryable:
+                        self._dead.add(index)
+                        break
+                    if attempt + 1 < self.policy.retry_attempts:
+                        await asyncio.sleep(self.policy.backoff(attempt))
+        raise _AllDown(*(self._last_failure or (
+            StreamFailure("no usable provider left", reason="initialization_failed", retryable=False),
+            self._links[0].name)))
+
+    async def _open(self, index: int) -> STTStream:
+        link = self._links[index]
+        return await asyncio.wait_for(link.provider.open(link.stream_config(self._config)),
+                                      self.policy.connect_timeout)
+
+    async def _serve(self, active: _Active) -> _Outcome:
+        feeder = asyncio.create_task(self._feed(active), name="stt-feed")
+        reader = asyncio.create_task(self._read(active), name="stt-read")
+        watcher = asyncio.create_task(self._watch(active), name="stt-watch")
+        tasks = {feeder, reader, watcher}
+        try:
+            while True:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    exc = reader.exception()
+                    if exc is not None:
+                        return _Outcome("failed", as_failure(exc, "connection_lost"))
+                    if feeder in done and feeder.exception() is None:
+                        return _Outcome("closed")
+                    return _Outcome("failed", StreamFailure(f"{active.name} ended the stream unasked",
+                                                            reason="connection_lost"))
+                if feeder in done:
+                    exc = feeder.exception()
+                    if exc is not None:
+                        return _Outcome("failed", as_failure(exc, "send_failed"))
+                    # every sample was sent and close() asked for the last words: wait for them
+                    tasks.discard(feeder)
+                    watcher.cancel()
+                    tasks.discard(watcher)
+                    try:
+                        await asyncio.wait_for(asyncio.shield(reader), self.policy.result_timeout)
+                    except TimeoutError:
+                        return _Outcome("failed", StreamFailure(f"{active.name} did not finish after close",
+                                                                reason="stalled"))
+                    except Exception:
+                        pass
+                    tasks.add(feeder)       # so the reader branch above sees "feeder done, no error"
+                    continue
+                if watcher in done:
+                    exc = watcher.exception()
+                    if exc is not None:
+                        return _Outcome("failed", as_failure(exc, "stalled"))
+                    outcome: _Outcome = watcher.result()
+                    if outcome.kind == "switch":
+                        feeder.cancel()
+                        await self._drain_before_cut(active, reader, outcome.next_active[2])
+                    return outcome
+        finally:
+            for task in (feeder, reader, watcher):
+                task.cancel()
+            await asyncio.gather(feeder, reader, watcher, return_exceptions=True)
+            if self._active is active:
+                self._active = None
+            self._discard_later(active.stream)
+
+    async def _feed(self, active: _Active) -> None:
+        """Forward buffered audio to the provider as it arrives; on close, finish with close()."""
+        frame = max(1, int(self.policy.max_frame_seconds * SAMPLE_RATE))
+        buffer = self._buffer
+        while True:
+            if active.sent < buffer.end:
+                if active.sent < buffer.start:
+                    raise StreamFailure(f"{active.name} fell {self.policy.replay_seconds:.0f}s behind",
+                                        reason="stalled")
+                chunk = buffer.read(active.sent, frame)
+                try:
+                    await active.stream.send(chunk)
+                except Exception as exc:
+                    raise as_failure(exc, "send_failed") from exc
+                active.sent += chunk.size
+                self._release(active)
+                continue
+            if self._closing:
+                await active.stream.close()
+                return
+            self._audio.clear()
+            await self._audio.wait()
+
+    def _release(self, active: _Active) -> None:
+        """Forget audio no failover could need: before the replay point and already sent."""
+        point = max(self._last_word_end, active.settled() or 0.0) - self.policy.replay_preroll
+        self._buffer.discard_before(min(active.sent, int(point * SAMPLE_RATE)))
+
+    async def _read(self, active: _Active) -> None:
+        offset = active.origin / SAMPLE_RATE
+        async for word in active.stream:
+            self._accept(active, word.shifted(offset))
+
+    def _accept(self, active: _Active, word: Word) -> bool:
+        if active.seam:
+            if self._duplicate(word):
+                log.debug("dropped %r at the seam after failover to %s", word.text, active.name)
+                return False
+            active.seam = False
+        self._last_word_end = max(self._last_word_end, word.end)
+        self._recent.append(word)
+        self._out.put_nowait((word, active.name))
+        return True
+
+    def _duplicate(self, word: Word) -> bool:
+        if word.end <= self._last_word_end + self.policy.seam_tolerance:
+            return True
+        text = _normalized(word.text)
+        return any(word.start < old.end and old.start < word.end and _normalized(old.text) == text
+                   for old in self._recent)
+
+    async def _watch(self, active: _Active) -> _Outcome:
+        """Stall detection and switch-back; returns an outcome or raises a stall."""
+        policy = self.policy
+        tick = max(0.01, min(0.25, policy.result_timeout / 4))
+        progress = active.settled()
+        progress_at, sent_at = time.monotonic(), active.sent
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            settled = active.settled()
+            if settled is not None:
+                if settled != progress:
+                    progress, progress_at, sent_at = settled, now, active.sent
+                elif (now - progress_at >= policy.result_timeout
+                      and (active.sent - sent_at) / SAMPLE_RATE >= policy.result_timeout / 2):
+                    raise StreamFailure(f"{active.name} reported nothing for {now - progress_at:.1f}s "
+                                        f"while audio flowed", reason="stalled")
+            better = [i for i in self._recovered if i < active.index and i not in self._dead]
+            if not better:
+                continue
+            cut = self._silence_cut(active)
+            if cut is None:
+                continue
+            index = min(better)
+            self._recovered.discard(index)
+            try:
+                stream = await self._open(index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("%s is still failing (%s); staying on %s", self._links[index].name, exc, active.name)
+                self._start_probe(index, as_failure(exc, "initialization_failed"))
+                continue
+            return _Outcome("switch", next_active=(index, stream, cut))
+
+    def _silence_cut(self, active: _Active) -> float | None:
+        """A point of our stream time inside silence, with every word before it yielded, or None."""
+        gap = self.policy.silence_gap
+        settled = active.settled()
+        if settled is not None:
+            return settled if settled - self._last_word_end >= gap else None
+        end = self._buffer.end
+        n = int(gap * SAMPLE_RATE)
+        if end - n < max(self._buffer.start, active.origin):
+            return None
+        tail = self._buffer.read(end - n, n).astype(np.float32)
+        if float(np.sqrt(np.mean(tail * tail))) >= self.policy.silence_rms:
+            return None
+        cut = (end - n // 2) / SAMPLE_RATE
+        return cut if cut - self._last_word_end >= gap / 2 else None
+
+    async def _drain_before_cut(self, active: _Active, reader: asyncio.Task, cut: float) -> None:
+        """Let the outgoing provider yield its words that start before ``cut`` (switch-back)."""
+        settled = active.settled()
+        if settled is not None and settled >= cut:
+            return                       # it already reported everything before the cut
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
+        offset = active.origin / SAMPLE_RATE
+
+        async def drain() -> None:
+            async for word in active.stream:
+                word = word.shifted(offset)
+                if word.start < cut:
+                    self._accept(active, word)
+
+        try:
+            await asyncio.wait_for(asyncio.gather(active.stream.close(), drain()), self.policy.close_timeout)
+        except Exception as exc:
+            log.info("draining %s before switching back ended early: %s", active.name, exc)
+
+    # --- probes -----------------------------------------------------------------------------
+    def _start_probes(self, active_index: int) -> None:
+        for index in range(active_index):
+            if index not in self._dead and index not in self._recovered and index not in self._probes:
+                self._start_probe(index)
+
+    def _start_probe(self, index: int, failure: StreamFailure | None = None) -> None:
+        if failure is not None and not failure.retryable:
+            self._dead.add(index)
+            return
+        if index in self._probes and not self._probes[index].done():
+            return
+        task = asyncio.create_task(self._probe(index), name=f"stt-probe-{self._links[index].name}")
+        self._probes[index] = task
+        task.add_done_callback(lambda t, i=index: self._probes.pop(i, None) if self._probes.get(i) is t else None)
+
+    async def _probe(self, index: int) -> None:
+        link = self._links[index]
+        for attempt in range(self.policy.probe_attempts):
+            await asyncio.sleep(self.policy.probe_interval * (0.75 + random.random() / 2))
+            try:
+                stream = await self._open(index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failure = as_failure(exc, "initialization_failed")
+                log.debug("probe %d of %s failed: %s", attempt + 1, link.name, failure)
+                if not failure.retryable:
+                    self._dead.add(index)
+                    return
+                continue
+            await self._discard(stream)
+            log.info("%s answers again; it takes over at the next silence", link.name)
+            self._recovered.add(index)
+            return
+        log.info("%s did not come back after %d probes; not probed again in this stream",
+                 link.name, self.policy.probe_attempts)
+
+    # --- helpers ----------------------------------------------------------------------------
+    async def _status(self, message: dict) -> None:
+        if self._on_status is None:
+            return
+        try:
+            result = self._on_status(message)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_status callback failed")
+
+    async def _discard(self, stream: STTStream) -> None:
+        """Close a stream nobody reads any more, briefly: it failed, was replaced, or was a probe."""
+        try:
+            await asyncio.wait_for(stream.close(), 2.0)
+        except BaseException as exc:  # noqa: BLE001 - a dying stream may raise anything
+            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                raise
+            log.debug("closing a discarded stream: %r", exc)
+
+    def _discard_later(self, stream: STTStream) -> None:
+        task = asyncio.create_task(self._discard(stream), name="stt-discard")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

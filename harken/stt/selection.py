@@ -1,0 +1,196 @@
+"""Which providers, in which order, transcribe a given language.
+
+The language tables are Omi's (``backend/utils/stt/streaming.py``), copied unchanged, so a
+language that Omi sends to a provider goes to the same provider and model here. The order comes
+from ``stt_chain`` (Omi's ``STT_SERVICE_MODELS``), but where Omi stops at the first match, Harken
+keeps every match as a fallback chain, one link per provider (a provider outage takes all of its
+models down, so trying Deepgram twice would only add delay). The differences from Omi:
+
+- a specific language is transcribed as that language; only ``multi`` (or ``auto``) asks for
+  code-switching. Omi turns ``en`` into ``multi`` by default (issue #3663);
+- a language no configured provider supports raises ``NoProviderError`` (the gateway closes
+  1008), instead of Omi's silent fall back to English;
+- Soniox is matched on the primary language subtag (``en-US`` → ``en``), since its language
+  hints are two-letter codes anyway;
+- ``stt_service`` pins a provider to the front of the chain (Omi ignores it);
+- the embedded engine (``local``) is the safety net: last unless ``stt_chain`` places it, and
+  kept only where it supports the language.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+
+from .base import Provider, StreamConfig
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+_EN = {"en", "en-US", "en-AU", "en-GB", "en-IN", "en-NZ"}
+
+# Deepgram nova-3 with language=multi (code-switching).
+N3M = frozenset({"multi", *_EN, "es", "es-419", "fr", "fr-CA", "de", "hi", "ru", "pt", "pt-BR", "pt-PT",
+                 "ja", "it", "nl"})
+# Deepgram nova-3 monolingual.
+N3 = frozenset({
+    "bg", "ca", "cs", "da", "da-DK", "nl", *_EN, "et", "fi", "nl-BE", "fr", "fr-CA", "de", "de-CH", "el", "hi",
+    "hu", "id", "it", "ja", "ko", "ko-KR", "lv", "lt", "ms", "no", "pl", "pt", "pt-BR", "pt-PT", "ro", "ru",
+    "sk", "es", "es-419", "sv", "sv-SE", "tr", "uk", "vi",
+})
+# Deepgram nova-2 only (not in nova-3).
+N2 = frozenset({"zh", "zh-CN", "zh-Hans", "zh-TW", "zh-Hant", "zh-HK", "th", "th-TH"})
+# Deepgram nova-2 with language=multi.
+N2M = frozenset({"multi", *_EN, "es", "es-419"})
+# Soniox (one set for both modes in Omi).
+SONIOX = frozenset({
+    "multi", "en", "af", "sq", "ar", "az", "eu", "be", "bn", "bs", "bg", "ca", "zh", "hr", "cs", "da", "nl",
+    "et", "fi", "fr", "gl", "de", "el", "gu", "he", "hi", "hu", "id", "it", "ja", "kn", "kk", "ko", "lv", "lt",
+    "mk", "ms", "ml", "mr", "no", "fa", "pl", "pt", "pa", "ro", "ru", "sr", "sk", "sl", "es", "sw", "sv", "tl",
+    "ta", "te", "th", "tr", "uk", "ur", "vi", "cy",
+})
+# Speechmatics is in none of Omi's tables (its code there is dead); these are the language packs of
+# Speechmatics' real-time API (docs.speechmatics.com/speech-to-text/languages), by their codes.
+SPEECHMATICS = frozenset({
+    "ar", "ba", "eu", "be", "bn", "bg", "yue", "ca", "hr", "cs", "da", "nl", "en", "eo", "et", "fi", "fr", "gl",
+    "de", "el", "he", "hi", "hu", "id", "ga", "ia", "it", "ja", "ko", "lv", "lt", "ms", "mt", "cmn", "mr", "mn",
+    "no", "fa", "pl", "pt", "ro", "ru", "sk", "sl", "es", "sw", "sv", "tl", "ta", "th", "tr", "uk", "ur", "ug",
+    "vi", "cy",
+})
+
+DEEPGRAM_NOVA3 = "nova-3"
+DEEPGRAM_NOVA2 = "nova-2-general"
+
+# stt_chain entries → the provider they name. "soniox-stt-rt" is Omi's spelling.
+CHAIN_ENTRIES = {
+    "soniox": "soniox", "soniox-stt-rt": "soniox",
+    "dg-nova-3": "deepgram", "dg-nova-2": "deepgram",
+    "speechmatics": "speechmatics",
+    "local": "local",
+}
+PROVIDER_NAMES = ("deepgram", "soniox", "speechmatics", "local")
+# The entries a pinned provider is tried with when stt_chain does not list it.
+_DEFAULT_ENTRIES = {"deepgram": ("dg-nova-3", "dg-nova-2"), "soniox": ("soniox",),
+                    "speechmatics": ("speechmatics",), "local": ("local",)}
+
+
+class NoProviderError(LookupError):
+    """No configured provider transcribes the requested language (the gateway closes 1008)."""
+
+    def __init__(self, language: str):
+        super().__init__(f"The language is not supported: {language}")
+        self.language = language
+
+
+class Link(NamedTuple):
+    """One step of a fallback chain: a provider and how to open it for this language."""
+
+    provider: Provider
+    overrides: Mapping[str, Any]   # StreamConfig fields to replace; "extra" is merged, not replaced
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    def stream_config(self, base: StreamConfig) -> StreamConfig:
+        changes = dict(self.overrides)
+        changes["extra"] = {**base.extra, **changes.get("extra", {})}
+        return dataclasses.replace(base, **changes)
+
+
+def normalize_language(language: str) -> str:
+    """BCP-47 casing (``zh-hant`` → ``zh-Hant``, ``en-us`` → ``en-US``); ``auto`` means ``multi``."""
+    parts = language.strip().replace("_", "-").split("-")
+    head = parts[0].lower()
+    if head in ("auto", "multi") and len(parts) == 1:
+        return "multi"
+    tail = [p.title() if len(p) == 4 else p.upper() if len(p) == 2 else p for p in parts[1:]]
+    return "-".join([head, *tail])
+
+
+def primary_language(language: str) -> str:
+    return language.split("-")[0].lower()
+
+
+def parse_chain(text: str) -> list[str]:
+    """``"soniox,dg-nova-3,local"`` → entries, or ValueError naming the ones that make no sense."""
+    entries = [e.strip().lower() for e in text.split(",") if e.strip()]
+    unknown = [e for e in entries if e not in CHAIN_ENTRIES]
+    if unknown:
+        raise ValueError(f"stt_chain: unknown entries {', '.join(unknown)}; use {', '.join(sorted(CHAIN_ENTRIES))}")
+    return entries
+
+
+def entry_options(entry: str, language: str, settings: "Settings | None" = None) -> dict[str, Any] | None:
+    """StreamConfig overrides for one chain entry and a (normalised) language, or None if the
+    entry does not transcribe that language (Omi's tables)."""
+    deepgram_model = settings.deepgram_model if settings is not None else ""
+    if entry in ("soniox", "soniox-stt-rt"):
+        if language == "multi" or primary_language(language) in SONIOX:
+            return {"language": language}
+    elif entry == "dg-nova-3":
+        if language in N3M or language in N3:
+            return {"language": language, "extra": {"model": deepgram_model or DEEPGRAM_NOVA3}}
+    elif entry == "dg-nova-2":
+        if language in N2M or language in N2:
+            return {"language": language, "extra": {"model": deepgram_model or DEEPGRAM_NOVA2}}
+    elif entry in ("speechmatics", "local"):
+        return {"language": language}   # the provider's own supports() decides
+    return None
+
+
+def select_chain(language: str, stt_service: str | None, providers: Mapping[str, Provider],
+                 settings: "Settings") -> list[Link]:
+    """The ordered fallback chain for ``language``; raises ``NoProviderError`` if it is empty.
+
+    ``providers`` maps provider names to the configured providers (cloud ones only when they have
+    a key; the gateway adds ``local``). ``stt_service`` (deepgram | soniox | speechmatics | local)
+    moves that provider to the front when it is configured and supports the language.
+    """
+    language = normalize_language(language)
+    if stt_service and stt_service not in PROVIDER_NAMES:
+        raise ValueError(f"stt_service must be one of {', '.join(PROVIDER_NAMES)}, not {stt_service!r}")
+    entries = parse_chain(settings.stt_chain)
+    if "local" not in entries:
+        entries.append("local")
+    if stt_service:
+        pinned = [e for e in entries if CHAIN_ENTRIES[e] == stt_service] or list(_DEFAULT_ENTRIES[stt_service])
+        entries = pinned + [e for e in entries if CHAIN_ENTRIES[e] != stt_service]
+
+    chain: list[Link] = []
+    for entry in entries:
+        name = CHAIN_ENTRIES[entry]
+        provider = providers.get(name)
+        if provider is None or any(link.name == name for link in chain):
+            continue
+        options = entry_options(entry, language, settings)
+        if options is not None and provider.supports(language):
+            chain.append(Link(provider, options))
+    if stt_service and (not chain or chain[0].name != stt_service):
+        log.info("stt_service=%s cannot transcribe %s here; using %s", stt_service, language,
+                 chain[0].name if chain else "nothing")
+    if not chain:
+        raise NoProviderError(language)
+    return chain
+
+
+def build_providers(settings: "Settings") -> dict[str, Provider]:
+    """The cloud providers that have an API key, by name. The gateway adds the embedded engine.
+
+    Provider modules are imported only when configured: each SDK costs import time and memory.
+    """
+    parse_chain(settings.stt_chain)          # a misspelt chain fails at startup, not on a connection
+    providers: dict[str, Provider] = {}
+    if settings.deepgram_api_key:
+        from .deepgram import DeepgramProvider
+        providers["deepgram"] = DeepgramProvider(settings)
+    if settings.soniox_api_key:
+        from .soniox import SonioxProvider
+        providers["soniox"] = SonioxProvider(settings)
+    if settings.speechmatics_api_key:
+        from .speechmatics import SpeechmaticsProvider
+        providers["speechmatics"] = SpeechmaticsProvider(settings)
+    return providers

@@ -1,0 +1,88 @@
+"""The commands a person types: `harken serve`, `harken token`, `harken stream`, as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .gateway_server import free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parent.parent
+AUDIO = Path(__file__).parent / "data" / "audio"
+
+
+def harken(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harken", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=120, **kwargs)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`harken serve` on a free port with its own data folder; yields (port, env, stderr file)."""
+    port = free_port()
+    env = dict(os.environ, HARKEN_DATA_DIR=str(tmp_path / "data"), HARKEN_LOG_LEVEL="info")
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "harken", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, "server exited early"
+            assert time.monotonic() < deadline, "server not ready in 90 s"
+            time.sleep(0.2)
+    yield port, env, log
+    proc.terminate()
+    assert proc.wait(30) in (0, -15)       # uvicorn re-raises SIGTERM after its graceful shutdown
+    log.close()
+
+
+def test_serve_token_and_stream(served, tmp_path):
+    port, env, log = served
+    log.seek(0)
+    banner = log.read()
+    assert f"ws://127.0.0.1:{port}/v4/listen" in banner and "harken token" in banner
+
+    token = harken("token", "--uid", "alice", env=env)
+    assert token.returncode == 0 and token.stdout.count(".") == 2      # a JWT
+
+    # `harken stream` mints its own local token from the data folder and prints the transcript.
+    out = harken("stream", str(AUDIO / "goforward.wav"), "--url", f"ws://127.0.0.1:{port}/v4/listen",
+                 "--fast", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "forward" in out.stdout.lower()
+    assert (tmp_path / "data" / "auth" / "local_signing_key.pem").exists()
+
+    log.seek(0)
+    server_log = log.read()
+    assert "session closed" in server_log and "audio_s=" in server_log
+    assert token.stdout.strip() not in server_log          # tokens never reach the logs
+
+
+def test_serve_refuses_unsafe_settings(tmp_path):
+    env = dict(os.environ, HARKEN_DATA_DIR=str(tmp_path), HARKEN_AUTH="none", HARKEN_HOST="0.0.0.0")
+    out = harken("serve", env=env)
+    assert out.returncode == 2 and "loopback" in out.stderr
+
+    env = dict(os.environ, HARKEN_DATA_DIR=str(tmp_path), HARKEN_AUTH="firebase",
+               HARKEN_FIREBASE_PROJECT_ID="demo", FIREBASE_AUTH_EMULATOR_HOST="127.0.0.1:9099")
+    out = harken("serve", env=env)
+    assert out.returncode == 2 and "FIREBASE_AUTH_EMULATOR_HOST" in out.stderr
+
+
+def test_python_dash_m_and_console_script_agree():
+    out = harken("--help")
+    assert out.returncode == 0 and "serve" in out.stdout and "stream" in out.stdout
+    script = Path(sys.executable).parent / "harken"
+    if script.exists():
+        assert subprocess.run([str(script), "--help"], capture_output=True, text=True).stdout == out.stdout
