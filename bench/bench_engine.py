@@ -108,7 +108,8 @@ async def main() -> None:
     for set_name, t in totals.items():
         errors = sum(word_errors(r, h)[0] for r, h in pairs[set_name])
         words = sum(word_errors(r, h)[1] for r, h in pairs[set_name])
-        print(f"set {set_name:<7} audio {t['audio']:6.1f} s  decode {t['decode']:6.2f} s  RTF {t['decode'] / t['audio']:.3f}  "
+        print(f"set {set_name:<7} audio {t['audio']:6.1f} s  decode {t['decode']:6.2f} s  "
+              f"RTF {t['decode'] / t['audio']:.3f}  "
               f"WER {wer(pairs[set_name]):.1%} ({errors}/{words})")
     audio_all = sum(t["audio"] for t in totals.values())
     decode_all = sum(t["decode"] for t in totals.values())
@@ -179,7 +180,8 @@ async def main() -> None:
                (("silero, 100 ms chunks", silero_chunked), ("silero, one call", silero_one_call),
                 ("numpy RMS, 100 ms chunks", rms_chunked))}
     baseline = results["numpy RMS, 100 ms chunks"][0]
-    print(f"{windows} windows ({windows * WINDOW_SAMPLES / SAMPLE_RATE:.1f} s of audio), best / median of {args.vad_repeats}")
+    print(f"{windows} windows ({windows * WINDOW_SAMPLES / SAMPLE_RATE:.1f} s of audio), "
+          f"best / median of {args.vad_repeats} runs")
     for name, (best, median) in results.items():
         print(f"{name:<26} {best:7.1f} µs best  {median:7.1f} µs median  {best / baseline:6.1f}× RMS  "
               f"RTF {best / 32000:.4f}")

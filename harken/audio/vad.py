@@ -29,6 +29,9 @@ WINDOW_SAMPLES = 512                 # the only window size Silero v6 accepts at
 CONTEXT_SAMPLES = 64                 # tail of the previous window the model sees in front of each
 WINDOW_SECONDS = WINDOW_SAMPLES / SAMPLE_RATE
 _STATE_SHAPE = (1, 1, 128)
+# Windows per model call: big enough to amortise the call overhead, small enough that a long
+# clip does not allocate its whole activations at once.
+_MAX_BATCH = 256
 # Silero's own hysteresis: once speech has started, a window must fall this far below the
 # threshold to count as silence, so a slightly weaker syllable does not start the endpoint timer.
 _HYSTERESIS = 0.15
@@ -65,6 +68,8 @@ class SileroVAD:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 4
+        # No arena: it would keep the peak of the largest batch ever run for the process lifetime.
+        options.enable_cpu_mem_arena = False
         self._session = onnxruntime.InferenceSession(
             model_path or _bundled_model_path(), sess_options=options, providers=["CPUExecutionProvider"]
         )
@@ -116,13 +121,17 @@ class StreamingVAD:
         if count == 0:
             return np.zeros(0, dtype=np.float32)
         frames = samples[:used].astype(np.float32).reshape(count, WINDOW_SAMPLES) / 32768.0
-        batch = np.empty((count, CONTEXT_SAMPLES + WINDOW_SAMPLES), dtype=np.float32)
+        probs = [self._run(frames[i : i + _MAX_BATCH]) for i in range(0, count, _MAX_BATCH)]
+        self.windows_processed += count
+        return probs[0] if len(probs) == 1 else np.concatenate(probs)
+
+    def _run(self, frames: np.ndarray) -> np.ndarray:
+        batch = np.empty((len(frames), CONTEXT_SAMPLES + WINDOW_SAMPLES), dtype=np.float32)
         batch[:, CONTEXT_SAMPLES:] = frames
         batch[0, :CONTEXT_SAMPLES] = self._context
         batch[1:, :CONTEXT_SAMPLES] = frames[:-1, -CONTEXT_SAMPLES:]
         probs, self._h, self._c = self._model.run(batch, self._h, self._c)
         self._context = frames[-1, -CONTEXT_SAMPLES:].copy()
-        self.windows_processed += count
         return probs
 
 

@@ -13,7 +13,11 @@ look like by default (PROTOCOL.md §2, and what Omi devices and apps send):
 | ``lc3_fs1030`` | three 10 ms LC3 frames of 30 bytes per channel (a BLE notification) |
 
 ``frame_ms`` changes the PCM message duration or the Opus packet duration (2.5–60 ms);
-``frames_per_message`` packs several AAC or ``lc3_fs1030`` frames into one message.
+``frames_per_message`` packs several AAC or ``lc3_fs1030`` frames into one message;
+``bitrate`` (bits/s per channel) overrides the Opus and AAC defaults: 32 kbps, and 64 kbps for AAC
+above 16 kHz (FFmpeg's AAC encoder at 32 kbps and 44.1/48 kHz measured a correlation of only 0.95
+with its input, 0.98 at 64 kbps). Short Opus packets need more than 32 kbps too: a 2.5 ms packet
+at 32 kbps is 10 bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ _LC3_FRAME_BYTES = {"lc3": 40, "lc3_fs1030": 30}  # per channel
 _LC3_DEFAULT_FRAMES = {"lc3": 1, "lc3_fs1030": 3}
 _AAC_FRAME_SAMPLES = 1024
 _BITRATE_PER_CHANNEL = 32000  # Opus and AAC; what the test vectors use
+_AAC_HIGH_RATE_BITRATE = 64000  # per channel, above 16 kHz
 
 
 def _framing(codec: str, frame_ms: float | None, frames_per_message: int | None) -> tuple[float, int]:
@@ -74,6 +79,7 @@ def encode_for_device(
     *,
     frame_ms: float | None = None,
     frames_per_message: int | None = None,
+    bitrate: int | None = None,
 ) -> list[bytes]:
     """Encode 16 kHz int16 audio as a device streaming ``codec`` at ``sample_rate`` would.
 
@@ -89,9 +95,10 @@ def encode_for_device(
         return [audio[i:i + step].tobytes() for i in range(0, len(audio), step)]
     if codec in _OPUS_DEFAULT_MS:
         _check_rate(codec, sample_rate, OPUS_RATES)
-        return _opus(audio, sample_rate, channels, ms)
+        return _opus(audio, sample_rate, channels, ms, bitrate or _BITRATE_PER_CHANNEL)
     if codec == "aac":
-        frames = _aac(audio, sample_rate, channels)
+        default = _BITRATE_PER_CHANNEL if sample_rate <= TARGET_RATE else _AAC_HIGH_RATE_BITRATE
+        frames = _aac(audio, sample_rate, channels, bitrate or default)
     else:
         _check_rate(codec, sample_rate, LC3_RATES)
         frames = _lc3(audio, sample_rate, channels, _LC3_FRAME_BYTES[codec])
@@ -119,17 +126,17 @@ def _whole_frames(audio: np.ndarray, frame_samples: int) -> np.ndarray:
     return np.pad(audio, ((0, missing), (0, 0))) if missing else audio
 
 
-def _opus(audio: np.ndarray, sample_rate: int, channels: int, frame_ms: float) -> list[bytes]:
+def _opus(audio: np.ndarray, sample_rate: int, channels: int, frame_ms: float, bitrate: int) -> list[bytes]:
     import opuslib
 
     frame = round(sample_rate * frame_ms / 1000)
     encoder = opuslib.Encoder(sample_rate, channels, opuslib.APPLICATION_VOIP)
-    encoder.bitrate = _BITRATE_PER_CHANNEL * channels
+    encoder.bitrate = bitrate * channels
     audio = _whole_frames(audio, frame)
     return [encoder.encode(audio[i:i + frame].tobytes(), frame) for i in range(0, len(audio), frame)]
 
 
-def _aac(audio: np.ndarray, sample_rate: int, channels: int) -> list[bytes]:
+def _aac(audio: np.ndarray, sample_rate: int, channels: int, bitrate: int) -> list[bytes]:
     import av
 
     layout = "mono" if channels == 1 else "stereo"
@@ -137,7 +144,7 @@ def _aac(audio: np.ndarray, sample_rate: int, channels: int) -> list[bytes]:
     with av.open(sink, "w", format="adts") as container:
         stream = container.add_stream("aac", rate=sample_rate)
         stream.layout = layout
-        stream.bit_rate = _BITRATE_PER_CHANNEL * channels
+        stream.bit_rate = bitrate * channels
         frame = av.AudioFrame.from_ndarray(audio.reshape(1, -1), format="s16", layout=layout)
         frame.sample_rate = sample_rate
         for packet in stream.encode(frame):

@@ -65,7 +65,7 @@ class OutboxDeliverer:
         self._resolver = resolver or system_resolver
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._wake = asyncio.Event()
-        self._inflight: set[asyncio.Task] = set()
+        self._inflight: dict[asyncio.Task, OutboxRow] = {}
         self._settlement = Settlement()
         self._runner: asyncio.Task | None = None
         self._client: httpx.AsyncClient | None = None
@@ -86,10 +86,16 @@ class OutboxDeliverer:
         if self._runner is None:
             return
         self._runner.cancel()
-        for task in list(self._inflight):
+        interrupted = dict(self._inflight)
+        for task in interrupted:
             task.cancel()
-        await asyncio.gather(self._runner, *self._inflight, return_exceptions=True)
+        await asyncio.gather(self._runner, *interrupted, return_exceptions=True)
         self._runner = None
+        # Hand interrupted rows back at once rather than leave them claimed until the lease
+        # ends; the receiver may have got them already, so they go again with the same id.
+        now = self.clock()
+        self._settlement.retry += [(row.id, now, "interrupted by shutdown") for task, row in interrupted.items()
+                                   if task.cancelled()]
         if self._settlement:
             try:
                 await asyncio.wait_for(self.store.settle_outbox(self._take_settlement()), 5.0)
@@ -122,8 +128,8 @@ class OutboxDeliverer:
                                                          lease=self.timeout + CLAIM_MARGIN, limit=free)
                     for row in rows:
                         task = asyncio.create_task(self._deliver(row), name=f"harken-webhook-{row.id}")
-                        self._inflight.add(task)
-                        task.add_done_callback(self._inflight.discard)
+                        self._inflight[task] = row
+                        task.add_done_callback(self._forget)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -137,6 +143,9 @@ class OutboxDeliverer:
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
             except TimeoutError:
                 pass
+
+    def _forget(self, task: asyncio.Task) -> None:
+        self._inflight.pop(task, None)
 
     def _take_settlement(self) -> Settlement:
         settlement, self._settlement = self._settlement, Settlement()
@@ -183,10 +192,11 @@ class OutboxDeliverer:
                    **row.headers}
         if self.secret:
             headers[SIGNATURE_HEADER] = sign(self.secret, row.body)
+        # Merged into the user's own query (which may carry their token); ours win on a clash.
+        target = httpx.URL(row.url).copy_merge_params(row.params)
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._client.stream("POST", row.url, params=row.params, content=row.body,
-                                               headers=headers) as response:
+                async with self._client.stream("POST", target, content=row.body, headers=headers) as response:
                     received = 0
                     async for chunk in response.aiter_raw():
                         received += len(chunk)

@@ -50,14 +50,18 @@ class UnresolvableHost(WebhookSettingError):
 
 # --- settings -----------------------------------------------------------------------------------
 
+def require_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise WebhookSettingError(f"unknown webhook kind {kind!r}: use one of {', '.join(KINDS)}")
+
+
 def parse_setting(kind: str, payload: Any) -> WebhookSetting:
     """A setting from a REST body: ``{"url": …, "interval_seconds": N}``, or a bare string.
 
     For ``audio_bytes`` the Omi form ``"url,N"`` is accepted too (in the string or in ``url``).
     The URL is only checked for form here; ``check_url`` decides whether it may be reached.
     """
-    if kind not in KINDS:
-        raise WebhookSettingError(f"unknown webhook kind {kind!r}: use one of {', '.join(KINDS)}")
+    require_kind(kind)
     interval: Any = None
     if isinstance(payload, str):
         url = payload

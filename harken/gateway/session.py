@@ -28,7 +28,6 @@ from .segments import Batch, SegmentBuilder
 log = logging.getLogger("harken.session")
 
 STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits for the engine's last words
-DECODE_ERROR_WARN_AFTER = 10.0    # only garbage for this long → one `decode_errors` status
 MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
 
 
@@ -197,7 +196,7 @@ class Session:
         if self._first_bad_frame_at is None:
             self._first_bad_frame_at = now
             log.debug("decode error sid=%s codec=%s: %s", self.id, self.params.codec, exc)
-        elif not self._decode_warning_sent and now - self._first_bad_frame_at >= DECODE_ERROR_WARN_AFTER:
+        elif not self._decode_warning_sent and now - self._first_bad_frame_at >= self.settings.decode_error_report_after:
             self._decode_warning_sent = True
             await self.send_json(events.service_status("decode_errors", dropped_frames=self.stats.decode_errors))
 
@@ -306,15 +305,16 @@ class Session:
             log.exception("closing stt stream of sid=%s failed", self.id)
 
     def _log_usage(self, end: EndSession) -> None:
-        speech = getattr(getattr(self.stream, "stats", None), "speech_seconds", 0.0)
+        usage = self.usage()
         log.info(
             "session closed sid=%s uid=%s code=%s audio_s=%.2f speech_s=%.2f words=%d provider=%s "
             "segments_sent=%d decode_errors=%d keepalives=%d",
-            self.id, self.uid, end.code, self.clock.seconds, speech, self.stats.words, self.provider_name,
-            self.stats.segments_sent, self.stats.decode_errors, self.stats.keepalives,
+            self.id, self.uid, end.code, usage["audio_seconds"], usage["speech_seconds"], usage["words"],
+            usage["provider"], self.stats.segments_sent, self.stats.decode_errors, self.stats.keepalives,
         )
 
     def usage(self) -> dict:
+        """What this connection used: audio seconds, speech seconds (engine VAD), words, provider."""
         speech = getattr(getattr(self.stream, "stats", None), "speech_seconds", 0.0)
         return {"audio_seconds": self.clock.seconds, "speech_seconds": speech,
                 "words": self.stats.words, "provider": self.provider_name}

@@ -23,7 +23,7 @@ from deepgram.core.api_error import ApiError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from .base import Provider, StreamConfig, STTStream, Word
-from .fallback import StreamFailure, status_failure
+from .fallback import StreamFailure, WordQueue, status_failure
 from .selection import DEEPGRAM_NOVA2, DEEPGRAM_NOVA3, N2, N2M, N3, N3M, normalize_language
 
 if TYPE_CHECKING:
@@ -98,12 +98,11 @@ class DeepgramStream(STTStream):
         self.settled_until = 0.0            # see fallback.FallbackStream
         self._exit = contextlib.AsyncExitStack()
         self._conn: Any = None
+        self._words = WordQueue()
         self._last_send = time.monotonic()
-        self._keepalive: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._close_sent = False
         self._closed = False
-        self._iterating = False
-        self._ended = asyncio.Event()
 
     async def connect(self, client: AsyncDeepgramClient, options: dict[str, Any]) -> None:
         try:
@@ -113,7 +112,8 @@ class DeepgramStream(STTStream):
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise StreamFailure(f"cannot reach deepgram: {exc}", reason="initialization_failed") from None
         self._last_send = time.monotonic()
-        self._keepalive = asyncio.create_task(self._keep_alive(), name="deepgram-keepalive")
+        self._tasks = [asyncio.create_task(self._receive(), name="deepgram-receive"),
+                       asyncio.create_task(self._keep_alive(), name="deepgram-keepalive")]
 
     async def send(self, pcm: np.ndarray) -> None:
         if not pcm.size:
@@ -133,28 +133,31 @@ class DeepgramStream(STTStream):
         if self._closed:
             return
         self._closed = True
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+        receive, keepalive = self._tasks
+        keepalive.cancel()
         try:
             with contextlib.suppress(ConnectionClosed):
                 self._close_sent = True
                 await self._conn.send_close_stream()
-                if self._iterating:
-                    await asyncio.wait_for(self._ended.wait(), CLOSE_SECONDS)
+                await asyncio.wait_for(asyncio.shield(receive), CLOSE_SECONDS)
         except TimeoutError:
-            log.info("deepgram sent no close within %.0fs of CloseStream", CLOSE_SECONDS)
+            log.info("deepgram did not close within %.0fs of CloseStream", CLOSE_SECONDS)
         finally:
+            receive.cancel()
             await self._exit.aclose()
+            self._words.end()
 
-    async def __aiter__(self) -> AsyncIterator[Word]:
-        self._iterating = True
+    def __aiter__(self) -> AsyncIterator[Word]:
+        return self._words.__aiter__()
+
+    async def _receive(self) -> None:
         try:
             while True:
                 try:
                     message = await self._conn.recv()
                 except ConnectionClosed as exc:
                     if self._close_sent and exc.rcvd is not None and exc.rcvd.code == 1000:
-                        return
+                        break
                     raise _lost(exc) from None
                 except ValueError as exc:        # json.JSONDecodeError and unparseable payloads
                     raise StreamFailure(f"deepgram sent a malformed message: {exc}",
@@ -167,11 +170,13 @@ class DeepgramStream(STTStream):
                     raise StreamFailure(f"deepgram sent an unreadable message: {exc!r}",
                                         reason="malformed_response") from None
                 for word in words:
-                    yield word
+                    self._words.put(word)
                 if settled is not None:
                     self.settled_until = max(self.settled_until, settled)
-        finally:
-            self._ended.set()
+        except StreamFailure as exc:
+            self._words.fail(exc)
+        else:
+            self._words.end()
 
     async def _keep_alive(self) -> None:
         with contextlib.suppress(ConnectionClosed):

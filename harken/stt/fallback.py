@@ -93,6 +93,36 @@ def status_failure(provider: str, status: int, detail: str = "") -> StreamFailur
     return StreamFailure(text, reason="initialization_failed", retryable=retryable_status(status), code=status)
 
 
+class WordQueue:
+    """Words a provider's receive task produced, read by ``async for``; ends with ``end()`` or
+    raises what ``fail()`` was given. Lets a provider stream read its socket whether or not
+    anyone iterates yet, so ``close()`` never depends on the consumer."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._items: asyncio.Queue = asyncio.Queue()
+
+    def put(self, word: Word) -> None:
+        self._items.put_nowait(word)
+
+    def end(self) -> None:
+        self._items.put_nowait(self._END)
+
+    def fail(self, exc: BaseException) -> None:
+        self._items.put_nowait(exc)
+
+    async def __aiter__(self) -> AsyncIterator[Word]:
+        while True:
+            item = await self._items.get()
+            if item is self._END or isinstance(item, BaseException):
+                self._items.put_nowait(item)        # a second iteration ends the same way
+                if item is self._END:
+                    return
+                raise item
+            yield item
+
+
 @dataclass(frozen=True)
 class FallbackPolicy:
     connect_timeout: float = 10.0
@@ -150,6 +180,7 @@ class _Active:
     origin: int            # our sample index that is the provider stream's time 0
     sent: int              # our sample index up to which audio was handed to the provider
     seam: bool             # still checking words for duplicates of what was already emitted
+    close_requested: bool = False
 
     @property
     def name(self) -> str:
@@ -404,44 +435,31 @@ class FallbackStream(STTStream):
         feeder = asyncio.create_task(self._feed(active), name="stt-feed")
         reader = asyncio.create_task(self._read(active), name="stt-read")
         watcher = asyncio.create_task(self._watch(active), name="stt-watch")
-        tasks = {feeder, reader, watcher}
         try:
-            while True:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                if reader in done:
-                    exc = reader.exception()
-                    if exc is not None:
-                        return _Outcome("failed", as_failure(exc, "connection_lost"))
-                    if feeder in done and feeder.exception() is None:
-                        return _Outcome("closed")
-                    return _Outcome("failed", StreamFailure(f"{active.name} ended the stream unasked",
-                                                            reason="connection_lost"))
-                if feeder in done:
-                    exc = feeder.exception()
-                    if exc is not None:
-                        return _Outcome("failed", as_failure(exc, "send_failed"))
-                    # every sample was sent and close() asked for the last words: wait for them
-                    tasks.discard(feeder)
-                    watcher.cancel()
-                    tasks.discard(watcher)
-                    try:
-                        await asyncio.wait_for(asyncio.shield(reader), self.policy.result_timeout)
-                    except TimeoutError:
-                        return _Outcome("failed", StreamFailure(f"{active.name} did not finish after close",
-                                                                reason="stalled"))
-                    except Exception:
-                        pass
-                    tasks.add(feeder)       # so the reader branch above sees "feeder done, no error"
-                    continue
-                if watcher in done:
-                    exc = watcher.exception()
-                    if exc is not None:
-                        return _Outcome("failed", as_failure(exc, "stalled"))
-                    outcome: _Outcome = watcher.result()
-                    if outcome.kind == "switch":
-                        feeder.cancel()
-                        await self._drain_before_cut(active, reader, outcome.next_active[2])
-                    return outcome
+            done, _ = await asyncio.wait({feeder, reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                if watcher.exception() is not None:
+                    return _Outcome("failed", as_failure(watcher.exception(), "stalled"))
+                outcome: _Outcome = watcher.result()
+                feeder.cancel()
+                await self._drain_before_cut(active, reader, outcome.next_active[2])
+                return outcome
+            for task, reason in ((reader, "connection_lost"), (feeder, "send_failed")):
+                if task in done and task.exception() is not None:
+                    return _Outcome("failed", as_failure(task.exception(), reason))
+            if not active.close_requested:
+                return _Outcome("failed", StreamFailure(f"{active.name} ended the stream unasked",
+                                                        reason="connection_lost"))
+            # close() was asked for: the provider's last words arrive while both tasks finish
+            watcher.cancel()
+            try:
+                await asyncio.wait_for(asyncio.gather(feeder, reader), self.policy.result_timeout)
+            except TimeoutError:
+                return _Outcome("failed", StreamFailure(f"{active.name} did not finish after close",
+                                                        reason="stalled"))
+            except Exception as exc:
+                return _Outcome("failed", as_failure(exc, "connection_lost"))
+            return _Outcome("closed")
         finally:
             for task in (feeder, reader, watcher):
                 task.cancel()
@@ -468,6 +486,7 @@ class FallbackStream(STTStream):
                 self._release(active)
                 continue
             if self._closing:
+                active.close_requested = True
                 await active.stream.close()
                 return
             self._audio.clear()

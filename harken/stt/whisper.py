@@ -85,7 +85,8 @@ class WhisperProvider(Provider):
             self._model, self._vad = model, vad
             # CTranslate2 allocates its buffers on the first decode: pay that now, not on a user's utterance.
             await loop.run_in_executor(self._executor, self.transcribe_clip, np.zeros(SAMPLE_RATE, dtype=np.int16))
-            log.info("local STT: whisper_model=%s (%s, %d thread(s) per decode, %d decode(s) at once) ready in %.1f s",
+            log.info("local STT: whisper_model=%s (%s, %d thread(s) per decode, %d decode(s) at once) "
+                     "ready in %.1f s",
                      self.settings.whisper_model, self.settings.whisper_compute_type, self.settings.whisper_threads,
                      self.settings.whisper_workers, time.perf_counter() - started)
 
@@ -102,7 +103,8 @@ class WhisperProvider(Provider):
 
     async def open(self, config: StreamConfig) -> "WhisperStream":
         if config.sample_rate != SAMPLE_RATE:
-            raise STTError(f"the local engine takes {SAMPLE_RATE} Hz audio, not {config.sample_rate}", retryable=False)
+            raise STTError(f"the local engine takes {SAMPLE_RATE} Hz audio, not {config.sample_rate}",
+                           retryable=False)
         if not self.supports(config.language):
             raise STTError(f"whisper_model={self.settings.whisper_model} does not support language "
                            f"{config.language!r}", retryable=False, code="language")
@@ -266,6 +268,12 @@ class WhisperStream(STTStream):
             utterance = self._pending.popleft()
             try:
                 raw_words, seconds = await self._provider._decode(utterance.pcm, self._language)
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():       # close() gave up on us: just stop
+                    raise
+                # The pool dropped our queued decode (provider shut down): end the stream visibly.
+                self._finish(STTError("local decode cancelled: the engine was shut down"))
+                return
             except Exception as exc:
                 log.warning("local STT %s: decode failed: %r", self._config.session_id, exc)
                 self._finish(STTError(f"local Whisper decode failed: {type(exc).__name__}: {exc}"))
@@ -301,6 +309,15 @@ def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: floa
         placed.append(Word(text, round(start, 3), round(end, 3), 0, probability))
         not_before = end
     return placed
+
+
+def transcribe_offline(provider: WhisperProvider, pcm: np.ndarray, language: str | None = "en") -> str:
+    """The text of one whole int16 clip, decoded in the calling thread (blocking; needs ``load()``).
+
+    No VAD, no endpointing: the baseline that streamed output is compared against.
+    """
+    raw_words, _ = provider.transcribe_clip(pcm, language)
+    return " ".join(text.strip() for text, *_ in raw_words if text.strip())
 
 
 def _base_language(language: str) -> str:

@@ -1,0 +1,478 @@
+"""Conversation lifecycle: resume on reconnect, roll over after silence, process exactly once.
+
+``ConversationService`` is one per process. Each WebSocket session gets a ``LiveConversation``
+from ``connect()`` and writes through it; the service's background tasks do everything that must
+not hold up transcription: silence checks, the sweep of conversations nobody is connected to,
+processing, writing audio chunks to the outbox, and webhook delivery.
+
+State lives in the store, so any node can pick up where another stopped:
+- a live session renews a lease on its conversation (``live_until``); the sweep processes only
+  conversations that are silent past their timeout *and* not live anywhere, including those left
+  in progress by a crash or restart;
+- processing starts with an atomic claim (``in_progress → processing``, or a claim that expired),
+  so two nodes never process one conversation, and a node that dies mid-way is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+from ..config import Settings
+from .audio_chunks import AudioChunker
+from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage, WebhookSetting,
+                    conversation_object, iso)
+from .outbox import OutboxDeliverer
+from .processing import ConversationProcessor
+from .store import OutboxMessage, Store
+from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, parse_setting, realtime_message,
+                       require_kind)
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[dict], Awaitable[Any]]
+
+PROCESSING_LEASE = 600.0             # seconds a processing claim lasts (covers slow model answers)
+MIN_LIVE_LEASE = 30.0
+MAX_PARALLEL_PROCESSING = 4
+AUDIO_QUEUE_LIMIT = 64 * 1024 * 1024  # bytes of audio chunks waiting for the store, all sessions
+AUDIO_BATCH = 32                     # chunks written per transaction
+CLOSE_FLUSH_TIMEOUT = 10.0
+
+
+def _node_id() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class ConversationService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        processor: ConversationProcessor | None = None,
+        deliverer: OutboxDeliverer | None = None,
+        clock: Callable[[], float] = time.time,
+        check_interval: float | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.node_id = node_id or _node_id()
+        self.check_interval = check_interval if check_interval is not None else settings.conversation_check_interval
+        self.live_lease = max(MIN_LIVE_LEASE, 3 * self.check_interval)
+        self.processor = processor or ConversationProcessor.from_settings(settings)
+        self.deliverer = deliverer or OutboxDeliverer(
+            store, node_id=self.node_id, secret=settings.webhook_secret, timeout=settings.webhook_timeout,
+            workers=settings.webhook_workers, retry_horizon=settings.webhook_retry_horizon,
+            max_backoff=settings.webhook_max_backoff, allow_private=settings.webhook_allow_private, clock=clock)
+        self._live: set[LiveConversation] = set()
+        self._processing: dict[str, asyncio.Task] = {}
+        self._processing_slots = asyncio.Semaphore(MAX_PARALLEL_PROCESSING)
+        self._audio_queue: collections.deque[tuple[OutboxMessage, asyncio.Future]] = collections.deque()
+        self._audio_queued_bytes = 0
+        self._audio_wake = asyncio.Event()
+        self.audio_bytes_dropped = 0
+        self._tasks: list[asyncio.Task] = []
+
+    # --- start and stop ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start background work, beginning with a sweep for conversations a previous run left."""
+        await self.deliverer.start()
+        self._tasks = [asyncio.create_task(self._audio_writer(), name="harken-audio-outbox"),
+                       asyncio.create_task(self._check_loop(), name="harken-conversation-checks")]
+        await self.sweep()
+
+    async def stop(self, *, processing_grace: float = 10.0) -> None:
+        """Stop background work. Live handles should be closed first (sessions do that); any that
+        are not give up their lease so another node can take their conversations."""
+        for live in list(self._live):
+            await live.close()
+        if self._processing:
+            await asyncio.wait(list(self._processing.values()), timeout=processing_grace)
+        for task in list(self._processing.values()) + self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._processing.values(), *self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self._flush_audio_queue()
+        await self.deliverer.stop()
+        await self.processor.aclose()
+
+    # --- sessions ----------------------------------------------------------------------------------
+    async def connect(
+        self,
+        uid: str,
+        *,
+        language: str = "en",
+        source: str = "omi",
+        conversation_timeout: float = 120,
+        session_id: str | None = None,
+        events: EventSink | None = None,
+        on_new_conversation: Callable[["LiveConversation"], None] | None = None,
+    ) -> "LiveConversation":
+        """Find or resume the user's in-progress conversation, or start one (PROTOCOL §7).
+
+        A conversation silent for less than ``conversation_timeout`` is resumed; older ones are
+        processed in the background, their ``memory_processing_started``/``memory_created``
+        events going to ``events``.
+        """
+        if conversation_timeout <= 0:
+            raise ValueError("conversation_timeout must be positive")
+        now = self.clock()
+        fresh = Conversation(id=str(uuid.uuid4()), uid=uid, status=IN_PROGRESS, language=language, source=source,
+                             created_at=now, started_at=now, finished_at=now, timeout_s=float(conversation_timeout))
+        opened = await self.store.open_conversation(fresh, now=now, live_until=now + self.live_lease)
+        audio = await self.store.get_webhook(uid, AUDIO_BYTES)
+        last_memory = await self.store.last_completed_id(uid)
+        live = LiveConversation(self, opened.conversation, opened.segments, session_id=session_id or str(uuid.uuid4()),
+                                events=events, on_new_conversation=on_new_conversation, last_memory_id=last_memory,
+                                audio=audio)
+        self._live.add(live)
+        for stale in opened.stale_ids:
+            self._spawn_processing(stale, live.emit)
+        log.info("conversation %s %s for uid=%s sid=%s", opened.conversation.id,
+                 "resumed" if opened.resumed else "started", uid, live.session_id)
+        return live
+
+    async def last_memory_id(self, uid: str) -> str | None:
+        """The newest completed, not discarded conversation of the user (the ``last_memory`` event)."""
+        return await self.store.last_completed_id(uid)
+
+    # --- REST-facing -------------------------------------------------------------------------------
+    async def get_conversation(self, uid: str, conversation_id: str) -> dict | None:
+        """The conversation object if it exists and belongs to ``uid``; None otherwise."""
+        found = await self.store.get_with_segments(conversation_id)
+        if found is None or found[0].uid != uid:
+            return None
+        return conversation_object(*found)
+
+    async def list_conversations(self, uid: str, *, limit: int = 25, offset: int = 0,
+                                 include_discarded: bool = True) -> list[dict]:
+        rows = await self.store.list_conversations(uid, limit=limit, offset=offset,
+                                                   include_discarded=include_discarded)
+        return [conversation_object(c, s) for c, s in rows]
+
+    async def get_webhook(self, uid: str, kind: str) -> WebhookSetting | None:
+        return await self.store.get_webhook(uid, kind)
+
+    async def set_webhook(self, uid: str, kind: str, payload: Any) -> WebhookSetting:
+        """Validate and save a webhook setting; raises ``WebhookSettingError`` with a reason."""
+        setting = parse_setting(kind, payload)
+        await check_url(setting.url, allow_private=self.settings.webhook_allow_private)
+        await self.store.set_webhook(uid, setting, now=self.clock())
+        return setting
+
+    async def delete_webhook(self, uid: str, kind: str) -> bool:
+        require_kind(kind)
+        return await self.store.delete_webhook(uid, kind)
+
+    # --- processing --------------------------------------------------------------------------------
+    async def process(self, conversation_id: str, *, events: EventSink | None = None) -> dict | None:
+        """Process one conversation, at most once across all nodes.
+
+        Returns the completed conversation object; None if it had no words (it is deleted) or if
+        another worker holds or has finished it. Safe to call any number of times.
+        """
+        async with self._processing_slots:
+            now = self.clock()
+            claimed = await self.store.claim_for_processing(conversation_id, node=self.node_id, now=now,
+                                                            lease=PROCESSING_LEASE)
+            if claimed is None:
+                return None
+            conversation, segments = claimed
+            if StoredSegments(segments).words == 0:
+                await self.store.delete_conversation(conversation_id, node=self.node_id)
+                log.info("conversation %s had no words: deleted", conversation_id)
+                return None
+            await _emit(events, {"type": "memory_processing_started",
+                                 "memory": conversation_object(conversation, segments)})
+            structured, discarded = await self.processor.structure(
+                segments, language=conversation.language, started_at_iso=iso(conversation.started_at))
+            conversation.structured, conversation.discarded, conversation.status = structured, discarded, COMPLETED
+            memory = conversation_object(conversation, segments)
+            finished = await self.store.finish_processing(conversation, node=self.node_id,
+                                                          memory_webhook=memory_message(conversation.uid, memory),
+                                                          now=self.clock())
+            if not finished:
+                log.warning("conversation %s: processing claim lost, another node finished it", conversation_id)
+                return None
+            self.deliverer.notify()
+            log.info("conversation %s processed by %s (discarded=%s)", conversation_id,
+                     structured.get("processor"), discarded)
+            await _emit(events, {"type": "memory_created", "memory": memory, "messages": []})
+            return memory
+
+    def _spawn_processing(self, conversation_id: str, events: EventSink | None) -> None:
+        if conversation_id in self._processing:
+            return
+
+        async def run() -> None:
+            try:
+                await self.process(conversation_id, events=events)
+            except Exception:
+                # The claim expires and a later sweep (here or on another node) tries again.
+                log.exception("processing conversation %s failed", conversation_id)
+            finally:
+                self._processing.pop(conversation_id, None)
+
+        self._processing[conversation_id] = asyncio.create_task(run(), name=f"harken-process-{conversation_id}")
+
+    async def wait_for_processing(self) -> None:
+        """Wait until the processing started so far has finished (tests, graceful shutdown)."""
+        while self._processing:
+            await asyncio.gather(*list(self._processing.values()), return_exceptions=True)
+
+    # --- background checks -------------------------------------------------------------------------
+    async def sweep(self) -> list[str]:
+        """Start processing every conversation that is silent past its timeout and live nowhere,
+        or whose processing claim expired. Returns their ids."""
+        live_ids = {live.conversation_id for live in self._live}
+        ids = await self.store.sweep_candidates(now=self.clock(), exclude=live_ids)
+        for conversation_id in ids:
+            self._spawn_processing(conversation_id, None)
+        return ids
+
+    async def check_once(self) -> None:
+        """One round: roll over silent live conversations, renew leases, sweep."""
+        for live in list(self._live):
+            await live._roll_over_if_silent()
+        now = self.clock()
+        await self.store.renew_live([live.conversation_id for live in self._live], now + self.live_lease)
+        await self.sweep()
+
+    async def _check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            try:
+                await self.check_once()
+            except Exception:
+                log.exception("conversation check failed; retrying in %.0fs", self.check_interval)
+
+    # --- audio chunks ------------------------------------------------------------------------------
+    def _queue_audio(self, message: OutboxMessage) -> asyncio.Future | None:
+        """Queue a chunk for the outbox without waiting; drop it (counted, logged) if the store
+        has fallen so far behind that the queue is full."""
+        size = len(message.body)
+        if self._audio_queued_bytes + size > AUDIO_QUEUE_LIMIT:
+            self.audio_bytes_dropped += size
+            log.warning("audio-bytes webhook: store too slow, dropped %d bytes for uid=%s (total dropped %d)",
+                        size, message.uid, self.audio_bytes_dropped)
+            return None
+        done = asyncio.get_running_loop().create_future()
+        self._audio_queue.append((message, done))
+        self._audio_queued_bytes += size
+        self._audio_wake.set()
+        return done
+
+    async def _audio_writer(self) -> None:
+        failures = 0
+        while True:
+            await self._audio_wake.wait()
+            self._audio_wake.clear()
+            while self._audio_queue:
+                try:
+                    await self._write_audio_batch()
+                    failures = 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    failures += 1
+                    delay = min(10.0, 0.2 * 2 ** min(failures, 6))
+                    log.warning("audio chunks not written yet (%s); retrying in %.1fs", type(exc).__name__, delay)
+                    await asyncio.sleep(delay)
+
+    async def _write_audio_batch(self) -> None:
+        batch = [self._audio_queue[i] for i in range(min(AUDIO_BATCH, len(self._audio_queue)))]
+        await self.store.enqueue([message for message, _ in batch], now=self.clock())
+        for _ in batch:
+            message, done = self._audio_queue.popleft()
+            self._audio_queued_bytes -= len(message.body)
+            if not done.done():
+                done.set_result(None)
+        self.deliverer.notify()
+
+    async def _flush_audio_queue(self) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
+                while self._audio_queue:
+                    await self._write_audio_batch()
+        except Exception as exc:
+            log.warning("%d audio chunks not written at shutdown: %s", len(self._audio_queue), exc)
+
+
+class LiveConversation:
+    """One session's handle on its conversation. Made by ``ConversationService.connect``."""
+
+    def __init__(self, service: ConversationService, conversation: Conversation, segments: list[dict], *,
+                 session_id: str, events: EventSink | None,
+                 on_new_conversation: Callable[["LiveConversation"], None] | None,
+                 last_memory_id: str | None, audio: WebhookSetting | None) -> None:
+        self._service = service
+        self._conversation = conversation
+        self.uid = conversation.uid
+        self.session_id = session_id
+        self.last_memory_id = last_memory_id
+        self.existing_segments: list[dict] = segments
+        self.generation = 0
+        self._events = events
+        self._on_new_conversation = on_new_conversation
+        self._has_words = StoredSegments(segments).words > 0
+        self._anchored = bool(segments)
+        self._last_activity = conversation.finished_at
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._chunker = AudioChunker(audio.interval_seconds or 5) if audio else None
+        self._last_audio: asyncio.Future | None = None
+
+    @property
+    def conversation_id(self) -> str:
+        return self._conversation.id
+
+    @property
+    def started_at(self) -> float:
+        """Wall time (Unix seconds) of the conversation's time 0."""
+        return self._conversation.started_at
+
+    def time_offset(self, clock_origin: float, session_time: float = 0.0) -> float:
+        """Seconds to add to a session-clock time to get conversation time.
+
+        ``clock_origin`` is the wall time (Unix seconds) at which the session's audio clock read
+        0; ``session_time`` is the session-clock time of the first word about to be added. A
+        conversation with no segments yet is anchored there, so its first word starts at 0.0
+        (as Omi does); a resumed one keeps its start, so times continue across reconnects.
+        Call again after ``generation`` changes (a new conversation began).
+        """
+        if not self._anchored:
+            self._conversation.started_at = clock_origin + session_time
+            self._anchored = True
+        return clock_origin - self._conversation.started_at
+
+    async def save_batch(self, changed: Sequence[dict], deleted_ids: Sequence[str] = ()) -> None:
+        """Persist one 600 ms batch (stored segment dicts) and its realtime webhook row, in one
+        transaction. Waits only for the store, never for a webhook receiver."""
+        changed, deleted_ids = list(changed), list(deleted_ids)
+        if not changed and not deleted_ids:
+            return
+        if changed:
+            # Before any await: a silence check that runs meanwhile must see this activity.
+            self._last_activity = self._service.clock()
+        async with self._lock:
+            store, clock = self._service.store, self._service.clock
+            for _ in range(3):
+                conversation = self._conversation
+                now = clock()
+                realtime = (realtime_message(self.uid, self.session_id, conversation.id, changed)
+                            if changed else None)
+                if await store.save_batch(conversation, changed, deleted_ids, now=now,
+                                          live_until=now + self._service.live_lease, realtime=realtime):
+                    break
+                # Another node processed it (our lease had lapsed): carry on in a new conversation.
+                log.warning("conversation %s was taken for processing; continuing in a new one", conversation.id)
+                self._begin_new_conversation(now)
+            else:
+                raise RuntimeError("could not save the segment batch: the conversation kept being taken")
+            if changed:
+                conversation.finished_at = now
+                self._has_words = self._has_words or StoredSegments(changed).words > 0
+        if changed:
+            self._service.deliverer.notify()
+
+    def add_audio(self, pcm: Any) -> None:
+        """Feed decoded PCM16 16 kHz audio for the audio-bytes webhook. Never blocks: complete
+        chunks are queued for the outbox and written by a background task."""
+        if self._chunker is None or self._closed:
+            return
+        for offset, chunk in self._chunker.add(pcm):
+            self._queue_chunk(offset, chunk)
+
+    async def close(self, usage: Usage | Mapping[str, Any] | None = None) -> None:
+        """End of the session: the audio remainder goes out, usage is recorded, and the lease is
+        released. The conversation stays in progress: a reconnect within the timeout resumes it,
+        otherwise the sweep processes it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._service._live.discard(self)
+        if self._chunker is not None:
+            remainder = self._chunker.flush()
+            if remainder is not None:
+                self._queue_chunk(*remainder)
+            if self._last_audio is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._last_audio), CLOSE_FLUSH_TIMEOUT)
+                except TimeoutError:
+                    log.warning("audio chunks of sid=%s still queued at close", self.session_id)
+        async with self._lock:           # let an in-flight save_batch finish first
+            conversation = self._conversation
+        try:
+            await self._service.store.release_live(conversation.id)
+            used = Usage.coerce(usage)
+            if used is not None:
+                await self._service.store.record_usage(self.uid, used, session_id=self.session_id,
+                                                       conversation_id=conversation.id, now=self._service.clock())
+        except Exception:
+            log.exception("closing conversation handle of sid=%s: store update failed", self.session_id)
+
+    async def emit(self, event: dict) -> None:
+        """Send an event to this session's client, if it is still connected."""
+        if not self._closed:
+            await _emit(self._events, event)
+
+    # --- internals ----------------------------------------------------------------------------
+    def _queue_chunk(self, offset: int, chunk: bytes) -> None:
+        done = self._service._queue_audio(audio_message(self.uid, self.session_id, offset, chunk))
+        if done is not None:
+            self._last_audio = done
+
+    def _begin_new_conversation(self, now: float) -> Conversation:
+        """Switch to a fresh conversation, synchronously (no await), and tell the session."""
+        old = self._conversation
+        self._conversation = Conversation(
+            id=str(uuid.uuid4()), uid=self.uid, status=IN_PROGRESS, language=old.language, source=old.source,
+            created_at=now, started_at=now, finished_at=now, timeout_s=old.timeout_s)
+        self.generation += 1
+        self.existing_segments = []
+        self._has_words = False
+        self._anchored = False
+        self._last_activity = now
+        if self._on_new_conversation is not None:
+            try:
+                self._on_new_conversation(self)
+            except Exception:
+                log.exception("on_new_conversation callback failed")
+        return old
+
+    async def _roll_over_if_silent(self) -> None:
+        """After ``conversation_timeout`` without segments, process the conversation and continue
+        in a new one while the client stays connected. A conversation without words is kept."""
+        if self._closed or not self._has_words:
+            return
+        service = self._service
+        async with self._lock:
+            now = service.clock()
+            if self._closed or now - self._last_activity < self._conversation.timeout_s:
+                return
+            old = self._begin_new_conversation(now)
+            try:
+                await service.store.create_conversation(self._conversation, live_until=now + service.live_lease)
+            except Exception:
+                log.exception("creating the next conversation failed; the next batch will create it")
+        log.info("conversation %s silent for %.0fs: processing; continuing in %s", old.id, old.timeout_s,
+                 self._conversation.id)
+        service._spawn_processing(old.id, self.emit)
+
+
+async def _emit(events: EventSink | None, event: dict) -> None:
+    if events is None:
+        return
+    try:
+        await events(event)
+    except Exception as exc:            # the client went away: events are best effort
+        log.debug("event %s not delivered: %s", event.get("type"), exc)

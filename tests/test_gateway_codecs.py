@@ -1,0 +1,108 @@
+"""Every codec end to end through a live session: real encoders frame audio as devices do, the
+gateway decodes it, and bad frames are dropped and counted without hurting the session."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import numpy as np
+import pytest
+import websockets
+
+from harken.client import device_messages, listen_url, stream_messages
+from harken.gateway.auth import mint_local_token
+from harken.wer import word_errors
+
+from .conftest import load_audio, transcripts
+
+pytestmark = pytest.mark.timeout(300)
+
+CODECS = [("pcm16", 16000), ("pcm8", 8000), ("opus", 16000), ("opus_fs320", 16000), ("aac", 16000),
+          ("lc3", 16000), ("lc3_fs1030", 16000), ("opus", 48000), ("pcm16", 44100)]
+
+
+@pytest.fixture(scope="module")
+def development_set():
+    """The espeak and real sets joined with 1 s pauses (a few files keep the run short)."""
+    rows = [t for t in transcripts() if t["file"] in (
+        "ss_0870.wav", "ss_0930.wav", "goforward.wav", "cards_005.wav", "espeak_01.wav", "espeak_03.wav")]
+    gap = np.zeros(16000, np.int16)
+    pcm = np.concatenate([x for r in rows for x in (load_audio(r["file"]), gap)] + [gap])
+    return pcm, " ".join(r["reference"] for r in rows)
+
+
+async def transcribe_with(server, pcm, codec, rate):
+    messages, seconds = device_messages(pcm, codec, rate)
+    url = listen_url(server.base, codec=codec, sample_rate=rate)
+    token = mint_local_token(server.settings, "codec-tester", 600)
+    return await stream_messages(url, messages, seconds, token=token, realtime=False, settle_seconds=2.5)
+
+
+@pytest.mark.slow
+async def test_every_codec_transcribes_within_2_points_of_pcm16(gateway, development_set):
+    pcm, reference = development_set
+    words = len(reference.split())
+    wers = {}
+    for codec, rate in CODECS:
+        result = await transcribe_with(gateway, pcm, codec, rate)
+        assert result.close_code == 1000, (codec, result.close_code, result.close_reason)
+        wers[(codec, rate)] = word_errors(reference, result.transcript())[0] / words
+    print({f"{c}@{r}": round(w, 3) for (c, r), w in wers.items()})
+    baseline = wers[("pcm16", 16000)]
+    for key, wer in wers.items():
+        assert wer <= baseline + 0.02, (key, wer, baseline)
+
+
+def garbage_messages(rng: random.Random, count: int) -> list[bytes]:
+    kinds = [
+        lambda: bytes(rng.getrandbits(8) for _ in range(rng.randint(3, 200))),      # random bytes
+        lambda: b"\xff" * rng.randint(3, 40),                                       # invalid TOC / sync words
+        lambda: bytes(rng.getrandbits(8) for _ in range(rng.randint(1000, 60000))), # huge frames
+    ]
+    return [rng.choice(kinds)() for _ in range(count)]
+
+
+@pytest.mark.parametrize("codec", ["opus", "opus_fs320", "aac", "lc3", "lc3_fs1030", "pcm16"])
+async def test_garbage_mixed_into_a_live_stream_is_dropped_and_the_session_goes_on(gateway, codec):
+    rng = random.Random(codec)
+    speech = np.concatenate([load_audio("goforward.wav"), np.zeros(16000, np.int16)])
+    valid, seconds = device_messages(speech, codec, 16000)
+    mixed = []
+    for message in valid:
+        mixed.append(message)
+        if rng.random() < 0.15:
+            mixed.extend(garbage_messages(rng, 1))
+    url = listen_url(gateway.base, codec=codec, sample_rate=16000)
+    token = mint_local_token(gateway.settings, "fuzzer", 600)
+    result = await stream_messages(url, mixed, seconds, token=token, realtime=False, settle_seconds=2.0)
+    assert result.close_code == 1000
+    errors, words = word_errors("go forward ten meters", result.transcript())
+    assert errors <= 2, (codec, result.transcript())
+
+
+async def test_only_garbage_reports_decode_errors_once(make_gateway):
+    server = make_gateway(decode_error_report_after=0.5)
+    url = listen_url(server.base, codec="opus", sample_rate=16000)
+    headers = {"Authorization": f"Bearer {mint_local_token(server.settings, 'fuzzer', 600)}"}
+    statuses = []
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < 2.0:                     # bounded: ~40 garbage packets
+            await ws.send(b"\xff\xff\xff\xff" + bytes(40))
+            try:
+                while True:
+                    raw = await asyncio.wait_for(ws.recv(), 0.05)
+                    if raw != "ping":
+                        event = json.loads(raw)
+                        if event.get("type") == "service_status":
+                            statuses.append(event)
+            except TimeoutError:
+                pass
+        assert ws.close_code is None                          # the session is still there
+        count = server.call(lambda: sum(s.stats.decode_errors for s in server.gateway.sessions))
+    warnings = [s for s in statuses if s["status"] == "decode_errors"]
+    assert len(warnings) == 1
+    assert count >= 20

@@ -1,0 +1,254 @@
+"""Conversation lifecycle at the service level, on SQLite and PostgreSQL (PROTOCOL §7).
+
+Time is a test clock given to the service, and silence checks are run by calling
+``check_once()``, so "two minutes later" takes no time and nothing depends on timer luck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from harken.config import Settings
+from harken.conversations import ConversationService
+from harken.conversations.model import COMPLETED, IN_PROGRESS, WebhookSetting
+from tests.test_store import segment, store  # noqa: F401  (store: the SQLite/PostgreSQL fixture)
+
+TIMEOUT = 120
+SPEECH = "good morning everyone let us review the plan for the launch"
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Events:
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+
+    async def __call__(self, event: dict) -> None:
+        self.received.append(event)
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [e for e in self.received if e["type"] == kind]
+
+
+@contextlib.asynccontextmanager
+async def service_on(store, tmp_path, clock, *, start: bool = True, node_id: str | None = None):
+    settings = Settings(data_dir=tmp_path)
+    service = ConversationService(settings, store, clock=clock, check_interval=3600, node_id=node_id)
+    if start:
+        await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+async def speak(live, clock, text: str = SPEECH, *, sid: str = "s1", start: float = 0.0, length: float = 4.0):
+    """Save one batch holding a segment of ``text`` at conversation time ``start``."""
+    seg = segment(sid, text, start, start + length)
+    await live.save_batch([seg])
+    return seg
+
+
+@pytest.mark.timeout(30)
+async def test_reconnecting_mid_conversation_resumes_it_and_times_continue(store, tmp_path):
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        first = await service.connect("alice", conversation_timeout=TIMEOUT, session_id="sess-1")
+        origin = clock.now
+        offset = first.time_offset(origin, 2.0)       # the first word comes 2 s into the session
+        assert offset == -2.0                         # … and is at conversation time 0
+        said = await speak(first, clock, start=2.0 + offset)
+        clock.advance(6)
+        await first.close()
+
+        clock.advance(24)                             # back 30 s after the first session began
+        second = await service.connect("alice", conversation_timeout=TIMEOUT, session_id="sess-2")
+        assert second.conversation_id == first.conversation_id
+        assert second.existing_segments == [said]
+        offset = second.time_offset(clock.now, 0.5)
+        # A word 0.5 s into the new session was said 30.5 s after the first session began,
+        # i.e. 28.5 s after the conversation's first word.
+        assert 0.5 + offset == pytest.approx(28.5)
+        await speak(second, clock, "and the follow up", sid="s2", start=0.5 + offset)
+        await second.close()
+        stored = await service.get_conversation("alice", first.conversation_id)
+        assert [s["start"] for s in stored["transcript_segments"]] == [0.0, pytest.approx(28.5)]
+        assert stored["status"] == IN_PROGRESS
+
+
+@pytest.mark.timeout(30)
+async def test_reconnecting_after_the_timeout_processes_the_old_one_and_starts_anew(store, tmp_path):
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        first = await service.connect("alice", conversation_timeout=TIMEOUT)
+        first.time_offset(clock.now)
+        await speak(first, clock)
+        await first.close()
+
+        clock.advance(TIMEOUT + 1)
+        events = Events()
+        second = await service.connect("alice", conversation_timeout=TIMEOUT, events=events)
+        assert second.conversation_id != first.conversation_id
+        assert second.existing_segments == []
+        await service.wait_for_processing()
+
+        started, created = events.of_type("memory_processing_started"), events.of_type("memory_created")
+        assert [e["memory"]["id"] for e in started] == [first.conversation_id]
+        assert [e["memory"]["id"] for e in created] == [first.conversation_id]
+        assert events.received.index(started[0]) < events.received.index(created[0])
+        memory = created[0]["memory"]
+        assert memory["status"] == COMPLETED and not memory["discarded"] and created[0]["messages"] == []
+        assert memory["structured"]["title"] and memory["structured"]["title"].lower() in SPEECH
+        assert memory["transcript_segments"][0]["text"] == SPEECH
+        await second.close()
+        assert await service.last_memory_id("alice") == first.conversation_id
+        assert await service.last_memory_id("bob") is None
+
+
+@pytest.mark.timeout(30)
+async def test_a_connected_but_silent_session_rolls_over_to_a_new_conversation(store, tmp_path):
+    clock = Clock()
+    rolled: list[int] = []
+    events = Events()
+    async with service_on(store, tmp_path, clock) as service:
+        live = await service.connect("alice", conversation_timeout=TIMEOUT, events=events,
+                                     on_new_conversation=lambda handle: rolled.append(handle.generation))
+        live.time_offset(clock.now)
+        first_id = live.conversation_id
+        await speak(live, clock)
+        clock.advance(60)
+        await service.check_once()
+        await speak(live, clock, "still talking here about the launch", sid="s2", start=60)
+        clock.advance(TIMEOUT - 1)                     # silence is counted from the last segment
+        await service.check_once()
+        assert (live.conversation_id, rolled) == (first_id, [])
+
+        clock.advance(2)
+        await service.check_once()
+        assert live.conversation_id != first_id and live.generation == 1 and rolled == [1]
+        await service.wait_for_processing()
+        assert [e["memory"]["id"] for e in events.of_type("memory_created")] == [first_id]
+
+        # The session keeps talking: that goes to the new conversation, from time 0.
+        session_time = 400.0
+        offset = live.time_offset(clock.now - session_time, session_time)
+        await speak(live, clock, "a brand new topic", sid="s3", start=session_time + offset)
+        await live.close()
+        new = await service.get_conversation("alice", live.conversation_id)
+        assert [(s["id"], s["start"]) for s in new["transcript_segments"]] == [("s3", 0.0)]
+        old = await service.get_conversation("alice", first_id)
+        assert old["status"] == COMPLETED and [s["id"] for s in old["transcript_segments"]] == ["s1", "s2"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_restart_processes_silent_leftovers_and_resumes_recent_ones(store, tmp_path):
+    clock = Clock()
+    # The first server process: two users talking, then it dies (no close, no stop).
+    crashed = ConversationService(Settings(data_dir=tmp_path), store, clock=clock, node_id="crashed")
+    alice = await crashed.connect("alice", conversation_timeout=TIMEOUT)
+    alice.time_offset(clock.now)
+    await speak(alice, clock)
+    clock.advance(100)
+    bob = await crashed.connect("bob", conversation_timeout=TIMEOUT)
+    bob.time_offset(clock.now)
+    await speak(bob, clock)
+    clock.advance(50)          # alice silent 150 s (> timeout), bob 50 s; their leases have lapsed
+
+    async with service_on(store, tmp_path, clock, node_id="restarted") as service:   # start() sweeps
+        await service.wait_for_processing()
+        processed = await service.get_conversation("alice", alice.conversation_id)
+        assert processed["status"] == COMPLETED and processed["structured"]["overview"]
+        assert (await service.get_conversation("bob", bob.conversation_id))["status"] == IN_PROGRESS
+
+        resumed = await service.connect("bob", conversation_timeout=TIMEOUT)
+        assert resumed.conversation_id == bob.conversation_id
+        assert [s["id"] for s in resumed.existing_segments] == ["s1"]
+        await resumed.close()
+
+
+@pytest.mark.timeout(30)
+async def test_processing_abandoned_by_a_dead_node_is_taken_over(store, tmp_path):
+    clock = Clock()
+    async with service_on(store, tmp_path, clock, start=False) as service:
+        live = await service.connect("alice", conversation_timeout=TIMEOUT)
+        live.time_offset(clock.now)
+        await speak(live, clock)
+        await live.close()
+    assert await store.claim_for_processing(live.conversation_id, node="died", now=clock.now, lease=600)
+    clock.advance(601)
+    async with service_on(store, tmp_path, clock) as service:
+        await service.wait_for_processing()
+        assert (await service.get_conversation("alice", live.conversation_id))["status"] == COMPLETED
+
+
+@pytest.mark.timeout(30)
+async def test_a_conversation_without_words_is_deleted_not_processed(store, tmp_path):
+    clock = Clock()
+    events = Events()
+    async with service_on(store, tmp_path, clock) as service:
+        empty = await service.connect("alice", conversation_timeout=TIMEOUT)
+        await empty.save_batch([segment("s1", "", 0.0, 1.0)])   # a segment, but no words
+        await empty.close()
+        clock.advance(TIMEOUT + 1)
+        nxt = await service.connect("alice", conversation_timeout=TIMEOUT, events=events)
+        await service.wait_for_processing()
+        assert await service.get_conversation("alice", empty.conversation_id) is None
+        assert events.received == []                  # nothing to announce
+        await nxt.close()
+
+        clock.advance(TIMEOUT + 1)                    # and the sweep does the same for nobody
+        await service.check_once()
+        await service.wait_for_processing()
+        assert await service.get_conversation("alice", nxt.conversation_id) is None
+        assert await service.list_conversations("alice") == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_very_short_conversation_is_processed_as_discarded(store, tmp_path):
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        live = await service.connect("alice", conversation_timeout=TIMEOUT)
+        live.time_offset(clock.now)
+        await speak(live, clock, "hi there", length=1.0)
+        await live.close()
+        memory = await service.process(live.conversation_id)
+        assert memory["status"] == COMPLETED and memory["discarded"] is True
+        assert await service.last_memory_id("alice") is None       # discarded ones are not "last memory"
+
+
+@pytest.mark.timeout(30)
+async def test_two_nodes_processing_one_conversation_make_one_memory(store, tmp_path):
+    clock = Clock()
+    await store.set_webhook("alice", WebhookSetting("memory_created", "https://example.com/memories"), now=clock.now)
+    async with service_on(store, tmp_path, clock, start=False, node_id="a") as node_a, \
+            service_on(store, tmp_path, clock, start=False, node_id="b") as node_b:
+        live = await node_a.connect("alice", conversation_timeout=TIMEOUT)
+        live.time_offset(clock.now)
+        await speak(live, clock)
+        await live.close()
+        results = await asyncio.gather(node_a.process(live.conversation_id), node_b.process(live.conversation_id))
+        again = await node_b.process(live.conversation_id)
+    assert sum(r is not None for r in results) == 1 and again is None
+    assert await store.outbox_counts() == {"pending": 1}
+
+
+@pytest.mark.timeout(30)
+async def test_usage_is_recorded_when_the_session_closes(store, tmp_path):
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        live = await service.connect("alice", conversation_timeout=TIMEOUT)
+        await live.close(usage={"audio_seconds": 42.5, "speech_seconds": 30.0, "words": 77, "provider": "local"})
+    totals = await store.usage_totals("alice")
+    assert (totals.audio_seconds, totals.speech_seconds, totals.words) == (42.5, 30.0, 77)

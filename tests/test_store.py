@@ -1,0 +1,336 @@
+"""The conversation store, run against SQLite and PostgreSQL alike.
+
+PostgreSQL tests use a fresh schema per test on the server named by HARKEN_TEST_POSTGRES_URL
+(default: the local test database) and drop it afterwards; they are skipped, saying why, only
+when that server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+
+from harken.conversations import migrations
+from harken.conversations.model import IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting
+from harken.conversations.schema import metadata
+from harken.conversations.store import OutboxMessage, Settlement, Store
+
+PG_URL = os.environ.get("HARKEN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BACKENDS = ["sqlite", "postgresql"]
+
+_pg_problem: list[str | None] = []
+
+
+async def postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used (None if it can); checked once per run."""
+    if not _pg_problem:
+        try:
+            conn = await asyncpg.connect(PG_URL, timeout=3)
+            await conn.close()
+            _pg_problem.append(None)
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            _pg_problem.append(f"PostgreSQL at {PG_URL.rsplit('@', 1)[-1]} is unreachable: {exc}")
+    return _pg_problem[0]
+
+
+@contextlib.asynccontextmanager
+async def database(backend: str, tmp_path):
+    """Arguments for ``Store(**kwargs)`` naming an empty database, removed afterwards."""
+    if backend == "sqlite":
+        yield {"url": f"sqlite:///{tmp_path / 'harken.db'}"}
+        return
+    problem = await postgres_problem()
+    if problem:
+        pytest.skip(problem)
+    schema = f"harken_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(PG_URL)
+    await admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield {"url": PG_URL, "pg_schema": schema}
+    finally:
+        await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def opened_store(backend: str, tmp_path):
+    async with database(backend, tmp_path) as kwargs:
+        store = await Store(**kwargs).open()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request, tmp_path):
+    async with opened_store(request.param, tmp_path) as opened:
+        yield opened
+
+
+def conversation(uid: str = "alice", *, now: float = 1000.0, timeout: float = 120.0, cid: str | None = None):
+    return Conversation(id=cid or str(uuid.uuid4()), uid=uid, status=IN_PROGRESS, language="en", source="omi",
+                        created_at=now, started_at=now, finished_at=now, timeout_s=timeout)
+
+
+def segment(sid: str, text: str, start: float, end: float) -> dict:
+    """The stored form the gateway's ``Segment.to_stored()`` produces."""
+    return {"id": sid, "text": text, "speaker": "SPEAKER_00", "speakerId": 0, "speaker_id": 0, "is_user": True,
+            "person_id": None, "start": start, "end": end, "stt_provider": "local",
+            "speech_profile_processed": True, "translations": []}
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_migrating_from_scratch_gives_the_schema_the_code_queries(backend, tmp_path):
+    async with opened_store(backend, tmp_path) as store:
+        async with store.engine.connect() as conn:
+            version = await conn.run_sync(migrations._current_version)
+            reflected = await conn.run_sync(
+                lambda c: {t: {col["name"] for col in sa.inspect(c).get_columns(t)}
+                           for t in sa.inspect(c).get_table_names()})
+    assert version == migrations.SCHEMA_VERSION
+    expected = {t.name: {c.name for c in t.columns} for t in metadata.sorted_tables}
+    assert reflected == expected
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_an_oldest_version_database_is_upgraded_in_place_keeping_its_data(backend, tmp_path):
+    async with database(backend, tmp_path) as kwargs:
+        old = await Store(**kwargs).open(schema_version=1)
+        async with old.engine.begin() as conn:     # rows as version 1 wrote them
+            await conn.execute(sa.text(
+                "INSERT INTO conversations (id, uid, status, language, source, created_at, started_at, finished_at,"
+                " timeout_s, structured, discarded) VALUES ('c1', 'alice', 'in_progress', 'de', 'omi', 10, 10, 20,"
+                " 120, NULL, false)"))
+            await conn.execute(sa.text(
+                "INSERT INTO segments (conversation_id, segment_id, start, \"end\", words, data) VALUES"
+                " ('c1', 's1', 0, 1.5, 2, '{\"id\": \"s1\", \"text\": \"hallo welt\", \"start\": 0, \"end\": 1.5}')"))
+            await conn.execute(sa.text(
+                "INSERT INTO webhooks (uid, kind, url, interval_seconds, updated_at) VALUES"
+                " ('alice', 'audio_bytes', 'https://example.com/a', 7, 5)"))
+        await old.close()
+
+        store = await Store(**kwargs).open()
+        try:
+            kept = await store.get_with_segments("c1")
+            assert kept is not None
+            found, segments = kept
+            assert (found.uid, found.language, found.finished_at) == ("alice", "de", 20)
+            assert segments == [{"id": "s1", "text": "hallo welt", "start": 0, "end": 1.5}]
+            assert await store.get_webhook("alice", "audio_bytes") == WebhookSetting(
+                "audio_bytes", "https://example.com/a", 7)
+            # The columns added by later versions work on the old rows.
+            assert await store.claim_for_processing("c1", node="n1", now=30, lease=60) is not None
+            await store.record_usage("alice", Usage(audio_seconds=3), session_id="s", conversation_id="c1", now=30)
+        finally:
+            await store.close()
+        again = await Store(**kwargs).open()      # opening an up-to-date database changes nothing
+        await again.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_database_newer_than_the_code_is_refused(backend, tmp_path):
+    async with database(backend, tmp_path) as kwargs:
+        store = await Store(**kwargs).open()
+        async with store.engine.begin() as conn:
+            await conn.execute(sa.text("UPDATE schema_version SET version = 99"))
+        await store.close()
+        with pytest.raises(migrations.SchemaTooNew, match="newer than this harken"):
+            await Store(**kwargs).open()
+
+
+# --- conversations and segments -----------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+async def test_segments_are_upserted_by_id_and_deleted_by_id(store):
+    c = conversation()
+    await store.open_conversation(c, now=1000, live_until=1030)
+    await store.save_batch(c, [segment("a", "hello", 0.0, 0.5)], [], now=1001, live_until=1031, realtime=None)
+    await store.save_batch(c, [segment("a", "hello there", 0.0, 1.0), segment("b", "second one", 2.0, 3.0),
+                               segment("z", "merged away", 1.2, 1.4)], [], now=1002, live_until=1032, realtime=None)
+    await store.save_batch(c, [segment("a", "hello there friend", 0.0, 1.1)], ["z"], now=1003, live_until=1033,
+                           realtime=None)
+    stored = await store.load_segments(c.id)
+    assert [(s["id"], s["text"]) for s in stored] == [("a", "hello there friend"), ("b", "second one")]
+    found = await store.get_conversation(c.id)
+    assert found.finished_at == 1003
+
+
+@pytest.mark.timeout(30)
+async def test_a_saved_batch_is_durable_as_soon_as_save_batch_returns(store):
+    c = conversation()
+    await store.open_conversation(c, now=1000, live_until=1030)
+    await store.save_batch(c, [segment("a", "kept across a crash", 0.0, 1.0)], [], now=1001, live_until=1031,
+                           realtime=None)
+    # A second store on the same database (another process after a crash) sees it.
+    other = await Store(str(store.url.render_as_string(hide_password=False)), pg_schema=store._pg_schema).open()
+    try:
+        assert [s["text"] for s in await other.load_segments(c.id)] == ["kept across a crash"]
+    finally:
+        await other.close()
+
+
+@pytest.mark.timeout(30)
+async def test_the_realtime_outbox_row_commits_with_its_segments_or_not_at_all(store):
+    c = conversation()
+    await store.open_conversation(c, now=1000, live_until=1030)
+    message = OutboxMessage(uid="alice", kind="realtime_transcript", ordering_key=f"rt:{c.id}", body=b"[]")
+    # No webhook set: the segments are saved, no row is made.
+    await store.save_batch(c, [segment("a", "one", 0, 1)], [], now=1001, live_until=1031, realtime=message)
+    assert await store.outbox_counts() == {}
+    await store.set_webhook("alice", WebhookSetting("realtime_transcript", "https://example.com/rt"), now=1001)
+    await store.save_batch(c, [segment("b", "two", 1, 2)], [], now=1002, live_until=1032, realtime=message)
+    assert await store.outbox_counts() == {"pending": 1}
+    # Taken by another node: neither the segment nor the row is written.
+    assert await store.claim_for_processing(c.id, node="other", now=1003, lease=60) is not None
+    assert not await store.save_batch(c, [segment("c", "three", 2, 3)], [], now=1004, live_until=1034,
+                                      realtime=message)
+    assert [s["id"] for s in await store.load_segments(c.id)] == ["a", "b"]
+    assert await store.outbox_counts() == {"pending": 1}
+    rows = await store.claim_outbox(node="n", now=1005, lease=30, limit=10)
+    assert [(r.url, r.kind) for r in rows] == [("https://example.com/rt", "realtime_transcript")]
+
+
+@pytest.mark.timeout(30)
+async def test_open_conversation_resumes_within_the_timeout_and_hands_back_stale_ones(store):
+    first = conversation(now=1000, timeout=120)
+    opened = await store.open_conversation(first, now=1000, live_until=1030)
+    assert not opened.resumed
+    await store.save_batch(first, [segment("a", "hi", 0, 1)], [], now=1010, live_until=1040, realtime=None)
+    await store.release_live(first.id)
+
+    again = await store.open_conversation(conversation(now=1100, timeout=120), now=1100, live_until=1130)
+    assert again.resumed and again.conversation.id == first.id
+    assert [s["id"] for s in again.segments] == ["a"]
+    await store.release_live(first.id)
+
+    later = conversation(now=1200, timeout=120)         # 190 s after the last segment
+    fresh = await store.open_conversation(later, now=1200, live_until=1230)
+    assert not fresh.resumed and fresh.conversation.id == later.id
+    assert fresh.stale_ids == [first.id]
+
+
+@pytest.mark.timeout(30)
+async def test_only_one_of_two_concurrent_claims_wins_and_an_expired_claim_can_be_retaken(store):
+    c = conversation()
+    await store.open_conversation(c, now=1000, live_until=None)
+    results = await asyncio.gather(*(store.claim_for_processing(c.id, node=f"n{i}", now=1500, lease=60)
+                                     for i in range(4)))
+    assert sum(r is not None for r in results) == 1
+    assert (await store.get_conversation(c.id)).status == PROCESSING
+    assert await store.claim_for_processing(c.id, node="late", now=1550, lease=60) is None
+    assert await store.claim_for_processing(c.id, node="late", now=1561, lease=60) is not None
+
+
+@pytest.mark.timeout(30)
+async def test_sweep_finds_silent_unleased_and_abandoned_conversations(store):
+    silent, live, recent = conversation(now=1000), conversation(now=1000), conversation(now=1190)
+    await store.create_conversation(silent)
+    await store.create_conversation(live, live_until=1300)
+    await store.create_conversation(recent)
+    abandoned = conversation(now=900)
+    await store.create_conversation(abandoned)
+    await store.claim_for_processing(abandoned.id, node="dead-node", now=950, lease=100)
+    assert set(await store.sweep_candidates(now=1200)) == {silent.id, abandoned.id}
+    assert set(await store.sweep_candidates(now=1200, exclude=[silent.id])) == {abandoned.id}
+
+
+@pytest.mark.timeout(30)
+async def test_list_is_the_users_newest_first_with_paging(store):
+    ids = []
+    for i in range(3):
+        c = conversation("alice", now=1000 + i)
+        await store.create_conversation(c)
+        ids.append(c.id)
+    await store.create_conversation(conversation("bob", now=2000))
+    page = await store.list_conversations("alice", limit=2)
+    assert [c.id for c, _ in page] == [ids[2], ids[1]]
+    assert [c.id for c, _ in await store.list_conversations("alice", limit=2, offset=2)] == [ids[0]]
+
+
+@pytest.mark.timeout(30)
+async def test_webhook_settings_and_usage(store):
+    await store.set_webhook("alice", WebhookSetting("audio_bytes", "https://a.example/x", 5), now=1)
+    await store.set_webhook("alice", WebhookSetting("audio_bytes", "https://a.example/y", 9), now=2)
+    assert await store.get_webhook("alice", "audio_bytes") == WebhookSetting("audio_bytes", "https://a.example/y", 9)
+    assert await store.get_webhook("bob", "audio_bytes") is None
+    assert await store.delete_webhook("alice", "audio_bytes")
+    assert await store.get_webhook("alice", "audio_bytes") is None
+
+    for seconds in (10.0, 2.5):
+        await store.record_usage("alice", Usage(audio_seconds=seconds, speech_seconds=1.0, words=3, provider="local"),
+                                 session_id="s", conversation_id="c", now=100)
+    totals = await store.usage_totals("alice")
+    assert (totals.audio_seconds, totals.speech_seconds, totals.words) == (12.5, 2.0, 6)
+
+
+# --- outbox ---------------------------------------------------------------------------------------
+
+async def _enqueue(store, key: str, n: int, now: float = 1000.0) -> None:
+    await store.enqueue([OutboxMessage(uid="alice", kind="realtime_transcript", ordering_key=key,
+                                       body=f"{key}-{i}".encode()) for i in range(n)], now=now)
+
+
+@pytest.mark.timeout(30)
+async def test_claims_hand_out_one_row_per_key_in_order(store):
+    await store.set_webhook("alice", WebhookSetting("realtime_transcript", "https://example.com/h"), now=1)
+    await _enqueue(store, "k1", 3)
+    await _enqueue(store, "k2", 2)
+    sent: list[bytes] = []
+    for _ in range(10):
+        rows = await store.claim_outbox(node="n", now=1001, lease=30, limit=10)
+        if not rows:
+            break
+        assert len({r.ordering_key for r in rows}) == len(rows)      # never two of one key at once
+        assert await store.claim_outbox(node="n", now=1001, lease=30, limit=10) == []   # heads are claimed
+        sent += [r.body for r in rows]
+        await store.settle_outbox(Settlement(delivered=[r.id for r in rows]))
+    assert [b for b in sent if b.startswith(b"k1")] == [b"k1-0", b"k1-1", b"k1-2"]
+    assert [b for b in sent if b.startswith(b"k2")] == [b"k2-0", b"k2-1"]
+    assert await store.outbox_counts() == {}
+
+
+@pytest.mark.timeout(30)
+async def test_a_failing_row_holds_back_its_key_until_retried_and_dead_rows_do_not(store):
+    await store.set_webhook("alice", WebhookSetting("realtime_transcript", "https://example.com/h"), now=1)
+    await _enqueue(store, "k", 2)
+    head = (await store.claim_outbox(node="n", now=1001, lease=30, limit=10))[0]
+    await store.settle_outbox(Settlement(retry=[(head.id, 1100.0, "HTTP 500")]))
+    assert await store.claim_outbox(node="n", now=1050, lease=30, limit=10) == []
+    again = await store.claim_outbox(node="n", now=1100, lease=30, limit=10)
+    assert [(r.id, r.attempts) for r in again] == [(head.id, 2)]
+    await store.settle_outbox(Settlement(dead=[(head.id, "gave up")]))
+    assert [r.body for r in await store.claim_outbox(node="n", now=1101, lease=30, limit=10)] == [b"k-1"]
+    assert (await store.outbox_counts())["dead"] == 1
+
+
+@pytest.mark.timeout(30)
+async def test_an_expired_claim_is_handed_out_again(store):
+    await store.set_webhook("alice", WebhookSetting("realtime_transcript", "https://example.com/h"), now=1)
+    await _enqueue(store, "k", 1)
+    first = await store.claim_outbox(node="crashed", now=1001, lease=30, limit=10)
+    assert await store.claim_outbox(node="other", now=1030, lease=30, limit=10) == []
+    retaken = await store.claim_outbox(node="other", now=1032, lease=30, limit=10)
+    assert [r.id for r in retaken] == [first[0].id]
+
+
+@pytest.mark.timeout(30)
+async def test_concurrent_claimers_never_share_a_row(store):
+    await store.set_webhook("alice", WebhookSetting("realtime_transcript", "https://example.com/h"), now=1)
+    for k in range(40):
+        await _enqueue(store, f"key{k}", 1)
+    batches = await asyncio.gather(*(store.claim_outbox(node=f"n{i}", now=1001, lease=30, limit=7)
+                                     for i in range(6)))
+    ids = [r.id for batch in batches for r in batch]
+    assert len(ids) == len(set(ids)) == 40
