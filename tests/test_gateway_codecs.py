@@ -19,15 +19,14 @@ from .conftest import load_audio, transcripts
 
 pytestmark = pytest.mark.timeout(300)
 
-CODECS = [("pcm16", 16000), ("pcm8", 8000), ("opus", 16000), ("opus_fs320", 16000), ("aac", 16000),
+CODECS = [("pcm16", 16000), ("pcm16", 8000), ("pcm8", 8000), ("opus", 16000), ("opus_fs320", 16000), ("aac", 16000),
           ("lc3", 16000), ("lc3_fs1030", 16000), ("opus", 48000), ("pcm16", 44100)]
 
 
 @pytest.fixture(scope="module")
 def development_set():
-    """The espeak and real sets joined with 1 s pauses (a few files keep the run short)."""
-    rows = [t for t in transcripts() if t["file"] in (
-        "ss_0870.wav", "ss_0930.wav", "goforward.wav", "cards_005.wav", "espeak_01.wav", "espeak_03.wav")]
+    """The whole development set (real and espeak recordings) joined with 1 s pauses."""
+    rows = transcripts()
     gap = np.zeros(16000, np.int16)
     pcm = np.concatenate([x for r in rows for x in (load_audio(r["file"]), gap)] + [gap])
     return pcm, " ".join(r["reference"] for r in rows)
@@ -37,7 +36,7 @@ async def transcribe_with(server, pcm, codec, rate):
     messages, seconds = device_messages(pcm, codec, rate)
     url = listen_url(server.base, codec=codec, sample_rate=rate)
     token = mint_local_token(server.settings, "codec-tester", 600)
-    return await stream_messages(url, messages, seconds, token=token, realtime=False, settle_seconds=2.5)
+    return await stream_messages(url, messages, seconds, token=token, realtime=False, settle_seconds=5.0)
 
 
 @pytest.mark.slow
@@ -50,9 +49,11 @@ async def test_every_codec_transcribes_within_2_points_of_pcm16(gateway, develop
         assert result.close_code == 1000, (codec, result.close_code, result.close_reason)
         wers[(codec, rate)] = word_errors(reference, result.transcript())[0] / words
     print({f"{c}@{r}": round(w, 3) for (c, r), w in wers.items()})
-    baseline = wers[("pcm16", 16000)]
-    for key, wer in wers.items():
-        assert wer <= baseline + 0.02, (key, wer, baseline)
+    for (codec, rate), wer in wers.items():
+        # 8 kHz audio carries no band above 4 kHz (tiny.en loses the espeak sentences there even
+        # offline), so 8 kHz codecs are held to 16-bit PCM at the same 8 kHz.
+        baseline = wers[("pcm16", 8000)] if rate == 8000 else wers[("pcm16", 16000)]
+        assert wer <= baseline + 0.02, ((codec, rate), wer, baseline)
 
 
 def garbage_messages(rng: random.Random, count: int) -> list[bytes]:

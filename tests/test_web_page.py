@@ -111,8 +111,11 @@ def test_conversation_panel_follows_the_rest_api(gateway, tmp_path):
     answer = httpx.get(f"{gateway.http}/v1/conversations", headers={"Authorization": f"Bearer {token}"})
     with chromium(tmp_path / "profile") as browser:
         page = browser.new_page()
-        page.goto(f"{gateway.http}/")
-        expect(page.locator("#identity")).to_contain_text("Signed in", timeout=10_000)
+        with page.expect_response(lambda r: "/v1/conversations" in r.url, timeout=10_000) as listing:
+            page.goto(f"{gateway.http}/")
+        response = listing.value
+        assert response.request.headers["authorization"].startswith("Bearer ey")
+        assert response.status == answer.status_code
         panel = page.locator("#conversations")
         if answer.status_code == 200:
             expect(panel).to_be_visible(timeout=10_000)

@@ -164,26 +164,36 @@ class AACDecoder(Decoder):
         return [pcm for pcm in map(self._to_16k_mono, decoded) if len(pcm)]
 
     def _to_16k_mono(self, frame: av.AudioFrame) -> np.ndarray:
-        planes = frame.to_ndarray()  # float planar (channels, samples): FFmpeg's AAC output
-        if planes.ndim == 1 or frame.format.is_packed:  # defensive: not what FFmpeg's AAC decoder gives
+        planes = frame.to_ndarray()  # float32 planar (channels, samples): FFmpeg's AAC output
+        if frame.format.is_packed:  # defensive: not what FFmpeg's AAC decoder gives
             planes = planes.reshape(-1, len(frame.layout.channels)).T
-        mono = planes.mean(axis=0) if planes.shape[0] > 1 else planes[0]
-        pcm = np.clip(np.rint(mono * 32768.0), -32768, 32767).astype(np.int16)
+        if len(planes) == 1:
+            mono = planes[0]
+        else:
+            mono = planes[0] + planes[1] if len(planes) == 2 else planes.sum(axis=0)
+            mono *= 1.0 / len(planes)
         if self._priming_left:
-            cut = min(self._priming_left, len(pcm))
+            cut = min(self._priming_left, len(mono))
             self._priming_left -= cut
-            pcm = pcm[cut:]
+            mono = mono[cut:]
         if self._resampler is None or self._resampler.rate != frame.sample_rate:
-            tail = self._resampler.flush() if self._resampler is not None else no_samples()
-            self._resampler = StreamResampler(frame.sample_rate)
-            return np.concatenate([tail, self._resampler.process(pcm)])
-        return self._resampler.process(pcm)
+            # First frame, or the stream changed rate: finish the old resampler's tail first.
+            tail = self._resampler.flush() if self._resampler is not None else np.zeros(0, np.float32)
+            self._resampler = StreamResampler(frame.sample_rate, dtype="float32")
+            return _to_int16(np.concatenate([tail, self._resampler.process(mono)]))
+        return _to_int16(self._resampler.process(mono))
 
     def flush(self) -> np.ndarray:
-        return self._resampler.flush() if self._resampler is not None else no_samples()
+        return _to_int16(self._resampler.flush()) if self._resampler is not None else no_samples()
 
     def close(self) -> None:
         self._context = None
         self._resampler = None
 
 
+def _to_int16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] → int16, rounded and clipped (as FFmpeg converts fltp → s16)."""
+    scaled = samples * 32768.0
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, -32768, 32767, out=scaled)
+    return scaled.astype(np.int16)

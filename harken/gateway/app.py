@@ -16,6 +16,7 @@ from ..stt.whisper import WhisperProvider
 from .auth import build_authenticator
 from .context import Gateway
 from .listen import listen_endpoint, web_listen_endpoint
+from .web import web_routes
 
 log = logging.getLogger("harken.app")
 
@@ -44,6 +45,7 @@ def create_app(settings: Settings) -> Starlette:
             WebSocketRoute("/v4/web/listen", web_listen_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            *web_routes(settings),          # GET /, /static/*, POST /v1/local/token
         ],
         lifespan=lifespan,
     )

@@ -57,7 +57,7 @@ def web_routes(settings: Settings) -> list[BaseRoute]:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=_PAGE_HEADERS)
 
     async def local_token(request: Request) -> Response:
-        refusal = local_token_refusal(settings, request)
+        refusal = _local_token_refusal(settings, request)
         if refusal:
             return JSONResponse({"error": refusal}, status_code=403)
         uid = await _requested_uid(request)
@@ -75,7 +75,7 @@ def web_routes(settings: Settings) -> list[BaseRoute]:
     ]
 
 
-def local_token_refusal(settings: Settings, request: Request) -> str | None:
+def _local_token_refusal(settings: Settings, request: Request) -> str | None:
     """Why this request may not get a token from the server itself, or None if it may."""
     paste = "paste a token from `harken token` into the page instead"
     if settings.auth != "local":

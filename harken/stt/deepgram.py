@@ -141,7 +141,8 @@ class DeepgramStream(STTStream):
                 await self._conn.send_close_stream()
                 await asyncio.wait_for(asyncio.shield(receive), CLOSE_SECONDS)
         except TimeoutError:
-            log.info("deepgram did not close within %.0fs of CloseStream", CLOSE_SECONDS)
+            self._words.fail(StreamFailure(f"deepgram did not finish within {CLOSE_SECONDS:.0f}s of CloseStream",
+                                           reason="stalled"))
         finally:
             receive.cancel()
             await self._exit.aclose()

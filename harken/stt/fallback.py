@@ -524,19 +524,21 @@ class FallbackStream(STTStream):
         """Stall detection and switch-back; returns an outcome or raises a stall."""
         policy = self.policy
         tick = max(0.01, min(0.25, policy.result_timeout / 4))
-        progress = active.settled()
-        progress_at, sent_at = time.monotonic(), active.sent
+        progress, progress_at = active.settled(), time.monotonic()
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
             settled = active.settled()
             if settled is not None:
                 if settled != progress:
-                    progress, progress_at, sent_at = settled, now, active.sent
-                elif (now - progress_at >= policy.result_timeout
-                      and (active.sent - sent_at) / SAMPLE_RATE >= policy.result_timeout / 2):
-                    raise StreamFailure(f"{active.name} reported nothing for {now - progress_at:.1f}s "
-                                        f"while audio flowed", reason="stalled")
+                    progress, progress_at = settled, now
+                elif now - progress_at >= policy.result_timeout:
+                    # Audio the provider has not accounted for. An idle client leaves only the
+                    # provider's latency here; at close every unanswered sample counts.
+                    pending = active.sent / SAMPLE_RATE - settled
+                    if pending >= (policy.seam_tolerance if active.close_requested else policy.result_timeout / 2):
+                        raise StreamFailure(f"{active.name} reported nothing for {now - progress_at:.1f}s with "
+                                            f"{pending:.1f}s of audio unanswered", reason="stalled")
             better = [i for i in self._recovered if i < active.index and i not in self._dead]
             if not better:
                 continue

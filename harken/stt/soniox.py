@@ -187,7 +187,8 @@ class SonioxStream(STTStream):
                 await self._session.finish()
                 await asyncio.wait_for(asyncio.shield(receive), CLOSE_SECONDS)
         except TimeoutError:
-            log.info("soniox did not finish within %.0fs", CLOSE_SECONDS)
+            self._words.fail(StreamFailure(f"soniox did not finish within {CLOSE_SECONDS:.0f}s of the end of audio",
+                                           reason="stalled"))
         finally:
             receive.cancel()
             with contextlib.suppress(Exception):

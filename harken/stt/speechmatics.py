@@ -169,6 +169,9 @@ class SpeechmaticsStream(STTStream):
         self._closing = True
         try:
             await asyncio.wait_for(self._client.stop_session(), CLOSE_SECONDS)
+        except TimeoutError:
+            self._words.fail(StreamFailure(f"speechmatics sent no EndOfTranscript within {CLOSE_SECONDS:.0f}s",
+                                           reason="stalled"))
         except Exception as exc:  # noqa: BLE001 - closing a broken session may fail in many ways
             log.debug("speechmatics stop_session: %r", exc)
         finally:
@@ -203,7 +206,7 @@ class SpeechmaticsStream(STTStream):
 
     async def _watch_session(self, done: asyncio.Event) -> None:
         await done.wait()
-        if self._ended or (self._closing and self._error is None):
+        if self._ended:
             return
         if self._error is not None:
             self._words.fail(self._failure("speechmatics error", "provider_error"))

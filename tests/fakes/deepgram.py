@@ -55,6 +55,8 @@ class FakeDeepgram(FakeServer):
             except TimeoutError:
                 await ws.close(1011, "NET-0001")
                 return
+            if connection.stalled:
+                continue            # a stalled server reads on but never answers
             if isinstance(message, bytes):
                 if not message:
                     connection.controls["empty_frame"] += 1

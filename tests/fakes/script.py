@@ -295,3 +295,52 @@ def new_id(server: FakeServer) -> str:
 async def idle_recv(ws: ServerConnection, timeout: float) -> Any:
     """``recv`` that raises ``TimeoutError`` after ``timeout`` seconds without a message."""
     return await asyncio.wait_for(ws.recv(), timeout)
+
+
+@dataclass
+class Played:
+    words: list                      # Word objects as the stream yielded them
+    providers: list[str]             # stream.provider_name right after each word (FallbackStream)
+    error: BaseException | None = None       # what iteration raised
+    send_error: BaseException | None = None  # what send() raised (sending stops there)
+
+
+async def play(stream: Any, seconds: float, *, chunk: float = 0.1, speed: float | None = None,
+               pause_every: float = 1.0, close: bool = True, start_sample: int = 0) -> Played:
+    """Send ``seconds`` of timecode audio to ``stream`` while collecting its words, then close it.
+
+    ``speed`` is times real time (None: as fast as the stream takes it, yielding to the loop once
+    per ``pause_every`` seconds of audio so sockets and fakes keep up).
+    """
+    played = Played([], [])
+
+    async def read() -> None:
+        try:
+            async for word in stream:
+                played.words.append(word)
+                played.providers.append(getattr(stream, "provider_name", "?"))
+        except Exception as exc:  # noqa: BLE001 - the caller asserts on it
+            played.error = exc
+
+    reader = asyncio.create_task(read())
+    step = int(chunk * SAMPLE_RATE)
+    total = int(seconds * SAMPLE_RATE)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for n, position in enumerate(range(start_sample, start_sample + total, step)):
+        try:
+            await stream.send(timecode(position, min(step, start_sample + total - position)))
+        except Exception as exc:  # noqa: BLE001 - the caller asserts on it
+            played.send_error = exc
+            break
+        sent = (position - start_sample + step) / SAMPLE_RATE
+        if speed is not None:
+            await asyncio.sleep(max(0.0, began + sent / speed - loop.time()))
+        elif n % max(1, int(pause_every / chunk)) == 0:
+            await asyncio.sleep(0.001)
+    if close:
+        await stream.close()
+        await reader
+    else:
+        reader.cancel()
+    return played

@@ -43,6 +43,8 @@ class FakeSoniox(FakeServer):
             except TimeoutError:
                 await ws.close(1000, "idle")
                 return
+            if connection.stalled:
+                continue            # a stalled server reads on but never answers
             if message in ("", b""):
                 await self.respond(ws, connection, listener.due(flush=True), state, flush=True)
                 await self.send(ws, connection, {"tokens": [], "final_audio_proc_ms": int(listener.now * 1000),

@@ -48,6 +48,8 @@ class FakeSpeechmatics(FakeServer):
                 await ws.send(json.dumps({"message": "Error", "type": "idle_timeout", "reason": "idle"}))
                 await ws.close(1008, "policy_violation")
                 return
+            if connection.stalled:
+                continue            # a stalled server reads on but never answers
             if isinstance(message, bytes):
                 seq_no += 1
                 await self.send(ws, connection, {"message": "AudioAdded", "seq_no": seq_no})

@@ -273,6 +273,7 @@ async function start() {
     });
   } catch (error) {
     live = null;
+    session.encoder.flush().catch(() => {});
     setStatus(`Microphone unavailable: ${error.message}`, "error");
     $("start").disabled = false;
     return;
@@ -308,6 +309,7 @@ function onMessage(session, raw) {
   } catch (error) {
     return;
   }
+  if (!message || typeof message !== "object") return;
   if (Array.isArray(message)) {
     upsertSegments(message);
     return;
@@ -360,7 +362,7 @@ async function onClose(session, event) {
   $("stop").disabled = true;
   $("start").disabled = false;
   $("level").value = 0;
-  if (session.stopping && event.code === 1000) {
+  if (session.stopping) {
     setStatus("Stopped.");
   } else {
     const known = CLOSE_MESSAGES[event.code] || `Connection closed (${event.code}).`;
@@ -408,14 +410,15 @@ async function stop() {
       }
     }, 100);
   });
-  if (session.ws.readyState === WebSocket.OPEN) session.ws.close(1000, "stopped");
+  if (session.ws.readyState <= WebSocket.OPEN) session.ws.close(1000, "stopped");
 }
 
 // --- conversations (REST API; the panel stays hidden where the server has none) --------------
 
 async function api(path) {
-  if (!auth.token) return { ok: false, status: 401 };
-  const response = await fetch(path, { headers: { Authorization: `Bearer ${auth.token}` } });
+  const token = await ensureToken();      // a minted token may have expired since the last call
+  if (!token) return { ok: false, status: 401 };
+  const response = await fetch(path, { headers: { Authorization: `Bearer ${token}` } });
   return { ok: response.ok, status: response.status, body: response.ok ? await response.json() : null };
 }
 

@@ -1,0 +1,186 @@
+"""Decode cost of every codec, against copying raw pcm16 measured in the same run.
+
+    .venv/bin/python bench/bench_codecs.py [--seconds 10] [--repeats 5]
+
+For each codec (as a device sends it, see harken/codecs/encode.py): CPU time to decode one
+second of audio into 16 kHz mono int16 (decoding + mixing + resampling), the ratio to the
+baseline (``np.frombuffer`` of the same audio as 10 ms pcm16 messages), per-message p50/p99
+(what one message costs the event loop), decoder construction time and per-connection memory.
+Goal: every codec under 2 ms of CPU per second of audio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import tracemalloc
+import wave
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harken.codecs import decoder_for  # noqa: E402
+from harken.codecs.encode import encode_for_device, message_duration  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "codec-vectors" / "speech16k.wav"
+
+CASES = [  # (codec, sample rate, channels)
+    ("pcm16", 16000, 1),
+    ("pcm8", 8000, 1),
+    ("pcm16", 44100, 1),
+    ("opus", 16000, 1),
+    ("opus_fs320", 16000, 1),
+    ("opus", 48000, 1),
+    ("opus", 8000, 1),
+    ("opus", 16000, 2),
+    ("aac", 16000, 1),
+    ("aac", 48000, 2),
+    ("lc3", 16000, 1),
+    ("lc3_fs1030", 16000, 1),
+    ("lc3", 48000, 1),
+]
+
+
+def speech(seconds: float) -> np.ndarray:
+    with wave.open(str(REFERENCE), "rb") as wav:
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    return np.resize(pcm, int(seconds * 16000)).astype(np.int16)
+
+
+def cpu_per_audio_second(open_stream, messages, audio_seconds: float, repeats: int) -> float:
+    """Median over ``repeats`` of the CPU time to decode ``messages``, in µs per audio second.
+
+    ``open_stream()`` returns (decode one message, flush): called outside the clock, because
+    construction is measured on its own.
+    """
+    times = []
+    for _ in range(repeats):
+        decode, flush = open_stream()
+        gc.collect()
+        start = time.process_time()
+        for message in messages:
+            decode(message)
+        flush()
+        times.append(time.process_time() - start)
+    return statistics.median(times) / audio_seconds * 1e6
+
+
+def raw_copy():
+    """The baseline: what pcm16 costs at the very least, viewing each message as samples."""
+    return (lambda message: np.frombuffer(message, dtype="<i2")), (lambda: None)
+
+
+def harken_decoder(codec: str, rate: int, channels: int):
+    def open_stream():
+        decoder = decoder_for(codec, rate, channels)
+        return decoder.decode, decoder.flush
+
+    return open_stream
+
+
+def library_wrappers(audio: np.ndarray, seconds: float, repeats: int) -> None:
+    """The wrappers harken's decoders bypass, measured the same way (why they are bypassed)."""
+    import lc3
+    import opuslib
+
+    opus_packets = encode_for_device(audio, "opus", 16000)
+
+    def opuslib_stream():
+        decoder = opuslib.Decoder(16000, 1)
+        return (lambda packet: np.frombuffer(decoder.decode(packet, 1920), dtype="<i2")), (lambda: None)
+
+    lc3_frames = encode_for_device(audio, "lc3", 16000)
+
+    def lc3py_stream():
+        decoder = lc3.Decoder(10000, 16000)
+        return (lambda frame: np.frombuffer(decoder.decode(frame, bit_depth=16), dtype="<i2")), (lambda: None)
+
+    start = time.perf_counter()
+    for _ in range(20):
+        lc3.Decoder(10000, 16000)
+    lc3py_new = (time.perf_counter() - start) / 20 * 1e6
+    print("\nlibrary wrappers bypassed by harken (same audio, same measure):")
+    print(f"  opuslib Decoder.decode, opus 16 kHz 10 ms: "
+          f"{cpu_per_audio_second(opuslib_stream, opus_packets, seconds, repeats):.0f} µs/audio s")
+    print(f"  lc3py Decoder.decode, lc3 16 kHz 40 B:    "
+          f"{cpu_per_audio_second(lc3py_stream, lc3_frames, seconds, repeats):.0f} µs/audio s;"
+          f" lc3.Decoder() {lc3py_new:.0f} µs (forks ldconfig), never freed")
+
+
+def per_message_percentiles(codec: str, rate: int, channels: int, messages) -> tuple[float, float]:
+    decoder = decoder_for(codec, rate, channels)
+    costs = []
+    for message in messages:
+        start = time.perf_counter()
+        decoder.decode(message)
+        costs.append(time.perf_counter() - start)
+    costs.sort()
+    return costs[len(costs) // 2] * 1e6, costs[int(len(costs) * 0.99)] * 1e6
+
+
+def construction(codec: str, rate: int, channels: int, count: int = 200) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        decoder_for(codec, rate, channels).close()
+    return (time.perf_counter() - start) / count * 1e6
+
+
+def connection_memory(codec: str, rate: int, channels: int, first_second, count: int = 200) -> tuple[float, float]:
+    """(RSS KiB, Python-heap KiB) per live decoder that has decoded one second."""
+    gc.collect()
+    rss_before = psutil.Process().memory_info().rss
+    tracemalloc.start()
+    decoders = []
+    for _ in range(count):
+        decoder = decoder_for(codec, rate, channels)
+        for message in first_second:
+            decoder.decode(message)
+        decoders.append(decoder)
+    python_heap, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    gc.collect()
+    rss = psutil.Process().memory_info().rss - rss_before
+    del decoders
+    return rss / count / 1024, python_heap / count / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio per run")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    audio = speech(args.seconds)
+    raw = audio.tobytes()
+    raw_messages = [raw[i:i + 320] for i in range(0, len(raw), 320)]
+    base = cpu_per_audio_second(raw_copy, raw_messages, args.seconds, args.repeats)
+    print(f"{args.seconds:g} s of speech, median of {args.repeats} runs, CPU time (process_time)")
+    print(f"baseline: np.frombuffer of 10 ms pcm16 messages = {base:.1f} µs per audio second\n")
+    header = (f"{'codec':<11}{'rate':>6}{'ch':>3}{'msg ms':>8}{'µs/audio s':>12}{'× base':>8}"
+              f"{'msg p50 µs':>12}{'msg p99 µs':>12}{'new µs':>9}{'RSS KiB':>9}{'heap KiB':>10}")
+    print(header)
+    print("-" * len(header))
+    worst = 0.0
+    for codec, rate, channels in CASES:
+        messages = encode_for_device(audio, codec, rate, channels)
+        per_message = message_duration(codec, rate)
+
+        cost = cpu_per_audio_second(harken_decoder(codec, rate, channels), messages, args.seconds, args.repeats)
+        worst = max(worst, cost)
+        p50, p99 = per_message_percentiles(codec, rate, channels, messages)
+        first_second = messages[: max(1, round(1 / per_message))]
+        rss, heap = connection_memory(codec, rate, channels, first_second)
+        print(f"{codec:<11}{rate:>6}{channels:>3}{per_message * 1000:>8.1f}{cost:>12.0f}{cost / base:>8.1f}"
+              f"{p50:>12.1f}{p99:>12.1f}{construction(codec, rate, channels):>9.0f}{rss:>9.0f}{heap:>10.1f}")
+    print(f"\nworst codec: {worst / 1000:.2f} ms CPU per audio second (goal < 2 ms)")
+    library_wrappers(audio, args.seconds, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
