@@ -2,11 +2,13 @@
 
 - ``reference_pcm()``: the 2 s, 16 kHz speech signal every codec vector was made from.
 - ``vector_*``: the committed codec vectors (see data/codec-vectors/README.md), as messages.
-- ``device_messages(codec, rate, channels)``: the reference encoded as a device sends it (cached).
+- ``encoded_messages(codec, rate, channels)``: the reference encoded as a device sends it (cached).
 - ``alignment(decoded, reference)``: the codec delay found by cross-correlation, and the
   normalised correlation at that delay.
-- ``garbage_messages(codec, ...)``: hypothesis strategy of hostile messages (random bytes,
-  truncated and bit-flipped real frames, huge frames up to 64 KiB, real frames with junk around).
+- ``hostile_message(valid, seed, kind)``: one deterministic hostile message (random bytes, bytes
+  without any sync word, truncated or bit-flipped real frames, huge messages up to 64 KiB, real
+  frames with junk around, fake sync words); ``garbage_messages(valid)`` is its hypothesis
+  strategy. ``valid`` is a tuple of real messages, e.g. ``encoded_messages("aac", 16000)``.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def vector_lc3_frames(name: str, frame_bytes: int) -> list[bytes]:
 
 
 @functools.cache
-def device_messages(codec: str, rate: int, channels: int = 1, **options) -> tuple[bytes, ...]:
+def encoded_messages(codec: str, rate: int, channels: int = 1, **options) -> tuple[bytes, ...]:
     """The reference signal as the messages a device streaming ``codec`` sends (cached)."""
     return tuple(encode_for_device(reference_pcm(), codec, rate, channels, **options))
 
@@ -146,7 +148,8 @@ def hostile_message(valid: tuple[bytes, ...], seed: int, kind: str | None = None
     elif kind == "junk_around":
         message = noise(int(rng.integers(0, 40))) + frame + noise(int(rng.integers(0, 40)))
     elif kind == "fake_sync":  # the bytes an ADTS or Opus parser keys on, with junk behind
-        message = (b"\xff\xf1", b"\xff", b"\x00" * 7, b"\x43\xbf")[int(rng.integers(4))] + noise(int(rng.integers(1, 300)))
+        prefix = (b"\xff\xf1", b"\xff", b"\x00" * 7, b"\x43\xbf")[int(rng.integers(4))]
+        message = prefix + noise(int(rng.integers(1, 300)))
     else:
         raise ValueError(kind)
     message = message[:MAX_MESSAGE]

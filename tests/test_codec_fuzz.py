@@ -18,7 +18,7 @@ from .codec_samples import (
     CODECS,
     alignment,
     decode_all,
-    device_messages,
+    encoded_messages,
     garbage_messages,
     hostile_message,
 )
@@ -41,7 +41,7 @@ def _decode_or_drop(decoder, message: bytes) -> np.ndarray | None:
 
 def _setup(codec: str, channels: int = 1):
     rate = default_rate(codec)
-    valid = device_messages(codec, rate, channels)
+    valid = encoded_messages(codec, rate, channels)
     clean = decode_all(decoder_for(codec, rate, channels), valid)
     return rate, valid, clean
 
@@ -79,7 +79,7 @@ def test_garbage_between_good_messages_changes_nothing_after_it(codec):
 @pytest.mark.parametrize("channels", [1, 2])
 def test_only_decode_error_escapes(codec, channels):
     rate = default_rate(codec)
-    valid = device_messages(codec, rate, channels)
+    valid = encoded_messages(codec, rate, channels)
 
     @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(st.one_of(garbage_messages(valid), st.binary(min_size=3, max_size=64)), max_size=10))
@@ -120,7 +120,7 @@ def test_memory_stays_flat_under_a_garbage_flood(codec):
     # grow by megabytes per round.
     rate, valid, _ = _setup(codec)
     decoder = decoder_for(codec, rate, 2 if codec in ("opus", "lc3") else 1)
-    valid = device_messages(codec, rate, decoder.channels)
+    valid = encoded_messages(codec, rate, decoder.channels)
     messages = [hostile_message(valid, seed) for seed in range(100)]
     messages += [hostile_message(valid, seed, "random_huge") for seed in range(20)]
     messages += [hostile_message(valid, seed, "sync_free_huge") for seed in range(20)]
@@ -164,7 +164,7 @@ def test_a_long_run_of_garbage_is_not_buffered(codec):
 def test_connections_come_and_go_without_leaking(codec):
     # lc3py's own Decoder never frees its native state: 1000 stereo 16 kHz ones grow RSS by ~7 MB.
     rate = default_rate(codec)
-    first_message = device_messages(codec, rate, 2)[0]
+    first_message = encoded_messages(codec, rate, 2)[0]
 
     def connection() -> None:
         decoder = decoder_for(codec, rate, 2)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -31,7 +34,7 @@ from .codec_samples import (
     alignment,
     band_limited_reference,
     decode_all,
-    device_messages,
+    encoded_messages,
     reference_pcm,
     vector_adts_frames,
     vector_bytes,
@@ -77,14 +80,14 @@ def test_pcm8_is_16_bit_audio_at_8khz_upsampled():
 
 
 def test_pcm16_at_44100():
-    messages = device_messages("pcm16", 44100)
+    messages = encoded_messages("pcm16", 44100)
     assert len(messages[0]) == 2 * 441  # 10 ms at 44.1 kHz
     correlation, lag = alignment(decode_all(decoder_for("pcm16", 44100), messages), reference_pcm())
     assert correlation >= 0.99 and lag < 8
 
 
 def test_declared_rate_wins_over_the_codec_name():
-    out = decode_all(decoder_for("pcm8", 16000), device_messages("pcm16", 16000))
+    out = decode_all(decoder_for("pcm8", 16000), encoded_messages("pcm16", 16000))
     assert np.array_equal(out, reference_pcm())
 
 
@@ -112,7 +115,7 @@ def test_opus_10ms_vector_lines_up_with_the_source():
 def test_opus_every_rate_and_packet_duration(rate, packet_ms):
     # 2.5 and 5 ms packets at 32 kbps are 10 and 20 bytes: a device sending them spends more.
     bitrate = 64000 if packet_ms < 10 else 32000
-    messages = device_messages("opus", rate, frame_ms=packet_ms, bitrate=bitrate)
+    messages = encoded_messages("opus", rate, frame_ms=packet_ms, bitrate=bitrate)
     assert {opus_packet_duration(m) for m in messages} == {int(packet_ms * 48)}
     out = decode_all(decoder_for("opus", rate), messages)
     correlation, lag = alignment(out, band_limited_reference(rate))
@@ -175,10 +178,13 @@ def test_opus_packet_checks_agree_with_libopus_parser(packet):
     ],
 )
 def test_opus_malformed_packets_are_refused_with_the_rule_named(packet, rule):
-    decoder = decoder_for("opus", 16000)
     with pytest.raises(DecodeError, match=rule):
-        decoder.decode(packet) if packet else opus_packet_duration(packet)
-    assert len(decoder.decode(device_messages("opus", 16000)[50])) == 160  # still usable
+        opus_packet_duration(packet)
+    decoder = decoder_for("opus", 16000)
+    if packet:  # an empty message is not a packet: decode returns no samples for it
+        with pytest.raises(DecodeError, match=rule):
+            decoder.decode(packet)
+    assert len(decoder.decode(encoded_messages("opus", 16000)[50])) == 160  # still usable
 
 
 # -- AAC -------------------------------------------------------------------------------------------
@@ -214,13 +220,13 @@ def test_aac_frames_split_at_random_points_decode_the_same(cuts):
 
 @pytest.mark.parametrize("rate", [8000, 16000, 24000, 44100, 48000])
 def test_aac_at_device_rates(rate):
-    out = decode_all(decoder_for("aac", rate), device_messages("aac", rate))
+    out = decode_all(decoder_for("aac", rate), encoded_messages("aac", rate))
     correlation, lag = alignment(out, band_limited_reference(rate))
     assert correlation >= LOSSY_MIN_CORRELATION and lag <= 2
 
 
 def test_aac_adts_header_wins_over_the_declared_rate():
-    out = decode_all(decoder_for("aac", 16000), device_messages("aac", 48000))
+    out = decode_all(decoder_for("aac", 16000), encoded_messages("aac", 48000))
     correlation, _ = alignment(out, reference_pcm())
     assert correlation >= LOSSY_MIN_CORRELATION
 
@@ -237,11 +243,32 @@ def test_aac_decoder_recovers_from_an_end_of_stream_context():
     assert len(decoder.decode(frames[2])) == 1024
 
 
+def test_ffmpeg_stays_quiet_on_garbage_even_if_logging_was_turned_on():
+    # Another library may have routed FFmpeg's log to Python logging (which prints warnings to
+    # stderr); a client sending garbage must not be able to flood the server's stderr.
+    script = (
+        "import av.logging, numpy as np\n"
+        "av.logging.set_level(av.logging.VERBOSE)\n"
+        "from harken.codecs import decoder_for, DecodeError\n"
+        "decoder = decoder_for('aac', 16000)\n"
+        "for seed in range(30):\n"
+        "    junk = np.random.default_rng(seed).integers(0, 256, 300, dtype=np.uint8).tobytes()\n"
+        "    try:\n"
+        "        decoder.decode(b'\\xff\\xf1\\x50\\x80\\x26\\x00\\xfc' + junk)\n"
+        "    except DecodeError:\n"
+        "        pass\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
 def test_empty_message_never_reaches_a_codec():
     for codec in CODECS:
         decoder = decoder_for(codec, default_rate(codec))
         assert len(decoder.decode(b"")) == 0
-        assert len(decode_all(decoder, device_messages(codec, default_rate(codec)))) > 30000
+        assert len(decode_all(decoder, encoded_messages(codec, default_rate(codec)))) > 30000
 
 
 # -- ADTS framing (pure) ---------------------------------------------------------------------------
@@ -280,7 +307,7 @@ def test_lc3_frame_length_comes_from_the_message():
 @pytest.mark.parametrize("codec", ["lc3", "lc3_fs1030"])
 @pytest.mark.parametrize("rate", LC3_RATES)
 def test_lc3_every_rate(codec, rate):
-    out = decode_all(decoder_for(codec, rate), device_messages(codec, rate))
+    out = decode_all(decoder_for(codec, rate), encoded_messages(codec, rate))
     correlation, _ = alignment(out, band_limited_reference(rate))
     assert correlation >= LOSSY_MIN_CORRELATION
 
@@ -294,7 +321,7 @@ def test_lc3_refuses_rates_lc3_does_not_have(rate):
 def test_lc3_fs1030_refuses_a_message_that_is_not_whole_frames():
     decoder = decoder_for("lc3_fs1030", 16000)
     with pytest.raises(DecodeError):
-        decoder.decode(device_messages("lc3_fs1030", 16000)[0][:-1])
+        decoder.decode(encoded_messages("lc3_fs1030", 16000)[0][:-1])
 
 
 # -- stereo ----------------------------------------------------------------------------------------
@@ -324,7 +351,7 @@ def test_only_mono_and_stereo(channels):
 @pytest.mark.parametrize("codec", CODECS)
 def test_message_duration_paces_the_audio(codec):
     rate = default_rate(codec)
-    messages = device_messages(codec, rate)
+    messages = encoded_messages(codec, rate)
     seconds = message_duration(codec, rate)
     audio_seconds = len(reference_pcm()) / RATE
     # The last message is padded to a whole frame, and AAC adds its encoder's 1024-sample priming.
@@ -332,16 +359,16 @@ def test_message_duration_paces_the_audio(codec):
 
 
 def test_device_message_shapes():
-    assert {len(m) for m in device_messages("lc3", 16000)} == {40}
-    assert {len(m) for m in device_messages("lc3_fs1030", 16000)[:-1]} == {90}
-    assert {opus_packet_duration(m) for m in device_messages("opus_fs320", 16000)} == {960}
-    assert all(m[:2] in (b"\xff\xf1", b"\xff\xf9") for m in device_messages("aac", 16000))
+    assert {len(m) for m in encoded_messages("lc3", 16000)} == {40}
+    assert {len(m) for m in encoded_messages("lc3_fs1030", 16000)[:-1]} == {90}
+    assert {opus_packet_duration(m) for m in encoded_messages("opus_fs320", 16000)} == {960}
+    assert all(m[:2] in (b"\xff\xf1", b"\xff\xf9") for m in encoded_messages("aac", 16000))
 
 
 # -- construction ----------------------------------------------------------------------------------
 async def test_open_decoder_builds_a_working_decoder_off_the_loop():
     decoder = await open_decoder("lc3_fs1030", 16000, 1)
-    assert len(decoder.decode(device_messages("lc3_fs1030", 16000)[10])) == 480
+    assert len(decoder.decode(encoded_messages("lc3_fs1030", 16000)[10])) == 480
     with pytest.raises(UnsupportedFormat):
         await open_decoder("opus", 44100, 1)
     with pytest.raises(UnsupportedFormat):

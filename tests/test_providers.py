@@ -265,7 +265,6 @@ async def test_mid_stream_failure_ends_iteration_with_a_retryable_stream_failure
         fake.plans = [Plan(fail_at=5.0, kind=kind)]
         stream = await provider_for(name, fake).open(StreamConfig(language="en"))
         played = await play(stream, 10.0, speed=40)
-        print("DBG", list(stream._words._items._queue)[-3:], getattr(stream, "_tasks", None))
     assert isinstance(played.error, StreamFailure)
     assert (played.error.reason, played.error.retryable) == (reason, True)
     if code is not None:

@@ -142,6 +142,22 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
+def equal_error_rate(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float]:
+    """``(eer, threshold)`` of same-speaker (``genuine``) and other-speaker (``impostor``) scores.
+
+    A score at or above the threshold is accepted. The threshold is the score at which the miss
+    rate (genuine below it) and the false-accept rate (impostor at or above it) are closest; the
+    EER is their mean there. Used to calibrate and check ``OWNER_SIMILARITY_THRESHOLD``.
+    """
+    genuine = np.sort(np.asarray(genuine, dtype=np.float64))
+    impostor = np.sort(np.asarray(impostor, dtype=np.float64))
+    candidates = np.unique(np.concatenate((genuine, impostor)))
+    miss = np.searchsorted(genuine, candidates, side="left") / genuine.size
+    false_accept = 1.0 - np.searchsorted(impostor, candidates, side="left") / impostor.size
+    best = int(np.argmin(np.abs(miss - false_accept)))
+    return float((miss[best] + false_accept[best]) / 2), float(candidates[best])
+
+
 def mean_embedding(embeddings: list[np.ndarray] | np.ndarray) -> np.ndarray:
     """The L2-normalised mean of several embeddings (an enrolment from several clips)."""
     stacked = np.asarray(embeddings, dtype=np.float32).reshape(-1, EMBEDDING_DIM)

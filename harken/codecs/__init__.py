@@ -4,7 +4,8 @@
 ``UnsupportedFormat`` for a combination the codec cannot decode (a bad connection parameter).
 The gateway calls ``await open_decoder(...)``, the same thing run in a worker thread: building a
 decoder costs from microseconds (PCM, LC3, Opus) to a fraction of a millisecond (AAC opens an
-FFmpeg context, soxr builds its filters), which does not belong on the event loop. ``codecs.encode`` is the device side (for clients and tests).
+FFmpeg context, soxr builds its filters), which does not belong on the event loop.
+``harken.codecs.encode`` is the device side: audio → the messages a device sends.
 """
 
 from __future__ import annotations

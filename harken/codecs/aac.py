@@ -13,8 +13,9 @@ Framing is done here (``AdtsFramer``) rather than with FFmpeg's parser (``ctx.pa
 was tried first and measured worse on the two things that matter for a network edge: it buffers
 bytes that contain no ADTS sync word without limit (RSS grew by 20 MB after 300 messages of
 64 KiB of garbage), and it glues the garbage in front of the next real frame, so the first good
-frame after garbage was lost. The framer below keeps at most one partial frame (< 8 KiB), resyncs
-on the next header, and reports skipped bytes so that garbage is counted.
+frame after garbage was lost. The framer below keeps at most one partial frame (< 8 KiB: the
+frame length is a 13-bit field), resyncs on the next header, and reports skipped bytes so that
+garbage is counted.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import numpy as np
 from .base import Decoder, DecodeError, no_samples
 from .resample import StreamResampler
 
-PRIMING_SAMPLES = 1024  # what AAC encoders (FFmpeg's, Apple's, fdk) put before the audio
+PRIMING_SAMPLES = 1024  # encoder priming to strip (PROTOCOL §2); FFmpeg's AAC encoder writes exactly this
 HEADER_BYTES = 7  # 9 with a CRC
-MAX_FRAME_BYTES = (1 << 13) - 1  # frame_length is a 13-bit field
 _SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 _REPLACE_AFTER_FAILURES = 8  # consecutive undecodable frames after which the context is rebuilt
 

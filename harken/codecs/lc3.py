@@ -90,7 +90,6 @@ class LC3Decoder(Decoder):
             self._memory.append(memory)
             self._handles.append(handle)
         self._frame_samples = FRAME_US * output_rate // 1_000_000
-        self._pcm = np.zeros(self._frame_samples * channels, dtype=np.int16)  # interleaved output
 
     def _frames(self, message: bytes) -> list[bytes]:
         """Split a message into per-frame blocks (all channels of one frame); DecodeError if it cannot."""
@@ -113,21 +112,21 @@ class LC3Decoder(Decoder):
         if not message:
             return no_samples()
         frames = self._frames(bytes(message))
-        lib = _liblc3()
+        decode_frame = _liblc3().lc3_decode
         channels = self.channels
-        out = np.empty(len(frames) * self._frame_samples * channels, dtype=np.int16)
-        pcm_address = self._pcm.ctypes.data
+        block = self._frame_samples * channels  # interleaved samples of one frame
+        out = np.empty(len(frames) * block, dtype=np.int16)
+        address = out.ctypes.data
         corrupt = 0
         for index, frame in enumerate(frames):
             per_channel = len(frame) // channels
             for channel, handle in enumerate(self._handles):
-                data = frame[channel * per_channel:(channel + 1) * per_channel]
-                status = lib.lc3_decode(handle, data, per_channel, _PCM_S16, pcm_address + 2 * channel, channels)
+                data = frame[channel * per_channel:(channel + 1) * per_channel] if channels > 1 else frame
+                pcm = address + 2 * (index * block + channel)  # liblc3 writes every channels-th sample
+                status = decode_frame(handle, data, per_channel, _PCM_S16, pcm, channels)
                 if status < 0:
                     raise DecodeError(f"liblc3 rejected a {per_channel}-byte frame")
                 corrupt += status == _PLC
-            start = index * len(self._pcm)
-            out[start:start + len(self._pcm)] = self._pcm
         if corrupt:
             # liblc3 concealed the invalid frames, so its state is consistent and the next frame
             # decodes normally. The message is reported whole: a real device's frames arrive

@@ -406,7 +406,8 @@ class LiveConversation:
                 self._queue_chunk(*remainder)
             if self._last_audio is not None:
                 try:
-                    await asyncio.wait_for(asyncio.shield(self._last_audio), CLOSE_FLUSH_TIMEOUT)
+                    async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
+                        await asyncio.shield(self._last_audio)
                 except TimeoutError:
                     log.warning("audio chunks of sid=%s still queued at close", self.session_id)
         async with self._lock:           # let an in-flight save_batch finish first

@@ -98,7 +98,8 @@ class OutboxDeliverer:
                                    if task.cancelled()]
         if self._settlement:
             try:
-                await asyncio.wait_for(self.store.settle_outbox(self._take_settlement()), 5.0)
+                async with asyncio.timeout(5.0):
+                    await self.store.settle_outbox(self._take_settlement())
             except Exception:
                 log.warning("could not record the last delivery outcomes; those rows will be sent again")
         if self._client is not None:
@@ -139,8 +140,11 @@ class OutboxDeliverer:
                 log.warning("outbox: store unavailable (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that lands as the event fires, and stop() would then wait forever.
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

@@ -136,10 +136,10 @@ class DeepgramStream(STTStream):
         receive, keepalive = self._tasks
         keepalive.cancel()
         try:
-            with contextlib.suppress(ConnectionClosed):
-                self._close_sent = True
+            self._close_sent = True
+            with contextlib.suppress(ConnectionClosed):     # if it is gone, the receive task says why
                 await self._conn.send_close_stream()
-                await asyncio.wait_for(asyncio.shield(receive), CLOSE_SECONDS)
+            await asyncio.wait_for(asyncio.shield(receive), CLOSE_SECONDS)
         except TimeoutError:
             self._words.fail(StreamFailure(f"deepgram did not finish within {CLOSE_SECONDS:.0f}s of CloseStream",
                                            reason="stalled"))

@@ -182,10 +182,10 @@ class SonioxStream(STTStream):
         receive, keepalive = self._tasks
         keepalive.cancel()
         try:
-            with contextlib.suppress(SonioxRealtimeError):
-                self._finish_sent = True
+            self._finish_sent = True
+            with contextlib.suppress(SonioxRealtimeError):  # if it is gone, the receive task says why
                 await self._session.finish()
-                await asyncio.wait_for(asyncio.shield(receive), CLOSE_SECONDS)
+            await asyncio.wait_for(asyncio.shield(receive), CLOSE_SECONDS)
         except TimeoutError:
             self._words.fail(StreamFailure(f"soniox did not finish within {CLOSE_SECONDS:.0f}s of the end of audio",
                                            reason="stalled"))
@@ -211,10 +211,8 @@ class SonioxStream(STTStream):
                 except ValueError as exc:    # bad JSON or a payload that is not a Soniox event
                     raise StreamFailure(f"soniox sent a malformed message: {exc}",
                                         reason="malformed_response") from None
-                if event is None:
-                    if not self._finish_sent:
-                        raise StreamFailure("soniox closed the connection", reason="connection_lost")
-                    break
+                if event is None:        # closed without "finished": even after finish(), words may be missing
+                    raise StreamFailure("soniox closed the connection", reason="connection_lost")
                 if event.error_code is not None:
                     raise StreamFailure(f"soniox error {event.error_code}: {event.error_message}",
                                         reason="provider_error", retryable=retryable_status(event.error_code),

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -95,8 +96,8 @@ def position_of(samples: np.ndarray) -> int | None:
 class Listener:
     """One fake connection's ear: where its audio started, how much it heard, what is due."""
 
-    def __init__(self, script: list[ScriptWord], delay: float, partial_words: bool = False):
-        self.script, self.delay, self.partial_words = script, delay, partial_words
+    def __init__(self, script: list[ScriptWord], delay: float, partial_words: bool = False, time_shift: float = 0.0):
+        self.script, self.delay, self.partial_words, self.time_shift = script, delay, partial_words, time_shift
         self.origin: int | None = None          # stream sample index of this connection's first sample
         self.received = 0                       # bytes of audio
         self.discontinuities = 0                # frames that did not continue the previous one
@@ -145,11 +146,12 @@ class Listener:
             return []
         limit = self.position - (0.0 if flush else self.delay)
         out = []
+        shift = self.time_shift - self.offset
         if self._fragment is not None and self._fragment.end <= limit:
-            out.append(self._fragment.shifted(-self.offset))
+            out.append(self._fragment.shifted(shift))
             self._fragment = None
         while self._next < len(self.script) and self.script[self._next].end <= limit + 1e-9:
-            out.append(self.script[self._next].shifted(-self.offset))
+            out.append(self.script[self._next].shifted(shift))
             self._next += 1
         return out
 
@@ -171,12 +173,14 @@ class Plan:
     fail_at: float | None = None     # stream seconds (script clock) at which the connection fails
     kind: str = "close"              # close (the provider's own error close) | drop | stall | malformed
     partial_words: bool = False      # also report the tail of a word heard only in part
+    time_shift: float = 0.0          # report every time this much late (another engine's timing)
 
 
 @dataclass
 class Connection:
     request: Request
     plan: Plan
+    at: float = field(default_factory=time.monotonic)
     listener: Listener | None = None
     controls: Counter = field(default_factory=Counter)
     failed: bool = False
@@ -191,8 +195,12 @@ class FakeServer:
     auth_scheme = "Bearer"
     path = "/"
 
-    def __init__(self, script: list[ScriptWord], *, key: str = "test-key", delay: float = 0.05):
+    def __init__(self, script: list[ScriptWord], *, key: str = "test-key", delay: float = 0.05,
+                 compression: str | None = None):
         self.script, self.key, self.delay = script, key, delay
+        # Whether the real services negotiate permessage-deflate is not documented; it costs the
+        # client CPU on every audio frame, so it is off unless a test or benchmark asks for it.
+        self.compression = compression
         self.plans: list[Plan] = []
         self.connections: list[Connection] = []     # every handshake, refused ones included
         self._by_socket: dict[int, Connection] = {}
@@ -204,7 +212,7 @@ class FakeServer:
         # max_queue=None: a client feeding audio much faster than real time must not fill the
         # receive queue while the server closes, or the client's close reply is never read.
         self._server = await serve(self._handle, "127.0.0.1", 0, process_request=self._process_request,
-                                   max_size=2 ** 22, max_queue=None)
+                                   max_size=2 ** 22, max_queue=None, compression=self.compression)
         return self
 
     async def stop(self) -> None:
@@ -250,7 +258,8 @@ class FakeServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         connection = self._by_socket.pop(id(ws))
-        connection.listener = Listener(self.script, self.delay, connection.plan.partial_words)
+        plan = connection.plan
+        connection.listener = Listener(self.script, self.delay, plan.partial_words, plan.time_shift)
         try:
             await self.session(ws, connection)
         except ConnectionClosed:

@@ -1,0 +1,307 @@
+"""Who each diarized speaker of a session is: the device owner, a known person, or nobody known.
+
+One ``SpeakerIdentifier`` per session (reference/omi-listen-behaviour.md §5, done locally):
+
+- The session appends every decoded chunk to an ``AudioRing`` (60 s), so positions on the audio
+  clock address recent audio.
+- As segments grow, the session calls ``observe(speaker_id, start, end, segment_id)`` with times
+  on the audio clock. The first time a speaker with no mapping has a segment of at least 2 s, a
+  job is queued: at most 10 s from the middle of that segment is embedded off the event loop and
+  compared by cosine similarity with the owner's embedding and the known people's.
+- ``async for match in identifier.matches()`` yields each speaker that matched, so the session
+  can relabel its segments and send a ``speaker_label_suggestion``.
+- A client's ``speaker_assigned`` goes through ``assign``; it wins over automatic matches, before
+  or after them, for the rest of the session.
+
+For the embedded engine, which has no diarization, ``diarize_words`` gives each utterance a
+stable speaker index from an ``OnlineDiarizer`` (cloud engines bring their own labels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator, Mapping, Sequence
+
+import numpy as np
+
+from ..audio.diarization import OnlineDiarizer
+from ..audio.embedding import MIN_SECONDS, OWNER_SIMILARITY_THRESHOLD, SpeakerEmbedder
+from ..audio.ring import AudioRing
+from ..stt.base import Word
+
+log = logging.getLogger("harken.speakers")
+
+USER_PERSON_ID = "user"           # the person_id that names the device owner on the wire
+MIN_SPEECH_SECONDS = 2.0          # shorter segments identify a voice too unreliably (Omi: ≥ 2 s)
+MAX_CLIP_SECONDS = 10.0           # longer clips cost more and hardly score better (Omi: ≤ 10 s)
+MAX_QUEUED_JOBS = 100             # Omi's queue size; extras are dropped and counted
+MAX_ATTEMPTS_PER_SPEAKER = 3      # an unknown voice stays unknown: stop re-embedding it
+# Word runs separated by at least this pause are embedded as separate utterances; the embedded
+# engine ends an utterance after 500 ms of silence, so its utterances are at least this far apart.
+UTTERANCE_GAP_SECONDS = 0.5
+# Runs shorter than this are too short to place a voice: they keep the previous run's speaker.
+MIN_DIARIZE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class SpeakerMatch:
+    """A diarized speaker identified as the owner or as a person."""
+
+    speaker_id: int
+    is_user: bool
+    person_id: str | None         # USER_PERSON_ID for the owner, as in speaker_label_suggestion
+    person_name: str | None
+    segment_id: str | None        # the segment whose audio matched (None for a client assignment)
+    similarity: float | None      # cosine similarity of the match (None for a client assignment)
+
+    @property
+    def assigned(self) -> bool:
+        """True if the client assigned this speaker (rather than the voice matching)."""
+        return self.similarity is None
+
+    @property
+    def segment_labels(self) -> tuple[bool, str | None]:
+        """``(is_user, person_id)`` as segments carry them: the owner's segments have no person_id."""
+        return self.is_user, None if self.is_user else self.person_id
+
+
+@dataclass
+class IdentifierStats:
+    queued: int = 0       # jobs accepted
+    dropped: int = 0      # jobs refused because the queue was full
+    expired: int = 0      # jobs whose audio had left the ring before their turn
+    embedded: int = 0     # clips embedded (identification and diarization)
+    matched: int = 0      # speakers matched automatically
+    errors: int = 0       # embeddings that failed
+
+
+@dataclass(frozen=True)
+class _Job:
+    speaker_id: int
+    start: float
+    end: float
+    segment_id: str | None
+
+
+_CLOSE = object()
+
+
+class SpeakerIdentifier:
+    """Speaker identification and local diarization for one session. Use from one event loop.
+
+    ``owner`` is the owner's enrolled embedding (or None), ``people`` maps person ids to
+    ``(name, embedding)``. Embeddings must come from the same ``SpeakerEmbedder`` model.
+    """
+
+    def __init__(
+        self,
+        ring: AudioRing,
+        *,
+        owner: np.ndarray | None = None,
+        people: Mapping[str, tuple[str, np.ndarray]] | None = None,
+        embedder: SpeakerEmbedder | None = None,
+        threshold: float = OWNER_SIMILARITY_THRESHOLD,
+        min_speech_s: float = MIN_SPEECH_SECONDS,
+        max_clip_s: float = MAX_CLIP_SECONDS,
+        max_queued: int = MAX_QUEUED_JOBS,
+        max_attempts: int = MAX_ATTEMPTS_PER_SPEAKER,
+        diarizer: OnlineDiarizer | None = None,
+    ):
+        self.ring = ring
+        self.threshold = threshold
+        self.min_speech_s = min_speech_s
+        self.max_clip_s = max_clip_s
+        self.max_attempts = max_attempts
+        self.stats = IdentifierStats()
+        self._embedder = embedder
+        self.diarizer = diarizer or OnlineDiarizer()
+        # Candidates as one matrix, so a match is one matrix-vector product.
+        ids: list[tuple[str, str | None]] = []
+        vectors: list[np.ndarray] = []
+        if owner is not None:
+            ids.append((USER_PERSON_ID, None))
+            vectors.append(owner)
+        for person_id, (name, embedding) in (people or {}).items():
+            ids.append((person_id, name))
+            vectors.append(embedding)
+        self._candidates = ids
+        self._matrix = _unit_rows(vectors) if vectors else None
+        self._mappings: dict[int, SpeakerMatch] = {}
+        self._attempts: dict[int, int] = {}
+        self._pending: set[int] = set()
+        # Bounded by observe() rather than by the queue itself, so close() can always enqueue
+        # its end marker.
+        self._jobs: asyncio.Queue = asyncio.Queue()
+        self._max_queued = max_queued
+        self._closed = False
+        self._last_speaker = 0
+
+    # -- what is known -------------------------------------------------------------------
+    def mapping(self, speaker_id: int) -> SpeakerMatch | None:
+        """The speaker's current identification, if any."""
+        return self._mappings.get(speaker_id)
+
+    def labels(self, speaker_id: int) -> tuple[bool, str | None]:
+        """``(is_user, person_id)`` for new words of this speaker (``SegmentBuilder.add_words``)."""
+        match = self._mappings.get(speaker_id)
+        return match.segment_labels if match else (False, None)
+
+    # -- inputs --------------------------------------------------------------------------
+    def observe(self, speaker_id: int, start: float, end: float, segment_id: str | None = None) -> bool:
+        """A segment of ``speaker_id`` spans ``[start, end]`` seconds of the audio clock.
+
+        Queues an identification if the speaker is still unknown, has no job waiting, has tries
+        left and the segment is long enough. Returns True if a job was queued. Never blocks.
+        """
+        if (
+            self._closed
+            or self._matrix is None
+            or end - start < self.min_speech_s
+            or speaker_id in self._mappings
+            or speaker_id in self._pending
+            or self._attempts.get(speaker_id, 0) >= self.max_attempts
+        ):
+            return False
+        if self._jobs.qsize() >= self._max_queued:
+            self.stats.dropped += 1
+            return False
+        self._jobs.put_nowait(_Job(speaker_id, start, end, segment_id))
+        self._pending.add(speaker_id)
+        self.stats.queued += 1
+        return True
+
+    def assign(self, speaker_id: int, person_id: str | None, person_name: str | None = None) -> SpeakerMatch:
+        """The client said who ``speaker_id`` is (``person_id`` ``"user"`` = the owner).
+
+        Remembered for the session and never overridden by an automatic match.
+        """
+        match = SpeakerMatch(speaker_id, person_id == USER_PERSON_ID, person_id or None, person_name,
+                             segment_id=None, similarity=None)
+        self._mappings[speaker_id] = match
+        return match
+
+    def close(self) -> None:
+        """No more jobs; ``matches()`` ends once the queued ones are done."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put_nowait(_CLOSE)
+
+    async def wait_idle(self) -> None:
+        """Wait until every queued job has been run (by a running ``matches()`` loop)."""
+        await self._jobs.join()
+
+    # -- identification ------------------------------------------------------------------
+    async def matches(self) -> AsyncIterator[SpeakerMatch]:
+        """Run the queued jobs one at a time; yield each automatic match. Ends after ``close``."""
+        while True:
+            job = await self._jobs.get()
+            if job is _CLOSE:
+                self._jobs.task_done()
+                return
+            try:
+                match = await self._identify(job)
+            finally:
+                self._pending.discard(job.speaker_id)
+                self._jobs.task_done()
+            if match is not None:
+                yield match
+
+    async def _identify(self, job: _Job) -> SpeakerMatch | None:
+        if job.speaker_id in self._mappings:          # assigned while the job waited
+            return None
+        clip = self._centred_clip(job.start, job.end)
+        if clip.size < self.min_speech_s * self.ring.sample_rate:
+            self.stats.expired += 1
+            return None
+        self._attempts[job.speaker_id] = self._attempts.get(job.speaker_id, 0) + 1
+        embedding = await self._embed(clip)
+        if embedding is None or job.speaker_id in self._mappings:
+            return None
+        best, similarity = self.best_candidate(embedding)
+        if best is None:
+            return None
+        person_id, name = best
+        match = SpeakerMatch(job.speaker_id, person_id == USER_PERSON_ID, person_id, name,
+                             segment_id=job.segment_id, similarity=similarity)
+        self._mappings[job.speaker_id] = match
+        self.stats.matched += 1
+        return match
+
+    def best_candidate(self, embedding: np.ndarray) -> tuple[tuple[str, str | None] | None, float]:
+        """The enrolled ``(person_id, name)`` most similar to ``embedding`` if at or above the
+        threshold (else None), and that similarity."""
+        if self._matrix is None:
+            return None, 0.0
+        similarities = self._matrix @ _unit_rows([embedding])[0]
+        best = int(np.argmax(similarities))
+        similarity = float(similarities[best])
+        return (self._candidates[best] if similarity >= self.threshold else None), similarity
+
+    # -- local diarization ---------------------------------------------------------------
+    async def diarize_span(self, start: float, end: float) -> int:
+        """The speaker index of the utterance at ``[start, end]`` s of the audio clock.
+
+        Embeds at most ``max_clip_s`` from its middle and places it with the online clusterer.
+        An utterance too short (or no longer in the ring) to embed keeps the last speaker.
+        """
+        clip = self._centred_clip(start, end)
+        if clip.size < max(MIN_DIARIZE_SECONDS, MIN_SECONDS) * self.ring.sample_rate:
+            return self._last_speaker
+        embedding = await self._embed(clip)
+        if embedding is not None:
+            self._last_speaker = self.diarizer.assign(embedding, weight=clip.size / self.ring.sample_rate)
+        return self._last_speaker
+
+    async def diarize_words(self, words: Sequence[Word], *, clock_offset: float = 0.0) -> list[Word]:
+        """``words`` with ``speaker`` set from their utterance's voice.
+
+        ``clock_offset`` is the audio-clock time of the words' time zero (0.0 when the engine's
+        stream was opened at the start of the session). Words are grouped into utterances at
+        pauses of ``UTTERANCE_GAP_SECONDS``; pass all the words at hand at once (for example
+        those of one 600 ms flush) so each utterance is embedded once, whole.
+        """
+        out: list[Word] = []
+        for run in _utterances(words):
+            end = max(w.end for w in run)
+            speaker = await self.diarize_span(run[0].start + clock_offset, end + clock_offset)
+            out.extend(Word(w.text, w.start, w.end, speaker, w.confidence) for w in run)
+        return out
+
+    # -- shared helpers ------------------------------------------------------------------
+    def _centred_clip(self, start: float, end: float) -> np.ndarray:
+        middle = (start + end) / 2
+        half = min(end - start, self.max_clip_s) / 2
+        return self.ring.slice(middle - half, middle + half)
+
+    async def _embed(self, clip: np.ndarray) -> np.ndarray | None:
+        if self._embedder is None:
+            # The first use in the process loads the model (~0.2 s): not on the event loop.
+            self._embedder = await asyncio.to_thread(SpeakerEmbedder.shared)
+        try:
+            embedding = await self._embedder.embed_async(clip)
+        except Exception:
+            self.stats.errors += 1
+            log.exception("speaker embedding failed")
+            return None
+        self.stats.embedded += 1
+        return embedding
+
+
+def _utterances(words: Sequence[Word]) -> list[list[Word]]:
+    runs: list[list[Word]] = []
+    run_end = 0.0
+    for word in sorted(words, key=lambda w: w.start):
+        if runs and word.start - run_end < UTTERANCE_GAP_SECONDS:
+            runs[-1].append(word)
+            run_end = max(run_end, word.end)
+        else:
+            runs.append([word])
+            run_end = word.end
+    return runs
+
+
+def _unit_rows(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    matrix = np.asarray([np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors], dtype=np.float32)
+    return matrix / (np.linalg.norm(matrix, axis=1, keepdims=True) + 1e-12)
