@@ -7,10 +7,11 @@ re-sent, a new segment every fifth batch, through ``LiveConversation.save_batch`
 upsert + conversation update + realtime webhook outbox row, one transaction). Printed per
 backend, in µs: p50/p95/p99 of
 - ``noop``: awaiting an empty coroutine (the floor of any awaited call),
-- ``empty txn``: BEGIN + COMMIT on the same engine (the floor of any durable write),
+- ``empty txn``: BEGIN, SELECT 1, COMMIT on the same engine (a round trip that writes nothing,
+  so it shows what the commit of real data, e.g. PostgreSQL's WAL flush, adds),
 - ``save_batch``: the real call, with a realtime webhook set (an outbox row each batch),
 - ``save_batch, no webhook``: the same without the webhook (INSERT … SELECT finds no setting),
-and the ratio of save_batch p50 to the empty transaction's.
+and the ratio of save_batch p50 to the empty transaction's. The calls are interleaved.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ async def noop() -> None:
     return None
 
 
-async def timed(n: int, call) -> list[float]:
-    samples = []
+async def timed(n: int, calls: dict) -> dict[str, list[float]]:
+    """Time each call ``n`` times, interleaved, so load drift on a shared machine hits all alike."""
+    samples: dict[str, list[float]] = {label: [] for label in calls}
     for i in range(n):
-        t0 = time.perf_counter()
-        await call(i)
-        samples.append(time.perf_counter() - t0)
+        for label, call in calls.items():
+            t0 = time.perf_counter()
+            await call(i)
+            samples[label].append(time.perf_counter() - t0)
     return samples
 
 
@@ -78,14 +81,13 @@ async def bench_backend(name: str, store: Store, batches: int, data_dir: Path) -
 
     hooked, with_hook = await batches_for("hooked")
     quiet, without_hook = await batches_for("quiet")
-    await timed(50, empty_txn)                       # warm the pool and caches
-    await timed(20, with_hook)
-    results = {
-        "noop": await timed(batches, lambda i: noop()),
-        "empty txn": await timed(batches, empty_txn),
-        "save_batch": await timed(batches, lambda i: with_hook(i + 20)),
-        "save_batch, no webhook": await timed(batches, without_hook),
-    }
+    await timed(20, {"warm-up": empty_txn})                  # fill the pool, compile caches
+    results = await timed(batches, {
+        "noop": lambda i: noop(),
+        "empty txn": empty_txn,
+        "save_batch": with_hook,
+        "save_batch, no webhook": without_hook,
+    })
     await hooked.close()
     await quiet.close()
     print(f"\n{name}: {batches} batches each (µs)")

@@ -19,6 +19,10 @@ from .conftest import load_audio, transcripts
 
 pytestmark = pytest.mark.timeout(120)
 
+# A fast client finishes sending long before the engine finishes decoding; it waits this long
+# after the last change before closing (generous, so a loaded machine does not cut words off).
+SETTLE = 4.0
+
 WIRE_KEYS = {"id", "text", "speaker", "speaker_id", "is_user", "person_id", "start", "end",
              "speech_profile_processed", "stt_provider", "translations"}
 
@@ -51,7 +55,8 @@ async def expect_refusal(url: str, headers=None, first_message: str | None = Non
 async def test_streams_speech_and_gets_segments_in_omi_format(gateway):
     pcm = np.concatenate([load_audio("ss_0870.wav"), np.zeros(16000, np.int16)])
     url = listen_url(gateway.base, codec="pcm16", sample_rate=16000, language="en")
-    result = await stream_messages(url, pcm_messages(pcm), 0.1, token=token_for(gateway), realtime=False)
+    result = await stream_messages(url, pcm_messages(pcm), 0.1, token=token_for(gateway), realtime=False,
+                                   settle_seconds=SETTLE)
 
     assert result.close_code == 1000
     assert result.statuses()[:3] == ["initiating", "stt_initiating", "ready"]
@@ -76,7 +81,8 @@ async def test_default_codec_is_pcm16_at_8khz(gateway):
     pcm8k = soxr.resample(pcm16k, 16000, 8000).astype(np.int16)
     url = listen_url(gateway.base)   # no codec, no sample_rate: Omi's defaults (pcm8 = 16-bit at 8 kHz)
     result = await stream_messages(url, [pcm8k[i:i + 800].tobytes() for i in range(0, len(pcm8k), 800)],
-                                   0.1, token=token_for(gateway), realtime=False)
+                                   0.1, token=token_for(gateway), realtime=False,
+                                   settle_seconds=SETTLE)
     errors, words = word_errors("go forward ten meters", result.transcript())
     assert errors <= 1, result.transcript()
 
@@ -86,7 +92,8 @@ async def test_segment_times_follow_the_audio_clock(gateway):
     speech = load_audio("ss_0930.wav")
     pcm = np.concatenate([np.zeros(48000, np.int16), speech, np.zeros(16000, np.int16)])
     url = listen_url(gateway.base, codec="pcm16", sample_rate=16000)
-    result = await stream_messages(url, pcm_messages(pcm), 0.1, token=token_for(gateway), realtime=False)
+    result = await stream_messages(url, pcm_messages(pcm), 0.1, token=token_for(gateway), realtime=False,
+                                   settle_seconds=SETTLE)
     segments = result.ordered()
     assert segments
     assert 2.6 <= segments[0]["start"] <= 3.6
@@ -107,7 +114,7 @@ async def test_wer_through_gateway_within_3_points_of_offline_engine(gateway):
     pcm = np.concatenate(pieces + [gap])
     url = listen_url(gateway.base, codec="pcm16", sample_rate=16000)
     result = await stream_messages(url, pcm_messages(pcm), 0.1, token=token_for(gateway), realtime=False,
-                                   settle_seconds=3.0)
+                                   settle_seconds=SETTLE)
     reference = " ".join(r["reference"] for r in rows)
     gateway_errors, words = word_errors(reference, result.transcript())
 

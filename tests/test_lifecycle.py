@@ -13,7 +13,10 @@ import pytest
 
 from harken.config import Settings
 from harken.conversations import ConversationService
+from harken.conversations.llm import ChatSummariser
+from harken.conversations.processing import ConversationProcessor
 from harken.conversations.model import COMPLETED, IN_PROGRESS, WebhookSetting
+from tests.fakes.llm import HANG, FakeChatServer
 from tests.test_store import segment, store  # noqa: F401  (store: the SQLite/PostgreSQL fixture)
 
 TIMEOUT = 120
@@ -252,3 +255,30 @@ async def test_usage_is_recorded_when_the_session_closes(store, tmp_path):
         await live.close(usage={"audio_seconds": 42.5, "speech_seconds": 30.0, "words": 77, "provider": "local"})
     totals = await store.usage_totals("alice")
     assert (totals.audio_seconds, totals.speech_seconds, totals.words) == (42.5, 30.0, 77)
+
+
+@pytest.mark.timeout(30)
+async def test_a_graceful_stop_hands_unfinished_processing_back(store, tmp_path):
+    clock = Clock()
+    model = await FakeChatServer([HANG]).start()            # a summary that never comes
+    try:
+        stuck = ConversationProcessor(ChatSummariser(model.api_base, "slow", timeout=60))
+        service = ConversationService(Settings(data_dir=tmp_path), store, clock=clock, check_interval=3600,
+                                      processor=stuck, node_id="stopping")
+        await service.start()
+        live = await service.connect("alice", conversation_timeout=TIMEOUT)
+        live.time_offset(clock.now)
+        await speak(live, clock)
+        await live.close()
+        clock.advance(TIMEOUT + 1)
+        await service.check_once()                           # processing starts, and hangs
+        async with asyncio.timeout(10):
+            while not model.requests:
+                await asyncio.sleep(0.01)
+        await service.stop(processing_grace=0.1)
+    finally:
+        await model.stop()
+    assert (await store.get_conversation(live.conversation_id)).status == IN_PROGRESS
+    async with service_on(store, tmp_path, clock) as successor:     # its startup sweep finishes it
+        await successor.wait_for_processing()
+        assert (await successor.get_conversation("alice", live.conversation_id))["status"] == COMPLETED

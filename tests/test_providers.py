@@ -14,7 +14,7 @@ from harken.stt import StreamConfig, Word
 from harken.stt import deepgram as deepgram_module
 from harken.stt import soniox as soniox_module
 from harken.stt.deepgram import DeepgramProvider, parse_message
-from harken.stt.fallback import StreamFailure
+from harken.stt.fallback import StreamFailure, retryable_status
 from harken.stt.soniox import SonioxProvider, TokenJoiner
 from harken.stt.speechmatics import UNKNOWN_SPEAKER, SpeechmaticsProvider, parse_transcript
 
@@ -113,7 +113,7 @@ async def test_soniox_sends_its_config_as_the_first_message():
     assert connection.config == {
         "model": "stt-rt-v5", "audio_format": "pcm_s16le", "sample_rate": 16000, "num_channels": 1,
         "language_hints": ["pt"], "enable_speaker_diarization": True, "enable_endpoint_detection": True,
-        "client_reference_id": "s1",
+        "max_endpoint_delay_ms": 500, "client_reference_id": "s1",
     }
 
 
@@ -274,6 +274,22 @@ async def test_mid_stream_failure_ends_iteration_with_a_retryable_stream_failure
     assert_transcript(played.words, script[: len(played.words)])
 
 
+@pytest.mark.timeout(10)
+async def test_soniox_in_band_rejection_of_the_config_is_not_retryable():
+    async with FakeSoniox(make_script(seed=1, duration=2.0)) as fake:
+        provider = SonioxProvider(Settings(soniox_api_key=KEY, soniox_url=fake.url, soniox_model=""))
+        played = await play(await provider.open(StreamConfig(language="en")), 2.0)
+    assert isinstance(played.error, StreamFailure)
+    assert (played.error.code, played.error.retryable, played.error.reason) == (400, False, "provider_error")
+
+
+@pytest.mark.parametrize("status, retryable", [(400, False), (401, False), (402, False), (403, False), (404, False),
+                                               (408, True), (429, True), (500, True), (502, True), (503, True),
+                                               (None, True)])
+def test_which_statuses_are_worth_retrying(status, retryable):
+    assert retryable_status(status) is retryable
+
+
 # --- message parsing (pure) ----------------------------------------------------------------------
 
 def _token(text, start, end, final=True, speaker="1", confidence=0.9):
@@ -285,11 +301,13 @@ def test_soniox_tokens_join_into_words_with_first_and_last_token_times():
     joiner = TokenJoiner()
     words = joiner.feed([_token("Hel", 100, 250), _token("lo", 250, 400), _token(",", 400, 400),
                          _token(" wor", 500, 650, speaker="2"), _token("ld", 650, 800, speaker="2"),
-                         _token(" ign", 900, 950, final=False)])
+                         _token("s", 800, 850, final=False)])
     assert words == [Word("Hello,", 0.1, 0.4, 0, 0.9)]          # "world" waits: it may go on
     assert joiner.pending_start == 0.5
     words = joiner.feed([_token("<end>", 800, 800)])
     assert words == [Word("world", 0.5, 0.8, 1, 0.9)]
+    assert joiner.feed([_token("Ok", 900, 950), _token("ay", 950, 990, final=False)]) == []   # a piece follows
+    assert joiner.feed([_token(" so", 1000, 1100, final=False)]) == [Word("Ok", 0.9, 0.95, 0, 0.9)]
     assert joiner.feed([_token("<fin>", 900, 900)]) == [] and joiner.pending_start is None
 
 

@@ -120,8 +120,22 @@ async def test_an_oldest_version_database_is_upgraded_in_place_keeping_its_data(
                 " ('alice', 'audio_bytes', 'https://example.com/a', 7, 5)"))
         await old.close()
 
+        v3 = await Store(**kwargs).open(schema_version=3)      # outbox rows as version 3 wrote them
+        async with v3.engine.begin() as conn:
+            for row_id, key, status in [(1, "k1", "pending"), (2, "k2", "dead"), (3, "k1", "pending"),
+                                        (4, "k2", "pending")]:
+                await conn.execute(sa.text(
+                    "INSERT INTO outbox (id, uid, kind, ordering_key, url, params, headers, content_type, body,"
+                    " status, created_at, next_attempt_at, claimed_until, attempts) VALUES (:id, 'alice',"
+                    " 'realtime_transcript', :key, 'https://example.com/h', '{}', '{}', 'application/json', :body,"
+                    " :status, 1, 1, 0, 0)"), {"id": row_id, "key": key, "status": status, "body": b"x"})
+        await v3.close()
+
         store = await Store(**kwargs).open()
         try:
+            # The oldest pending row of each key became its head; the dead one did not.
+            claimed = await store.claim_outbox(node="n", now=10, lease=30, limit=10)
+            assert [r.id for r in claimed] == [1, 4]
             kept = await store.get_with_segments("c1")
             assert kept is not None
             found, segments = kept
@@ -295,7 +309,7 @@ async def test_claims_hand_out_one_row_per_key_in_order(store):
         assert len({r.ordering_key for r in rows}) == len(rows)      # never two of one key at once
         assert await store.claim_outbox(node="n", now=1001, lease=30, limit=10) == []   # heads are claimed
         sent += [r.body for r in rows]
-        await store.settle_outbox(Settlement(delivered=[r.id for r in rows]))
+        await store.settle_outbox(Settlement(delivered=rows))
     assert [b for b in sent if b.startswith(b"k1")] == [b"k1-0", b"k1-1", b"k1-2"]
     assert [b for b in sent if b.startswith(b"k2")] == [b"k2-0", b"k2-1"]
     assert await store.outbox_counts() == {}
@@ -306,11 +320,11 @@ async def test_a_failing_row_holds_back_its_key_until_retried_and_dead_rows_do_n
     await store.set_webhook("alice", WebhookSetting("realtime_transcript", "https://example.com/h"), now=1)
     await _enqueue(store, "k", 2)
     head = (await store.claim_outbox(node="n", now=1001, lease=30, limit=10))[0]
-    await store.settle_outbox(Settlement(retry=[(head.id, 1100.0, "HTTP 500")]))
+    await store.settle_outbox(Settlement(retry=[(head, 1100.0, "HTTP 500")]))
     assert await store.claim_outbox(node="n", now=1050, lease=30, limit=10) == []
     again = await store.claim_outbox(node="n", now=1100, lease=30, limit=10)
     assert [(r.id, r.attempts) for r in again] == [(head.id, 2)]
-    await store.settle_outbox(Settlement(dead=[(head.id, "gave up")]))
+    await store.settle_outbox(Settlement(dead=[(head, "gave up")]))
     assert [r.body for r in await store.claim_outbox(node="n", now=1101, lease=30, limit=10)] == [b"k-1"]
     assert (await store.outbox_counts())["dead"] == 1
 
@@ -334,3 +348,31 @@ async def test_concurrent_claimers_never_share_a_row(store):
                                      for i in range(6)))
     ids = [r.id for batch in batches for r in batch]
     assert len(ids) == len(set(ids)) == 40
+
+
+@pytest.mark.timeout(30)
+async def test_rows_enqueued_while_earlier_ones_are_delivered_go_out_in_order_and_none_is_lost(store):
+    await store.set_webhook("alice", WebhookSetting("realtime_transcript", "https://example.com/h"), now=1)
+    total = 30
+    delivered: list[bytes] = []
+
+    async def produce() -> None:
+        for i in range(total):
+            await store.enqueue([OutboxMessage(uid="alice", kind="realtime_transcript", ordering_key="k",
+                                               body=b"%02d" % i)], now=1000)
+            await asyncio.sleep(0)
+
+    async def consume() -> None:
+        settlement = Settlement()
+        async with asyncio.timeout(20):
+            while len(delivered) < total:
+                rows = await store.exchange_outbox(settlement, node="n", now=1001, lease=30, limit=5)
+                assert len(rows) <= 1                       # one key: one row at a time
+                delivered.extend(r.body for r in rows)
+                settlement = Settlement(delivered=rows)
+                await asyncio.sleep(0)
+            await store.settle_outbox(settlement)
+
+    await asyncio.gather(produce(), consume())
+    assert delivered == [b"%02d" % i for i in range(total)]
+    assert await store.outbox_counts() == {}

@@ -1,4 +1,5 @@
-"""Audio analysis shared by the speech engines and the gateway: voice activity (VAD)."""
+"""Audio analysis shared by the speech engines and the gateway: voice activity (VAD), speaker
+embeddings, online diarization, and the ring buffer of recent audio."""
 
 from .vad import (
     SAMPLE_RATE,
@@ -11,8 +12,13 @@ from .vad import (
     speech_spans,
     spans_from_probabilities,
 )
+from .diarization import OnlineDiarizer
+from .embedding import EMBEDDING_DIM, OWNER_SIMILARITY_THRESHOLD, SpeakerEmbedder, cosine_similarity, mean_embedding
+from .ring import AudioRing
 
 __all__ = [
     "SAMPLE_RATE", "WINDOW_SAMPLES", "WINDOW_SECONDS", "Endpointer", "SileroVAD", "StreamingVAD",
     "Utterance", "speech_spans", "spans_from_probabilities",
+    "AudioRing", "EMBEDDING_DIM", "OWNER_SIMILARITY_THRESHOLD", "OnlineDiarizer", "SpeakerEmbedder",
+    "cosine_similarity", "mean_embedding",
 ]

@@ -14,12 +14,12 @@ import numpy as np
 from .embedding import EMBEDDING_DIM
 
 # An utterance joins a known speaker if its cosine similarity to that speaker's centroid is at
-# least this. Calibrated on tests/data/speakers: 200 random conversations of 3 speakers × 6
-# utterances in shuffled order (bench/bench_speakers.py repeats it). Lower thresholds merge two
-# voices into one label now and then (0.55: worst conversation 67 % correct), which puts one
-# person's words under another's name; higher ones split a voice into extra labels (0.70: 3.4
-# labels for 3 voices), which only costs a second mapping of the same person. 0.65 gave 98 %
-# correctly labelled utterances on average, worst 83 % on 3 s clips and 94 % on up to 10 s clips.
+# least this. Calibrated with bench/bench_speakers.py on tests/data/speakers: 200 shuffled
+# conversations of 3 speakers × 6 utterances. Too low merges two voices under one label (0.55:
+# worst conversation 67 % correct), which puts one person's words under another's name; too high
+# splits a voice into extra labels (0.70 on 3 s clips: 4.0 labels for 3 voices), which costs
+# only a second mapping of the same person. 0.65 labelled 99.4 % of utterances correctly on
+# average (worst conversation 94 %) with ≤ 10 s clips and 98.4 % (worst 83 %) with 3 s clips.
 NEW_SPEAKER_SIMILARITY = 0.65
 # A conversation rarely has more voices than this; past it, utterances go to the nearest speaker
 # instead of starting new labels without end (noise, music, a television).

@@ -97,10 +97,16 @@ class ConversationService:
             await live.close()
         if self._processing:
             await asyncio.wait(list(self._processing.values()), timeout=processing_grace)
-        for task in list(self._processing.values()) + self._tasks:
+        interrupted = list(self._processing.values())
+        for task in interrupted + self._tasks:
             task.cancel()
-        await asyncio.gather(*self._processing.values(), *self._tasks, return_exceptions=True)
+        await asyncio.gather(*interrupted, *self._tasks, return_exceptions=True)
         self._tasks = []
+        if interrupted:
+            try:
+                await self.store.release_claims(self.node_id)
+            except Exception:
+                log.warning("could not release processing claims; they expire in %.0fs", PROCESSING_LEASE)
         await self._flush_audio_queue()
         await self.deliverer.stop()
         await self.processor.aclose()
@@ -357,6 +363,8 @@ class LiveConversation:
     async def save_batch(self, changed: Sequence[dict], deleted_ids: Sequence[str] = ()) -> None:
         """Persist one 600 ms batch (stored segment dicts) and its realtime webhook row, in one
         transaction. Waits only for the store, never for a webhook receiver."""
+        if self._closed:
+            raise RuntimeError("save_batch after close: save the final batch first, then close")
         changed, deleted_ids = list(changed), list(deleted_ids)
         if not changed and not deleted_ids:
             return

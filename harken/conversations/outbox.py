@@ -82,7 +82,8 @@ class OutboxDeliverer:
             self._runner = asyncio.create_task(self._run(), name="harken-outbox")
 
     async def stop(self) -> None:
-        """Stop sending. Unsettled rows keep their claim until it expires, then go out again."""
+        """Stop sending. Deliveries cut short are handed back, to be sent again (same id) by the
+        next run or another node; if even that write fails, their claims simply expire."""
         if self._runner is None:
             return
         self._runner.cancel()
@@ -94,7 +95,7 @@ class OutboxDeliverer:
         # Hand interrupted rows back at once rather than leave them claimed until the lease
         # ends; the receiver may have got them already, so they go again with the same id.
         now = self.clock()
-        self._settlement.retry += [(row.id, now, "interrupted by shutdown") for task, row in interrupted.items()
+        self._settlement.retry += [(row, now, "interrupted by shutdown") for task, row in interrupted.items()
                                    if task.cancelled()]
         if self._settlement:
             try:
@@ -116,21 +117,20 @@ class OutboxDeliverer:
         while True:
             self._wake.clear()
             try:
-                if self._settlement:
-                    settlement = self._take_settlement()
+                settlement = self._take_settlement()
+                free = self.workers - len(self._inflight)
+                rows: list[OutboxRow] = []
+                if settlement or free > 0:
                     try:
-                        await self.store.settle_outbox(settlement)
+                        rows = await self.store.exchange_outbox(settlement, node=self.node_id, now=self.clock(),
+                                                                lease=self.timeout + CLAIM_MARGIN, limit=free)
                     except BaseException:
                         self._merge_back(settlement)
                         raise
-                free = self.workers - len(self._inflight)
-                if free > 0:
-                    rows = await self.store.claim_outbox(node=self.node_id, now=self.clock(),
-                                                         lease=self.timeout + CLAIM_MARGIN, limit=free)
-                    for row in rows:
-                        task = asyncio.create_task(self._deliver(row), name=f"harken-webhook-{row.id}")
-                        self._inflight[task] = row
-                        task.add_done_callback(self._forget)
+                for row in rows:
+                    task = asyncio.create_task(self._deliver(row), name=f"harken-webhook-{row.id}")
+                    self._inflight[task] = row
+                    task.add_done_callback(self._forget)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -185,7 +185,7 @@ class OutboxDeliverer:
         error = await self._send(row)
         if error is None:
             self.delivered += 1
-            self._settlement.delivered.append(row.id)
+            self._settlement.delivered.append(row)
         else:
             self._record_failure(row, error)
 
@@ -210,7 +210,9 @@ class OutboxDeliverer:
         except TimeoutError:
             return f"no answer within {self.timeout:g}s"
         except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"[:300]
+            # Errors are stored and logged: keep the user's path and query (maybe a token) out.
+            detail = str(exc).replace(str(target), safe_target(row.url)).replace(row.url, safe_target(row.url))
+            return f"{type(exc).__name__}: {detail}"[:300]
         if 200 <= status < 300:
             return None
         return f"HTTP {status}"
@@ -224,13 +226,13 @@ class OutboxDeliverer:
             return
         delay = min(self.max_backoff, self.base_backoff * 2 ** max(0, row.attempts - 1))
         delay *= random.uniform(0.75, 1.0)      # jitter: receivers coming back are not stampeded
-        self._settlement.retry.append((row.id, min(now + delay, deadline), error))
+        self._settlement.retry.append((row, min(now + delay, deadline), error))
         log.info("webhook delivery %d (%s to %s) failed, attempt %d: %s", row.id, row.kind,
                  safe_target(row.url), row.attempts, error)
 
     def _bury(self, row: OutboxRow, error: str) -> None:
         self.dead += 1
-        self._settlement.dead.append((row.id, error))
+        self._settlement.dead.append((row, error))
         log.error("webhook dead letter: delivery=%d kind=%s target=%s attempts=%d age=%.0fs last error: %s",
                   row.id, row.kind, safe_target(row.url), row.attempts, self.clock() - row.created_at, error)
 

@@ -81,7 +81,13 @@ usage = sa.Table(
 )
 
 # Transactional outbox: rows are written in the same transaction as the change that causes
-# them and deleted once delivered; status is "pending" or "dead".
+# them and deleted once delivered; status is "pending" or "dead". ``is_head`` marks the oldest
+# pending row of each ordering key, the only one that may be sent (a dead row is never a head);
+# claims read the partial index of heads, so their cost does not grow with a backlog behind a
+# dead receiver. The condition is the bare flag so that SQLite, which has no statistics unless
+# ANALYZE ran, cannot prefer the (status, key) index.
+DUE_HEADS = "is_head"
+
 outbox = sa.Table(
     "outbox", metadata,
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
@@ -100,8 +106,10 @@ outbox = sa.Table(
     sa.Column("claimed_by", sa.String(64)),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("last_error", sa.Text),
+    sa.Column("is_head", sa.Boolean, nullable=False),
     sa.Index("ix_outbox_status_key_id", "status", "ordering_key", "id"),
-    sa.Index("ix_outbox_status_next", "status", "next_attempt_at"),
+    sa.Index("ix_outbox_due_heads", "next_attempt_at", "id",
+             postgresql_where=sa.text(DUE_HEADS), sqlite_where=sa.text(DUE_HEADS)),
 )
 
 schema_version = sa.Table(

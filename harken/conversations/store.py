@@ -26,12 +26,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ..config import Settings
 from . import migrations
 from .model import COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting, word_count
-from .schema import conversations, outbox, segments, usage, webhooks
+from .schema import DUE_HEADS, conversations, outbox, segments, usage, webhooks
 
 log = logging.getLogger(__name__)
 
 PENDING = "pending"
 DEAD = "dead"
+
+# Namespaces of PostgreSQL advisory locks (the first key of pg_advisory_xact_lock(int, int)).
+_USER_LOCKS, _KEY_LOCKS = 0x6875, 0x6B79
 
 # SQLite waits this long for another writer (another worker process) before "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -95,9 +98,9 @@ class OutboxMessage:
 class Settlement:
     """Outcomes of a round of deliveries, written back in one transaction."""
 
-    delivered: list[int] = field(default_factory=list)
-    retry: list[tuple[int, float, str]] = field(default_factory=list)     # id, next attempt, error
-    dead: list[tuple[int, str]] = field(default_factory=list)              # id, error
+    delivered: list[OutboxRow] = field(default_factory=list)
+    retry: list[tuple[OutboxRow, float, str]] = field(default_factory=list)   # row, next attempt, error
+    dead: list[tuple[OutboxRow, str]] = field(default_factory=list)           # row, error
 
     def __bool__(self) -> bool:
         return bool(self.delivered or self.retry or self.dead)
@@ -171,10 +174,23 @@ class Store:
             async with conn.begin():
                 yield conn
 
+    async def _lock(self, conn: AsyncConnection, namespace: int, names: Iterable[str]) -> None:
+        """Transaction-scoped advisory locks on PostgreSQL, taken in sorted order so that two
+        transactions never wait on each other in a cycle. SQLite needs none: its writers are
+        already serial (``BEGIN IMMEDIATE``)."""
+        if self.dialect != "postgresql":
+            return
+        for name in sorted(set(names)):
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(namespace, sa.func.hashtext(name))))
+
     async def _lock_user(self, conn: AsyncConnection, uid: str) -> None:
-        """Serialise conversation decisions for one user across nodes (SQLite: already serial)."""
-        if self.dialect == "postgresql":
-            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(uid, 0))))
+        """Serialise conversation decisions for one user across nodes."""
+        await self._lock(conn, _USER_LOCKS, [uid])
+
+    async def _lock_keys(self, conn: AsyncConnection, keys: Iterable[str]) -> None:
+        """Serialise outbox head changes per ordering key: an insert deciding "am I the head?"
+        and a settlement promoting the next head must not interleave, or a row is orphaned."""
+        await self._lock(conn, _KEY_LOCKS, keys)
 
     def _insert(self, table: sa.Table):
         return (pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(table)
@@ -298,6 +314,7 @@ class Store:
                 await conn.execute(sa.delete(s).where(s.c.conversation_id == conversation.id,
                                                       s.c.segment_id.in_(list(deleted_ids))))
             if realtime is not None:
+                await self._lock_keys(conn, [realtime.ordering_key])
                 await self._enqueue(conn, realtime, now)
         return True
 
@@ -357,8 +374,19 @@ class Store:
             if result.rowcount == 0:
                 return False
             if memory_webhook is not None:
+                await self._lock_keys(conn, [memory_webhook.ordering_key])
                 await self._enqueue(conn, memory_webhook, now)
         return True
+
+    async def release_claims(self, node: str) -> int:
+        """Give back the processing claims ``node`` holds (a graceful stop), so that the next
+        sweep anywhere processes those conversations instead of waiting for the claims to expire."""
+        c = conversations
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(c).where(c.c.claimed_by == node, c.c.status == PROCESSING)
+                .values(status=IN_PROGRESS, claimed_by=None, claim_expires=None))
+        return result.rowcount
 
     async def delete_conversation(self, conversation_id: str, *, node: str | None = None) -> bool:
         """Delete a conversation and its segments (only if ``node`` holds its claim, when given)."""
@@ -417,80 +445,98 @@ class Store:
     # --- outbox ------------------------------------------------------------------------------
     async def _enqueue(self, conn: AsyncConnection, message: OutboxMessage, now: float) -> None:
         """INSERT … SELECT from the user's webhook setting: no setting, no row; the URL is the
-        one set when the change happened."""
-        w, o = webhooks, outbox
+        one set when the change happened. The row is its key's head if no row of the key is
+        pending. The caller holds the key's lock."""
+        w, o, pending = webhooks, outbox, outbox.alias("pending")
+        no_pending = ~sa.exists().where(pending.c.ordering_key == message.ordering_key, pending.c.status == PENDING)
         source = sa.select(
             sa.literal(message.uid, sa.String), sa.literal(message.kind, sa.String),
             sa.literal(message.ordering_key, sa.String), w.c.url,
             sa.literal(_json(message.params), sa.Text), sa.literal(_json(message.headers), sa.Text),
             sa.literal(message.content_type, sa.String), sa.literal(message.body, sa.LargeBinary),
             sa.literal(PENDING, sa.String), sa.literal(now, sa.Double), sa.literal(now, sa.Double),
-            sa.literal(0.0, sa.Double), sa.literal(0, sa.Integer),
+            sa.literal(0.0, sa.Double), sa.literal(0, sa.Integer), no_pending,
         ).where(w.c.uid == message.uid, w.c.kind == message.kind)
         await conn.execute(sa.insert(o).from_select(
             ["uid", "kind", "ordering_key", "url", "params", "headers", "content_type", "body", "status",
-             "created_at", "next_attempt_at", "claimed_until", "attempts"], source))
+             "created_at", "next_attempt_at", "claimed_until", "attempts", "is_head"], source))
 
     async def enqueue(self, messages: Sequence[OutboxMessage], *, now: float) -> None:
         """Enqueue several messages in one transaction, in order."""
         if messages:
             async with self._write() as conn:
+                await self._lock_keys(conn, [m.ordering_key for m in messages])
                 for message in messages:
                     await self._enqueue(conn, message, now)
 
-    async def claim_outbox(self, *, node: str, now: float, lease: float, limit: int) -> list[OutboxRow]:
-        """Claim up to ``limit`` due rows, each the oldest pending row of its ordering key, so a
-        key's rows go out one at a time and in order."""
+    async def exchange_outbox(self, settlement: Settlement, *, node: str, now: float, lease: float,
+                              limit: int) -> list[OutboxRow]:
+        """Record delivery outcomes, then claim up to ``limit`` due heads, in one transaction.
+
+        Only a key's head is ever claimed, so each key's rows go out one at a time, in order; a
+        delivered or dead head hands the role to the key's next pending row. On PostgreSQL this
+        bookkeeping commits without waiting for the WAL flush: losing it in a database crash
+        only means a row is sent again (same delivery id) or claimed again, which at-least-once
+        delivery allows.
+        """
         o = outbox
-        earlier = outbox.alias("earlier")
-        blocked = sa.exists().where(earlier.c.ordering_key == o.c.ordering_key, earlier.c.status == PENDING,
-                                    earlier.c.id < o.c.id)
-        due = (sa.select(o.c.id).where(o.c.status == PENDING, o.c.next_attempt_at <= now,
-                                       o.c.claimed_until < now, ~blocked)
-               .order_by(o.c.id).limit(limit))
-        if self.dialect == "postgresql":
-            due = due.with_for_update(skip_locked=True)
-        stmt = (sa.update(o).where(o.c.id.in_(due.scalar_subquery()))
+        async with self._write() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
+            if settlement:
+                await self._settle(conn, settlement)
+            if limit <= 0:
+                return []
+            due = (sa.select(o.c.id)
+                   .where(sa.text(DUE_HEADS), o.c.next_attempt_at <= now, o.c.claimed_until < now)
+                   .order_by(o.c.next_attempt_at, o.c.id).limit(limit))
+            if self.dialect == "postgresql":
+                due = due.with_for_update(skip_locked=True)
+            rows = (await conn.execute(
+                sa.update(o).where(o.c.id.in_(due.scalar_subquery()))
                 .values(claimed_until=now + lease, claimed_by=node, attempts=o.c.attempts + 1)
                 .returning(o.c.id, o.c.uid, o.c.kind, o.c.ordering_key, o.c.url, o.c.params, o.c.headers,
-                           o.c.content_type, o.c.body, o.c.created_at, o.c.attempts))
-        async with self._write() as conn:
-            rows = (await conn.execute(stmt)).all()
+                           o.c.content_type, o.c.body, o.c.created_at, o.c.attempts))).all()
         claimed = [OutboxRow(id=r[0], uid=r[1], kind=r[2], ordering_key=r[3], url=r[4],
                              params=orjson.loads(r[5]), headers=orjson.loads(r[6]), content_type=r[7],
                              body=bytes(r[8]), created_at=r[9], attempts=r[10]) for r in rows]
         claimed.sort(key=lambda row: row.id)
         return claimed
 
-    async def settle_outbox(self, settlement: Settlement) -> None:
+    async def _settle(self, conn: AsyncConnection, settlement: Settlement) -> None:
         o = outbox
-        async with self._write() as conn:
-            if settlement.delivered:
-                await conn.execute(sa.delete(o).where(o.c.id.in_(settlement.delivered)))
-            if settlement.retry:
-                await conn.execute(
-                    sa.update(o).where(o.c.id == sa.bindparam("row_id")).values(
-                        next_attempt_at=sa.bindparam("next_at"), claimed_until=0.0, claimed_by=None,
-                        last_error=sa.bindparam("error")),
-                    [{"row_id": i, "next_at": t, "error": e} for i, t, e in settlement.retry])
-            if settlement.dead:
-                await conn.execute(
-                    sa.update(o).where(o.c.id == sa.bindparam("row_id")).values(
-                        status=DEAD, claimed_until=0.0, claimed_by=None, last_error=sa.bindparam("error")),
-                    [{"row_id": i, "error": e} for i, e in settlement.dead])
+        finished = [row for row in settlement.delivered] + [row for row, _ in settlement.dead]
+        await self._lock_keys(conn, [row.ordering_key for row in finished])
+        if settlement.delivered:
+            await conn.execute(sa.delete(o).where(o.c.id.in_([row.id for row in settlement.delivered])))
+        if settlement.dead:
+            await conn.execute(
+                sa.update(o).where(o.c.id == sa.bindparam("row_id")).values(
+                    status=DEAD, is_head=False, claimed_until=0.0, claimed_by=None, last_error=sa.bindparam("error")),
+                [{"row_id": row.id, "error": error} for row, error in settlement.dead])
+        if settlement.retry:
+            await conn.execute(
+                sa.update(o).where(o.c.id == sa.bindparam("row_id")).values(
+                    next_attempt_at=sa.bindparam("next_at"), claimed_until=0.0, claimed_by=None,
+                    last_error=sa.bindparam("error")),
+                [{"row_id": row.id, "next_at": t, "error": e} for row, t, e in settlement.retry])
+        if finished:
+            keys = sorted({row.ordering_key for row in finished})
+            next_heads = (sa.select(sa.func.min(o.c.id)).where(o.c.status == PENDING, o.c.ordering_key.in_(keys))
+                          .group_by(o.c.ordering_key))
+            await conn.execute(sa.update(o).where(o.c.id.in_(next_heads.scalar_subquery())).values(is_head=True))
+
+    async def claim_outbox(self, *, node: str, now: float, lease: float, limit: int) -> list[OutboxRow]:
+        return await self.exchange_outbox(Settlement(), node=node, now=now, lease=lease, limit=limit)
+
+    async def settle_outbox(self, settlement: Settlement) -> None:
+        await self.exchange_outbox(settlement, node="", now=0.0, lease=0.0, limit=0)
 
     async def outbox_counts(self) -> dict[str, int]:
         o = outbox
         async with self._read() as conn:
             rows = await conn.execute(sa.select(o.c.status, sa.func.count()).group_by(o.c.status))
             return {status: int(n) for status, n in rows}
-
-    async def next_outbox_due(self) -> float | None:
-        """When the earliest pending row is next due (None: nothing pending)."""
-        o = outbox
-        async with self._read() as conn:
-            return (await conn.execute(sa.select(sa.func.min(o.c.next_attempt_at))
-                                       .where(o.c.status == PENDING))).scalar()
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ One ``SpeakerIdentifier`` per session (reference/omi-listen-behaviour.md §5, do
 - The session appends every decoded chunk to an ``AudioRing`` (60 s), so positions on the audio
   clock address recent audio.
 - As segments grow, the session calls ``observe(speaker_id, start, end, segment_id)`` with times
-  on the audio clock. The first time a speaker with no mapping has a segment of at least 2 s, a
-  job is queued: at most 10 s from the middle of that segment is embedded off the event loop and
-  compared by cosine similarity with the owner's embedding and the known people's.
+  on the audio clock. While a speaker has no mapping, a segment of at least 2 s queues a job (one
+  per speaker at a time, 3 tries per speaker, 100 jobs at most): at most 10 s from the middle of
+  that segment is embedded off the event loop and compared by cosine similarity with the
+  owner's embedding and the known people's.
 - ``async for match in identifier.matches()`` yields each speaker that matched, so the session
   can relabel its segments and send a ``speaker_label_suggestion``.
 - A client's ``speaker_assigned`` goes through ``assign``; it wins over automatic matches, before
@@ -212,7 +213,8 @@ class SpeakerIdentifier:
         if job.speaker_id in self._mappings:          # assigned while the job waited
             return None
         clip = self._centred_clip(job.start, job.end)
-        if clip.size < self.min_speech_s * self.ring.sample_rate:
+        wanted = min(job.end - job.start, self.max_clip_s) * self.ring.sample_rate
+        if clip.size < 0.9 * wanted:                  # most of it has left the ring already
             self.stats.expired += 1
             return None
         self._attempts[job.speaker_id] = self._attempts.get(job.speaker_id, 0) + 1

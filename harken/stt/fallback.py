@@ -384,8 +384,8 @@ class FallbackStream(STTStream):
             self._finish(terminal)
             if active is not None:
                 self._discard_later(active.stream)
-            # let replaced streams close (each bounded) so no socket outlives the stream
-            await asyncio.gather(*self._background, return_exceptions=True)
+            # Replaced streams close in the background, each bounded by _discard's timeout: a
+            # stalled provider must not hold up the session's close.
 
     def _activate(self, index: int, stream: STTStream, replay_from: float) -> _Active:
         """Make ``stream`` current, fed from the replay point (or the oldest sample still held)."""

@@ -5,7 +5,9 @@ pieces, punctuation) continue it. Final tokens are sent once; the non-final tail
 may change, so only final tokens are used. Because a word is complete only when the next word
 starts, the last word is held until a token with a leading space, an endpoint ``<end>`` (endpoint
 detection is on so silences release it), a ``<fin>`` after ``finalize()``, or the end of the
-stream. Speakers come as "1", "2", … and become 0, 1, ….
+stream; a non-final tail that begins with a space also shows it is complete. Endpoints come at
+most 500 ms after speech stops (``max_endpoint_delay_ms``, Soniox's minimum). Speakers come as
+"1", "2", … and become 0, 1, ….
 
 In-band errors (``{"error_code": 503, ...}`` then a close) do not raise in the SDK; this stream
 raises ``StreamFailure`` for them, retryable for 408/429/5xx and not for 400/401/402/403.
@@ -45,7 +47,7 @@ def realtime_config(config: StreamConfig, model: str) -> RealtimeSTTConfig:
     return RealtimeSTTConfig(
         model=model, audio_format="pcm_s16le", sample_rate=config.sample_rate, num_channels=1,
         language_hints=None if language == "multi" else [primary_language(language)],
-        enable_speaker_diarization=config.diarize, enable_endpoint_detection=True,
+        enable_speaker_diarization=config.diarize, enable_endpoint_detection=True, max_endpoint_delay_ms=500,
         client_reference_id=config.session_id or None,
     )
 
@@ -85,10 +87,14 @@ class TokenJoiner:
         return self._pending[0].start_ms / 1000 if self._pending else None
 
     def feed(self, tokens: Iterable[Any]) -> list[Word]:
+        """Words completed by one response's tokens. Non-final tokens are not used, except that a
+        tail beginning a new word shows the held word is complete."""
         words: list[Word] = []
         for token in tokens:
             if not token.is_final:
-                continue
+                if self._pending and _starts_word(token.text):
+                    words += self.flush()
+                break
             if token.text in CONTROL_TOKENS:
                 words += self.flush()
                 continue

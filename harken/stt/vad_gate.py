@@ -37,9 +37,11 @@ from .base import SAMPLE_RATE, STTStream, Word
 log = logging.getLogger(__name__)
 
 # A word reported this little before a checkpoint's stream position belongs after it: the
-# engine placed its onset a bit early, into the pre-roll's seam. Without this the word would be
-# mapped into the (at least 4 s of) hangover silence before the cut.
-_SNAP_SECONDS = 0.25
+# engine placed its onset early, before the pre-roll (which after a long silence is partly
+# used up by the VAD's own lag: ~0.2 s was measured on the development files). Without this the
+# word would be mapped into the hang-over silence before the cut, seconds too early. Capped at
+# half the hang-over, which is all silence, so a real word at its end is never moved.
+_SNAP_SECONDS = 0.5
 
 
 @dataclass
@@ -85,6 +87,7 @@ class VadGatedStream(STTStream):
         self._preroll = int(preroll_ms * SAMPLE_RATE / 1000)
         self._finalize_windows = _windows(finalize_ms)
         self._idle_windows = max(_windows(silence_to_idle_ms), self._finalize_windows)
+        self._snap = min(_SNAP_SECONDS, silence_to_idle_ms / 2000) * SAMPLE_RATE
         self._keepalive_s = keepalive_s
         self._max_checkpoints = max_checkpoints
         self._clock = clock
@@ -124,8 +127,6 @@ class VadGatedStream(STTStream):
             self._open_at(self._pending_start)
             await self._forward_until(self._received)
             return
-        out_until = None                   # forward pending input up to here after the windows
-        finalize = False
         for prob in probs.tolist():
             window_start = self._judged
             self._judged += WINDOW_SAMPLES
@@ -133,32 +134,29 @@ class VadGatedStream(STTStream):
             if speech:
                 self.stats.speech_seconds += WINDOW_SAMPLES / SAMPLE_RATE
             if self._state == _SILENCE:
-                if not speech:
-                    continue
-                self._open_at(max(self._pending_start, window_start - self._preroll))
+                if speech:
+                    self._open_at(max(self._pending_start, window_start - self._preroll))
+                    self._state = _SPEECH
+                continue
+            if speech:
                 self._state = _SPEECH
-            elif speech:
-                self._state = _SPEECH
-            else:
-                if self._state == _SPEECH:
-                    self._state, self._silent_windows, self._finalized = _HANGOVER, 0, False
-                self._silent_windows += 1
-                if self._silent_windows >= self._finalize_windows and not self._finalized:
-                    self._finalized = finalize = True
-                if self._silent_windows >= self._idle_windows:
-                    # The gate closes after this window (which is still sent, as the last of the
-                    # hang-over).
-                    out_until = self._judged
-                    await self._forward_until(out_until)
-                    self._state = _SILENCE
-                    continue
-            out_until = self._judged
-        if self._state != _SILENCE and out_until is not None:
-            await self._forward_until(out_until)
-        if finalize:
-            self.stats.finalizes += 1
-            await self.inner.finalize()
-        if self._state == _SILENCE:
+                continue
+            if self._state == _SPEECH:
+                self._state, self._silent_windows, self._finalized = _HANGOVER, 0, False
+            self._silent_windows += 1
+            if self._silent_windows >= self._finalize_windows and not self._finalized:
+                # Exactly here, not at the end of the chunk: speech resuming later in the same
+                # chunk must not be cut by this finalize.
+                self._finalized = True
+                await self._forward_until(self._judged)
+                self.stats.finalizes += 1
+                await self.inner.finalize()
+            if self._silent_windows >= self._idle_windows:
+                await self._forward_until(self._judged)      # the hang-over's last window
+                self._state = _SILENCE
+        if self._state != _SILENCE:
+            await self._forward_until(self._judged)
+        else:
             # Keep only the pre-roll of what was judged, and the part of a window not judged yet.
             self._drop_before(max(self._judged - self._preroll, self._pending_start))
             await self._maybe_keep_alive()
@@ -184,7 +182,7 @@ class VadGatedStream(STTStream):
         if not self._stream_marks:
             return stream_seconds
         position = stream_seconds * SAMPLE_RATE
-        index = bisect.bisect_right(self._stream_marks, position + _SNAP_SECONDS * SAMPLE_RATE) - 1
+        index = bisect.bisect_right(self._stream_marks, position + self._snap) - 1
         if index < 0:
             index = 0
         stream_mark, input_mark = self._stream_marks[index], self._input_marks[index]

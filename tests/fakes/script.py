@@ -184,6 +184,7 @@ class Connection:
     listener: Listener | None = None
     controls: Counter = field(default_factory=Counter)
     failed: bool = False
+    failed_at: float | None = None            # time.monotonic() when the plan's failure struck
     stalled: bool = False
     config: Any = None
 
@@ -280,6 +281,7 @@ class FakeServer:
     async def fail(self, ws: ServerConnection, connection: Connection) -> bool:
         """Carry out the plan's failure; True when the connection is gone (stop serving it)."""
         connection.failed = True
+        connection.failed_at = time.monotonic()
         kind = connection.plan.kind
         if kind == "drop":
             ws.transport.abort()            # the network went away: no close frame

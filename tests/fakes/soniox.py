@@ -77,9 +77,10 @@ class FakeSoniox(FakeServer):
             state["end_after"] = None
         elif marker is not None:
             tokens.append(self.control_token(marker, settled))
-        if not tokens and settled - state["reported"] < 0.5:
-            return
         tail = self.heard_in_part(listener, state["first"])
+        if not tokens and tail == state.get("tail") and settled - state["reported"] < 0.2:
+            return                       # nothing new to say
+        state["tail"] = tail
         await self.send(ws, connection, {
             "tokens": tokens + tail, "final_audio_proc_ms": int(round(settled * 1000)),
             "total_audio_proc_ms": int(round(listener.now * 1000))})

@@ -1,0 +1,89 @@
+"""Online diarization: stable speaker labels for the utterances of a conversation."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from harken.audio.diarization import OnlineDiarizer
+from harken.audio.embedding import EMBEDDING_DIM
+
+from .test_embedding import speakers, utterance_embeddings
+
+
+def labelling_accuracy(labels: list[int], truth: list[str]) -> float:
+    """Share of utterances whose label is their speaker's, under the best one-to-one mapping of
+    labels to speakers (greedy on co-occurrence counts: exact for tables this small)."""
+    counts = collections.Counter(zip(labels, truth))
+    used_labels, used_speakers, correct = set(), set(), 0
+    for (label, speaker), n in counts.most_common():
+        if label not in used_labels and speaker not in used_speakers:
+            used_labels.add(label)
+            used_speakers.add(speaker)
+            correct += n
+    return correct / len(labels)
+
+
+def unit(*values: float) -> np.ndarray:
+    vector = np.zeros(EMBEDDING_DIM, dtype=np.float32)
+    vector[: len(values)] = values
+    return vector / np.linalg.norm(vector)
+
+
+@pytest.mark.timeout(60)
+def test_interleaved_conversations_get_consistent_labels():
+    # Every 3-speaker group of consecutive speakers (8 conversations, 144 utterances), each
+    # conversation's 18 utterances in a fixed shuffled order, each utterance embedded from its
+    # centred ≤ 10 s (as SpeakerIdentifier.diarize_span does).
+    clips = utterance_embeddings(10.0)
+    names = sorted(speakers())
+    durations = {s: [min(u.size / 16000, 10.0) for u in utts] for s, utts in speakers().items()}
+    rng = np.random.default_rng(7)
+    accuracies = []
+    for first in range(len(names)):
+        group = [names[(first + k) % len(names)] for k in range(3)]
+        order = [(s, k) for s in group for k in range(6)]
+        order = [order[i] for i in rng.permutation(len(order))]
+        diarizer = OnlineDiarizer()
+        labels = [diarizer.assign(clips[s][k], weight=durations[s][k]) for s, k in order]
+        # Labels are handed out in order of first appearance: 0 first, never a gap.
+        first_seen = list(dict.fromkeys(labels))
+        assert first_seen == list(range(len(first_seen)))
+        accuracies.append(labelling_accuracy(labels, [s for s, _ in order]))
+    # The bench measured 99.4 % mean and 94 % worst over 200 such conversations (one mislabelled
+    # utterance of 18 is 94.4 %). Floors: 95 % on average, and no conversation below 83 % (3
+    # mislabelled utterances), which a merge of two voices (≤ 67 %) always breaks.
+    assert np.mean(accuracies) >= 0.95, accuracies
+    assert min(accuracies) >= 0.83, accuracies
+
+
+def test_labels_are_never_renumbered():
+    diarizer = OnlineDiarizer(threshold=0.8)
+    a, b, c = unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)
+    assert [diarizer.assign(v) for v in (b, a, b, c, a, c)] == [0, 1, 0, 2, 1, 2]
+    assert diarizer.speakers == 3
+    # A voice between two known ones, closer to neither than the threshold: a new label, and
+    # the earlier labels keep their meaning.
+    assert diarizer.assign(unit(1, 1, 0)) == 3
+    assert diarizer.assign(a) == 1
+
+
+def test_centroids_follow_the_weighted_mean():
+    diarizer = OnlineDiarizer(threshold=0.5)
+    diarizer.assign(unit(1, 0), weight=3.0)
+    diarizer.assign(unit(1, 0.5), weight=1.0)       # similarity 0.89: the same speaker
+    expected = 3 * unit(1, 0) + unit(1, 0.5)
+    np.testing.assert_allclose(diarizer.centroids[0], expected / np.linalg.norm(expected), atol=1e-6)
+    # A long utterance pulls the centroid more than a short one.
+    assert diarizer.similarities(unit(1, 0))[0] > diarizer.similarities(unit(1, 0.5))[0]
+
+
+def test_past_the_speaker_limit_utterances_join_the_nearest():
+    diarizer = OnlineDiarizer(threshold=0.99, max_speakers=2)
+    assert diarizer.assign(unit(1, 0, 0)) == 0
+    assert diarizer.assign(unit(0, 1, 0)) == 1
+    assert diarizer.assign(unit(0.2, 1, 0.1)) == 1
+    assert diarizer.assign(unit(0, 0, 1)) in (0, 1)
+    assert diarizer.speakers == 2
