@@ -62,12 +62,28 @@ def test_interleaved_conversations_get_consistent_labels():
 def test_labels_are_never_renumbered():
     diarizer = OnlineDiarizer(threshold=0.8)
     a, b, c = unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)
-    assert [diarizer.assign(v) for v in (b, a, b, c, a, c)] == [0, 1, 0, 2, 1, 2]
+    assert [diarizer.assign(v, weight=5.0) for v in (b, a, b, c, a, c)] == [0, 1, 0, 2, 1, 2]
     assert diarizer.speakers == 3
     # A voice between two known ones, closer to neither than the threshold: a new label, and
     # the earlier labels keep their meaning.
-    assert diarizer.assign(unit(1, 1, 0)) == 3
-    assert diarizer.assign(a) == 1
+    assert diarizer.assign(unit(1, 1, 0), weight=5.0) == 3
+    assert diarizer.assign(a, weight=5.0) == 1
+
+
+def test_short_clips_and_new_speakers_are_judged_provisionally():
+    """A short (noisy) clip joins a known voice above the lower similarity rather than founding a
+    new speaker; a speaker heard only briefly is joined at the lower similarity too."""
+    diarizer = OnlineDiarizer(threshold=0.8, provisional_threshold=0.5, provisional_seconds=3.0)
+    a = unit(1, 0)
+    assert diarizer.assign(a, weight=1.0) == 0                  # founded by a 1 s clip: provisional
+    assert diarizer.assign(unit(1, 0.9), weight=5.0) == 0       # similarity 0.74: joins the provisional voice
+    assert diarizer.assign(unit(1, 1.2), weight=1.0) == 0       # 0.64 ≥ 0.5, short clip: joins
+    assert diarizer.assign(unit(0, 1), weight=5.0) == 1         # far from everything: a new voice
+    cx, cy = diarizer.centroids[0][:2]
+    turn = np.radians(-50)                                      # cos 50° ≈ 0.64 from speaker 0's centroid
+    between = unit(cx * np.cos(turn) - cy * np.sin(turn), cx * np.sin(turn) + cy * np.cos(turn))
+    assert 0.5 < diarizer.similarities(between)[0] < 0.8        # provisional would join, strict must not
+    assert diarizer.assign(between, weight=5.0) == 2            # long clip, established voice: strict 0.8
 
 
 def test_centroids_follow_the_weighted_mean():

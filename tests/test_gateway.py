@@ -279,10 +279,14 @@ async def test_oversize_message_gets_error_then_1009(gateway):
 
 
 async def test_client_vanishing_mid_stream_leaves_nothing_behind(gateway):
-    threads_before = threading.active_count()
     url = listen_url(gateway.base, codec="pcm16", sample_rate=16000)
     headers = {"Authorization": f"Bearer {token_for(gateway)}"}
     pcm = load_audio("ss_0890.wav")
+    # One complete session first, so the process-wide worker pools (decoder, embedder) exist:
+    # what must not grow is what a session leaves behind.
+    await stream_messages(url, pcm_messages(np.concatenate([pcm, np.zeros(16000, np.int16)])), 0.1,
+                          token=token_for(gateway), realtime=False, settle_seconds=SETTLE)
+    threads_before = threading.active_count()
     ws = await websockets.connect(url, additional_headers=headers)
     for message in pcm_messages(pcm[: 16000 * 3]):          # mid-utterance
         await ws.send(message)
@@ -296,7 +300,7 @@ async def test_client_vanishing_mid_stream_leaves_nothing_behind(gateway):
 
     def leftover_tasks():
         return [t.get_name() for t in asyncio.all_tasks() if any(
-            t.get_name().startswith(p) for p in ("receive-", "flush-", "ping-", "idle-", "stt-"))]
+            t.get_name().startswith(p) for p in ("receive-", "flush-", "ping-", "idle-", "stt-", "speakers-"))]
 
     assert gateway.call(leftover_tasks) == []
     await asyncio.sleep(0.5)
@@ -370,3 +374,31 @@ def test_health_and_readiness(gateway):
         assert json.load(r)["status"] == "ok"
     with urllib.request.urlopen(gateway.http + "/readyz", timeout=5) as r:
         assert json.load(r)["status"] == "ready"
+
+
+async def test_embedded_engine_labels_speakers_by_voice(gateway):
+    """Two voices taking turns get two stable SPEAKER_nn labels (online clustering of utterances)."""
+    from harken.client import read_wav_16k
+
+    from .conftest import DATA
+
+    first = sorted((DATA / "speakers" / "1998").glob("*.wav"))[:2]    # a woman
+    second = sorted((DATA / "speakers" / "2033").glob("*.wav"))[:2]   # a man
+    turns = [first[0], second[0], first[1], second[1]]
+    gap = np.zeros(24000, np.int16)
+    pieces, spans, t = [], [], 0.0
+    for path in turns:
+        pcm = read_wav_16k(path)[: 16000 * 6]                          # at most 6 s a turn
+        pieces += [pcm, gap]
+        spans.append((t, t + len(pcm) / 16000))
+        t += (len(pcm) + len(gap)) / 16000
+    url = listen_url(gateway.base, codec="pcm16", sample_rate=16000)
+    result = await stream_messages(url, pcm_messages(np.concatenate(pieces)), 0.1, token=token_for(gateway),
+                                   realtime=False, settle_seconds=SETTLE)
+    labels = []
+    for start, end in spans:
+        inside = [s["speaker_id"] for s in result.ordered() if start - 0.5 <= s["start"] and s["end"] <= end + 0.8]
+        assert inside, (f"no segment for the turn at {start:.1f}-{end:.1f} s", [(s["start"], s["end"], s["speaker_id"]) for s in result.ordered()])
+        assert len(set(inside)) == 1, inside
+        labels.append(inside[0])
+    assert labels[0] == labels[2] and labels[1] == labels[3] and labels[0] != labels[1], labels

@@ -26,7 +26,9 @@ async def api(tmp_path):
     authenticator = build_authenticator(settings)
     async with opened_store("sqlite", tmp_path) as store:
         service = ConversationService(settings, store, clock=Clock(), check_interval=3600)
-        app = Starlette(routes=build_rest_routes(service, authenticator))
+        # The service as a function (as an app whose lifespan builds it passes it), the
+        # authenticator as an object: both forms are accepted.
+        app = Starlette(routes=build_rest_routes(lambda: service, authenticator))
         async with ServedApp(app) as served, httpx.AsyncClient(base_url=served.base_url) as client:
             yield service, settings, client
         await authenticator.aclose()

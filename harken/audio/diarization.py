@@ -24,14 +24,25 @@ NEW_SPEAKER_SIMILARITY = 0.65
 # A conversation rarely has more voices than this; past it, utterances go to the nearest speaker
 # instead of starting new labels without end (noise, music, a television).
 MAX_SPEAKERS = 16
+# Short clips embed noisily (2 s clips of one voice score 0.79 on average, of two voices 0.25):
+# a clip this short, or a speaker heard for less than this in total, is compared with the lower
+# similarity below, so that one noisy clip neither founds a spurious speaker nor leaves a
+# provisional centroid that the same voice's next utterance fails to reach.
+PROVISIONAL_SECONDS = 3.0
+PROVISIONAL_SIMILARITY = 0.45
 
 
 class OnlineDiarizer:
     """Stable speaker labels for one conversation's utterance embeddings. Not thread-safe."""
 
-    def __init__(self, threshold: float = NEW_SPEAKER_SIMILARITY, max_speakers: int = MAX_SPEAKERS):
+    def __init__(self, threshold: float = NEW_SPEAKER_SIMILARITY, max_speakers: int = MAX_SPEAKERS,
+                 provisional_threshold: float = PROVISIONAL_SIMILARITY,
+                 provisional_seconds: float = PROVISIONAL_SECONDS):
         self.threshold = threshold
         self.max_speakers = max_speakers
+        self.provisional_threshold = min(provisional_threshold, threshold)
+        self.provisional_seconds = provisional_seconds
+        self._heard = np.zeros(0, dtype=np.float64)          # seconds of speech per speaker
         # Duration-weighted sums of unit embeddings: a 10 s utterance says more about a voice
         # than a 1 s one, and a sum is updated in O(dim) without keeping the history.
         self._sums = np.zeros((0, EMBEDDING_DIM), dtype=np.float64)
@@ -55,22 +66,29 @@ class OnlineDiarizer:
     def assign(self, embedding: np.ndarray, weight: float = 1.0) -> int:
         """The speaker label of an utterance with this embedding; updates that speaker's centroid.
 
-        ``weight`` is how much the utterance counts (its duration in seconds is a good choice).
+        ``weight`` is how much the utterance counts: its duration in seconds (clips shorter than
+        ``provisional_seconds`` are judged with the lower, provisional similarity).
         """
         vector = _unit(embedding)
         similarities = self.similarities(vector)
         if similarities.size:
-            best = int(np.argmax(similarities))
-            if similarities[best] >= self.threshold or self.speakers >= self.max_speakers:
+            provisional = (weight < self.provisional_seconds) | (self._heard < self.provisional_seconds)
+            needed = np.where(provisional, self.provisional_threshold, self.threshold)
+            eligible = np.where(similarities >= needed, similarities, -np.inf)
+            best = int(np.argmax(eligible))
+            if np.isfinite(eligible[best]) or self.speakers >= self.max_speakers:
+                best = best if np.isfinite(eligible[best]) else int(np.argmax(similarities))
                 self._add(best, vector, weight)
                 return best
         self._sums = np.vstack((self._sums, np.zeros((1, EMBEDDING_DIM))))
+        self._heard = np.append(self._heard, 0.0)
         self._centroids = np.vstack((self._centroids, np.zeros((1, EMBEDDING_DIM), dtype=np.float32)))
         self._add(self.speakers - 1, vector, weight)
         return self.speakers - 1
 
     def _add(self, speaker: int, vector: np.ndarray, weight: float) -> None:
         self._sums[speaker] += max(weight, 1e-3) * vector
+        self._heard[speaker] += weight
         self._centroids[speaker] = _unit(self._sums[speaker])
 
 

@@ -9,6 +9,7 @@ SQLite instead serialises writers with ``BEGIN IMMEDIATE``) and connection set-u
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ class Store:
         self.dialect = self.url.get_backend_name()
         self._pg_schema = pg_schema
         self._pool_size = pool_size
+        self._local_writer = asyncio.Lock() if self.dialect == "sqlite" else None
         self.engine: AsyncEngine | None = None
 
     @classmethod
@@ -162,8 +164,16 @@ class Store:
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         assert self.engine is not None, "Store.open() was not awaited"
-        async with self.engine.begin() as conn:
-            yield conn
+        if self._local_writer is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        # SQLite allows one writer; two connections of this process racing for the file lock
+        # would meet SQLite's busy handler, which sleeps in steps of up to 100 ms. Queue them
+        # here instead (FIFO, no sleeping); other processes still meet the busy handler.
+        async with self._local_writer:
+            async with self.engine.begin() as conn:
+                yield conn
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:

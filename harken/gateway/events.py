@@ -33,3 +33,10 @@ def last_memory(memory_id: str | None) -> dict[str, Any]:
 
 def segments_deleted(segment_ids: list[str]) -> dict[str, Any]:
     return {"type": "segments_deleted", "segment_ids": segment_ids}
+
+
+def speaker_label_suggestion(speaker_id: int, person_id: str | None, person_name: str | None,
+                             segment_id: str | None) -> dict[str, Any]:
+    """A speaker's voice matched the owner (``person_id`` "user") or a known person."""
+    return {"type": "speaker_label_suggestion", "speaker_id": speaker_id, "person_id": person_id,
+            "person_name": person_name, "segment_id": segment_id}

@@ -61,9 +61,16 @@ def _bool_param(request: Request, name: str, default: bool) -> bool:
     raise _BadRequest(f"{name} must be true or false")
 
 
-def build_rest_routes(service: ConversationService, authenticator: Authenticator) -> list[Route]:
+def build_rest_routes(service: ConversationService | Callable[[], ConversationService],
+                      authenticator: Authenticator | Callable[[], Authenticator]) -> list[Route]:
+    """The /v1 routes. Either argument may instead be a function returning it, for an app that
+    builds them in its lifespan, e.g. ``lambda: app.state.gateway.conversations``."""
+    get_service = service if callable(service) else (lambda: service)
+    get_authenticator = authenticator if callable(authenticator) else (lambda: authenticator)
+
     def authenticated(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
+            authenticator = get_authenticator()
             token = bearer_token(request.headers.get("authorization"))
             if token is None and authenticator.mode != "none":
                 return _error(401, "missing bearer token", **{"WWW-Authenticate": "Bearer"})
@@ -83,12 +90,12 @@ def build_rest_routes(service: ConversationService, authenticator: Authenticator
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         offset = _int_param(request, "offset", 0, 0, 10**9)
         include_discarded = _bool_param(request, "include_discarded", True)
-        items = await service.list_conversations(uid, limit=limit, offset=offset,
+        items = await get_service().list_conversations(uid, limit=limit, offset=offset,
                                                  include_discarded=include_discarded)
         return JSONResponse(items)
 
     async def get_conversation(request: Request, uid: str) -> Response:
-        conversation = await service.get_conversation(uid, request.path_params["conversation_id"])
+        conversation = await get_service().get_conversation(uid, request.path_params["conversation_id"])
         if conversation is None:
             return _error(404, "conversation not found")
         return JSONResponse(conversation)
@@ -97,6 +104,7 @@ def build_rest_routes(service: ConversationService, authenticator: Authenticator
         kind = request.path_params["kind"]
         if kind not in KINDS:
             return _error(404, f"unknown webhook kind {kind!r}: use one of {', '.join(KINDS)}")
+        service = get_service()
         if request.method == "GET":
             setting = await service.get_webhook(uid, kind)
             return JSONResponse(setting.to_api() if setting else {"kind": kind, "url": None, "enabled": False})

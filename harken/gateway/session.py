@@ -18,17 +18,21 @@ import orjson
 from starlette.websockets import WebSocket
 
 from .. import codecs
-from ..stt.base import STTError, STTStream, StreamConfig
+from ..audio import AudioRing
+from ..stt.base import STTError, STTStream, StreamConfig, Word
 from . import events
 from .clock import AudioClock
 from .context import Gateway
 from .params import ListenParams
 from .segments import Batch, SegmentBuilder
+from .speakers import SpeakerIdentifier
 
 log = logging.getLogger("harken.session")
 
 STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits for the engine's last words
 MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
+RING_SECONDS = 60                 # recent audio kept for speaker identification (as Omi)
+LOCAL_PROVIDER = "local"          # the embedded engine has no diarization of its own
 
 
 class EndSession(Exception):
@@ -64,6 +68,9 @@ class Session:
         self.stats = SessionStats()
         self.decoder: codecs.Decoder | None = None
         self.stream: STTStream | None = None
+        self.ring = AudioRing(RING_SECONDS)
+        self.speakers = SpeakerIdentifier(self.ring)
+        self._undiarized: list[Word] = []    # embedded-engine words waiting for a speaker label
         self.provider_name: str | None = None
         self.time_offset = 0.0            # conversation time of this session's audio-clock zero
         self.last_activity = time.monotonic()
@@ -81,6 +88,7 @@ class Session:
                 tasks.create_task(self._flush_loop(), name=f"flush-{self.id}")
                 tasks.create_task(self._ping_loop(), name=f"ping-{self.id}")
                 tasks.create_task(self._idle_watch(), name=f"idle-{self.id}")
+                tasks.create_task(self._speaker_loop(), name=f"speakers-{self.id}")
                 if self.stream is not None:
                     tasks.create_task(self._transcribe_loop(), name=f"stt-{self.id}")
         except EndSession as raised:          # from _open, before the task group started
@@ -148,8 +156,7 @@ class Session:
         assert self.stream is not None
         try:
             async for word in self.stream:
-                self.stats.words += 1
-                self.builder.add_words([word], provider=self.provider_name or "?", time_offset=self.time_offset)
+                self._on_word(word)
         except STTError as exc:
             log.warning("stt failed sid=%s provider=%s: %s", self.id, self.provider_name, exc)
             await self.send_json(events.service_status(
@@ -159,7 +166,28 @@ class Session:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.flush_interval)
-            await self._send_batch(self.builder.flush())
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """The 600 ms step: label the embedded engine's words by voice, merge, send, observe."""
+        if self._undiarized:
+            words, self._undiarized = self._undiarized, []
+            words = await self.speakers.diarize_words(words)
+            self._add_words(words, LOCAL_PROVIDER)
+        batch = self.builder.flush()
+        await self._send_batch(batch)
+        for segment in batch.changed:
+            # Speaker identification works on the audio clock, segments are on conversation time.
+            self.speakers.observe(segment.speaker_id, segment.start - self.time_offset,
+                                  segment.end - self.time_offset, segment.id)
+
+    async def _speaker_loop(self) -> None:
+        """Apply voice matches as they come: relabel the speaker's segments, suggest the label."""
+        async for match in self.speakers.matches():
+            is_user, person_id = match.segment_labels
+            await self._send_batch(self.builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id))
+            await self.send_json(events.speaker_label_suggestion(
+                match.speaker_id, match.person_id, match.person_name, match.segment_id))
 
     async def _ping_loop(self) -> None:
         while True:
@@ -187,6 +215,7 @@ class Session:
         if len(pcm) == 0:
             return
         self.clock.advance(len(pcm))
+        self.ring.append(pcm)
         if self.stream is not None:
             await self.stream.send(pcm)
 
@@ -225,12 +254,25 @@ class Session:
             speaker_id = int(message["speaker_id"])
         except (KeyError, TypeError, ValueError):
             return
-        person_id = message.get("person_id")
+        person_id = message.get("person_id") or None
         is_user = person_id == "user"
+        self.speakers.assign(speaker_id, person_id, message.get("person_name"))
         ids = message.get("segment_ids")
         batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=None if is_user else person_id,
                                      segment_ids=ids if isinstance(ids, list) else None)
         await self._send_batch(batch)
+
+    def _on_word(self, word: Word) -> None:
+        self.stats.words += 1
+        provider = getattr(self.stream, "provider_name", None) or self.provider_name or "?"
+        if provider == LOCAL_PROVIDER:
+            self._undiarized.append(word)      # labelled by voice at the next flush
+        else:
+            self._add_words([word], provider)
+
+    def _add_words(self, words: list[Word], provider: str) -> None:
+        self.builder.add_words(words, provider=provider, time_offset=self.time_offset,
+                               speaker_labels=self.speakers.labels)
 
     # -- outbound ------------------------------------------------------------------------
     async def _send_batch(self, batch: Batch) -> None:
@@ -274,8 +316,9 @@ class Session:
             await self._finish_stream()
         if self.decoder is not None:
             self.decoder.close()
+        self.speakers.close()
         try:
-            await self._send_batch(self.builder.flush())
+            await self._flush()
         except EndSession:
             pass
         if not self._client_gone:
@@ -292,8 +335,7 @@ class Session:
         async def drain() -> None:
             try:
                 async for word in stream:
-                    self.stats.words += 1
-                    self.builder.add_words([word], provider=self.provider_name or "?", time_offset=self.time_offset)
+                    self._on_word(word)
             except STTError as exc:
                 log.warning("stt failed while closing sid=%s: %s", self.id, exc)
 

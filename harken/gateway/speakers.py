@@ -253,7 +253,8 @@ class SpeakerIdentifier:
             return self._last_speaker
         embedding = await self._embed(clip)
         if embedding is not None:
-            self._last_speaker = self.diarizer.assign(embedding, weight=clip.size / self.ring.sample_rate)
+            seconds = clip.size / self.ring.sample_rate
+            self._last_speaker = self.diarizer.assign(embedding, weight=seconds)
         return self._last_speaker
 
     async def diarize_words(self, words: Sequence[Word], *, clock_offset: float = 0.0) -> list[Word]:

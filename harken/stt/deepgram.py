@@ -176,8 +176,20 @@ class DeepgramStream(STTStream):
                     self.settled_until = max(self.settled_until, settled)
         except StreamFailure as exc:
             self._words.fail(exc)
+            await self._drain()
         else:
             self._words.end()
+
+    async def _drain(self) -> None:
+        """After a failure, read on (and drop) until the socket closes: a server that is still
+        talking must not block on us, or close() and the sends would wait on each other."""
+        while True:
+            try:
+                await self._conn.recv()
+            except ValueError:
+                continue
+            except Exception:  # noqa: BLE001 - ConnectionClosed or whatever ends the socket
+                return
 
     async def _keep_alive(self) -> None:
         with contextlib.suppress(ConnectionClosed):

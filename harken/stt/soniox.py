@@ -234,10 +234,23 @@ class SonioxStream(STTStream):
                     self.settled_until = settled if held is None else min(settled, held)
         except StreamFailure as exc:
             self._words.fail(exc)
+            await self._drain()
         else:
             for word in self._joiner.flush():
                 self._words.put(word)
             self._words.end()
+
+    async def _drain(self) -> None:
+        """After a failure, read on (and drop) until the socket closes: a server that is still
+        talking must not block on us, or close() and the sends would wait on each other."""
+        while True:
+            try:
+                if await self._session.receive_event() is None:
+                    return
+            except ValueError:
+                continue
+            except Exception:  # noqa: BLE001 - whatever ends the socket
+                return
 
     async def _keep_alive(self) -> None:
         with contextlib.suppress(SonioxRealtimeError):
