@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--fast", dest="realtime", action="store_false", help="send as fast as possible")
     stream.add_argument("--tail", type=float, default=1.5, help="seconds of silence sent after the file")
     stream.set_defaults(run=_cmd_stream)
+
+    receive = sub.add_parser("receive-audio", help="accept the audio-bytes webhook and write WAV files per user and session")
+    receive.add_argument("--dir", type=Path, required=True, help="folder for DIR/<uid>/<session>.wav")
+    receive.add_argument("--host", default="127.0.0.1")
+    receive.add_argument("--port", type=int, default=8081)
+    receive.add_argument("--secret", default=os.environ.get("HARKEN_WEBHOOK_SECRET", ""),
+                         help="verify X-Harken-Signature with this key (default: $HARKEN_WEBHOOK_SECRET)")
+    receive.set_defaults(run=_cmd_receive_audio)
     return parser
 
 
@@ -127,6 +135,16 @@ def _cmd_stream(args: argparse.Namespace) -> int:
                                          on_update=view.update))
     view.finish(result)
     return 0 if result.close_code in (1000, 1001, None) else 1
+
+
+def _cmd_receive_audio(args: argparse.Namespace) -> int:
+    from .receiver import run
+
+    configure_logging("info")
+    print(f"writing audio-bytes webhooks to {args.dir.resolve()}; point the webhook at "
+          f"http://{args.host}:{args.port}/audio", file=sys.stderr)
+    run(args.dir, args.host, args.port, secret=args.secret)
+    return 0
 
 
 class LiveView:

@@ -27,8 +27,11 @@ WIRE_KEYS = {"id", "text", "speaker", "speaker_id", "is_user", "person_id", "sta
              "speech_profile_processed", "stt_provider", "translations"}
 
 
-def token_for(server, uid="alice", ttl=600):
-    return mint_local_token(server.settings, uid, ttl)
+def token_for(server, uid=None, ttl=600):
+    """A token for ``uid``; by default a fresh user, so that no test resumes another's conversation."""
+    import uuid
+
+    return mint_local_token(server.settings, uid or f"user-{uuid.uuid4().hex[:8]}", ttl)
 
 
 def pcm_messages(pcm: np.ndarray, ms: int = 100) -> list[bytes]:
@@ -88,16 +91,20 @@ async def test_default_codec_is_pcm16_at_8khz(gateway):
 
 
 async def test_segment_times_follow_the_audio_clock(gateway):
-    # Speech placed 3 s into the stream must come back at ~3 s, however fast it was sent.
-    speech = load_audio("ss_0930.wav")
-    pcm = np.concatenate([np.zeros(48000, np.int16), speech, np.zeros(16000, np.int16)])
+    """Times are conversation times (the first word anchors 0.0, as Omi does) derived from the
+    audio clock: however fast the client sends, two utterances 9 s apart in the audio come back
+    9 s apart, with the right durations."""
+    first, second = load_audio("ss_0930.wav"), load_audio("goforward.wav")
+    silence = lambda seconds: np.zeros(int(16000 * seconds), np.int16)
+    pcm = np.concatenate([silence(3), first, silence(9 - len(first) / 16000), second, silence(1.5)])
     url = listen_url(gateway.base, codec="pcm16", sample_rate=16000)
     result = await stream_messages(url, pcm_messages(pcm), 0.1, token=token_for(gateway), realtime=False,
                                    settle_seconds=SETTLE)
     segments = result.ordered()
-    assert segments
-    assert 2.6 <= segments[0]["start"] <= 3.6
-    assert segments[-1]["end"] <= 3.0 + len(speech) / 16000 + 0.3
+    assert len(segments) == 2, segments          # a 9 s pause between speakers' turns: no merge
+    assert segments[0]["start"] <= 0.5
+    assert 8.4 <= segments[1]["start"] - segments[0]["start"] <= 9.6
+    assert segments[1]["start"] < segments[1]["end"] <= segments[0]["start"] + 9 + len(second) / 16000
 
 
 @pytest.mark.slow

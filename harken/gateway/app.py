@@ -12,10 +12,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from ..config import Settings
+from ..conversations import ConversationService, Store
 from ..stt.whisper import WhisperProvider
 from .auth import build_authenticator
 from .context import Gateway
 from .listen import listen_endpoint, web_listen_endpoint
+from .rest import build_rest_routes
 from .web import web_routes
 
 log = logging.getLogger("harken.app")
@@ -26,29 +28,38 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         authenticator = build_authenticator(settings)
+        store = await Store.from_settings(settings).open()
+        conversations = ConversationService(settings, store)
+        await conversations.start()
         whisper = WhisperProvider(settings)
         await whisper.load()
-        gateway = Gateway(settings=settings, authenticator=authenticator, providers={"local": whisper})
+        gateway = Gateway(settings=settings, authenticator=authenticator, providers={"local": whisper},
+                          conversations=conversations, store=store)
         app.state.gateway = gateway
         gateway.ready.set()
         try:
             yield
         finally:
             gateway.draining = True
+            await conversations.stop()
+            await store.close()
             for provider in gateway.providers.values():
                 await provider.aclose()
             await authenticator.aclose()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             WebSocketRoute("/v4/listen", listen_endpoint),
             WebSocketRoute("/v4/web/listen", web_listen_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             *web_routes(settings),          # GET /, /static/*, POST /v1/local/token
+            *build_rest_routes(lambda: app.state.gateway.conversations,
+                               lambda: app.state.gateway.authenticator),
         ],
         lifespan=lifespan,
     )
+    return app
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -65,6 +76,11 @@ async def readyz(request: Request) -> JSONResponse:
             problems.append("draining")
         if not gateway.usable_providers():
             problems.append("no speech provider")
+        if gateway.store is not None:
+            try:
+                await gateway.store.ping()
+            except Exception:
+                problems.append("storage unreachable")
     body = {"status": "ready" if not problems else "not ready", "problems": problems,
             "sessions": len(gateway.sessions) if gateway else 0}
     return JSONResponse(body, status_code=200 if not problems else 503)

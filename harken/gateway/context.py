@@ -14,6 +14,7 @@ from ..config import Settings
 from ..stt.base import Provider
 
 if TYPE_CHECKING:
+    from ..conversations import ConversationService, Store
     from .auth import Authenticator
     from .session import Session
 
@@ -23,6 +24,8 @@ class Gateway:
     settings: Settings
     authenticator: "Authenticator"
     providers: dict[str, Provider]          # name → provider, e.g. {"local": WhisperProvider}
+    conversations: "ConversationService | None" = None
+    store: "Store | None" = None
     sessions: set["Session"] = field(default_factory=set)
     draining: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)

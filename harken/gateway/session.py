@@ -24,7 +24,7 @@ from . import events
 from .clock import AudioClock
 from .context import Gateway
 from .params import ListenParams
-from .segments import Batch, SegmentBuilder
+from .segments import Batch, Segment, SegmentBuilder
 from .speakers import SpeakerIdentifier
 
 log = logging.getLogger("harken.session")
@@ -73,6 +73,9 @@ class Session:
         self._undiarized: list[Word] = []    # embedded-engine words waiting for a speaker label
         self.provider_name: str | None = None
         self.time_offset = 0.0            # conversation time of this session's audio-clock zero
+        self._offset_known = False        # fixed by the conversation at the first word (see _anchor)
+        self.clock_origin = time.time()   # wall time at which the audio clock read 0
+        self.live = None                  # the conversation this session writes (conversations.LiveConversation)
         self.last_activity = time.monotonic()
         self._client_gone = False
         self._first_bad_frame_at: float | None = None
@@ -107,13 +110,39 @@ class Session:
         except codecs.UnsupportedFormat as exc:
             await self.send_json(events.error(1008, str(exc), "sample_rate"))
             raise EndSession(1008, f"sample_rate: {exc}") from None
-        await self.send_json(events.last_memory(None))
+        await self._join_conversation()
         if self.params.custom_stt:
             self.provider_name = "custom"
         else:
             await self.send_json(events.service_status("stt_initiating"))
             self.stream = await self._open_stt()
         await self.send_json(events.service_status("ready"))
+
+    async def _join_conversation(self) -> None:
+        """Resume the user's in-progress conversation (or start one) and announce the last memory."""
+        service = self.gateway.conversations
+        if service is None:
+            await self.send_json(events.last_memory(None))
+            return
+        self.live = await service.connect(
+            self.uid, language=self.params.language, source=self.params.source,
+            conversation_timeout=self.params.conversation_timeout, session_id=self.id,
+            events=self.send_json, on_new_conversation=self._on_new_conversation)
+        self.builder = SegmentBuilder([Segment.from_stored(d) for d in self.live.existing_segments])
+        await self.send_json(events.last_memory(self.live.last_memory_id))
+
+    def _on_new_conversation(self, live) -> None:
+        """The conversation timed out and was processed while the client stayed: start afresh."""
+        self.builder = SegmentBuilder()
+        self._offset_known = False
+
+    def _anchor(self, first_time: float) -> None:
+        """Fix the conversation-time offset when the first words arrive (times then continue
+        from the conversation's start, across reconnects)."""
+        if not self._offset_known:
+            if self.live is not None:
+                self.time_offset = self.live.time_offset(self.clock_origin, first_time)
+            self._offset_known = True
 
     async def _open_stt(self) -> STTStream:
         language = self.params.language
@@ -175,6 +204,7 @@ class Session:
             words = await self.speakers.diarize_words(words)
             self._add_words(words, LOCAL_PROVIDER)
         batch = self.builder.flush()
+        await self._persist(batch)          # stored before sent: nothing the client saw is lost
         await self._send_batch(batch)
         for segment in batch.changed:
             # Speaker identification works on the audio clock, segments are on conversation time.
@@ -185,7 +215,9 @@ class Session:
         """Apply voice matches as they come: relabel the speaker's segments, suggest the label."""
         async for match in self.speakers.matches():
             is_user, person_id = match.segment_labels
-            await self._send_batch(self.builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id))
+            batch = self.builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id)
+            await self._persist(batch)
+            await self._send_batch(batch)
             await self.send_json(events.speaker_label_suggestion(
                 match.speaker_id, match.person_id, match.person_name, match.segment_id))
 
@@ -216,6 +248,8 @@ class Session:
             return
         self.clock.advance(len(pcm))
         self.ring.append(pcm)
+        if self.live is not None:
+            self.live.add_audio(pcm)
         if self.stream is not None:
             await self.stream.send(pcm)
 
@@ -242,6 +276,8 @@ class Session:
             segments = message.get("segments")
             if isinstance(segments, list):
                 provider = str(message.get("stt_provider") or "custom")
+                starts = [s.get("start") for s in segments if isinstance(s, dict) and isinstance(s.get("start"), (int, float))]
+                self._anchor(min(starts) if starts else self.clock.seconds)
                 self.builder.add_suggested([s for s in segments if isinstance(s, dict)],
                                            provider=provider, time_offset=self.time_offset)
         elif kind == "speaker_assigned":
@@ -260,6 +296,7 @@ class Session:
         ids = message.get("segment_ids")
         batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=None if is_user else person_id,
                                      segment_ids=ids if isinstance(ids, list) else None)
+        await self._persist(batch)
         await self._send_batch(batch)
 
     def _on_word(self, word: Word) -> None:
@@ -271,8 +308,20 @@ class Session:
             self._add_words([word], provider)
 
     def _add_words(self, words: list[Word], provider: str) -> None:
+        if not words:
+            return
+        self._anchor(min(w.start for w in words))
         self.builder.add_words(words, provider=provider, time_offset=self.time_offset,
                                speaker_labels=self.speakers.labels)
+
+    async def _persist(self, batch: Batch) -> None:
+        if self.live is None or not batch:
+            return
+        try:
+            await self.live.save_batch([s.to_stored() for s in batch.changed], batch.deleted_ids)
+        except Exception:
+            # The client still gets its words; the store's own retries/alerts are its business.
+            log.exception("could not store a segment batch sid=%s", self.id)
 
     # -- outbound ------------------------------------------------------------------------
     async def _send_batch(self, batch: Batch) -> None:
@@ -321,6 +370,11 @@ class Session:
             await self._flush()
         except EndSession:
             pass
+        if self.live is not None:
+            try:
+                await self.live.close(usage=self.usage())
+            except Exception:
+                log.exception("closing the conversation of sid=%s failed", self.id)
         if not self._client_gone:
             try:
                 await self.ws.close(end.code, _truncate(end.reason))

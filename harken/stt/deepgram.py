@@ -95,7 +95,6 @@ class DeepgramStream(STTStream):
     provider_name = "deepgram"
 
     def __init__(self) -> None:
-        self.settled_until = 0.0            # see fallback.FallbackStream
         self._exit = contextlib.AsyncExitStack()
         self._conn: Any = None
         self._words = WordQueue()
@@ -151,6 +150,11 @@ class DeepgramStream(STTStream):
     def __aiter__(self) -> AsyncIterator[Word]:
         return self._words.__aiter__()
 
+    @property
+    def settled_until(self) -> float:
+        """Stream time up to which every word has been yielded (see ``fallback.FallbackStream``)."""
+        return self._words.settled_until
+
     async def _receive(self) -> None:
         try:
             while True:
@@ -173,7 +177,7 @@ class DeepgramStream(STTStream):
                 for word in words:
                     self._words.put(word)
                 if settled is not None:
-                    self.settled_until = max(self.settled_until, settled)
+                    self._words.settle(settled)
         except StreamFailure as exc:
             self._words.fail(exc)
             await self._drain()

@@ -35,8 +35,9 @@ buffer, or reconnecting took longer), replay starts at the oldest sample held: t
 gap are lost, and ``lost_seconds`` says how much audio that was.
 
 Provider streams may expose ``settled_until`` (float, their stream time up to which every word
-has been yielded); the three cloud providers here do. It sharpens the replay point, enables stall
-detection and silence detection.
+has been *yielded through iteration*, so it never runs ahead of the words read); the three cloud
+providers here do, through ``WordQueue.settle``. It sharpens the replay point and enables stall
+and silence detection.
 """
 
 from __future__ import annotations
@@ -93,18 +94,31 @@ def status_failure(provider: str, status: int, detail: str = "") -> StreamFailur
     return StreamFailure(text, reason="initialization_failed", retryable=retryable_status(status), code=status)
 
 
+class _Settled(float):
+    """A progress mark travelling through a WordQueue between the words."""
+
+
 class WordQueue:
-    """Words a provider's receive task produced, read by ``async for``; ends with ``end()`` or
-    raises what ``fail()`` was given. Lets a provider stream read its socket whether or not
-    anyone iterates yet, so ``close()`` never depends on the consumer."""
+    """Words (or any results) produced by a task, read by ``async for``; iteration ends after
+    ``end()`` or raises what ``fail()`` was given, and every later iteration ends the same way.
+    A provider stream reads its socket into one whether or not anyone iterates yet, so its
+    ``close()`` never depends on the consumer.
+
+    ``settle(t)`` queues a progress mark; ``settled_until`` takes its value when iteration
+    reaches it, so it never runs ahead of the words the consumer has actually received.
+    """
 
     _END = object()
 
     def __init__(self) -> None:
         self._items: asyncio.Queue = asyncio.Queue()
+        self.settled_until = 0.0
 
-    def put(self, word: Word) -> None:
-        self._items.put_nowait(word)
+    def put(self, item: Any) -> None:
+        self._items.put_nowait(item)
+
+    def settle(self, until: float) -> None:
+        self._items.put_nowait(_Settled(until))
 
     def end(self) -> None:
         self._items.put_nowait(self._END)
@@ -112,11 +126,14 @@ class WordQueue:
     def fail(self, exc: BaseException) -> None:
         self._items.put_nowait(exc)
 
-    async def __aiter__(self) -> AsyncIterator[Word]:
+    async def __aiter__(self) -> AsyncIterator[Any]:
         while True:
             item = await self._items.get()
+            if type(item) is _Settled:
+                self.settled_until = float(item)
+                continue
             if item is self._END or isinstance(item, BaseException):
-                self._items.put_nowait(item)        # a second iteration ends the same way
+                self._items.put_nowait(item)
                 if item is self._END:
                     return
                 raise item
@@ -181,6 +198,8 @@ class _Active:
     sent: int              # our sample index up to which audio was handed to the provider
     seam: bool             # still checking words for duplicates of what was already emitted
     close_requested: bool = False
+    last_sent_at: float = 0.0      # time.monotonic() of the last send
+    resumed_at: float = 0.0        # when audio started flowing again after a pause
 
     @property
     def name(self) -> str:
@@ -205,9 +224,6 @@ class _AllDown(Exception):
         self.failure, self.provider = failure, provider
 
 
-_END = object()
-
-
 class FallbackStream(STTStream):
     """An ``STTStream`` over an ordered chain of ``Link``s (or ``(provider, overrides)`` tuples)."""
 
@@ -221,7 +237,7 @@ class FallbackStream(STTStream):
         self.policy = policy or FallbackPolicy()
         self._buffer = ReplayBuffer(max(1, int(self.policy.replay_seconds * SAMPLE_RATE)))
         self._audio = asyncio.Event()
-        self._out: asyncio.Queue = asyncio.Queue()
+        self._out = WordQueue()                  # (word, provider name) pairs
         self._closing = False
         self._task: asyncio.Task | None = None
         self._started: asyncio.Future | None = None
@@ -261,7 +277,7 @@ class FallbackStream(STTStream):
         self._closing = True
         self._audio.set()
         if self._task is None:
-            self._finish(_END)
+            self._finish(None)
             return
         try:
             await asyncio.wait_for(asyncio.shield(self._task), self.policy.close_timeout)
@@ -276,14 +292,7 @@ class FallbackStream(STTStream):
 
     async def __aiter__(self) -> AsyncIterator[Word]:
         self._ensure_running()
-        while True:
-            item = await self._out.get()
-            if item is _END or isinstance(item, BaseException):
-                self._out.put_nowait(item)      # later iterations end the same way
-                if item is _END:
-                    return
-                raise item
-            word, self.provider_name = item
+        async for word, self.provider_name in self._out:
             yield word
 
     # --- extra public surface -------------------------------------------------------------
@@ -306,20 +315,21 @@ class FallbackStream(STTStream):
             self._started.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
             self._task = loop.create_task(self._run(), name=f"stt-fallback-{self._config.session_id}")
 
-    def _finish(self, item: object) -> None:
+    def _finish(self, error: STTError | None) -> None:
+        """End iteration: cleanly, or by raising ``error``."""
         if self._started is not None and not self._started.done():
-            if isinstance(item, BaseException):
-                self._started.set_exception(item)
-            else:
-                self._started.set_exception(STTError("closed before any provider connected", retryable=False))
-        self._out.put_nowait(item)
+            self._started.set_exception(error or STTError("closed before any provider connected", retryable=False))
+        if error is None:
+            self._out.end()
+        else:
+            self._out.fail(error)
 
     async def _run(self) -> None:
         order = list(range(len(self._links)))
         previous: str | None = None
         reason = "initialization_failed"
         replay_from = 0.0
-        terminal: object = _END
+        terminal: STTError | None = None
         try:
             pending: tuple[int, STTStream] | None = None
             while True:
@@ -396,7 +406,8 @@ class FallbackStream(STTStream):
             log.warning("replay buffer no longer holds %.1fs of audio before the failover point; "
                         "words in it are lost", lost)
             origin = self._buffer.start
-        seam = self._last_word_end > origin / SAMPLE_RATE - self.policy.seam_tolerance
+        # words already emitted that the new provider may hear again: check its first ones
+        seam = bool(self._recent) and self._last_word_end > origin / SAMPLE_RATE - self.policy.seam_tolerance
         self._active = _Active(index, self._links[index], stream, origin, origin, seam)
         self._recovered.discard(index)
         return self._active
@@ -442,7 +453,10 @@ class FallbackStream(STTStream):
                     return _Outcome("failed", as_failure(watcher.exception(), "stalled"))
                 outcome: _Outcome = watcher.result()
                 feeder.cancel()
-                await self._drain_before_cut(active, reader, outcome.next_active[2])
+                reader.cancel()            # words from the cut on are the next provider's
+                with contextlib.suppress(BaseException):
+                    await reader
+                await self._drain_before_cut(active, outcome.next_active[2])
                 return outcome
             for task, reason in ((reader, "connection_lost"), (feeder, "send_failed")):
                 if task in done and task.exception() is not None:
@@ -478,10 +492,14 @@ class FallbackStream(STTStream):
                     raise StreamFailure(f"{active.name} fell {self.policy.replay_seconds:.0f}s behind",
                                         reason="stalled")
                 chunk = buffer.read(active.sent, frame)
+                now = time.monotonic()
+                if now - active.last_sent_at >= self.policy.result_timeout:
+                    active.resumed_at = now          # a new stretch of audio: the stall clock restarts
                 try:
                     await active.stream.send(chunk)
                 except Exception as exc:
                     raise as_failure(exc, "send_failed") from exc
+                active.last_sent_at = now
                 active.sent += chunk.size
                 self._release(active)
                 continue
@@ -510,7 +528,7 @@ class FallbackStream(STTStream):
             active.seam = False
         self._last_word_end = max(self._last_word_end, word.end)
         self._recent.append(word)
-        self._out.put_nowait((word, active.name))
+        self._out.put((word, active.name))
         return True
 
     def _duplicate(self, word: Word) -> bool:
@@ -532,13 +550,17 @@ class FallbackStream(STTStream):
             if settled is not None:
                 if settled != progress:
                     progress, progress_at = settled, now
-                elif now - progress_at >= policy.result_timeout:
-                    # Audio the provider has not accounted for. An idle client leaves only the
-                    # provider's latency here; at close every unanswered sample counts.
-                    pending = active.sent / SAMPLE_RATE - settled
-                    if pending >= (policy.seam_tolerance if active.close_requested else policy.result_timeout / 2):
-                        raise StreamFailure(f"{active.name} reported nothing for {now - progress_at:.1f}s with "
-                                            f"{pending:.1f}s of audio unanswered", reason="stalled")
+                quiet = now - max(progress_at, active.resumed_at)
+                pending = active.sent / SAMPLE_RATE - settled      # audio it has not accounted for
+                # While audio flows, half a timeout of it unanswered is a stall; an idle client is
+                # not (many engines settle only when more audio comes); at close, any is.
+                if active.close_requested:
+                    stalled = pending >= policy.seam_tolerance
+                else:
+                    stalled = now - active.last_sent_at < policy.result_timeout and pending >= policy.result_timeout / 2
+                if quiet >= policy.result_timeout and stalled:
+                    raise StreamFailure(f"{active.name} reported nothing for {quiet:.1f}s with "
+                                        f"{pending:.1f}s of audio unanswered", reason="stalled")
             better = [i for i in self._recovered if i < active.index and i not in self._dead]
             if not better:
                 continue
@@ -573,14 +595,11 @@ class FallbackStream(STTStream):
         cut = (end - n // 2) / SAMPLE_RATE
         return cut if cut - self._last_word_end >= gap / 2 else None
 
-    async def _drain_before_cut(self, active: _Active, reader: asyncio.Task, cut: float) -> None:
+    async def _drain_before_cut(self, active: _Active, cut: float) -> None:
         """Let the outgoing provider yield its words that start before ``cut`` (switch-back)."""
         settled = active.settled()
         if settled is not None and settled >= cut:
-            return                       # it already reported everything before the cut
-        reader.cancel()
-        with contextlib.suppress(BaseException):
-            await reader
+            return                       # every word before the cut has been read already
         offset = active.origin / SAMPLE_RATE
 
         async def drain() -> None:

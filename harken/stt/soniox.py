@@ -140,7 +140,6 @@ class SonioxStream(STTStream):
     provider_name = "soniox"
 
     def __init__(self) -> None:
-        self.settled_until = 0.0            # see fallback.FallbackStream
         self._session: Any = None
         self._socket: Any = None
         self._joiner = TokenJoiner()
@@ -207,6 +206,11 @@ class SonioxStream(STTStream):
     def __aiter__(self) -> AsyncIterator[Word]:
         return self._words.__aiter__()
 
+    @property
+    def settled_until(self) -> float:
+        """Stream time up to which every word has been yielded (see ``fallback.FallbackStream``)."""
+        return self._words.settled_until
+
     async def _receive(self) -> None:
         try:
             while True:
@@ -231,7 +235,7 @@ class SonioxStream(STTStream):
                     settled = event.final_audio_proc_ms / 1000
                     held = self._joiner.pending_start
                     # not past a held word: it has not been yielded yet
-                    self.settled_until = settled if held is None else min(settled, held)
+                    self._words.settle(settled if held is None else min(settled, held))
         except StreamFailure as exc:
             self._words.fail(exc)
             await self._drain()

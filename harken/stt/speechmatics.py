@@ -124,7 +124,6 @@ class SpeechmaticsStream(STTStream):
     provider_name = "speechmatics"
 
     def __init__(self, client: AsyncClient):
-        self.settled_until = 0.0            # see fallback.FallbackStream
         self._client = client
         self._words = WordQueue()
         self._error: dict | None = None
@@ -184,6 +183,11 @@ class SpeechmaticsStream(STTStream):
     def __aiter__(self) -> AsyncIterator[Word]:
         return self._words.__aiter__()
 
+    @property
+    def settled_until(self) -> float:
+        """Stream time up to which every word has been yielded (see ``fallback.FallbackStream``)."""
+        return self._words.settled_until
+
     # --- SDK callbacks (run inside the SDK's receive task) ----------------------------------
     def _on_transcript(self, message: dict) -> None:
         try:
@@ -195,7 +199,7 @@ class SpeechmaticsStream(STTStream):
         for word in words:
             self._words.put(word)
         if settled is not None:
-            self.settled_until = max(self.settled_until, settled)
+            self._words.settle(settled)
 
     def _on_error(self, message: dict) -> None:
         self._error = message

@@ -1,0 +1,152 @@
+"""Conversations and webhooks through the real path: WebSocket sessions against a running gateway,
+its SQLite store, the REST API, and webhook receivers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from harken.client import listen_url, stream_messages
+from harken.gateway.auth import mint_local_token
+from harken.receiver import build_receiver_app
+
+from .conftest import load_audio
+from .fakes.webhook_receiver import ServedApp
+
+pytestmark = pytest.mark.timeout(180)
+SETTLE = 4.0
+
+
+def pcm_messages(pcm: np.ndarray, ms: int = 100) -> list[bytes]:
+    step = 16 * ms
+    return [pcm[i:i + step].tobytes() for i in range(0, len(pcm), step)]
+
+
+def speech(name: str, tail: float = 1.0) -> np.ndarray:
+    return np.concatenate([load_audio(name), np.zeros(int(16000 * tail), np.int16)])
+
+
+async def rest(server, token: str | None, method: str, path: str, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=server.http, timeout=10) as client:
+        return await client.request(method, path, headers=headers, **kwargs)
+
+
+async def test_reconnect_resumes_the_conversation_and_times_continue(gateway):
+    uid = f"resumer-{uuid.uuid4().hex[:6]}"
+    token = mint_local_token(gateway.settings, uid, 600)
+    url = listen_url(gateway.base, codec="pcm16", sample_rate=16000, conversation_timeout=120)
+    first = await stream_messages(url, pcm_messages(speech("ss_0930.wav")), 0.1, token=token,
+                                  realtime=False, settle_seconds=SETTLE)
+    second = await stream_messages(url, pcm_messages(speech("goforward.wav")), 0.1, token=token,
+                                   realtime=False, settle_seconds=SETTLE)
+    assert first.segments and second.segments
+    first_memory = [e for e in first.events if e.get("type") == "last_memory"][0]
+    assert first_memory["memory_id"] is None
+
+    listing = (await rest(gateway, token, "GET", "/v1/conversations")).json()
+    conversations = listing["conversations"] if isinstance(listing, dict) else listing
+    assert len(conversations) == 1, conversations           # one conversation spans both connections
+    stored = (await rest(gateway, token, "GET", f"/v1/conversations/{conversations[0]['id']}")).json()
+    texts = " ".join(s["text"] for s in stored["transcript_segments"]).lower()
+    assert "amiable" in texts and "forward" in texts
+    # Everything the client was sent is in the store (the latest version of each segment).
+    stored_ids = {s["id"]: s for s in stored["transcript_segments"]}
+    for segment in [*first.segments.values(), *second.segments.values()]:
+        assert segment["id"] in stored_ids
+    # The second connection's words come after the first's: times continue across reconnects.
+    first_end = max(s["end"] for s in first.segments.values())
+    assert min(s["end"] for s in second.segments.values()) > first_end
+
+    # Someone else cannot read it.
+    other = mint_local_token(gateway.settings, "someone-else", 600)
+    assert (await rest(gateway, other, "GET", f"/v1/conversations/{conversations[0]['id']}")).status_code == 404
+    assert (await rest(gateway, None, "GET", "/v1/conversations")).status_code == 401
+
+
+async def test_silence_past_the_timeout_processes_the_conversation_live(make_gateway):
+    server = make_gateway(conversation_check_interval=0.3)
+    uid = f"quiet-{uuid.uuid4().hex[:6]}"
+    token = mint_local_token(server.settings, uid, 600)
+    url = listen_url(server.base, codec="pcm16", sample_rate=16000, conversation_timeout=2)
+    received = []
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        for message in pcm_messages(speech("espeak_01.wav")):
+            await ws.send(message)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 40
+        while loop.time() < deadline and not any(e.get("type") == "memory_created" for e in received):
+            await ws.send(b"\x8a\x00")                       # keepalive: the client stays, silent
+            try:
+                raw = await asyncio.wait_for(ws.recv(), 0.5)
+            except TimeoutError:
+                continue
+            if raw != "ping":
+                payload = json.loads(raw)
+                received.append(payload if isinstance(payload, dict) else {"type": "segments", "segments": payload})
+    kinds = [e["type"] for e in received]
+    assert "memory_processing_started" in kinds and "memory_created" in kinds
+    assert kinds.index("memory_processing_started") < kinds.index("memory_created")
+    memory = next(e for e in received if e["type"] == "memory_created")["memory"]
+    assert memory["status"] == "completed" and not memory["discarded"] and memory["structured"]["title"]
+    assert any("meeting" in a["description"].lower() for a in memory["structured"]["action_items"]), memory["structured"]
+    # The next connection is told about it, and starts a new conversation.
+    again = await stream_messages(url, [b"\x00" * 3200], 0.1, token=token, realtime=False, settle_seconds=0.3)
+    last = next(e for e in again.events if e.get("type") == "last_memory")
+    assert last["memory_id"] == memory["id"]
+
+
+async def test_audio_bytes_and_realtime_webhooks_deliver_what_was_streamed(make_gateway, tmp_path):
+    server = make_gateway(webhook_allow_private=True)
+    uid = f"hooked-{uuid.uuid4().hex[:6]}"
+    token = mint_local_token(server.settings, uid, 600)
+    transcripts: list[tuple[dict, list]] = []
+
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def realtime(request):
+        transcripts.append((dict(request.query_params), json.loads(await request.body())))
+        return Response(status_code=200)
+
+    audio_dir = tmp_path / "audio"
+    async with ServedApp(build_receiver_app(audio_dir)) as receiver, \
+            ServedApp(Starlette(routes=[Route("/rt", realtime, methods=["POST"])])) as rt:
+        answer = await rest(server, token, "PUT", "/v1/users/developer/webhooks/audio_bytes",
+                            json={"url": f"{receiver.base_url}/audio", "interval_seconds": 1})
+        assert answer.status_code == 200, answer.text
+        answer = await rest(server, token, "PUT", "/v1/users/developer/webhooks/realtime_transcript",
+                            json={"url": f"{rt.base_url}/rt"})
+        assert answer.status_code == 200, answer.text
+
+        pcm = speech("goforward.wav", tail=1.3)               # not a whole number of seconds
+        url = listen_url(server.base, codec="pcm16", sample_rate=16000)
+        result = await stream_messages(url, pcm_messages(pcm, ms=70), 0.07, token=token, realtime=False,
+                                       settle_seconds=SETTLE)
+        assert result.segments
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        files = []
+        while loop.time() < deadline:
+            files = sorted(audio_dir.rglob("*.wav"))
+            if files and files[0].stat().st_size >= 44 + pcm.nbytes and transcripts:
+                break
+            await asyncio.sleep(0.2)
+    assert len(files) == 1 and files[0].parent.name == uid
+    import wave
+
+    with wave.open(str(files[0])) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2)
+        written = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    assert np.array_equal(written, pcm)                        # bit for bit, no gap, no overlap
+
+    query, segments = transcripts[0]
+    assert query["uid"] == uid and query["session_id"] and query["session_id"] != uid
+    assert segments and {"text", "speaker", "speakerId", "is_user", "start", "end", "id"} <= set(segments[0])
