@@ -9,6 +9,7 @@ import contextlib
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 from harken.config import Settings
@@ -242,10 +243,10 @@ async def test_the_primary_takes_over_again_at_the_next_silence():
     assert r.switches() == [("deepgram", "soniox", "connection_lost"), ("soniox", "deepgram", "recovered")]
     assert_transcript(played.words, script)
     back = r.fakes["deepgram"].accepted[-1].listener
-    cut = back.offset + FAST.replay_preroll
-    before = [w for w in script if w.start < cut]
-    assert not any(w.start < cut < w.end for w in script)          # no word is cut in two
-    assert cut - before[-1].end >= FAST.silence_gap                # the cut is a second into a silence
+    cut, eps = back.offset + FAST.replay_preroll, 0.002             # eps: the origin is a whole sample
+    before = [w for w in script if w.start < cut - eps]
+    assert not any(w.start < cut - eps and cut + eps < w.end for w in script)   # no word is cut in two
+    assert cut - before[-1].end >= FAST.silence_gap - eps          # the cut ends a silence of 1 s or more
     assert all(p == "deepgram" for w, p in zip(played.words, played.providers) if w.start > cut)
     assert sum(fake.discontinuities() for fake in r.fakes.values()) == 0
 
@@ -293,3 +294,48 @@ async def test_finalize_reaches_the_active_provider_and_async_status_callbacks_a
         await play(stream, 4.0)
     assert r.fakes["soniox"].accepted[0].controls["finalize"] == 1
     assert [m["status"] for m in seen] == ["stt_switched"]
+
+
+@pytest.mark.timeout(60)
+async def test_from_the_embedded_engine_back_to_the_cloud_at_a_quiet_second():
+    """The embedded engine reports no progress, so the switch back waits for a second of quiet
+    audio; the cloud provider's audio then starts inside that pause."""
+    from harken.client import read_wav_16k
+    from harken.stt import WhisperProvider
+
+    from .conftest import AUDIO, transcripts
+
+    clips = [read_wav_16k(AUDIO / row["file"]) for row in transcripts()[:3]]
+    gap = np.zeros(int(1.6 * 16000), dtype=np.int16)
+    pcm = np.concatenate([clips[0], gap, clips[1], gap, clips[2], gap])
+    pauses = []                                   # (start, end) seconds of each silent gap
+    position = 0
+    for clip in clips:
+        position += clip.size
+        pauses.append((position / 16000, (position + gap.size) / 16000))
+        position += gap.size
+    engine = WhisperProvider(Settings())
+    async with rig([]) as r:
+        r.fakes["deepgram"].plans = [Plan(handshake=503)] * 3      # down at first: the embedded engine starts
+        links = [Link(r.providers["deepgram"], {}), Link(engine, {})]
+        stream = FallbackStream(links, StreamConfig(language="en"), r.statuses.append,
+                                policy=FAST.replace(probe_interval=0.1))
+        words: list[Word] = []
+
+        async def read() -> None:
+            async for word in stream:
+                words.append(word)
+
+        reader = asyncio.create_task(read())
+        for start in range(0, pcm.size, 1600):
+            await stream.send(pcm[start:start + 1600])
+            await asyncio.sleep(0.01)                  # 10× real time: the engine keeps up
+        await stream.close()
+        await reader
+    await engine.aclose()
+    assert r.switches() == [("deepgram", "local", "initialization_failed"), ("local", "deepgram", "recovered")]
+    heard = r.fakes["deepgram"].accepted[-1].listener.received // 2
+    origin = (pcm.size - heard) / 16000                 # where the cloud provider's audio began
+    cut = origin + FAST.replay_preroll
+    assert any(a <= origin and cut <= b for a, b in pauses), (origin, pauses)
+    assert words and all(w.end <= cut for w in words)   # the engine's words all precede the cut

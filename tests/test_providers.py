@@ -88,7 +88,8 @@ async def test_speechmatics_drops_low_confidence_words_and_maps_unknown_speakers
 async def test_deepgram_connects_with_omis_options_and_ends_with_close_stream():
     script = make_script(seed=1, duration=3.0)
     async with FakeDeepgram(script) as fake:
-        stream = await provider_for("deepgram", fake).open(StreamConfig(language="zh", extra={"model": "nova-2-general"}))
+        config = StreamConfig(language="zh", extra={"model": "nova-2-general"})
+        stream = await provider_for("deepgram", fake).open(config)
         played = await play(stream, 3.0)
     request = fake.connections[0].request
     query = {k: v[-1] for k, v in parse_qs(urlsplit(request.path).query).items()}
@@ -220,7 +221,8 @@ async def test_fake_deepgram_refuses_like_deepgram_with_error_headers():
     async with FakeDeepgram([]) as fake:
         fake.plans = [Plan(handshake=402)]
         with pytest.raises(InvalidStatus) as caught:
-            async with connect(fake.url + "/v1/listen?model=nova-3", additional_headers={"Authorization": f"Token {KEY}"}):
+            headers = {"Authorization": f"Token {KEY}"}
+            async with connect(fake.url + "/v1/listen?model=nova-3", additional_headers=headers):
                 pass
     headers = caught.value.response.headers
     assert caught.value.response.status_code == 402 and headers["dg-error"] and headers["dg-request-id"]

@@ -13,6 +13,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from ..config import Settings
 from ..conversations import ConversationService, Store
+from ..stt.selection import build_providers
 from ..stt.whisper import WhisperProvider
 from .auth import build_authenticator
 from .context import Gateway
@@ -33,7 +34,8 @@ def create_app(settings: Settings) -> Starlette:
         await conversations.start()
         whisper = WhisperProvider(settings)
         await whisper.load()
-        gateway = Gateway(settings=settings, authenticator=authenticator, providers={"local": whisper},
+        providers = {**build_providers(settings), "local": whisper}
+        gateway = Gateway(settings=settings, authenticator=authenticator, providers=providers,
                           conversations=conversations, store=store)
         app.state.gateway = gateway
         gateway.ready.set()

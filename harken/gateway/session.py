@@ -20,6 +20,8 @@ from starlette.websockets import WebSocket
 from .. import codecs
 from ..audio import AudioRing
 from ..stt.base import STTError, STTStream, StreamConfig, Word
+from ..stt.fallback import FallbackPolicy, FallbackStream
+from ..stt.selection import NoProviderError, select_chain
 from . import events
 from .clock import AudioClock
 from .context import Gateway
@@ -145,19 +147,31 @@ class Session:
             self._offset_known = True
 
     async def _open_stt(self) -> STTStream:
-        language = self.params.language
-        provider = self.gateway.providers.get("local")
-        if provider is None or not provider.supports(language):
-            reason = f"The language is not supported: {language}"
-            await self.send_json(events.error(1008, reason, "language"))
-            raise EndSession(1008, reason)
+        """The provider chain for the language (PROTOCOL §2), wrapped for retry and failover."""
         try:
-            stream = await provider.open(StreamConfig(language=language, session_id=self.id))
-        except STTError as exc:
-            await self.send_json(events.service_status("stt_failed", reason=str(exc), retryable=exc.retryable, retry_after=5))
+            chain = select_chain(self.params.language, self.params.stt_service, self.gateway.providers,
+                                 self.settings)
+        except NoProviderError as exc:
+            await self.send_json(events.error(1008, str(exc), "language"))
+            raise EndSession(1008, str(exc)) from None
+        stream = FallbackStream(chain, StreamConfig(language=self.params.language, session_id=self.id),
+                                on_status=self._send_stt_status, policy=FallbackPolicy.from_settings(self.settings))
+        try:
+            self.provider_name = await stream.start()
+        except STTError:
+            # FallbackStream already told the client `stt_failed` (with reason and retry_after).
+            await stream.close()
             raise EndSession(1011, "transcription_service_unavailable") from None
-        self.provider_name = provider.name
         return stream
+
+    async def _send_stt_status(self, status: dict) -> None:
+        """Provider switches and failures from the FallbackStream's own tasks."""
+        if status.get("status") == "stt_switched":
+            self.provider_name = status.get("provider") or self.provider_name
+        try:
+            await self.send_json(status)
+        except EndSession:
+            pass
 
     # -- tasks ---------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
@@ -187,9 +201,9 @@ class Session:
             async for word in self.stream:
                 self._on_word(word)
         except STTError as exc:
+            # Every provider of the chain failed; FallbackStream has sent `stt_failed`. What was
+            # transcribed so far is flushed and stored by the teardown.
             log.warning("stt failed sid=%s provider=%s: %s", self.id, self.provider_name, exc)
-            await self.send_json(events.service_status(
-                "stt_failed", reason=str(exc), retryable=exc.retryable, retry_after=5))
             raise EndSession(1011, "transcription_service_unavailable") from None
 
     async def _flush_loop(self) -> None:

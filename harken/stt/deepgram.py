@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -28,8 +27,6 @@ from .selection import DEEPGRAM_NOVA2, DEEPGRAM_NOVA3, N2, N2M, N3, N3M, normali
 
 if TYPE_CHECKING:
     from ..config import Settings
-
-log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 5.0
 CLOSE_SECONDS = 10.0     # wait this long for Deepgram's last Results after CloseStream

@@ -541,7 +541,7 @@ class FallbackStream(STTStream):
     async def _watch(self, active: _Active) -> _Outcome:
         """Stall detection and switch-back; returns an outcome or raises a stall."""
         policy = self.policy
-        tick = max(0.01, min(0.25, policy.result_timeout / 4))
+        tick = max(0.01, min(0.5, policy.result_timeout / 4))
         progress, progress_at = active.settled(), time.monotonic()
         while True:
             await asyncio.sleep(tick)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from .selection import SONIOX, normalize_language, primary_language
 
 if TYPE_CHECKING:
     from ..config import Settings
-
-log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 5.0        # Soniox closes after 20 s with neither audio nor keepalive
 CLOSE_SECONDS = 10.0
@@ -157,7 +154,8 @@ class SonioxStream(STTStream):
             status = getattr(getattr(exc.__cause__, "response", None), "status_code", None)
             if status:
                 raise status_failure("soniox", status) from None
-            raise StreamFailure(f"cannot reach soniox: {exc.__cause__ or exc}", reason="initialization_failed") from None
+            raise StreamFailure(f"cannot reach soniox: {exc.__cause__ or exc}",
+                                reason="initialization_failed") from None
         self._session = session
         # The SDK's close() sends the end-of-audio frame and then forgets the socket without
         # closing it; keep it so close() can release it once Soniox has said "finished".

@@ -73,7 +73,8 @@ class FakeDeepgram(FakeServer):
             connection.controls[kind] += 1
             if kind in ("Finalize", "CloseStream"):
                 words, settled = listener.due(flush=True), listener.settled(flush=True)
-                await self.send(ws, connection, self.results(reported, settled, words, request_id, listener.offset, finalize=True))
+                results = self.results(reported, settled, words, request_id, listener.offset, finalize=True)
+                await self.send(ws, connection, results)
                 reported = settled
             if kind == "CloseStream":
                 await self.send(ws, connection, {
