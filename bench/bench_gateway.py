@@ -20,7 +20,6 @@ import asyncio
 import csv
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

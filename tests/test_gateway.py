@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import websockets
 
-from harken.client import device_messages, listen_url, stream_messages
+from harken.client import listen_url, stream_messages
 from harken.gateway.auth import mint_local_token
 from harken.wer import word_errors
 

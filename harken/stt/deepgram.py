@@ -14,22 +14,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from deepgram import AsyncDeepgramClient, DeepgramClientEnvironment
 from deepgram.core.api_error import ApiError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from .base import Provider, StreamConfig, STTStream, Word
-from .fallback import StreamFailure, WordQueue, status_failure
+from .base import Provider, StreamConfig, Word
+from .fallback import StreamFailure, status_failure
+from .queued import QueuedStream
 from .selection import DEEPGRAM_NOVA2, DEEPGRAM_NOVA3, N2, N2M, N3, N3M, normalize_language
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 KEEPALIVE_SECONDS = 5.0
-CLOSE_SECONDS = 10.0     # wait this long for Deepgram's last Results after CloseStream
 ENDPOINTING_MS = 300
 
 
@@ -88,15 +88,14 @@ class DeepgramProvider(Provider):
         return stream
 
 
-class DeepgramStream(STTStream):
+class DeepgramStream(QueuedStream):
     provider_name = "deepgram"
 
     def __init__(self) -> None:
+        super().__init__()
         self._exit = contextlib.AsyncExitStack()
         self._conn: Any = None
-        self._words = WordQueue()
         self._last_send = time.monotonic()
-        self._tasks: list[asyncio.Task] = []
         self._close_sent = False
         self._closed = False
 
@@ -129,28 +128,8 @@ class DeepgramStream(STTStream):
         if self._closed:
             return
         self._closed = True
-        receive, keepalive = self._tasks
-        keepalive.cancel()
-        try:
-            self._close_sent = True
-            with contextlib.suppress(ConnectionClosed):     # if it is gone, the receive task says why
-                await self._conn.send_close_stream()
-            await asyncio.wait_for(asyncio.shield(receive), CLOSE_SECONDS)
-        except TimeoutError:
-            self._words.fail(StreamFailure(f"deepgram did not finish within {CLOSE_SECONDS:.0f}s of CloseStream",
-                                           reason="stalled"))
-        finally:
-            receive.cancel()
-            await self._exit.aclose()
-            self._words.end()
-
-    def __aiter__(self) -> AsyncIterator[Word]:
-        return self._words.__aiter__()
-
-    @property
-    def settled_until(self) -> float:
-        """Stream time up to which every word has been yielded (see ``fallback.FallbackStream``)."""
-        return self._words.settled_until
+        self._close_sent = True
+        await self._finish(self._conn.send_close_stream, ConnectionClosed, self._exit.aclose, "deepgram")
 
     async def _receive(self) -> None:
         try:

@@ -20,22 +20,22 @@ import contextlib
 import time
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 from soniox import AsyncSonioxClient
 from soniox.errors import SonioxRealtimeError
 from soniox.types.realtime import RealtimeSTTConfig
 
-from .base import Provider, StreamConfig, STTStream, Word
-from .fallback import StreamFailure, WordQueue, retryable_status, status_failure
+from .base import Provider, StreamConfig, Word
+from .fallback import StreamFailure, retryable_status, status_failure
+from .queued import QueuedStream
 from .selection import SONIOX, normalize_language, primary_language
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 KEEPALIVE_SECONDS = 5.0        # Soniox closes after 20 s with neither audio nor keepalive
-CLOSE_SECONDS = 10.0
 CONTROL_TOKENS = ("<end>", "<fin>")
 
 
@@ -133,16 +133,15 @@ class SonioxProvider(Provider):
         await self._client.aclose()
 
 
-class SonioxStream(STTStream):
+class SonioxStream(QueuedStream):
     provider_name = "soniox"
 
     def __init__(self) -> None:
+        super().__init__()
         self._session: Any = None
         self._socket: Any = None
         self._joiner = TokenJoiner()
-        self._words = WordQueue()
         self._last_send = time.monotonic()
-        self._tasks: list[asyncio.Task] = []
         self._finish_sent = False
         self._closed = False
 
@@ -182,32 +181,15 @@ class SonioxStream(STTStream):
         if self._closed:
             return
         self._closed = True
-        receive, keepalive = self._tasks
-        keepalive.cancel()
-        try:
-            self._finish_sent = True
-            with contextlib.suppress(SonioxRealtimeError):  # if it is gone, the receive task says why
-                await self._session.finish()
-            await asyncio.wait_for(asyncio.shield(receive), CLOSE_SECONDS)
-        except TimeoutError:
-            self._words.fail(StreamFailure(f"soniox did not finish within {CLOSE_SECONDS:.0f}s of the end of audio",
-                                           reason="stalled"))
-        finally:
-            receive.cancel()
+        self._finish_sent = True
+        await self._finish(self._session.finish, SonioxRealtimeError, self._release, "soniox")
+
+    async def _release(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._session.close()
+        if self._socket is not None:
             with contextlib.suppress(Exception):
-                await self._session.close()
-            if self._socket is not None:
-                with contextlib.suppress(Exception):
-                    await self._socket.close()
-            self._words.end()
-
-    def __aiter__(self) -> AsyncIterator[Word]:
-        return self._words.__aiter__()
-
-    @property
-    def settled_until(self) -> float:
-        """Stream time up to which every word has been yielded (see ``fallback.FallbackStream``)."""
-        return self._words.settled_until
+                await self._socket.close()
 
     async def _receive(self) -> None:
         try:

@@ -18,15 +18,16 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import speechmatics.rt as smrt
 from speechmatics.rt import (AsyncClient, AudioEncoding, AudioFormat, ConnectionConfig, ServerMessageType,
                              SpeakerDiarizationConfig, TranscriptionConfig)
 
-from .base import Provider, StreamConfig, STTStream, Word
-from .fallback import StreamFailure, WordQueue, status_failure
+from .base import Provider, StreamConfig, Word
+from .fallback import StreamFailure, status_failure
+from .queued import CLOSE_SECONDS, QueuedStream
 from .selection import SPEECHMATICS, normalize_language, primary_language
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ UNKNOWN_SPEAKER = 99        # Speechmatics' "UU": a speaker it could not tell
 MIN_CONFIDENCE = 0.4
 MAX_DELAY = 3.0
 MAX_SPEAKERS = 4
-CLOSE_SECONDS = 10.0
 # In-band error types worth retrying (Speechmatics closes 4005, 4013, 1011 for them).
 RETRYABLE_ERRORS = frozenset({"quota_exceeded", "job_error", "internal_error", "unknown_error",
                               "idle_timeout", "session_timeout"})
@@ -120,12 +120,12 @@ class SpeechmaticsProvider(Provider):
         return stream
 
 
-class SpeechmaticsStream(STTStream):
+class SpeechmaticsStream(QueuedStream):
     provider_name = "speechmatics"
 
     def __init__(self, client: AsyncClient):
+        super().__init__()
         self._client = client
-        self._words = WordQueue()
         self._error: dict | None = None
         self._ended = False                 # EndOfTranscript received
         self._closing = False
@@ -179,14 +179,6 @@ class SpeechmaticsStream(STTStream):
             with contextlib.suppress(Exception):
                 await self._client.close()
             self._words.end()
-
-    def __aiter__(self) -> AsyncIterator[Word]:
-        return self._words.__aiter__()
-
-    @property
-    def settled_until(self) -> float:
-        """Stream time up to which every word has been yielded (see ``fallback.FallbackStream``)."""
-        return self._words.settled_until
 
     # --- SDK callbacks (run inside the SDK's receive task) ----------------------------------
     def _on_transcript(self, message: dict) -> None:
