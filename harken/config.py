@@ -30,7 +30,6 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to bind")
     port: int = _setting(8000, "port to bind")
     data_dir: Path = _setting(Path(".harken"), "folder for keys, the SQLite database and caches")
-    workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT)")
     log_level: str = _setting("info", "debug, info, warning or error")
 
     # --- auth ---------------------------------------------------------------------------

@@ -86,3 +86,13 @@ def test_python_dash_m_and_console_script_agree():
     script = Path(sys.executable).parent / "harken"
     if script.exists():
         assert subprocess.run([str(script), "--help"], capture_output=True, text=True).stdout == out.stdout
+
+
+def test_readme_documents_every_setting_and_the_quick_start():
+    from harken.config import setting_fields
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name for f in setting_fields() if f"HARKEN_{f.name.upper()}" not in readme]
+    assert not missing, f"settings missing from the README: {missing}"
+    assert "./dev.sh serve" in readme and "./dev.sh test" in readme
+    assert "./dev.sh test" in (ROOT / ".ci" / "run").read_text().replace("./dev.sh test -q", "./dev.sh test")
