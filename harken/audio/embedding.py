@@ -34,6 +34,8 @@ import threading
 
 import numpy as np
 
+from .onnx import single_thread_session
+
 SAMPLE_RATE = 16000
 EMBEDDING_DIM = 256
 # Shorter clips carry too little voice to say anything (Omi's embedding API rejects < 0.5 s).
@@ -212,16 +214,7 @@ class SpeakerEmbedder:
     _shared_lock = threading.Lock()
 
     def __init__(self, model_path: str | None = None):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 4
-        options.enable_cpu_mem_arena = False   # keep no peak-sized arena for the process lifetime
-        self._session = onnxruntime.InferenceSession(
-            model_path or _bundled_model_path(), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self._session = single_thread_session(model_path or _bundled_model_path())
         self._check_metadata()
         self._input = self._session.get_inputs()[0].name
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None

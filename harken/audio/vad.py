@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .onnx import single_thread_session
+
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 512                 # the only window size Silero v6 accepts at 16 kHz
 CONTEXT_SAMPLES = 64                 # tail of the previous window the model sees in front of each
@@ -60,19 +62,7 @@ class SileroVAD:
     _shared_lock = threading.Lock()
 
     def __init__(self, model_path: str | None = None):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        # One thread each: windows are tiny (a few µs of maths), thread hand-offs would cost more,
-        # and the cores belong to Whisper and to the other streams.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 4
-        # No arena: it would keep the peak of the largest batch ever run for the process lifetime.
-        options.enable_cpu_mem_arena = False
-        self._session = onnxruntime.InferenceSession(
-            model_path or _bundled_model_path(), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self._session = single_thread_session(model_path or _bundled_model_path())
 
     @classmethod
     def shared(cls) -> "SileroVAD":
