@@ -408,7 +408,10 @@ class Session:
                 log.warning("stt failed while closing sid=%s: %s", self.id, exc)
 
         try:
-            await asyncio.wait_for(asyncio.gather(stream.close(), drain()), STREAM_CLOSE_TIMEOUT)
+            # asyncio.timeout rather than wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives just as its inner task finishes, and teardown must stay cancellable.
+            async with asyncio.timeout(STREAM_CLOSE_TIMEOUT):
+                await asyncio.gather(stream.close(), drain())
         except TimeoutError:
             log.warning("stt stream of sid=%s did not close within %ss", self.id, STREAM_CLOSE_TIMEOUT)
         except Exception:
