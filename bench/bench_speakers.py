@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import itertools
 import os
 import statistics
@@ -37,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harken.audio import SAMPLE_RATE, WINDOW_SAMPLES, StreamingVAD  # noqa: E402
-from harken.audio.diarization import NEW_SPEAKER_SIMILARITY, OnlineDiarizer  # noqa: E402
+from harken.audio.diarization import NEW_SPEAKER_SIMILARITY, OnlineDiarizer, labelling_accuracy  # noqa: E402
 from harken.audio.embedding import (  # noqa: E402
     OWNER_SIMILARITY_THRESHOLD,
     SpeakerEmbedder,
@@ -152,17 +151,6 @@ def diarization(embedder: SpeakerEmbedder, voices: dict[str, list[np.ndarray]]) 
                   f"{np.mean(labels_used):.2f} labels for 3 voices{marker}")
 
 
-def labelling_accuracy(labels: list[int], truth: list[str]) -> float:
-    """Share of utterances whose label is their speaker's, under the best one-to-one matching
-    (greedy on co-occurrence counts, exact for these small tables)."""
-    counts = collections.Counter(zip(labels, truth))
-    used_labels, used_speakers, correct = set(), set(), 0
-    for (label, speaker), n in counts.most_common():
-        if label not in used_labels and speaker not in used_speakers:
-            used_labels.add(label)
-            used_speakers.add(speaker)
-            correct += n
-    return correct / len(labels)
 
 
 # --- cost ---------------------------------------------------------------------------------

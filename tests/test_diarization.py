@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import collections
 
 import numpy as np
 import pytest
 
-from harken.audio.diarization import OnlineDiarizer
+from harken.audio.diarization import OnlineDiarizer, labelling_accuracy
 from harken.audio.embedding import EMBEDDING_DIM
 
 from .test_embedding import speakers, utterance_embeddings
 
 
-def labelling_accuracy(labels: list[int], truth: list[str]) -> float:
-    """Share of utterances whose label is their speaker's, under the best one-to-one mapping of
-    labels to speakers (greedy on co-occurrence counts: exact for tables this small)."""
-    counts = collections.Counter(zip(labels, truth))
-    used_labels, used_speakers, correct = set(), set(), 0
-    for (label, speaker), n in counts.most_common():
-        if label not in used_labels and speaker not in used_speakers:
-            used_labels.add(label)
-            used_speakers.add(speaker)
-            correct += n
-    return correct / len(labels)
 
 
 def unit(*values: float) -> np.ndarray:

@@ -9,6 +9,9 @@ and never renumbered, so ``SPEAKER_01`` keeps meaning the same voice for the who
 
 from __future__ import annotations
 
+import collections
+from typing import Hashable, Sequence
+
 import numpy as np
 
 from .embedding import EMBEDDING_DIM
@@ -95,3 +98,16 @@ class OnlineDiarizer:
 def _unit(vector: np.ndarray) -> np.ndarray:
     vector = np.asarray(vector, dtype=np.float32).reshape(-1)
     return vector / (np.linalg.norm(vector) + 1e-12)
+
+
+def labelling_accuracy(labels: Sequence[int], truth: Sequence[Hashable]) -> float:
+    """Share of utterances whose label is their speaker's, under the best one-to-one mapping of
+    labels to speakers (greedy on co-occurrence counts: exact for tables this small)."""
+    counts = collections.Counter(zip(labels, truth))
+    used_labels, used_speakers, correct = set(), set(), 0
+    for (label, speaker), n in counts.most_common():
+        if label not in used_labels and speaker not in used_speakers:
+            used_labels.add(label)
+            used_speakers.add(speaker)
+            correct += n
+    return correct / len(labels)

@@ -34,7 +34,7 @@ import threading
 
 import numpy as np
 
-from .onnx import single_thread_session
+from .onnx import SharedModel, single_thread_session
 
 SAMPLE_RATE = 16000
 EMBEDDING_DIM = 256
@@ -200,7 +200,7 @@ def mean_embedding(embeddings: list[np.ndarray] | np.ndarray) -> np.ndarray:
 # --- the model ----------------------------------------------------------------------------
 
 
-class SpeakerEmbedder:
+class SpeakerEmbedder(SharedModel):
     """The d-vector ONNX model in one single-threaded onnxruntime session.
 
     ``SpeakerEmbedder.shared()`` is the process-wide instance, loaded on first use. The session
@@ -210,24 +210,12 @@ class SpeakerEmbedder:
     from taking more than one core away from the speech engine.
     """
 
-    _shared: "SpeakerEmbedder | None" = None
-    _shared_lock = threading.Lock()
-
     def __init__(self, model_path: str | None = None):
         self._session = single_thread_session(model_path or _bundled_model_path())
         self._check_metadata()
         self._input = self._session.get_inputs()[0].name
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-
-    @classmethod
-    def shared(cls) -> "SpeakerEmbedder":
-        """The process-wide model, loaded on the first call."""
-        if cls._shared is None:
-            with cls._shared_lock:
-                if cls._shared is None:
-                    cls._shared = cls()
-        return cls._shared
 
     def _check_metadata(self) -> None:
         import json

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 def single_thread_session(model_path: str):
     """An onnxruntime session on one thread and without a memory arena.
@@ -19,3 +21,19 @@ def single_thread_session(model_path: str):
     options.log_severity_level = 4
     options.enable_cpu_mem_arena = False
     return onnxruntime.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class SharedModel:
+    """A model loaded once per process on first use: ``Model.shared()``."""
+
+    _shared = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls):
+        """The process-wide model, loaded on the first call (by one thread only)."""
+        if cls.__dict__.get("_shared") is None:
+            with SharedModel._shared_lock:
+                if cls.__dict__.get("_shared") is None:
+                    cls._shared = cls()
+        return cls._shared

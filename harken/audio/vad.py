@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from .onnx import single_thread_session
+from .onnx import SharedModel, single_thread_session
 
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 512                 # the only window size Silero v6 accepts at 16 kHz
@@ -48,7 +47,7 @@ def _bundled_model_path() -> str:
     return os.path.join(next(iter(spec.submodule_search_locations)), "assets", "silero_vad_v6.onnx")
 
 
-class SileroVAD:
+class SileroVAD(SharedModel):
     """The Silero v6 ONNX model in one onnxruntime session.
 
     Use ``SileroVAD.shared()`` to get the process-wide instance: the model is loaded on first use
@@ -58,20 +57,8 @@ class SileroVAD:
     would make the event loop wait for a long offline clip another thread is scanning.
     """
 
-    _shared: "SileroVAD | None" = None
-    _shared_lock = threading.Lock()
-
     def __init__(self, model_path: str | None = None):
         self._session = single_thread_session(model_path or _bundled_model_path())
-
-    @classmethod
-    def shared(cls) -> "SileroVAD":
-        """The process-wide model, loaded on the first call."""
-        if cls._shared is None:
-            with cls._shared_lock:
-                if cls._shared is None:
-                    cls._shared = cls()
-        return cls._shared
 
     def run(self, windows: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Probabilities for ``windows`` (float32 [n, 64 + 512], consecutive), and the new state.
