@@ -109,7 +109,7 @@ async def run(files: int) -> None:
             server.terminate()
             server.wait(30)
 
-    latencies = [u.received_at - (result.sending_started_at + u.segment["end"]) for u in result.updates]
+    latencies = result.latencies()
     audio_seconds = len(pcm) / 16000
     endpoint = Settings().endpoint_silence_ms / 1000
     print(f"audio streamed: {audio_seconds:.1f} s at real-time pace, {len(rows)} files, "

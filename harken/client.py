@@ -50,6 +50,24 @@ class StreamResult:
     def statuses(self) -> list[str]:
         return [e["status"] for e in self.events if e.get("type") == "service_status"]
 
+    def latencies(self) -> list[float]:
+        """Seconds from the end of each segment version's last word in the audio to its arrival.
+
+        Meaningful at real-time pace only (audio time t was sent at ``sending_started_at + t``),
+        and only for a fresh conversation: a resumed one numbers its times from its own start,
+        so such versions (which would come out negative) are left out.
+        """
+        out = [u.received_at - (self.sending_started_at + u.segment["end"]) for u in self.updates]
+        return [x for x in out if x >= 0]
+
+    def providers(self) -> list[str]:
+        """The speech providers that produced the segments, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for update in self.updates:
+            if update.segment.get("stt_provider"):
+                seen.setdefault(update.segment["stt_provider"], None)
+        return list(seen)
+
 
 def read_wav_16k(path: str | Path) -> np.ndarray:
     """A WAV file as 16 kHz mono int16 (mixing channels and resampling as needed)."""
@@ -90,12 +108,14 @@ async def stream_messages(
     settle_seconds: float = 2.0,
     max_wait: float = 60.0,
     on_update: Callable[[StreamResult, dict], None] | None = None,
+    on_event: Callable[[StreamResult, dict], None] | None = None,
     open_timeout: float = 15.0,
 ) -> StreamResult:
     """Send ``messages`` and collect what comes back, then close with 1000.
 
     After the last message the client keeps the connection open until no segment has changed for
     ``settle_seconds`` (the engine's last utterance needs a moment), at most ``max_wait`` seconds.
+    ``on_update`` is called with each segment version, ``on_event`` with each event (a dict).
     """
     headers = {"Authorization": f"Bearer {token}"} if token else None
     result = StreamResult(started_at=time.monotonic())
@@ -122,6 +142,8 @@ async def stream_messages(
                     last_change = now
                 elif isinstance(payload, dict):
                     result.events.append(payload)
+                    if on_event:
+                        on_event(result, payload)
                     if payload.get("type") == "segments_deleted":
                         for segment_id in payload.get("segment_ids", []):
                             result.segments.pop(segment_id, None)
