@@ -60,7 +60,7 @@ case "$cmd" in
     exec "$VENV/bin/harken" serve "$@"
     ;;
   test)
-    apt_install libopus0 chromium fonts-noto-color-emoji
+    apt_install libopus0 chromium fonts-noto-color-emoji nginx
     setup_python
     ensure_postgres
     exec "$VENV/bin/pytest" "$@"

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_speakers.py            # whatever cores we may use
     .venv/bin/python bench/bench_speakers.py --pin 0    # pinned to core 0
+    .venv/bin/python bench/bench_speakers.py --only cost enrol   # some sections only
 
 Prints:
 - owner detection on tests/data/speakers (8 speakers × 6 utterances): every speaker enrolled
@@ -11,8 +12,10 @@ Prints:
   (the lowest with ≤ 0.5 % false accepts on both clip lengths), and the same at −20 dB;
 - online diarization: share of correctly labelled utterances over 200 random 3-speaker
   conversations, for several new-speaker thresholds;
-- embedding cost per segment (2 s and 10 s) in ms, against the numpy log-mel front end alone
-  measured in the same run;
+- embedding cost per segment (2 s and 10 s) in ms and as a share of the clip's duration,
+  against the numpy log-mel front end alone measured in the same run;
+- enrolment cost of a 30 s speech-profile upload (``PUT /v1/users/speech-profile``): WAV decode
+  (16 kHz mono and 48 kHz stereo), Silero VAD trim and embedding, per stage and in all;
 - Silero VAD cost per audio second against a numpy RMS over the same windows;
 - the share of audio ``VadGatedStream`` removes on the development recordings joined with 3–5 s
   pauses (and 1.5 s / 10 s pauses), with Omi's gate settings, and with the gate closing after
@@ -171,7 +174,51 @@ def embedding_cost(embedder: SpeakerEmbedder, voices: dict[str, list[np.ndarray]
                 full.append((t2 - t1) * 1000)
         ratio = statistics.median(full) / statistics.median(front)
         print(f"  {seconds:4.1f} s: embed {percentiles(full)} ms; numpy log-mel alone {percentiles(front)} ms; "
-              f"embed / front end = {ratio:.1f}×; {statistics.median(full) / seconds:.2f} ms per audio second")
+              f"embed / front end = {ratio:.1f}×; {statistics.median(full) / seconds:.2f} ms per audio second "
+              f"(RTF {statistics.median(full) / 1000 / seconds:.4f})")
+
+
+def enrolment_cost(embedder: SpeakerEmbedder, voices: dict[str, list[np.ndarray]], repeats: int) -> None:
+    """What one ``PUT /v1/users/speech-profile`` of 30 s costs, stage by stage (the same calls
+    the route makes, minus HTTP and storage)."""
+    import io
+
+    import soxr
+
+    from harken.gateway.profiles import decode_upload, speech_only
+
+    def wav_bytes(pcm: np.ndarray, rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
+        pcm = soxr.resample(pcm, SAMPLE_RATE, rate).astype(np.int16) if rate != SAMPLE_RATE else pcm
+        out = io.BytesIO()
+        with wave.open(out, "wb") as wav:
+            wav.setnchannels(channels)
+            wav.setsampwidth(2)
+            wav.setframerate(rate)
+            wav.writeframes(np.repeat(pcm, channels).astype("<i2").tobytes())
+        return out.getvalue()
+
+    section("enrolment cost: 30 s upload → decode → VAD trim → embed (1 thread)")
+    speech = np.concatenate([np.concatenate((u, np.zeros(SAMPLE_RATE // 2, np.int16)))
+                             for u in next(iter(voices.values()))])[: 30 * SAMPLE_RATE]
+    seconds = speech.size / SAMPLE_RATE
+    for label, body in (("16 kHz mono WAV", wav_bytes(speech)), ("48 kHz stereo WAV", wav_bytes(speech, 48000, 2))):
+        stages: dict[str, list[float]] = {"decode": [], "VAD trim": [], "embed": []}
+        kept = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            pcm = decode_upload(body, "audio/wav")
+            t1 = time.perf_counter()
+            trimmed = speech_only(pcm)
+            t2 = time.perf_counter()
+            embedder.embed(trimmed)
+            t3 = time.perf_counter()
+            for name, ms in zip(stages, ((t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)):
+                stages[name].append(ms)
+            kept = trimmed.size / SAMPLE_RATE
+        total = sum(statistics.median(v) for v in stages.values())
+        parts = ", ".join(f"{name} {statistics.median(v):6.1f} ms" for name, v in stages.items())
+        print(f"  {label:18s} ({len(body) / 1e6:4.1f} MB, {seconds:.0f} s audio, {kept:.1f} s speech kept): {parts}; "
+              f"total {total:6.1f} ms = RTF {total / 1000 / seconds:.4f}")
 
 
 def vad_cost(recording: np.ndarray) -> None:
@@ -257,6 +304,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pin", type=int, help="pin the process to this core first")
     parser.add_argument("--repeats", type=int, default=3, help="timing passes over the clips")
+    sections = ["owner", "diarization", "cost", "enrol", "vad", "gate"]
+    parser.add_argument("--only", nargs="+", choices=sections, default=sections, help="sections to run")
     args = parser.parse_args()
     if args.pin is not None:
         os.sched_setaffinity(0, {args.pin})
@@ -267,12 +316,19 @@ async def main() -> None:
     print(f"embedder load {time.perf_counter() - t0:.2f} s")
     voices = {d.name: [read_wav(f) for f in sorted(d.glob("*.wav"))]
               for d in sorted((DATA / "speakers").iterdir()) if d.is_dir()}
-    owner_detection(embedder, voices)
-    diarization(embedder, voices)
-    embedding_cost(embedder, voices, args.repeats)
+    if "owner" in args.only:
+        owner_detection(embedder, voices)
+    if "diarization" in args.only:
+        diarization(embedder, voices)
+    if "cost" in args.only:
+        embedding_cost(embedder, voices, args.repeats)
+    if "enrol" in args.only:
+        enrolment_cost(embedder, voices, args.repeats)
     files = [read_wav(p) for p in sorted((DATA / "audio").glob("*.wav"))]
-    vad_cost(np.concatenate(files))
-    await gate_share(files)
+    if "vad" in args.only:
+        vad_cost(np.concatenate(files))
+    if "gate" in args.only:
+        await gate_share(files)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=True, help="send at real-time pace (default)")
     pace.add_argument("--fast", dest="realtime", action="store_false", help="send as fast as possible")
     stream.add_argument("--tail", type=float, default=1.5, help="seconds of silence sent after the file")
+    stream.add_argument("--settle", type=float, default=2.0,
+                        help="after the last message, close once no segment changed for this many seconds")
     stream.set_defaults(run=_cmd_stream)
 
     receive = sub.add_parser("receive-audio", help="accept the audio-bytes webhook and write WAV files per user and session")
@@ -66,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--secret", default=os.environ.get("HARKEN_WEBHOOK_SECRET", ""),
                          help="verify X-Harken-Signature with this key (default: $HARKEN_WEBHOOK_SECRET)")
     receive.set_defaults(run=_cmd_receive_audio)
+
+    load = sub.add_parser("loadtest", help="many device-like streams at real-time pace: latency, errors, server figures")
+    load.add_argument("--url", default="ws://127.0.0.1:8000/v4/listen")
+    load.add_argument("--streams", type=int, default=10, help="concurrent streams")
+    load.add_argument("--duration", type=float, default=20.0, help="seconds of audio per stream")
+    load.add_argument("--codec", default="opus")
+    load.add_argument("--sample-rate", type=int, default=None, help="default: the codec's usual rate")
+    load.add_argument("--file", type=Path, default=None, help="WAV recording to loop (default: synthetic speech-like noise)")
+    load.add_argument("--language", default="en")
+    load.add_argument("--stt-service", default="null",
+                      help="null (the server needs --null-provider) measures the gateway alone; '' = the server's chain")
+    load.add_argument("--ramp", type=float, default=None, help="seconds over which the streams connect")
+    load.add_argument("--idle", action="store_true", help="connect and hold without audio (memory per connection)")
+    load.add_argument("--token", default=os.environ.get("HARKEN_TOKEN"),
+                      help="one bearer token for every stream (default: $HARKEN_TOKEN, or one minted locally per stream)")
+    load.add_argument("--data-dir", type=Path, default=None, help="server data folder (to mint local tokens)")
+    load.set_defaults(run=_cmd_loadtest)
     return parser
 
 
@@ -84,18 +103,19 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.from_env(**overrides)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+def configure_logging(level: str, log_format: str = "text") -> None:
+    from .logs import configure_logging as configure
+
+    configure(level, log_format)
 
 
 # -- serve ----------------------------------------------------------------------------------
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     from .server import run_server
 
-    run_server(settings)
-    return 0
+    return run_server(settings)
 
 
 # -- token ----------------------------------------------------------------------------------
@@ -130,9 +150,9 @@ def _cmd_stream(args: argparse.Namespace) -> int:
             token = mint_local_token(settings, args.uid, 3600)
     url = listen_url(args.url, codec=args.codec, sample_rate=rate, language=args.language,
                      uid=args.uid if token is None else None)
-    view = LiveView(sys.stdout)
+    view = LiveView(sys.stdout, realtime=args.realtime)
     result = asyncio.run(stream_messages(url, messages, seconds, token=token, realtime=args.realtime,
-                                         on_update=view.update))
+                                         settle_seconds=args.settle, on_update=view.update, on_event=view.event))
     view.finish(result)
     return 0 if result.close_code in (1000, 1001, None) else 1
 
@@ -147,32 +167,74 @@ def _cmd_receive_audio(args: argparse.Namespace) -> int:
     return 0
 
 
-class LiveView:
-    """Prints segments as they arrive; on a terminal, rewrites them in place as they grow."""
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from .loadtest import load_test_main
 
-    def __init__(self, out):
+    return load_test_main(args)
+
+
+class LiveView:
+    """Shows a stream as it goes: segments, then a status line (provider, latency, audio sent).
+
+    On a terminal the segments are rewritten in place as they grow and the status line stays
+    under them; otherwise (a pipe, a log) each segment version is printed once as it arrives and
+    the status comes at the end, so the output stays readable as a file.
+    """
+
+    def __init__(self, out, *, realtime: bool = True):
         self.out = out
         self.tty = out.isatty()
+        self.realtime = realtime        # latency means something only at real-time pace
         self.lines_drawn = 0
+        self.status = "connecting"
 
     def update(self, result, segment) -> None:
         if not self.tty:
             self.out.write(f"{_format(segment)}\n")
             self.out.flush()
             return
+        self._redraw(result)
+
+    def event(self, result, event: dict) -> None:
+        if event.get("type") == "service_status":
+            self.status = str(event.get("status"))
+            if event.get("provider"):
+                self.status += f" ({event['provider']})"
+        if self.tty:
+            self._redraw(result)
+
+    def _redraw(self, result) -> None:
         if self.lines_drawn:
             self.out.write(f"\x1b[{self.lines_drawn}F\x1b[J")
         lines = [_format(s) for s in result.ordered()]
+        lines.append(f"\x1b[2m── {self.status_line(result)}\x1b[0m")
         self.out.write("\n".join(lines) + "\n")
         self.lines_drawn = len(lines)
         self.out.flush()
 
+    def status_line(self, result) -> str:
+        """``provider · latency · segments · status``, from what the client has seen so far."""
+        parts = [" → ".join(result.providers()) or "no words yet"]
+        latencies = result.latencies() if self.realtime else []
+        if latencies:
+            parts.append(f"latency {latencies[-1]:.1f} s (p50 {_median(latencies):.1f} s)")
+        parts.append(f"{len(result.segments)} segments")
+        parts.append(self.status)
+        return " · ".join(parts)
+
     def finish(self, result) -> None:
+        if not self.tty:
+            self.out.write(f"-- {self.status_line(result)}\n")
         if result.close_code not in (1000, None):
             self.out.write(f"closed {result.close_code} {result.close_reason}\n")
         for event in result.events:
             if event.get("type") == "error":
                 self.out.write(f"error: {event.get('message')}\n")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def _format(segment: dict) -> str:

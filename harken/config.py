@@ -18,6 +18,8 @@ from typing import Any, Mapping
 ENV_PREFIX = "HARKEN_"
 
 AUTH_MODES = ("local", "firebase", "none")
+LOG_FORMATS = ("text", "json")
+VAD_GATE_MODES = ("off", "active")     # Omi's VAD_GATE_MODE names (its "shadow" is not offered)
 
 
 def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
@@ -29,8 +31,15 @@ class Settings:
     # --- network edge -------------------------------------------------------------------
     host: str = _setting("127.0.0.1", "address to bind")
     port: int = _setting(8000, "port to bind")
+    workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT; Linux, BSD)")
+    drain_timeout: float = _setting(
+        30.0, "on SIGTERM/SIGINT: seconds to end sessions with 1012, store their conversations, finish webhooks"
+    )
     data_dir: Path = _setting(Path(".harken"), "folder for keys, the SQLite database and caches")
     log_level: str = _setting("info", "debug, info, warning or error")
+    log_format: str = _setting("text", "text, or json (one object per line: ts, level, logger, message, session_id, uid)")
+    metrics: bool = _setting(True, "serve Prometheus metrics at GET /metrics")
+    metrics_token: str = _setting("", "if set, GET /metrics needs Authorization: Bearer <this>", secret=True)
 
     # --- auth ---------------------------------------------------------------------------
     auth: str = _setting("local", "local (RS256 tokens from `harken token`), firebase, or none")
@@ -89,6 +98,12 @@ class Settings:
     stt_replay_seconds: float = _setting(120.0, "audio kept for replay to the next provider after a failure")
     stt_probe_interval: float = _setting(30.0, "seconds between background reconnect probes of a failed provider")
     stt_probe_attempts: int = _setting(20, "probes of a failed provider before it is given up for the session")
+    vad_gate: str = _setting(
+        "off", "off, or active: send cloud providers only speech (Silero VAD), not the pauses; "
+        "the listen parameter vad_gate overrides it per connection")
+    null_provider: bool = _setting(
+        False, "accept stt_service=null: scripted words on the audio clock, no engine (for load tests only)"
+    )
 
     # --- conversations and webhooks -----------------------------------------------------
     database_url: str = _setting(
@@ -133,8 +148,16 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if self.drain_timeout <= 0:
+            raise ValueError(f"drain_timeout must be positive, not {self.drain_timeout}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, not {self.auth!r}")
+        if self.vad_gate not in VAD_GATE_MODES:
+            raise ValueError(f"vad_gate must be one of {', '.join(VAD_GATE_MODES)}, not {self.vad_gate!r}")
         if self.auth == "none" and not is_loopback(self.host):
             raise ValueError("auth=none trusts the client's uid: it is allowed only on a loopback address")
         if self.auth == "firebase" and not self.firebase_project_id:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -57,15 +59,20 @@ def test_serve_token_and_stream(served, tmp_path):
     assert token.returncode == 0 and token.stdout.count(".") == 2      # a JWT
 
     # `harken stream` mints its own local token from the data folder and prints the transcript.
+    # (--settle 8: on a loaded machine the last utterance's decode can take more than the default 2 s)
     out = harken("stream", str(AUDIO / "goforward.wav"), "--url", f"ws://127.0.0.1:{port}/v4/listen",
-                 "--fast", env=env)
+                 "--fast", "--settle", "8", env=env)
     assert out.returncode == 0, out.stderr
     assert "forward" in out.stdout.lower()
+    # Not a terminal: one line per segment version, then the status line once at the end.
+    assert re.search(r"^-- local · \d+ segments · ready$", out.stdout, re.M), out.stdout
     assert (tmp_path / "data" / "auth" / "local_signing_key.pem").exists()
 
     log.seek(0)
     server_log = log.read()
     assert "session closed" in server_log and "audio_s=" in server_log
+    assert re.search(r"speech engine \(faster-whisper embedded\) ready in \d+\.\d s", server_log)
+    assert "engines: local faster-whisper (tiny.en, embedded, int8)" in server_log
     assert token.stdout.strip() not in server_log          # tokens never reach the logs
 
 
@@ -96,3 +103,33 @@ def test_readme_documents_every_setting_and_the_quick_start():
     assert not missing, f"settings missing from the README: {missing}"
     assert "./dev.sh serve" in readme and "./dev.sh test" in readme
     assert "./dev.sh test" in (ROOT / ".ci" / "run").read_text().replace("./dev.sh test -q", "./dev.sh test")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_live_view_rewrites_segments_in_place_with_provider_and_latency():
+    from harken.cli import LiveView
+    from harken.client import SegmentUpdate, StreamResult
+
+    out = _Terminal()
+    view = LiveView(out)
+    result = StreamResult(sending_started_at=100.0)
+    view.event(result, {"type": "service_status", "status": "ready"})
+    first = {"id": "a", "start": 0.0, "end": 1.0, "text": "hello", "speaker": "SPEAKER_00",
+             "is_user": False, "stt_provider": "deepgram"}
+    grown = dict(first, end=2.5, text="hello there", is_user=True)
+    for segment, arrived in ((first, 102.0), (grown, 104.0)):
+        result.segments[segment["id"]] = segment
+        result.updates.append(SegmentUpdate(segment, arrived, 0.0))
+        view.update(result, segment)
+
+    screen = out.getvalue()
+    last_frame = screen.rsplit("\x1b[J", 1)[1]
+    # The first version was erased (cursor up over its lines, clear) and the grown one drawn.
+    assert screen.count("\x1b[J") == 2 and "hello there" in last_frame and "hello\n" not in last_frame
+    assert "you: hello there" in last_frame
+    # latency of the newest version: arrived 104.0 − (sending start 100.0 + end 2.5) = 1.5 s
+    assert "deepgram · latency 1.5 s (p50 1.5 s) · 1 segments · ready" in last_frame

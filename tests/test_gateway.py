@@ -149,6 +149,7 @@ BAD_PARAMETERS = [
     ({"conversation_timeout": "soon"}, "conversation_timeout"),
     ({"stt_service": "whisperx"}, "stt_service"),
     ({"custom_stt": "yes"}, "custom_stt"),
+    ({"vad_gate": "maybe"}, "vad_gate"),
     ({"source": "x" * 65}, "source"),
 ]
 

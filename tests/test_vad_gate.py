@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from harken.audio import SAMPLE_RATE, StreamingVAD, speech_spans
-from harken.stt.base import STTStream, Word
+from harken.stt.base import StreamConfig, STTStream, Word
+from harken.stt.fallback import FallbackPolicy, FallbackStream
+from harken.stt.gating import gate_wanted, gated
+from harken.stt.selection import Link
 from harken.stt.vad_gate import VadGatedStream
 
 from .test_vad import read_wav, transcripts
@@ -259,3 +262,59 @@ async def test_what_is_forwarded_does_not_depend_on_message_size():
     for audio, finalized_at in results[1:]:
         np.testing.assert_array_equal(audio, results[0][0])
         assert finalized_at == results[0][1]
+
+
+# --- which sessions are gated (harken.stt.gating) -------------------------------------------------
+class NamedProvider:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def chain(*names: str) -> list[Link]:
+    return [Link(NamedProvider(name), {}) for name in names]
+
+
+@pytest.mark.parametrize("param,setting,names,wanted", [
+    (None, "off", ("deepgram", "local"), False),
+    (None, "active", ("deepgram", "local"), True),
+    ("off", "active", ("deepgram", "local"), False),      # the parameter wins
+    ("active", "off", ("soniox",), True),
+    ("active", "active", ("local",), False),              # the embedded engine has its own VAD
+])
+def test_the_gate_is_for_cloud_chains_the_parameter_overriding_the_setting(param, setting, names, wanted):
+    assert gate_wanted(param, setting, chain(*names)) is wanted
+
+
+async def test_a_gated_stream_reads_through_to_the_wrapped_one():
+    inner = RecordingStream()
+    inner.switches = 2                                     # as a FallbackStream has
+    stream = await gated(inner, "active", "off", chain("deepgram", "local"), label="sid=test")
+    assert isinstance(stream, VadGatedStream) and stream.inner is inner
+    assert stream.provider_name == "recorder" and stream.switches == 2
+    assert await gated(inner, "off", "active", chain("deepgram")) is inner
+
+
+async def test_a_fallback_stream_finalizes_only_after_the_audio_before_it():
+    # FallbackStream forwards audio from its own task; a pause's finalize must not overtake the
+    # audio the gate sent just before it, or the provider would settle too little.
+    class Provider:
+        name = "recorder"
+
+        def __init__(self) -> None:
+            self.streams: list[RecordingStream] = []
+
+        async def open(self, config):
+            self.streams.append(RecordingStream())
+            return self.streams[-1]
+
+    provider = Provider()
+    stream = FallbackStream([Link(provider, {})], StreamConfig(), policy=FallbackPolicy(max_frame_seconds=0.01))
+    await stream.start()
+    for _ in range(20):                                    # 2 s in 100 ms pieces, then at once:
+        await stream.send(np.ones(CHUNK, dtype=np.int16))
+    await stream.finalize()
+    await stream.send(np.ones(CHUNK, dtype=np.int16))
+    await stream.finalize()
+    await asyncio.wait_for(stream.close(), 10)
+    assert provider.streams[0].finalized_at == [20 * CHUNK, 21 * CHUNK]
+

@@ -19,6 +19,7 @@ and once per WebSocket session::
     offset = live.time_offset(clock_origin, first_word_session_time)        # conversation time
     ...every 600 ms...
     await live.save_batch([s.to_stored() for s in batch.changed], batch.deleted_ids)
+    # raises LeaseLost if a newer connection of the user (any node) took the conversation over
     ...every decoded frame...
     live.add_audio(pcm_int16_16k)                                            # never blocks
     ...on close...
@@ -37,12 +38,12 @@ from .lifecycle import ConversationService, LiveConversation
 from .model import Conversation, Usage, WebhookSetting, conversation_object
 from .outbox import OutboxDeliverer
 from .processing import ConversationProcessor
-from .store import Store, database_url
+from .store import LeaseLost, Store, database_url
 from .webhooks import KINDS as WEBHOOK_KINDS
 from .webhooks import WebhookSettingError, sign, verify_signature
 
 __all__ = [
-    "AudioChunker", "Conversation", "ConversationProcessor", "ConversationService", "LiveConversation",
+    "AudioChunker", "Conversation", "ConversationProcessor", "ConversationService", "LeaseLost", "LiveConversation",
     "OutboxDeliverer", "Store", "Usage", "WEBHOOK_KINDS", "WebhookSetting", "WebhookSettingError",
     "conversation_object", "database_url", "sign", "verify_signature",
 ]

@@ -9,6 +9,10 @@ State lives in the store, so any node can pick up where another stopped:
 - a live session renews a lease on its conversation (``live_until``); the sweep processes only
   conversations that are silent past their timeout *and* not live anywhere, including those left
   in progress by a crash or restart;
+- the lease names its holder (``live_by``, one id per connection) and the newest connection of a
+  user takes it over at once, so a client that reconnects after its node died continues the same
+  conversation without waiting for the dead node's lease; the older writer, wherever it runs, is
+  fenced: its next save raises ``LeaseLost`` and writes nothing;
 - processing starts with an atomic claim (``in_progress → processing``, or a claim that expired),
   so two nodes never process one conversation, and a node that dies mid-way is replaced.
 """
@@ -30,7 +34,7 @@ from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage,
                     conversation_object, iso)
 from .outbox import OutboxDeliverer
 from .processing import ConversationProcessor
-from .store import OutboxMessage, Store
+from .store import LeaseLost, OutboxMessage, Store
 from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, parse_setting, realtime_message,
                        require_kind)
 
@@ -90,9 +94,11 @@ class ConversationService:
                        asyncio.create_task(self._check_loop(), name="harken-conversation-checks")]
         await self.sweep()
 
-    async def stop(self, *, processing_grace: float = 10.0) -> None:
+    async def stop(self, *, processing_grace: float = 10.0, delivery_grace: float = 0.0) -> None:
         """Stop background work. Live handles should be closed first (sessions do that); any that
-        are not give up their lease so another node can take their conversations."""
+        are not give up their lease so another node can take their conversations. Processing
+        gets ``processing_grace`` seconds to finish, webhook requests already sent
+        ``delivery_grace`` (a graceful drain); what is cut short is handed back for later."""
         for live in list(self._live):
             await live.close()
         if self._processing:
@@ -108,7 +114,7 @@ class ConversationService:
             except Exception:
                 log.warning("could not release processing claims; they expire in %.0fs", PROCESSING_LEASE)
         await self._flush_audio_queue()
-        await self.deliverer.stop()
+        await self.deliverer.stop(grace=delivery_grace)
         await self.processor.aclose()
 
     # --- sessions ----------------------------------------------------------------------------------
@@ -134,12 +140,14 @@ class ConversationService:
         now = self.clock()
         fresh = Conversation(id=str(uuid.uuid4()), uid=uid, status=IN_PROGRESS, language=language, source=source,
                              created_at=now, started_at=now, finished_at=now, timeout_s=float(conversation_timeout))
-        opened = await self.store.open_conversation(fresh, now=now, live_until=now + self.live_lease)
+        holder = uuid.uuid4().hex          # per connection, even if a caller reuses a session id
+        opened = await self.store.open_conversation(fresh, now=now, live_until=now + self.live_lease,
+                                                    holder=holder)
         audio = await self.store.get_webhook(uid, AUDIO_BYTES)
         last_memory = await self.store.last_completed_id(uid)
         live = LiveConversation(self, opened.conversation, opened.segments, session_id=session_id or str(uuid.uuid4()),
                                 events=events, on_new_conversation=on_new_conversation, last_memory_id=last_memory,
-                                audio=audio)
+                                audio=audio, holder=holder)
         self._live.add(live)
         for stale in opened.stale_ids:
             self._spawn_processing(stale, live.emit)
@@ -246,11 +254,17 @@ class ConversationService:
         return ids
 
     async def check_once(self) -> None:
-        """One round: roll over silent live conversations, renew leases, sweep."""
+        """One round: renew leases (learning which were taken over), roll over silent live
+        conversations, sweep."""
+        lives = [live for live in self._live if not live.fenced]
+        leases = {live: live.conversation_id for live in lives}
+        taken = set(await self.store.renew_live([(cid, live.holder) for live, cid in leases.items()],
+                                                self.clock() + self.live_lease))
+        for live, cid in leases.items():
+            if cid in taken and live.conversation_id == cid:
+                live.fenced = True           # its session learns at its next save
         for live in list(self._live):
             await live._roll_over_if_silent()
-        now = self.clock()
-        await self.store.renew_live([live.conversation_id for live in self._live], now + self.live_lease)
         await self.sweep()
 
     async def _check_loop(self) -> None:
@@ -319,8 +333,10 @@ class LiveConversation:
     def __init__(self, service: ConversationService, conversation: Conversation, segments: list[dict], *,
                  session_id: str, events: EventSink | None,
                  on_new_conversation: Callable[["LiveConversation"], None] | None,
-                 last_memory_id: str | None, audio: WebhookSetting | None) -> None:
+                 last_memory_id: str | None, audio: WebhookSetting | None, holder: str | None = None) -> None:
         self._service = service
+        self.holder = holder               # our id on the conversation's live lease
+        self.fenced = False                # a newer connection of the user took the conversation
         self._conversation = conversation
         self.uid = conversation.uid
         self.session_id = session_id
@@ -362,9 +378,14 @@ class LiveConversation:
 
     async def save_batch(self, changed: Sequence[dict], deleted_ids: Sequence[str] = ()) -> None:
         """Persist one 600 ms batch (stored segment dicts) and its realtime webhook row, in one
-        transaction. Waits only for the store, never for a webhook receiver."""
+        transaction. Waits only for the store, never for a webhook receiver.
+
+        Raises ``LeaseLost`` if a newer connection of the user took the conversation over: the
+        batch is not written, and the session should end (its client has moved on)."""
         if self._closed:
             raise RuntimeError("save_batch after close: save the final batch first, then close")
+        if self.fenced:
+            raise LeaseLost(self._conversation.id)
         changed, deleted_ids = list(changed), list(deleted_ids)
         if not changed and not deleted_ids:
             return
@@ -378,8 +399,16 @@ class LiveConversation:
                 now = clock()
                 realtime = (realtime_message(self.uid, self.session_id, conversation.id, changed)
                             if changed else None)
-                if await store.save_batch(conversation, changed, deleted_ids, now=now,
-                                          live_until=now + self._service.live_lease, realtime=realtime):
+                try:
+                    saved = await store.save_batch(conversation, changed, deleted_ids, now=now,
+                                                   live_until=now + self._service.live_lease, realtime=realtime,
+                                                   holder=self.holder)
+                except LeaseLost:
+                    self.fenced = True
+                    log.warning("conversation %s was taken over by a newer connection of uid=%s; sid=%s stops "
+                                "writing it", conversation.id, self.uid, self.session_id)
+                    raise
+                if saved:
                     break
                 # Another node processed it (our lease had lapsed): carry on in a new conversation.
                 log.warning("conversation %s was taken for processing; continuing in a new one", conversation.id)
@@ -421,7 +450,8 @@ class LiveConversation:
         async with self._lock:           # let an in-flight save_batch finish first
             conversation = self._conversation
         try:
-            await self._service.store.release_live(conversation.id)
+            if not self.fenced:
+                await self._service.store.release_live(conversation.id, holder=self.holder)
             used = Usage.coerce(usage)
             if used is not None:
                 await self._service.store.record_usage(self.uid, used, session_id=self.session_id,
@@ -461,8 +491,8 @@ class LiveConversation:
     async def _roll_over_if_silent(self) -> None:
         """After ``conversation_timeout`` without segments, process the conversation and continue
         in a new one while the client stays connected. A conversation without words is kept."""
-        if self._closed or not self._has_words:
-            return
+        if self._closed or self.fenced or not self._has_words:
+            return    # a conversation taken over is the newer connection's to roll over
         service = self._service
         async with self._lock:
             now = service.clock()
@@ -470,7 +500,8 @@ class LiveConversation:
                 return
             old = self._begin_new_conversation(now)
             try:
-                await service.store.create_conversation(self._conversation, live_until=now + service.live_lease)
+                await service.store.create_conversation(self._conversation, live_until=now + service.live_lease,
+                                                        holder=self.holder)
             except Exception:
                 log.exception("creating the next conversation failed; the next batch will create it")
         log.info("conversation %s silent for %.0fs: processing; continuing in %s", old.id, old.timeout_s,

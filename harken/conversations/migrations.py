@@ -147,11 +147,45 @@ def _v4_outbox_heads(conn: Connection) -> None:
     sa.Index("ix_outbox_status_next", table.c.status, table.c.next_attempt_at).drop(conn)
 
 
+def _v5_speech_profiles_and_people(conn: Connection) -> None:
+    """The owner's voice (speech profile) and the people a user has named, as speaker
+    embeddings (float32 bytes); the uploaded audio itself is never kept."""
+    md = sa.MetaData()
+    sa.Table(
+        "speech_profiles", md,
+        sa.Column("uid", sa.String(128), primary_key=True),
+        sa.Column("embedding", sa.LargeBinary, nullable=False),
+        sa.Column("speech_seconds", sa.Double, nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("updated_at", sa.Double, nullable=False),
+    )
+    sa.Table(
+        "people", md,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("uid", sa.String(128), nullable=False),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("embedding", sa.LargeBinary),
+        sa.Column("samples", sa.Integer, nullable=False),
+        sa.Column("speech_seconds", sa.Double, nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Index("ix_people_uid_created", "uid", "created_at"),
+    )
+    md.create_all(conn)
+
+
+def _v6_live_holder(conn: Connection) -> None:
+    """Who holds a conversation's live lease (one id per connection), so that only the newest
+    connection of a user writes it and an older one, on any node, is fenced off."""
+    _add_column(conn, "conversations", sa.Column("live_by", sa.String(64)))
+
+
 STEPS: list[Callable[[Connection], None]] = [
     _v1_conversations_segments_webhooks,
     _v2_usage_and_outbox,
     _v3_conversation_leases,
     _v4_outbox_heads,
+    _v5_speech_profiles_and_people,
+    _v6_live_holder,
 ]
 SCHEMA_VERSION = len(STEPS)
 

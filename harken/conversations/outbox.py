@@ -81,12 +81,15 @@ class OutboxDeliverer:
                 limits=httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers))
             self._runner = asyncio.create_task(self._run(), name="harken-outbox")
 
-    async def stop(self) -> None:
-        """Stop sending. Deliveries cut short are handed back, to be sent again (same id) by the
-        next run or another node; if even that write fails, their claims simply expire."""
+    async def stop(self, *, grace: float = 0.0) -> None:
+        """Stop sending. Requests under way get ``grace`` seconds to finish (no new rows are
+        claimed meanwhile); deliveries cut short are handed back, to be sent again (same id) by
+        the next run or another node; if even that write fails, their claims simply expire."""
         if self._runner is None:
             return
         self._runner.cancel()
+        if grace > 0 and self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=grace)
         interrupted = dict(self._inflight)
         for task in interrupted:
             task.cancel()

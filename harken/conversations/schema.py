@@ -37,6 +37,8 @@ conversations = sa.Table(
     sa.Column("discarded", sa.Boolean, nullable=False),
     # A node holding a live session renews live_until; the sweep leaves such conversations alone.
     sa.Column("live_until", sa.Double),
+    # The holder of that lease: the newest connection of the user; an older writer is fenced.
+    sa.Column("live_by", sa.String(64)),
     # Processing claim: whoever set claimed_by may finish it until claim_expires.
     sa.Column("claimed_by", sa.String(64)),
     sa.Column("claim_expires", sa.Double),
@@ -110,6 +112,30 @@ outbox = sa.Table(
     sa.Index("ix_outbox_status_key_id", "status", "ordering_key", "id"),
     sa.Index("ix_outbox_due_heads", "next_attempt_at", "id",
              postgresql_where=sa.text(DUE_HEADS), sqlite_where=sa.text(DUE_HEADS)),
+)
+
+# Voices, as speaker embeddings (float32 little-endian bytes, harken.audio.embedding); the
+# uploaded audio is never kept. One owner profile per user; people are named by the user and
+# matched only once they have a voice (``embedding`` is NULL until their first sample).
+speech_profiles = sa.Table(
+    "speech_profiles", metadata,
+    sa.Column("uid", sa.String(128), primary_key=True),
+    sa.Column("embedding", sa.LargeBinary, nullable=False),
+    sa.Column("speech_seconds", sa.Double, nullable=False),     # speech (after VAD) it was made from
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+people = sa.Table(
+    "people", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("uid", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("embedding", sa.LargeBinary),                      # mean of the samples' embeddings
+    sa.Column("samples", sa.Integer, nullable=False),
+    sa.Column("speech_seconds", sa.Double, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("ix_people_uid_created", "uid", "created_at"),
 )
 
 schema_version = sa.Table(

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ..config import Settings
 from . import migrations
 from .model import COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting, word_count
-from .schema import DUE_HEADS, conversations, outbox, segments, usage, webhooks
+from .schema import DUE_HEADS, conversations, outbox, people, segments, speech_profiles, usage, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ def async_driver_url(url: str) -> sa.URL:
     raise ValueError(f"unsupported database {backend!r}: use sqlite:///FILE or postgresql://…")
 
 
+class LeaseLost(Exception):
+    """A newer connection of the user took the conversation over (on this node or another):
+    the older writer must stop writing it."""
+
+
 @dataclass
 class OpenResult:
     """What ``open_conversation`` found: the conversation to write to and what to process."""
@@ -65,6 +70,30 @@ class OpenResult:
     resumed: bool
     segments: list[dict]
     stale_ids: list[str]
+
+
+@dataclass
+class SpeechProfileRow:
+    """The owner's stored voice: a speaker embedding (float32 bytes), never the audio."""
+
+    uid: str
+    embedding: bytes
+    speech_seconds: float
+    created_at: float
+    updated_at: float
+
+
+@dataclass
+class PersonRow:
+    """Someone the user named; ``embedding`` is None until a voice sample was added."""
+
+    id: str
+    uid: str
+    name: str
+    embedding: bytes | None
+    samples: int
+    speech_seconds: float
+    created_at: float
 
 
 @dataclass
@@ -206,10 +235,15 @@ class Store:
         return (pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(table)
 
     # --- conversations -----------------------------------------------------------------------
-    async def open_conversation(self, new: Conversation, *, now: float, live_until: float) -> OpenResult:
+    async def open_conversation(self, new: Conversation, *, now: float, live_until: float,
+                                holder: str | None = None) -> OpenResult:
         """Resume the user's in-progress conversation if its silence is under ``new.timeout_s``,
         else insert ``new``. In-progress ones that timed out (and are not live elsewhere) are
-        returned as ``stale_ids`` for processing."""
+        returned as ``stale_ids`` for processing.
+
+        ``holder`` takes the live lease even if another connection still holds it: the newest
+        connection wins (the older one may be on a node that died, or about to notice its client
+        left), and the older one's writes are refused from now on (``LeaseLost``)."""
         c = conversations
         async with self._write() as conn:
             await self._lock_user(conn, new.uid)
@@ -225,11 +259,11 @@ class Store:
                     stale.append(row["id"])
             if resume is not None:
                 await conn.execute(sa.update(c).where(c.c.id == resume["id"])
-                                   .values(timeout_s=new.timeout_s, live_until=live_until))
+                                   .values(timeout_s=new.timeout_s, live_until=live_until, live_by=holder))
                 conversation = _conversation(resume)
                 conversation.timeout_s = new.timeout_s
                 return OpenResult(conversation, True, await self._segments(conn, conversation.id), stale)
-            await conn.execute(sa.insert(c).values(**_conversation_row(new), live_until=live_until))
+            await conn.execute(sa.insert(c).values(**_conversation_row(new), live_until=live_until, live_by=holder))
             return OpenResult(new, False, [], stale)
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
@@ -291,27 +325,33 @@ class Store:
         now: float,
         live_until: float,
         realtime: OutboxMessage | None,
+        holder: str | None = None,
     ) -> bool:
         """Write one segment batch, and its realtime webhook row, in one transaction.
 
         ``conversation`` is the live handle's view: its ``started_at`` is written (the start is
         anchored at the first word), and the row is created if missing (its creation failed
         earlier). Returns False, writing nothing, if the conversation is no longer in progress
-        (another node processed it): the caller starts a new one and saves again.
+        (another node processed it): the caller starts a new one and saves again. With a
+        ``holder``, raises ``LeaseLost``, writing nothing, if another connection holds the lease.
         """
         c, s = conversations, segments
         values: dict[str, Any] = {"live_until": live_until, "started_at": conversation.started_at}
         if changed:
             values["finished_at"] = now
+        writable = sa.and_(c.c.id == conversation.id, c.c.status == IN_PROGRESS)
+        if holder is not None:
+            writable = sa.and_(writable, c.c.live_by == holder)
         async with self._write() as conn:
-            result = await conn.execute(
-                sa.update(c).where(c.c.id == conversation.id, c.c.status == IN_PROGRESS).values(**values))
+            result = await conn.execute(sa.update(c).where(writable).values(**values))
             if result.rowcount == 0:
-                exists = (await conn.execute(sa.select(c.c.id).where(c.c.id == conversation.id))).first()
-                if exists:
+                found = (await conn.execute(sa.select(c.c.status).where(c.c.id == conversation.id))).first()
+                if found is not None and found.status != IN_PROGRESS:
                     return False
+                if found is not None:
+                    raise LeaseLost(conversation.id)
                 row = _conversation_row(conversation)
-                row.update(values)
+                row.update(values, live_by=holder)
                 await conn.execute(sa.insert(c).values(**row))
             if changed:
                 stmt = self._insert(s)
@@ -328,22 +368,40 @@ class Store:
                 await self._enqueue(conn, realtime, now)
         return True
 
-    async def renew_live(self, conversation_ids: Iterable[str], live_until: float) -> None:
-        ids = list(conversation_ids)
-        if ids:
+    async def renew_live(self, leases: Iterable[tuple[str, str | None]], live_until: float) -> list[str]:
+        """Extend the leases given as (conversation id, holder). Returns the ids whose lease a
+        newer connection took (left alone); a holder of None renews unconditionally."""
+        c, leases = conversations, list(leases)
+        held = [(cid, holder) for cid, holder in leases if holder is not None]
+        unheld = [cid for cid, holder in leases if holder is None]
+        taken: list[str] = []
+        if held or unheld:
             async with self._write() as conn:
-                await conn.execute(sa.update(conversations).where(conversations.c.id.in_(ids))
-                                   .values(live_until=live_until))
+                if held:
+                    await conn.execute(sa.update(c).where(sa.tuple_(c.c.id, c.c.live_by).in_(held))
+                                       .values(live_until=live_until))
+                    holders = dict(held)
+                    rows = await conn.execute(sa.select(c.c.id, c.c.live_by).where(
+                        c.c.id.in_(list(holders)), c.c.status == IN_PROGRESS))
+                    taken = [cid for cid, live_by in rows if live_by != holders[cid]]
+                if unheld:
+                    await conn.execute(sa.update(c).where(c.c.id.in_(unheld)).values(live_until=live_until))
+        return taken
 
-    async def release_live(self, conversation_id: str) -> None:
+    async def release_live(self, conversation_id: str, *, holder: str | None = None) -> None:
+        """End a live lease (the session closed); a lease another connection took is kept."""
+        c = conversations
+        condition = c.c.id == conversation_id
+        if holder is not None:
+            condition = sa.and_(condition, c.c.live_by == holder)
         async with self._write() as conn:
-            await conn.execute(sa.update(conversations).where(conversations.c.id == conversation_id)
-                               .values(live_until=None))
+            await conn.execute(sa.update(c).where(condition).values(live_until=None))
 
-    async def create_conversation(self, conversation: Conversation, *, live_until: float | None = None) -> None:
+    async def create_conversation(self, conversation: Conversation, *, live_until: float | None = None,
+                                  holder: str | None = None) -> None:
         async with self._write() as conn:
             await conn.execute(sa.insert(conversations).values(**_conversation_row(conversation),
-                                                               live_until=live_until))
+                                                               live_until=live_until, live_by=holder))
 
     async def sweep_candidates(self, *, now: float, exclude: Iterable[str] = (), limit: int = 100) -> list[str]:
         """In-progress conversations silent past their timeout and live nowhere, and processing
@@ -432,6 +490,78 @@ class Store:
         async with self._write() as conn:
             result = await conn.execute(sa.delete(w).where(w.c.uid == uid, w.c.kind == kind))
         return bool(result.rowcount)
+
+    # --- voices: the owner's speech profile and named people ---------------------------------
+    async def get_speech_profile(self, uid: str) -> SpeechProfileRow | None:
+        p = speech_profiles
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(p).where(p.c.uid == uid))).mappings().first()
+        return SpeechProfileRow(**row) if row else None
+
+    async def set_speech_profile(self, uid: str, embedding: bytes, *, speech_seconds: float, now: float) -> None:
+        """Create or replace the user's profile (``created_at`` is kept on a replace)."""
+        p = speech_profiles
+        stmt = self._insert(p).values(uid=uid, embedding=embedding, speech_seconds=speech_seconds,
+                                      created_at=now, updated_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=[p.c.uid], set_={
+            "embedding": stmt.excluded.embedding, "speech_seconds": stmt.excluded.speech_seconds,
+            "updated_at": stmt.excluded.updated_at})
+        async with self._write() as conn:
+            await conn.execute(stmt)
+
+    async def delete_speech_profile(self, uid: str) -> bool:
+        async with self._write() as conn:
+            result = await conn.execute(sa.delete(speech_profiles).where(speech_profiles.c.uid == uid))
+        return bool(result.rowcount)
+
+    async def add_person(self, person: PersonRow) -> None:
+        async with self._write() as conn:
+            await conn.execute(sa.insert(people).values(**vars(person)))
+
+    async def get_person(self, uid: str, person_id: str) -> PersonRow | None:
+        """The person, if it is ``uid``'s (another user's person is reported as missing)."""
+        p = people
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(p).where(p.c.id == person_id, p.c.uid == uid))).mappings().first()
+        return PersonRow(**row) if row else None
+
+    async def list_people(self, uid: str) -> list[PersonRow]:
+        p = people
+        async with self._read() as conn:
+            rows = (await conn.execute(sa.select(p).where(p.c.uid == uid).order_by(p.c.created_at, p.c.id))).mappings()
+            return [PersonRow(**row) for row in rows]
+
+    async def delete_person(self, uid: str, person_id: str) -> bool:
+        p = people
+        async with self._write() as conn:
+            result = await conn.execute(sa.delete(p).where(p.c.id == person_id, p.c.uid == uid))
+        return bool(result.rowcount)
+
+    async def set_person_voice(self, uid: str, person_id: str, embedding: bytes, *, samples: int,
+                               speech_seconds: float, expected_samples: int) -> bool:
+        """Store a person's new voice if it still has ``expected_samples`` samples (the count the
+        new embedding was averaged from); False if the person is gone or changed meanwhile, so the
+        caller can re-read and average again instead of losing a concurrent sample."""
+        p = people
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(p).where(p.c.id == person_id, p.c.uid == uid, p.c.samples == expected_samples)
+                .values(embedding=embedding, samples=samples, speech_seconds=speech_seconds))
+        return bool(result.rowcount)
+
+    async def load_voices(self, uid: str) -> tuple[bytes | None, list[tuple[str, str, bytes]]]:
+        """``(owner embedding or None, [(person_id, name, embedding)])`` of the people with a
+        voice, in one query (a session loads them before its audio flows)."""
+        sp, p = speech_profiles, people
+        owner = sa.select(sa.literal(True).label("is_owner"), sp.c.uid.label("id"), sp.c.uid.label("name"),
+                          sp.c.embedding, sa.literal(0.0).label("created_at")).where(sp.c.uid == uid)
+        named = sa.select(sa.literal(False), p.c.id, p.c.name, p.c.embedding, p.c.created_at).where(
+            p.c.uid == uid, p.c.embedding.is_not(None))
+        query = sa.union_all(owner, named).order_by(sa.column("created_at"), sa.column("id"))
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        owner_embedding = next((bytes(r[3]) for r in rows if r[0]), None)
+        return owner_embedding, [(r[1], r[2], bytes(r[3])) for r in rows if not r[0]]
 
     # --- usage -------------------------------------------------------------------------------
     async def record_usage(self, uid: str, used: Usage, *, session_id: str | None,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator
+import time
+from typing import AsyncIterator, Iterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -17,7 +18,10 @@ from ..stt.selection import build_providers
 from ..stt.whisper import WhisperProvider
 from .auth import build_authenticator
 from .context import Gateway
+from .drain import shutdown_graces
 from .listen import listen_endpoint, web_listen_endpoint
+from .metrics import metrics_routes
+from .profiles import build_profile_routes
 from .rest import build_rest_routes
 from .web import web_routes
 
@@ -29,21 +33,25 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         authenticator = build_authenticator(settings)
-        store = await Store.from_settings(settings).open()
-        conversations = ConversationService(settings, store)
-        await conversations.start()
+        with _startup_step("conversation store"):
+            store = await Store.from_settings(settings).open()
+            conversations = ConversationService(settings, store)
+            await conversations.start()
         whisper = WhisperProvider(settings)
-        await whisper.load()
+        with _startup_step(f"speech engine (faster-whisper {settings.whisper_model})"):
+            await whisper.load()
         providers = {**build_providers(settings), "local": whisper}
         gateway = Gateway(settings=settings, authenticator=authenticator, providers=providers,
                           conversations=conversations, store=store)
         app.state.gateway = gateway
+        gateway.metrics.start()             # the event-loop lag probe
         gateway.ready.set()
         try:
             yield
         finally:
             gateway.draining = True
-            await conversations.stop()
+            await gateway.metrics.stop()
+            await conversations.stop(**shutdown_graces(gateway))    # within drain_timeout after a drain
             await store.close()
             for provider in gateway.providers.values():
                 await provider.aclose()
@@ -55,13 +63,24 @@ def create_app(settings: Settings) -> Starlette:
             WebSocketRoute("/v4/web/listen", web_listen_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            *metrics_routes(settings),      # GET /metrics (unless metrics is off)
             *web_routes(settings),          # GET /, /static/*, POST /v1/local/token
             *build_rest_routes(lambda: app.state.gateway.conversations,
                                lambda: app.state.gateway.authenticator),
+            *build_profile_routes(lambda: app.state.gateway.store, lambda: app.state.gateway.authenticator),
         ],
         lifespan=lifespan,
     )
     return app
+
+
+@contextlib.contextmanager
+def _startup_step(what: str) -> Iterator[None]:
+    """Logs a slow start-up step before and after, so a waiting operator sees progress."""
+    started = time.perf_counter()
+    log.info("loading %s…", what)
+    yield
+    log.info("%s ready in %.1f s", what, time.perf_counter() - started)
 
 
 async def healthz(request: Request) -> JSONResponse:

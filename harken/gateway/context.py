@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..stt.base import Provider
+from .metrics import GatewayMetrics
 
 if TYPE_CHECKING:
     from ..conversations import ConversationService, Store
@@ -28,7 +29,12 @@ class Gateway:
     store: "Store | None" = None
     sessions: set["Session"] = field(default_factory=set)
     draining: bool = False
+    drain_deadline: float | None = None     # monotonic; set when a graceful drain starts (drain.py)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics: GatewayMetrics = field(init=False)     # its own registry: one per gateway, served at /metrics
+
+    def __post_init__(self) -> None:
+        self.metrics = GatewayMetrics(self)
 
     def usable_providers(self) -> list[str]:
         return list(self.providers)

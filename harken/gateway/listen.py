@@ -13,6 +13,7 @@ import uuid
 import orjson
 from starlette.websockets import WebSocket
 
+from ..logs import bind_session, unbind_session
 from . import events
 from .auth import AuthError, bearer_token
 from .context import Gateway
@@ -62,7 +63,7 @@ async def _serve(ws: WebSocket, token: str | None, *, web: bool = False) -> None
     if web:
         await _send_quietly(ws, {"type": "auth_response", "success": True})
     try:
-        params = parse_listen_params(query)
+        params = parse_listen_params(query, null_provider=gateway.settings.null_provider)
     except ParamError as exc:
         await _refuse(ws, 1008, exc.message, param=exc.param)
         return
@@ -71,6 +72,7 @@ async def _serve(ws: WebSocket, token: str | None, *, web: bool = False) -> None
         return
 
     session = Session(ws, gateway, uid, params, session_id=uuid.uuid4().hex)
+    log_tags = bind_session(session.id, uid)      # every record of this connection's tasks names it
     gateway.sessions.add(session)
     log.info("session open sid=%s uid=%s codec=%s rate=%s lang=%s", session.id, uid, params.codec,
              params.sample_rate, params.language)
@@ -78,9 +80,11 @@ async def _serve(ws: WebSocket, token: str | None, *, web: bool = False) -> None
         await session.run()
     finally:
         gateway.sessions.discard(session)
+        unbind_session(log_tags)
 
 
 async def _refuse(ws: WebSocket, code: int, reason: str, *, param: str | None = None) -> None:
+    ws.app.state.gateway.metrics.connection_closed(code)
     await _send_quietly(ws, events.error(code, reason, param))
     try:
         await ws.close(code, _truncate(reason))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .. import codecs
+from ..config import VAD_GATE_MODES
 
 STT_SERVICES = ("deepgram", "soniox", "speechmatics", "local")
 CHANNELS = (1, 2)
@@ -42,9 +43,11 @@ class ListenParams:
     custom_stt: bool = False
     source: str = "omi"
     uid: str | None = None
+    vad_gate: str | None = None       # off | active; None: the server setting decides
 
 
-def parse_listen_params(query: Mapping[str, str]) -> ListenParams:
+def parse_listen_params(query: Mapping[str, str], *, null_provider: bool = False) -> ListenParams:
+    """``null_provider`` (a server setting) lets ``stt_service=null`` through, for load tests."""
     codec = query.get("codec", "pcm8").strip().lower()
     if codec not in codecs.codec_names():
         raise ParamError("codec", f"codec must be one of {', '.join(codecs.codec_names())}; got {codec!r}")
@@ -56,10 +59,11 @@ def parse_listen_params(query: Mapping[str, str]) -> ListenParams:
         channels=_choice_int(query, "channels", 1, CHANNELS),
         include_speech_profile=_bool(query, "include_speech_profile", True),
         conversation_timeout=_timeout(query.get("conversation_timeout")),
-        stt_service=_stt_service(query.get("stt_service")),
+        stt_service=_stt_service(query.get("stt_service"), STT_SERVICES + (("null",) if null_provider else ())),
         custom_stt=_enabled(query, "custom_stt"),
         source=_source(query.get("source", "omi")),
         uid=query.get("uid") or None,
+        vad_gate=_vad_gate(query.get("vad_gate")),
     )
 
 
@@ -135,12 +139,12 @@ def _timeout(raw: str | None) -> int:
     return value
 
 
-def _stt_service(raw: str | None) -> str | None:
+def _stt_service(raw: str | None, allowed: tuple[str, ...]) -> str | None:
     if raw is None or raw == "":
         return None
     value = raw.strip().lower()
-    if value not in STT_SERVICES:
-        raise ParamError("stt_service", f"stt_service must be one of {', '.join(STT_SERVICES)}; got {raw!r}")
+    if value not in allowed:
+        raise ParamError("stt_service", f"stt_service must be one of {', '.join(allowed)}; got {raw!r}")
     return value
 
 
@@ -148,4 +152,13 @@ def _source(raw: str) -> str:
     value = raw.strip()
     if not value or len(value) > MAX_SOURCE_LENGTH or not _SOURCE_RE.match(value):
         raise ParamError("source", f"source must be 1-{MAX_SOURCE_LENGTH} letters, digits, '_', '-' or '.'; got {raw[:80]!r}")
+    return value
+
+
+def _vad_gate(raw: str | None) -> str | None:
+    if raw is None or raw == "":
+        return None
+    value = raw.strip().lower()
+    if value not in VAD_GATE_MODES:
+        raise ParamError("vad_gate", f"vad_gate must be one of {', '.join(VAD_GATE_MODES)}; got {raw!r}")
     return value

@@ -61,11 +61,10 @@ def _bool_param(request: Request, name: str, default: bool) -> bool:
     raise _BadRequest(f"{name} must be true or false")
 
 
-def build_rest_routes(service: ConversationService | Callable[[], ConversationService],
-                      authenticator: Authenticator | Callable[[], Authenticator]) -> list[Route]:
-    """The /v1 routes. Either argument may instead be a function returning it, for an app that
-    builds them in its lifespan, e.g. ``lambda: app.state.gateway.conversations``."""
-    get_service = service if callable(service) else (lambda: service)
+def authentication(authenticator: Authenticator | Callable[[], Authenticator]
+                   ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """A decorator turning ``handler(request, uid)`` into an endpoint that needs a valid bearer
+    token (401/503 otherwise) and answers ``_BadRequest`` with 400. Shared by every /v1 module."""
     get_authenticator = authenticator if callable(authenticator) else (lambda: authenticator)
 
     def authenticated(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -85,6 +84,15 @@ def build_rest_routes(service: ConversationService | Callable[[], ConversationSe
             except _BadRequest as exc:
                 return _error(400, str(exc))
         return endpoint
+    return authenticated
+
+
+def build_rest_routes(service: ConversationService | Callable[[], ConversationService],
+                      authenticator: Authenticator | Callable[[], Authenticator]) -> list[Route]:
+    """The /v1 routes. Either argument may instead be a function returning it, for an app that
+    builds them in its lifespan, e.g. ``lambda: app.state.gateway.conversations``."""
+    get_service = service if callable(service) else (lambda: service)
+    authenticated = authentication(authenticator)
 
     async def list_conversations(request: Request, uid: str) -> Response:
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)

@@ -19,14 +19,17 @@ from starlette.websockets import WebSocket
 
 from .. import codecs
 from ..audio import AudioRing
+from ..conversations import LeaseLost
 from ..stt.base import STTError, STTStream, StreamConfig, Word
 from ..stt.fallback import FallbackPolicy, FallbackStream
+from ..stt.gating import gated
 from ..stt.selection import NoProviderError, select_chain
 from . import events
 from .clock import AudioClock
 from .context import Gateway
 from .params import ListenParams
 from .segments import Batch, Segment, SegmentBuilder
+from .profiles import load_voices
 from .speakers import SpeakerIdentifier
 
 log = logging.getLogger("harken.session")
@@ -66,6 +69,7 @@ class Session:
         self.params = params
         self.id = session_id
         self.clock = AudioClock()
+        self.metrics = gateway.metrics.session(params.codec)
         self.builder = SegmentBuilder()
         self.stats = SessionStats()
         self.decoder: codecs.Decoder | None = None
@@ -82,6 +86,8 @@ class Session:
         self._client_gone = False
         self._first_bad_frame_at: float | None = None
         self._decode_warning_sent = False
+        self._end_requested: EndSession | None = None   # set by request_end (e.g. a draining node)
+        self._end_wake = asyncio.Event()
 
     # -- public -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -94,6 +100,7 @@ class Session:
                 tasks.create_task(self._ping_loop(), name=f"ping-{self.id}")
                 tasks.create_task(self._idle_watch(), name=f"idle-{self.id}")
                 tasks.create_task(self._speaker_loop(), name=f"speakers-{self.id}")
+                tasks.create_task(self._end_watch(), name=f"end-{self.id}")
                 if self.stream is not None:
                     tasks.create_task(self._transcribe_loop(), name=f"stt-{self.id}")
         except EndSession as raised:          # from _open, before the task group started
@@ -104,6 +111,13 @@ class Session:
             # Shielded so that a server shutdown (cancellation) still releases the engine stream.
             await asyncio.shield(self._teardown(end))
 
+    def request_end(self, code: int, reason: str) -> None:
+        """Ask the session to end with ``code`` (e.g. 1012 when the node drains). Its teardown
+        still collects the engine's last words and stores and sends them before closing."""
+        if self._end_requested is None:
+            self._end_requested = EndSession(code, reason)
+            self._end_wake.set()
+
     # -- opening -------------------------------------------------------------------------
     async def _open(self) -> None:
         await self.send_json(events.service_status("initiating"))
@@ -113,6 +127,10 @@ class Session:
             await self.send_json(events.error(1008, str(exc), "sample_rate"))
             raise EndSession(1008, f"sample_rate: {exc}") from None
         await self._join_conversation()
+        if self.params.include_speech_profile:
+            # The owner's and named people's voices, loaded before any audio flows.
+            owner, people = await load_voices(self.gateway.store, self.uid)
+            self.speakers = SpeakerIdentifier(self.ring, owner=owner, people=people)
         if self.params.custom_stt:
             self.provider_name = "custom"
         else:
@@ -155,19 +173,22 @@ class Session:
             await self.send_json(events.error(1008, str(exc), "language"))
             raise EndSession(1008, str(exc)) from None
         stream = FallbackStream(chain, StreamConfig(language=self.params.language, session_id=self.id),
-                                on_status=self._send_stt_status, policy=FallbackPolicy.from_settings(self.settings))
+                                on_status=self._send_stt_status, policy=FallbackPolicy.from_settings(self.settings),
+                                on_failure=self.metrics.stt_failure)
         try:
             self.provider_name = await stream.start()
         except STTError:
             # FallbackStream already told the client `stt_failed` (with reason and retry_after).
             await stream.close()
             raise EndSession(1011, "transcription_service_unavailable") from None
-        return stream
+        # Cloud chains may skip the pauses (vad_gate); word times come back on the audio clock.
+        return await gated(stream, self.params.vad_gate, self.settings.vad_gate, chain, label=f"sid={self.id}")
 
     async def _send_stt_status(self, status: dict) -> None:
         """Provider switches and failures from the FallbackStream's own tasks."""
         if status.get("status") == "stt_switched":
             self.provider_name = status.get("provider") or self.provider_name
+            self.metrics.stt_switch(status)
         try:
             await self.send_json(status)
         except EndSession:
@@ -220,6 +241,8 @@ class Session:
         batch = self.builder.flush()
         await self._persist(batch)          # stored before sent: nothing the client saw is lost
         await self._send_batch(batch)
+        if not self._client_gone:
+            self.metrics.batch_sent(batch.changed, self.time_offset)
         for segment in batch.changed:
             # Speaker identification works on the audio clock, segments are on conversation time.
             self.speakers.observe(segment.speaker_id, segment.start - self.time_offset,
@@ -239,6 +262,11 @@ class Session:
         while True:
             await self.send_text("ping")
             await asyncio.sleep(self.settings.ping_interval)
+
+    async def _end_watch(self) -> None:
+        await self._end_wake.wait()
+        assert self._end_requested is not None
+        raise self._end_requested
 
     async def _idle_watch(self) -> None:
         timeout = self.settings.idle_timeout
@@ -261,6 +289,7 @@ class Session:
         if len(pcm) == 0:
             return
         self.clock.advance(len(pcm))
+        self.metrics.audio_in(len(pcm), self.clock.samples)
         self.ring.append(pcm)
         if self.live is not None:
             self.live.add_audio(pcm)
@@ -269,6 +298,7 @@ class Session:
 
     async def _on_decode_error(self, exc: Exception) -> None:
         self.stats.decode_errors += 1
+        self.metrics.decode_error()
         now = time.monotonic()
         if self._first_bad_frame_at is None:
             self._first_bad_frame_at = now
@@ -316,6 +346,7 @@ class Session:
     def _on_word(self, word: Word) -> None:
         self.stats.words += 1
         provider = getattr(self.stream, "provider_name", None) or self.provider_name or "?"
+        self.metrics.word(provider, word.end)
         if provider == LOCAL_PROVIDER:
             self._undiarized.append(word)      # labelled by voice at the next flush
         else:
@@ -333,6 +364,10 @@ class Session:
             return
         try:
             await self.live.save_batch([s.to_stored() for s in batch.changed], batch.deleted_ids)
+        except LeaseLost:
+            # The user connected again (maybe through another node): that connection now writes
+            # the conversation. This batch was not stored, so it is not sent either.
+            raise EndSession(1001, "superseded by a newer connection of this user") from None
         except Exception:
             # The client still gets its words; the store's own retries/alerts are its business.
             log.exception("could not store a segment batch sid=%s", self.id)
@@ -395,6 +430,7 @@ class Session:
             except Exception:
                 pass
         self._log_usage(end)
+        self.metrics.closed(end.code)
 
     async def _finish_stream(self) -> None:
         """Close the engine stream and collect the words it still had (the last utterance)."""

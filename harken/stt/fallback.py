@@ -228,15 +228,18 @@ class FallbackStream(STTStream):
     """An ``STTStream`` over an ordered chain of ``Link``s (or ``(provider, overrides)`` tuples)."""
 
     def __init__(self, links: Sequence[Link | tuple], config: StreamConfig,
-                 on_status: StatusCallback | None = None, *, policy: FallbackPolicy | None = None):
+                 on_status: StatusCallback | None = None, *, policy: FallbackPolicy | None = None,
+                 on_failure: Callable[[str, str], None] | None = None):
         if not links:
             raise ValueError("a FallbackStream needs at least one link")
         self._links = [link if isinstance(link, Link) else Link(*link) for link in links]
         self._config = config
         self._on_status = on_status
+        self._on_failure = on_failure or (lambda provider, reason: None)   # (provider, reason), for metrics
         self.policy = policy or FallbackPolicy()
         self._buffer = ReplayBuffer(max(1, int(self.policy.replay_seconds * SAMPLE_RATE)))
         self._audio = asyncio.Event()
+        self._finalize_marks: deque[int] = deque()   # buffer positions at which finalize() was asked
         self._out = WordQueue()                  # (word, provider name) pairs
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -265,10 +268,13 @@ class FallbackStream(STTStream):
         self._audio.set()
 
     async def finalize(self) -> None:
-        active = self._active
-        if active is not None:
-            with contextlib.suppress(Exception):     # a dead provider is the reader's business
-                await active.stream.finalize()
+        """Finalize the active provider once the feeder has sent it every sample given so far:
+        sent at once, a Finalize could overtake the audio it is meant to settle."""
+        if self._closing:
+            return
+        self._ensure_running()
+        self._finalize_marks.append(self._buffer.end)
+        self._audio.set()
 
     async def close(self) -> None:
         """Send what is buffered, let the providers' last words out, then stop (bounded)."""
@@ -367,6 +373,7 @@ class FallbackStream(STTStream):
                 assert failure is not None
                 reason = failure.reason
                 log.warning("stt provider %s failed (%s): %s", active.name, reason, failure)
+                self._on_failure(active.name, reason)
                 self._last_failure = (failure, active.name)
                 if not failure.retryable:
                     self._dead.add(active.index)
@@ -426,6 +433,7 @@ class FallbackStream(STTStream):
                     failure = as_failure(exc, "initialization_failed")
                     failure.reason = "initialization_failed"
                     self._last_failure = (failure, link.name)
+                    self._on_failure(link.name, failure.reason)
                     log.warning("cannot connect to %s (attempt %d/%d): %s", link.name, attempt + 1,
                                 self.policy.retry_attempts, failure)
                     if not failure.retryable:
@@ -487,6 +495,10 @@ class FallbackStream(STTStream):
         frame = max(1, int(self.policy.max_frame_seconds * SAMPLE_RATE))
         buffer = self._buffer
         while True:
+            while self._finalize_marks and active.sent >= self._finalize_marks[0]:
+                self._finalize_marks.popleft()
+                with contextlib.suppress(Exception):     # a dead provider is the reader's business
+                    await active.stream.finalize()
             if active.sent < buffer.end:
                 if active.sent < buffer.start:
                     raise StreamFailure(f"{active.name} fell {self.policy.replay_seconds:.0f}s behind",

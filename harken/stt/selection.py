@@ -72,6 +72,7 @@ CHAIN_ENTRIES = {
     "local": "local",
 }
 PROVIDER_NAMES = ("deepgram", "soniox", "speechmatics", "local")
+NULL_SERVICE = "null"     # scripted words for load tests (stt/null.py): only with settings.null_provider
 # The entries a pinned provider is tried with when stt_chain does not list it.
 _DEFAULT_ENTRIES = {"deepgram": ("dg-nova-3", "dg-nova-2"), "soniox": ("soniox",),
                     "speechmatics": ("speechmatics",), "local": ("local",)}
@@ -151,6 +152,9 @@ def select_chain(language: str, stt_service: str | None, providers: Mapping[str,
     moves that provider to the front when it is configured and supports the language.
     """
     language = normalize_language(language)
+    if stt_service == NULL_SERVICE and NULL_SERVICE in providers:
+        # The measuring provider stands alone: a fallback would mix real words into its script.
+        return [Link(providers[NULL_SERVICE], {"language": language})]
     if stt_service and stt_service not in PROVIDER_NAMES:
         raise ValueError(f"stt_service must be one of {', '.join(PROVIDER_NAMES)}, not {stt_service!r}")
     entries = parse_chain(settings.stt_chain)
@@ -193,4 +197,7 @@ def build_providers(settings: "Settings") -> dict[str, Provider]:
     if settings.speechmatics_api_key:
         from .speechmatics import SpeechmaticsProvider
         providers["speechmatics"] = SpeechmaticsProvider(settings)
+    if settings.null_provider:
+        from .null import NullProvider
+        providers[NULL_SERVICE] = NullProvider(settings)
     return providers

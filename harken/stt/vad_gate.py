@@ -79,8 +79,10 @@ class VadGatedStream(STTStream):
         keepalive_s: float = 5.0,
         max_checkpoints: int = 500,
         clock: Callable[[], float] = time.monotonic,
+        label: str = "",
     ):
         self.inner = inner
+        self.label = label                 # names the stream in the closing log line (a session id)
         self.stats = GateStats()
         self._vad = vad if vad is not None else StreamingVAD()
         self._threshold = threshold
@@ -108,6 +110,13 @@ class VadGatedStream(STTStream):
     @property
     def provider_name(self) -> str:          # a fallback chain's inner stream can switch provider
         return self.inner.provider_name
+
+    def __getattr__(self, name: str):
+        # Whatever else the inner stream offers (a FallbackStream's active_provider, switches,
+        # lost_seconds) reads through the gate, so wrapping it changes nothing for the caller.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     # -- STTStream -----------------------------------------------------------------------
     async def send(self, pcm: np.ndarray) -> None:
@@ -170,6 +179,10 @@ class VadGatedStream(STTStream):
     async def close(self) -> None:
         if self._state != _SILENCE or self.stats.failed_open:
             await self._forward_until(self._received)
+        s = self.stats
+        log.info("vad gate %s: received_s=%.2f forwarded_s=%.2f removed=%.1f%% speech_s=%.2f finalizes=%d "
+                 "keepalives=%d failed_open=%s", self.label or "-", s.received_seconds, s.forwarded_seconds,
+                 100 * s.removed_share, s.speech_seconds, s.finalizes, s.keepalives, s.failed_open)
         await self.inner.close()
 
     async def __aiter__(self) -> AsyncIterator[Word]:

@@ -6,6 +6,10 @@ endpointing time follows, ``from_finalize`` after Finalize; an empty final for e
 silence), ``Metadata`` after CloseStream, then close 1000. Controls: KeepAlive (counted; without
 audio or KeepAlive for ``idle_timeout`` the server closes 1011 ``NET-0001``), Finalize,
 CloseStream. The provider's own mid-stream failure is a close 1011 ``NET-0001``.
+
+Given ``recording`` (real speech, see ``recording.RecordingListener``), the fake hears it instead
+of timecode: the script's times are then on the recording's time line, and any part of it may be
+left out (a VAD gate), as a real engine would be sent it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Response
 
+from .recording import RecordingListener
 from .script import Connection, FakeServer, ScriptWord, idle_recv
 
 ENDPOINTING = 0.3
@@ -27,9 +32,10 @@ class FakeDeepgram(FakeServer):
     auth_scheme = "Token"
     path = ""          # the SDK appends /v1/listen to the base URL
 
-    def __init__(self, *args, idle_timeout: float = 10.0, **kwargs):
+    def __init__(self, *args, idle_timeout: float = 10.0, recording=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.idle_timeout = idle_timeout
+        self.recording = recording          # int16 samples the audio is cut from, or None: timecode
 
     def refuse(self, ws: ServerConnection, status: int) -> Response:
         errors = {400: "Bad Request: failed to process query parameters", 401: "Invalid credentials.",
@@ -46,6 +52,8 @@ class FakeDeepgram(FakeServer):
         if urlsplit(connection.request.path).path != "/v1/listen":
             await ws.close(1008, "unknown path")
             return
+        if self.recording is not None:
+            connection.listener = RecordingListener(self.recording, self.script, self.delay)
         listener = connection.listener
         request_id = str(uuid.uuid4())
         reported = 0.0           # connection time up to which Results were sent

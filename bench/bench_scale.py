@@ -1,0 +1,331 @@
+"""How many Opus streams one core carries, CPU per stream, and memory per idle connection.
+
+Two servers are measured in the same run, each pinned to one CPU (``taskset``), with the load
+generator (``harken.loadtest``) pinned to another:
+
+- the floor: a bare WebSocket relay on the same stack as Harken (uvicorn, websockets-sansio,
+  uvloop) that receives the Opus frames without decoding them and every 600 ms sends one small
+  segment naming the words a null provider would have produced, so the load tool checks and
+  times it exactly as it does Harken;
+- Harken with the null provider (``--null-provider``, ``stt_service=null``): the whole gateway
+  path (auth, conversation store, Opus decode, fallback stream, segment merging, storage of every
+  batch) without a speech engine.
+
+For each server, N streams send real-time Opus (10 ms packets) for ``--seconds``; N grows
+through ``--steps`` until segment latency p99 exceeds the 600 ms batch interval + 100 ms, a
+stream fails, or the load generator itself falls behind (then the figure is a lower bound).
+CPU per stream is the server's CPU time over the window in which all N streams were sending,
+divided by N and the window's length; Harken's is also given as a ratio to the relay's at the
+same N. Memory: server RSS before and while ``--idle`` connections are open, per connection.
+
+BENCH_HARKEN_COMMAND replaces ``python -m harken serve`` (to compare a variant of the server).
+
+Run: .venv/bin/python bench/bench_scale.py [--steps 50,100,200,300,400] [--seconds 20] [--idle 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harken.config import Settings  # noqa: E402
+from harken.gateway.auth import mint_local_token  # noqa: E402
+from harken.loadtest import LoadReport, LoadTestConfig, run_load  # noqa: E402
+from harken.stt.null import WORD_SECONDS, word_text, WORDS_PER_SENTENCE  # noqa: E402
+
+BATCH_INTERVAL = 0.6
+LATENCY_BUDGET = BATCH_INTERVAL + 0.1        # p99 must stay under this
+MAX_CLIENT_LAG = 0.1                         # beyond this the load generator, not the server, is the limit
+FRAME_SECONDS = 0.01                         # one Opus packet per message, as devices send
+
+
+# --- the floor: a relay that never decodes --------------------------------------------------
+async def relay_app(scope, receive, send):
+    """ASGI: accept, say ready, count frames (10 ms each), send the words they complete every 600 ms."""
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await receive()                                   # websocket.connect
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": '{"type":"service_status","status":"ready"}'})
+    frames = 0
+    words_sent = 0
+    segment_id = uuid.uuid4().hex
+
+    async def flush_loop():
+        nonlocal words_sent
+        while True:
+            await asyncio.sleep(BATCH_INTERVAL)
+            words = int(frames * FRAME_SECONDS / WORD_SECONDS + 1e-6)
+            if words > words_sent:
+                text = " ".join(word_text(round(k * WORD_SECONDS * 1000), k % WORDS_PER_SENTENCE == 0)
+                                for k in range(words_sent + 1, words + 1))
+                segment = (f'[{{"id":"{segment_id}-{words}","text":"{text}","speaker":"SPEAKER_00","speaker_id":0,'
+                           f'"start":{words_sent * WORD_SECONDS:.3f},"end":{words * WORD_SECONDS:.3f}}}]')
+                words_sent = words
+                await send({"type": "websocket.send", "text": segment})
+
+    flusher = asyncio.create_task(flush_loop())
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is not None and len(data) > 2:
+                frames += 1
+    finally:
+        flusher.cancel()
+
+
+def serve_relay(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(relay_app, host="127.0.0.1", port=port, ws="websockets-sansio", loop="uvloop", http="httptools",
+                lifespan="off", log_level="warning", access_log=False)
+
+
+# --- servers under test ---------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen
+    port: int
+    data_dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def ps(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def rss_mib(self) -> float:
+        return self.ps.memory_info().rss / 2**20
+
+    def tokens(self):
+        if self.data_dir is None:
+            return None
+        settings = Settings(data_dir=self.data_dir)
+        run = uuid.uuid4().hex[:8]
+        return lambda i: mint_local_token(settings, f"scale-{run}-{i}", 3600)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_harken(data_dir: Path, cpu: int | None) -> Server:
+    port = free_port()
+    env = dict(os.environ, HARKEN_DATA_DIR=str(data_dir), HARKEN_PORT=str(port), HARKEN_LOG_LEVEL="warning",
+               HARKEN_NULL_PROVIDER="true", HARKEN_IDLE_TIMEOUT="600")
+    command = os.environ.get("BENCH_HARKEN_COMMAND", f"{sys.executable} -m harken serve").split()
+    process = subprocess.Popen([*pinned(cpu), *command], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}/readyz", process)
+    # taskset execs the interpreter: the pid is the server's own.
+    return Server("harken", process, port, data_dir)
+
+
+def start_relay(cpu: int | None) -> Server:
+    port = free_port()
+    process = subprocess.Popen([*pinned(cpu), sys.executable, __file__, "--serve-relay", str(port)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}/", process, any_status=True)
+    return Server("relay", process, port)
+
+
+def wait_ready(url: str, process: subprocess.Popen, any_status: bool = False, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError:
+            if any_status:
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError("server did not become ready")
+
+
+# --- one step -------------------------------------------------------------------------------
+@dataclass
+class Step:
+    server: str
+    streams: int
+    report: LoadReport
+    cpu_per_stream: float          # fraction of one core per stream, over the all-sending window
+
+    @property
+    def p99(self) -> float:
+        return self.report.latency_percentiles().get("p99", float("inf"))
+
+    @property
+    def client_lag(self) -> float:
+        """p95 over streams of each stream's worst lag (a shared machine's odd stall is no verdict)."""
+        lags = [o.max_lag for o in self.report.outcomes]
+        return float(np.percentile(lags, 95)) if lags else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.report.errors and self.p99 < LATENCY_BUDGET
+
+    def line(self) -> str:
+        latency = self.report.latency_percentiles()
+        errors = sum(self.report.errors.values())
+        return (f"  {self.server:6s} N={self.streams:4d}  p50 {latency.get('p50', float('nan')) * 1000:5.0f} ms  "
+                f"p99 {self.p99 * 1000:6.0f} ms  CPU/stream {self.cpu_per_stream * 100:6.3f} % of a core  "
+                f"errors {errors}{' ' + str(dict(self.report.errors)) if errors else ''}  "
+                f"client lag {self.client_lag * 1000:.0f} ms{'  (client-bound)' if self.client_lag > MAX_CLIENT_LAG else ''}"
+                f"  {'ok' if self.passed else 'OVER'}")
+
+
+async def run_step(server: Server, streams: int, seconds: float) -> Step:
+    config = LoadTestConfig(url=server.url, streams=streams, duration=seconds, codec="opus", sample_rate=16000,
+                            stt_service="null", tokens=server.tokens(), uid_prefix="" if server.data_dir else "u")
+    ramp = config.ramp_seconds()
+    window = (ramp + 1.5, seconds - 0.5)         # every stream is connected and sending (connect < 1.5 s)
+    if window[1] - window[0] < 3:
+        raise SystemExit(f"--seconds {seconds} is too short for {streams} streams (ramp {ramp:.1f} s)")
+
+    async def sample_cpu() -> float:
+        await asyncio.sleep(window[0])
+        before, t0 = server.cpu_seconds(), time.monotonic()
+        await asyncio.sleep(window[1] - window[0])
+        return (server.cpu_seconds() - before) / (time.monotonic() - t0)
+
+    cores, report = await asyncio.gather(sample_cpu(), run_load(config))
+    return Step(server.name, streams, report, cores / streams)
+
+
+async def idle_memory(server: Server, connections: int) -> float:
+    """RSS added per idle connection (MiB): connect ``connections`` streams, sample mid-hold."""
+    await asyncio.sleep(1.0)
+    before = server.rss_mib()
+    config = LoadTestConfig(url=server.url, streams=connections, duration=8.0, idle=True,
+                            stt_service="null", tokens=server.tokens(), uid_prefix="" if server.data_dir else "u")
+
+    async def sample() -> float:
+        await asyncio.sleep(config.ramp_seconds() + 5.0)
+        return server.rss_mib()
+
+    during, report = await asyncio.gather(sample(), run_load(config))
+    if report.errors:
+        print(f"  {server.name}: idle connections failed: {dict(report.errors)}")
+    return (during - before) / connections
+
+
+async def climb(server: Server, steps: list[int], seconds: float) -> list[Step]:
+    results = []
+    for n in steps:
+        step = await run_step(server, n, seconds)
+        print(step.line(), flush=True)
+        results.append(step)
+        if not step.passed or step.client_lag > MAX_CLIENT_LAG:
+            break
+        await asyncio.sleep(2.0)                 # let closed sessions finish writing
+    return results
+
+
+def best(steps: list[Step]) -> Step | None:
+    passing = [s for s in steps if s.passed]
+    return passing[-1] if passing else None
+
+
+async def main_async(args) -> None:
+    server_cpu, client_cpu = (0, 1) if os.cpu_count() and os.cpu_count() >= 2 and not args.no_pin else (None, None)
+    if client_cpu is not None:
+        os.sched_setaffinity(0, {client_cpu})
+    steps = [int(x) for x in args.steps.split(",")]
+    print(f"server on CPU {server_cpu}, load generator on CPU {client_cpu}; {args.seconds:g} s per step; "
+          f"pass = no errors and p99 < {LATENCY_BUDGET * 1000:.0f} ms")
+    results: dict[str, list[Step]] = {}
+    memory: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.servers.split(","):
+            server = start_relay(server_cpu) if name == "relay" else start_harken(Path(tmp), server_cpu)
+            try:
+                if args.idle:
+                    memory[name] = await idle_memory(server, args.idle)
+                results[name] = await climb(server, steps, args.seconds)
+            finally:
+                server.stop()
+
+    print("\nsummary")
+    relay_steps = {s.streams: s for s in results.get("relay", [])}
+    for name, steps_run in results.items():
+        top = best(steps_run)
+        bound = " (or more: the load generator or the step list was the limit)" if top is steps_run[-1] else ""
+        print(f"  {name}: most opus streams on one core with p99 < {LATENCY_BUDGET * 1000:.0f} ms: "
+              f"{top.streams if top else 0}{bound}")
+    for step in results.get("harken", []):
+        floor = relay_steps.get(step.streams)
+        if floor and floor.cpu_per_stream > 0:
+            print(f"  N={step.streams}: harken CPU per stream {step.cpu_per_stream * 100:.3f} % of a core = "
+                  f"{step.cpu_per_stream / floor.cpu_per_stream:.1f}x the relay's {floor.cpu_per_stream * 100:.3f} %")
+    for name, mib in memory.items():
+        print(f"  {name}: memory per idle connection {mib * 1024:.0f} KiB (RSS delta / {args.idle})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="50,100,200,300,400", help="stream counts tried in order")
+    parser.add_argument("--seconds", type=float, default=20.0, help="audio per stream in each step")
+    parser.add_argument("--idle", type=int, default=200, help="idle connections for the memory figure (0 = skip)")
+    parser.add_argument("--servers", default="relay,harken")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
+    parser.add_argument("--serve-relay", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_relay:
+        serve_relay(args.serve_relay)
+        return
+    import uvloop
+
+    uvloop.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

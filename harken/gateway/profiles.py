@@ -1,0 +1,329 @@
+"""Voices the gateway knows: the owner's speech profile and the people a user has named.
+
+REST (same bearer token as the rest of /v1; another user's person is reported as missing):
+
+- ``PUT /v1/users/speech-profile``: the body is a WAV file (PCM16, any rate, mono or stereo), or
+  raw PCM16 mono with ``Content-Type: application/octet-stream`` (16 kHz unless
+  ``?sample_rate=``). Silence is trimmed off with the Silero VAD; 10–60 s of speech must remain
+  (422 says how much was found). The speech is embedded off the event loop and only the
+  embedding is stored: the audio is never kept. ``GET`` → ``{exists, speech_seconds,
+  created_at, updated_at}``; ``DELETE`` → 204.
+- ``POST /v1/people`` with JSON ``{"name": "…", "samples": ["<base64 WAV>", …]}`` (samples
+  optional, at most ``MAX_SAMPLES_PER_REQUEST``) → 201 with the person; ``GET /v1/people``,
+  ``GET``/``DELETE /v1/people/{id}``; ``POST /v1/people/{id}/speech-samples`` with a WAV (or raw
+  PCM, as above) adds one voice sample. A person's voice is the mean of its samples' embeddings,
+  weighted by their speech seconds. A person without a sample is stored but never matched.
+- Bodies above ``MAX_AUDIO_BYTES`` (``MAX_JSON_BYTES`` for the JSON form) → 413.
+
+Sessions opened with ``include_speech_profile=true`` call ``load_voices`` once, before audio
+flows, and give the result to their ``SpeakerIdentifier``. A profile changed meanwhile applies
+from the next session on. ``speech_profile_processed`` stays true on every segment, as in Omi's
+current backend (reference/omi-listen-behaviour.md §5, "VC"): identification is per diarized
+speaker and relabels that speaker's earlier segments (same ids, re-sent) when it matches, so a
+segment never waits for it; false would also stop such segments merging with later ones and make
+the Omi app ignore ``speaker_assigned`` for them.
+
+Enrolment embeds on the embedder's one worker thread, which live sessions' identification shares:
+a 60 s profile holds it for roughly 0.5–2 s (bench/bench_speakers.py ``--only enrol``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import time
+import uuid
+import wave
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..audio.embedding import EMBEDDING_DIM, SAMPLE_RATE, SpeakerEmbedder
+from ..audio.vad import speech_spans
+from ..codecs import UnsupportedFormat
+from ..codecs.pcm import PCM16Decoder
+from ..conversations.model import iso
+from ..conversations.store import PersonRow, Store
+from .auth import Authenticator
+from .rest import _BadRequest, _error, authentication
+
+log = logging.getLogger("harken.profiles")
+
+# The owner's profile: under 10 s of speech the embedding is noticeably less stable; Omi streams
+# at most 30 s of its profile, and a minute is plenty while keeping one enrolment's CPU small.
+MIN_PROFILE_SPEECH_SECONDS = 10.0
+MAX_PROFILE_SPEECH_SECONDS = 60.0
+# A person's sample is typically cut from a conversation, so it may be shorter; several samples
+# are averaged. 5 s is about two of the 2 s clips the owner threshold was calibrated on.
+MIN_SAMPLE_SPEECH_SECONDS = 5.0
+MAX_SAMPLES_PER_REQUEST = 5
+MAX_PEOPLE = 200
+MAX_NAME_CHARS = 200
+# 60 s of 48 kHz stereo PCM16 is 11.5 MB: the largest sensible upload (silence included).
+MAX_AUDIO_BYTES = 12 * 1024 * 1024
+MAX_JSON_BYTES = MAX_AUDIO_BYTES * 4 // 3 + 64 * 1024        # one such sample as base64, plus the rest
+RAW_PCM_TYPE = "application/octet-stream"
+_VOICE_WRITE_TRIES = 5
+
+
+class UploadError(Exception):
+    """An upload that cannot become a voice; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Voice:
+    embedding: np.ndarray          # (EMBEDDING_DIM,) float32, unit length
+    speech_seconds: float
+
+
+# --- audio → voice ----------------------------------------------------------------------------
+
+def decode_upload(body: bytes, content_type: str, sample_rate: int | None = None) -> np.ndarray:
+    """An uploaded clip as int16 16 kHz mono: a WAV file (recognised by its header, whatever the
+    content type says) or raw PCM16 mono at ``sample_rate`` (default 16 kHz)."""
+    if body[:4] == b"RIFF":
+        try:
+            with wave.open(io.BytesIO(body), "rb") as wav:
+                if wav.getsampwidth() != 2:
+                    raise UploadError(415, f"the WAV file has {8 * wav.getsampwidth()}-bit samples; send 16-bit PCM")
+                rate, channels = wav.getframerate(), wav.getnchannels()
+                frames = wav.readframes(wav.getnframes())
+        except (wave.Error, EOFError) as exc:
+            raise UploadError(415, f"not a readable PCM WAV file ({exc}); send 16-bit PCM WAV") from None
+    elif content_type.split(";")[0].strip().lower() == RAW_PCM_TYPE:
+        rate, channels, frames = sample_rate or SAMPLE_RATE, 1, body
+    else:
+        raise UploadError(415, f"send a 16-bit PCM WAV file, or raw PCM16 mono as {RAW_PCM_TYPE} "
+                               "(with ?sample_rate= if not 16000)")
+    try:
+        decoder = PCM16Decoder(rate, channels)
+    except UnsupportedFormat as exc:
+        raise UploadError(415, str(exc)) from None
+    return np.concatenate((decoder.decode(frames), decoder.flush()))
+
+
+def speech_only(pcm: np.ndarray) -> np.ndarray:
+    """``pcm`` with the silence between speech spans cut out (Silero VAD)."""
+    spans = speech_spans(pcm)
+    return np.concatenate([pcm[a:b] for a, b in spans]) if spans else pcm[:0]
+
+
+async def voice_from_upload(body: bytes, content_type: str, sample_rate: int | None, *,
+                            min_seconds: float, max_seconds: float = MAX_PROFILE_SPEECH_SECONDS) -> Voice:
+    """Decode, trim to speech and embed an upload; ``UploadError`` (422) if the speech found is
+    outside ``[min_seconds, max_seconds]``. The CPU work runs off the event loop."""
+
+    def trimmed() -> np.ndarray:
+        return speech_only(decode_upload(body, content_type, sample_rate))
+
+    speech = await asyncio.to_thread(trimmed)
+    seconds = speech.size / SAMPLE_RATE
+    if not min_seconds <= seconds <= max_seconds:
+        raise UploadError(422, f"found {seconds:.1f} s of speech; {min_seconds:g}–{max_seconds:g} s are needed "
+                               "(silence does not count)")
+    embedder = await asyncio.to_thread(SpeakerEmbedder.shared)     # the first use loads the model
+    return Voice(await embedder.embed_async(speech), seconds)
+
+
+def combine(voices: list[Voice]) -> Voice:
+    """One voice from several samples: their embeddings' mean, weighted by speech seconds."""
+    seconds = sum(v.speech_seconds for v in voices)
+    mean = sum(v.embedding.astype(np.float64) * v.speech_seconds for v in voices) / seconds
+    return Voice((mean / (np.linalg.norm(mean) + 1e-12)).astype(np.float32), seconds)
+
+
+def to_bytes(embedding: np.ndarray) -> bytes:
+    return np.asarray(embedding, dtype="<f4").reshape(-1).tobytes()
+
+
+def from_bytes(blob: bytes) -> np.ndarray | None:
+    """The stored embedding, or None if it is not one of this model's (another dimension)."""
+    if len(blob) != EMBEDDING_DIM * 4:
+        return None
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+async def load_voices(store: Store | None, uid: str) -> tuple[np.ndarray | None, dict[str, tuple[str, np.ndarray]]]:
+    """``(owner embedding or None, {person_id: (name, embedding)})`` for a ``SpeakerIdentifier``.
+
+    A storage failure is logged and yields no voices: the session still transcribes, it only
+    cannot tell who speaks.
+    """
+    if store is None:
+        return None, {}
+    try:
+        owner_blob, named = await store.load_voices(uid)
+    except Exception:
+        log.exception("could not load the voices of uid=%s; speakers will not be identified", uid)
+        return None, {}
+    owner = from_bytes(owner_blob) if owner_blob is not None else None
+    people = {pid: (name, e) for pid, name, blob in named if (e := from_bytes(blob)) is not None}
+    if (owner_blob is not None and owner is None) or len(people) < len(named):
+        log.warning("uid=%s has voices of another embedding model: re-enrol them", uid)
+    return owner, people
+
+
+# --- REST -------------------------------------------------------------------------------------
+
+def build_profile_routes(store: Store | Callable[[], Store],
+                         authenticator: Authenticator | Callable[[], Authenticator]) -> list[Route]:
+    """The speech-profile and people routes. Either argument may be a function returning it."""
+    get_store = store if callable(store) else (lambda: store)
+    authenticated = authentication(authenticator)
+
+    def answering_upload_errors(handler):
+        async def wrapped(request: Request, uid: str) -> Response:
+            try:
+                return await handler(request, uid)
+            except UploadError as exc:
+                return _error(exc.status, exc.detail)
+        return authenticated(wrapped)
+
+    async def speech_profile(request: Request, uid: str) -> Response:
+        store = get_store()
+        if request.method == "PUT":
+            voice = await voice_from_upload(await _read_body(request, MAX_AUDIO_BYTES),
+                                            request.headers.get("content-type", ""), _sample_rate(request),
+                                            min_seconds=MIN_PROFILE_SPEECH_SECONDS)
+            await store.set_speech_profile(uid, to_bytes(voice.embedding), speech_seconds=voice.speech_seconds,
+                                           now=time.time())
+        elif request.method == "DELETE":
+            await store.delete_speech_profile(uid)
+            return Response(status_code=204)
+        profile = await store.get_speech_profile(uid)
+        if profile is None:
+            return JSONResponse({"exists": False, "speech_seconds": None, "created_at": None, "updated_at": None})
+        return JSONResponse({"exists": True, "speech_seconds": round(profile.speech_seconds, 2),
+                             "created_at": iso(profile.created_at), "updated_at": iso(profile.updated_at)})
+
+    async def people_collection(request: Request, uid: str) -> Response:
+        store = get_store()
+        if request.method == "GET":
+            return JSONResponse([_person_api(p) for p in await store.list_people(uid)])
+        name, samples = _person_request(await _read_body(request, MAX_JSON_BYTES))
+        if len(await store.list_people(uid)) >= MAX_PEOPLE:
+            return _error(422, f"a user may name at most {MAX_PEOPLE} people: delete one first")
+        voices = []
+        for index, sample in enumerate(samples):
+            try:
+                voices.append(await voice_from_upload(sample, "", None, min_seconds=MIN_SAMPLE_SPEECH_SECONDS))
+            except UploadError as exc:
+                raise UploadError(exc.status, f"samples[{index}]: {exc.detail}") from None
+        voice = combine(voices) if voices else None
+        person = PersonRow(id=uuid.uuid4().hex, uid=uid, name=name,
+                           embedding=to_bytes(voice.embedding) if voice else None, samples=len(voices),
+                           speech_seconds=voice.speech_seconds if voice else 0.0, created_at=time.time())
+        await store.add_person(person)
+        return JSONResponse(_person_api(person), status_code=201)
+
+    async def person(request: Request, uid: str) -> Response:
+        store, person_id = get_store(), request.path_params["person_id"]
+        if request.method == "DELETE":
+            if not await store.delete_person(uid, person_id):
+                return _error(404, "person not found")
+            return Response(status_code=204)
+        found = await store.get_person(uid, person_id)
+        return JSONResponse(_person_api(found)) if found else _error(404, "person not found")
+
+    async def person_samples(request: Request, uid: str) -> Response:
+        store, person_id = get_store(), request.path_params["person_id"]
+        if await store.get_person(uid, person_id) is None:        # before the CPU work
+            return _error(404, "person not found")
+        sample = await voice_from_upload(await _read_body(request, MAX_AUDIO_BYTES),
+                                         request.headers.get("content-type", ""), _sample_rate(request),
+                                         min_seconds=MIN_SAMPLE_SPEECH_SECONDS)
+        # Average with the stored voice and write it back only if no other sample landed
+        # meanwhile (compare-and-set on the sample count); else re-read and average again.
+        for _ in range(_VOICE_WRITE_TRIES):
+            current = await store.get_person(uid, person_id)
+            if current is None:
+                return _error(404, "person not found")
+            old = from_bytes(current.embedding) if current.embedding is not None else None
+            voice = combine([Voice(old, current.speech_seconds), sample]) if old is not None else sample
+            if await store.set_person_voice(uid, person_id, to_bytes(voice.embedding), samples=current.samples + 1,
+                                            speech_seconds=voice.speech_seconds,
+                                            expected_samples=current.samples):
+                return JSONResponse(_person_api(await store.get_person(uid, person_id) or current))
+        return _error(409, "the person changed while the sample was added: try again")
+
+    return [
+        Route("/v1/users/speech-profile", answering_upload_errors(speech_profile), methods=["GET", "PUT", "DELETE"]),
+        Route("/v1/people", answering_upload_errors(people_collection), methods=["GET", "POST"]),
+        Route("/v1/people/{person_id}", authenticated(person), methods=["GET", "DELETE"]),
+        Route("/v1/people/{person_id}/speech-samples", answering_upload_errors(person_samples), methods=["POST"]),
+    ]
+
+
+class _TooLarge(UploadError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the body is larger than {limit} bytes (about 60 s of 48 kHz stereo audio)")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _sample_rate(request: Request) -> int | None:
+    raw = request.query_params.get("sample_rate")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise _BadRequest("sample_rate must be a whole number of Hz")
+    return int(raw)
+
+
+def _person_request(body: bytes) -> tuple[str, list[bytes]]:
+    """``(name, decoded samples)`` of a ``POST /v1/people`` body."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        raise _BadRequest('the body must be JSON: {"name": "…", "samples": ["<base64 WAV>", …]}') from None
+    if not isinstance(payload, dict):
+        raise _BadRequest('the body must be a JSON object: {"name": "…", "samples": [...]}')
+    name = payload.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_NAME_CHARS:
+        raise UploadError(422, f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters")
+    samples = payload.get("samples") or []
+    if not isinstance(samples, list) or not all(isinstance(s, str) for s in samples):
+        raise UploadError(422, "samples must be a list of base64-encoded WAV files")
+    if len(samples) > MAX_SAMPLES_PER_REQUEST:
+        raise UploadError(422, f"at most {MAX_SAMPLES_PER_REQUEST} samples per request; add more with "
+                               "POST /v1/people/{id}/speech-samples")
+    decoded = []
+    for index, sample in enumerate(samples):
+        try:
+            decoded.append(base64.b64decode(sample, validate=True))
+        except (binascii.Error, ValueError):
+            raise _BadRequest(f"samples[{index}] is not valid base64") from None
+    return name.strip(), decoded
+
+
+def _person_api(person: PersonRow) -> dict:
+    return {"id": person.id, "name": person.name, "has_voice": person.embedding is not None,
+            "samples": person.samples, "speech_seconds": round(person.speech_seconds, 2),
+            "created_at": iso(person.created_at)}

@@ -1,0 +1,577 @@
+"""Several nodes, failover, graceful drain and ``--workers``, with real processes on loopback.
+
+The cluster tests start two ``harken serve`` processes that share one PostgreSQL database
+(created for this module, dropped afterwards) and one data folder (the local signing key),
+behind nginx run with ``deploy/nginx.conf`` (its port placeholders filled in), as
+docker-compose.yml does. Clients stream real speech as Opus through nginx with
+``stt_service=null`` (scripted words on the audio clock: no engine time on a busy machine; the
+decoder, lease, store, flush and close paths are the real ones).
+
+Before them, smaller tests: the live lease at the service level (SQLite and PostgreSQL), a
+second connection of a user superseding the first on one gateway, and in-flight webhook
+requests finishing within the stop's grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import numpy as np
+import orjson
+import psutil
+import pytest
+import sqlalchemy as sa
+import websockets
+
+from harken.client import device_messages, listen_url
+from harken.config import Settings
+from harken.conversations import ConversationService, LeaseLost, OutboxDeliverer
+from harken.conversations.schema import conversations
+from harken.gateway.auth import mint_local_token
+from tests.conftest import load_audio
+from tests.gateway_server import free_port
+from tests.test_lifecycle import Clock, service_on
+from tests.fakes.webhook_receiver import WebhookReceiver
+from tests.test_store import PG_URL, opened_store, postgres_problem, segment, store  # noqa: F401  (store: both backends)
+
+REPO = Path(__file__).resolve().parent.parent
+NGINX_TEMPLATE = REPO / "deploy" / "nginx.conf"
+DRAIN_TIMEOUT = 15.0
+START_TIMEOUT = 120.0        # a node loads the store and the embedded engine before it is ready
+SPEECH_FILES = [f"espeak_0{i}.wav" for i in range(1, 5)]
+SPEED = 4.0                  # clients send audio this many times faster than real time
+TICK = 0.05
+
+
+# --- the live lease, at the service level ---------------------------------------------------
+
+@pytest.mark.timeout(30)
+async def test_the_newest_connection_takes_the_conversation_over_and_the_older_is_fenced(store, tmp_path):
+    clock = Clock()
+    async with service_on(store, tmp_path, clock, start=False, node_id="a") as node_a, \
+            service_on(store, tmp_path, clock, start=False, node_id="b") as node_b:
+        old = await node_a.connect("alice", session_id="same-sid")
+        old.time_offset(clock.now)
+        await old.save_batch([segment("s1", "before the node went quiet", 0, 2)])
+
+        # The client reconnects through another node while the first still holds a live lease
+        # (its node died, or has not noticed the client left): no waiting for that lease.
+        clock.advance(3)
+        new = await node_b.connect("alice", session_id="same-sid")
+        assert new.conversation_id == old.conversation_id
+        assert [s["id"] for s in new.existing_segments] == ["s1"]
+
+        await node_a.check_once()                 # renewing tells node a its lease was taken
+        assert old.fenced
+        with pytest.raises(LeaseLost):
+            await old.save_batch([segment("s1", "a stale rewrite", 0, 2), segment("x", "stale words", 2, 3)])
+        await new.save_batch([segment("s2", "after the reconnect", 3, 5)])
+        await old.close()                         # must not end the newer connection's lease
+
+        async with store.engine.connect() as conn:
+            row = (await conn.execute(sa.select(conversations.c.live_until, conversations.c.live_by)
+                                      .where(conversations.c.id == new.conversation_id))).one()
+        assert row.live_by == new.holder and row.live_until is not None
+        stored = await node_b.get_conversation("alice", new.conversation_id)
+        assert [(s["id"], s["text"]) for s in stored["transcript_segments"]] == [
+            ("s1", "before the node went quiet"), ("s2", "after the reconnect")]
+        await new.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_conversation_taken_over_is_not_rolled_over_by_the_older_node(store, tmp_path):
+    clock = Clock()
+    async with service_on(store, tmp_path, clock, start=False, node_id="a") as node_a, \
+            service_on(store, tmp_path, clock, start=False, node_id="b") as node_b:
+        old = await node_a.connect("alice", conversation_timeout=120)
+        old.time_offset(clock.now)
+        await old.save_batch([segment("s1", "words on the first node", 0, 2)])
+        new = await node_b.connect("alice", conversation_timeout=120)
+        clock.advance(200)                        # silent past the timeout, as far as node a knows
+        await node_a.check_once()
+        await node_a.wait_for_processing()
+        stored = await node_b.get_conversation("alice", new.conversation_id)
+        assert stored["status"] == "in_progress", "node a processed a conversation it no longer holds"
+        await new.close()
+        await old.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_second_connection_of_the_user_supersedes_the_first(make_gateway, speech_frames):
+    server = make_gateway(null_provider=True)
+    token = mint_local_token(server.settings, "two-devices", 600)
+    frames, seconds = speech_frames
+    first = await Client().connect(server.base, token)
+    sent = await first.stream(frames, seconds, until=lambda: first.updates >= 2)
+    assert first.updates >= 2
+    second = await Client().connect(server.base, token)
+    # The first keeps sending: its next batch meets the newer lease and is neither stored nor sent.
+    await first.stream(frames, seconds, start=sent, until=lambda: first.reader.done(), timeout=20)
+    assert await first.closed(10) == 1001
+    assert "superseded" in first.ws.close_reason
+    await second.stream(frames, seconds, until=lambda: second.updates >= 2)
+    await second.close()
+
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(f"{server.http}/v1/conversations", headers={"Authorization": f"Bearer {token}"})
+    stored = answer.json()
+    assert len(stored) == 1, stored
+    texts = {s["id"]: s["text"] for s in stored[0]["transcript_segments"]}
+    assert_all_received_are_stored(second.view, texts)
+    assert set(first.view) <= set(texts)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("grace, delivered", [(5.0, 1), (0.0, 0)])
+async def test_stopping_lets_webhook_requests_in_flight_finish_within_the_grace(tmp_path, grace, delivered):
+    async with opened_store("sqlite", tmp_path) as db:
+        hook = await WebhookReceiver().start()
+        hook.hang_seconds = 1.0                   # the receiver answers a second after the request
+        deliverer = OutboxDeliverer(db, node_id="drain", timeout=10, allow_private=True, poll_interval=0.05)
+        service = ConversationService(Settings(data_dir=tmp_path, webhook_allow_private=True), db,
+                                      deliverer=deliverer, check_interval=3600)
+        try:
+            await service.start()
+            await service.set_webhook("alice", "realtime_transcript", hook.url("/realtime"))
+            live = await service.connect("alice")
+            await live.save_batch([segment("s1", "said just before the stop", 0, 2)])
+            await live.close()
+            for _ in range(100):                  # until the request is under way
+                if hook.attempts:
+                    break
+                await asyncio.sleep(0.02)
+            assert hook.attempts == 1
+            await service.stop(delivery_grace=grace)
+            assert len(hook.requests) == delivered
+            # What was cut short is handed back, to be sent again by any node; nothing is lost.
+            assert await db.outbox_counts() == ({} if delivered else {"pending": 1})
+        finally:
+            await hook.stop()
+
+
+# --- processes: two nodes behind nginx ------------------------------------------------------
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARKEN_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Node:
+    """One ``harken serve`` process (or a ``--workers`` supervisor) on a loopback port."""
+
+    def __init__(self, name: str, port: int, data_dir: Path, log_dir: Path, *, database_url: str = "",
+                 workers: int = 1) -> None:
+        self.name, self.port, self.data_dir, self.database_url, self.workers = name, port, data_dir, database_url, workers
+        self.log = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Node":
+        args = [sys.executable, "-m", "harken", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--data-dir", str(self.data_dir), "--auth", "local", "--null-provider",
+                "--drain-timeout", str(DRAIN_TIMEOUT), "--workers", str(self.workers), "--log-level", "info"]
+        if self.database_url:
+            args += ["--database-url", self.database_url]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), cwd=REPO)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{_tail(self.log)}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name} not ready within {timeout}s:\n{_tail(self.log)}")
+
+    def sessions(self) -> int:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).json()["sessions"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return 0
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _nginx_conf(prefix: Path, port: int, gateways: list[int]) -> Path:
+    """deploy/nginx.conf with its placeholders filled in, inside a minimal main configuration."""
+    values = {"NGINX_PORT": f"127.0.0.1:{port}", "GATEWAY_1": f"127.0.0.1:{gateways[0]}",
+              "GATEWAY_2": f"127.0.0.1:{gateways[1]}"}
+    body = re.sub(r"\$\{(NGINX_PORT|GATEWAY_1|GATEWAY_2)\}", lambda m: values[m.group(1)], NGINX_TEMPLATE.read_text())
+    assert "${" not in body, "deploy/nginx.conf has a placeholder the test does not fill in"
+    (prefix / "harken.conf").write_text(body)
+    temp = "\n".join(f"    {kind}_temp_path {prefix / kind};" for kind in
+                     ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    main = prefix / "nginx.conf"
+    main.write_text(f"""daemon off;
+worker_processes 1;
+pid {prefix / 'nginx.pid'};
+error_log {prefix / 'error.log'} info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {prefix / 'access.log'};
+{temp}
+    include {prefix / 'harken.conf'};
+}}
+""")
+    return main
+
+
+class Cluster:
+    def __init__(self, root: Path, database_url: str) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True)
+        self.database_url = database_url
+        self.nodes = [Node(f"node{i}", free_port(), self.data_dir, self.logs, database_url=database_url)
+                      for i in (1, 2)]
+        self.nginx_port = free_port()
+        self.nginx: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.nginx_port}"
+
+    def token(self, uid: str) -> str:
+        return mint_local_token(Settings(data_dir=self.data_dir), uid, 3600)
+
+    def start(self) -> None:
+        self.token("warm-up")                      # creates the shared signing key once
+        for node in self.nodes:
+            node.start()
+        prefix = self.root / "nginx"
+        prefix.mkdir()
+        conf = _nginx_conf(prefix, self.nginx_port, [n.port for n in self.nodes])
+        self.nginx = subprocess.Popen(["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
+                                      stdout=subprocess.DEVNULL, stderr=open(prefix / "stderr.log", "wb"))
+        self.ensure_running()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.nginx_port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert self.nginx.poll() is None, f"nginx exited:\n{_tail(prefix / 'error.log')}\n{_tail(prefix / 'stderr.log')}"
+            assert time.monotonic() < deadline, "nginx did not answer"
+            time.sleep(0.2)
+
+    def ensure_running(self) -> None:
+        for node in self.nodes:
+            if not node.alive():
+                node.start()
+        for node in self.nodes:
+            node.wait_ready()
+
+    async def node_of_session(self, timeout: float = 10.0) -> Node:
+        """The node that holds the (only) open session."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = [n for n in self.nodes if n.alive() and await asyncio.to_thread(n.sessions) > 0]
+            if len(busy) == 1:
+                return busy[0]
+            await asyncio.sleep(0.1)
+        raise AssertionError("could not tell which node serves the session")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self.nginx is not None and self.nginx.poll() is None:
+            self.nginx.terminate()
+            try:
+                self.nginx.wait(10)
+            except subprocess.TimeoutExpired:
+                self.nginx.kill()
+                self.nginx.wait(5)
+
+
+@pytest.fixture(scope="module")
+async def cluster_database():
+    problem = await postgres_problem()
+    if problem:
+        pytest.skip(problem)
+    name = f"harken_cluster_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(PG_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_database, tmp_path_factory):
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed (./dev.sh test installs it)")
+    running = Cluster(tmp_path_factory.mktemp("cluster"), cluster_database)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def speech_frames() -> tuple[list[bytes], float]:
+    pcm = np.concatenate([load_audio(name) for name in SPEECH_FILES] * 10)       # about 3 minutes of speech
+    return device_messages(pcm, "opus", 16000)
+
+
+class Client:
+    """A device-like client: what it was sent, kept the way an app keeps it (by segment id)."""
+
+    def __init__(self) -> None:
+        self.view: dict[str, str] = {}
+        self.updates = 0                  # segment versions received, over all connections
+        self.events: list[dict] = []
+        self.ws = None
+        self.reader: asyncio.Task | None = None
+        self.close_code: int | None = None
+
+    async def connect(self, base: str, token: str, attempts: int = 40) -> "Client":
+        url = listen_url(base, codec="opus", sample_rate=16000, language="en", stt_service="null")
+        for attempt in range(attempts):
+            try:
+                self.ws = await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                                                   open_timeout=5, max_size=None)
+                break
+            except (OSError, websockets.InvalidStatus, websockets.InvalidHandshake, TimeoutError):
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.25)
+        self.close_code = None
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                if message == "ping":
+                    continue
+                data = orjson.loads(message)
+                if isinstance(data, list):
+                    for seg in data:
+                        self.view[seg["id"]] = seg["text"]
+                        self.updates += 1
+                elif data.get("type") == "segments_deleted":
+                    for sid in data["segment_ids"]:
+                        self.view.pop(sid, None)
+                else:
+                    self.events.append(data)
+        except websockets.ConnectionClosed:
+            pass
+        self.close_code = self.ws.close_code if self.ws.close_code is not None else 1006
+
+    async def stream(self, frames: list[bytes], seconds: float, *, start: int = 0, until=None,
+                     timeout: float = 30.0) -> int:
+        """Send frames at ``SPEED`` times real time from ``start`` until ``until()`` holds, the
+        frames run out, the connection closes, or ``timeout``; returns the next frame's index."""
+        deadline = time.monotonic() + timeout
+        per_tick = max(1, round(TICK * SPEED / seconds))
+        index = start
+        while index < len(frames) and time.monotonic() < deadline:
+            if until is not None and until():
+                break
+            try:
+                for frame in frames[index:index + per_tick]:
+                    await self.ws.send(frame)
+            except websockets.ConnectionClosed:
+                break
+            index += per_tick
+            await asyncio.sleep(TICK)
+        return index
+
+    async def closed(self, timeout: float) -> int:
+        await asyncio.wait_for(asyncio.shield(self.reader), timeout)
+        return self.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.closed(10)
+
+
+async def stored_conversations(database_url: str, uid: str) -> list[dict]:
+    """The user's conversations as stored, each with its segments as {id: text}."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT id, status, live_until FROM conversations WHERE uid = $1", uid)
+        found = []
+        for row in rows:
+            segs = await conn.fetch("SELECT segment_id, data FROM segments WHERE conversation_id = $1", row["id"])
+            found.append({"id": row["id"], "status": row["status"], "live_until": row["live_until"],
+                          "segments": {s["segment_id"]: orjson.loads(s["data"])["text"] for s in segs}})
+        return found
+    finally:
+        await conn.close()
+
+
+def assert_all_received_are_stored(view: dict[str, str], stored: dict[str, str]) -> None:
+    missing = sorted(set(view) - set(stored))
+    assert not missing, f"segments the client received but the store lacks: {missing}"
+    changed = {sid: (text, stored[sid]) for sid, text in view.items() if stored[sid] != text}
+    assert not changed, f"client text differs from the stored text: {changed}"
+
+
+@pytest.mark.timeout(240)
+async def test_a_client_whose_node_is_killed_continues_the_same_conversation_on_the_other(cluster, speech_frames):
+    frames, seconds = speech_frames
+    uid = f"failover-{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(cluster.ensure_running)
+    client = await Client().connect(cluster.url, cluster.token(uid))
+    first = await cluster.node_of_session()
+    sent = await client.stream(frames, seconds, until=lambda: client.updates >= 3)
+    assert client.updates >= 3, f"no segments from {first.name}:\n{_tail(first.log)}"
+    before, updates_before = dict(client.view), client.updates
+
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    assert await client.closed(15) != 1000          # the connection just broke
+
+    await client.connect(cluster.url, cluster.token(uid))             # through nginx, to the survivor
+    survivor = await cluster.node_of_session()
+    assert survivor is not first
+    await client.stream(frames, seconds, start=sent, until=lambda: client.updates >= updates_before + 3)
+    await client.close()
+
+    assert client.updates >= updates_before + 3, f"no segments after the failover:\n{_tail(survivor.log)}"
+    assert client.view != before
+    stored = await stored_conversations(cluster.database_url, uid)
+    assert len(stored) == 1, f"the reconnect started another conversation: {[c['id'] for c in stored]}"
+    assert stored[0]["status"] == "in_progress"
+    assert_all_received_are_stored(client.view, stored[0]["segments"])
+    assert set(before) & set(stored[0]["segments"]), "nothing from the killed node's session was kept"
+
+
+@pytest.mark.timeout(240)
+async def test_a_draining_node_tells_its_clients_and_closes_1012_losing_nothing(cluster, speech_frames):
+    frames, seconds = speech_frames
+    uid = f"drain-{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(cluster.ensure_running)
+    client = await Client().connect(cluster.url, cluster.token(uid))
+    node = await cluster.node_of_session()
+    sent = await client.stream(frames, seconds, until=lambda: client.updates >= 3)
+    assert client.updates >= 3, f"no segments from {node.name}:\n{_tail(node.log)}"
+
+    signalled = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    # The client keeps talking until the server closes; words said meanwhile must not be lost.
+    sent = await client.stream(frames, seconds, start=sent, until=lambda: client.reader.done(), timeout=DRAIN_TIMEOUT + 10)
+    code = await client.closed(DRAIN_TIMEOUT + 10)
+    statuses = [e.get("status") for e in client.events if e.get("type") == "service_status"]
+    assert "draining" in statuses, f"no draining status; events: {client.events}"
+    assert code == 1012, f"closed {code}, expected 1012:\n{_tail(node.log)}"
+    exit_code = await asyncio.to_thread(node.proc.wait, DRAIN_TIMEOUT + 10)
+    took = time.monotonic() - signalled
+    assert took < DRAIN_TIMEOUT + 5, f"the node took {took:.1f}s to exit (drain_timeout {DRAIN_TIMEOUT}s)"
+    assert exit_code in (0, -signal.SIGTERM), f"exit {exit_code}:\n{_tail(node.log)}"
+
+    stored = await stored_conversations(cluster.database_url, uid)
+    assert len(stored) == 1
+    assert_all_received_are_stored(client.view, stored[0]["segments"])
+    assert stored[0]["status"] == "in_progress" and stored[0]["live_until"] is None, \
+        "the conversation should be handed back to the store, in progress and free to resume"
+
+    # Reconnecting lands on the other node and resumes the same conversation.
+    before, updates_before = dict(client.view), client.updates
+    await client.connect(cluster.url, cluster.token(uid))
+    await client.stream(frames, seconds, start=sent, until=lambda: client.updates >= updates_before + 2)
+    await client.close()
+    assert client.updates >= updates_before + 2 and client.view != before
+    resumed = await stored_conversations(cluster.database_url, uid)
+    assert [c["id"] for c in resumed] == [stored[0]["id"]]
+    stored = resumed
+    assert_all_received_are_stored(client.view, stored[0]["segments"])
+
+
+# --- --workers ------------------------------------------------------------------------------
+
+def _listens_on(pid: int, port: int) -> bool:
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in psutil.Process(pid).net_connections(kind="tcp"))
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.timeout(240)
+async def test_workers_are_processes_that_share_one_port(tmp_path, speech_frames):
+    port = free_port()
+    (tmp_path / "logs").mkdir()
+    supervisor = Node("workers", port, tmp_path / "data", tmp_path / "logs", workers=2).start()   # SQLite
+    children: list[psutil.Process] = []
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert supervisor.alive(), f"supervisor exited:\n{_tail(supervisor.log)}"
+            # (multiprocessing's resource tracker is a child too, listening nowhere)
+            children = psutil.Process(supervisor.proc.pid).children()
+            workers = [c for c in children if _listens_on(c.pid, port)]
+            if len(workers) == 2:
+                break
+            await asyncio.sleep(0.3)
+        assert len(workers) == 2, f"expected two workers listening on {port}:\n{_tail(supervisor.log)}"
+        assert not _listens_on(supervisor.proc.pid, port)
+
+        # One open session lives in one worker: readiness answers then differ by worker.
+        token = mint_local_token(Settings(data_dir=tmp_path / "data"), "workers-user", 600)
+        client = await Client().connect(f"ws://127.0.0.1:{port}", token)
+        frames, seconds = speech_frames
+        await client.stream(frames, seconds, until=lambda: len(client.view) >= 1)
+        assert client.view, f"no segments through a worker:\n{_tail(supervisor.log)}"
+        seen: set[int] = set()
+        async with httpx.AsyncClient() as http:
+            for _ in range(60):
+                # A new connection each time, so the kernel picks a worker afresh.
+                answer = await http.get(f"http://127.0.0.1:{port}/readyz", headers={"Connection": "close"})
+                seen.add(answer.json()["sessions"])
+                if seen == {0, 1}:
+                    break
+        assert seen == {0, 1}, f"every answer came from one process: sessions seen {seen}"
+
+        supervisor.proc.send_signal(signal.SIGTERM)
+        code = await client.closed(DRAIN_TIMEOUT + 10)
+        assert code == 1012
+        exit_code = await asyncio.to_thread(supervisor.proc.wait, DRAIN_TIMEOUT + 15)
+        assert exit_code == 0, _tail(supervisor.log)
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+        _, left = psutil.wait_procs(children, timeout=5)      # the resource tracker follows its parent
+        assert not left, f"processes left behind: {left}"
+    finally:
+        supervisor.stop()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
