@@ -1,4 +1,4 @@
-"""Who is speaking: owner-detection accuracy, diarization accuracy, embedding and VAD cost, gating.
+"""Who is speaking: owner-detection accuracy, diarization accuracy, embedding and enrolment cost.
 
     .venv/bin/python bench/bench_speakers.py            # whatever cores we may use
     .venv/bin/python bench/bench_speakers.py --pin 0    # pinned to core 0
@@ -16,10 +16,8 @@ Prints:
   against the numpy log-mel front end alone measured in the same run;
 - enrolment cost of a 30 s speech-profile upload (``PUT /v1/users/speech-profile``): WAV decode
   (16 kHz mono and 48 kHz stereo), Silero VAD trim and embedding, per stage and in all;
-- Silero VAD cost per audio second against a numpy RMS over the same windows;
-- the share of audio ``VadGatedStream`` removes on the development recordings joined with 3–5 s
-  pauses (and 1.5 s / 10 s pauses), with Omi's gate settings, and with the gate closing after
-  1 s of silence instead of 4 s.
+
+VAD cost and the VAD gate's savings are measured by ``bench_vad.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harken.audio import SAMPLE_RATE, WINDOW_SAMPLES, StreamingVAD  # noqa: E402
+from harken.audio import SAMPLE_RATE  # noqa: E402
 from harken.audio.diarization import NEW_SPEAKER_SIMILARITY, OnlineDiarizer, labelling_accuracy  # noqa: E402
 from harken.audio.embedding import (  # noqa: E402
     OWNER_SIMILARITY_THRESHOLD,
@@ -47,8 +45,6 @@ from harken.audio.embedding import (  # noqa: E402
     log_mel,
     mean_embedding,
 )
-from harken.stt.base import STTStream  # noqa: E402
-from harken.stt.vad_gate import VadGatedStream  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 FALSE_ACCEPT_BUDGET = 0.005
@@ -221,90 +217,11 @@ def enrolment_cost(embedder: SpeakerEmbedder, voices: dict[str, list[np.ndarray]
               f"total {total:6.1f} ms = RTF {total / 1000 / seconds:.4f}")
 
 
-def vad_cost(recording: np.ndarray) -> None:
-    section("Silero VAD cost (100 ms chunks, 1 thread)")
-    chunk = SAMPLE_RATE // 10
-    vad = StreamingVAD()
-    t0 = time.perf_counter()
-    for i in range(0, recording.size, chunk):
-        vad.process(recording[i : i + chunk])
-    vad_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(0, recording.size - WINDOW_SAMPLES + 1, chunk):
-        frames = recording[i : i + chunk].astype(np.float32)
-        np.sqrt(np.mean(frames[: frames.size // WINDOW_SAMPLES * WINDOW_SAMPLES].reshape(-1, WINDOW_SAMPLES) ** 2, axis=1))
-    rms_s = time.perf_counter() - t0
-    seconds = recording.size / SAMPLE_RATE
-    print(f"  {seconds:.1f} s of audio: VAD {vad_s / seconds * 1000:.2f} ms per audio second "
-          f"(RTF {vad_s / seconds:.4f}); numpy RMS {rms_s / seconds * 1000:.3f} ms per audio second; "
-          f"ratio {vad_s / rms_s:.0f}×")
-
-
-# --- gate ---------------------------------------------------------------------------------
-class NullStream(STTStream):
-    """Counts what it is sent; yields nothing."""
-
-    provider_name = "null"
-
-    def __init__(self) -> None:
-        self.samples = 0
-        self.finalizes = 0
-        self.keepalives = 0
-
-    async def send(self, pcm):
-        self.samples += len(pcm)
-
-    async def finalize(self):
-        self.finalizes += 1
-
-    async def keep_alive(self):
-        self.keepalives += 1
-
-    async def close(self):
-        pass
-
-    async def __aiter__(self):
-        return
-        yield
-
-
-def joined(files: list[np.ndarray], gaps: list[float]) -> tuple[np.ndarray, float]:
-    parts = []
-    for pcm, gap in zip(files, gaps):
-        parts += [pcm, np.zeros(int(gap * SAMPLE_RATE), dtype=np.int16)]
-    recording = np.concatenate(parts[:-1])
-    return recording, sum(gaps[:-1]) * SAMPLE_RATE / recording.size
-
-
-async def gate_share(files: list[np.ndarray]) -> None:
-    section("VAD gate (Omi's settings: threshold 0.65, pre-roll 300 ms, idle after 4 s of silence)")
-    rng = np.random.default_rng(0)
-    varied = list(rng.uniform(3, 5, len(files)))
-    cases = [("3–5 s pauses", varied, 4000),
-             ("1.5 s pauses", [1.5] * len(files), 4000),
-             ("10 s pauses", [10.0] * len(files), 4000),
-             ("3–5 s pauses, idle after 1 s", varied, 1000)]
-    for name, gaps, idle_ms in cases:
-        recording, silence_share = joined(files, gaps)
-        inner = NullStream()
-        audio_time = [0.0]
-        gate = VadGatedStream(inner, silence_to_idle_ms=idle_ms, clock=lambda: audio_time[0])
-        chunk = SAMPLE_RATE // 10
-        for i in range(0, recording.size, chunk):
-            audio_time[0] = i / SAMPLE_RATE
-            await gate.send(recording[i : i + chunk])
-        await gate.close()
-        s = gate.stats
-        print(f"  {name:29s}: {s.received_seconds:6.1f} s in, {s.forwarded_seconds:6.1f} s forwarded; removed "
-              f"{s.removed_share:6.1%} (pauses are {silence_share:5.1%} of the audio); finalizes {s.finalizes}, "
-              f"keepalives {s.keepalives}")
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pin", type=int, help="pin the process to this core first")
     parser.add_argument("--repeats", type=int, default=3, help="timing passes over the clips")
-    sections = ["owner", "diarization", "cost", "enrol", "vad", "gate"]
+    sections = ["owner", "diarization", "cost", "enrol"]
     parser.add_argument("--only", nargs="+", choices=sections, default=sections, help="sections to run")
     args = parser.parse_args()
     if args.pin is not None:
@@ -324,11 +241,6 @@ async def main() -> None:
         embedding_cost(embedder, voices, args.repeats)
     if "enrol" in args.only:
         enrolment_cost(embedder, voices, args.repeats)
-    files = [read_wav(p) for p in sorted((DATA / "audio").glob("*.wav"))]
-    if "vad" in args.only:
-        vad_cost(np.concatenate(files))
-    if "gate" in args.only:
-        await gate_share(files)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import Settings, is_loopback, setting_fields
+from .config import Settings, setting_fields
 
 log = logging.getLogger("harken")
 
@@ -129,10 +129,9 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 # -- stream ---------------------------------------------------------------------------------
 def _cmd_stream(args: argparse.Namespace) -> int:
-    from .client import device_messages, listen_url, read_wav_16k, stream_messages
+    from .client import device_messages, listen_url, local_token_minter, read_wav_16k, stream_messages
 
     import numpy as np
-    from urllib.parse import urlsplit
 
     pcm = read_wav_16k(args.file)
     pcm = np.concatenate([pcm, np.zeros(int(args.tail * 16000), dtype=np.int16)])
@@ -141,13 +140,9 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     rate = args.sample_rate or default_rate(args.codec)
     messages, seconds = device_messages(pcm, args.codec, rate)
     token = args.token
-    host = urlsplit(args.url).hostname or ""
-    if token is None and is_loopback(host):
-        settings = Settings.from_env(data_dir=args.data_dir)
-        if settings.auth == "local":
-            from .gateway.auth import mint_local_token
-
-            token = mint_local_token(settings, args.uid, 3600)
+    if token is None:
+        mint = local_token_minter(args.url, args.data_dir)
+        token = mint(args.uid) if mint else None
     url = listen_url(args.url, codec=args.codec, sample_rate=rate, language=args.language,
                      uid=args.uid if token is None else None)
     view = LiveView(sys.stdout, realtime=args.realtime)

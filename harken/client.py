@@ -90,6 +90,21 @@ def device_messages(pcm16k: np.ndarray, codec: str, sample_rate: int, channels: 
     return encode_for_device(pcm16k, codec, sample_rate, channels), message_duration(codec, sample_rate)
 
 
+def local_token_minter(url: str, data_dir: Path | None = None) -> Callable[[str], str] | None:
+    """For a gateway on this machine with local auth: a function minting a 1-hour token for a uid
+    (signed with the key in the server's data folder). None elsewhere: a token must be given."""
+    from .config import Settings, is_loopback
+
+    if not is_loopback(urlsplit(url).hostname or ""):
+        return None
+    settings = Settings.from_env(data_dir=data_dir)
+    if settings.auth != "local":
+        return None
+    from .gateway.auth import mint_local_token
+
+    return lambda uid: mint_local_token(settings, uid, 3600)
+
+
 def listen_url(base: str, **params: object) -> str:
     """``base`` (ws://host:port or a full /v4/listen URL) with query parameters added."""
     parts = urlsplit(base)

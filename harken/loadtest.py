@@ -452,8 +452,7 @@ def print_report(report: LoadReport, out: TextIO | None = None) -> None:
 
 def load_test_main(args) -> int:
     """``harken loadtest``: the CLI's arguments to a run and a printed report; exit 1 if any stream failed."""
-    from .client import read_wav_16k
-    from .config import Settings, is_loopback
+    from .client import local_token_minter, read_wav_16k
 
     if args.streams < 1 or args.duration <= 0:
         raise ValueError("--streams must be at least 1 and --duration positive")
@@ -461,16 +460,11 @@ def load_test_main(args) -> int:
     config = LoadTestConfig(url=args.url, streams=args.streams, duration=args.duration, codec=args.codec,
                             sample_rate=args.sample_rate, language=args.language,
                             stt_service=args.stt_service or None, ramp=args.ramp, idle=args.idle)
+    mint = None if args.token else local_token_minter(args.url, args.data_dir)
     if args.token:
         config.tokens = lambda index: args.token
-    elif is_loopback(urlsplit(args.url).hostname or ""):
-        settings = Settings.from_env(data_dir=args.data_dir)
-        if settings.auth == "local":
-            from .gateway.auth import mint_local_token
-
-            config.tokens = lambda index: mint_local_token(settings, f"{prefix}{index}", 3600)
-        else:
-            config.uid_prefix = prefix
+    elif mint is not None:
+        config.tokens = lambda index: mint(f"{prefix}{index}")
     else:
         config.uid_prefix = prefix
     pcm = read_wav_16k(args.file) if args.file else None

@@ -150,3 +150,67 @@ async def test_audio_bytes_and_realtime_webhooks_deliver_what_was_streamed(make_
     query, segments = transcripts[0]
     assert query["uid"] == uid and query["session_id"] and query["session_id"] != uid
     assert segments and {"text", "speaker", "speakerId", "is_user", "start", "end", "id"} <= set(segments[0])
+
+
+async def test_custom_stt_segments_reach_the_client_the_store_and_the_webhook(make_gateway):
+    """custom_stt=enabled: the phone transcribes; its suggested segments take the same path as a
+    provider's words (client, stored conversation, realtime webhook) with no provider opened."""
+    server = make_gateway(webhook_allow_private=True)
+    uid = f"custom-{uuid.uuid4().hex[:6]}"
+    token = mint_local_token(server.settings, uid, 600)
+    delivered: list[list] = []
+
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def realtime(request):
+        delivered.append(json.loads(await request.body()))
+        return Response(status_code=200)
+
+    suggestions = [
+        {"text": "Lunch is at noon.", "start": 0.4, "end": 1.6, "speaker": "SPEAKER_00"},
+        {"text": "I will book the table.", "start": 2.0, "end": 3.3, "speaker": "SPEAKER_01", "is_user": True},
+    ]
+    async with ServedApp(Starlette(routes=[Route("/rt", realtime, methods=["POST"])])) as rt:
+        answer = await rest(server, token, "PUT", "/v1/users/developer/webhooks/realtime_transcript",
+                            json={"url": f"{rt.base_url}/rt"})
+        assert answer.status_code == 200, answer.text
+        url = listen_url(server.base, codec="pcm16", sample_rate=16000, custom_stt="enabled")
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+            for message in pcm_messages(np.zeros(16000 * 2, np.int16)):   # the phone's audio goes on too
+                await ws.send(message)
+            await ws.send(json.dumps({"type": "suggested_transcript", "stt_provider": "on-device",
+                                      "segments": suggestions}))
+            received: dict[str, dict] = {}
+            statuses = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while len(received) < 2 and loop.time() < deadline:
+                raw = await asyncio.wait_for(ws.recv(), 15)
+                if raw == "ping":
+                    continue
+                payload = json.loads(raw)
+                if isinstance(payload, list):
+                    received.update({s["id"]: s for s in payload})
+                elif payload.get("type") == "service_status":
+                    statuses.append(payload["status"])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while loop.time() < deadline and sum(len(batch) for batch in delivered) < 2:
+            await asyncio.sleep(0.2)
+
+    assert "stt_initiating" not in statuses                       # no provider was opened
+    texts = [s["text"] for s in sorted(received.values(), key=lambda s: s["start"])]
+    assert texts == ["Lunch is at noon.", "I will book the table."]
+    assert all(s["stt_provider"] == "on-device" for s in received.values())
+    owner = next(s for s in received.values() if s["text"].startswith("I will"))
+    assert owner["is_user"] is True
+
+    listing = (await rest(server, token, "GET", "/v1/conversations")).json()
+    assert len(listing) == 1
+    stored = (await rest(server, token, "GET", f"/v1/conversations/{listing[0]['id']}")).json()
+    assert {s["id"]: s["text"] for s in stored["transcript_segments"]} == {i: s["text"] for i, s in received.items()}
+
+    hooked = {s["id"]: s["text"] for batch in delivered for s in batch}
+    assert hooked == {i: s["text"] for i, s in received.items()}
