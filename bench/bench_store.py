@@ -12,6 +12,17 @@ backend, in µs: p50/p95/p99 of
 - ``save_batch``: the real call, with a realtime webhook set (an outbox row each batch),
 - ``save_batch, no webhook``: the same without the webhook (INSERT … SELECT finds no setting),
 and the ratio of save_batch p50 to the empty transaction's. The calls are interleaved.
+
+Then many sessions at once (``--sessions 50,200``): each of N conversations saves one batch
+(realtime webhook set) at the same moment, ``--rounds`` times, two ways, interleaved round by
+round:
+- ``one txn per batch``: every batch its own ``Store.save_batch`` transaction, all N awaited
+  together (how sessions saved before group commit: they queue for the writer);
+- ``group commit``: ``LiveConversation.save_batch`` through the service's committer, which
+  writes what is pending in one ``Store.save_batches`` transaction.
+Printed: wall time of a round (all N stored) p50/p99 in ms, per-batch latency p99 in ms, this
+process's CPU per round in ms (SQLite's work runs here, PostgreSQL's does not), and
+transactions per round.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harken.config import Settings  # noqa: E402
-from harken.conversations import ConversationService, Store, WebhookSetting  # noqa: E402
+from harken.conversations import ConversationService, Conversation, Store, WebhookSetting  # noqa: E402
+from harken.conversations.webhooks import realtime_message  # noqa: E402
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -62,7 +74,8 @@ async def timed(n: int, calls: dict) -> dict[str, list[float]]:
     return samples
 
 
-async def bench_backend(name: str, store: Store, batches: int, data_dir: Path) -> None:
+async def bench_backend(name: str, store: Store, batches: int, data_dir: Path, concurrent: list[int],
+                        rounds: int) -> None:
     service = ConversationService(Settings(data_dir=data_dir), store, check_interval=3600)
     await store.set_webhook("hooked", WebhookSetting("realtime_transcript", "https://example.com/rt"), now=time.time())
 
@@ -98,18 +111,86 @@ async def bench_backend(name: str, store: Store, batches: int, data_dir: Path) -
     ratio = percentiles(results["save_batch"])[0] / percentiles(results["empty txn"])[0]
     print(f"  save_batch p50 / empty txn p50 = {ratio:.2f}x; "
           f"share of the 600 ms batch interval at p95: {percentiles(results['save_batch'])[1] / 6000:.3f}%")
+    for sessions in concurrent:
+        await bench_concurrent(store, service, sessions, rounds)
+
+
+async def bench_concurrent(store: Store, service: ConversationService, sessions: int, rounds: int) -> None:
+    """N conversations saving one batch each at the same moment: per-batch transactions against
+    group commit (see the module docstring)."""
+    now = time.time()
+    tag = uuid.uuid4().hex[:6]
+    for i in range(sessions):
+        for uid in (f"{tag}-d{i}", f"{tag}-g{i}"):
+            await store.set_webhook(uid, WebhookSetting("realtime_transcript", "https://example.com/rt"), now=now)
+    # One txn per batch: conversations written straight through Store.save_batch.
+    direct = []
+    for i in range(sessions):
+        c = Conversation(id=str(uuid.uuid4()), uid=f"{tag}-d{i}", status="in_progress", language="en", source="omi",
+                         created_at=now, started_at=now, finished_at=now, timeout_s=120.0)
+        await store.create_conversation(c, live_until=now + 60, holder=f"h{i}")
+        direct.append((c, f"h{i}"))
+    # Group commit: as many users' live handles through the service.
+    lives = [await service.connect(f"{tag}-g{i}", session_id=f"{tag}-g{i}") for i in range(sessions)]
+    for live in lives:
+        live.time_offset(time.time())
+
+    async def timed_call(call) -> float:
+        t0 = time.perf_counter()
+        await call
+        return time.perf_counter() - t0
+
+    async def direct_round(r: int) -> list[float]:
+        seg = lambda: [segment(f"s{r // 5}", r % 5 + 1, r // 5 * 2.0)]  # noqa: E731
+        t = time.time()
+        return await asyncio.gather(*(timed_call(store.save_batch(
+            c, seg(), [], now=t, live_until=t + 60, holder=holder,
+            realtime=realtime_message(c.uid, c.uid, c.id, seg()))) for c, holder in direct))
+
+    async def grouped_round(r: int) -> list[float]:
+        return await asyncio.gather(*(timed_call(live.save_batch([segment(f"s{r // 5}", r % 5 + 1, r // 5 * 2.0)]))
+                                      for live in lives))
+
+    modes = {"one txn per batch": direct_round, "group commit": grouped_round}
+    walls = {m: [] for m in modes}
+    cpus = {m: [] for m in modes}
+    latencies = {m: [] for m in modes}
+    txns = {m: 0 for m in modes}
+    for r in range(rounds):
+        for mode, run in modes.items():
+            before_txn = getattr(store, "batch_transactions", 0)
+            c0, t0 = time.process_time(), time.perf_counter()
+            latencies[mode] += await run(r)
+            walls[mode].append(time.perf_counter() - t0)
+            cpus[mode].append(time.process_time() - c0)
+            txns[mode] += getattr(store, "batch_transactions", 0) - before_txn
+    for live in lives:
+        await live.close()
+    print(f"  {sessions} sessions saving at once, {rounds} rounds:")
+    print(f"    {'':18} {'round p50 ms':>12} {'round p99 ms':>12} {'batch p99 ms':>12} {'CPU/round ms':>12} "
+          f"{'txns/round':>10}")
+    for mode in modes:
+        p50, _, p99 = percentiles(walls[mode])
+        print(f"    {mode:18} {p50 / 1e3:12.1f} {p99 / 1e3:12.1f} {percentiles(latencies[mode])[2] / 1e3:12.1f} "
+              f"{statistics.fmean(cpus[mode]) * 1e3:12.1f} {txns[mode] / rounds:10.1f}")
+    ratio = statistics.median(walls["one txn per batch"]) / statistics.median(walls["group commit"])
+    print(f"    group commit: round p50 {ratio:.1f}x faster")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=600)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--sessions", default="50,200", help="concurrent sessions (comma-separated; '' = skip)")
+    parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
+    concurrent = [int(n) for n in args.sessions.split(",") if n.strip()]
 
     with tempfile.TemporaryDirectory() as tmp:
         store = await Store(f"sqlite:///{tmp}/bench.db").open()
         try:
-            await bench_backend("SQLite (WAL, synchronous=NORMAL)", store, args.batches, Path(tmp))
+            await bench_backend("SQLite (WAL, synchronous=NORMAL)", store, args.batches, Path(tmp),
+                                concurrent, args.rounds)
         finally:
             await store.close()
 
@@ -123,7 +204,8 @@ async def main() -> None:
         try:
             store = await Store(args.postgres, pg_schema=schema).open()
             try:
-                await bench_backend("PostgreSQL (asyncpg, loopback)", store, args.batches, Path(tmp))
+                await bench_backend("PostgreSQL (asyncpg, loopback)", store, args.batches, Path(tmp),
+                                    concurrent, args.rounds)
             finally:
                 await store.close()
         finally:

@@ -282,3 +282,73 @@ async def test_a_graceful_stop_hands_unfinished_processing_back(store, tmp_path)
     async with service_on(store, tmp_path, clock) as successor:     # its startup sweep finishes it
         await successor.wait_for_processing()
         assert (await successor.get_conversation("alice", live.conversation_id))["status"] == COMPLETED
+
+
+@pytest.mark.timeout(30)
+async def test_concurrent_sessions_share_transactions_and_each_batch_is_stored(store, tmp_path):
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        lives = [await service.connect(f"user{i}", conversation_timeout=TIMEOUT) for i in range(20)]
+        for live in lives:
+            live.time_offset(clock.now)
+        before = store.batch_transactions
+        for round_no in range(3):
+            await asyncio.gather(*(live.save_batch([segment(f"s{round_no}", f"round {round_no} of {i}", round_no,
+                                                            round_no + 1)])
+                                   for i, live in enumerate(lives)))
+        transactions = store.batch_transactions - before
+        for live in lives:
+            await live.close()
+    assert transactions < 3 * len(lives) / 4, f"{transactions} transactions for {3 * len(lives)} batches"
+    for i, live in enumerate(lives):
+        stored = await store.load_segments(live.conversation_id)
+        assert [s["text"] for s in stored] == [f"round {n} of {i}" for n in range(3)]
+
+
+@pytest.mark.timeout(30)
+async def test_a_batch_that_cannot_be_stored_fails_only_its_own_session(store, tmp_path):
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        lives = [await service.connect(f"user{i}", conversation_timeout=TIMEOUT) for i in range(4)]
+        for live in lives:
+            live.time_offset(clock.now)
+        broken = segment("s1", "a start that is no number", 0, 1) | {"start": "soon"}
+        results = await asyncio.gather(*(live.save_batch([broken if i == 2 else segment("s1", f"fine {i}", 0, 1)])
+                                         for i, live in enumerate(lives)), return_exceptions=True)
+        assert isinstance(results[2], ValueError)
+        assert [r for i, r in enumerate(results) if i != 2] == [None] * 3
+        await speak(lives[2], clock, "and the next batch is stored")   # the session carries on
+        for live in lives:
+            await live.close()
+    for i, live in enumerate(lives):
+        expected = ["and the next batch is stored"] if i == 2 else [f"fine {i}"]
+        assert [s["text"] for s in await store.load_segments(live.conversation_id)] == expected
+
+
+@pytest.mark.timeout(30)
+async def test_a_save_cancelled_mid_transaction_is_not_stored_and_its_group_is(store, tmp_path):
+    """A session ended mid-save (its task cancelled) must not have stored a batch its client was
+    never sent; the other sessions' batches of the same transaction are stored all the same."""
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        lives = [await service.connect(f"user{i}", conversation_timeout=TIMEOUT) for i in range(4)]
+        for live in lives:
+            live.time_offset(clock.now)
+        before = store.batch_transactions
+        saves = [asyncio.create_task(live.save_batch([segment("s1", f"words of {i}", 0, 1)]))
+                 for i, live in enumerate(lives)]
+        for _ in range(10_000):                  # until the group's transaction has begun
+            if store.batch_transactions > before:
+                break
+            await asyncio.sleep(0)
+        assert store.batch_transactions == before + 1
+        saves[1].cancel()
+        results = await asyncio.gather(*saves, return_exceptions=True)
+        assert isinstance(results[1], asyncio.CancelledError)
+        assert [r for i, r in enumerate(results) if i != 1] == [None] * 3
+        assert store.batch_transactions == before + 2          # rolled back, then the others again
+        for live in lives:
+            await live.close()
+    for i, live in enumerate(lives):
+        expected = [] if i == 1 else [f"words of {i}"]
+        assert [s["text"] for s in await store.load_segments(live.conversation_id)] == expected

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from harken.conversations import migrations
 from harken.conversations.model import IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting
 from harken.conversations.schema import metadata
-from harken.conversations.store import OutboxMessage, Settlement, Store
+from harken.conversations.store import BatchRequest, LeaseLost, OutboxMessage, Settlement, Store
 
 PG_URL = os.environ.get("HARKEN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
@@ -214,6 +214,48 @@ async def test_the_realtime_outbox_row_commits_with_its_segments_or_not_at_all(s
     assert await store.outbox_counts() == {"pending": 1}
     rows = await store.claim_outbox(node="n", now=1005, lease=30, limit=10)
     assert [(r.url, r.kind) for r in rows] == [("https://example.com/rt", "realtime_transcript")]
+
+
+@pytest.mark.timeout(30)
+async def test_one_group_commit_gives_each_batch_its_own_outcome(store):
+    """Writable, fenced (another holder), processed, and missing conversations in one
+    save_batches call: each gets what save_batch alone would give it, in one transaction."""
+    await store.set_webhook("alice", WebhookSetting("realtime_transcript", "https://example.com/rt"), now=1000)
+    await store.set_webhook("bob", WebhookSetting("realtime_transcript", "https://example.com/rt"), now=1000)
+    writable, missing = conversation("alice", cid="c-writable"), conversation("alice", cid="c-missing")
+    fenced, processed = conversation("bob", cid="c-fenced"), conversation("carol", cid="c-processed")
+    for c in (writable, fenced, processed):
+        await store.create_conversation(c, live_until=1030, holder=f"holder-{c.id}")
+    await store.save_batch(writable, [segment("old", "merged away", 0, 1)], [], now=1000, live_until=1030,
+                           realtime=None, holder=f"holder-{writable.id}")
+    # Bob reconnects: the new connection takes c-fenced over; the old holder is fenced.
+    resumed = await store.open_conversation(conversation("bob"), now=1001, live_until=1031, holder="bob-new")
+    assert resumed.resumed and resumed.conversation.id == "c-fenced"
+    assert await store.claim_for_processing("c-processed", node="other", now=1001, lease=60) is not None
+
+    def request(c, text, *, deleted=()):
+        message = OutboxMessage(uid=c.uid, kind="realtime_transcript", ordering_key=f"rt:{c.id}", body=b"[]")
+        return BatchRequest(c, [segment("s1", text, 1.0, 2.0)], list(deleted), now=1002, live_until=1032,
+                            realtime=message, holder=f"holder-{c.id}")
+
+    before = store.batch_transactions
+    outcomes = await store.save_batches([request(writable, "kept", deleted=["old"]), request(fenced, "refused"),
+                                         request(processed, "too late"), request(missing, "created")])
+    assert store.batch_transactions == before + 1
+    assert outcomes[0] is True and outcomes[2] is False and outcomes[3] is True
+    assert isinstance(outcomes[1], LeaseLost) and outcomes[1].args == ("c-fenced",)
+    assert [s["text"] for s in await store.load_segments("c-writable")] == ["kept"]
+    assert [s["text"] for s in await store.load_segments("c-missing")] == ["created"]
+    assert await store.load_segments("c-fenced") == [] and await store.load_segments("c-processed") == []
+    assert (await store.get_conversation("c-writable")).finished_at == 1002
+    created = await store.get_conversation("c-missing")
+    assert (created.status, created.finished_at) == (IN_PROGRESS, 1002)
+    assert await store.renew_live([("c-missing", "holder-c-missing")], 1040) == []   # it holds the lease
+    # One realtime row each for the two written batches only.
+    rows = await store.claim_outbox(node="n", now=1003, lease=30, limit=10)
+    assert sorted(r.ordering_key for r in rows) == ["rt:c-missing", "rt:c-writable"]
+    with pytest.raises(ValueError, match="one request per conversation"):
+        await store.save_batches([request(writable, "a"), request(writable, "b")])
 
 
 @pytest.mark.timeout(30)

@@ -30,11 +30,12 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from ..config import Settings
 from .audio_chunks import AudioChunker
+from .batch_committer import BatchCommitter
 from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage, WebhookSetting,
                     conversation_object, iso)
 from .outbox import OutboxDeliverer
 from .processing import ConversationProcessor
-from .store import LeaseLost, OutboxMessage, Store
+from .store import BatchRequest, LeaseLost, OutboxMessage, Store
 from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, parse_setting, realtime_message,
                        require_kind)
 
@@ -78,6 +79,7 @@ class ConversationService:
             workers=settings.webhook_workers, retry_horizon=settings.webhook_retry_horizon,
             max_backoff=settings.webhook_max_backoff, allow_private=settings.webhook_allow_private, clock=clock)
         self._live: set[LiveConversation] = set()
+        self._batches = BatchCommitter(store)     # the sessions' batches, many per transaction
         self._processing: dict[str, asyncio.Task] = {}
         self._processing_slots = asyncio.Semaphore(MAX_PARALLEL_PROCESSING)
         self._audio_queue: collections.deque[tuple[OutboxMessage, asyncio.Future]] = collections.deque()
@@ -378,7 +380,8 @@ class LiveConversation:
 
     async def save_batch(self, changed: Sequence[dict], deleted_ids: Sequence[str] = ()) -> None:
         """Persist one 600 ms batch (stored segment dicts) and its realtime webhook row, in one
-        transaction. Waits only for the store, never for a webhook receiver.
+        transaction (shared with other sessions' batches: group commit). Returns once it is
+        stored; waits only for the store, never for a webhook receiver.
 
         Raises ``LeaseLost`` if a newer connection of the user took the conversation over: the
         batch is not written, and the session should end (its client has moved on)."""
@@ -393,16 +396,16 @@ class LiveConversation:
             # Before any await: a silence check that runs meanwhile must see this activity.
             self._last_activity = self._service.clock()
         async with self._lock:
-            store, clock = self._service.store, self._service.clock
+            batches, clock = self._service._batches, self._service.clock
             for _ in range(3):
                 conversation = self._conversation
                 now = clock()
                 realtime = (realtime_message(self.uid, self.session_id, conversation.id, changed)
                             if changed else None)
                 try:
-                    saved = await store.save_batch(conversation, changed, deleted_ids, now=now,
-                                                   live_until=now + self._service.live_lease, realtime=realtime,
-                                                   holder=self.holder)
+                    saved = await batches.save(BatchRequest(
+                        conversation, changed, deleted_ids, now=now, live_until=now + self._service.live_lease,
+                        realtime=realtime, holder=self.holder))
                 except LeaseLost:
                     self.fenced = True
                     log.warning("conversation %s was taken over by a newer connection of uid=%s; sid=%s stops "

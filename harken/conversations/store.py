@@ -37,6 +37,12 @@ DEAD = "dead"
 # Namespaces of PostgreSQL advisory locks (the first key of pg_advisory_xact_lock(int, int)).
 _USER_LOCKS, _KEY_LOCKS = 0x6875, 0x6B79
 
+# The subquery's sort fixes the order in which the aggregate takes the locks (by lock key, so
+# two names with one hash are one lock, taken once).
+_ORDERED_ADVISORY_LOCKS = sa.text(
+    "SELECT count(pg_advisory_xact_lock(:namespace, h)) FROM "
+    "(SELECT DISTINCT hashtext(name) AS h FROM unnest(CAST(:names AS text[])) AS name ORDER BY h) AS ordered")
+
 # SQLite waits this long for another writer (another worker process) before "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -125,6 +131,19 @@ class OutboxMessage:
 
 
 @dataclass
+class BatchRequest:
+    """One session's segment batch for ``Store.save_batches`` (the arguments of ``save_batch``)."""
+
+    conversation: Conversation
+    changed: Sequence[dict]
+    deleted_ids: Sequence[str]
+    now: float
+    live_until: float
+    realtime: OutboxMessage | None = None
+    holder: str | None = None
+
+
+@dataclass
 class Settlement:
     """Outcomes of a round of deliveries, written back in one transaction."""
 
@@ -146,6 +165,7 @@ class Store:
         self._pool_size = pool_size
         self._local_writer = asyncio.Lock() if self.dialect == "sqlite" else None
         self.engine: AsyncEngine | None = None
+        self.batch_transactions = 0        # save_batches transactions so far (group commit's effect)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Store":
@@ -214,13 +234,13 @@ class Store:
                 yield conn
 
     async def _lock(self, conn: AsyncConnection, namespace: int, names: Iterable[str]) -> None:
-        """Transaction-scoped advisory locks on PostgreSQL, taken in sorted order so that two
-        transactions never wait on each other in a cycle. SQLite needs none: its writers are
-        already serial (``BEGIN IMMEDIATE``)."""
-        if self.dialect != "postgresql":
+        """Transaction-scoped advisory locks on PostgreSQL, all in one statement, taken in the
+        order of their lock keys so that two transactions never wait on each other in a cycle.
+        SQLite needs none: its writers are already serial (``BEGIN IMMEDIATE``)."""
+        names = sorted(set(names))
+        if self.dialect != "postgresql" or not names:
             return
-        for name in sorted(set(names)):
-            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(namespace, sa.func.hashtext(name))))
+        await conn.execute(_ORDERED_ADVISORY_LOCKS, {"namespace": namespace, "names": names})
 
     async def _lock_user(self, conn: AsyncConnection, uid: str) -> None:
         """Serialise conversation decisions for one user across nodes."""
@@ -327,66 +347,112 @@ class Store:
         realtime: OutboxMessage | None,
         holder: str | None = None,
     ) -> bool:
-        """Write one segment batch, and its realtime webhook row, in one transaction.
+        """Write one segment batch, and its realtime webhook row, in one transaction: the
+        one-request case of ``save_batches`` (see there). Returns False if the conversation is no
+        longer in progress; raises ``LeaseLost`` if another connection holds its lease."""
+        request = BatchRequest(conversation, changed, deleted_ids, now=now, live_until=live_until,
+                               realtime=realtime, holder=holder)
+        (outcome,) = await self.save_batches([request])
+        if isinstance(outcome, LeaseLost):
+            raise outcome
+        return outcome
 
-        ``conversation`` is the live handle's view: its ``started_at`` is written (the start is
-        anchored at the first word), and the row is created if missing (its creation failed
-        earlier). Returns False, writing nothing, if the conversation is no longer in progress
-        (another node processed it): the caller starts a new one and saves again. With a
-        ``holder``, raises ``LeaseLost``, writing nothing, if another connection holds the lease.
-        """
+    async def save_batches(self, requests: Sequence["BatchRequest"]) -> list["bool | LeaseLost"]:
+        """Write many conversations' segment batches, and their realtime webhook rows, in ONE
+        transaction with a fixed number of statements however many there are (group commit:
+        a node's sessions share one commit per round instead of queueing for the writer lock one
+        after another). At most one request per conversation (``ValueError`` otherwise).
+
+        Each request's outcome, in order, is what ``save_batch`` would have given it alone:
+        - True: written. ``conversation`` is the live handle's view: its ``started_at`` is
+          written (the start is anchored at the first word), and the row is created if missing
+          (its creation failed earlier);
+        - False, nothing of it written: the conversation is no longer in progress (another node
+          processed it); the caller starts a new one and saves again;
+        - a ``LeaseLost``, nothing of it written: the request names a ``holder`` and another
+          connection holds the lease.
+        An unexpected error rolls back the whole group."""
         c, s = conversations, segments
-        values: dict[str, Any] = {"live_until": live_until, "started_at": conversation.started_at}
-        if changed:
-            values["finished_at"] = now
-        writable = sa.and_(c.c.id == conversation.id, c.c.status == IN_PROGRESS)
-        if holder is not None:
-            writable = sa.and_(writable, c.c.live_by == holder)
+        by_id = {request.conversation.id: request for request in requests}
+        if len(by_id) != len(requests):
+            raise ValueError("save_batches: at most one request per conversation")
+        if not requests:
+            return []
+        segment_rows = {cid: [_segment_row(cid, seg) for seg in request.changed] for cid, request in by_id.items()}
+        found_query = sa.select(c.c.id, c.c.status, c.c.live_by).where(c.c.id.in_(list(by_id))).order_by(c.c.id)
+        if self.dialect == "postgresql":      # dialect: lock the rows, in id order (no deadlock cycles)
+            found_query = found_query.with_for_update()
         async with self._write() as conn:
-            result = await conn.execute(sa.update(c).where(writable).values(**values))
-            if result.rowcount == 0:
-                found = (await conn.execute(sa.select(c.c.status).where(c.c.id == conversation.id))).first()
-                if found is not None and found.status != IN_PROGRESS:
-                    return False
-                if found is not None:
-                    raise LeaseLost(conversation.id)
-                row = _conversation_row(conversation)
-                row.update(values, live_by=holder)
-                await conn.execute(sa.insert(c).values(**row))
-            if changed:
+            self.batch_transactions += 1
+            found = {row.id: row for row in await conn.execute(found_query)}
+            outcomes: list[bool | LeaseLost] = []
+            updates: list[dict] = []
+            inserts: list[dict] = []
+            for request in requests:
+                cid, row = request.conversation.id, found.get(request.conversation.id)
+                finished_at = request.now if request.changed else None
+                if row is None:
+                    new = _conversation_row(request.conversation)
+                    new.update(live_until=request.live_until, live_by=request.holder)
+                    if finished_at is not None:
+                        new["finished_at"] = finished_at
+                    inserts.append(new)
+                elif row.status != IN_PROGRESS:
+                    outcomes.append(False)
+                    continue
+                elif request.holder is not None and row.live_by != request.holder:
+                    outcomes.append(LeaseLost(cid))
+                    continue
+                else:
+                    updates.append({"row_id": cid, "new_live_until": request.live_until,
+                                    "new_started_at": request.conversation.started_at,
+                                    "new_finished_at": finished_at})
+                outcomes.append(True)
+            written = [request for request, outcome in zip(requests, outcomes) if outcome is True]
+            if updates:
+                await conn.execute(
+                    sa.update(c).where(c.c.id == sa.bindparam("row_id")).values(
+                        live_until=sa.bindparam("new_live_until"), started_at=sa.bindparam("new_started_at"),
+                        finished_at=sa.func.coalesce(sa.bindparam("new_finished_at", type_=sa.Double),
+                                                     c.c.finished_at)),
+                    updates)
+            if inserts:
+                await conn.execute(sa.insert(c), inserts)
+            upserts = [seg for request in written for seg in _unique_by_id(segment_rows[request.conversation.id])]
+            if upserts:
                 stmt = self._insert(s)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[s.c.conversation_id, s.c.segment_id],
                     set_={"start": stmt.excluded.start, "end": stmt.excluded.end,
                           "words": stmt.excluded.words, "data": stmt.excluded.data})
-                await conn.execute(stmt, [_segment_row(conversation.id, seg) for seg in changed])
-            if deleted_ids:
-                await conn.execute(sa.delete(s).where(s.c.conversation_id == conversation.id,
-                                                      s.c.segment_id.in_(list(deleted_ids))))
-            if realtime is not None:
-                await self._lock_keys(conn, [realtime.ordering_key])
-                await self._enqueue(conn, realtime, now)
-        return True
+                await conn.execute(stmt, upserts)
+            deletes = [{"cid": request.conversation.id, "sid": str(sid)}
+                       for request in written for sid in request.deleted_ids]
+            if deletes:
+                await conn.execute(sa.delete(s).where(s.c.conversation_id == sa.bindparam("cid"),
+                                                      s.c.segment_id == sa.bindparam("sid")), deletes)
+            realtime = [(request.realtime, request.now) for request in written if request.realtime is not None]
+            if realtime:
+                await self._lock_keys(conn, [message.ordering_key for message, _ in realtime])
+                await self._enqueue(conn, realtime)
+        return outcomes
 
     async def renew_live(self, leases: Iterable[tuple[str, str | None]], live_until: float) -> list[str]:
         """Extend the leases given as (conversation id, holder). Returns the ids whose lease a
         newer connection took (left alone); a holder of None renews unconditionally."""
-        c, leases = conversations, list(leases)
-        held = [(cid, holder) for cid, holder in leases if holder is not None]
-        unheld = [cid for cid, holder in leases if holder is None]
-        taken: list[str] = []
-        if held or unheld:
-            async with self._write() as conn:
-                if held:
-                    await conn.execute(sa.update(c).where(sa.tuple_(c.c.id, c.c.live_by).in_(held))
-                                       .values(live_until=live_until))
-                    holders = dict(held)
-                    rows = await conn.execute(sa.select(c.c.id, c.c.live_by).where(
-                        c.c.id.in_(list(holders)), c.c.status == IN_PROGRESS))
-                    taken = [cid for cid, live_by in rows if live_by != holders[cid]]
-                if unheld:
-                    await conn.execute(sa.update(c).where(c.c.id.in_(unheld)).values(live_until=live_until))
-        return taken
+        c, holders = conversations, dict(leases)
+        if not holders:
+            return []
+        query = sa.select(c.c.id, c.c.live_by, c.c.status).where(c.c.id.in_(list(holders))).order_by(c.c.id)
+        if self.dialect == "postgresql":      # dialect: rows locked in id order, as save_batches does
+            query = query.with_for_update()
+        async with self._write() as conn:
+            rows = (await conn.execute(query)).all()
+            renewed = [cid for cid, live_by, _ in rows if holders[cid] is None or live_by == holders[cid]]
+            if renewed:
+                await conn.execute(sa.update(c).where(c.c.id.in_(renewed)).values(live_until=live_until))
+        return [cid for cid, live_by, status in rows
+                if holders[cid] is not None and status == IN_PROGRESS and live_by != holders[cid]]
 
     async def release_live(self, conversation_id: str, *, holder: str | None = None) -> None:
         """End a live lease (the session closed); a lease another connection took is kept."""
@@ -443,7 +509,7 @@ class Store:
                 return False
             if memory_webhook is not None:
                 await self._lock_keys(conn, [memory_webhook.ordering_key])
-                await self._enqueue(conn, memory_webhook, now)
+                await self._enqueue(conn, [(memory_webhook, now)])
         return True
 
     async def release_claims(self, node: str) -> int:
@@ -583,31 +649,34 @@ class Store:
         return Usage(audio_seconds=float(row[0]), speech_seconds=float(row[1]), words=int(row[2]))
 
     # --- outbox ------------------------------------------------------------------------------
-    async def _enqueue(self, conn: AsyncConnection, message: OutboxMessage, now: float) -> None:
-        """INSERT … SELECT from the user's webhook setting: no setting, no row; the URL is the
-        one set when the change happened. The row is its key's head if no row of the key is
-        pending. The caller holds the key's lock."""
+    async def _enqueue(self, conn: AsyncConnection, messages: Sequence[tuple[OutboxMessage, float]]) -> None:
+        """Insert ``(message, now)`` rows, in order, with one INSERT … SELECT from the user's
+        webhook setting run for each (one executemany): no setting, no row; the URL is the one
+        set when the change happened. A row is its key's head if no row of the key is pending
+        (earlier rows of the same call count). The caller holds the keys' locks."""
         w, o, pending = webhooks, outbox, outbox.alias("pending")
-        no_pending = ~sa.exists().where(pending.c.ordering_key == message.ordering_key, pending.c.status == PENDING)
+        key, now = sa.bindparam("m_key", type_=sa.String), sa.bindparam("m_now", type_=sa.Double)
+        uid, kind = sa.bindparam("m_uid", type_=sa.String), sa.bindparam("m_kind", type_=sa.String)
+        no_pending = ~sa.exists().where(pending.c.ordering_key == key, pending.c.status == PENDING)
         source = sa.select(
-            sa.literal(message.uid, sa.String), sa.literal(message.kind, sa.String),
-            sa.literal(message.ordering_key, sa.String), w.c.url,
-            sa.literal(_json(message.params), sa.Text), sa.literal(_json(message.headers), sa.Text),
-            sa.literal(message.content_type, sa.String), sa.literal(message.body, sa.LargeBinary),
-            sa.literal(PENDING, sa.String), sa.literal(now, sa.Double), sa.literal(now, sa.Double),
-            sa.literal(0.0, sa.Double), sa.literal(0, sa.Integer), no_pending,
-        ).where(w.c.uid == message.uid, w.c.kind == message.kind)
+            uid, kind, key, w.c.url, sa.bindparam("m_params", type_=sa.Text), sa.bindparam("m_headers", type_=sa.Text),
+            sa.bindparam("m_content_type", type_=sa.String), sa.bindparam("m_body", type_=sa.LargeBinary),
+            sa.literal(PENDING, sa.String), now, now, sa.literal(0.0, sa.Double), sa.literal(0, sa.Integer),
+            no_pending,
+        ).where(w.c.uid == uid, w.c.kind == kind)
         await conn.execute(sa.insert(o).from_select(
             ["uid", "kind", "ordering_key", "url", "params", "headers", "content_type", "body", "status",
-             "created_at", "next_attempt_at", "claimed_until", "attempts", "is_head"], source))
+             "created_at", "next_attempt_at", "claimed_until", "attempts", "is_head"], source),
+            [{"m_uid": m.uid, "m_kind": m.kind, "m_key": m.ordering_key, "m_params": _json(m.params),
+              "m_headers": _json(m.headers), "m_content_type": m.content_type, "m_body": m.body, "m_now": at}
+             for m, at in messages])
 
     async def enqueue(self, messages: Sequence[OutboxMessage], *, now: float) -> None:
         """Enqueue several messages in one transaction, in order."""
         if messages:
             async with self._write() as conn:
                 await self._lock_keys(conn, [m.ordering_key for m in messages])
-                for message in messages:
-                    await self._enqueue(conn, message, now)
+                await self._enqueue(conn, [(message, now) for message in messages])
 
     async def exchange_outbox(self, settlement: Settlement, *, node: str, now: float, lease: float,
                               limit: int) -> list[OutboxRow]:
@@ -721,6 +790,11 @@ def _conversation_row(conversation: Conversation) -> dict[str, Any]:
         "finished_at": conversation.finished_at, "timeout_s": conversation.timeout_s,
         "structured": _json(conversation.structured), "discarded": conversation.discarded,
     }
+
+
+def _unique_by_id(rows: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    """The last row of each segment id: one upsert statement may not touch a row twice."""
+    return {row["segment_id"]: row for row in rows}.values() if len(rows) > 1 else rows
 
 
 def _segment_row(conversation_id: str, segment: dict) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""Group commit of segment batches: one transaction carries every session's pending batch.
+
+Every session saves a batch every 600 ms and must not send it before it is stored. Saved one
+transaction each, N sessions queue N transactions behind the database's writer lock (SQLite's,
+or PostgreSQL's row and WAL work), and each costs several round trips. ``BatchCommitter``
+instead gathers what sessions submit while a transaction is in flight and writes all of it with
+one ``Store.save_batches`` call: at most one transaction in flight, so N sessions cost about one
+transaction per round, and a batch waits at most for the transaction before its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .store import BatchRequest, LeaseLost, Store
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP = 500      # requests per transaction (bounds statement size and one commit's latency)
+
+Item = tuple[BatchRequest, asyncio.Future]      # a request and the future its caller awaits
+
+
+class BatchCommitter:
+    """One per ``ConversationService``. ``await save(request)`` has ``Store.save_batch``'s
+    contract: True once durably stored, False if the conversation is no longer in progress,
+    ``LeaseLost`` raised if another connection holds its lease. Cancelled, it withdraws its
+    request as a cancelled ``save_batch`` rolled back: a cancelled save is not stored (unless its
+    transaction was already committing), so a session ended mid-save never has a batch stored
+    that its client was not sent."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: list[Item] = []
+        self._in_flight: list[Item] = []
+        self._transaction: asyncio.Task | None = None
+        self._flusher: asyncio.Task | None = None
+
+    async def save(self, request: BatchRequest) -> bool:
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((request, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="harken-batch-commit")
+        try:
+            outcome = await done            # cancelling the caller cancels ``done``: withdrawn
+        except asyncio.CancelledError:
+            self._withdraw(done)
+            raise
+        if isinstance(outcome, LeaseLost):
+            raise outcome
+        return outcome
+
+    def _withdraw(self, done: asyncio.Future) -> None:
+        if not done.cancelled():
+            return                           # its outcome was in: stored, only not delivered
+        if any(waiter is done for _, waiter in self._in_flight) and self._transaction is not None:
+            self._transaction.cancel()       # rolled back; ``_commit`` runs the rest again
+        self._pending = [item for item in self._pending if item[1] is not done]
+
+    async def _flush(self) -> None:
+        """Write what is pending, group by group, until nothing is (then the task ends)."""
+        try:
+            while self._pending:
+                await self._commit(self._next_group())
+        except asyncio.CancelledError:        # the loop is shutting down: nobody waits forever
+            for _, done in self._in_flight + self._pending:
+                done.cancel()
+            self._pending = []
+            raise
+
+    def _next_group(self) -> list[Item]:
+        group, later, seen = [], [], set()
+        for item in self._pending:
+            cid = item[0].conversation.id
+            # One request per conversation per transaction; a second one (rare: two handles on
+            # one conversation) waits for the next, which keeps their order.
+            if cid in seen or len(group) >= MAX_GROUP:
+                later.append(item)
+            else:
+                seen.add(cid)
+                group.append(item)
+        self._pending = later
+        return group
+
+    async def _commit(self, group: list[Item]) -> None:
+        while group := [item for item in group if not item[1].done()]:     # minus the withdrawn
+            self._in_flight = group
+            self._transaction = asyncio.create_task(self._store.save_batches([request for request, _ in group]))
+            try:
+                outcomes = await self._transaction
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise                    # the flusher itself is being cancelled
+                continue                     # a waiter withdrew: write the others without it
+            except Exception as exc:
+                if len(group) == 1:
+                    _settle(group[0][1], error=exc)
+                    return
+                # One bad request (or a deadlock abort on PostgreSQL) must not fail its
+                # neighbours: each is tried again in a transaction of its own.
+                log.warning("group commit of %d batches failed (%s: %s); saving them one by one",
+                            len(group), type(exc).__name__, exc)
+                for item in group:
+                    await self._commit([item])
+                return
+            finally:
+                self._in_flight, self._transaction = [], None
+            for (_, done), outcome in zip(group, outcomes):
+                _settle(done, outcome=outcome)
+            return
+
+
+def _settle(done: asyncio.Future, *, outcome: object = None, error: BaseException | None = None) -> None:
+    if done.done():
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(outcome)
