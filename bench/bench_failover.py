@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import multiprocessing
 import random
 import statistics
@@ -43,15 +44,15 @@ NAMES = ("deepgram", "soniox", "speechmatics")
 FAKES = {"deepgram": FakeDeepgram, "soniox": FakeSoniox, "speechmatics": FakeSpeechmatics}
 PROVIDERS = {"deepgram": DeepgramProvider, "soniox": SonioxProvider, "speechmatics": SpeechmaticsProvider}
 SCRIPT_SEED, SCRIPT_SECONDS = 1, 600.0
-KEY = "bench-key"
+KEY = secrets.token_hex(8)          # any key: the fake providers on loopback check it (passed to their process)
 
 
 # --- the fakes, in their own process -----------------------------------------------------------------
 
-def serve_fakes(pipe, compression: str | None) -> None:
+def serve_fakes(pipe, compression: str | None, key: str) -> None:
     async def main() -> None:
         script = make_script(SCRIPT_SEED, SCRIPT_SECONDS)
-        fakes = {name: FAKES[name](script, key=KEY, compression=compression) for name in NAMES}
+        fakes = {name: FAKES[name](script, key=key, compression=compression) for name in NAMES}
         for fake in fakes.values():
             await fake.start()
         pipe.send({name: fake.url for name, fake in fakes.items()})
@@ -79,7 +80,7 @@ def serve_fakes(pipe, compression: str | None) -> None:
 class FakeProcess:
     def __init__(self, compression: str | None = None):
         self.pipe, child = multiprocessing.Pipe()
-        self.process = multiprocessing.get_context("spawn").Process(target=serve_fakes, args=(child, compression),
+        self.process = multiprocessing.get_context("spawn").Process(target=serve_fakes, args=(child, compression, KEY),
                                                                     daemon=True)
         self.process.start()
         self.urls: dict[str, str] = self.pipe.recv()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import logging
 import sys
 import tempfile
@@ -45,7 +46,7 @@ from tests.fakes.recording import speech_with_pauses  # noqa: E402
 from tests.gateway_server import GatewayServer  # noqa: E402
 
 CHUNK = SAMPLE_RATE // 10
-KEY = "bench-key"
+KEY = secrets.token_hex(8)          # any key: the fake providers on loopback check it
 
 
 def section(title: str) -> None:

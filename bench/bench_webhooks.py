@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import sys
 import tempfile
 import time
@@ -60,7 +61,7 @@ async def through_outbox(store: Store, receiver: WebhookReceiver, rows: int, key
     await store.enqueue([OutboxMessage(uid="u", kind="realtime_transcript", ordering_key=f"k{i % keys}", body=BODY,
                                        params={"uid": "u", "session_id": "s"}) for i in range(rows)],
                         now=time.time())
-    deliverer = OutboxDeliverer(store, node_id="bench", secret="bench-secret", workers=workers,
+    deliverer = OutboxDeliverer(store, node_id="bench", secret=secrets.token_hex(16), workers=workers,
                                 allow_private=True, poll_interval=0.5)
     t0 = time.perf_counter()
     await deliverer.start()
