@@ -40,7 +40,7 @@ def create_app(settings: Settings) -> Starlette:
         whisper = WhisperProvider(settings)
         with _startup_step(f"speech engine (faster-whisper {settings.whisper_model})"):
             await whisper.load()
-        providers = {**build_providers(settings), "local": whisper}
+        providers = {**build_providers(settings), whisper.name: whisper}
         gateway = Gateway(settings=settings, authenticator=authenticator, providers=providers,
                           conversations=conversations, store=store)
         app.state.gateway = gateway

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket
 from .. import codecs
 from ..audio import AudioRing
 from ..conversations import LeaseLost
-from ..stt.base import STTError, STTStream, StreamConfig, Word
+from ..stt.base import EMBEDDED_PROVIDER, STTError, STTStream, StreamConfig, Word
 from ..stt.fallback import FallbackPolicy, FallbackStream
 from ..stt.gating import gated
 from ..stt.selection import NoProviderError, select_chain
@@ -37,7 +37,6 @@ log = logging.getLogger("harken.session")
 STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits for the engine's last words
 MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
 RING_SECONDS = 60                 # recent audio kept for speaker identification (as Omi)
-LOCAL_PROVIDER = "local"          # the embedded engine has no diarization of its own
 
 
 class EndSession(Exception):
@@ -237,7 +236,7 @@ class Session:
         if self._undiarized:
             words, self._undiarized = self._undiarized, []
             words = await self.speakers.diarize_words(words)
-            self._add_words(words, LOCAL_PROVIDER)
+            self._add_words(words, EMBEDDED_PROVIDER)
         batch = self.builder.flush()
         await self._persist(batch)          # stored before sent: nothing the client saw is lost
         await self._send_batch(batch)
@@ -347,7 +346,7 @@ class Session:
         self.stats.words += 1
         provider = getattr(self.stream, "provider_name", None) or self.provider_name or "?"
         self.metrics.word(provider, word.end)
-        if provider == LOCAL_PROVIDER:
+        if provider == EMBEDDED_PROVIDER:      # no diarization of its own
             self._undiarized.append(word)      # labelled by voice at the next flush
         else:
             self._add_words([word], provider)

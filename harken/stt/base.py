@@ -15,6 +15,8 @@ from typing import AsyncIterator
 import numpy as np
 
 SAMPLE_RATE = 16000
+# The embedded Whisper engine's provider name (in chains, segments' stt_provider, usage).
+EMBEDDED_PROVIDER = "local"
 
 
 @dataclass(frozen=True, slots=True)

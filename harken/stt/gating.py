@@ -24,16 +24,14 @@ import asyncio
 from typing import Sequence
 
 from ..audio.vad import SileroVAD, StreamingVAD
-from .base import STTStream
+from .base import EMBEDDED_PROVIDER, STTStream
 from .selection import Link
 from .vad_gate import VadGatedStream
-
-EMBEDDED = "local"
 
 
 def gate_wanted(mode: str | None, default_mode: str, chain: Sequence[Link]) -> bool:
     """Active (by the parameter, else the setting) and a cloud provider in the chain."""
-    return (mode or default_mode) == "active" and any(link.name != EMBEDDED for link in chain)
+    return (mode or default_mode) == "active" and any(link.name != EMBEDDED_PROVIDER for link in chain)
 
 
 async def gated(stream: STTStream, mode: str | None, default_mode: str, chain: Sequence[Link],

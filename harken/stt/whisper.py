@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 import numpy as np
 
 from ..audio import WINDOW_SECONDS, Endpointer, SileroVAD, StreamingVAD, Utterance
-from .base import SAMPLE_RATE, Provider, StreamConfig, STTError, STTStream, Word
+from .base import EMBEDDED_PROVIDER, SAMPLE_RATE, Provider, StreamConfig, STTError, STTStream, Word
 from .models import ModelError, load_whisper_model, resolve_model, whisper_languages
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ RawWord = tuple[str, float, float, float]     # text, start, end (seconds in the
 class WhisperProvider(Provider):
     """The local engine. ``await load()`` once at start-up (it is also done by the first ``open``)."""
 
-    name = "local"
+    name = EMBEDDED_PROVIDER
 
     def __init__(self, settings: "Settings"):
         self.settings = settings
@@ -167,7 +167,7 @@ _END = object()
 class WhisperStream(STTStream):
     """One stream on the local engine (use from one event loop)."""
 
-    provider_name = "local"
+    provider_name = EMBEDDED_PROVIDER
 
     def __init__(self, provider: WhisperProvider, config: StreamConfig, language: str | None, vad: StreamingVAD):
         settings = provider.settings
