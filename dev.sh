@@ -27,7 +27,7 @@ apt_install() {
 setup_python() {
   local stamp="$VENV/.harken-setup"
   local want
-  want=$(cat pyproject.toml requirements-models.txt | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml requirements-models.txt dev.sh | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
