@@ -3,8 +3,8 @@
 Two servers are measured in the same run, each pinned to one CPU (``taskset``), with the load
 generator (``harken.loadtest``) pinned to another:
 
-- the floor: a bare WebSocket relay on the same stack as Harken (uvicorn, websockets-sansio,
-  uvloop) that receives the Opus frames without decoding them and every 600 ms sends one small
+- the floor: a bare WebSocket relay on the same stack as Harken (uvicorn, websockets-sansio with
+  Harken's binary sink, uvloop) that receives the Opus frames without decoding them and every 600 ms sends one small
   segment naming the words a null provider would have produced, so the load tool checks and
   times it exactly as it does Harken;
 - Harken with the null provider (``--null-provider``, ``stt_service=null``): the whole gateway
@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from harken.config import Settings  # noqa: E402
 from harken.gateway.auth import mint_local_token  # noqa: E402
+from harken.gateway.ws_protocol import SinkingWebSocketProtocol, binary_sink  # noqa: E402
 from harken.loadtest import LoadReport, LoadTestConfig, run_load  # noqa: E402
 from harken.stt.null import WORD_SECONDS, word_text, WORDS_PER_SENTENCE  # noqa: E402
 
@@ -84,15 +85,22 @@ async def relay_app(scope, receive, send):
                 words_sent = words
                 await send({"type": "websocket.send", "text": segment})
 
+    def count(data: bytes) -> None:
+        nonlocal frames
+        if len(data) > 2:
+            frames += 1
+
+    sink = binary_sink(scope)           # the same socket-to-session path as Harken's
+    if sink is not None:
+        sink.attach(count)
     flusher = asyncio.create_task(flush_loop())
     try:
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 return
-            data = message.get("bytes")
-            if data is not None and len(data) > 2:
-                frames += 1
+            if message.get("bytes") is not None:
+                count(message["bytes"])
     finally:
         flusher.cancel()
 
@@ -100,7 +108,7 @@ async def relay_app(scope, receive, send):
 def serve_relay(port: int) -> None:
     import uvicorn
 
-    uvicorn.run(relay_app, host="127.0.0.1", port=port, ws="websockets-sansio", loop="uvloop", http="httptools",
+    uvicorn.run(relay_app, host="127.0.0.1", port=port, ws=SinkingWebSocketProtocol, loop="uvloop", http="httptools",
                 lifespan="off", log_level="warning", access_log=False)
 
 

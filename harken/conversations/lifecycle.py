@@ -402,10 +402,11 @@ class LiveConversation:
                 now = clock()
                 realtime = (realtime_message(self.uid, self.session_id, conversation.id, changed)
                             if changed else None)
+                request = BatchRequest(conversation, changed, deleted_ids, now=now,
+                                       live_until=now + self._service.live_lease, realtime=realtime,
+                                       holder=self.holder)
                 try:
-                    saved = await batches.save(BatchRequest(
-                        conversation, changed, deleted_ids, now=now, live_until=now + self._service.live_lease,
-                        realtime=realtime, holder=self.holder))
+                    saved = await batches.save(request)
                 except LeaseLost:
                     self.fenced = True
                     log.warning("conversation %s was taken over by a newer connection of uid=%s; sid=%s stops "
@@ -421,7 +422,7 @@ class LiveConversation:
             if changed:
                 conversation.finished_at = now
                 self._has_words = self._has_words or StoredSegments(changed).words > 0
-        if changed:
+        if request.enqueued:
             self._service.deliverer.notify()
 
     def add_audio(self, pcm: Any) -> None:

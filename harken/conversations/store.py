@@ -141,6 +141,7 @@ class BatchRequest:
     live_until: float
     realtime: OutboxMessage | None = None
     holder: str | None = None
+    enqueued: bool = False      # set by save_batches: its realtime row may have been written
 
 
 @dataclass
@@ -431,10 +432,13 @@ class Store:
             if deletes:
                 await conn.execute(sa.delete(s).where(s.c.conversation_id == sa.bindparam("cid"),
                                                       s.c.segment_id == sa.bindparam("sid")), deletes)
-            realtime = [(request.realtime, request.now) for request in written if request.realtime is not None]
-            if realtime:
-                await self._lock_keys(conn, [message.ordering_key for message, _ in realtime])
-                await self._enqueue(conn, realtime)
+            with_rows = [request for request in written if request.realtime is not None]
+            if with_rows:
+                await self._lock_keys(conn, [request.realtime.ordering_key for request in with_rows])
+                rows = await self._enqueue(conn, [(request.realtime, request.now) for request in with_rows])
+                # Only users with a realtime webhook get a row; the deliverer is woken for those.
+                for request in with_rows:
+                    request.enqueued = rows != 0
         return outcomes
 
     async def renew_live(self, leases: Iterable[tuple[str, str | None]], live_until: float) -> list[str]:
@@ -649,27 +653,18 @@ class Store:
         return Usage(audio_seconds=float(row[0]), speech_seconds=float(row[1]), words=int(row[2]))
 
     # --- outbox ------------------------------------------------------------------------------
-    async def _enqueue(self, conn: AsyncConnection, messages: Sequence[tuple[OutboxMessage, float]]) -> None:
+    async def _enqueue(self, conn: AsyncConnection, messages: Sequence[tuple[OutboxMessage, float]]) -> int | None:
         """Insert ``(message, now)`` rows, in order, with one INSERT … SELECT from the user's
         webhook setting run for each (one executemany): no setting, no row; the URL is the one
         set when the change happened. A row is its key's head if no row of the key is pending
-        (earlier rows of the same call count). The caller holds the keys' locks."""
-        w, o, pending = webhooks, outbox, outbox.alias("pending")
-        key, now = sa.bindparam("m_key", type_=sa.String), sa.bindparam("m_now", type_=sa.Double)
-        uid, kind = sa.bindparam("m_uid", type_=sa.String), sa.bindparam("m_kind", type_=sa.String)
-        no_pending = ~sa.exists().where(pending.c.ordering_key == key, pending.c.status == PENDING)
-        source = sa.select(
-            uid, kind, key, w.c.url, sa.bindparam("m_params", type_=sa.Text), sa.bindparam("m_headers", type_=sa.Text),
-            sa.bindparam("m_content_type", type_=sa.String), sa.bindparam("m_body", type_=sa.LargeBinary),
-            sa.literal(PENDING, sa.String), now, now, sa.literal(0.0, sa.Double), sa.literal(0, sa.Integer),
-            no_pending,
-        ).where(w.c.uid == uid, w.c.kind == kind)
-        await conn.execute(sa.insert(o).from_select(
-            ["uid", "kind", "ordering_key", "url", "params", "headers", "content_type", "body", "status",
-             "created_at", "next_attempt_at", "claimed_until", "attempts", "is_head"], source),
+        (earlier rows of the same call count). The caller holds the keys' locks. Returns the
+        rows written, or None when the driver does not say (asyncpg's executemany)."""
+        result = await conn.execute(
+            _ENQUEUE,
             [{"m_uid": m.uid, "m_kind": m.kind, "m_key": m.ordering_key, "m_params": _json(m.params),
               "m_headers": _json(m.headers), "m_content_type": m.content_type, "m_body": m.body, "m_now": at}
              for m, at in messages])
+        return result.rowcount if result.rowcount >= 0 else None
 
     async def enqueue(self, messages: Sequence[OutboxMessage], *, now: float) -> None:
         """Enqueue several messages in one transaction, in order."""
@@ -802,3 +797,24 @@ def _segment_row(conversation_id: str, segment: dict) -> dict[str, Any]:
     return {"conversation_id": conversation_id, "segment_id": str(segment["id"]), "start": start,
             "end": float(segment.get("end", start)), "words": word_count(segment.get("text")),
             "data": orjson.dumps(segment).decode()}
+
+
+def _enqueue_statement():
+    """``Store._enqueue``'s INSERT … SELECT, built once: building it (an alias, a subquery)
+    cost more than running it."""
+    w, o, pending = webhooks, outbox, outbox.alias("pending")
+    key, now = sa.bindparam("m_key", type_=sa.String), sa.bindparam("m_now", type_=sa.Double)
+    uid, kind = sa.bindparam("m_uid", type_=sa.String), sa.bindparam("m_kind", type_=sa.String)
+    no_pending = ~sa.exists().where(pending.c.ordering_key == key, pending.c.status == PENDING)
+    source = sa.select(
+        uid, kind, key, w.c.url, sa.bindparam("m_params", type_=sa.Text), sa.bindparam("m_headers", type_=sa.Text),
+        sa.bindparam("m_content_type", type_=sa.String), sa.bindparam("m_body", type_=sa.LargeBinary),
+        sa.literal(PENDING, sa.String), now, now, sa.literal(0.0, sa.Double), sa.literal(0, sa.Integer),
+        no_pending,
+    ).where(w.c.uid == uid, w.c.kind == kind)
+    return sa.insert(o).from_select(
+        ["uid", "kind", "ordering_key", "url", "params", "headers", "content_type", "body", "status",
+         "created_at", "next_attempt_at", "claimed_until", "attempts", "is_head"], source)
+
+
+_ENQUEUE = _enqueue_statement()

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from .session import Session
 
 
+FLUSH_SLOTS = 6          # phases of the 600 ms flush: one group commit per 100 ms
+
+
 @dataclass
 class Gateway:
     settings: Settings
@@ -32,9 +35,21 @@ class Gateway:
     drain_deadline: float | None = None     # monotonic; set when a graceful drain starts (drain.py)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: GatewayMetrics = field(init=False)     # its own registry: one per gateway, served at /metrics
+    _flush_slots_given: int = 0
 
     def __post_init__(self) -> None:
         self.metrics = GatewayMetrics(self)
+
+    def flush_phase(self) -> float:
+        """Where in the flush interval a new session flushes (seconds past a multiple of it).
+
+        Sessions flush in ``FLUSH_SLOTS`` phases, handed out in turn, rather than each at the
+        moment it connected: the batches of one phase are stored in one group-commit transaction
+        (a transaction's fixed cost is many times a batch's own), while the sessions' flush work
+        stays spread over the interval."""
+        slot = self._flush_slots_given % FLUSH_SLOTS
+        self._flush_slots_given += 1
+        return slot * self.settings.flush_interval / FLUSH_SLOTS
 
     def usable_providers(self) -> list[str]:
         return list(self.providers)

@@ -149,10 +149,14 @@ class SessionMetrics:
         self._arrivals = AudioArrivals()
         self._measured_until = 0.0       # audio-clock end of the latest segment end measured
 
-    def audio_in(self, samples: int, clock_samples: int) -> None:
-        """``samples`` decoded samples arrived, bringing the audio clock to ``clock_samples``."""
+    def audio_arrived(self, clock_samples: int, at: float) -> None:
+        """A message arrived at ``at`` (monotonic), bringing the audio to ``clock_samples``: the
+        base of provider latency. Per message, while ``audio_in`` is per piece passed on."""
+        self._arrivals.add(clock_samples, at)
+
+    def audio_in(self, samples: int) -> None:
+        """``samples`` decoded samples were passed on to the speech stream."""
         self._audio.inc(samples / TARGET_RATE)
-        self._arrivals.add(clock_samples, time.monotonic())
 
     def decode_error(self) -> None:
         self._decode_errors.inc()

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 from starlette.websockets import WebSocket
 
@@ -31,12 +32,19 @@ from .params import ListenParams
 from .segments import Batch, Segment, SegmentBuilder
 from .profiles import load_voices
 from .speakers import SpeakerIdentifier
+from .ws_protocol import binary_sink
 
 log = logging.getLogger("harken.session")
 
 STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits for the engine's last words
 MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
 RING_SECONDS = 60                 # recent audio kept for speaker identification (as Omi)
+# Decoded audio goes on to the clock, ring, webhook chunker and speech stream in pieces of this
+# size rather than per message: a device's 10 ms packets would otherwise cost four trips through
+# that path per piece. It delays the audio by less than one piece (30 ms at 10 ms packets).
+AUDIO_PIECE_SAMPLES = codecs.TARGET_RATE * 40 // 1000
+# A consumer this far behind pauses reading the socket (the sink itself never blocks).
+MAX_PENDING_SAMPLES = codecs.TARGET_RATE * 10
 
 
 class EndSession(Exception):
@@ -87,6 +95,14 @@ class Session:
         self._decode_warning_sent = False
         self._end_requested: EndSession | None = None   # set by request_end (e.g. a draining node)
         self._end_wake = asyncio.Event()
+        # Decoded audio waiting for the pump (see AUDIO_PIECE_SAMPLES), and what the pump must act on.
+        self._pending: list[np.ndarray] = []
+        self._pending_samples = 0
+        self._audio_wake = asyncio.Event()
+        self._accepting_audio = True
+        self._oversized: int | None = None        # size of a message over the limit
+        self._decode_warning_due = False
+        self._sink = None                          # the server's binary sink, when it offers one
 
     # -- public -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -95,6 +111,7 @@ class Session:
             await self._open()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._receive_loop(), name=f"receive-{self.id}")
+                tasks.create_task(self._audio_pump(), name=f"audio-{self.id}")
                 tasks.create_task(self._flush_loop(), name=f"flush-{self.id}")
                 tasks.create_task(self._ping_loop(), name=f"ping-{self.id}")
                 tasks.create_task(self._idle_watch(), name=f"idle-{self.id}")
@@ -135,6 +152,11 @@ class Session:
         else:
             await self.send_json(events.service_status("stt_initiating"))
             self.stream = await self._open_stt()
+        # From here on binary messages reach _on_binary straight from the socket's read callback
+        # (ws_protocol.py), without a trip through the ASGI queue each.
+        self._sink = binary_sink(self.ws.scope)
+        if self._sink is not None:
+            self._sink.attach(self._on_binary)
         await self.send_json(events.service_status("ready"))
 
     async def _join_conversation(self) -> None:
@@ -195,25 +217,94 @@ class Session:
 
     # -- tasks ---------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
+        """Text messages and the disconnect; binary messages too when the server has no sink."""
         limit = self.settings.max_message_bytes
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 raise EndSession(message.get("code") or 1000, "client closed", client_gone=True)
-            self.last_activity = time.monotonic()
-            self.stats.messages += 1
             data, text = message.get("bytes"), message.get("text")
-            size = len(data) if data is not None else len((text or "").encode())
-            if size > limit:
-                await self.send_json(events.error(1009, f"message of {size} bytes exceeds the {limit}-byte limit"))
-                raise EndSession(1009, "message too large")
             if data is not None:
-                if len(data) <= 2:        # the app's [0x8A, 0x00] heartbeat: activity, not audio
-                    self.stats.keepalives += 1
-                    continue
-                await self._on_audio(data)
+                self._on_binary(data)
             elif text is not None:
+                self.last_activity = time.monotonic()
+                self.stats.messages += 1
+                size = len(text.encode())
+                if size > limit:
+                    self._oversized = size
+                    self._audio_wake.set()
+                    continue
                 await self._on_text(text)
+
+    def _on_binary(self, data: bytes) -> None:
+        """One binary message: count it, decode it, and queue the audio for the pump. Runs in the
+        socket's read callback (ws_protocol.py), so it never awaits and never raises."""
+        if not self._accepting_audio or self._oversized is not None:
+            return
+        now = time.monotonic()
+        self.last_activity = now
+        stats = self.stats
+        stats.messages += 1
+        size = len(data)
+        if size > self.settings.max_message_bytes:
+            self._oversized = size            # the pump sends the error and ends the session
+            self._audio_wake.set()
+            return
+        if size <= 2:                          # the app's [0x8A, 0x00] heartbeat: activity, not audio
+            stats.keepalives += 1
+            return
+        stats.audio_bytes += size
+        try:
+            pcm = self.decoder.decode(data)
+        except codecs.DecodeError as exc:
+            self._on_decode_error(exc, now)
+            return
+        except Exception:
+            log.exception("decoder failed sid=%s codec=%s", self.id, self.params.codec)
+            self._on_decode_error(codecs.DecodeError("decoder failed"), now)
+            return
+        self._first_bad_frame_at = None
+        if len(pcm) == 0:
+            return
+        self._pending.append(pcm)
+        self._pending_samples += len(pcm)
+        self.metrics.audio_arrived(self.clock.samples + self._pending_samples, now)
+        if self._pending_samples >= AUDIO_PIECE_SAMPLES:
+            self._audio_wake.set()
+            if self._pending_samples > MAX_PENDING_SAMPLES and self._sink is not None:
+                self._sink.pause_reading()
+
+    async def _audio_pump(self) -> None:
+        """Move pending audio on, piece by piece; act on what the sink could not (it cannot await)."""
+        while True:
+            await self._audio_wake.wait()
+            self._audio_wake.clear()
+            if self._oversized is not None:
+                limit = self.settings.max_message_bytes
+                await self.send_json(events.error(
+                    1009, f"message of {self._oversized} bytes exceeds the {limit}-byte limit"))
+                raise EndSession(1009, "message too large")
+            if self._decode_warning_due:
+                self._decode_warning_due = False
+                await self.send_json(events.service_status("decode_errors", dropped_frames=self.stats.decode_errors))
+            await self._push_pending()
+
+    async def _push_pending(self) -> None:
+        if not self._pending:
+            return
+        pending = self._pending
+        pcm = pending[0] if len(pending) == 1 else np.concatenate(pending)
+        self._pending = []
+        self._pending_samples = 0
+        if self._sink is not None:
+            self._sink.resume_reading()
+        self.clock.advance(len(pcm))
+        self.metrics.audio_in(len(pcm))
+        self.ring.append(pcm)
+        if self.live is not None:
+            self.live.add_audio(pcm)
+        if self.stream is not None:
+            await self.stream.send(pcm)
 
     async def _transcribe_loop(self) -> None:
         assert self.stream is not None
@@ -227,8 +318,13 @@ class Session:
             raise EndSession(1011, "transcription_service_unavailable") from None
 
     async def _flush_loop(self) -> None:
+        interval, phase = self.settings.flush_interval, self.gateway.flush_phase()
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.settings.flush_interval)
+            # To the next multiple of the interval past this session's phase (Gateway.flush_phase).
+            await asyncio.sleep(interval - (loop.time() - phase) % interval)
+            # A client that stopped mid-piece: its last audio waits at most one interval.
+            await self._push_pending()
             await self._flush()
 
     async def _flush(self) -> None:
@@ -276,35 +372,16 @@ class Session:
             await asyncio.sleep(timeout - idle)
 
     # -- inbound -------------------------------------------------------------------------
-    async def _on_audio(self, data: bytes) -> None:
-        assert self.decoder is not None
-        self.stats.audio_bytes += len(data)
-        try:
-            pcm = self.decoder.decode(data)
-        except codecs.DecodeError as exc:
-            await self._on_decode_error(exc)
-            return
-        self._first_bad_frame_at = None
-        if len(pcm) == 0:
-            return
-        self.clock.advance(len(pcm))
-        self.metrics.audio_in(len(pcm), self.clock.samples)
-        self.ring.append(pcm)
-        if self.live is not None:
-            self.live.add_audio(pcm)
-        if self.stream is not None:
-            await self.stream.send(pcm)
-
-    async def _on_decode_error(self, exc: Exception) -> None:
+    def _on_decode_error(self, exc: Exception, now: float) -> None:
         self.stats.decode_errors += 1
         self.metrics.decode_error()
-        now = time.monotonic()
         if self._first_bad_frame_at is None:
             self._first_bad_frame_at = now
             log.debug("decode error sid=%s codec=%s: %s", self.id, self.params.codec, exc)
         elif not self._decode_warning_sent and now - self._first_bad_frame_at >= self.settings.decode_error_report_after:
             self._decode_warning_sent = True
-            await self.send_json(events.service_status("decode_errors", dropped_frames=self.stats.decode_errors))
+            self._decode_warning_due = True    # sent by the pump
+            self._audio_wake.set()
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -409,6 +486,11 @@ class Session:
 
     async def _teardown(self, end: EndSession) -> None:
         self._client_gone = self._client_gone or end.client_gone
+        self._accepting_audio = False          # later messages are dropped, as once the receive loop ended
+        try:
+            await self._push_pending()
+        except Exception:
+            log.exception("passing on the last audio of sid=%s failed", self.id)
         if self.stream is not None:
             await self._finish_stream()
         if self.decoder is not None:
