@@ -11,6 +11,9 @@ Latency: the client remembers when it sent every frame. With the null provider
 word's latency is its arrival minus the send time of the frame that completed it; each word is
 counted once, however often its segment is re-sent as it grows. With a real engine the segment's
 ``end`` stands in for the word (exact only for a new conversation, whose time 0 is the stream's).
+Besides every word's latency, the report gives the *steady* latency: only words whose frame was
+sent while every stream was sending (after the last one started, before the first one stopped),
+which is the latency of N concurrent streams without the connection ramp and the closing.
 
 Every reply is checked: segment arrays must carry the PROTOCOL §4 keys, events must be objects
 with a ``type``, and with the null provider every word must arrive, once, in order. A stream fails
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import math
 import sys
 import time
@@ -76,6 +80,8 @@ class StreamOutcome:
     connect_seconds: float | None = None  # handshake done
     ready_seconds: float | None = None    # service_status ready received
     latencies: list[float] = field(default_factory=list)
+    latency_sent_at: list[float] = field(default_factory=list)   # monotonic send time of each latency's frame
+    sending: tuple[float, float] | None = None   # monotonic first and last frame times
     words: int = 0
     segment_versions: int = 0
     frames_sent: int = 0
@@ -123,8 +129,25 @@ class LoadReport:
     def errors(self) -> collections.Counter:
         return collections.Counter(o.failure for o in self.outcomes if o.failure)
 
-    def latency_percentiles(self) -> dict[str, float]:
-        values = self.latencies
+    def steady_window(self) -> tuple[float, float] | None:
+        """From the moment the last stream started sending to the moment the first one stopped."""
+        spans = [o.sending for o in self.outcomes if o.sending is not None]
+        if len(spans) < len(self.outcomes) or not spans:
+            return None
+        start, end = max(s for s, _ in spans), min(e for _, e in spans)
+        return (start, end) if end > start else None
+
+    @property
+    def steady_latencies(self) -> np.ndarray:
+        window = self.steady_window()
+        if window is None:
+            return np.zeros(0)
+        start, end = window
+        return np.fromiter((x for o in self.outcomes for x, at in zip(o.latencies, o.latency_sent_at)
+                            if start <= at <= end), dtype=float)
+
+    def latency_percentiles(self, steady: bool = False) -> dict[str, float]:
+        values = self.steady_latencies if steady else self.latencies
         if not values.size:
             return {}
         return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)} | {"max": float(values.max())}
@@ -166,6 +189,11 @@ class LoadReport:
         if latency:
             out.append("latency   " + "  ".join(f"{k} {_ms(v)}" for k, v in latency.items())
                        + f"   ({self.latencies.size} words)")
+        steady = self.latency_percentiles(steady=True)
+        if steady:
+            start, end = self.steady_window()
+            out.append("steady    " + "  ".join(f"{k} {_ms(v)}" for k, v in steady.items())
+                       + f"   ({self.steady_latencies.size} words sent in the {end - start:.1f} s all streams were sending)")
         lags = self._values("max_lag")
         frames = sum(o.frames_sent for o in self.outcomes)
         out.append(f"sent      {frames} frames; client pace lag max {_ms(max(lags) if lags else 0.0)}"
@@ -231,6 +259,10 @@ async def run_load(config: LoadTestConfig, pcm16k: np.ndarray | None = None,
     loop = asyncio.get_running_loop()
     before = await loop.run_in_executor(None, fetch_metrics, metrics_at)
 
+    if config.tokens is not None:
+        # Minted before the clock starts (an RSA signature each), not on the clients' loop.
+        minted = await loop.run_in_executor(None, lambda: [config.tokens(i) for i in range(config.streams)])
+        config = dataclasses.replace(config, tokens=minted.__getitem__)
     progress = Progress(config.streams)
     reporter = asyncio.create_task(_report_progress(progress, progress_out)) if progress_out else None
     ramp = config.ramp_seconds()
@@ -355,6 +387,7 @@ class _Client:
                 self._fail("server not reading")
                 break
             self.outcome.frames_sent = index
+            self.outcome.sending = (start, time.monotonic())
             await asyncio.sleep(max(0.0, start + index * seconds + tick - seconds - time.monotonic()))
 
     async def _hold(self, ws, receiver: asyncio.Task) -> None:
@@ -414,6 +447,7 @@ class _Client:
         index = max(0, math.ceil(audio_time / self.message_seconds - 1e-6) - 1)
         if index < self.sent_at.size and not math.isnan(self.sent_at[index]):
             self.outcome.latencies.append(now - self.sent_at[index])
+            self.outcome.latency_sent_at.append(float(self.sent_at[index]))
 
     def _check_close(self, ws) -> None:
         """Only a close we started, answered with 1000, is clean; a server that closes first fails the stream."""

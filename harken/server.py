@@ -31,7 +31,7 @@ PROTOCOL_MAX_SIZE_FACTOR = 16
 # The cyclic garbage collector's young generation is scanned every 700 allocations by default;
 # with hundreds of sessions alive (thousands of coroutine frames, buffers, SQL objects) those
 # passes took ~6 % of the server's CPU. Fewer young passes; start-up objects frozen (below).
-GC_THRESHOLDS = (20_000, 20, 20)
+GC_THRESHOLDS = (5_000, 10, 10)
 
 
 def uvicorn_config(settings: Settings, app=None) -> uvicorn.Config:
