@@ -103,6 +103,7 @@ class Session:
         self._oversized: int | None = None        # size of a message over the limit
         self._decode_warning_due = False
         self._sink = None                          # the server's binary sink, when it offers one
+        self._send_nowait = None                   # the stream's synchronous send, when it has one
 
     # -- public -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -154,6 +155,13 @@ class Session:
             self.stream = await self._open_stt()
         # From here on binary messages reach _on_binary straight from the socket's read callback
         # (ws_protocol.py), without a trip through the ASGI queue each.
+        # FallbackStream buffers without awaiting: pieces go to it from _on_binary directly. A
+        # gated stream (VAD, which forwards other attributes to its FallbackStream) needs the
+        # pump task.
+        if self.stream is None:
+            self._send_nowait = lambda pcm: None
+        elif isinstance(self.stream, FallbackStream):
+            self._send_nowait = self.stream.send_nowait
         self._sink = binary_sink(self.ws.scope)
         if self._sink is not None:
             self._sink.attach(self._on_binary)
@@ -270,6 +278,13 @@ class Session:
         self._pending_samples += len(pcm)
         self.metrics.audio_arrived(self.clock.samples + self._pending_samples, now)
         if self._pending_samples >= AUDIO_PIECE_SAMPLES:
+            if self._send_nowait is not None:
+                try:
+                    self._pass_on(self._take_pending())
+                except Exception:
+                    log.exception("passing audio on failed sid=%s", self.id)
+                    self.request_end(1011, "internal error")
+                return
             self._audio_wake.set()
             if self._pending_samples > MAX_PENDING_SAMPLES and self._sink is not None:
                 self._sink.pause_reading()
@@ -292,19 +307,31 @@ class Session:
     async def _push_pending(self) -> None:
         if not self._pending:
             return
-        pending = self._pending
-        pcm = pending[0] if len(pending) == 1 else np.concatenate(pending)
-        self._pending = []
-        self._pending_samples = 0
+        pcm = self._take_pending()
         if self._sink is not None:
             self._sink.resume_reading()
+        if self._send_nowait is not None:
+            self._pass_on(pcm)
+            return
+        self._pass_on(pcm, to_stream=False)
+        if self.stream is not None:
+            await self.stream.send(pcm)
+
+    def _take_pending(self) -> np.ndarray:
+        pending = self._pending
+        self._pending = []
+        self._pending_samples = 0
+        return pending[0] if len(pending) == 1 else np.concatenate(pending)
+
+    def _pass_on(self, pcm: np.ndarray, to_stream: bool = True) -> None:
+        """A piece of decoded audio to the clock, the ring, the audio webhook and the stream."""
         self.clock.advance(len(pcm))
         self.metrics.audio_in(len(pcm))
         self.ring.append(pcm)
         if self.live is not None:
             self.live.add_audio(pcm)
-        if self.stream is not None:
-            await self.stream.send(pcm)
+        if to_stream:
+            self._send_nowait(pcm)
 
     async def _transcribe_loop(self) -> None:
         assert self.stream is not None

@@ -259,6 +259,11 @@ class FallbackStream(STTStream):
     # --- STTStream ------------------------------------------------------------------------
     async def send(self, pcm: np.ndarray) -> None:
         """Buffer samples (copied) for the active provider; returns at once."""
+        self.send_nowait(pcm)
+
+    def send_nowait(self, pcm: np.ndarray) -> None:
+        """``send`` without the coroutine: the session calls it straight from the socket's read
+        callback, sparing a task wake-up per piece of audio."""
         if self._closing:
             return           # a session tearing down may still hand over its last frame
         self._ensure_running()
