@@ -178,7 +178,7 @@ def _load_signing_key(path: Path, mtime_ns: int) -> rsa.RSAPrivateKey:
     keyed by the file's modification time so a replaced key file is read again."""
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError(f"{path} does not hold an RSA private key")
+        raise ValueError(f"{path} does not hold an RSA signing key")
     return key
 
 
