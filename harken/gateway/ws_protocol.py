@@ -71,12 +71,8 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
             super().send_receive_event_to_app()
             return
         frames = self.frames
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
         self.frames = []
-        try:
-            sink(data)
-        except Exception:       # a sink bug must not kill the connection's read path
-            log.exception("binary sink failed")
+        _deliver(sink, frames[0] if len(frames) == 1 else b"".join(frames))
 
     # -- BinarySink -----------------------------------------------------------------------
     def attach_sink(self, callback: Callable[[bytes], None]) -> None:
@@ -84,7 +80,7 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
         while not self.queue.empty():
             message = self.queue.get_nowait()
             if message["type"] == "websocket.receive" and message.get("bytes") is not None:
-                callback(message["bytes"])
+                _deliver(callback, message["bytes"])
             else:
                 kept.append(message)
         for message in kept:
@@ -114,3 +110,12 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
             if not self._sink_paused:
                 self.transport.resume_reading()
         return message
+
+
+def _deliver(sink: Callable[[bytes], None], data: bytes) -> None:
+    """One message to the sink, live or queued before it attached: a sink bug must not kill the
+    connection's read path (or the session opening that attaches it)."""
+    try:
+        sink(data)
+    except Exception:
+        log.exception("binary sink failed")
