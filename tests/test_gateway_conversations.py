@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 
 import httpx
@@ -214,3 +215,40 @@ async def test_custom_stt_segments_reach_the_client_the_store_and_the_webhook(ma
 
     hooked = {s["id"]: s["text"] for batch in delivered for s in batch}
     assert hooked == {i: s["text"] for i, s in received.items()}
+
+
+async def test_a_client_closing_while_its_words_are_being_stored_loses_none_of_them(make_gateway):
+    """The session ends (task group cancelled) while a flush waits for the store: the batch must
+    still be stored. It once was withdrawn with the cancelled flush, and the teardown's last flush
+    found the builder already emptied, so the conversation was stored without those words."""
+    server = make_gateway()
+    committer = server.gateway.conversations._batches
+    original_save = committer.save
+    storing = threading.Event()
+
+    async def slow_save(request):
+        if request.changed and not storing.is_set():
+            storing.set()
+            await asyncio.sleep(1.5)           # the client closes meanwhile
+        return await original_save(request)
+
+    server.call(lambda: setattr(committer, "save", slow_save))
+    uid = f"impatient-{uuid.uuid4().hex[:6]}"
+    token = mint_local_token(server.settings, uid, 600)
+    url = listen_url(server.base, codec="pcm16", sample_rate=16000)
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        for message in pcm_messages(speech("goforward.wav")):
+            await ws.send(message)
+        # Bounded: the engine's words reach a flush within seconds.
+        assert await asyncio.to_thread(storing.wait, 60), "no batch with words was stored"
+    # The client has closed while its first batch with words was waiting for the store.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while server.call(lambda: len(server.gateway.sessions)) and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    listing = (await rest(server, token, "GET", "/v1/conversations")).json()
+    conversations = listing["conversations"] if isinstance(listing, dict) else listing
+    assert len(conversations) == 1
+    stored = (await rest(server, token, "GET", f"/v1/conversations/{conversations[0]['id']}")).json()
+    text = " ".join(s["text"] for s in stored["transcript_segments"]).lower()
+    assert "forward" in text and "meters" in text, text

@@ -104,6 +104,8 @@ class Session:
         self._decode_warning_due = False
         self._sink = None                          # the server's binary sink, when it offers one
         self._send_nowait = None                   # the stream's synchronous send, when it has one
+        # Flushes and relabels under way (see _uninterrupted): the teardown lets them finish.
+        self._in_flight: set[asyncio.Task] = set()
 
     # -- public -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -352,7 +354,7 @@ class Session:
             await asyncio.sleep(interval - (loop.time() - phase) % interval)
             # A client that stopped mid-piece: its last audio waits at most one interval.
             await self._push_pending()
-            await self._flush()
+            await self._uninterrupted(self._flush())
 
     async def _flush(self) -> None:
         """The 600 ms step: label the embedded engine's words by voice, merge, send, observe."""
@@ -373,12 +375,28 @@ class Session:
     async def _speaker_loop(self) -> None:
         """Apply voice matches as they come: relabel the speaker's segments, suggest the label."""
         async for match in self.speakers.matches():
-            is_user, person_id = match.segment_labels
-            batch = self.builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id)
-            await self._persist(batch)
-            await self._send_batch(batch)
-            await self.send_json(events.speaker_label_suggestion(
-                match.speaker_id, match.person_id, match.person_name, match.segment_id))
+            await self._uninterrupted(self._apply_match(match))
+
+    async def _apply_match(self, match) -> None:
+        is_user, person_id = match.segment_labels
+        batch = self.builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id)
+        await self._persist(batch)
+        await self._send_batch(batch)
+        await self.send_json(events.speaker_label_suggestion(
+            match.speaker_id, match.person_id, match.person_name, match.segment_id))
+
+    async def _uninterrupted(self, step) -> None:
+        """Run ``step`` so that the session ending cannot cut it in half.
+
+        A flush takes words out of the builder and then awaits the store. Cancelled there (the
+        client closed, so the task group cancels its tasks), the store withdraws the batch, and
+        the teardown's last flush would find the builder already emptied: the words would be in
+        no stored conversation. So the step runs as its own task, shielded, and the teardown
+        waits for it before its own last flush."""
+        task = asyncio.ensure_future(step)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        await asyncio.shield(task)
 
     async def _ping_loop(self) -> None:
         while True:
@@ -514,6 +532,9 @@ class Session:
     async def _teardown(self, end: EndSession) -> None:
         self._client_gone = self._client_gone or end.client_gone
         self._accepting_audio = False          # later messages are dropped, as once the receive loop ended
+        if self._in_flight:
+            # Their failures (a client gone mid-send) were the task group's business already.
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
         try:
             await self._push_pending()
         except Exception:
