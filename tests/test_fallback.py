@@ -15,6 +15,7 @@ import pytest
 from harken.config import Settings
 from harken.stt import STTError, FallbackPolicy, FallbackStream, Link, StreamConfig, Word
 from harken.stt.deepgram import DeepgramProvider
+from harken.stt.null import NullProvider, NullStream
 from harken.stt.soniox import SonioxProvider
 from harken.stt.speechmatics import SpeechmaticsProvider
 
@@ -339,3 +340,93 @@ async def test_from_the_embedded_engine_back_to_the_cloud_at_a_quiet_second():
     cut = origin + FAST.replay_preroll
     assert any(a <= origin and cut <= b for a, b in pauses), (origin, pauses)
     assert words and all(w.end <= cut for w in words)   # the engine's words all precede the cut
+
+
+# --- streams whose send never waits are fed without the feeder task ------------------------------
+
+class CountingNullStream(NullStream):
+    """The null engine, counting how its audio came: through the feeder (``send``) or handed
+    over synchronously (``send_nowait``); it fails every call past ``fail_after`` samples."""
+
+    def __init__(self, *args, fail_after: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_after = fail_after
+        self.calls = {"send": 0, "send_nowait": 0}
+
+    async def send(self, pcm):
+        self.calls["send"] += 1
+        self.send_nowait(pcm, counted=False)
+
+    def send_nowait(self, pcm, counted: bool = True):
+        if counted:
+            self.calls["send_nowait"] += 1
+        if self.fail_after is not None and self._received + len(pcm) > self.fail_after:
+            raise STTError("engine crashed")
+        super().send_nowait(pcm)
+
+
+class CountingNullProvider(NullProvider):
+    def __init__(self, fail_after: int | None = None):
+        super().__init__()
+        self.fail_after = fail_after
+        self.streams: list[CountingNullStream] = []
+
+    async def open(self, config):
+        stream = CountingNullStream(round(self.word_seconds * config.sample_rate), config.sample_rate,
+                                    fail_after=self.fail_after)
+        self.streams.append(stream)
+        return stream
+
+
+async def feed_like_a_session(stream: FallbackStream, seconds: float, piece: float = 0.04) -> list[Word]:
+    """Pieces of audio through ``send_nowait`` as a session's read callback hands them over, at
+    10x real time, with a finalize now and then; returns every word once the stream closed."""
+    words: list[Word] = []
+
+    async def read() -> None:
+        async for word in stream:
+            words.append(word)
+
+    reader = asyncio.create_task(read())
+    await stream.start()
+    size = int(piece * 16000)
+    for index in range(int(seconds / piece)):
+        stream.send_nowait(np.full(size, index % 100, np.int16))
+        if index % 50 == 49:
+            await stream.finalize()
+        await asyncio.sleep(piece / 10)
+    await stream.close()
+    await asyncio.wait_for(reader, 10)
+    return words
+
+
+@pytest.mark.timeout(20)
+async def test_a_stream_whose_send_never_waits_gets_the_audio_straight_from_send_nowait():
+    provider = CountingNullProvider()
+    stream = FallbackStream([Link(provider, {})], StreamConfig(language="en"), policy=FAST)
+    words = await feed_like_a_session(stream, 6.0)
+    engine = provider.streams[0]
+    # Every sample arrived once, in order: the null engine names each 0.3 s word by its end.
+    assert [w.end for w in words] == pytest.approx([0.3 * k for k in range(1, 21)])
+    assert engine._received == 6 * 16000
+    # Nearly all of it without waking the feeder (which still sends what arrives while it is busy).
+    assert engine.calls["send_nowait"] >= 0.9 * 150, engine.calls
+    assert engine.calls["send"] <= 0.1 * 150, engine.calls
+
+
+@pytest.mark.timeout(20)
+async def test_a_synchronous_send_that_fails_hands_over_to_the_next_provider_without_a_hole():
+    failing, spare = CountingNullProvider(fail_after=3 * 16000), CountingNullProvider()
+    spare.name = "spare"
+    statuses: list[dict] = []
+    stream = FallbackStream([Link(failing, {}), Link(spare, {})], StreamConfig(language="en"),
+                            statuses.append, policy=FAST)
+    words = await feed_like_a_session(stream, 6.0)
+    assert [(s["previous_provider"], s["reason"]) for s in statuses if s["status"] == "stt_switched"] \
+        == [("null", "send_failed")]
+    assert failing.streams[0].calls["send_nowait"] > 0      # it did fail on the synchronous path
+    ends = [w.end for w in words]
+    assert ends == sorted(ends) and len(set(ends)) == len(ends)          # nothing doubled
+    gaps = np.diff([0.0, *ends])
+    assert gaps.max() <= 0.3 + 1e-6                                      # nothing lost
+    assert ends[-1] == pytest.approx(6.0, abs=0.3)

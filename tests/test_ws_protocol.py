@@ -4,13 +4,20 @@ server on loopback and the websockets client: order, fragments, control frames, 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
+import os
+import random
+import socket
 import time
+from urllib.parse import urlsplit
 
 import pytest
 import uvicorn
 import websockets
+import websockets.server
+from websockets.frames import apply_mask
 
 from harken.gateway.ws_protocol import SinkingWebSocketProtocol, binary_sink
 
@@ -51,6 +58,9 @@ async def sink_app(scope, receive, send):
             received.append(("queue", digest(message["bytes"]), time.monotonic()))
         elif message["text"] == "attach":
             sink.attach(take)
+        elif message["text"] == "attach and ack":
+            sink.attach(take)
+            await send({"type": "websocket.send", "text": "attached"})
         elif message["text"] == "pause":
             sink.pause_reading()
             paused_between.append(time.monotonic())
@@ -119,3 +129,119 @@ async def test_a_paused_sink_receives_nothing_until_resumed(sink_server):
 async def test_without_the_sink_protocol_the_app_receives_through_the_queue():
     scope = {"type": "websocket", "extensions": {"websocket.http.response": {}}}
     assert binary_sink(scope) is None
+
+
+# --- this protocol's own framing, byte by byte -------------------------------------------------
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One masked client frame (RFC 6455 §5.2), with the shortest length encoding."""
+    first = (0x80 if fin else 0) | opcode
+    size = len(payload)
+    if size < 126:
+        head = bytes([first, 0x80 | size])
+    elif size < 65536:
+        head = bytes([first, 0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head = bytes([first, 0x80 | 127]) + size.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + apply_mask(payload, mask)
+
+
+class RawClient:
+    """A WebSocket client that writes bytes exactly as the test cuts them (TCP_NODELAY)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, url: str) -> "RawClient":
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write((f"GET / HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        response = await reader.readuntil(b"\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 101"), response
+        return cls(reader, writer)
+
+    async def write(self, data: bytes, pause: float = 0.0) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+        if pause:
+            await asyncio.sleep(pause)        # so the server reads this piece on its own
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        first, second = await self.reader.readexactly(2)
+        size = second & 0x7F
+        if size == 126:
+            size = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif size == 127:
+            size = int.from_bytes(await self.reader.readexactly(8), "big")
+        return first & 0x0F, await self.reader.readexactly(size)
+
+    async def read_text(self) -> str:
+        while True:
+            opcode, payload = await self.read_frame()
+            if opcode == 0x1:
+                return payload.decode()
+            assert opcode in (0x9, 0xA), opcode         # pings and pongs may come between
+
+
+async def test_frames_cut_anywhere_reach_the_sink_whole_in_order_without_the_websockets_parser(
+        sink_server, monkeypatch):
+    fed = []
+    original = websockets.server.ServerProtocol.receive_data
+    monkeypatch.setattr(websockets.server.ServerProtocol, "receive_data",
+                        lambda self, data: (fed.append(len(data)), original(self, data))[1])
+    rng = random.Random(7)
+    # Every length encoding: 7-bit (0 and 125 at its edges), 16-bit (126, 65535), 64-bit.
+    sizes = [0, 1, 80, 125, 126, 127, 300, 65535, 65536, 70000] + [rng.randrange(1, 400) for _ in range(40)]
+    payloads = [rng.randbytes(size) for size in sizes]
+    client = await RawClient.connect(sink_server)
+    await client.write(client_frame(0x1, b"attach and ack"))
+    assert await client.read_text() == "attached"
+    fed.clear()
+    stream = b""
+    for index, payload in enumerate(payloads):
+        stream += client_frame(0x2, payload)
+        if index % 9 == 4:
+            stream += client_frame(0x9, b"ping")         # a control frame between data frames
+        if index % 13 == 6:
+            stream += client_frame(0x1, "noop".encode())  # a text message between binary ones
+    # The first kilobyte one byte per read (every cut inside a header, a mask, a payload),
+    # the rest in pieces of up to 5000 bytes.
+    position = 0
+    while position < len(stream):
+        step = 1 if position < 1024 else rng.randrange(1, 5000)
+        await client.write(stream[position:position + step], pause=0.001 if step == 1 else 0.0)
+        position += step
+    await client.write(client_frame(0x1, b"report"))
+    result = json.loads(await client.read_text())
+    assert [d for _, d, _ in result["received"]] == [digest(p) for p in payloads]
+    assert {path for path, _, _ in result["received"]} == {"sink"}
+    binary_bytes = sum(len(p) for p in payloads)
+    # websockets parsed only the pings, the text frames and "report": a few hundred bytes.
+    assert sum(fed) < 1000 < binary_bytes, (sum(fed), binary_bytes)
+
+    await client.write(client_frame(0x8, (1000).to_bytes(2, "big")))
+    opcode, payload = await client.read_frame()
+    while opcode != 0x8:
+        opcode, payload = await client.read_frame()
+    assert int.from_bytes(payload[:2], "big") == 1000      # the close handshake still works
+    client.writer.close()
+
+
+async def test_a_frame_over_the_size_limit_is_refused_with_1009_before_its_payload_arrives(sink_server):
+    client = await RawClient.connect(sink_server)
+    await client.write(client_frame(0x1, b"attach and ack"))
+    assert await client.read_text() == "attached"
+    await client.write(client_frame(0x2, b"fine"))
+    # Only the header of a 1 GiB frame: the server must not wait for (or buffer) the payload.
+    await client.write(bytes([0x82, 0x80 | 127]) + (1 << 30).to_bytes(8, "big") + os.urandom(4))
+    opcode, payload = await asyncio.wait_for(client.read_frame(), 5)
+    while opcode != 0x8:
+        opcode, payload = await asyncio.wait_for(client.read_frame(), 5)
+    assert int.from_bytes(payload[:2], "big") == 1009
+    client.writer.close()

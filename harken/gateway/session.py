@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import numpy as np
@@ -354,16 +355,11 @@ class Session:
             await asyncio.sleep(interval - (loop.time() - phase) % interval)
             # A client that stopped mid-piece: its last audio waits at most one interval.
             await self._push_pending()
-            await self._uninterrupted(self._flush())
+            await self._flush()
 
     async def _flush(self) -> None:
-        """The 600 ms step: label the embedded engine's words by voice, merge, send, observe."""
-        if self._undiarized:
-            words, self._undiarized = self._undiarized, []
-            words = await self.speakers.diarize_words(words)
-            self._add_words(words, EMBEDDED_PROVIDER)
-        batch = self.builder.flush()
-        await self._persist(batch)          # stored before sent: nothing the client saw is lost
+        """The 600 ms step: label the embedded engine's words by voice, merge, store, send, observe."""
+        batch = await self._uninterrupted(self._store_next_batch())
         await self._send_batch(batch)
         if not self._client_gone:
             self.metrics.batch_sent(batch.changed, self.time_offset)
@@ -375,28 +371,42 @@ class Session:
     async def _speaker_loop(self) -> None:
         """Apply voice matches as they come: relabel the speaker's segments, suggest the label."""
         async for match in self.speakers.matches():
-            await self._uninterrupted(self._apply_match(match))
+            await self._apply_match(match)
 
-    async def _apply_match(self, match) -> None:
+    async def _store_next_batch(self) -> Batch:
+        if self._undiarized:
+            words, self._undiarized = self._undiarized, []
+            words = await self.speakers.diarize_words(words)
+            self._add_words(words, EMBEDDED_PROVIDER)
+        batch = self.builder.flush()
+        await self._persist(batch)          # stored before sent: nothing the client saw is lost
+        return batch
+
+    async def _store_relabel(self, match) -> Batch:
         is_user, person_id = match.segment_labels
         batch = self.builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id)
         await self._persist(batch)
+        return batch
+
+    async def _apply_match(self, match) -> None:
+        batch = await self._uninterrupted(self._store_relabel(match))
         await self._send_batch(batch)
         await self.send_json(events.speaker_label_suggestion(
             match.speaker_id, match.person_id, match.person_name, match.segment_id))
 
-    async def _uninterrupted(self, step) -> None:
-        """Run ``step`` so that the session ending cannot cut it in half.
+    async def _uninterrupted(self, step: Awaitable[Batch]) -> Batch:
+        """Run ``step`` (take words out of the builder, store them) so that the session ending
+        cannot cut it in half.
 
-        A flush takes words out of the builder and then awaits the store. Cancelled there (the
-        client closed, so the task group cancels its tasks), the store withdraws the batch, and
-        the teardown's last flush would find the builder already emptied: the words would be in
-        no stored conversation. So the step runs as its own task, shielded, and the teardown
-        waits for it before its own last flush."""
+        Cancelled while awaiting the store (the client closed, so the task group cancels its
+        tasks), the store withdraws the batch, and the teardown's last flush would find the
+        builder already emptied: the words would be in no stored conversation. So the step runs
+        as its own task, shielded, and the teardown waits for it before its own last flush. The
+        sending that follows is not shielded: it may wait on a client that is gone."""
         task = asyncio.ensure_future(step)
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
     async def _ping_loop(self) -> None:
         while True:
@@ -533,7 +543,7 @@ class Session:
         self._client_gone = self._client_gone or end.client_gone
         self._accepting_audio = False          # later messages are dropped, as once the receive loop ended
         if self._in_flight:
-            # Their failures (a client gone mid-send) were the task group's business already.
+            # Their failures (a lease lost) were the task group's business already.
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         try:
             await self._push_pending()

@@ -12,6 +12,15 @@ simply does not find it and keeps receiving everything through ``receive()``. Th
 raise and must be quick (decode and append): it runs inside the event loop's read callback.
 Back-pressure is the sink owner's business: ``pause_reading``/``resume_reading`` are offered for
 when its consumer falls behind.
+
+Framing. Parsing a frame through websockets' generator-based parser and its events costs ~2.8 µs,
+a tenth of the gateway's CPU at a few hundred streams. So once the handshake is done and
+websockets' parser waits at a frame boundary, this protocol cuts the byte stream into frames
+itself: a complete, final, masked binary frame without extension bits, while a sink is attached
+and no fragmented message is open, is unmasked here and goes straight to the sink; every other
+frame (text, control, fragments, compressed, oversized) is handed to websockets whole, so its
+parser always starts at a frame boundary and keeps enforcing the protocol for them. After a close
+frame everything goes to websockets, as before.
 """
 
 from __future__ import annotations
@@ -20,8 +29,15 @@ import logging
 from collections.abc import Callable
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import apply_mask
+from websockets.protocol import State
+from websockets.streams import StreamReader
 
 SCOPE_EXTENSION = "harken.binary_sink"
+
+_FIN_BINARY = 0x82              # first header byte: FIN, no RSV bits, opcode 2
+_OPCODE_CONTINUATION = 0x0
+_OPCODE_CLOSE = 0x8
 
 log = logging.getLogger("harken.ws")
 
@@ -58,6 +74,80 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._sink: Callable[[bytes], None] | None = None
         self._sink_paused = False
+        # Bytes of an incomplete frame, once this protocol does the framing (None before).
+        self._partial: bytearray | None = None
+        self._framing_done = False      # never (again) frame here: websockets parses the rest
+        self._fragmented = False        # websockets holds an unfinished fragmented message
+
+    # -- framing --------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._partial is None:
+            if self._framing_done or not self._can_take_framing():
+                super().data_received(data)
+                return
+            self._partial = bytearray()
+        if self._partial:
+            self._partial += data
+            data = bytes(self._partial)
+            self._partial.clear()
+        self._split_frames(data)
+
+    def _can_take_framing(self) -> bool:
+        """True when the handshake is done and websockets' parser waits between two frames."""
+        conn = self.conn
+        if not self.handshake_complete or self.close_sent or conn.state is not State.OPEN:
+            return False
+        if conn.reader.buffer or conn.parser_exc is not None:
+            return False
+        inner = conn.parser
+        while getattr(inner, "gi_yieldfrom", None) is not None:
+            inner = inner.gi_yieldfrom
+        return getattr(inner, "gi_code", None) is StreamReader.at_eof.__code__
+
+    def _split_frames(self, data: bytes) -> None:
+        size, pos = len(data), 0
+        limit = self.conn.max_message_size
+        while size - pos >= 2:
+            first, second = data[pos], data[pos + 1]
+            length, head = second & 0x7F, 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, head = int.from_bytes(data[pos + 2:pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, head = int.from_bytes(data[pos + 2:pos + 10], "big"), 10
+            if limit is not None and length > limit:
+                self._give_up_framing(data[pos:])     # websockets closes with 1009
+                return
+            masked = second & 0x80
+            if masked:
+                head += 4
+            end = pos + head + length
+            if end > size:
+                break
+            if first == _FIN_BINARY and masked and self._sink is not None and not self._fragmented \
+                    and not self.close_sent:
+                _deliver(self._sink, apply_mask(data[pos + head:end], data[pos + head - 4:pos + head]))
+            else:
+                opcode = first & 0x0F
+                if opcode == _OPCODE_CLOSE:
+                    self._give_up_framing(data[pos:])
+                    return
+                if opcode == _OPCODE_CONTINUATION or opcode in (0x1, 0x2):
+                    self._fragmented = not first & 0x80
+                super().data_received(data[pos:end])
+                if self.conn.parser_exc is not None or self.transport.is_closing():
+                    self._framing_done, self._partial = True, None
+                    return
+            pos = end
+        if pos < size:
+            self._partial += data[pos:]
+
+    def _give_up_framing(self, rest: bytes) -> None:
+        self._framing_done, self._partial = True, None
+        super().data_received(rest)
 
     def handle_connect(self, event) -> None:
         super().handle_connect(event)

@@ -53,10 +53,18 @@ class STTStream(abc.ABC):
     """One live transcription stream. Not thread-safe: use from one event loop."""
 
     provider_name: str = "?"
+    #: True when ``send`` never awaits anything: then ``send_nowait`` does the same without a
+    #: coroutine, and ``FallbackStream`` feeds the stream straight from the session's read
+    #: callback instead of waking its feeder task for every piece of audio.
+    immediate_send: bool = False
 
     @abc.abstractmethod
     async def send(self, pcm: np.ndarray) -> None:
         """Queue int16 samples (16 kHz mono). Never blocks on the engine."""
+
+    def send_nowait(self, pcm: np.ndarray) -> None:
+        """``send`` for streams with ``immediate_send``."""
+        raise NotImplementedError(f"{type(self).__name__} has no synchronous send")
 
     @abc.abstractmethod
     async def finalize(self) -> None:

@@ -200,6 +200,7 @@ class _Active:
     close_requested: bool = False
     last_sent_at: float = 0.0      # time.monotonic() of the last send
     resumed_at: float = 0.0        # when audio started flowing again after a pause
+    feeder_waiting: bool = False   # the feeder has sent everything and waits for audio
 
     @property
     def name(self) -> str:
@@ -238,6 +239,7 @@ class FallbackStream(STTStream):
         self._on_failure = on_failure or (lambda provider, reason: None)   # (provider, reason), for metrics
         self.policy = policy or FallbackPolicy()
         self._buffer = ReplayBuffer(max(1, int(self.policy.replay_seconds * SAMPLE_RATE)))
+        self._max_frame = max(1, int(self.policy.max_frame_seconds * SAMPLE_RATE))   # samples per send
         self._audio = asyncio.Event()
         self._finalize_marks: deque[int] = deque()   # buffer positions at which finalize() was asked
         self._out = WordQueue()                  # (word, provider name) pairs
@@ -267,9 +269,24 @@ class FallbackStream(STTStream):
         if self._closing:
             return           # a session tearing down may still hand over its last frame
         self._ensure_running()
-        evicted = self._buffer.append(np.array(pcm, dtype=np.int16, copy=True).reshape(-1))
+        samples = np.array(pcm, dtype=np.int16, copy=True).reshape(-1)
+        starts_at = self._buffer.end
+        evicted = self._buffer.append(samples)
         if evicted and self._active is None:
             log.debug("replay buffer full while connecting: oldest %d samples evicted", evicted)
+        active = self._active
+        if (active is not None and active.feeder_waiting and active.sent == starts_at
+                and active.stream.immediate_send and not self._finalize_marks
+                and samples.size <= self._max_frame):
+            # The feeder would only wake to pass exactly this on: do it here, sparing the wake-up.
+            now = self._stall_clock(active)
+            try:
+                active.stream.send_nowait(samples)
+            except Exception:
+                self._audio.set()       # the feeder sends it again and turns the error into a failover
+                return
+            self._mark_sent(active, samples.size, now)
+            return
         self._audio.set()
 
     async def finalize(self) -> None:
@@ -497,7 +514,7 @@ class FallbackStream(STTStream):
 
     async def _feed(self, active: _Active) -> None:
         """Forward buffered audio to the provider as it arrives; on close, finish with close()."""
-        frame = max(1, int(self.policy.max_frame_seconds * SAMPLE_RATE))
+        frame = self._max_frame
         buffer = self._buffer
         while True:
             while self._finalize_marks and active.sent >= self._finalize_marks[0]:
@@ -509,23 +526,35 @@ class FallbackStream(STTStream):
                     raise StreamFailure(f"{active.name} fell {self.policy.replay_seconds:.0f}s behind",
                                         reason="stalled")
                 chunk = buffer.read(active.sent, frame)
-                now = time.monotonic()
-                if now - active.last_sent_at >= self.policy.result_timeout:
-                    active.resumed_at = now          # a new stretch of audio: the stall clock restarts
+                now = self._stall_clock(active)
                 try:
                     await active.stream.send(chunk)
                 except Exception as exc:
                     raise as_failure(exc, "send_failed") from exc
-                active.last_sent_at = now
-                active.sent += chunk.size
-                self._release(active)
+                self._mark_sent(active, chunk.size, now)
                 continue
             if self._closing:
                 active.close_requested = True
                 await active.stream.close()
                 return
             self._audio.clear()
-            await self._audio.wait()
+            active.feeder_waiting = True     # from now on send_nowait may feed the provider itself
+            try:
+                await self._audio.wait()
+            finally:
+                active.feeder_waiting = False
+
+    def _stall_clock(self, active: _Active) -> float:
+        """Before a send: a new stretch of audio after a pause restarts the stall clock."""
+        now = time.monotonic()
+        if now - active.last_sent_at >= self.policy.result_timeout:
+            active.resumed_at = now
+        return now
+
+    def _mark_sent(self, active: _Active, samples: int, sent_at: float) -> None:
+        active.last_sent_at = sent_at
+        active.sent += samples
+        self._release(active)
 
     def _release(self, active: _Active) -> None:
         """Forget audio no failover could need: before the replay point and already sent."""

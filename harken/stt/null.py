@@ -55,6 +55,7 @@ class NullProvider(Provider):
 
 class NullStream(STTStream):
     provider_name = NAME
+    immediate_send = True
 
     def __init__(self, word_samples: int, sample_rate: int = SAMPLE_RATE):
         self._word_samples = word_samples
@@ -70,6 +71,9 @@ class NullStream(STTStream):
         return self._words.settled_until
 
     async def send(self, pcm: np.ndarray) -> None:
+        self.send_nowait(pcm)
+
+    def send_nowait(self, pcm: np.ndarray) -> None:
         if self._closed:
             return
         self._received += len(pcm)

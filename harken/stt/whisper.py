@@ -168,6 +168,7 @@ class WhisperStream(STTStream):
     """One stream on the local engine (use from one event loop)."""
 
     provider_name = EMBEDDED_PROVIDER
+    immediate_send = True            # send only runs the VAD; decodes happen in the pool
 
     def __init__(self, provider: WhisperProvider, config: StreamConfig, language: str | None, vad: StreamingVAD):
         settings = provider.settings
@@ -192,6 +193,9 @@ class WhisperStream(STTStream):
 
     # --- STTStream ----------------------------------------------------------------------
     async def send(self, pcm: np.ndarray) -> None:
+        self.send_nowait(pcm)
+
+    def send_nowait(self, pcm: np.ndarray) -> None:
         if self._error is not None:
             raise self._error
         if self._closing:
