@@ -17,7 +17,6 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import orjson
-import soxr
 import websockets
 
 TARGET_RATE = 16000
@@ -79,7 +78,9 @@ def read_wav_16k(path: str | Path) -> np.ndarray:
     if channels > 1:
         pcm = pcm[: len(pcm) - len(pcm) % channels].reshape(-1, channels).mean(axis=1).astype(np.int16)
     if rate != TARGET_RATE:
-        pcm = soxr.resample(pcm, rate, TARGET_RATE)
+        from .codecs.resample import resample_int16
+
+        pcm = resample_int16(pcm, rate, TARGET_RATE)
     return pcm.astype(np.int16)
 
 

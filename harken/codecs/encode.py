@@ -25,12 +25,12 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import soxr
 
 from .aac import AdtsFramer
 from .base import TARGET_RATE, UnsupportedFormat
 from .lc3 import LC3_RATES
 from .opus import OPUS_RATES
+from .resample import resample_int16
 
 _OPUS_DEFAULT_MS = {"opus": 10.0, "opus_fs320": 20.0}
 _LC3_FRAME_BYTES = {"lc3": 40, "lc3_fs1030": 30}  # per channel
@@ -117,7 +117,7 @@ def _device_audio(pcm16k: np.ndarray, sample_rate: int, channels: int) -> np.nda
     if pcm.ndim != 2 or pcm.shape[1] != channels:
         raise ValueError(f"audio shaped {pcm.shape} does not have {channels} channel(s)")
     if sample_rate != TARGET_RATE:
-        pcm = soxr.resample(pcm, TARGET_RATE, sample_rate)
+        pcm = resample_int16(pcm, TARGET_RATE, sample_rate)
     return np.ascontiguousarray(pcm, dtype=np.int16)
 
 
