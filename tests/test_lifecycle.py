@@ -284,13 +284,19 @@ async def test_a_graceful_stop_hands_unfinished_processing_back(store, tmp_path)
         assert (await successor.get_conversation("alice", live.conversation_id))["status"] == COMPLETED
 
 
+async def connect_users(service, clock, count: int) -> list:
+    """``count`` users (user0, user1, …) connected, each conversation's clock anchored now."""
+    lives = [await service.connect(f"user{i}", conversation_timeout=TIMEOUT) for i in range(count)]
+    for live in lives:
+        live.time_offset(clock.now)
+    return lives
+
+
 @pytest.mark.timeout(30)
 async def test_concurrent_sessions_share_transactions_and_each_batch_is_stored(store, tmp_path):
     clock = Clock()
     async with service_on(store, tmp_path, clock) as service:
-        lives = [await service.connect(f"user{i}", conversation_timeout=TIMEOUT) for i in range(20)]
-        for live in lives:
-            live.time_offset(clock.now)
+        lives = await connect_users(service, clock, 20)
         before = store.batch_transactions
         for round_no in range(3):
             await asyncio.gather(*(live.save_batch([segment(f"s{round_no}", f"round {round_no} of {i}", round_no,
@@ -309,9 +315,7 @@ async def test_concurrent_sessions_share_transactions_and_each_batch_is_stored(s
 async def test_a_batch_that_cannot_be_stored_fails_only_its_own_session(store, tmp_path):
     clock = Clock()
     async with service_on(store, tmp_path, clock) as service:
-        lives = [await service.connect(f"user{i}", conversation_timeout=TIMEOUT) for i in range(4)]
-        for live in lives:
-            live.time_offset(clock.now)
+        lives = await connect_users(service, clock, 4)
         broken = segment("s1", "a start that is no number", 0, 1) | {"start": "soon"}
         results = await asyncio.gather(*(live.save_batch([broken if i == 2 else segment("s1", f"fine {i}", 0, 1)])
                                          for i, live in enumerate(lives)), return_exceptions=True)

@@ -158,12 +158,11 @@ class Session:
             self.stream = await self._open_stt()
         # From here on binary messages reach _on_binary straight from the socket's read callback
         # (ws_protocol.py), without a trip through the ASGI queue each.
-        # FallbackStream buffers without awaiting: pieces go to it from _on_binary directly. A
-        # gated stream (VAD, which forwards other attributes to its FallbackStream) needs the
-        # pump task.
+        # A stream whose send never waits (FallbackStream buffers) gets pieces from _on_binary
+        # directly; one that may wait (the VAD gate around it) is fed by the pump task.
         if self.stream is None:
             self._send_nowait = lambda pcm: None
-        elif isinstance(self.stream, FallbackStream):
+        elif self.stream.immediate_send:
             self._send_nowait = self.stream.send_nowait
         self._sink = binary_sink(self.ws.scope)
         if self._sink is not None:

@@ -36,7 +36,7 @@ from websockets.streams import StreamReader
 SCOPE_EXTENSION = "harken.binary_sink"
 
 _FIN_BINARY = 0x82              # first header byte: FIN, no RSV bits, opcode 2
-_OPCODE_CONTINUATION = 0x0
+_DATA_OPCODES = (0x0, 0x1, 0x2)  # continuation, text, binary
 _OPCODE_CLOSE = 0x8
 
 log = logging.getLogger("harken.ws")
@@ -135,7 +135,7 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
                 if opcode == _OPCODE_CLOSE:
                     self._give_up_framing(data[pos:])
                     return
-                if opcode == _OPCODE_CONTINUATION or opcode in (0x1, 0x2):
+                if opcode in _DATA_OPCODES:
                     self._fragmented = not first & 0x80
                 super().data_received(data[pos:end])
                 if self.conn.parser_exc is not None or self.transport.is_closing():

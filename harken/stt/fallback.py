@@ -228,6 +228,8 @@ class _AllDown(Exception):
 class FallbackStream(STTStream):
     """An ``STTStream`` over an ordered chain of ``Link``s (or ``(provider, overrides)`` tuples)."""
 
+    immediate_send = True        # send only buffers; the feeder (or send_nowait) passes it on
+
     def __init__(self, links: Sequence[Link | tuple], config: StreamConfig,
                  on_status: StatusCallback | None = None, *, policy: FallbackPolicy | None = None,
                  on_failure: Callable[[str, str], None] | None = None):
