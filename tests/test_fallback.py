@@ -252,6 +252,26 @@ async def test_the_primary_takes_over_again_at_the_next_silence():
     assert sum(fake.discontinuities() for fake in r.fakes.values()) == 0
 
 
+@pytest.mark.timeout(20)
+async def test_a_slow_reconnect_of_the_primary_keeps_the_cut_it_chose():
+    """The switch-back connects for a second of wall time (20 s of audio here) after choosing its
+    cut: the audio from the cut stays buffered for the primary and the words the outgoing provider
+    yields meanwhile are left to the primary, so the cut still ends a silence and nothing is lost."""
+    script = make_script(6, duration=60.0)
+    async with rig(script) as r:
+        r.fakes["deepgram"].plans = [Plan(fail_at=10.0, kind="drop"), Plan(), Plan(handshake_delay=1.0)]
+        stream = r.stream(["deepgram", "soniox"], probe_interval=0.15)
+        played = await play(stream, 60.0, speed=20)
+    assert r.switches() == [("deepgram", "soniox", "connection_lost"), ("soniox", "deepgram", "recovered")]
+    assert_transcript(played.words, script)
+    assert stream.lost_seconds == 0
+    cut = r.fakes["deepgram"].accepted[-1].listener.offset + FAST.replay_preroll
+    before = [w for w in script if w.start < cut]
+    assert cut - before[-1].end >= FAST.silence_gap - 0.002
+    assert all(p == "deepgram" for w, p in zip(played.words, played.providers) if w.start > cut)
+    assert sum(fake.discontinuities() for fake in r.fakes.values()) == 0
+
+
 @pytest.mark.timeout(15)
 async def test_an_idle_client_is_not_a_stalled_provider():
     script = make_script(8, duration=10.0)

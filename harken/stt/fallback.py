@@ -23,7 +23,9 @@
   (``settled_until``): it has declared final at least ``silence_gap`` seconds past the last word,
   so no word can straddle the cut. An engine that reports no progress (the embedded one) is cut
   where the last ``silence_gap`` seconds of audio are quieter than ``silence_rms``, after it has
-  been drained of the words that start before the cut.
+  been drained of the words that start before the cut. The cut is fixed before the link
+  connects: while it does, the audio from the cut stays buffered and the outgoing provider's
+  words from the cut on are held back (given to it after all if the connect fails).
 - **Give up** when every link failed: ``on_status`` gets ``stt_failed`` and iteration raises
   ``STTError``.
 
@@ -51,7 +53,7 @@ import random
 import time
 import unicodedata
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequence
 
 import numpy as np
@@ -201,6 +203,10 @@ class _Active:
     last_sent_at: float = 0.0      # time.monotonic() of the last send
     resumed_at: float = 0.0        # when audio started flowing again after a pause
     feeder_waiting: bool = False   # the feeder has sent everything and waits for audio
+    # A switch-back chosen to happen at ``cut`` while the next link connects: words from the cut
+    # on wait in ``after_cut`` (the next provider will hear them; kept if it fails to connect).
+    cut: float | None = None
+    after_cut: list[Word] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -489,6 +495,7 @@ class FallbackStream(STTStream):
                 with contextlib.suppress(BaseException):
                     await reader
                 await self._drain_before_cut(active, outcome.next_active[2])
+                active.after_cut.clear()   # the next provider hears these words again
                 return outcome
             for task, reason in ((reader, "connection_lost"), (feeder, "send_failed")):
                 if task in done and task.exception() is not None:
@@ -510,6 +517,8 @@ class FallbackStream(STTStream):
             for task in (feeder, reader, watcher):
                 task.cancel()
             await asyncio.gather(feeder, reader, watcher, return_exceptions=True)
+            if active.cut is not None:       # failed or closed while the next link connected
+                self._cancel_cut(active)
             if self._active is active:
                 self._active = None
             self._discard_later(active.stream)
@@ -560,7 +569,10 @@ class FallbackStream(STTStream):
 
     def _release(self, active: _Active) -> None:
         """Forget audio no failover could need: before the replay point and already sent."""
-        point = max(self._last_word_end, active.settled() or 0.0) - self.policy.replay_preroll
+        point = max(self._last_word_end, active.settled() or 0.0)
+        if active.cut is not None:
+            point = min(point, active.cut)
+        point -= self.policy.replay_preroll
         self._buffer.discard_before(min(active.sent, int(point * SAMPLE_RATE)))
 
     async def _read(self, active: _Active) -> None:
@@ -569,6 +581,9 @@ class FallbackStream(STTStream):
             self._accept(active, word.shifted(offset))
 
     def _accept(self, active: _Active, word: Word) -> bool:
+        if active.cut is not None and word.start >= active.cut:
+            active.after_cut.append(word)
+            return False
         if active.seam:
             if self._duplicate(word):
                 log.debug("dropped %r at the seam after failover to %s", word.text, active.name)
@@ -617,6 +632,9 @@ class FallbackStream(STTStream):
                 continue
             index = min(better)
             self._recovered.discard(index)
+            # Connecting takes a while; meanwhile the audio from the replay point stays buffered
+            # and the outgoing provider's words from the cut on are held back, so neither moves.
+            active.cut = cut
             try:
                 stream = await self._open(index)
             except asyncio.CancelledError:
@@ -624,8 +642,15 @@ class FallbackStream(STTStream):
             except Exception as exc:
                 log.info("%s is still failing (%s); staying on %s", self._links[index].name, exc, active.name)
                 self._start_probe(index, as_failure(exc, "initialization_failed"))
+                self._cancel_cut(active)
                 continue
             return _Outcome("switch", next_active=(index, stream, cut))
+
+    def _cancel_cut(self, active: _Active) -> None:
+        """The switch did not happen: the words held back after the cut are the active one's."""
+        held, active.after_cut, active.cut = active.after_cut, [], None
+        for word in held:
+            self._accept(active, word)
 
     def _silence_cut(self, active: _Active) -> float | None:
         """A point of our stream time inside silence, with every word before it yielded, or None."""

@@ -170,6 +170,7 @@ class Plan:
     """How one connection behaves. Plans queue on a server, one per connection attempt."""
 
     handshake: int | None = None     # refuse the upgrade with this HTTP status
+    handshake_delay: float = 0.0     # answer the upgrade this many (wall-clock) seconds late
     fail_at: float | None = None     # stream seconds (script clock) at which the connection fails
     kind: str = "close"              # close (the provider's own error close) | drop | stall | malformed
     partial_words: bool = False      # also report the tail of a word heard only in part
@@ -243,11 +244,13 @@ class FakeServer:
         return sum(c.listener.discontinuities for c in self.accepted)
 
     # --- plumbing -----------------------------------------------------------------------------
-    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         plan = self.plans.pop(0) if self.plans else Plan()
         connection = Connection(request, plan)
         self.connections.append(connection)
         self._by_socket[id(ws)] = connection
+        if plan.handshake_delay:
+            await asyncio.sleep(plan.handshake_delay)
         if plan.handshake is not None:
             return self.refuse(ws, plan.handshake)
         if request.headers.get("Authorization") != f"{self.auth_scheme} {self.key}":
