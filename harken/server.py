@@ -21,6 +21,7 @@ import uvicorn
 
 from .config import Settings
 from .gateway.drain import HARD_STOP_MARGIN, drain_deadline, end_sessions
+from .gateway.worker_metrics import WorkerSlot
 from .gateway.ws_protocol import SinkingWebSocketProtocol
 
 log = logging.getLogger("harken.server")
@@ -67,13 +68,13 @@ def run_server(settings: Settings) -> int:
     return 0
 
 
-def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    """One server process, in the foreground. With ``reuse_port`` it joins the port's SO_REUSEPORT
+def serve(settings: Settings, *, worker: WorkerSlot | None = None) -> None:
+    """One server process, in the foreground. As a ``worker`` it joins the port's SO_REUSEPORT
     group, and only once its start-up (store, engine) is done: uvicorn listens after the lifespan."""
     from .gateway.app import create_app
 
-    app = create_app(settings)
-    sockets = [reuse_port_socket(settings.host, settings.port)] if reuse_port else None
+    app = create_app(settings, worker)
+    sockets = [reuse_port_socket(settings.host, settings.port)] if worker is not None else None
     DrainingServer(uvicorn_config(settings, app), app).run(sockets=sockets)
 
 

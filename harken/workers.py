@@ -11,7 +11,9 @@ The supervisor (this process) only starts, watches and stops workers:
 - SIGTERM/SIGINT is passed on once to every worker, which then drains (close 1012 after storing
   its sessions' last segments); a second signal is passed on too (the workers stop at once);
 - workers run in their own process group, so Ctrl-C reaches them once, through here, and each
-  ends itself if the supervisor disappears.
+  ends itself if the supervisor disappears;
+- the workers of one run meet in a private temporary directory, where each serves its metrics
+  to the others so that any of them can answer ``/metrics`` for all (gateway/worker_metrics.py).
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 from .config import Settings
+from .gateway.worker_metrics import WorkerSlot
 
 log = logging.getLogger("harken.workers")
 
@@ -43,7 +49,8 @@ def run_workers(settings: Settings) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ValueError("workers > 1 needs SO_REUSEPORT (Linux, BSD, macOS): run one process per port instead")
     context = multiprocessing.get_context("spawn")     # no inherited event loop, threads or locks
-    slots: list[_Slot] = [_Slot(index) for index in range(settings.workers)]
+    meeting = Path(tempfile.mkdtemp(prefix="harken-workers-"))     # mode 0700: this user only
+    slots: list[_Slot] = [_Slot(WorkerSlot(index, meeting)) for index in range(settings.workers)]
     signals: list[int] = []
 
     def on_signal(sig: int, frame: FrameType | None) -> None:
@@ -65,20 +72,22 @@ def run_workers(settings: Settings) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(meeting, ignore_errors=True)
 
 
 class _Slot:
     """One worker position: the current process and its restart history."""
 
-    def __init__(self, index: int) -> None:
-        self.index = index
+    def __init__(self, worker: WorkerSlot) -> None:
+        self.worker = worker
+        self.index = worker.index
         self.process: multiprocessing.process.BaseProcess | None = None
         self.started_at = 0.0
         self.young_deaths = 0
         self.restart_at: float | None = None
 
     def start(self, context, settings: Settings) -> None:
-        self.process = context.Process(target=_worker_main, args=(settings, os.getpid()),
+        self.process = context.Process(target=_worker_main, args=(settings, self.worker, os.getpid()),
                                        name=f"harken-worker-{self.index}", daemon=False)
         self.process.start()
         self.started_at = time.monotonic()
@@ -134,7 +143,7 @@ def _wait_for_stop(slots: list[_Slot], settings: Settings) -> int:
     return 0
 
 
-def _worker_main(settings: Settings, supervisor_pid: int) -> None:
+def _worker_main(settings: Settings, worker: WorkerSlot, supervisor_pid: int) -> None:
     """A worker process: its own process group, an orphan check, then one reuse-port server."""
     os.setpgid(0, 0)
     from .logs import configure_logging
@@ -143,7 +152,7 @@ def _worker_main(settings: Settings, supervisor_pid: int) -> None:
     configure_logging(settings.log_level, settings.log_format)
     threading.Thread(target=_stop_when_orphaned, args=(supervisor_pid,), name="harken-orphan-check",
                      daemon=True).start()
-    serve(settings, reuse_port=True)
+    serve(settings, worker=worker)
 
 
 def _stop_when_orphaned(supervisor_pid: int) -> None:

@@ -33,6 +33,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 
 from harken.client import device_messages, listen_url
 from harken.config import Settings
@@ -563,6 +564,21 @@ async def test_workers_are_processes_that_share_one_port(tmp_path, speech_frames
                 if seen == {0, 1}:
                     break
         assert seen == {0, 1}, f"every answer came from one process: sessions seen {seen}"
+
+        # Whichever worker answers /metrics, the page holds both workers' figures, so the one
+        # open session and its audio are counted once in every scrape.
+        audio: set[float] = set()                       # the client sends no more audio meanwhile
+        async with httpx.AsyncClient() as http:
+            for _ in range(8):
+                page = await http.get(f"http://127.0.0.1:{port}/metrics", headers={"Connection": "close"})
+                families = {f.name: f for f in text_string_to_metric_families(page.text)}
+                assert families["harken_metrics_workers"].samples[0].value == 2
+                sessions = {s.labels["worker"]: s.value for s in families["harken_active_sessions"].samples}
+                assert sorted(sessions) == ["0", "1"] and sum(sessions.values()) == 1
+                audio.add(sum(s.value for s in families["harken_audio_seconds"].samples if s.name.endswith("_total")))
+                backlog = families["harken_webhook_backlog"].samples
+                assert len(backlog) == 1 and "worker" not in backlog[0].labels     # the store's, once
+        assert len(audio) == 1 and audio.pop() > 0
 
         supervisor.proc.send_signal(signal.SIGTERM)
         code = await client.closed(DRAIN_TIMEOUT + 10)

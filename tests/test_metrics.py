@@ -294,3 +294,56 @@ def test_redaction_blanks_bearer_credentials_and_jwts():
     text = stream.getvalue()
     assert "eyJhbGciOiJSUzI1NiJ9" not in text and "c2lnbmF0dXJl" not in text
     assert text.count(REDACTED) == 3 and "a plain message with eyJ but no token" in text
+
+
+# --- one page for --workers ----------------------------------------------------------------------
+
+def _registry_page(sessions: int, audio: float, backlog: int) -> str:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    Gauge("harken_active_sessions", "open", registry=registry).set(sessions)
+    Counter("harken_audio_seconds", "audio", ["codec"], registry=registry).labels("opus").inc(audio)
+    Gauge("harken_webhook_backlog", "rows", registry=registry).set(backlog)
+    return generate_latest(registry).decode()
+
+
+def test_worker_pages_merge_into_one_with_a_worker_label_and_the_store_figures_once():
+    from harken.gateway.metrics import SHARED_FAMILIES
+    from harken.gateway.worker_metrics import merge_worker_pages
+
+    page = merge_worker_pages({"0": _registry_page(2, 1.5, 7), "1": _registry_page(3, 4.0, 6)}, own="1",
+                              shared=set(SHARED_FAMILIES)).decode()
+    assert page.count("# TYPE harken_active_sessions gauge") == 1
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for f in text_string_to_metric_families(page) for s in f.samples}
+    assert samples[("harken_active_sessions", frozenset({("worker", "0")}))] == 2
+    assert samples[("harken_active_sessions", frozenset({("worker", "1")}))] == 3
+    assert samples[("harken_audio_seconds_total", frozenset({("codec", "opus"), ("worker", "1")}))] == 4.0
+    assert [(k, v) for k, v in samples.items() if k[0] == "harken_webhook_backlog"] == \
+        [(("harken_webhook_backlog", frozenset()), 6)]          # the answering worker's read, unlabelled
+    assert samples[("harken_metrics_workers", frozenset())] == 2
+
+
+async def test_a_worker_gathers_its_siblings_and_skips_one_that_is_gone(tmp_path):
+    import socket
+
+    from harken.gateway.worker_metrics import SiblingMetrics, WorkerSlot
+
+    siblings = [SiblingMetrics(WorkerSlot(i, tmp_path), lambda i=i: _registry_page(i, 1.0, 0).encode())
+                for i in range(2)]
+    for sibling in siblings:
+        await sibling.start()
+    dead = socket.socket(socket.AF_UNIX)            # a worker killed outright leaves its socket file
+    dead.bind(str(WorkerSlot(2, tmp_path).socket_path()))
+    dead.close()
+    try:
+        page = await siblings[0].page(_registry_page(0, 1.0, 0).encode(), shared=())
+    finally:
+        for sibling in siblings:
+            await sibling.stop()
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for f in text_string_to_metric_families(page.decode()) for s in f.samples}
+    assert samples[("harken_active_sessions", frozenset({("worker", "1")}))] == 1
+    assert samples[("harken_metrics_workers", frozenset())] == 2
+    assert not (tmp_path / "worker-0.sock").exists()         # stop() removes its own socket

@@ -24,11 +24,14 @@ from .metrics import metrics_routes
 from .profiles import build_profile_routes
 from .rest import build_rest_routes
 from .web import web_routes
+from .worker_metrics import WorkerSlot
 
 log = logging.getLogger("harken.app")
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlette:
+    """The gateway's app; ``worker`` when it is one of ``--workers N`` (its metrics are shared)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +48,8 @@ def create_app(settings: Settings) -> Starlette:
                           conversations=conversations, store=store)
         app.state.gateway = gateway
         gateway.metrics.start()             # the event-loop lag probe
+        if worker is not None:
+            await gateway.metrics.share_with_workers(worker)
         gateway.ready.set()
         try:
             yield

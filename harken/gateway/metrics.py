@@ -41,6 +41,7 @@ from starlette.routing import Route
 from ..codecs import TARGET_RATE
 from ..config import Settings, is_loopback
 from .auth import bearer_token
+from .worker_metrics import SiblingMetrics, WorkerSlot
 
 if TYPE_CHECKING:
     from .context import Gateway
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("harken.metrics")
 
+# Families read from the shared store, the same whichever worker reads them (worker_metrics.py).
+SHARED_FAMILIES = ("harken_webhook_backlog", "harken_webhook_dead_letters")
 LAG_INTERVAL = 0.5                  # seconds the loop-lag probe sleeps; the overshoot is the lag
 STORE_READ_TIMEOUT = 2.0            # seconds /metrics waits for the outbox counts
 ARRIVAL_WINDOW_SECONDS = 120.0      # audio whose arrival times a session remembers (as the replay buffer)
@@ -93,6 +96,7 @@ class GatewayMetrics:
                                    ["code"], registry=registry)
         registry.register(_DeliveryCollector(gateway))
         self._lag_task: asyncio.Task | None = None
+        self._siblings: SiblingMetrics | None = None
 
     # --- per session ------------------------------------------------------------------------------
     def session(self, codec: str) -> "SessionMetrics":
@@ -111,6 +115,15 @@ class GatewayMetrics:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        siblings, self._siblings = self._siblings, None
+        if siblings is not None:
+            await siblings.stop()
+
+    async def share_with_workers(self, slot: WorkerSlot) -> None:
+        """A ``--workers`` worker: serve this registry to the siblings, show theirs at scrapes."""
+        siblings = SiblingMetrics(slot, lambda: generate_latest(self.registry))
+        await siblings.start()
+        self._siblings = siblings
 
     async def _measure_lag(self) -> None:
         while True:
@@ -121,7 +134,10 @@ class GatewayMetrics:
     # --- scrape -----------------------------------------------------------------------------------
     async def render(self) -> bytes:
         await self._refresh_outbox()
-        return generate_latest(self.registry)
+        own = generate_latest(self.registry)
+        if self._siblings is None:
+            return own
+        return await self._siblings.page(own, SHARED_FAMILIES)
 
     async def _refresh_outbox(self) -> None:
         store = self._gateway.store
