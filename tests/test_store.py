@@ -290,6 +290,20 @@ async def test_only_one_of_two_concurrent_claims_wins_and_an_expired_claim_can_b
 
 
 @pytest.mark.timeout(30)
+async def test_a_stopping_node_gives_back_only_its_own_processing_claims(store):
+    mine, theirs = [conversation(f"user{i}") for i in range(3)], conversation("bob")
+    for c in [*mine, theirs]:
+        await store.open_conversation(c, now=1000, live_until=None)
+    for c in mine:
+        assert await store.claim_for_processing(c.id, node="stopping", now=1500, lease=60) is not None
+    assert await store.claim_for_processing(theirs.id, node="other", now=1500, lease=60) is not None
+    assert await store.release_claims("stopping") == 3
+    assert [(await store.get_conversation(c.id)).status for c in mine] == [IN_PROGRESS] * 3
+    assert (await store.get_conversation(theirs.id)).status == PROCESSING
+    assert await store.claim_for_processing(mine[0].id, node="other", now=1501, lease=60) is not None
+
+
+@pytest.mark.timeout(30)
 async def test_sweep_finds_silent_unleased_and_abandoned_conversations(store):
     silent, live, recent = conversation(now=1000), conversation(now=1000), conversation(now=1190)
     await store.create_conversation(silent)

@@ -520,10 +520,14 @@ class Store:
         """Give back the processing claims ``node`` holds (a graceful stop), so that the next
         sweep anywhere processes those conversations instead of waiting for the claims to expire."""
         c = conversations
+        held = sa.and_(c.c.claimed_by == node, c.c.status == PROCESSING)
         async with self._write() as conn:
+            if self.dialect == "postgresql":
+                # Lock them in id order first, as batch saves do: an UPDATE alone locks rows in
+                # scan order and could deadlock with a group commit holding some of them.
+                await conn.execute(sa.select(c.c.id).where(held).order_by(c.c.id).with_for_update())
             result = await conn.execute(
-                sa.update(c).where(c.c.claimed_by == node, c.c.status == PROCESSING)
-                .values(status=IN_PROGRESS, claimed_by=None, claim_expires=None))
+                sa.update(c).where(held).values(status=IN_PROGRESS, claimed_by=None, claim_expires=None))
         return result.rowcount
 
     async def delete_conversation(self, conversation_id: str, *, node: str | None = None) -> bool:
