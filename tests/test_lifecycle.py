@@ -258,6 +258,34 @@ async def test_usage_is_recorded_when_the_session_closes(store, tmp_path):
 
 
 @pytest.mark.timeout(30)
+async def test_sessions_closing_together_release_their_leases_and_record_usage_in_few_transactions(
+        store, tmp_path, monkeypatch):
+    """A drain closes every session at once: their ends share transactions, and none is lost."""
+    groups: list[int] = []
+    end_sessions = store.end_sessions
+
+    async def counted(ends):
+        groups.append(len(ends))
+        return await end_sessions(ends)
+
+    monkeypatch.setattr(store, "end_sessions", counted)
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        lives = await connect_users(service, clock, 20)
+        for live in lives:
+            await speak(live, clock)
+        await asyncio.gather(*(live.close(usage={"audio_seconds": 10.0 + i, "words": i})
+                               for i, live in enumerate(lives)))
+        # released leases: silent past the timeout, every conversation is due for processing
+        due = await store.sweep_candidates(now=clock.now + TIMEOUT + 1)
+    assert sorted(due) == sorted(live.conversation_id for live in lives)
+    for i in range(20):
+        totals = await store.usage_totals(f"user{i}")
+        assert (totals.audio_seconds, totals.words) == (10.0 + i, i)
+    assert sum(groups) == 20 and len(groups) <= 3, groups
+
+
+@pytest.mark.timeout(30)
 async def test_a_graceful_stop_hands_unfinished_processing_back(store, tmp_path):
     clock = Clock()
     model = await FakeChatServer([HANG]).start()            # a summary that never comes

@@ -30,12 +30,12 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from ..config import Settings
 from .audio_chunks import AudioChunker
-from .batch_committer import BatchCommitter
+from .group_commit import GroupCommitter
 from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage, WebhookSetting,
                     conversation_object, iso)
 from .outbox import OutboxDeliverer
 from .processing import ConversationProcessor
-from .store import BatchRequest, LeaseLost, OutboxMessage, Store
+from .store import BatchRequest, LeaseLost, OutboxMessage, SessionEnd, Store
 from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, parse_setting, realtime_message,
                        require_kind)
 
@@ -79,7 +79,9 @@ class ConversationService:
             workers=settings.webhook_workers, retry_horizon=settings.webhook_retry_horizon,
             max_backoff=settings.webhook_max_backoff, allow_private=settings.webhook_allow_private, clock=clock)
         self._live: set[LiveConversation] = set()
-        self._batches = BatchCommitter(store)     # the sessions' batches, many per transaction
+        # The sessions' batches, and their ends (lease release, usage), many per transaction.
+        self._batches = GroupCommitter(store.save_batches, key=lambda r: r.conversation.id, name="batches")
+        self._ends = GroupCommitter(store.end_sessions, key=lambda e: e.conversation_id, name="session ends")
         self._processing: dict[str, asyncio.Task] = {}
         self._processing_slots = asyncio.Semaphore(MAX_PARALLEL_PROCESSING)
         self._audio_queue: collections.deque[tuple[OutboxMessage, asyncio.Future]] = collections.deque()
@@ -101,8 +103,7 @@ class ConversationService:
         are not give up their lease so another node can take their conversations. Processing
         gets ``processing_grace`` seconds to finish, webhook requests already sent
         ``delivery_grace`` (a graceful drain); what is cut short is handed back for later."""
-        for live in list(self._live):
-            await live.close()
+        await asyncio.gather(*(live.close() for live in list(self._live)))    # their ends in one transaction
         if self._processing:
             await asyncio.wait(list(self._processing.values()), timeout=processing_grace)
         interrupted = list(self._processing.values())
@@ -454,12 +455,9 @@ class LiveConversation:
         async with self._lock:           # let an in-flight save_batch finish first
             conversation = self._conversation
         try:
-            if not self.fenced:
-                await self._service.store.release_live(conversation.id, holder=self.holder)
-            used = Usage.coerce(usage)
-            if used is not None:
-                await self._service.store.record_usage(self.uid, used, session_id=self.session_id,
-                                                       conversation_id=conversation.id, now=self._service.clock())
+            await self._service._ends.save(SessionEnd(
+                conversation.id, self.uid, self._service.clock(), release=not self.fenced, holder=self.holder,
+                usage=Usage.coerce(usage), session_id=self.session_id))
         except Exception:
             log.exception("closing conversation handle of sid=%s: store update failed", self.session_id)
 

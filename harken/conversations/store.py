@@ -145,6 +145,20 @@ class BatchRequest:
 
 
 @dataclass
+class SessionEnd:
+    """What a closing session writes (``Store.end_sessions``): its live lease given back (unless
+    ``release`` is off: it was fenced off, the lease is another connection's) and its usage."""
+
+    conversation_id: str | None
+    uid: str
+    now: float
+    release: bool = True
+    holder: str | None = None       # release only if this connection still holds the lease
+    usage: Usage | None = None
+    session_id: str | None = None
+
+
+@dataclass
 class Settlement:
     """Outcomes of a round of deliveries, written back in one transaction."""
 
@@ -460,12 +474,30 @@ class Store:
 
     async def release_live(self, conversation_id: str, *, holder: str | None = None) -> None:
         """End a live lease (the session closed); a lease another connection took is kept."""
+        await self.end_sessions([SessionEnd(conversation_id, uid="", now=0.0, holder=holder)])
+
+    async def end_sessions(self, ends: Sequence[SessionEnd]) -> list[None]:
+        """Closing sessions, in one transaction: live leases released (a lease another connection
+        took is kept), usage rows recorded."""
         c = conversations
-        condition = c.c.id == conversation_id
-        if holder is not None:
-            condition = sa.and_(condition, c.c.live_by == holder)
+        releases = sorted((e for e in ends if e.release), key=lambda e: e.conversation_id)  # rows locked in id order
+        used = [e for e in ends if e.usage is not None]
         async with self._write() as conn:
-            await conn.execute(sa.update(c).where(condition).values(live_until=None))
+            for holder_checked in (True, False):
+                params = [{"e_id": e.conversation_id, "e_holder": e.holder}
+                          for e in releases if (e.holder is not None) == holder_checked]
+                if params:
+                    condition = c.c.id == sa.bindparam("e_id")
+                    if holder_checked:
+                        condition = sa.and_(condition, c.c.live_by == sa.bindparam("e_holder"))
+                    await conn.execute(sa.update(c).where(condition).values(live_until=None), params)
+            if used:
+                await conn.execute(sa.insert(usage), [
+                    {"uid": e.uid, "session_id": e.session_id, "conversation_id": e.conversation_id,
+                     "recorded_at": e.now, "audio_seconds": e.usage.audio_seconds,
+                     "speech_seconds": e.usage.speech_seconds, "words": e.usage.words, "provider": e.usage.provider}
+                    for e in used])
+        return [None] * len(ends)
 
     async def create_conversation(self, conversation: Conversation, *, live_until: float | None = None,
                                   holder: str | None = None) -> None:
@@ -640,11 +672,8 @@ class Store:
     # --- usage -------------------------------------------------------------------------------
     async def record_usage(self, uid: str, used: Usage, *, session_id: str | None,
                            conversation_id: str | None, now: float) -> None:
-        async with self._write() as conn:
-            await conn.execute(sa.insert(usage).values(
-                uid=uid, session_id=session_id, conversation_id=conversation_id, recorded_at=now,
-                audio_seconds=used.audio_seconds, speech_seconds=used.speech_seconds, words=used.words,
-                provider=used.provider))
+        await self.end_sessions([SessionEnd(conversation_id, uid, now, release=False, usage=used,
+                                            session_id=session_id)])
 
     async def usage_totals(self, uid: str, *, since: float = 0.0) -> Usage:
         u = usage

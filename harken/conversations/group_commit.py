@@ -1,19 +1,20 @@
-"""Group commit of segment batches: one transaction carries every session's pending batch.
+"""Group commit: one transaction carries what many sessions submit at about the same time.
 
 Every session saves a batch every 600 ms and must not send it before it is stored. Saved one
 transaction each, N sessions queue N transactions behind the database's writer lock (SQLite's,
-or PostgreSQL's row and WAL work), and each costs several round trips. ``BatchCommitter``
+or PostgreSQL's row and WAL work), and each costs several round trips. A ``GroupCommitter``
 instead gathers what sessions submit while a transaction is in flight and writes all of it with
-one ``Store.save_batches`` call: at most one transaction in flight, so N sessions cost about one
-transaction per round, and a batch waits at most for the transaction before its own.
+one call of its ``write`` (``Store.save_batches`` for batches, ``Store.end_sessions`` for the
+lease releases and usage rows of sessions that close, all at once in a drain): at most one
+transaction in flight, so N sessions cost about one transaction per round, and a request waits
+at most for the transaction before its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-
-from .store import BatchRequest, LeaseLost, Store
+from typing import Any, Awaitable, Callable, Generic, Hashable, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -25,36 +26,41 @@ MAX_GROUP = 500      # requests per transaction (bounds statement size and one c
 # waits at most this long before its transaction starts.
 GATHER_SECONDS = 0.03
 
-Item = tuple[BatchRequest, asyncio.Future]      # a request and the future its caller awaits
+Request = TypeVar("Request")
+Item = tuple[Any, asyncio.Future]      # a request and the future its caller awaits
 
 
-class BatchCommitter:
-    """One per ``ConversationService``. ``await save(request)`` has ``Store.save_batch``'s
-    contract: True once durably stored, False if the conversation is no longer in progress,
-    ``LeaseLost`` raised if another connection holds its lease. Cancelled, it withdraws its
-    request as a cancelled ``save_batch`` rolled back: a cancelled save is not stored (unless its
-    transaction was already committing), so a session ended mid-save never has a batch stored
-    that its client was not sent."""
+class GroupCommitter(Generic[Request]):
+    """``write(requests)`` stores a group in one transaction and returns one outcome per request,
+    in order; an outcome that is an exception is raised to that request's caller. ``key`` names
+    what a request writes: two requests with one key never share a transaction (the later waits
+    for the next, which keeps their order).
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    ``await save(request)`` returns the request's outcome once its transaction committed.
+    Cancelled, it withdraws the request as if a transaction of its own had been rolled back: a
+    cancelled save is not stored (unless its transaction was already committing), so a session
+    ended mid-save never has a batch stored that its client was not sent."""
+
+    def __init__(self, write: Callable[[Sequence[Request]], Awaitable[list]],
+                 key: Callable[[Request], Hashable], name: str) -> None:
+        self._write, self._key, self._name = write, key, name
         self._pending: list[Item] = []
         self._in_flight: list[Item] = []
         self._transaction: asyncio.Task | None = None
         self._flusher: asyncio.Task | None = None
         self._last_start = float("-inf")     # loop time the latest transaction started
 
-    async def save(self, request: BatchRequest) -> bool:
+    async def save(self, request: Request) -> Any:
         done = asyncio.get_running_loop().create_future()
         self._pending.append((request, done))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="harken-batch-commit")
+            self._flusher = asyncio.create_task(self._flush(), name=f"harken-commit-{self._name}")
         try:
             outcome = await done            # cancelling the caller cancels ``done``: withdrawn
         except asyncio.CancelledError:
             self._withdraw(done)
             raise
-        if isinstance(outcome, LeaseLost):
+        if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
@@ -84,13 +90,13 @@ class BatchCommitter:
     def _next_group(self) -> list[Item]:
         group, later, seen = [], [], set()
         for item in self._pending:
-            cid = item[0].conversation.id
-            # One request per conversation per transaction; a second one (rare: two handles on
-            # one conversation) waits for the next, which keeps their order.
-            if cid in seen or len(group) >= MAX_GROUP:
+            key = self._key(item[0])
+            # One request per key per transaction; a second one (rare: two handles on one
+            # conversation) waits for the next, which keeps their order.
+            if key in seen or len(group) >= MAX_GROUP:
                 later.append(item)
             else:
-                seen.add(cid)
+                seen.add(key)
                 group.append(item)
         self._pending = later
         return group
@@ -98,7 +104,7 @@ class BatchCommitter:
     async def _commit(self, group: list[Item]) -> None:
         while group := [item for item in group if not item[1].done()]:     # minus the withdrawn
             self._in_flight = group
-            self._transaction = asyncio.create_task(self._store.save_batches([request for request, _ in group]))
+            self._transaction = asyncio.create_task(self._write([request for request, _ in group]))
             try:
                 outcomes = await self._transaction
             except asyncio.CancelledError:
@@ -111,8 +117,8 @@ class BatchCommitter:
                     return
                 # One bad request (or a deadlock abort on PostgreSQL) must not fail its
                 # neighbours: each is tried again in a transaction of its own.
-                log.warning("group commit of %d batches failed (%s: %s); saving them one by one",
-                            len(group), type(exc).__name__, exc)
+                log.warning("group commit of %d %s failed (%s: %s); saving them one by one",
+                            len(group), self._name, type(exc).__name__, exc)
                 for item in group:
                     await self._commit([item])
                 return
