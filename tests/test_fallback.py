@@ -156,7 +156,8 @@ async def test_a_retryable_refusal_is_retried_with_exponential_backoff(status):
     attempts = [c.at for c in r.fakes["deepgram"].connections]
     gaps = [b - a for a, b in zip(attempts, attempts[1:])]
     assert len(attempts) == 3
-    assert 0.1 <= gaps[0] < 0.2 + 0.1 and 0.2 <= gaps[1] < 0.3 + 0.1     # base·2ⁿ plus up to one base of jitter
+    # base·2ⁿ plus up to one base of jitter, plus 0.2 s for a loaded machine's connect
+    assert 0.1 <= gaps[0] < 0.2 + 0.2 and 0.2 <= gaps[1] < 0.3 + 0.2
     assert r.switches() == [] and not r.fakes["soniox"].connections
     assert_transcript(played.words, script)
 
