@@ -260,7 +260,7 @@ async def run_load(config: LoadTestConfig, pcm16k: np.ndarray | None = None,
     before = await loop.run_in_executor(None, fetch_metrics, metrics_at)
 
     if config.tokens is not None:
-        # Minted before the clock starts (an RSA signature each), not on the clients' loop.
+        # Minted before the clock starts (a signature each, ~1 ms), not on the clients' loop.
         minted = await loop.run_in_executor(None, lambda: [config.tokens(i) for i in range(config.streams)])
         config = dataclasses.replace(config, tokens=minted.__getitem__)
     progress = Progress(config.streams)
