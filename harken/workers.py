@@ -80,11 +80,14 @@ class _Slot:
 
     def __init__(self, worker: WorkerSlot) -> None:
         self.worker = worker
-        self.index = worker.index
         self.process: multiprocessing.process.BaseProcess | None = None
         self.started_at = 0.0
         self.young_deaths = 0
         self.restart_at: float | None = None
+
+    @property
+    def index(self) -> int:
+        return self.worker.index
 
     def start(self, context, settings: Settings) -> None:
         self.process = context.Process(target=_worker_main, args=(settings, self.worker, os.getpid()),

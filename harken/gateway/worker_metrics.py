@@ -103,15 +103,13 @@ def merge_worker_pages(texts: dict[str, str], own: str, shared: set[str]) -> byt
     families: dict[str, Metric] = {}
     for worker, text in texts.items():
         for family in text_string_to_metric_families(text):
-            if family.name in shared:
-                if worker != own:
-                    continue
-                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
-                merged.samples.extend(family.samples)
+            is_shared = family.name in shared
+            if is_shared and worker != own:
                 continue
+            label = {} if is_shared else {"worker": worker}
             merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
             for sample in family.samples:
-                merged.add_sample(sample.name, {**sample.labels, "worker": worker}, sample.value, sample.timestamp)
+                merged.add_sample(sample.name, {**sample.labels, **label}, sample.value, sample.timestamp)
     covered = GaugeMetricFamily("harken_metrics_workers", "workers whose figures this page holds")
     covered.add_metric([], len(texts))
     registry = CollectorRegistry(auto_describe=False)

@@ -669,20 +669,14 @@ class FallbackStream(STTStream):
         return cut if cut - self._last_word_end >= gap / 2 else None
 
     async def _drain_before_cut(self, active: _Active, cut: float) -> None:
-        """Let the outgoing provider yield its words that start before ``cut`` (switch-back)."""
+        """Let the outgoing provider yield its words that start before ``cut`` (switch-back);
+        ``_accept`` holds back the rest (``active.cut`` is set), for the caller to drop."""
         settled = active.settled()
         if settled is not None and settled >= cut:
             return                       # every word before the cut has been read already
-        offset = active.origin / SAMPLE_RATE
-
-        async def drain() -> None:
-            async for word in active.stream:
-                word = word.shifted(offset)
-                if word.start < cut:
-                    self._accept(active, word)
-
         try:
-            await asyncio.wait_for(asyncio.gather(active.stream.close(), drain()), self.policy.close_timeout)
+            await asyncio.wait_for(asyncio.gather(active.stream.close(), self._read(active)),
+                                   self.policy.close_timeout)
         except Exception as exc:
             log.info("draining %s before switching back ended early: %s", active.name, exc)
 
