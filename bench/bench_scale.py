@@ -14,6 +14,9 @@ generator (``harken.loadtest``) pinned to another:
 For each server, N streams send real-time Opus (10 ms packets) for ``--seconds``; N grows
 through ``--steps`` until segment latency p99 exceeds the 600 ms batch interval + 100 ms, a
 stream fails, or the load generator itself falls behind (then the figure is a lower bound).
+The servers take turns at each N (relay, Harken, relay, Harken, ...), so a machine whose speed
+drifts during the run (a shared VM's does, by 10-30 %) moves both alike and the ratio holds;
+``--repeat K`` runs each server K times at each N and judges the medians.
 The p99 judged is the steady one: words sent while all N streams were sending, so N concurrent
 streams, not the connection ramp or the closing (the p99 over every word is printed beside it).
 CPU per stream is the server's CPU time over the window in which all N streams were sending,
@@ -22,7 +25,7 @@ same N. Memory: server RSS before and while ``--idle`` connections are open, per
 
 BENCH_HARKEN_COMMAND replaces ``python -m harken serve`` (to compare a variant of the server).
 
-Run: .venv/bin/python bench/bench_scale.py [--steps 50,100,200,300,400] [--seconds 20] [--idle 200]
+Run: .venv/bin/python bench/bench_scale.py [--steps 50,100,200,300,400] [--seconds 20] [--idle 200] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -203,9 +206,8 @@ def wait_ready(url: str, process: subprocess.Popen, any_status: bool = False, ti
 
 # --- one step -------------------------------------------------------------------------------
 @dataclass
-class Step:
-    server: str
-    streams: int
+class Trial:
+    """One run of N streams against one server."""
     report: LoadReport
     cpu_per_stream: float          # fraction of one core per stream, over the all-sending window
 
@@ -220,23 +222,65 @@ class Step:
         lags = [o.max_lag for o in self.report.outcomes]
         return float(np.percentile(lags, 95)) if lags else 0.0
 
+
+@dataclass
+class Step:
+    """``--repeat`` trials of one server at one N: judged on the medians, any error fails it."""
+    server: str
+    streams: int
+    trials: list[Trial]
+
+    def _median(self, values) -> float:
+        return float(np.median(list(values)))
+
+    @property
+    def p99(self) -> float:
+        return self._median(t.p99 for t in self.trials)
+
+    @property
+    def cpu_per_stream(self) -> float:
+        return self._median(t.cpu_per_stream for t in self.trials)
+
+    @property
+    def client_lag(self) -> float:
+        return self._median(t.client_lag for t in self.trials)
+
+    @property
+    def errors(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for trial in self.trials:
+            for code, count in trial.report.errors.items():
+                total[code] = total.get(code, 0) + count
+        return total
+
     @property
     def passed(self) -> bool:
-        return not self.report.errors and self.p99 < LATENCY_BUDGET
+        return not self.errors and self.p99 < LATENCY_BUDGET
+
+    def _spread(self, values, scale: float, digits: int) -> str:
+        """`` [min–max]`` over the trials, when there are several."""
+        values = list(values)
+        if len(values) < 2:
+            return ""
+        return f" [{min(values) * scale:.{digits}f}–{max(values) * scale:.{digits}f}]"
 
     def line(self) -> str:
-        latency = self.report.latency_percentiles(steady=True)
-        everything = self.report.latency_percentiles()
-        errors = sum(self.report.errors.values())
-        return (f"  {self.server:6s} N={self.streams:4d}  p50 {latency.get('p50', float('nan')) * 1000:5.0f} ms  "
-                f"p99 {self.p99 * 1000:6.0f} ms (with ramp and close {everything.get('p99', float('nan')) * 1000:5.0f})  "
-                f"CPU/stream {self.cpu_per_stream * 100:6.3f} % of a core  "
-                f"errors {errors}{' ' + str(dict(self.report.errors)) if errors else ''}  "
+        p50 = self._median(t.report.latency_percentiles(steady=True).get("p50", float("nan")) for t in self.trials)
+        everything = self._median(t.report.latency_percentiles().get("p99", float("nan")) for t in self.trials)
+        errors = self.errors
+        count = sum(errors.values())
+        median = " (medians of %d)" % len(self.trials) if len(self.trials) > 1 else ""
+        return (f"  {self.server:6s} N={self.streams:4d}{median}  p50 {p50 * 1000:5.0f} ms  "
+                f"p99 {self.p99 * 1000:6.0f} ms{self._spread((t.p99 for t in self.trials), 1000, 0)} "
+                f"(with ramp and close {everything * 1000:5.0f})  "
+                f"CPU/stream {self.cpu_per_stream * 100:6.3f} %"
+                f"{self._spread((t.cpu_per_stream for t in self.trials), 100, 3)} of a core  "
+                f"errors {count}{' ' + str(errors) if count else ''}  "
                 f"client lag {self.client_lag * 1000:.0f} ms{'  (client-bound)' if self.client_lag > MAX_CLIENT_LAG else ''}"
                 f"  {'ok' if self.passed else 'OVER'}")
 
 
-async def run_step(server: Server, streams: int, seconds: float) -> Step:
+async def run_trial(server: Server, streams: int, seconds: float) -> Trial:
     config = LoadTestConfig(url=server.url, streams=streams, duration=seconds, codec="opus", sample_rate=16000,
                             stt_service="null", tokens=server.tokens(), uid_prefix="" if server.data_dir else "u")
     ramp = config.ramp_seconds()
@@ -251,7 +295,7 @@ async def run_step(server: Server, streams: int, seconds: float) -> Step:
         return (server.cpu_seconds() - before) / (time.monotonic() - t0)
 
     cores, report = await asyncio.gather(sample_cpu(), run_load(config))
-    return Step(server.name, streams, report, cores / streams)
+    return Trial(report, cores / streams)
 
 
 async def idle_memory(server: Server, connections: int) -> float:
@@ -271,15 +315,25 @@ async def idle_memory(server: Server, connections: int) -> float:
     return (during - before) / connections
 
 
-async def climb(server: Server, steps: list[int], seconds: float) -> list[Step]:
-    results = []
+async def climb(servers: list[Server], steps: list[int], seconds: float, repeat: int) -> dict[str, list[Step]]:
+    """Each N in turn, the servers taking turns trial by trial; a server leaves the climb at its
+    first failed step (or when the load generator, not the server, is the limit)."""
+    results: dict[str, list[Step]] = {server.name: [] for server in servers}
+    climbing = list(servers)
     for n in steps:
-        step = await run_step(server, n, seconds)
-        print(step.line(), flush=True)
-        results.append(step)
-        if not step.passed or step.client_lag > MAX_CLIENT_LAG:
+        if not climbing:
             break
-        await asyncio.sleep(2.0)                 # let closed sessions finish writing
+        trials: dict[str, list[Trial]] = {server.name: [] for server in climbing}
+        for _ in range(repeat):
+            for server in climbing:
+                trials[server.name].append(await run_trial(server, n, seconds))
+                await asyncio.sleep(2.0)         # let closed sessions finish writing
+        for server in list(climbing):
+            step = Step(server.name, n, trials[server.name])
+            print(step.line(), flush=True)
+            results[server.name].append(step)
+            if not step.passed or step.client_lag > MAX_CLIENT_LAG:
+                climbing.remove(server)
     return results
 
 
@@ -293,18 +347,22 @@ async def main_async(args) -> None:
     if client_cpu is not None:
         os.sched_setaffinity(0, {client_cpu})
     steps = [int(x) for x in args.steps.split(",")]
-    print(f"server on CPU {server_cpu}, load generator on CPU {client_cpu}; {args.seconds:g} s per step; "
-          f"pass = no errors and p99 < {LATENCY_BUDGET * 1000:.0f} ms")
-    results: dict[str, list[Step]] = {}
+    print(f"server on CPU {server_cpu}, load generator on CPU {client_cpu}; {args.seconds:g} s per trial, "
+          f"{args.repeat} trial(s) per server and step; pass = no errors and p99 < {LATENCY_BUDGET * 1000:.0f} ms")
     memory: dict[str, float] = {}
+    servers: list[Server] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.servers.split(","):
-            server = start_relay(server_cpu) if name == "relay" else start_harken(Path(tmp), server_cpu)
-            try:
-                if args.idle:
-                    memory[name] = await idle_memory(server, args.idle)
-                results[name] = await climb(server, steps, args.seconds)
-            finally:
+        try:
+            # All servers stay up for the whole run, taking turns; one waiting idle costs the
+            # pinned core next to nothing (Harken idle: under 1 % of a core).
+            for name in args.servers.split(","):
+                servers.append(start_relay(server_cpu) if name == "relay" else start_harken(Path(tmp), server_cpu))
+            if args.idle:
+                for server in servers:
+                    memory[server.name] = await idle_memory(server, args.idle)
+            results = await climb(servers, steps, args.seconds, args.repeat)
+        finally:
+            for server in servers:
                 server.stop()
 
     print("\nsummary")
@@ -329,6 +387,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per stream in each step")
     parser.add_argument("--idle", type=int, default=200, help="idle connections for the memory figure (0 = skip)")
     parser.add_argument("--servers", default="relay,harken")
+    parser.add_argument("--repeat", type=int, default=1, help="trials per server and step (judged on medians)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
     parser.add_argument("--serve-relay", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
