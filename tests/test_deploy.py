@@ -23,25 +23,31 @@ def _gateways() -> dict[str, dict]:
     return {name: service for name, service in COMPOSE["services"].items() if service.get("image") == "harken:latest"}
 
 
-def _subnet() -> ipaddress.IPv4Network:
+def _network() -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Network]:
+    """The default network's subnet, and the range Docker assigns addresses from by itself."""
     (config,) = COMPOSE["networks"]["default"]["ipam"]["config"]
-    return ipaddress.ip_network(config["subnet"])
+    return ipaddress.ip_network(config["subnet"]), ipaddress.ip_network(config["ip_range"])
 
 
 def _fixed_address(service: dict) -> str | None:
     return ((service.get("networks") or {}).get("default") or {}).get("ipv4_address")
 
 
-def test_every_gateway_has_its_own_fixed_address_inside_the_network():
+def test_every_gateway_has_its_own_fixed_address_that_docker_never_gives_another_container():
     gateways = _gateways()
     assert len(gateways) >= 2
     addresses = {name: _fixed_address(service) for name, service in gateways.items()}
     assert all(addresses.values()), f"gateways without a fixed address: {addresses}"
     assert len(set(addresses.values())) == len(addresses), f"two gateways share an address: {addresses}"
-    subnet = _subnet()
+    subnet, dynamic = _network()
+    assert dynamic.subnet_of(subnet)
     for name, address in addresses.items():
         ip = ipaddress.ip_address(address)
         assert ip in subnet and ip not in (subnet.network_address, subnet.broadcast_address), (name, address)
+        # postgres and nginx get addresses from the dynamic range: one of them starting first
+        # must not be able to take a gateway's address.
+        assert ip not in dynamic, (name, address)
+        assert ip != next(subnet.hosts()), (name, address)      # Docker's gateway for the network
 
 
 def test_nginx_is_given_exactly_the_gateways_fixed_addresses():
