@@ -347,3 +347,30 @@ async def test_a_worker_gathers_its_siblings_and_skips_one_that_is_gone(tmp_path
     assert samples[("harken_active_sessions", frozenset({("worker", "1")}))] == 1
     assert samples[("harken_metrics_workers", frozenset())] == 2
     assert not (tmp_path / "worker-0.sock").exists()         # stop() removes its own socket
+
+
+async def test_a_sibling_page_larger_than_one_socket_read_arrives_whole(tmp_path):
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from harken.gateway.worker_metrics import SiblingMetrics, WorkerSlot
+
+    # Many labelled series (a busy worker: codecs, providers, close codes): ~1 MiB of text,
+    # several times what one read of a Unix socket returns.
+    registry = CollectorRegistry()
+    gauge = Gauge("harken_test_series", "one per label value", ["series"], registry=registry)
+    for i in range(20000):
+        gauge.labels(f"series-{i:05d}-{'x' * 20}").set(i)
+    big = generate_latest(registry)
+    assert len(big) > 512 * 1024
+    siblings = [SiblingMetrics(WorkerSlot(0, tmp_path), lambda: _registry_page(0, 1.0, 0).encode()),
+                SiblingMetrics(WorkerSlot(1, tmp_path), lambda: big)]
+    for sibling in siblings:
+        await sibling.start()
+    try:
+        page = await siblings[0].page(_registry_page(0, 1.0, 0).encode(), shared=())
+    finally:
+        for sibling in siblings:
+            await sibling.stop()
+    values = [s.value for f in text_string_to_metric_families(page.decode()) if f.name == "harken_test_series"
+              for s in f.samples if s.labels.get("worker") == "1"]
+    assert sorted(values) == [float(i) for i in range(20000)]

@@ -87,14 +87,25 @@ async def _read_sibling(path: Path) -> str | None:
         async with asyncio.timeout(SIBLING_TIMEOUT):
             reader, writer = await asyncio.open_unix_connection(str(path))
             try:
-                data = await reader.read(MAX_TEXT_BYTES)
+                data = await _read_to_end(reader)
             finally:
                 writer.close()
         return data.decode()
-    except (OSError, TimeoutError, UnicodeDecodeError) as exc:
+    except (OSError, TimeoutError, UnicodeDecodeError, ValueError) as exc:
         # refused: a dead worker's socket, until its slot restarts; timeout: a stalled loop
         log.debug("metrics: worker socket %s did not answer (%s)", path.name, type(exc).__name__)
         return None
+
+
+async def _read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """The sibling's whole text: it closes the connection after writing it. (One ``read(n)``
+    returns only what has arrived so far, and a busy worker's page spans several reads.)"""
+    data = bytearray()
+    while chunk := await reader.read(1 << 16):
+        data += chunk
+        if len(data) > MAX_TEXT_BYTES:
+            raise ValueError(f"more than {MAX_TEXT_BYTES} bytes")
+    return bytes(data)
 
 
 def merge_worker_pages(texts: dict[str, str], own: str, shared: set[str]) -> bytes:
