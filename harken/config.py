@@ -35,6 +35,9 @@ class Settings:
     drain_timeout: float = _setting(
         30.0, "on SIGTERM/SIGINT: seconds to end sessions with 1012, store their conversations, finish webhooks"
     )
+    max_sessions: int = _setting(
+        0, "connections a server process (each worker) holds before it refuses new ones with 1013; 0 = no limit"
+    )
     data_dir: Path = _setting(Path(".harken"), "folder for keys, the SQLite database and caches")
     log_level: str = _setting("info", "debug, info, warning or error")
     log_format: str = _setting("text", "text, or json (one object per line: ts, level, logger, message, session_id, uid)")
@@ -150,6 +153,8 @@ class Settings:
     def validate(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if self.max_sessions < 0:
+            raise ValueError(f"max_sessions must be 0 (no limit) or more, not {self.max_sessions}")
         if self.drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be positive, not {self.drain_timeout}")
         if self.log_format not in LOG_FORMATS:

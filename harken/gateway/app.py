@@ -100,6 +100,8 @@ async def readyz(request: Request) -> JSONResponse:
     else:
         if gateway.draining:
             problems.append("draining")
+        if gateway.at_capacity:
+            problems.append("at capacity")
         if not gateway.usable_providers():
             problems.append("no speech provider")
         if gateway.store is not None:

@@ -31,6 +31,7 @@ class Gateway:
     conversations: "ConversationService | None" = None
     store: "Store | None" = None
     sessions: set["Session"] = field(default_factory=set)
+    connections_held: int = 0               # accepted /v4/listen connections, sessions or still being set up
     draining: bool = False
     drain_deadline: float | None = None     # monotonic; set when a graceful drain starts (drain.py)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -50,6 +51,25 @@ class Gateway:
         slot = self._flush_slots_given % FLUSH_SLOTS
         self._flush_slots_given += 1
         return slot * self.settings.flush_interval / FLUSH_SLOTS
+
+    @property
+    def at_capacity(self) -> bool:
+        limit = self.settings.max_sessions
+        return bool(limit) and self.connections_held >= limit
+
+    def try_hold_connection(self) -> bool:
+        """Take one of ``max_sessions`` places for a new connection, if one is free.
+
+        A place is taken at accept, before authentication, not when the session starts: the
+        awaits in between (token check, conversation lookup) would otherwise let a burst of
+        connections all see the same free place."""
+        if self.at_capacity:
+            return False
+        self.connections_held += 1
+        return True
+
+    def release_connection(self) -> None:
+        self.connections_held -= 1
 
     def usable_providers(self) -> list[str]:
         return list(self.providers)

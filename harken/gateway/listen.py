@@ -2,13 +2,19 @@
 
 Both accept first, so that every refusal can carry a close code and reason the client can act on
 (PROTOCOL.md §5), then authenticate, validate the parameters, and hand over to a ``Session``.
+
+With ``max_sessions`` set, a process that already holds that many connections refuses the next
+with 1013 ("retry later") right after accept: a node past the load it can carry would make every
+stream's segments late, and the client's reconnect reaches another node through the balancer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
 import orjson
 from starlette.websockets import WebSocket
@@ -23,15 +29,36 @@ from .session import Session, _truncate
 log = logging.getLogger("harken.listen")
 
 
+def _holding_a_place(endpoint: Callable[[WebSocket], Awaitable[None]]) -> Callable[[WebSocket], Awaitable[None]]:
+    """Accept, then run ``endpoint`` holding one of the process's ``max_sessions`` places for the
+    connection's whole life, or refuse with 1013 when none is free."""
+
+    @functools.wraps(endpoint)
+    async def holding(ws: WebSocket) -> None:
+        gateway: Gateway = ws.app.state.gateway
+        await ws.accept()
+        if not gateway.try_hold_connection():
+            gateway.metrics.capacity_refusals.inc()
+            limit = gateway.settings.max_sessions
+            await _refuse(ws, 1013, f"server at capacity ({limit} sessions): retry later")
+            return
+        try:
+            await endpoint(ws)
+        finally:
+            gateway.release_connection()
+
+    return holding
+
+
+@_holding_a_place
 async def listen_endpoint(ws: WebSocket) -> None:
-    await ws.accept()
     await _serve(ws, bearer_token(ws.headers.get("authorization")))
 
 
+@_holding_a_place
 async def web_listen_endpoint(ws: WebSocket) -> None:
     """Browsers cannot set headers: the token comes in the first text message, within 5 s."""
     gateway: Gateway = ws.app.state.gateway
-    await ws.accept()
     try:
         message = await asyncio.wait_for(ws.receive(), gateway.settings.web_auth_timeout)
     except TimeoutError:

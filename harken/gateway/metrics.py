@@ -69,6 +69,12 @@ class GatewayMetrics:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.active_sessions = Gauge("harken_active_sessions", "WebSocket sessions now open", registry=registry)
         self.active_sessions.set_function(lambda: len(gateway.sessions))
+        self.session_limit = Gauge("harken_session_limit", "max_sessions of this process (0 = no limit)",
+                                   registry=registry)
+        self.session_limit.set(gateway.settings.max_sessions)
+        self.capacity_refusals = Counter("harken_capacity_refusals",
+                                         "connections refused with 1013 because max_sessions were held",
+                                         registry=registry)
         self.audio_seconds = Counter("harken_audio_seconds", "seconds of audio received and decoded, by codec",
                                      ["codec"], registry=registry)
         self.decode_errors = Counter("harken_decode_errors", "audio messages that could not be decoded",
