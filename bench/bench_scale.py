@@ -11,7 +11,7 @@ generator (``harken.loadtest``) pinned to another:
   path (auth, conversation store, Opus decode, fallback stream, segment merging, storage of every
   batch) without a speech engine.
 
-For each server, N streams send real-time Opus (10 ms packets) for ``--seconds``; N grows
+For each server, N streams send real-time Opus (10 ms packets; ``--codec opus_fs320``: 20 ms) for ``--seconds``; N grows
 through ``--steps`` until segment latency p99 exceeds the 600 ms batch interval + 100 ms, a
 stream fails, or the load generator itself falls behind (then the figure is a lower bound).
 The servers take turns at each N (relay, Harken, relay, Harken, ...), so a machine whose speed
@@ -26,6 +26,7 @@ same N. Memory: server RSS before and while ``--idle`` connections are open, per
 BENCH_HARKEN_COMMAND replaces ``python -m harken serve`` (to compare a variant of the server).
 
 Run: .venv/bin/python bench/bench_scale.py [--steps 50,100,200,300,400] [--seconds 20] [--idle 200] [--repeat 3]
+     [--codec opus|opus_fs320]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -60,17 +62,19 @@ from harken.stt.null import WORD_SECONDS, word_text, WORDS_PER_SENTENCE  # noqa:
 BATCH_INTERVAL = 0.6
 LATENCY_BUDGET = BATCH_INTERVAL + 0.1        # p99 must stay under this
 MAX_CLIENT_LAG = 0.1                         # beyond this the load generator, not the server, is the limit
-FRAME_SECONDS = 0.01                         # one Opus packet per message, as devices send
+PACKET_SECONDS = {"opus": 0.01, "opus_fs320": 0.02}   # one Opus packet per message, as devices send
 
 
 # --- the floor: a relay that never decodes --------------------------------------------------
 async def relay_app(scope, receive, send):
-    """ASGI: accept, say ready, count frames (10 ms each), send the words they complete every 600 ms."""
+    """ASGI: accept, say ready, count packets (of the codec's duration), send the words they complete every 600 ms."""
     if scope["type"] == "http":
         await send({"type": "http.response.start", "status": 404, "headers": []})
         await send({"type": "http.response.body", "body": b""})
         return
     await receive()                                   # websocket.connect
+    codec = urllib.parse.parse_qs(scope["query_string"].decode()).get("codec", ["opus"])[0]
+    packet_seconds = PACKET_SECONDS[codec]
     await send({"type": "websocket.accept"})
     await send({"type": "websocket.send", "text": '{"type":"service_status","status":"ready"}'})
     frames = 0
@@ -81,7 +85,7 @@ async def relay_app(scope, receive, send):
         nonlocal words_sent
         while True:
             await asyncio.sleep(BATCH_INTERVAL)
-            words = int(frames * FRAME_SECONDS / WORD_SECONDS + 1e-6)
+            words = int(frames * packet_seconds / WORD_SECONDS + 1e-6)
             if words > words_sent:
                 text = " ".join(word_text(round(k * WORD_SECONDS * 1000), k % WORDS_PER_SENTENCE == 0)
                                 for k in range(words_sent + 1, words + 1))
@@ -280,8 +284,8 @@ class Step:
                 f"  {'ok' if self.passed else 'OVER'}")
 
 
-async def run_trial(server: Server, streams: int, seconds: float) -> Trial:
-    config = LoadTestConfig(url=server.url, streams=streams, duration=seconds, codec="opus", sample_rate=16000,
+async def run_trial(server: Server, streams: int, seconds: float, codec: str) -> Trial:
+    config = LoadTestConfig(url=server.url, streams=streams, duration=seconds, codec=codec, sample_rate=16000,
                             stt_service="null", tokens=server.tokens(), uid_prefix="" if server.data_dir else "u")
     ramp = config.ramp_seconds()
     window = (ramp + 1.5, seconds - 0.5)         # every stream is connected and sending (connect < 1.5 s)
@@ -315,7 +319,8 @@ async def idle_memory(server: Server, connections: int) -> float:
     return (during - before) / connections
 
 
-async def climb(servers: list[Server], steps: list[int], seconds: float, repeat: int) -> dict[str, list[Step]]:
+async def climb(servers: list[Server], steps: list[int], seconds: float, repeat: int,
+                codec: str) -> dict[str, list[Step]]:
     """Each N in turn, the servers taking turns trial by trial; a server leaves the climb at its
     first failed step (or when the load generator, not the server, is the limit)."""
     results: dict[str, list[Step]] = {server.name: [] for server in servers}
@@ -326,7 +331,7 @@ async def climb(servers: list[Server], steps: list[int], seconds: float, repeat:
         trials: dict[str, list[Trial]] = {server.name: [] for server in climbing}
         for _ in range(repeat):
             for server in climbing:
-                trials[server.name].append(await run_trial(server, n, seconds))
+                trials[server.name].append(await run_trial(server, n, seconds, codec))
                 await asyncio.sleep(2.0)         # let closed sessions finish writing
         for server in list(climbing):
             step = Step(server.name, n, trials[server.name])
@@ -347,7 +352,7 @@ async def main_async(args) -> None:
     if client_cpu is not None:
         os.sched_setaffinity(0, {client_cpu})
     steps = [int(x) for x in args.steps.split(",")]
-    print(f"server on CPU {server_cpu}, load generator on CPU {client_cpu}; {args.seconds:g} s per trial, "
+    print(f"{args.codec}; server on CPU {server_cpu}, load generator on CPU {client_cpu}; {args.seconds:g} s per trial, "
           f"{args.repeat} trial(s) per server and step; pass = no errors and p99 < {LATENCY_BUDGET * 1000:.0f} ms")
     memory: dict[str, float] = {}
     servers: list[Server] = []
@@ -360,7 +365,7 @@ async def main_async(args) -> None:
             if args.idle:
                 for server in servers:
                     memory[server.name] = await idle_memory(server, args.idle)
-            results = await climb(servers, steps, args.seconds, args.repeat)
+            results = await climb(servers, steps, args.seconds, args.repeat, args.codec)
         finally:
             for server in servers:
                 server.stop()
@@ -370,7 +375,7 @@ async def main_async(args) -> None:
     for name, steps_run in results.items():
         top = best(steps_run)
         bound = " (or more: the load generator or the step list was the limit)" if top is steps_run[-1] else ""
-        print(f"  {name}: most opus streams on one core with p99 < {LATENCY_BUDGET * 1000:.0f} ms: "
+        print(f"  {name}: most {args.codec} streams on one core with p99 < {LATENCY_BUDGET * 1000:.0f} ms: "
               f"{top.streams if top else 0}{bound}")
     for step in results.get("harken", []):
         floor = relay_steps.get(step.streams)
@@ -388,6 +393,8 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=200, help="idle connections for the memory figure (0 = skip)")
     parser.add_argument("--servers", default="relay,harken")
     parser.add_argument("--repeat", type=int, default=1, help="trials per server and step (judged on medians)")
+    parser.add_argument("--codec", choices=sorted(PACKET_SECONDS), default="opus",
+                        help="opus: 10 ms packets (Omi's default); opus_fs320: 20 ms packets")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
     parser.add_argument("--serve-relay", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
