@@ -374,3 +374,23 @@ async def test_a_sibling_page_larger_than_one_socket_read_arrives_whole(tmp_path
     values = [s.value for f in text_string_to_metric_families(page.decode()) if f.name == "harken_test_series"
               for s in f.samples if s.labels.get("worker") == "1"]
     assert sorted(values) == [float(i) for i in range(20000)]
+
+
+async def test_a_resampled_stream_counts_every_sample_including_the_resampler_tail(make_gateway):
+    """8 kHz PCM goes through soxr, which holds a few milliseconds back until the stream ends:
+    the session flushes them, so all 1.6 s sent reach the stream (and the audio webhook)."""
+    server = make_gateway(null_provider=True)
+    url = listen_url(server.base, codec="pcm8", sample_rate=8000, stt_service="null")
+    rng = np.random.default_rng(5)
+    pcm8k = rng.integers(-8000, 8000, size=int(8000 * 1.6), dtype=np.int16)
+    await stream_messages(url, [pcm8k[i:i + 800].tobytes() for i in range(0, len(pcm8k), 800)], 0.1,
+                          token=token_for(server), realtime=False, settle_seconds=0.5)
+
+    async def ended() -> bool:
+        samples = await scrape(server)
+        return value(samples, "harken_active_sessions") == 0 and value(samples, "harken_connections_total",
+                                                                      code="1000") == 1
+
+    assert await wait_until(ended)
+    seconds = value(await scrape(server), "harken_audio_seconds_total", codec="pcm8")
+    assert abs(seconds - 1.6) < 0.5 / 16000, f"{seconds} s of 1.6 s passed on"

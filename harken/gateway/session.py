@@ -538,12 +538,27 @@ class Session:
             return EndSession(1011, "internal error")
         raise group  # only cancellations: the server is shutting down
 
+    def _take_decoder_tail(self) -> None:
+        """The few milliseconds a resampling decoder still holds (8 kHz PCM, AAC at 44.1 kHz, ...)
+        join the pending audio, so the stream, the audio webhook and the usage get every sample."""
+        if self.decoder is None:
+            return
+        try:
+            tail = self.decoder.flush()
+        except Exception:
+            log.exception("flushing the decoder of sid=%s failed", self.id)
+            return
+        if len(tail):
+            self._pending.append(tail)
+            self._pending_samples += len(tail)
+
     async def _teardown(self, end: EndSession) -> None:
         self._client_gone = self._client_gone or end.client_gone
         self._accepting_audio = False          # later messages are dropped, as once the receive loop ended
         if self._in_flight:
             # Their failures (a lease lost) were the task group's business already.
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+        self._take_decoder_tail()
         try:
             await self._push_pending()
         except Exception:
