@@ -68,6 +68,7 @@ class LoadTestConfig:
     tick: float = 0.02                    # frames due within one tick are sent together
     settle: float = 1.5                   # seconds waited after the last frame for the last words
     idle: bool = False                    # connect and hold, sending only heartbeats (memory per connection)
+    conversation_timeout: int | None = None   # the listen parameter (-1: the longest); None = server default
     open_timeout: float = 30.0
 
     def ramp_seconds(self) -> float:
@@ -254,7 +255,7 @@ async def run_load(config: LoadTestConfig, pcm16k: np.ndarray | None = None,
     rate = config.sample_rate or default_rate(config.codec)
     messages, message_seconds = device_messages(default_audio() if pcm16k is None else pcm16k, config.codec, rate)
     base_params = dict(codec=config.codec, sample_rate=rate, language=config.language,
-                       stt_service=config.stt_service)
+                       stt_service=config.stt_service, conversation_timeout=config.conversation_timeout)
     metrics_at = metrics_url(config.url)
     loop = asyncio.get_running_loop()
     before = await loop.run_in_executor(None, fetch_metrics, metrics_at)
