@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import shutil
 import socket
@@ -60,6 +61,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harken.codecs.encode import message_duration  # noqa: E402
 from harken.config import Settings  # noqa: E402
 from harken.gateway.auth import mint_local_token  # noqa: E402
 from harken.gateway.ws_protocol import SinkingWebSocketProtocol, binary_sink  # noqa: E402
@@ -69,7 +71,7 @@ from harken.stt.null import WORD_SECONDS, word_text, WORDS_PER_SENTENCE  # noqa:
 BATCH_INTERVAL = 0.6
 LATENCY_BUDGET = BATCH_INTERVAL + 0.1        # p99 must stay under this
 MAX_CLIENT_LAG = 0.1                         # beyond this the load generator, not the server, is the limit
-PACKET_SECONDS = {"opus": 0.01, "opus_fs320": 0.02}   # one Opus packet per message, as devices send
+CODECS = ("opus", "opus_fs320")              # one Opus packet per message (10 / 20 ms), as devices send
 
 
 # --- the floor: a relay that never decodes --------------------------------------------------
@@ -81,7 +83,7 @@ async def relay_app(scope, receive, send):
         return
     await receive()                                   # websocket.connect
     codec = urllib.parse.parse_qs(scope["query_string"].decode()).get("codec", ["opus"])[0]
-    packet_seconds = PACKET_SECONDS[codec]
+    packet_seconds = message_duration(codec, 16000)
     await send({"type": "websocket.accept"})
     await send({"type": "websocket.send", "text": '{"type":"service_status","status":"ready"}'})
     frames = 0
@@ -257,12 +259,8 @@ class Step:
         return self._median(t.client_lag for t in self.trials)
 
     @property
-    def errors(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for trial in self.trials:
-            for code, count in trial.report.errors.items():
-                total[code] = total.get(code, 0) + count
-        return total
+    def errors(self) -> collections.Counter:
+        return sum((trial.report.errors for trial in self.trials), collections.Counter())
 
     @property
     def passed(self) -> bool:
@@ -278,7 +276,7 @@ class Step:
     def line(self) -> str:
         p50 = self._median(t.report.latency_percentiles(steady=True).get("p50", float("nan")) for t in self.trials)
         everything = self._median(t.report.latency_percentiles().get("p99", float("nan")) for t in self.trials)
-        errors = self.errors
+        errors = dict(self.errors)
         count = sum(errors.values())
         median = " (medians of %d)" % len(self.trials) if len(self.trials) > 1 else ""
         return (f"  {self.server:6s} N={self.streams:4d}{median}  p50 {p50 * 1000:5.0f} ms  "
@@ -401,7 +399,7 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=200, help="idle connections for the memory figure (0 = skip)")
     parser.add_argument("--servers", default="relay,harken")
     parser.add_argument("--repeat", type=int, default=1, help="trials per server and step (judged on medians)")
-    parser.add_argument("--codec", choices=sorted(PACKET_SECONDS), default="opus",
+    parser.add_argument("--codec", choices=CODECS, default="opus",
                         help="opus: 10 ms packets (Omi's default); opus_fs320: 20 ms packets")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
     parser.add_argument("--serve-relay", type=int, metavar="PORT", help=argparse.SUPPRESS)

@@ -18,9 +18,9 @@ from .test_metrics import scrape, value, wait_until
 pytestmark = pytest.mark.timeout(120)
 
 
-async def open_until_ready(server, path: str = "/v4/listen"):
+async def open_until_ready(server):
     """A pcm16 session that has reached ``service_status: ready``; the caller closes it."""
-    url = listen_url(server.base + path, codec="pcm16", sample_rate=16000)
+    url = listen_url(server.base, codec="pcm16", sample_rate=16000)
     headers = {"Authorization": f"Bearer {token_for(server)}"}
     ws = await websockets.connect(url, additional_headers=headers)
     async with asyncio.timeout(15):
