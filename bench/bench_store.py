@@ -11,7 +11,9 @@ backend, in µs: p50/p95/p99 of
   so it shows what the commit of real data, e.g. PostgreSQL's WAL flush, adds),
 - ``save_batch``: the real call, with a realtime webhook set (an outbox row each batch),
 - ``save_batch, no webhook``: the same without the webhook (INSERT … SELECT finds no setting),
-and the ratio of save_batch p50 to the empty transaction's. The calls are interleaved.
+and the ratio of save_batch p50 to the empty transaction's. The calls are interleaved and spaced
+by the group-commit pause (``GATHER_SECONDS``): a lone session saves every 600 ms, so it never
+waits for that pause; back to back, every call would.
 
 Then many sessions at once (``--sessions 50,200``): each of N conversations saves one batch
 (realtime webhook set) at the same moment, ``--rounds`` times, two ways, interleaved round by
@@ -23,6 +25,11 @@ round:
 Printed: wall time of a round (all N stored) p50/p99 in ms, per-batch latency p99 in ms, this
 process's CPU per round in ms (SQLite's work runs here, PostgreSQL's does not), and
 transactions per round.
+
+Then a processing burst (``--processing``, 0 = skip): conversations due at once, each with a
+minute of segments and a memory webhook set, processed with the offline summariser through the
+service's grouped claims and completions, against one transaction each, 4 at a time (as before
+group commit); CPU per conversation processed.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harken.config import Settings  # noqa: E402
 from harken.conversations import ConversationService, Conversation, Store, Usage, WebhookSetting  # noqa: E402
+from harken.conversations.group_commit import GATHER_SECONDS  # noqa: E402
 from harken.conversations.webhooks import realtime_message  # noqa: E402
 
 
@@ -63,19 +71,21 @@ async def noop() -> None:
     return None
 
 
-async def timed(n: int, calls: dict) -> dict[str, list[float]]:
-    """Time each call ``n`` times, interleaved, so load drift on a shared machine hits all alike."""
+async def timed(n: int, calls: dict, spacing: float = 0.0) -> dict[str, list[float]]:
+    """Time each call ``n`` times, interleaved, so load drift on a shared machine hits all alike,
+    ``spacing`` seconds apart (untimed)."""
     samples: dict[str, list[float]] = {label: [] for label in calls}
     for i in range(n):
         for label, call in calls.items():
             t0 = time.perf_counter()
             await call(i)
             samples[label].append(time.perf_counter() - t0)
+            await asyncio.sleep(spacing)
     return samples
 
 
 async def bench_backend(name: str, store: Store, batches: int, data_dir: Path, concurrent: list[int],
-                        rounds: int) -> None:
+                        rounds: int, processing: int) -> None:
     service = ConversationService(Settings(data_dir=data_dir), store, check_interval=3600)
     await store.set_webhook("hooked", WebhookSetting("realtime_transcript", "https://example.com/rt"), now=time.time())
 
@@ -100,7 +110,7 @@ async def bench_backend(name: str, store: Store, batches: int, data_dir: Path, c
         "empty txn": empty_txn,
         "save_batch": with_hook,
         "save_batch, no webhook": without_hook,
-    })
+    }, spacing=GATHER_SECONDS))     # a session saves every 600 ms: alone, it never waits for the last commit
     await hooked.close()
     await quiet.close()
     print(f"\n{name}: {batches} batches each (µs)")
@@ -113,6 +123,8 @@ async def bench_backend(name: str, store: Store, batches: int, data_dir: Path, c
           f"share of the 600 ms batch interval at p95: {percentiles(results['save_batch'])[1] / 6000:.3f}%")
     for sessions in concurrent:
         await bench_concurrent(store, service, sessions, rounds)
+    if processing:
+        await bench_processing(store, data_dir, processing)
 
 
 async def bench_concurrent(store: Store, service: ConversationService, sessions: int, rounds: int) -> None:
@@ -191,12 +203,68 @@ async def bench_concurrent(store: Store, service: ConversationService, sessions:
           + f" ({closes['two txns per session'] / closes['grouped session ends']:.1f}x)")
 
 
+class OneTransactionEach:
+    """Stands in for a ``GroupCommitter``: every request in a transaction of its own (how
+    processing claimed and completed conversations before group commit)."""
+
+    def __init__(self, write) -> None:
+        self._write = write
+
+    async def save(self, request):
+        return (await self._write([request]))[0]
+
+
+async def bench_processing(store: Store, data_dir: Path, conversations: int, rounds: int = 4) -> None:
+    """A burst of conversations due at once (sessions that ended together, timed out together):
+    CPU per conversation processed (claim, offline summary, completion with its memory webhook)
+    with the service's grouped claims and completions against one transaction each with 4 at a
+    time, as before. Rounds alternate between the two."""
+    modes = {"one txn each": ConversationService(Settings(data_dir=data_dir), store, check_interval=3600),
+             "group commit": ConversationService(Settings(data_dir=data_dir), store, check_interval=3600)}
+    before = modes["one txn each"]
+    before._claims = OneTransactionEach(store.claim_for_processing_many)
+    before._completions = OneTransactionEach(store.finish_processing_many)
+    before._processing_slots = asyncio.Semaphore(4)
+    per_round = max(1, conversations // rounds)
+    cpu = {mode: 0.0 for mode in modes}
+    wall = {mode: 0.0 for mode in modes}
+    done = {mode: 0 for mode in modes}
+    for r in range(rounds):
+        for mode, service in modes.items():
+            tag = uuid.uuid4().hex[:6]
+            ids = []
+            for i in range(per_round):
+                uid = f"{tag}-p{i}"
+                await store.set_webhook(uid, WebhookSetting("memory_created", "https://example.com/m"), now=time.time())
+                live = await service.connect(uid, session_id=uid)
+                live.time_offset(time.time() - 60)
+                await live.save_batch([segment(f"s{k}", 2, k * 1.2) for k in range(50)])   # a minute of talk
+                await live.close()
+                ids.append(live.conversation_id)
+            c0, t0 = time.process_time(), time.perf_counter()
+            for cid in ids:
+                service._spawn_processing(cid, None)
+            await service.wait_for_processing()
+            cpu[mode] += time.process_time() - c0
+            wall[mode] += time.perf_counter() - t0
+            completed = [await store.get_conversation(cid) for cid in ids]
+            done[mode] += sum(c is not None and c.status == "completed" for c in completed)
+    print(f"  {per_round * rounds} conversations due at once, processed in {rounds} bursts (offline summary):")
+    for mode in modes:
+        print(f"    {mode:14} CPU {cpu[mode] * 1e3 / done[mode]:5.2f} ms per conversation, "
+              f"{wall[mode] / rounds:.2f} s per burst of {per_round}, {done[mode]} completed")
+    per = {mode: cpu[mode] / done[mode] for mode in modes}
+    print(f"    group commit: {per['one txn each'] / per['group commit']:.1f}x less CPU per conversation")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=600)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--sessions", default="50,200", help="concurrent sessions (comma-separated; '' = skip)")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--processing", type=int, default=200,
+                        help="conversations due at once for the processing burst (0 = skip)")
     args = parser.parse_args()
     concurrent = [int(n) for n in args.sessions.split(",") if n.strip()]
 
@@ -204,7 +272,7 @@ async def main() -> None:
         store = await Store(f"sqlite:///{tmp}/bench.db").open()
         try:
             await bench_backend("SQLite (WAL, synchronous=NORMAL)", store, args.batches, Path(tmp),
-                                concurrent, args.rounds)
+                                concurrent, args.rounds, args.processing)
         finally:
             await store.close()
 
@@ -219,7 +287,7 @@ async def main() -> None:
             store = await Store(args.postgres, pg_schema=schema).open()
             try:
                 await bench_backend("PostgreSQL (asyncpg, loopback)", store, args.batches, Path(tmp),
-                                    concurrent, args.rounds)
+                                    concurrent, args.rounds, args.processing)
             finally:
                 await store.close()
         finally:

@@ -286,6 +286,38 @@ async def test_sessions_closing_together_release_their_leases_and_record_usage_i
 
 
 @pytest.mark.timeout(30)
+async def test_a_sweep_of_many_conversations_claims_and_completes_them_in_few_transactions(
+        store, tmp_path, monkeypatch):
+    """Many conversations due at once (a crowd of sessions that ended together): their claims and
+    completions share transactions, and every one is processed with its memory webhook queued."""
+    groups: dict[str, list[int]] = {"claims": [], "completions": []}
+    for name, method in (("claims", "claim_for_processing_many"), ("completions", "finish_processing_many")):
+        real = getattr(store, method)
+
+        async def counted(requests, real=real, name=name):
+            groups[name].append(len(requests))
+            return await real(requests)
+        monkeypatch.setattr(store, method, counted)
+    clock = Clock()
+    async with service_on(store, tmp_path, clock, start=False) as service:     # no deliveries
+        lives = await connect_users(service, clock, 20)
+        for i, live in enumerate(lives):
+            await store.set_webhook(f"user{i}", WebhookSetting("memory_created", "https://example.com/m"),
+                                    now=clock.now)
+            await speak(live, clock)
+        await asyncio.gather(*(live.close() for live in lives))
+        clock.advance(TIMEOUT + 1)
+        assert len(await service.sweep()) == 20
+        await service.wait_for_processing()
+        for i, live in enumerate(lives):
+            processed = await service.get_conversation(f"user{i}", live.conversation_id)
+            assert processed["status"] == COMPLETED and processed["structured"]["overview"]
+    assert await store.outbox_counts() == {"pending": 20}
+    assert sum(groups["claims"]) == 20 and len(groups["claims"]) <= 3, groups
+    assert sum(groups["completions"]) == 20 and len(groups["completions"]) <= 3, groups
+
+
+@pytest.mark.timeout(30)
 async def test_a_graceful_stop_hands_unfinished_processing_back(store, tmp_path):
     clock = Clock()
     model = await FakeChatServer([HANG]).start()            # a summary that never comes

@@ -17,9 +17,10 @@ import pytest
 import sqlalchemy as sa
 
 from harken.conversations import migrations
-from harken.conversations.model import IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting
+from harken.conversations.model import COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting
 from harken.conversations.schema import metadata
-from harken.conversations.store import BatchRequest, LeaseLost, OutboxMessage, Settlement, Store
+from harken.conversations.store import (BatchRequest, LeaseLost, OutboxMessage, ProcessingClaim, ProcessingDone,
+                                       Settlement, Store)
 
 PG_URL = os.environ.get("HARKEN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
@@ -287,6 +288,76 @@ async def test_only_one_of_two_concurrent_claims_wins_and_an_expired_claim_can_b
     assert (await store.get_conversation(c.id)).status == PROCESSING
     assert await store.claim_for_processing(c.id, node="late", now=1550, lease=60) is None
     assert await store.claim_for_processing(c.id, node="late", now=1561, lease=60) is not None
+
+
+def count_transactions(store: Store) -> list[int]:
+    """A one-item list counting the transactions begun on ``store`` from now on."""
+    begun = [0]
+    sa.event.listen(store.engine.sync_engine, "begin", lambda conn: begun.__setitem__(0, begun[0] + 1))
+    return begun
+
+
+@pytest.mark.timeout(30)
+async def test_many_processing_claims_in_one_transaction_each_get_their_own_outcome(store):
+    """Free, done, validly held elsewhere, expired elsewhere, and unknown conversations claimed
+    together: each gets what claim_for_processing alone would give it, in one transaction."""
+    free, done, held, expired = (conversation(f"user{i}", cid=f"c-{name}")
+                                 for i, name in enumerate(["free", "done", "held", "expired"]))
+    for c in (free, done, held, expired):
+        await store.create_conversation(c)
+    await store.save_batch(free, [segment("b", "two", 1, 2), segment("a", "one", 0, 1)], [], now=1001,
+                           live_until=None, realtime=None)
+    finished = await store.claim_for_processing(done.id, node="other", now=1000, lease=60)
+    assert await store.finish_processing(finished[0], node="other", memory_webhook=None, now=1001)
+    assert await store.claim_for_processing(held.id, node="other", now=1450, lease=100) is not None
+    assert await store.claim_for_processing(expired.id, node="dead", now=1000, lease=100) is not None
+
+    begun = count_transactions(store)
+    outcomes = await store.claim_for_processing_many(
+        [ProcessingClaim(c.id, "me", 1500, 60) for c in (free, done, held, expired)]
+        + [ProcessingClaim("c-unknown", "me", 1500, 60)])
+    assert begun[0] == 1
+    assert [o is not None for o in outcomes] == [True, False, False, True, False]
+    claimed, segments = outcomes[0]
+    assert claimed.id == free.id and claimed.status == PROCESSING and claimed.uid == "user0"
+    assert [s["id"] for s in segments] == ["a", "b"]          # in time order
+    assert outcomes[3][1] == []
+    # The winners are held by "me" for the lease; the others are untouched.
+    assert await store.claim_for_processing(free.id, node="late", now=1559, lease=60) is None
+    assert await store.claim_for_processing(free.id, node="late", now=1561, lease=60) is not None
+    assert (await store.get_conversation(done.id)).status == COMPLETED
+    assert await store.claim_for_processing(held.id, node="late", now=1549, lease=60) is None
+    with pytest.raises(ValueError):
+        await store.claim_for_processing_many([ProcessingClaim(free.id, "me", 1, 1)] * 2)
+    assert await store.claim_for_processing_many([]) == []
+
+
+@pytest.mark.timeout(30)
+async def test_many_completions_in_one_transaction_write_only_the_claims_still_held(store):
+    await store.set_webhook("alice", WebhookSetting("memory_created", "https://example.com/m"), now=1000)
+    await store.set_webhook("bob", WebhookSetting("memory_created", "https://example.com/m"), now=1000)
+    mine, lost = conversation("alice", cid="c-mine"), conversation("bob", cid="c-lost")
+    for c in (mine, lost):
+        await store.create_conversation(c)
+    claimed = await store.claim_for_processing_many([ProcessingClaim(c.id, "me", 1000, 60) for c in (mine, lost)])
+    assert await store.claim_for_processing(lost.id, node="other", now=1061, lease=60) is not None   # expired: taken
+
+    def done(c: Conversation, title: str) -> ProcessingDone:
+        c.structured, c.discarded = {"title": title}, False
+        message = OutboxMessage(uid=c.uid, kind="memory_created", ordering_key=f"m:{c.id}", body=title.encode())
+        return ProcessingDone(c, "me", message, 1062)
+
+    begun = count_transactions(store)
+    outcomes = await store.finish_processing_many([done(claimed[0][0], "mine"), done(claimed[1][0], "lost")])
+    assert begun[0] == 1
+    assert outcomes == [True, False]
+    assert (await store.get_conversation(mine.id)).structured == {"title": "mine"}
+    assert (await store.get_conversation(mine.id)).status == COMPLETED
+    assert (await store.get_conversation(lost.id)).status == PROCESSING         # still the other node's
+    rows = await store.claim_outbox(node="n", now=1063, lease=30, limit=10)
+    assert [r.body for r in rows] == [b"mine"]                                 # the lost one's webhook is not sent
+    with pytest.raises(ValueError):
+        await store.finish_processing_many([done(claimed[0][0], "a"), done(claimed[0][0], "b")])
 
 
 @pytest.mark.timeout(30)

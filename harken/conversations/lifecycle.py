@@ -35,7 +35,7 @@ from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage,
                     conversation_object, iso)
 from .outbox import OutboxDeliverer
 from .processing import ConversationProcessor
-from .store import BatchRequest, LeaseLost, OutboxMessage, SessionEnd, Store
+from .store import BatchRequest, LeaseLost, OutboxMessage, ProcessingClaim, ProcessingDone, SessionEnd, Store
 from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, parse_setting, realtime_message,
                        require_kind)
 
@@ -45,7 +45,11 @@ EventSink = Callable[[dict], Awaitable[Any]]
 
 PROCESSING_LEASE = 600.0             # seconds a processing claim lasts (covers slow model answers)
 MIN_LIVE_LEASE = 30.0
+# Conversations processed at once: few when each waits on a language model (a self-hosted one
+# queues the rest and they time out), more with the offline summariser, whose work is short, so
+# that a sweep's claims and completions share transactions (group commit) in bigger groups.
 MAX_PARALLEL_PROCESSING = 4
+MAX_PARALLEL_OFFLINE_PROCESSING = 16
 AUDIO_QUEUE_LIMIT = 64 * 1024 * 1024  # bytes of audio chunks waiting for the store, all sessions
 AUDIO_BATCH = 32                     # chunks written per transaction
 CLOSE_FLUSH_TIMEOUT = 10.0
@@ -82,8 +86,16 @@ class ConversationService:
         # The sessions' batches, and their ends (lease release, usage), many per transaction.
         self._batches = GroupCommitter(store.save_batches, key=lambda r: r.conversation.id, name="batches")
         self._ends = GroupCommitter(store.end_sessions, key=lambda e: e.conversation_id, name="session ends")
+        # Processing's claims and completions, many per transaction: a sweep that finds many
+        # conversations at once (say, a crowd of sessions that ended together) would otherwise
+        # pay two transactions each while live sessions share the same core.
+        self._claims = GroupCommitter(store.claim_for_processing_many, key=lambda k: k.conversation_id,
+                                      name="processing claims")
+        self._completions = GroupCommitter(store.finish_processing_many, key=lambda d: d.conversation.id,
+                                           name="processing completions")
         self._processing: dict[str, asyncio.Task] = {}
-        self._processing_slots = asyncio.Semaphore(MAX_PARALLEL_PROCESSING)
+        self._processing_slots = asyncio.Semaphore(
+            MAX_PARALLEL_PROCESSING if self.processor.llm is not None else MAX_PARALLEL_OFFLINE_PROCESSING)
         self._audio_queue: collections.deque[tuple[OutboxMessage, asyncio.Future]] = collections.deque()
         self._audio_queued_bytes = 0
         self._audio_wake = asyncio.Event()
@@ -199,8 +211,7 @@ class ConversationService:
         """
         async with self._processing_slots:
             now = self.clock()
-            claimed = await self.store.claim_for_processing(conversation_id, node=self.node_id, now=now,
-                                                            lease=PROCESSING_LEASE)
+            claimed = await self._claims.save(ProcessingClaim(conversation_id, self.node_id, now, PROCESSING_LEASE))
             if claimed is None:
                 return None
             conversation, segments = claimed
@@ -214,9 +225,8 @@ class ConversationService:
                 segments, language=conversation.language, started_at_iso=iso(conversation.started_at))
             conversation.structured, conversation.discarded, conversation.status = structured, discarded, COMPLETED
             memory = conversation_object(conversation, segments)
-            finished = await self.store.finish_processing(conversation, node=self.node_id,
-                                                          memory_webhook=memory_message(conversation.uid, memory),
-                                                          now=self.clock())
+            finished = await self._completions.save(ProcessingDone(
+                conversation, self.node_id, memory_message(conversation.uid, memory), self.clock()))
             if not finished:
                 log.warning("conversation %s: processing claim lost, another node finished it", conversation_id)
                 return None

@@ -159,6 +159,27 @@ class SessionEnd:
 
 
 @dataclass
+class ProcessingClaim:
+    """A node asking to process a conversation (``Store.claim_for_processing_many``)."""
+
+    conversation_id: str
+    node: str
+    now: float
+    lease: float       # seconds the claim lasts
+
+
+@dataclass
+class ProcessingDone:
+    """A processed conversation to mark completed (``Store.finish_processing_many``): its
+    summary, and the memory webhook enqueued in the same transaction."""
+
+    conversation: Conversation
+    node: str
+    memory_webhook: OutboxMessage | None
+    now: float
+
+
+@dataclass
 class Settlement:
     """Outcomes of a round of deliveries, written back in one transaction."""
 
@@ -320,28 +341,31 @@ class Store:
             return await self._segments(conn, conversation_id)
 
     async def _segments(self, conn: AsyncConnection, conversation_id: str) -> list[dict]:
+        return (await self._segments_of(conn, [conversation_id]))[conversation_id]
+
+    async def _segments_of(self, conn: AsyncConnection, conversation_ids: Sequence[str]) -> dict[str, list[dict]]:
+        """Each conversation's segments in time order, with one query."""
         s = segments
-        rows = await conn.execute(sa.select(s.c.data).where(s.c.conversation_id == conversation_id)
-                                  .order_by(s.c.start, s.c.end, s.c.segment_id))
-        return [orjson.loads(data) for (data,) in rows]
+        by_id: dict[str, list[dict]] = {cid: [] for cid in conversation_ids}
+        if by_id:
+            rows = await conn.execute(
+                sa.select(s.c.conversation_id, s.c.data).where(s.c.conversation_id.in_(list(by_id)))
+                .order_by(s.c.conversation_id, s.c.start, s.c.end, s.c.segment_id))
+            for conversation_id, data in rows:
+                by_id[conversation_id].append(orjson.loads(data))
+        return by_id
 
     async def list_conversations(self, uid: str, *, limit: int, offset: int = 0,
                                  include_discarded: bool = True) -> list[tuple[Conversation, list[dict]]]:
         """The user's conversations, newest first, with their segments."""
-        c, s = conversations, segments
+        c = conversations
         query = sa.select(c).where(c.c.uid == uid)
         if not include_discarded:
             query = query.where(c.c.discarded == sa.false())
         query = query.order_by(c.c.created_at.desc(), c.c.id.desc()).limit(limit).offset(offset)
         async with self._read() as conn:
             rows = [_conversation(r) for r in (await conn.execute(query)).mappings()]
-            by_id: dict[str, list[dict]] = {r.id: [] for r in rows}
-            if by_id:
-                seg_rows = await conn.execute(
-                    sa.select(s.c.conversation_id, s.c.data).where(s.c.conversation_id.in_(list(by_id)))
-                    .order_by(s.c.conversation_id, s.c.start, s.c.end, s.c.segment_id))
-                for conversation_id, data in seg_rows:
-                    by_id[conversation_id].append(orjson.loads(data))
+            by_id = await self._segments_of(conn, [r.id for r in rows])
         return [(r, by_id[r.id]) for r in rows]
 
     async def last_completed_id(self, uid: str) -> str | None:
@@ -520,33 +544,79 @@ class Store:
     async def claim_for_processing(self, conversation_id: str, *, node: str, now: float,
                                    lease: float) -> tuple[Conversation, list[dict]] | None:
         """Atomically take a conversation for processing; None if someone else has it or it is done."""
+        return (await self.claim_for_processing_many([ProcessingClaim(conversation_id, node, now, lease)]))[0]
+
+    async def claim_for_processing_many(
+            self, claims: Sequence[ProcessingClaim]) -> list[tuple[Conversation, list[dict]] | None]:
+        """Take many conversations for processing in ONE transaction with a fixed number of
+        statements (group commit: a sweep's conversations are claimed together, not one
+        transaction each). Each outcome, in order, is what ``claim_for_processing`` gives: the
+        conversation and its segments, or None when it is done or another claim is still valid.
+        At most one claim per conversation (``ValueError`` otherwise)."""
         c = conversations
+        by_id = {claim.conversation_id: claim for claim in claims}
+        if len(by_id) != len(claims):
+            raise ValueError("claim_for_processing_many: at most one claim per conversation")
+        if not claims:
+            return []
+        query = sa.select(c).where(c.c.id.in_(list(by_id))).order_by(c.c.id)
+        if self.dialect == "postgresql":      # lock the rows, in id order (no deadlock cycles)
+            query = query.with_for_update()
         async with self._write() as conn:
-            result = await conn.execute(
-                sa.update(c).where(c.c.id == conversation_id, sa.or_(
-                    c.c.status == IN_PROGRESS, sa.and_(c.c.status == PROCESSING, c.c.claim_expires < now)))
-                .values(status=PROCESSING, claimed_by=node, claim_expires=now + lease))
-            if result.rowcount == 0:
-                return None
-            row = (await conn.execute(sa.select(c).where(c.c.id == conversation_id))).mappings().one()
-            return _conversation(row), await self._segments(conn, conversation_id)
+            found = {row["id"]: row for row in (await conn.execute(query)).mappings()}
+            taken = [claim for claim in claims
+                     if (row := found.get(claim.conversation_id)) is not None and (
+                         row["status"] == IN_PROGRESS
+                         or (row["status"] == PROCESSING and row["claim_expires"] < claim.now))]
+            if not taken:
+                return [None] * len(claims)
+            await conn.execute(
+                sa.update(c).where(c.c.id == sa.bindparam("k_id")).values(
+                    status=PROCESSING, claimed_by=sa.bindparam("k_node"), claim_expires=sa.bindparam("k_expires")),
+                [{"k_id": k.conversation_id, "k_node": k.node, "k_expires": k.now + k.lease} for k in taken])
+            segments_of = await self._segments_of(conn, [k.conversation_id for k in taken])
+        claimed = {}
+        for k in taken:
+            conversation = _conversation(found[k.conversation_id])
+            conversation.status = PROCESSING
+            claimed[k.conversation_id] = (conversation, segments_of[k.conversation_id])
+        return [claimed.get(claim.conversation_id) for claim in claims]
 
     async def finish_processing(self, conversation: Conversation, *, node: str,
                                 memory_webhook: OutboxMessage | None, now: float) -> bool:
         """Mark a claimed conversation completed with its summary and enqueue the memory webhook,
         together. False if the claim was lost (another node finished it)."""
+        return (await self.finish_processing_many([ProcessingDone(conversation, node, memory_webhook, now)]))[0]
+
+    async def finish_processing_many(self, done: Sequence[ProcessingDone]) -> list[bool]:
+        """``finish_processing`` for many conversations in ONE transaction: each outcome, in
+        order, is False when that claim was lost, and then nothing of it is written."""
         c = conversations
+        by_id = {d.conversation.id: d for d in done}
+        if len(by_id) != len(done):
+            raise ValueError("finish_processing_many: at most one per conversation")
+        if not done:
+            return []
+        query = sa.select(c.c.id, c.c.status, c.c.claimed_by).where(c.c.id.in_(list(by_id))).order_by(c.c.id)
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
         async with self._write() as conn:
-            result = await conn.execute(
-                sa.update(c).where(c.c.id == conversation.id, c.c.status == PROCESSING, c.c.claimed_by == node)
-                .values(status=COMPLETED, structured=_json(conversation.structured), discarded=conversation.discarded,
-                        claimed_by=None, claim_expires=None, live_until=None))
-            if result.rowcount == 0:
-                return False
-            if memory_webhook is not None:
-                await self._lock_keys(conn, [memory_webhook.ordering_key])
-                await self._enqueue(conn, [(memory_webhook, now)])
-        return True
+            found = {row.id: row for row in await conn.execute(query)}
+            held = [d for d in done if (row := found.get(d.conversation.id)) is not None
+                    and row.status == PROCESSING and row.claimed_by == d.node]
+            if held:
+                await conn.execute(
+                    sa.update(c).where(c.c.id == sa.bindparam("d_id")).values(
+                        status=COMPLETED, structured=sa.bindparam("d_structured"),
+                        discarded=sa.bindparam("d_discarded"), claimed_by=None, claim_expires=None, live_until=None),
+                    [{"d_id": d.conversation.id, "d_structured": _json(d.conversation.structured),
+                      "d_discarded": d.conversation.discarded} for d in held])
+                webhooks = [(d.memory_webhook, d.now) for d in held if d.memory_webhook is not None]
+                if webhooks:
+                    await self._lock_keys(conn, [message.ordering_key for message, _ in webhooks])
+                    await self._enqueue(conn, webhooks)
+        finished = {d.conversation.id for d in held}
+        return [d.conversation.id in finished for d in done]
 
     async def release_claims(self, node: str) -> int:
         """Give back the processing claims ``node`` holds (a graceful stop), so that the next
