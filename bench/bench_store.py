@@ -110,7 +110,7 @@ async def bench_backend(name: str, store: Store, batches: int, data_dir: Path, c
         "empty txn": empty_txn,
         "save_batch": with_hook,
         "save_batch, no webhook": without_hook,
-    }, spacing=GATHER_SECONDS))     # a session saves every 600 ms: alone, it never waits for the last commit
+    }, spacing=GATHER_SECONDS)     # a session saves every 600 ms: alone, it never waits for the last commit
     await hooked.close()
     await quiet.close()
     print(f"\n{name}: {batches} batches each (µs)")
