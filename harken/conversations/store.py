@@ -567,7 +567,8 @@ class Store:
             taken = [claim for claim in claims
                      if (row := found.get(claim.conversation_id)) is not None and (
                          row["status"] == IN_PROGRESS
-                         or (row["status"] == PROCESSING and row["claim_expires"] < claim.now))]
+                         or (row["status"] == PROCESSING and row["claim_expires"] is not None
+                             and row["claim_expires"] < claim.now))]
             if not taken:
                 return [None] * len(claims)
             await conn.execute(
