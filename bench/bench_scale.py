@@ -25,8 +25,9 @@ same N. Memory: server RSS before and while ``--idle`` connections are open, per
 
 Every trial's streams are new users whose conversations get the longest ``conversation_timeout``,
 so none is processed (summarised) during the run: with the default 120 s, one trial's 150
-conversations timed out together inside a later trial and their processing (an estimated ~16 ms of CPU each on
-SQLite, all within ~7 s) lifted that trial's p99 by ~70 ms and its maximum to 1.3 s. That is a
+conversations timed out together inside a later trial and their processing (all within ~7 s; since then
+processing's claims and completions are group-committed, ~1.5 ms of CPU per conversation instead of ~5, see
+``bench_store.py --processing``) lifted that trial's p99 by ~70 ms and its maximum to 1.3 s. That is a
 once-per-conversation cost, not a per-stream one, and a real node's conversations do not all end
 at once; it is left out of the streaming figure rather than landing in random trials.
 
