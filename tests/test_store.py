@@ -290,10 +290,10 @@ async def test_only_one_of_two_concurrent_claims_wins_and_an_expired_claim_can_b
     assert await store.claim_for_processing(c.id, node="late", now=1561, lease=60) is not None
 
 
-def count_transactions(store: Store) -> list[int]:
-    """A one-item list counting the transactions begun on ``store`` from now on."""
-    begun = [0]
-    sa.event.listen(store.engine.sync_engine, "begin", lambda conn: begun.__setitem__(0, begun[0] + 1))
+def count_transactions(store: Store) -> list:
+    """A list that gets an item for each transaction begun on ``store`` from now on."""
+    begun: list = []
+    sa.event.listen(store.engine.sync_engine, "begin", begun.append)
     return begun
 
 
@@ -316,7 +316,7 @@ async def test_many_processing_claims_in_one_transaction_each_get_their_own_outc
     outcomes = await store.claim_for_processing_many(
         [ProcessingClaim(c.id, "me", 1500, 60) for c in (free, done, held, expired)]
         + [ProcessingClaim("c-unknown", "me", 1500, 60)])
-    assert begun[0] == 1
+    assert len(begun) == 1
     assert [o is not None for o in outcomes] == [True, False, False, True, False]
     claimed, segments = outcomes[0]
     assert claimed.id == free.id and claimed.status == PROCESSING and claimed.uid == "user0"
@@ -349,7 +349,7 @@ async def test_many_completions_in_one_transaction_write_only_the_claims_still_h
 
     begun = count_transactions(store)
     outcomes = await store.finish_processing_many([done(claimed[0][0], "mine"), done(claimed[1][0], "lost")])
-    assert begun[0] == 1
+    assert len(begun) == 1
     assert outcomes == [True, False]
     assert (await store.get_conversation(mine.id)).structured == {"title": "mine"}
     assert (await store.get_conversation(mine.id)).status == COMPLETED
