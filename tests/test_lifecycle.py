@@ -261,14 +261,7 @@ async def test_usage_is_recorded_when_the_session_closes(store, tmp_path):
 async def test_sessions_closing_together_release_their_leases_and_record_usage_in_few_transactions(
         store, tmp_path, monkeypatch):
     """A drain closes every session at once: their ends share transactions, and none is lost."""
-    groups: list[int] = []
-    end_sessions = store.end_sessions
-
-    async def counted(ends):
-        groups.append(len(ends))
-        return await end_sessions(ends)
-
-    monkeypatch.setattr(store, "end_sessions", counted)
+    groups = record_group_sizes(monkeypatch, store, "end_sessions")
     clock = Clock()
     async with service_on(store, tmp_path, clock) as service:
         lives = await connect_users(service, clock, 20)
@@ -290,14 +283,8 @@ async def test_a_sweep_of_many_conversations_claims_and_completes_them_in_few_tr
         store, tmp_path, monkeypatch):
     """Many conversations due at once (a crowd of sessions that ended together): their claims and
     completions share transactions, and every one is processed with its memory webhook queued."""
-    groups: dict[str, list[int]] = {"claims": [], "completions": []}
-    for name, method in (("claims", "claim_for_processing_many"), ("completions", "finish_processing_many")):
-        real = getattr(store, method)
-
-        async def counted(requests, real=real, name=name):
-            groups[name].append(len(requests))
-            return await real(requests)
-        monkeypatch.setattr(store, method, counted)
+    groups = {"claims": record_group_sizes(monkeypatch, store, "claim_for_processing_many"),
+              "completions": record_group_sizes(monkeypatch, store, "finish_processing_many")}
     clock = Clock()
     async with service_on(store, tmp_path, clock, start=False) as service:     # no deliveries
         lives = await connect_users(service, clock, 20)
@@ -342,6 +329,20 @@ async def test_a_graceful_stop_hands_unfinished_processing_back(store, tmp_path)
     async with service_on(store, tmp_path, clock) as successor:     # its startup sweep finishes it
         await successor.wait_for_processing()
         assert (await successor.get_conversation("alice", live.conversation_id))["status"] == COMPLETED
+
+
+def record_group_sizes(monkeypatch, store, method: str) -> list[int]:
+    """A list that gets the size of every group the store's ``method`` (a group-commit writer)
+    is called with from now on; patch before the service is made (its committers bind it)."""
+    sizes: list[int] = []
+    write = getattr(store, method)
+
+    async def counted(requests):
+        sizes.append(len(requests))
+        return await write(requests)
+
+    monkeypatch.setattr(store, method, counted)
+    return sizes
 
 
 async def connect_users(service, clock, count: int) -> list:
