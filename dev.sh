@@ -51,6 +51,21 @@ PY
   echo "$want" > "$stamp"
 }
 
+build_native() {
+  # The native Opus reader (harken/native): compiled in place, again whenever its source changes.
+  # It needs a C compiler and the Python headers, not libopus's (it calls the libopus opuslib loads).
+  local stamp="$VENV/.harken-native" want include
+  want=$(cat harken/native/*.c harken/native/build.py | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && compgen -G "harken/native/_*.so" >/dev/null; then
+    return 0
+  fi
+  command -v cc >/dev/null || apt_install gcc libc6-dev
+  include=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  [ -f "$include/Python.h" ] || apt_install python3-dev
+  "$VENV/bin/python" -m harken.native.build
+  echo "$want" > "$stamp"
+}
+
 ensure_postgres() {
   # The store tests run against PostgreSQL on 127.0.0.1:5432 when it is there; start it if it is
   # installed but down. Without it those tests are skipped with a reason.
@@ -71,17 +86,20 @@ case "$cmd" in
   serve)
     apt_install libopus0
     setup_python
+    build_native
     exec "$VENV/bin/harken" serve "$@"
     ;;
   test)
     apt_install libopus0 chromium fonts-noto-color-emoji nginx
     setup_python
+    build_native
     ensure_postgres
     exec "$VENV/bin/pytest" "$@"
     ;;
   setup)
     apt_install libopus0
     setup_python
+    build_native
     ;;
   *)
     echo "usage: ./dev.sh serve [flags] | test [pytest args] | setup" >&2

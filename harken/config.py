@@ -74,6 +74,9 @@ class Settings:
     idle_timeout: float = _setting(90.0, "close 1001 after this many seconds without a message")
     max_message_bytes: int = _setting(65536, "largest client message; larger closes 1009")
     web_auth_timeout: float = _setting(5.0, "seconds a /v4/web/listen client has to send its auth message")
+    native_audio: bool = _setting(
+        True, "decode Opus in the native reader (harken/native) when it is built; false = the Python path"
+    )
     decode_error_report_after: float = _setting(
         10.0, "a client sending only undecodable frames this long gets one `decode_errors` status"
     )

@@ -13,13 +13,20 @@ import socket
 import time
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 import uvicorn
 import websockets
 import websockets.server
 from websockets.frames import apply_mask
 
+from harken.client import device_messages
+from harken.codecs import DecodeError
+from harken.codecs.opus import OpusDecoder
 from harken.gateway.ws_protocol import SinkingWebSocketProtocol, binary_sink
+from harken.native import opus_reader
+
+from .conftest import load_audio
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,6 +68,12 @@ async def sink_app(scope, receive, send):
         elif message["text"] == "attach and ack":
             sink.attach(take)
             await send({"type": "websocket.send", "text": "attached"})
+        elif message["text"] == "attach opus":
+            opus = OpusStreamRecorder()
+            sink.attach(opus.on_message, opus.reader)
+            await send({"type": "websocket.send", "text": "attached"})
+        elif message["text"] == "report opus":
+            await send({"type": "websocket.send", "text": json.dumps(opus.report())})
         elif message["text"] == "pause":
             sink.pause_reading()
             paused_between.append(time.monotonic())
@@ -68,6 +81,39 @@ async def sink_app(scope, receive, send):
         elif message["text"] == "report":
             await send({"type": "websocket.send", "text": json.dumps(
                 {"received": received, "paused": paused_between, "offered": sink is not None})})
+
+
+class OpusStreamRecorder:
+    """A sink with the native Opus reader, as a session attaches it: the reader's pieces and the
+    messages it leaves (decoded by the Python path) are recorded in arrival order."""
+
+    def __init__(self):
+        self.decoder = OpusDecoder(16000, 1)
+        self.reader = self.decoder.native_reader(640, 65536, self.take_native)
+        self.parts: list[np.ndarray] = []
+        self.by_path = {"native": 0, "python": 0, "error": 0, "keepalive": 0}
+
+    def take_native(self) -> None:
+        pcm, messages, _, _ = self.reader.take()
+        if messages:
+            self.by_path["native"] += messages
+            self.parts.append(np.frombuffer(pcm, np.int16))
+
+    def on_message(self, data: bytes) -> None:
+        self.take_native()                      # what the reader decoded came first
+        if len(data) <= 2:
+            self.by_path["keepalive"] += 1
+            return
+        try:
+            self.parts.append(self.decoder.decode(data))
+            self.by_path["python"] += 1
+        except DecodeError:
+            self.by_path["error"] += 1
+
+    def report(self) -> dict:
+        self.take_native()
+        pcm = np.concatenate(self.parts) if self.parts else np.zeros(0, np.int16)
+        return {"by_path": self.by_path, "samples": len(pcm), "digest": digest(pcm.tobytes())}
 
 
 @pytest.fixture
@@ -245,3 +291,65 @@ async def test_a_frame_over_the_size_limit_is_refused_with_1009_before_its_paylo
         opcode, payload = await asyncio.wait_for(client.read_frame(), 5)
     assert int.from_bytes(payload[:2], "big") == 1009
     client.writer.close()
+
+
+@pytest.mark.skipif(opus_reader is None, reason="the native reader is not built (python -m harken.native.build)")
+async def test_with_the_native_reader_cut_frames_mixed_with_garbage_decode_exactly_as_the_python_path(
+        sink_server, monkeypatch):
+    """Opus packets of real speech, with keepalives, garbage, text and pings between them, cut
+    anywhere: the reader decodes the packets, leaves the rest to the sink, and the audio is
+    bit-identical to decoding every message in order with the Python decoder."""
+    fed = []
+    original = websockets.server.ServerProtocol.receive_data
+    monkeypatch.setattr(websockets.server.ServerProtocol, "receive_data",
+                        lambda self, data: (fed.append(len(data)), original(self, data))[1])
+    rng = random.Random(11)
+    packets, _ = device_messages(load_audio("goforward.wav"), "opus", 16000)
+    messages = []
+    for packet in packets:
+        messages.append(packet)
+        roll = rng.random()
+        if roll < 0.05:
+            messages.append(b"\x8a\x00")                                 # the app's keepalive
+        elif roll < 0.10:
+            messages.append(b"\xff" * rng.randint(3, 40))                 # not an Opus packet
+        elif roll < 0.12:
+            messages.append(rng.randbytes(rng.randint(3, 200)))           # noise; may parse as Opus
+    reference = OpusDecoder(16000, 1)
+    expected, expected_errors = [], 0
+    for message in messages:
+        if len(message) > 2:
+            try:
+                expected.append(reference.decode(message))
+            except DecodeError:
+                expected_errors += 1
+    expected_pcm = np.concatenate(expected)
+
+    client = await RawClient.connect(sink_server)
+    await client.write(client_frame(0x1, b"attach opus"))
+    assert await client.read_text() == "attached"
+    fed.clear()
+    stream = b""
+    for index, message in enumerate(messages):
+        stream += client_frame(0x2, message)
+        if index % 37 == 5:
+            stream += client_frame(0x9, b"ping")
+        if index % 53 == 7:
+            stream += client_frame(0x1, b"noop")
+    position = 0
+    while position < len(stream):
+        step = 1 if position < 600 else rng.randrange(1, 3000)
+        await client.write(stream[position:position + step], pause=0.001 if step == 1 else 0.0)
+        position += step
+    await client.write(client_frame(0x1, b"report opus"))
+    result = json.loads(await client.read_text())
+    client.writer.close()
+
+    assert result["samples"] == len(expected_pcm)
+    assert result["digest"] == digest(expected_pcm.tobytes())
+    by_path = result["by_path"]
+    assert by_path["error"] == expected_errors > 0
+    assert by_path["keepalive"] == sum(len(m) <= 2 for m in messages) > 0
+    assert by_path["native"] + by_path["python"] == len(expected)
+    assert by_path["native"] >= len(packets) * 0.95        # the reader, not Python, took the packets
+    assert sum(fed) < 2000                                  # websockets saw only pings and text

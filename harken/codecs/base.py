@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import numpy as np
 
@@ -46,6 +47,12 @@ class Decoder(abc.ABC):
     def flush(self) -> np.ndarray:
         """Samples still held back (resampler tail); called once when the stream ends."""
         return no_samples()
+
+    def native_reader(self, piece_samples: int, max_message: int, on_piece: Callable[[], None]):
+        """A native reader that decodes this stream's frames straight off the socket
+        (native/opus_reader.c), sharing this decoder's state, or None when this codec and
+        format have none: then every message comes through ``decode``."""
+        return None
 
     def close(self) -> None:
         """Free native state."""

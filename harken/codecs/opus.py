@@ -35,6 +35,7 @@ import ctypes
 
 import numpy as np
 
+from .. import native
 from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono, no_samples
 from .resample import StreamResampler
 
@@ -182,6 +183,17 @@ class OpusDecoder(Decoder):
         if mono is pcm and self._resampler.passthrough:
             mono = mono.copy()  # the buffer is reused by the next packet
         return self._resampler.process(mono)
+
+    def native_reader(self, piece_samples: int, max_message: int, on_piece):
+        """The C reader (native/opus_reader.c) on this decoder's own libopus state, for a mono
+        stream decoded straight to 16 kHz (what devices send); None otherwise or when unbuilt."""
+        if native.opus_reader is None or self.channels != 1 or not self._resampler.passthrough:
+            return None
+        state = ctypes.cast(self._state.decoder_state, ctypes.c_void_p).value
+        decode = ctypes.cast(_libopus.libopus_decode, ctypes.c_void_p).value
+        return native.opus_reader.OpusPacketReader(
+            owner=self._state, state=state, decode=decode, rate=self._rate,
+            max_message=max_message, piece=piece_samples, on_piece=on_piece)
 
     def flush(self) -> np.ndarray:
         return self._resampler.flush()

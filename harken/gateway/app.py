@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
+from .. import native
 from ..config import Settings
 from ..conversations import ConversationService, Store
 from ..stt.selection import build_providers
@@ -50,6 +51,7 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
         gateway.metrics.start()             # the event-loop lag probe
         if worker is not None:
             await gateway.metrics.share_with_workers(worker)
+        _log_audio_path(settings)
         gateway.ready.set()
         try:
             yield
@@ -77,6 +79,17 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
         lifespan=lifespan,
     )
     return app
+
+
+def _log_audio_path(settings: Settings) -> None:
+    """Say which path decodes Opus: an operator whose build lacks the native reader should know
+    why a node carries fewer streams than the README's figures."""
+    if not settings.native_audio:
+        log.info("opus: Python path (native_audio is off)")
+    elif native.opus_reader is None:
+        log.warning("opus: Python path, the native reader is not built (python -m harken.native.build)")
+    else:
+        log.info("opus: native reader")
 
 
 @contextlib.contextmanager

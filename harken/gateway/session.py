@@ -104,6 +104,7 @@ class Session:
         self._oversized: int | None = None        # size of a message over the limit
         self._decode_warning_due = False
         self._sink = None                          # the server's binary sink, when it offers one
+        self._reader = None                        # the decoder's native reader on that sink, if any
         self._send_nowait = None                   # the stream's synchronous send, when it has one
         # Flushes and relabels under way (see _uninterrupted): the teardown lets them finish.
         self._in_flight: set[asyncio.Task] = set()
@@ -166,7 +167,10 @@ class Session:
             self._send_nowait = self.stream.send_nowait
         self._sink = binary_sink(self.ws.scope)
         if self._sink is not None:
-            self._sink.attach(self._on_binary)
+            if self.settings.native_audio:
+                self._reader = self.decoder.native_reader(
+                    AUDIO_PIECE_SAMPLES, self.settings.max_message_bytes, self._take_native)
+            self._sink.attach(self._on_binary, self._reader)
         await self.send_json(events.service_status("ready"))
 
     async def _join_conversation(self) -> None:
@@ -251,6 +255,8 @@ class Session:
         socket's read callback (ws_protocol.py), so it never awaits and never raises."""
         if not self._accepting_audio or self._oversized is not None:
             return
+        if self._reader is not None:
+            self._take_native()               # what the reader decoded came first
         now = time.monotonic()
         self.last_activity = now
         stats = self.stats
@@ -276,6 +282,24 @@ class Session:
         self._first_bad_frame_at = None
         if len(pcm) == 0:
             return
+        self._queue_audio(pcm, now)
+
+    def _take_native(self) -> None:
+        """Collect what the native reader decoded: its messages count as if _on_binary had seen
+        each. Called by the reader once a piece is ready, and by the session before it looks at
+        the pending audio (the pump, the flush loop, a message the reader left, the teardown)."""
+        pcm, messages, size, arrived = self._reader.take()
+        if not messages:
+            return
+        self.last_activity = arrived
+        self.stats.messages += messages
+        self.stats.audio_bytes += size
+        self._first_bad_frame_at = None
+        if self._accepting_audio and self._oversized is None:
+            self._queue_audio(np.frombuffer(pcm, dtype=np.int16), arrived)
+
+    def _queue_audio(self, pcm: np.ndarray, now: float) -> None:
+        """Decoded audio that arrived at ``now``: pending until a piece is ready, then on its way."""
         self._pending.append(pcm)
         self._pending_samples += len(pcm)
         self.metrics.audio_arrived(self.clock.samples + self._pending_samples, now)
@@ -307,6 +331,8 @@ class Session:
             await self._push_pending()
 
     async def _push_pending(self) -> None:
+        if self._reader is not None:
+            self._take_native()
         if not self._pending:
             return
         pcm = self._take_pending()
@@ -554,6 +580,9 @@ class Session:
 
     async def _teardown(self, end: EndSession) -> None:
         self._client_gone = self._client_gone or end.client_gone
+        if self._reader is not None:
+            self._take_native()                # what it decoded before the end still counts
+            self._reader.close()               # later frames reach _on_binary, which drops them
         self._accepting_audio = False          # later messages are dropped, as once the receive loop ended
         if self._in_flight:
             # Their failures (a lease lost) were the task group's business already.

@@ -21,6 +21,12 @@ and no fragmented message is open, is unmasked here and goes straight to the sin
 frame (text, control, fragments, compressed, oversized) is handed to websockets whole, so its
 parser always starts at a frame boundary and keeps enforcing the protocol for them. After a close
 frame everything goes to websockets, as before.
+
+Native reader. A sink may come with a reader (``native/opus_reader.c``, for Opus streams) that
+frames, unmasks and decodes the common frames itself: at each frame boundary ``reader.scan``
+takes every frame it can and returns the offset of the first it leaves, which this protocol then
+handles as above (to the sink, or to websockets). The reader's audio reaches its owner through
+the reader's own callback, in pieces, without a Python call per packet.
 """
 
 from __future__ import annotations
@@ -50,10 +56,11 @@ class BinarySink:
     def __init__(self, protocol: "SinkingWebSocketProtocol") -> None:
         self._protocol = protocol
 
-    def attach(self, callback: Callable[[bytes], None]) -> None:
+    def attach(self, callback: Callable[[bytes], None], reader=None) -> None:
         """Deliver every later binary message to ``callback``. Binary messages already queued
-        for ``receive()`` are handed over first, so the audio stays in order."""
-        self._protocol.attach_sink(callback)
+        for ``receive()`` are handed over first, so the audio stays in order. With a native
+        ``reader``, the frames it takes never reach ``callback`` (see the module docstring)."""
+        self._protocol.attach_sink(callback, reader)
 
     def pause_reading(self) -> None:
         self._protocol.pause_sink_reading()
@@ -73,6 +80,7 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._sink: Callable[[bytes], None] | None = None
+        self._reader = None             # the sink's native reader, if it brought one
         self._sink_paused = False
         # Bytes of an incomplete frame, once this protocol does the framing (None before).
         self._partial: bytearray | None = None
@@ -107,7 +115,12 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
     def _split_frames(self, data: bytes) -> None:
         size, pos = len(data), 0
         limit = self.conn.max_message_size
+        reader = self._reader
         while size - pos >= 2:
+            if reader is not None and not self._fragmented and not self.close_sent:
+                pos = reader.scan(data, pos, -1 if limit is None else limit)
+                if size - pos < 2:
+                    break
             first, second = data[pos], data[pos + 1]
             length, head = second & 0x7F, 2
             if length == 126:
@@ -165,7 +178,7 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
         _deliver(sink, frames[0] if len(frames) == 1 else b"".join(frames))
 
     # -- BinarySink -----------------------------------------------------------------------
-    def attach_sink(self, callback: Callable[[bytes], None]) -> None:
+    def attach_sink(self, callback: Callable[[bytes], None], reader=None) -> None:
         kept = []
         while not self.queue.empty():
             message = self.queue.get_nowait()
@@ -176,6 +189,7 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
         for message in kept:
             self.queue.put_nowait(message)
         self._sink = callback
+        self._reader = reader
         if self.read_paused and self.queue.empty() and not self._sink_paused:
             self.read_paused = False
             self.transport.resume_reading()
