@@ -9,7 +9,8 @@ generator (``harken.loadtest``) pinned to another:
   times it exactly as it does Harken;
 - Harken with the null provider (``--null-provider``, ``stt_service=null``): the whole gateway
   path (auth, conversation store, Opus decode, fallback stream, segment merging, storage of every
-  batch) without a speech engine.
+  batch) without a speech engine; ``--servers relay,harken,harken-python`` adds Harken with its
+  native Opus reader off (``HARKEN_NATIVE_AUDIO=false``), to see what that reader saves.
 
 For each server, N streams send real-time Opus (10 ms packets; ``--codec opus_fs320``: 20 ms) for ``--seconds``; N grows
 through ``--steps`` until segment latency p99 exceeds the 600 ms batch interval + 100 ms, a
@@ -179,16 +180,18 @@ class Server:
             self.process.kill()
 
 
-def start_harken(data_dir: Path, cpu: int | None) -> Server:
+def start_harken(data_dir: Path, cpu: int | None, name: str = "harken") -> Server:
+    """``harken``: as configured by default; ``harken-python``: with the native Opus reader off."""
     port = free_port()
     env = dict(os.environ, HARKEN_DATA_DIR=str(data_dir), HARKEN_PORT=str(port), HARKEN_LOG_LEVEL="warning",
-               HARKEN_NULL_PROVIDER="true", HARKEN_IDLE_TIMEOUT="600")
+               HARKEN_NULL_PROVIDER="true", HARKEN_IDLE_TIMEOUT="600",
+               HARKEN_NATIVE_AUDIO="false" if name == "harken-python" else "true")
     command = os.environ.get("BENCH_HARKEN_COMMAND", f"{sys.executable} -m harken serve").split()
     process = subprocess.Popen([*pinned(cpu), *command], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(f"http://127.0.0.1:{port}/readyz", process)
     # taskset execs the interpreter: the pid is the server's own.
-    return Server("harken", process, port, data_dir)
+    return Server(name, process, port, data_dir)
 
 
 def start_relay(cpu: int | None) -> Server:
@@ -368,7 +371,7 @@ async def main_async(args) -> None:
             # All servers stay up for the whole run, taking turns; one waiting idle costs the
             # pinned core next to nothing (Harken idle: under 1 % of a core).
             for name in args.servers.split(","):
-                servers.append(start_relay(server_cpu) if name == "relay" else start_harken(Path(tmp), server_cpu))
+                servers.append(start_relay(server_cpu) if name == "relay" else start_harken(Path(tmp), server_cpu, name))
             if args.idle:
                 for server in servers:
                     memory[server.name] = await idle_memory(server, args.idle)
@@ -384,11 +387,12 @@ async def main_async(args) -> None:
         bound = " (or more: the load generator or the step list was the limit)" if top is steps_run[-1] else ""
         print(f"  {name}: most {args.codec} streams on one core with p99 < {LATENCY_BUDGET * 1000:.0f} ms: "
               f"{top.streams if top else 0}{bound}")
-    for step in results.get("harken", []):
-        floor = relay_steps.get(step.streams)
-        if floor and floor.cpu_per_stream > 0:
-            print(f"  N={step.streams}: harken CPU per stream {step.cpu_per_stream * 100:.3f} % of a core = "
-                  f"{step.cpu_per_stream / floor.cpu_per_stream:.1f}x the relay's {floor.cpu_per_stream * 100:.3f} %")
+    for name in (n for n in results if n != "relay"):
+        for step in results[name]:
+            floor = relay_steps.get(step.streams)
+            if floor and floor.cpu_per_stream > 0:
+                print(f"  N={step.streams}: {name} CPU per stream {step.cpu_per_stream * 100:.3f} % of a core = "
+                      f"{step.cpu_per_stream / floor.cpu_per_stream:.1f}x the relay's {floor.cpu_per_stream * 100:.3f} %")
     for name, mib in memory.items():
         print(f"  {name}: memory per idle connection {mib * 1024:.0f} KiB (RSS delta / {args.idle})")
 
@@ -398,7 +402,8 @@ def main() -> None:
     parser.add_argument("--steps", default="50,100,200,300,400", help="stream counts tried in order")
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per stream in each step")
     parser.add_argument("--idle", type=int, default=200, help="idle connections for the memory figure (0 = skip)")
-    parser.add_argument("--servers", default="relay,harken")
+    parser.add_argument("--servers", default="relay,harken",
+                        help="taking turns: relay, harken, harken-python (the native Opus reader off)")
     parser.add_argument("--repeat", type=int, default=1, help="trials per server and step (judged on medians)")
     parser.add_argument("--codec", choices=CODECS, default="opus",
                         help="opus: 10 ms packets (Omi's default); opus_fs320: 20 ms packets")
