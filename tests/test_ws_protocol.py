@@ -235,12 +235,41 @@ class RawClient:
             assert opcode in (0x9, 0xA), opcode         # pings and pongs may come between
 
 
-async def test_frames_cut_anywhere_reach_the_sink_whole_in_order_without_the_websockets_parser(
-        sink_server, monkeypatch):
-    fed = []
+def bytes_parsed_by_websockets(monkeypatch) -> list[int]:
+    """The sizes of the pieces of data handed to websockets' own parser, from now on."""
+    fed: list[int] = []
     original = websockets.server.ServerProtocol.receive_data
     monkeypatch.setattr(websockets.server.ServerProtocol, "receive_data",
                         lambda self, data: (fed.append(len(data)), original(self, data))[1])
+    return fed
+
+
+def binary_stream(messages: list[bytes], ping_at: tuple[int, int], text_at: tuple[int, int]) -> bytes:
+    """``messages`` as binary frames, with a ping after message i when i % m == r for
+    ``ping_at`` = (m, r), and a text message likewise for ``text_at``."""
+    stream = b""
+    for index, message in enumerate(messages):
+        stream += client_frame(0x2, message)
+        if index % ping_at[0] == ping_at[1]:
+            stream += client_frame(0x9, b"ping")         # a control frame between data frames
+        if index % text_at[0] == text_at[1]:
+            stream += client_frame(0x1, b"noop")         # a text message between binary ones
+    return stream
+
+
+async def write_cut(client: RawClient, stream: bytes, rng: random.Random, bytewise: int, largest: int) -> None:
+    """The first ``bytewise`` bytes one byte per read (every cut inside a header, a mask, a
+    payload), the rest in pieces of 1 to ``largest`` bytes."""
+    position = 0
+    while position < len(stream):
+        step = 1 if position < bytewise else rng.randrange(1, largest)
+        await client.write(stream[position:position + step], pause=0.001 if step == 1 else 0.0)
+        position += step
+
+
+async def test_frames_cut_anywhere_reach_the_sink_whole_in_order_without_the_websockets_parser(
+        sink_server, monkeypatch):
+    fed = bytes_parsed_by_websockets(monkeypatch)
     rng = random.Random(7)
     # Every length encoding: 7-bit (0 and 125 at its edges), 16-bit (126, 65535), 64-bit.
     sizes = [0, 1, 80, 125, 126, 127, 300, 65535, 65536, 70000] + [rng.randrange(1, 400) for _ in range(40)]
@@ -249,20 +278,7 @@ async def test_frames_cut_anywhere_reach_the_sink_whole_in_order_without_the_web
     await client.write(client_frame(0x1, b"attach and ack"))
     assert await client.read_text() == "attached"
     fed.clear()
-    stream = b""
-    for index, payload in enumerate(payloads):
-        stream += client_frame(0x2, payload)
-        if index % 9 == 4:
-            stream += client_frame(0x9, b"ping")         # a control frame between data frames
-        if index % 13 == 6:
-            stream += client_frame(0x1, "noop".encode())  # a text message between binary ones
-    # The first kilobyte one byte per read (every cut inside a header, a mask, a payload),
-    # the rest in pieces of up to 5000 bytes.
-    position = 0
-    while position < len(stream):
-        step = 1 if position < 1024 else rng.randrange(1, 5000)
-        await client.write(stream[position:position + step], pause=0.001 if step == 1 else 0.0)
-        position += step
+    await write_cut(client, binary_stream(payloads, ping_at=(9, 4), text_at=(13, 6)), rng, bytewise=1024, largest=5000)
     await client.write(client_frame(0x1, b"report"))
     result = json.loads(await client.read_text())
     assert [d for _, d, _ in result["received"]] == [digest(p) for p in payloads]
@@ -299,10 +315,7 @@ async def test_with_the_native_reader_cut_frames_mixed_with_garbage_decode_exact
     """Opus packets of real speech, with keepalives, garbage, text and pings between them, cut
     anywhere: the reader decodes the packets, leaves the rest to the sink, and the audio is
     bit-identical to decoding every message in order with the Python decoder."""
-    fed = []
-    original = websockets.server.ServerProtocol.receive_data
-    monkeypatch.setattr(websockets.server.ServerProtocol, "receive_data",
-                        lambda self, data: (fed.append(len(data)), original(self, data))[1])
+    fed = bytes_parsed_by_websockets(monkeypatch)
     rng = random.Random(11)
     packets, _ = device_messages(load_audio("goforward.wav"), "opus", 16000)
     messages = []
@@ -329,18 +342,7 @@ async def test_with_the_native_reader_cut_frames_mixed_with_garbage_decode_exact
     await client.write(client_frame(0x1, b"attach opus"))
     assert await client.read_text() == "attached"
     fed.clear()
-    stream = b""
-    for index, message in enumerate(messages):
-        stream += client_frame(0x2, message)
-        if index % 37 == 5:
-            stream += client_frame(0x9, b"ping")
-        if index % 53 == 7:
-            stream += client_frame(0x1, b"noop")
-    position = 0
-    while position < len(stream):
-        step = 1 if position < 600 else rng.randrange(1, 3000)
-        await client.write(stream[position:position + step], pause=0.001 if step == 1 else 0.0)
-        position += step
+    await write_cut(client, binary_stream(messages, ping_at=(37, 5), text_at=(53, 7)), rng, bytewise=600, largest=3000)
     await client.write(client_frame(0x1, b"report opus"))
     result = json.loads(await client.read_text())
     client.writer.close()
