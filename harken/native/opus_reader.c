@@ -234,9 +234,13 @@ static PyObject *Reader_scan(Reader *self, PyObject *args) {
     return PyLong_FromSsize_t(pos);
 }
 
-/* take() -> (bytearray of int16 samples, messages, bytes, last arrival): what gathered since the last take. */
+/* take() -> (bytes of int16 samples, messages, bytes, last arrival): what gathered since the last take.
+ * Bytes, not a bytearray: numpy views a bytearray through a memoryview, which the garbage collector
+ * tracks, and the session keeps ~30 s of pieces per stream (replay buffer), so at 300 streams the
+ * collector walked ~450,000 memoryviews and their managed buffers in every full collection (~200 ms
+ * pauses). A view of bytes is not tracked; with nothing decoded this returns the shared empty bytes. */
 static PyObject *Reader_take(Reader *self, PyObject *Py_UNUSED(ignored)) {
-    PyObject *pcm = PyByteArray_FromStringAndSize((const char *)self->pcm, self->samples * sizeof(int16_t));
+    PyObject *pcm = PyBytes_FromStringAndSize((const char *)self->pcm, self->samples * sizeof(int16_t));
     if (!pcm) return NULL;
     PyObject *result = Py_BuildValue("NKKd", pcm, self->messages, self->bytes, self->last_arrival);
     if (result) {
@@ -266,7 +270,7 @@ static PyMethodDef Reader_methods[] = {
     {"scan", (PyCFunction)Reader_scan, METH_VARARGS,
      "scan(data, pos, limit) -> offset of the first frame left to the Python path"},
     {"take", (PyCFunction)Reader_take, METH_NOARGS,
-     "take() -> (pcm bytearray, messages, bytes, last arrival) since the last take"},
+     "take() -> (pcm bytes, messages, bytes, last arrival) since the last take"},
     {"close", (PyCFunction)Reader_close, METH_NOARGS, "decode nothing more; release the decoder"},
     {NULL},
 };
