@@ -188,6 +188,37 @@ async def test_audio_sent_while_connecting_waits_in_the_buffer():
     assert_transcript(played.words, script)
 
 
+
+class ReusingCaller:
+    """A caller that fills one array for every send, as a decoder writing into its own buffer would."""
+
+    def __init__(self, stream: FallbackStream):
+        self.stream, self.scratch = stream, np.zeros(0, dtype=np.int16)
+
+    async def send(self, pcm: np.ndarray) -> None:
+        if self.scratch.size != pcm.size:
+            self.scratch = np.empty(pcm.size, dtype=np.int16)
+        self.scratch[:] = pcm
+        await self.stream.send(self.scratch)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def __aiter__(self):
+        return self.stream.__aiter__()
+
+
+@pytest.mark.timeout(10)
+async def test_a_caller_reusing_its_array_does_not_change_the_audio_already_buffered():
+    # Only read-only arrays (decoders' output over immutable bytes) are kept without a copy.
+    script = make_script(3, duration=6.0)
+    async with rig(script) as r:
+        r.fakes["deepgram"].plans = [Plan(handshake=503)]      # audio waits in the buffer meanwhile
+        played = await play(ReusingCaller(r.stream(["deepgram"], retry_base=0.3)), 6.0)
+    connection = r.fakes["deepgram"].accepted[0]
+    assert connection.listener.origin == 0 and connection.listener.discontinuities == 0
+    assert_transcript(played.words, script)
+
 # --- everything down ---------------------------------------------------------------------------
 
 @pytest.mark.timeout(10)

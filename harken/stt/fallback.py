@@ -268,7 +268,7 @@ class FallbackStream(STTStream):
 
     # --- STTStream ------------------------------------------------------------------------
     async def send(self, pcm: np.ndarray) -> None:
-        """Buffer samples (copied) for the active provider; returns at once."""
+        """Buffer samples (copied, unless the array is read-only) for the active provider; returns at once."""
         self.send_nowait(pcm)
 
     def send_nowait(self, pcm: np.ndarray) -> None:
@@ -277,7 +277,10 @@ class FallbackStream(STTStream):
         if self._closing:
             return           # a session tearing down may still hand over its last frame
         self._ensure_running()
-        samples = np.array(pcm, dtype=np.int16, copy=True).reshape(-1)
+        if pcm.dtype == np.int16 and pcm.ndim == 1 and not pcm.flags.writeable:
+            samples = pcm      # a decoder's output over immutable bytes: no one can change it under us
+        else:
+            samples = np.array(pcm, dtype=np.int16, copy=True).reshape(-1)
         starts_at = self._buffer.end
         evicted = self._buffer.append(samples)
         if evicted and self._active is None:
