@@ -302,8 +302,16 @@ def test_adts_framer_holds_at_most_one_partial_frame():
 
 # -- LC3 -------------------------------------------------------------------------------------------
 def test_lc3_fs1030_vector_is_bit_exact_with_lc3py():
+    import lc3
+
     frames = vector_lc3_frames("speech16k_lc3_10ms_30B.bin", 30)
-    expected = vector_pcm("speech16k_lc3_10ms_30B.decoded_s16le.raw")
+    reference = lc3.Decoder(10000, 16000)
+    expected = np.concatenate([np.frombuffer(reference.decode(f, bit_depth=16), np.int16) for f in frames])
+    # liblc3 computes in floating point, and libm picks its code per CPU: the stored decode
+    # (made on another machine) differs from this machine's by at most one step in a few samples.
+    stored = vector_pcm("speech16k_lc3_10ms_30B.decoded_s16le.raw")
+    assert len(stored) == len(expected) and np.abs(stored.astype(np.int32) - expected).max() <= 1
+    assert np.count_nonzero(stored != expected) <= len(stored) // 1000
     for per_message in (1, 3, 5):
         messages = [b"".join(frames[i:i + per_message]) for i in range(0, len(frames), per_message)]
         assert np.array_equal(decode_all(decoder_for("lc3_fs1030", 16000), messages), expected)
