@@ -267,6 +267,19 @@ async def write_cut(client: RawClient, stream: bytes, rng: random.Random, bytewi
         position += step
 
 
+async def stream_cut(sink_server, fed: list[int], attach: bytes, report_command: bytes, stream: bytes,
+                     rng: random.Random, bytewise: int, largest: int) -> tuple["RawClient", dict]:
+    """Connect, attach the sink with ``attach``, write ``stream`` cut anywhere (``write_cut``),
+    and return the open client and the server's answer to ``report_command``. ``fed`` (from
+    ``bytes_parsed_by_websockets``) counts only what follows the attach."""
+    client = await RawClient.connect(sink_server)
+    await client.write(client_frame(0x1, attach))
+    assert await client.read_text() == "attached"
+    fed.clear()
+    await write_cut(client, stream, rng, bytewise=bytewise, largest=largest)
+    await client.write(client_frame(0x1, report_command))
+    return client, json.loads(await client.read_text())
+
 async def test_frames_cut_anywhere_reach_the_sink_whole_in_order_without_the_websockets_parser(
         sink_server, monkeypatch):
     fed = bytes_parsed_by_websockets(monkeypatch)
@@ -274,13 +287,9 @@ async def test_frames_cut_anywhere_reach_the_sink_whole_in_order_without_the_web
     # Every length encoding: 7-bit (0 and 125 at its edges), 16-bit (126, 65535), 64-bit.
     sizes = [0, 1, 80, 125, 126, 127, 300, 65535, 65536, 70000] + [rng.randrange(1, 400) for _ in range(40)]
     payloads = [rng.randbytes(size) for size in sizes]
-    client = await RawClient.connect(sink_server)
-    await client.write(client_frame(0x1, b"attach and ack"))
-    assert await client.read_text() == "attached"
-    fed.clear()
-    await write_cut(client, binary_stream(payloads, ping_at=(9, 4), text_at=(13, 6)), rng, bytewise=1024, largest=5000)
-    await client.write(client_frame(0x1, b"report"))
-    result = json.loads(await client.read_text())
+    client, result = await stream_cut(sink_server, fed, b"attach and ack", b"report",
+                                      binary_stream(payloads, ping_at=(9, 4), text_at=(13, 6)), rng,
+                                      bytewise=1024, largest=5000)
     assert [d for _, d, _ in result["received"]] == [digest(p) for p in payloads]
     assert {path for path, _, _ in result["received"]} == {"sink"}
     binary_bytes = sum(len(p) for p in payloads)
@@ -338,13 +347,9 @@ async def test_with_the_native_reader_cut_frames_mixed_with_garbage_decode_exact
                 expected_errors += 1
     expected_pcm = np.concatenate(expected)
 
-    client = await RawClient.connect(sink_server)
-    await client.write(client_frame(0x1, b"attach opus"))
-    assert await client.read_text() == "attached"
-    fed.clear()
-    await write_cut(client, binary_stream(messages, ping_at=(37, 5), text_at=(53, 7)), rng, bytewise=600, largest=3000)
-    await client.write(client_frame(0x1, b"report opus"))
-    result = json.loads(await client.read_text())
+    client, result = await stream_cut(sink_server, fed, b"attach opus", b"report opus",
+                                      binary_stream(messages, ping_at=(37, 5), text_at=(53, 7)), rng,
+                                      bytewise=600, largest=3000)
     client.writer.close()
 
     assert result["samples"] == len(expected_pcm)
