@@ -13,6 +13,7 @@ import numpy as np
 from ..stt.replay import ReplayBuffer
 
 SAMPLE_RATE = 16000
+_INT16 = np.dtype(np.int16)
 
 
 class AudioRing:
@@ -55,7 +56,9 @@ class AudioRing:
         return self.start_sample / self.sample_rate
 
     def append(self, pcm: np.ndarray) -> None:
-        self._buffer.append(np.asarray(pcm, dtype=np.int16).reshape(-1))
+        if pcm.dtype is not _INT16 or pcm.ndim != 1:       # the session's pieces already are
+            pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
+        self._buffer.append(pcm)
 
     def slice_samples(self, start: int, end: int) -> np.ndarray:
         """Clock samples ``[start, end)``, clipped to what the ring still holds.

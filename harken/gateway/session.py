@@ -354,7 +354,6 @@ class Session:
     def _pass_on(self, pcm: np.ndarray, to_stream: bool = True) -> None:
         """A piece of decoded audio to the clock, the ring, the audio webhook and the stream."""
         self.clock.advance(len(pcm))
-        self.metrics.audio_in(len(pcm))
         self.ring.append(pcm)
         if self.live is not None:
             self.live.add_audio(pcm)
@@ -384,6 +383,7 @@ class Session:
 
     async def _flush(self) -> None:
         """The 600 ms step: label the embedded engine's words by voice, merge, store, send, observe."""
+        self.metrics.audio_through(self.clock.samples)
         batch = await self._uninterrupted(self._store_next_batch())
         await self._send_batch(batch)
         if not self._client_gone:
@@ -612,6 +612,7 @@ class Session:
             except Exception:
                 pass
         self._log_usage(end)
+        self.metrics.audio_through(self.clock.samples)
         self.metrics.closed(end.code)
 
     async def _finish_stream(self) -> None:

@@ -43,7 +43,7 @@ class ReplayBuffer:
             self._chunks.append(pcm)
             self._starts.append(self._end)
             self._end += pcm.size
-        overflow = len(self) - self.max_samples
+        overflow = self._end - self._start - self.max_samples
         if overflow > 0:
             self.discard_before(self._start + overflow)
             return overflow
