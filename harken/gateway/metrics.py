@@ -162,7 +162,8 @@ class GatewayMetrics:
 class SessionMetrics:
     """One session's view: label children bound once, and when each piece of audio arrived."""
 
-    __slots__ = ("_metrics", "_audio", "_audio_counted", "_decode_errors", "_arrivals", "_measured_until")
+    __slots__ = ("_metrics", "_audio", "_audio_counted", "_decode_errors", "_arrivals", "_measured_until",
+                 "_provider_latency")
 
     def __init__(self, metrics: GatewayMetrics, codec: str) -> None:
         self._metrics = metrics
@@ -171,6 +172,7 @@ class SessionMetrics:
         self._decode_errors = metrics.decode_errors.labels(codec)
         self._arrivals = AudioArrivals()
         self._measured_until = 0.0       # audio-clock end of the latest segment end measured
+        self._provider_latency: dict = {}   # provider -> its histogram child (labels() locks per call)
 
     def audio_arrived(self, clock_samples: int, at: float) -> None:
         """A message arrived at ``at`` (monotonic), bringing the audio to ``clock_samples``: the
@@ -193,7 +195,10 @@ class SessionMetrics:
         """A final word ending at ``end`` (audio-clock seconds) came from ``provider``."""
         arrived = self._arrivals.arrival(end)
         if arrived is not None:
-            self._metrics.provider_latency.labels(provider).observe(max(0.0, time.monotonic() - arrived))
+            histogram = self._provider_latency.get(provider)
+            if histogram is None:
+                histogram = self._provider_latency[provider] = self._metrics.provider_latency.labels(provider)
+            histogram.observe(max(0.0, time.monotonic() - arrived))
 
     def batch_sent(self, segments: Iterable["Segment"], time_offset: float) -> None:
         """A batch went out; segments are on conversation time, ``time_offset`` maps them back.
