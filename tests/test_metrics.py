@@ -394,3 +394,32 @@ async def test_a_resampled_stream_counts_every_sample_including_the_resampler_ta
     assert await wait_until(ended)
     seconds = value(await scrape(server), "harken_audio_seconds_total", codec="pcm8")
     assert abs(seconds - 1.6) < 0.5 / 16000, f"{seconds} s of 1.6 s passed on"
+
+
+async def test_audio_seconds_catch_up_while_a_session_streams_not_only_at_its_end(make_gateway):
+    """The audio counter is caught up every 600 ms batch (not per 40 ms piece): a scrape during a
+    stream already shows the audio passed on so far, at most a batch interval behind."""
+    server = make_gateway(null_provider=True)
+    url = listen_url(server.base, codec="pcm16", sample_rate=16000, stt_service="null")
+    pcm = np.random.default_rng(3).integers(-3000, 3000, size=16000 * 3, dtype=np.int16)
+    before = value(await scrape(server), "harken_audio_seconds_total", codec="pcm16")
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token_for(server)}"}) as ws:
+        while "ready" not in str(await ws.recv()):
+            pass
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i, message in enumerate(pcm_messages(pcm[:16000 * 2])):          # 2 s in real time
+            await asyncio.sleep(max(0.0, started + i * 0.1 - loop.time()))
+            await ws.send(message)
+        await asyncio.sleep(1.0)                # more than one batch interval later
+        during = value(await scrape(server), "harken_audio_seconds_total", codec="pcm16") - before
+        assert 2.0 - 0.05 <= during <= 2.0 + 1e-9, during
+        for message in pcm_messages(pcm[16000 * 2:]):
+            await ws.send(message)
+        await asyncio.sleep(0.2)
+
+    async def all_counted() -> bool:
+        now = value(await scrape(server), "harken_audio_seconds_total", codec="pcm16") - before
+        return abs(now - 3.0) < 1e-6
+
+    assert await wait_until(all_counted)
