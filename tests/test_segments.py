@@ -240,6 +240,18 @@ def test_relabel_to_a_person_changes_only_that_speakers_segments():
     assert not builder.relabel(1, is_user=True, person_id=None, segment_ids=["seg-0"])  # not speaker 1
 
 
+def test_a_batch_lists_its_segments_in_conversation_order_however_far_back_they_are():
+    # Batches are gathered from the newest end of the conversation; a relabel touches old ones too.
+    builder = SegmentBuilder(id_factory=counter_ids())
+    for i in range(6):
+        add(builder, words((f"Turn {i}.", 2.0 * i, 2.0 * i + 1.0), speaker=i % 2))
+        builder.flush()
+    batch = builder.relabel(0, is_user=False, person_id="p-1")
+    assert [s.id for s in batch.changed] == ["seg-0", "seg-2", "seg-4"]
+    add(builder, words(("Late.", 20.0, 20.5), speaker=0) + words(("Later.", 21.0, 21.5), speaker=1))
+    assert [s.text for s in builder.flush().changed] == ["Late.", "Later."]
+
+
 def test_relabel_also_labels_words_still_waiting_for_the_flush():
     builder = SegmentBuilder()
     add(builder, words(("Bye.", 1.0, 1.5), speaker=1))

@@ -411,15 +411,23 @@ class SegmentBuilder:
         return self._batch(relabelled, absorbed)
 
     def _batch(self, touched: set[str], absorbed: list[str]) -> Batch:
-        """Report the touched segments whose wire form differs from what the client last saw."""
+        """Report the touched segments whose wire form differs from what the client last saw,
+        in conversation order. Searched from the newest end, where a batch's segments are: a
+        conversation can run for hours, and a scan of all of its segments every 600 ms grew
+        with its length (171 us per flush at 3,000 segments, 2.6x a short one; bench_segments.py)."""
         changed = []
-        for segment in self._segments:
+        left = len(touched)
+        for segment in reversed(self._segments):
+            if not left:
+                break
             if segment.id not in touched:
                 continue
+            left -= 1
             wire = segment.to_wire()
             if self._sent.get(segment.id) != wire:
                 self._sent[segment.id] = wire
                 changed.append(segment._copy())
+        changed.reverse()
         deleted = [segment_id for segment_id in absorbed if self._sent.pop(segment_id, None) is not None]
         return Batch(changed=changed, deleted_ids=deleted)
 
