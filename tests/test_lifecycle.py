@@ -258,6 +258,25 @@ async def test_usage_is_recorded_when_the_session_closes(store, tmp_path):
 
 
 @pytest.mark.timeout(30)
+async def test_sessions_connecting_together_open_their_conversations_in_few_transactions(
+        store, tmp_path, monkeypatch):
+    """A node's clients coming back at once (a restart, a failover): their openings share
+    transactions instead of queueing one each for the writer, and each gets its own conversation."""
+    groups = record_group_sizes(monkeypatch, store, "open_conversations")
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        lives = await asyncio.gather(*(service.connect(f"user{i}", conversation_timeout=TIMEOUT) for i in range(20)))
+        for live in lives:
+            live.time_offset(clock.now)
+            await speak(live, clock, f"words of {live.uid}")
+            await live.close()
+    assert sum(groups) == 20 and len(groups) < 10, groups
+    assert len({live.conversation_id for live in lives}) == 20
+    for live in lives:
+        assert [s["text"] for s in await store.load_segments(live.conversation_id)] == [f"words of {live.uid}"]
+
+
+@pytest.mark.timeout(30)
 async def test_sessions_closing_together_release_their_leases_and_record_usage_in_few_transactions(
         store, tmp_path, monkeypatch):
     """A drain closes every session at once: their ends share transactions, and none is lost."""

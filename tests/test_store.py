@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from harken.conversations import migrations
 from harken.conversations.model import COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting
 from harken.conversations.schema import metadata
-from harken.conversations.store import (BatchRequest, LeaseLost, OutboxMessage, ProcessingClaim, ProcessingDone,
-                                       Settlement, Store)
+from harken.conversations.store import (BatchRequest, LeaseLost, OpenRequest, OutboxMessage, ProcessingClaim,
+                                       ProcessingDone, Settlement, Store)
 
 PG_URL = os.environ.get("HARKEN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
@@ -276,6 +276,34 @@ async def test_open_conversation_resumes_within_the_timeout_and_hands_back_stale
     fresh = await store.open_conversation(later, now=1200, live_until=1230)
     assert not fresh.resumed and fresh.conversation.id == later.id
     assert fresh.stale_ids == [first.id]
+
+
+@pytest.mark.timeout(30)
+async def test_many_sessions_open_in_one_transaction_each_as_if_alone(store):
+    # carol: spoke 50 s ago (resumed, with her segments and her newer lease); dave: spoke 300 s ago
+    # (a new conversation, the old one handed back as stale); erin: never spoke (a new one).
+    recent, old = conversation("carol", now=1000), conversation("dave", now=800)
+    for c in (recent, old):
+        await store.open_conversation(c, now=c.started_at, live_until=c.started_at + 30)
+        await store.save_batch(c, [segment("a", f"{c.uid} spoke", 0, 1)], [], now=c.started_at + 10,
+                               live_until=c.started_at + 40, realtime=None)
+    begun = count_transactions(store)
+    asks = [OpenRequest(conversation(uid, now=1060), now=1060, live_until=1090, holder=f"{uid}-new")
+            for uid in ("carol", "dave", "erin")]
+    carol, dave, erin = await store.open_conversations(asks)
+    assert len(begun) == 1
+    assert carol.resumed and carol.conversation.id == recent.id and carol.stale_ids == []
+    assert [s["text"] for s in carol.segments] == ["carol spoke"]
+    assert not dave.resumed and dave.conversation.id == asks[1].new.id and dave.stale_ids == [old.id]
+    assert not erin.resumed and erin.conversation.id == asks[2].new.id and erin.segments == []
+    # The leases are the new connections': a write naming the older holder is refused.
+    refused = await store.save_batches([BatchRequest(carol.conversation, [segment("b", "late", 1, 2)], [], now=1061,
+                                                     live_until=1091, realtime=None, holder="carol-old")])
+    assert isinstance(refused[0], LeaseLost)
+    for opened in (dave, erin):
+        assert (await store.get_conversation(opened.conversation.id)).status == IN_PROGRESS
+    with pytest.raises(ValueError, match="one request per user"):
+        await store.open_conversations([asks[0], asks[0]])
 
 
 @pytest.mark.timeout(30)

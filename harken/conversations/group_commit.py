@@ -4,8 +4,9 @@ Every session saves a batch every 600 ms and must not send it before it is store
 transaction each, N sessions queue N transactions behind the database's writer lock (SQLite's,
 or PostgreSQL's row and WAL work), and each costs several round trips. A ``GroupCommitter``
 instead gathers what sessions submit while a transaction is in flight and writes all of it with
-one call of its ``write`` (``Store.save_batches`` for batches, ``Store.end_sessions`` for the
-lease releases and usage rows of sessions that close, all at once in a drain): at most one
+one call of its ``write`` (``Store.save_batches`` for batches, ``Store.open_conversations`` for
+sessions that connect, all at once in a ramp, ``Store.end_sessions`` for the lease releases and
+usage rows of sessions that close, all at once in a drain): at most one
 transaction in flight, so N sessions cost about one transaction per round, and a request waits
 at most for the transaction before its own.
 """

@@ -35,7 +35,8 @@ from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage,
                     conversation_object, iso)
 from .outbox import OutboxDeliverer
 from .processing import ConversationProcessor
-from .store import BatchRequest, LeaseLost, OutboxMessage, ProcessingClaim, ProcessingDone, SessionEnd, Store
+from .store import (BatchRequest, LeaseLost, OpenRequest, OutboxMessage, ProcessingClaim, ProcessingDone, SessionEnd,
+                    Store)
 from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, parse_setting, realtime_message,
                        require_kind)
 
@@ -83,7 +84,8 @@ class ConversationService:
             workers=settings.webhook_workers, retry_horizon=settings.webhook_retry_horizon,
             max_backoff=settings.webhook_max_backoff, allow_private=settings.webhook_allow_private, clock=clock)
         self._live: set[LiveConversation] = set()
-        # The sessions' batches, and their ends (lease release, usage), many per transaction.
+        # The sessions' openings, batches and ends (lease release, usage), many per transaction.
+        self._opens = GroupCommitter(store.open_conversations, key=lambda r: r.new.uid, name="conversation opens")
         self._batches = GroupCommitter(store.save_batches, key=lambda r: r.conversation.id, name="batches")
         self._ends = GroupCommitter(store.end_sessions, key=lambda e: e.conversation_id, name="session ends")
         # Processing's claims and completions, many per transaction: a sweep that finds many
@@ -156,8 +158,7 @@ class ConversationService:
         fresh = Conversation(id=str(uuid.uuid4()), uid=uid, status=IN_PROGRESS, language=language, source=source,
                              created_at=now, started_at=now, finished_at=now, timeout_s=float(conversation_timeout))
         holder = uuid.uuid4().hex          # per connection, even if a caller reuses a session id
-        opened = await self.store.open_conversation(fresh, now=now, live_until=now + self.live_lease,
-                                                    holder=holder)
+        opened = await self._opens.save(OpenRequest(fresh, now, now + self.live_lease, holder))
         audio = await self.store.get_webhook(uid, AUDIO_BYTES)
         last_memory = await self.store.last_completed_id(uid)
         live = LiveConversation(self, opened.conversation, opened.segments, session_id=session_id or str(uuid.uuid4()),

@@ -131,6 +131,16 @@ class OutboxMessage:
 
 
 @dataclass
+class OpenRequest:
+    """One connecting session for ``Store.open_conversations`` (the arguments of ``open_conversation``)."""
+
+    new: Conversation
+    now: float
+    live_until: float
+    holder: str | None = None
+
+
+@dataclass
 class BatchRequest:
     """One session's segment batch for ``Store.save_batches`` (the arguments of ``save_batch``)."""
 
@@ -278,10 +288,6 @@ class Store:
             return
         await conn.execute(_ORDERED_ADVISORY_LOCKS, {"namespace": namespace, "names": names})
 
-    async def _lock_user(self, conn: AsyncConnection, uid: str) -> None:
-        """Serialise conversation decisions for one user across nodes."""
-        await self._lock(conn, _USER_LOCKS, [uid])
-
     async def _lock_keys(self, conn: AsyncConnection, keys: Iterable[str]) -> None:
         """Serialise outbox head changes per ordering key: an insert deciding "am I the head?"
         and a settlement promoting the next head must not interleave, or a row is orphaned."""
@@ -300,27 +306,58 @@ class Store:
         ``holder`` takes the live lease even if another connection still holds it: the newest
         connection wins (the older one may be on a node that died, or about to notice its client
         left), and the older one's writes are refused from now on (``LeaseLost``)."""
+        return (await self.open_conversations([OpenRequest(new, now, live_until, holder)]))[0]
+
+    async def open_conversations(self, requests: Sequence[OpenRequest]) -> list[OpenResult]:
+        """``open_conversation`` for many connecting sessions in ONE transaction with a fixed number
+        of statements (group commit). A connection ramp (a node's clients coming back after a
+        restart or a failover) opened one write transaction per session, and they queued for the
+        writer lock ahead of the running sessions' batches: at 300 streams connecting over 6 s,
+        an open waited up to 3.5 s and so did every batch behind it. At most one request per user
+        (``ValueError`` otherwise): a user's decisions are serial."""
         c = conversations
+        by_uid = {request.new.uid: request for request in requests}
+        if len(by_uid) != len(requests):
+            raise ValueError("open_conversations: at most one request per user")
+        if not requests:
+            return []
         async with self._write() as conn:
-            await self._lock_user(conn, new.uid)
+            await self._lock(conn, _USER_LOCKS, by_uid)
             rows = (await conn.execute(
-                sa.select(c).where(c.c.uid == new.uid, c.c.status == IN_PROGRESS).order_by(c.c.finished_at.desc())
+                sa.select(c).where(c.c.uid.in_(list(by_uid)), c.c.status == IN_PROGRESS)
+                .order_by(c.c.uid, c.c.finished_at.desc())
             )).mappings().all()
-            resume = None
-            stale: list[str] = []
-            for row in rows:
-                if resume is None and now - row["finished_at"] < new.timeout_s:
-                    resume = row
-                elif row["live_until"] is None or row["live_until"] < now:
-                    stale.append(row["id"])
-            if resume is not None:
-                await conn.execute(sa.update(c).where(c.c.id == resume["id"])
-                                   .values(timeout_s=new.timeout_s, live_until=live_until, live_by=holder))
-                conversation = _conversation(resume)
-                conversation.timeout_s = new.timeout_s
-                return OpenResult(conversation, True, await self._segments(conn, conversation.id), stale)
-            await conn.execute(sa.insert(c).values(**_conversation_row(new), live_until=live_until, live_by=holder))
-            return OpenResult(new, False, [], stale)
+            resume: dict[str, Any] = {}
+            stale: dict[str, list[str]] = {uid: [] for uid in by_uid}
+            for row in rows:        # per user, newest first
+                request = by_uid[row["uid"]]
+                if row["uid"] not in resume and request.now - row["finished_at"] < request.new.timeout_s:
+                    resume[row["uid"]] = row
+                elif row["live_until"] is None or row["live_until"] < request.now:
+                    stale[row["uid"]].append(row["id"])
+            if resume:
+                await conn.execute(
+                    sa.update(c).where(c.c.id == sa.bindparam("o_id")).values(
+                        timeout_s=sa.bindparam("o_timeout"), live_until=sa.bindparam("o_until"),
+                        live_by=sa.bindparam("o_holder")),
+                    [{"o_id": row["id"], "o_timeout": by_uid[uid].new.timeout_s, "o_until": by_uid[uid].live_until,
+                      "o_holder": by_uid[uid].holder} for uid, row in resume.items()])
+            fresh = [request for request in requests if request.new.uid not in resume]
+            if fresh:
+                await conn.execute(sa.insert(c), [{**_conversation_row(r.new), "live_until": r.live_until,
+                                                   "live_by": r.holder} for r in fresh])
+            segments_of = await self._segments_of(conn, [row["id"] for row in resume.values()])
+        results = []
+        for request in requests:
+            uid = request.new.uid
+            row = resume.get(uid)
+            if row is None:
+                results.append(OpenResult(request.new, False, [], stale[uid]))
+                continue
+            conversation = _conversation(row)
+            conversation.timeout_s = request.new.timeout_s
+            results.append(OpenResult(conversation, True, segments_of[conversation.id], stale[uid]))
+        return results
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
         async with self._read() as conn:
