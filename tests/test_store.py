@@ -281,12 +281,17 @@ async def test_open_conversation_resumes_within_the_timeout_and_hands_back_stale
 @pytest.mark.timeout(30)
 async def test_many_sessions_open_in_one_transaction_each_as_if_alone(store):
     # carol: spoke 50 s ago (resumed, with her segments and her newer lease); dave: spoke 300 s ago
-    # (a new conversation, the old one handed back as stale); erin: never spoke (a new one).
-    recent, old = conversation("carol", now=1000), conversation("dave", now=800)
-    for c in (recent, old):
+    # (a new conversation, the old one handed back as stale); erin: only a finished memory (a new one).
+    # Read in the same transaction: each user's webhook settings and last memory.
+    recent, old, memory = conversation("carol", now=1000), conversation("dave", now=800), conversation("erin", now=500)
+    for c in (recent, old, memory):
         await store.open_conversation(c, now=c.started_at, live_until=c.started_at + 30)
         await store.save_batch(c, [segment("a", f"{c.uid} spoke", 0, 1)], [], now=c.started_at + 10,
                                live_until=c.started_at + 40, realtime=None)
+    claimed, _ = await store.claim_for_processing(memory.id, node="n", now=700, lease=60)
+    assert await store.finish_processing(claimed, node="n", memory_webhook=None, now=701)
+    audio = WebhookSetting("audio_bytes", "https://example.com/audio", 5)
+    await store.set_webhook("carol", audio, now=1001)
     begun = count_transactions(store)
     asks = [OpenRequest(conversation(uid, now=1060), now=1060, live_until=1090, holder=f"{uid}-new")
             for uid in ("carol", "dave", "erin")]
@@ -296,6 +301,9 @@ async def test_many_sessions_open_in_one_transaction_each_as_if_alone(store):
     assert [s["text"] for s in carol.segments] == ["carol spoke"]
     assert not dave.resumed and dave.conversation.id == asks[1].new.id and dave.stale_ids == [old.id]
     assert not erin.resumed and erin.conversation.id == asks[2].new.id and erin.segments == []
+    assert erin.stale_ids == [] and erin.last_memory_id == memory.id == await store.last_completed_id("erin")
+    assert (carol.webhooks, dave.webhooks, erin.webhooks) == ({"audio_bytes": audio}, {}, {})
+    assert carol.last_memory_id is None and dave.last_memory_id is None
     # The leases are the new connections': a write naming the older holder is refused.
     refused = await store.save_batches([BatchRequest(carol.conversation, [segment("b", "late", 1, 2)], [], now=1061,
                                                      live_until=1091, realtime=None, holder="carol-old")])
@@ -304,6 +312,22 @@ async def test_many_sessions_open_in_one_transaction_each_as_if_alone(store):
         assert (await store.get_conversation(opened.conversation.id)).status == IN_PROGRESS
     with pytest.raises(ValueError, match="one request per user"):
         await store.open_conversations([asks[0], asks[0]])
+
+
+@pytest.mark.timeout(30)
+async def test_the_last_memory_is_the_newest_completed_one_not_discarded(store):
+    ids = []
+    for at, discarded in ((500, False), (600, False), (700, True)):
+        c = conversation("frank", now=at)
+        await store.open_conversation(c, now=at, live_until=None)
+        claimed, _ = await store.claim_for_processing(c.id, node="n", now=at + 150, lease=60)
+        claimed.discarded = discarded
+        assert await store.finish_processing(claimed, node="n", memory_webhook=None, now=at + 151)
+        ids.append(c.id)
+    assert await store.last_completed_id("frank") == ids[1]
+    (opened,) = await store.open_conversations([OpenRequest(conversation("frank", now=900), now=900, live_until=930)])
+    assert opened.last_memory_id == ids[1]
+    assert await store.last_completed_id("nobody") is None
 
 
 @pytest.mark.timeout(30)

@@ -158,12 +158,13 @@ class ConversationService:
         fresh = Conversation(id=str(uuid.uuid4()), uid=uid, status=IN_PROGRESS, language=language, source=source,
                              created_at=now, started_at=now, finished_at=now, timeout_s=float(conversation_timeout))
         holder = uuid.uuid4().hex          # per connection, even if a caller reuses a session id
+        # The shared transaction also reads the webhook settings and the last memory (a ramp of
+        # connections would otherwise add two read transactions each).
         opened = await self._opens.save(OpenRequest(fresh, now, now + self.live_lease, holder))
-        audio = await self.store.get_webhook(uid, AUDIO_BYTES)
-        last_memory = await self.store.last_completed_id(uid)
         live = LiveConversation(self, opened.conversation, opened.segments, session_id=session_id or str(uuid.uuid4()),
-                                events=events, on_new_conversation=on_new_conversation, last_memory_id=last_memory,
-                                audio=audio, holder=holder)
+                                events=events, on_new_conversation=on_new_conversation,
+                                last_memory_id=opened.last_memory_id, audio=opened.webhooks.get(AUDIO_BYTES),
+                                holder=holder)
         self._live.add(live)
         for stale in opened.stale_ids:
             self._spawn_processing(stale, live.emit)

@@ -70,12 +70,15 @@ class LeaseLost(Exception):
 
 @dataclass
 class OpenResult:
-    """What ``open_conversation`` found: the conversation to write to and what to process."""
+    """What ``open_conversation`` found: the conversation to write to and what to process, and
+    what else a connecting session needs of the user's rows (read in the same transaction)."""
 
     conversation: Conversation
     resumed: bool
     segments: list[dict]
     stale_ids: list[str]
+    webhooks: dict[str, WebhookSetting] = field(default_factory=dict)   # the user's settings by kind
+    last_memory_id: str | None = None             # as ``last_completed_id``
 
 
 @dataclass
@@ -347,16 +350,22 @@ class Store:
                 await conn.execute(sa.insert(c), [{**_conversation_row(r.new), "live_until": r.live_until,
                                                    "live_by": r.holder} for r in fresh])
             segments_of = await self._segments_of(conn, [row["id"] for row in resume.values()])
+            settings: dict[str, dict[str, WebhookSetting]] = {uid: {} for uid in by_uid}
+            for row in (await conn.execute(sa.select(webhooks).where(webhooks.c.uid.in_(list(by_uid))))).mappings():
+                settings[row["uid"]][row["kind"]] = _webhook_setting(row)
+            last_memories = dict((await conn.execute(_last_completed_query(list(by_uid)))).all())
         results = []
         for request in requests:
             uid = request.new.uid
             row = resume.get(uid)
             if row is None:
-                results.append(OpenResult(request.new, False, [], stale[uid]))
-                continue
-            conversation = _conversation(row)
-            conversation.timeout_s = request.new.timeout_s
-            results.append(OpenResult(conversation, True, segments_of[conversation.id], stale[uid]))
+                result = OpenResult(request.new, False, [], stale[uid])
+            else:
+                conversation = _conversation(row)
+                conversation.timeout_s = request.new.timeout_s
+                result = OpenResult(conversation, True, segments_of[conversation.id], stale[uid])
+            result.webhooks, result.last_memory_id = settings[uid], last_memories.get(uid)
+            results.append(result)
         return results
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
@@ -406,11 +415,8 @@ class Store:
         return [(r, by_id[r.id]) for r in rows]
 
     async def last_completed_id(self, uid: str) -> str | None:
-        c = conversations
         async with self._read() as conn:
-            return (await conn.execute(
-                sa.select(c.c.id).where(c.c.uid == uid, c.c.status == COMPLETED, c.c.discarded == sa.false())
-                .order_by(c.c.finished_at.desc()).limit(1))).scalar()
+            return dict((await conn.execute(_last_completed_query([uid]))).all()).get(uid)
 
     async def save_batch(
         self,
@@ -687,7 +693,7 @@ class Store:
         w = webhooks
         async with self._read() as conn:
             row = (await conn.execute(sa.select(w).where(w.c.uid == uid, w.c.kind == kind))).mappings().first()
-        return WebhookSetting(row["kind"], row["url"], row["interval_seconds"]) if row else None
+        return _webhook_setting(row) if row else None
 
     async def set_webhook(self, uid: str, setting: WebhookSetting, *, now: float) -> None:
         w = webhooks
@@ -904,6 +910,20 @@ def _take_over_sqlite_transactions(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn) -> None:
         conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'IMMEDIATE')}")
+
+
+def _last_completed_query(uids: list[str]):
+    """(uid, id) of each user's newest completed, not discarded conversation: the ``last_memory``
+    event. One row per user however many memories they have (a window, not all their rows)."""
+    c = conversations
+    newest = sa.func.row_number().over(partition_by=c.c.uid, order_by=(c.c.finished_at.desc(), c.c.id.desc()))
+    ranked = (sa.select(c.c.uid, c.c.id, newest.label("rank"))
+              .where(c.c.uid.in_(uids), c.c.status == COMPLETED, c.c.discarded == sa.false()).subquery())
+    return sa.select(ranked.c.uid, ranked.c.id).where(ranked.c.rank == 1)
+
+
+def _webhook_setting(row: Any) -> WebhookSetting:
+    return WebhookSetting(row["kind"], row["url"], row["interval_seconds"])
 
 
 def _json(value: Any) -> str | None:
