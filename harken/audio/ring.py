@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stt.replay import ReplayBuffer
+from ..stt.replay import PCM16, ReplayBuffer
 
 SAMPLE_RATE = 16000
-_INT16 = np.dtype(np.int16)
 
 
 class AudioRing:
@@ -56,7 +55,7 @@ class AudioRing:
         return self.start_sample / self.sample_rate
 
     def append(self, pcm: np.ndarray) -> None:
-        if pcm.dtype is not _INT16 or pcm.ndim != 1:       # the session's pieces already are
+        if pcm.dtype is not PCM16 or pcm.ndim != 1:       # the session's pieces already are
             pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
         self._buffer.append(pcm)
 

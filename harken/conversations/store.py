@@ -358,14 +358,13 @@ class Store:
         for request in requests:
             uid = request.new.uid
             row = resume.get(uid)
-            if row is None:
-                result = OpenResult(request.new, False, [], stale[uid])
-            else:
+            conversation, found = request.new, []
+            if row is not None:
                 conversation = _conversation(row)
                 conversation.timeout_s = request.new.timeout_s
-                result = OpenResult(conversation, True, segments_of[conversation.id], stale[uid])
-            result.webhooks, result.last_memory_id = settings[uid], last_memories.get(uid)
-            results.append(result)
+                found = segments_of[conversation.id]
+            results.append(OpenResult(conversation, row is not None, found, stale[uid], settings[uid],
+                                      last_memories.get(uid)))
         return results
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:

@@ -75,7 +75,8 @@ class GatewayMetrics:
         self.capacity_refusals = Counter("harken_capacity_refusals",
                                          "connections refused with 1013 because max_sessions were held",
                                          registry=registry)
-        self.audio_seconds = Counter("harken_audio_seconds", "seconds of audio received and decoded, by codec (caught up every batch interval)",
+        self.audio_seconds = Counter("harken_audio_seconds",
+                                     "seconds of audio received and decoded, by codec (caught up every batch interval)",
                                      ["codec"], registry=registry)
         self.decode_errors = Counter("harken_decode_errors", "audio messages that could not be decoded",
                                      ["codec"], registry=registry)

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequen
 import numpy as np
 
 from .base import SAMPLE_RATE, STTError, STTStream, StreamConfig, Word
-from .replay import ReplayBuffer
+from .replay import PCM16, ReplayBuffer
 from .selection import Link
 
 if TYPE_CHECKING:
@@ -74,7 +74,6 @@ StatusCallback = Callable[[dict], Any]
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 499})
 
 RELEASE_SAMPLES = SAMPLE_RATE // 2     # audio sent between two releases of the replay buffer
-_INT16 = np.dtype(np.int16)
 
 
 def retryable_status(status: int | None) -> bool:
@@ -282,7 +281,7 @@ class FallbackStream(STTStream):
             return           # a session tearing down may still hand over its last frame
         if self._task is None:
             self._ensure_running()
-        if pcm.dtype is _INT16 and pcm.ndim == 1 and not pcm.flags.writeable:
+        if pcm.dtype is PCM16 and pcm.ndim == 1 and not pcm.flags.writeable:
             samples = pcm      # a decoder's output over immutable bytes: no one can change it under us
         else:
             samples = np.array(pcm, dtype=np.int16, copy=True).reshape(-1)

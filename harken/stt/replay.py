@@ -13,6 +13,9 @@ import bisect
 import numpy as np
 
 
+PCM16 = np.dtype(np.int16)      # the dtype every buffered piece has (compare with ``is``: a singleton)
+
+
 class ReplayBuffer:
     """Bounded PCM16 store addressed by sample index since the first sample ever appended."""
 
