@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 
 import pytest
 
@@ -412,18 +413,30 @@ async def test_a_batch_that_cannot_be_stored_fails_only_its_own_session(store, t
 @pytest.mark.timeout(30)
 async def test_a_save_cancelled_mid_transaction_is_not_stored_and_its_group_is(store, tmp_path):
     """A session ended mid-save (its task cancelled) must not have stored a batch its client was
-    never sent; the other sessions' batches of the same transaction are stored all the same."""
+    never sent; the other sessions' batches of the same transaction are stored all the same.
+
+    On SQLite a transaction runs on the loop's thread without suspending, so no cancel can land
+    inside one, except in a transaction that waited for another process's write lock: those run
+    in the threaded engine. The test holds the lock as that process would, until the group waits."""
     clock = Clock()
+    loop = asyncio.get_running_loop()
     async with service_on(store, tmp_path, clock) as service:
         lives = [await service.connect(f"user{i}", conversation_timeout=TIMEOUT) for i in range(4)]
         for live in lives:
             live.time_offset(clock.now)
+        other_process = None
+        if store.dialect == "sqlite":
+            other_process = sqlite3.connect(store.url.database, isolation_level=None)
+            other_process.execute("BEGIN IMMEDIATE")
         before = store.batch_transactions
         saves = [asyncio.create_task(live.save_batch([segment("s1", f"words of {i}", 0, 1)]))
                  for i, live in enumerate(lives)]
-        for _ in range(10_000):                  # until the group's transaction has begun
-            if store.batch_transactions > before:
-                break
+        if other_process is not None:
+            await asyncio.sleep(0.1)             # the group's BEGIN now waits in SQLite's busy handler
+            other_process.execute("COMMIT")
+            other_process.close()
+        deadline = loop.time() + 5
+        while store.batch_transactions == before and loop.time() < deadline:   # until it has begun
             await asyncio.sleep(0)
         assert store.batch_transactions == before + 1
         saves[1].cancel()

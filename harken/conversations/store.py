@@ -18,7 +18,6 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
@@ -27,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ..config import Settings
 from . import migrations
 from .model import COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting, word_count
+from .sqlite_loop import LoopWriter, take_over_sqlite_transactions
 from .schema import DUE_HEADS, conversations, outbox, people, segments, speech_profiles, usage, webhooks
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ class Store:
         self._pool_size = pool_size
         self._local_writer = asyncio.Lock() if self.dialect == "sqlite" else None
         self.engine: AsyncEngine | None = None
+        self._loop_writer: LoopWriter | None = None      # SQLite file: writes on the loop's thread
         self.batch_transactions = 0        # save_batches transactions so far (group commit's effect)
 
     @classmethod
@@ -231,6 +232,9 @@ class Store:
         return self
 
     async def close(self) -> None:
+        if self._loop_writer is not None:
+            await self._loop_writer.close()
+            self._loop_writer = None
         if self.engine is not None:
             await self.engine.dispose()
             self.engine = None
@@ -251,7 +255,9 @@ class Store:
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             engine = create_async_engine(self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-            _take_over_sqlite_transactions(engine)
+            take_over_sqlite_transactions(engine.sync_engine, busy_timeout_ms=SQLITE_BUSY_TIMEOUT_MS)
+            if database and database != ":memory:":      # (each :memory: connection is its own database)
+                self._loop_writer = LoopWriter(self.url, self._checkpoint)
             return engine
         connect_args: dict[str, Any] = {}
         if self._pg_schema:
@@ -268,9 +274,16 @@ class Store:
             return
         # SQLite allows one writer; two connections of this process racing for the file lock
         # would meet SQLite's busy handler, which sleeps in steps of up to 100 ms. Queue them
-        # here instead (FIFO, no sleeping); other processes still meet the busy handler.
+        # here instead (FIFO, no sleeping); other processes still meet the busy handler. Then
+        # the transaction runs on the loop's thread (sqlite_loop.py) unless another process
+        # holds the file's write lock.
         async with self._local_writer:
-            async with self.engine.begin() as conn:
+            conn = self._loop_writer.try_begin() if self._loop_writer is not None else None
+            if conn is not None:
+                with self._loop_writer.transaction(conn) as on_the_loop:
+                    yield on_the_loop
+                return
+            async with self.engine.begin() as conn:      # another process is writing: wait off the loop
                 yield conn
 
     @contextlib.asynccontextmanager
@@ -281,6 +294,19 @@ class Store:
                 await conn.execution_options(sqlite_begin="DEFERRED")
             async with conn.begin():
                 yield conn
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database file (SQLite), in the threaded engine's thread: its
+        fsyncs must not stall the loop. PASSIVE: it never waits for readers or writers."""
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            await (await raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")).close()
+
+    @property
+    def sync_engines(self) -> list[sa.Engine]:
+        """The engines transactions begin on (the threaded one, and the loop's on a SQLite file)."""
+        engines = [self.engine.sync_engine] if self.engine is not None else []
+        return engines + ([self._loop_writer.engine] if self._loop_writer is not None else [])
 
     async def _lock(self, conn: AsyncConnection, namespace: int, names: Iterable[str]) -> None:
         """Transaction-scoped advisory locks on PostgreSQL, all in one statement, taken in the
@@ -890,26 +916,6 @@ class Store:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-def _take_over_sqlite_transactions(engine: AsyncEngine) -> None:
-    """SQLAlchemy's documented recipe: the driver stops issuing its own BEGIN, and we emit
-    ``BEGIN IMMEDIATE`` for writes, so two writers never deadlock upgrading read locks (they
-    queue on the busy timeout instead), and ``DEFERRED`` for reads."""
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _connect(dbapi_connection, connection_record) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        # WAL lets readers run beside the writer; synchronous=NORMAL keeps every commit across
-        # a process crash (a power cut may lose the last commits), at a fraction of FULL's cost.
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"):
-            cursor.execute(f"PRAGMA {pragma}")
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(conn) -> None:
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'IMMEDIATE')}")
-
 
 def _last_completed_query(uids: list[str]):
     """(uid, id) of each user's newest completed, not discarded conversation: the ``last_memory``
