@@ -479,19 +479,16 @@ class Store:
         - a ``LeaseLost``, nothing of it written: the request names a ``holder`` and another
           connection holds the lease.
         An unexpected error rolls back the whole group."""
-        c, s = conversations, segments
         by_id = {request.conversation.id: request for request in requests}
         if len(by_id) != len(requests):
             raise ValueError("save_batches: at most one request per conversation")
         if not requests:
             return []
         segment_rows = {cid: [_segment_row(cid, seg) for seg in request.changed] for cid, request in by_id.items()}
-        found_query = sa.select(c.c.id, c.c.status, c.c.live_by).where(c.c.id.in_(list(by_id))).order_by(c.c.id)
-        if self.dialect == "postgresql":      # dialect: lock the rows, in id order (no deadlock cycles)
-            found_query = found_query.with_for_update()
+        statements = _BATCH_STATEMENTS[self.dialect]
         async with self._write() as conn:
             self.batch_transactions += 1
-            found = {row.id: row for row in await conn.execute(found_query)}
+            found = {row.id: row for row in await conn.execute(statements.found, {"ids": list(by_id)})}
             outcomes: list[bool | LeaseLost] = []
             updates: list[dict] = []
             inserts: list[dict] = []
@@ -517,27 +514,16 @@ class Store:
                 outcomes.append(True)
             written = [request for request, outcome in zip(requests, outcomes) if outcome is True]
             if updates:
-                await conn.execute(
-                    sa.update(c).where(c.c.id == sa.bindparam("row_id")).values(
-                        live_until=sa.bindparam("new_live_until"), started_at=sa.bindparam("new_started_at"),
-                        finished_at=sa.func.coalesce(sa.bindparam("new_finished_at", type_=sa.Double),
-                                                     c.c.finished_at)),
-                    updates)
+                await conn.execute(statements.update, updates)
             if inserts:
-                await conn.execute(sa.insert(c), inserts)
+                await conn.execute(statements.insert, inserts)
             upserts = [seg for request in written for seg in _unique_by_id(segment_rows[request.conversation.id])]
             if upserts:
-                stmt = self._insert(s)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=[s.c.conversation_id, s.c.segment_id],
-                    set_={"start": stmt.excluded.start, "end": stmt.excluded.end,
-                          "words": stmt.excluded.words, "data": stmt.excluded.data})
-                await conn.execute(stmt, upserts)
+                await conn.execute(statements.upsert, upserts)
             deletes = [{"cid": request.conversation.id, "sid": str(sid)}
                        for request in written for sid in request.deleted_ids]
             if deletes:
-                await conn.execute(sa.delete(s).where(s.c.conversation_id == sa.bindparam("cid"),
-                                                      s.c.segment_id == sa.bindparam("sid")), deletes)
+                await conn.execute(statements.delete, deletes)
             with_rows = [request for request in written if request.realtime is not None]
             if with_rows:
                 await self._lock_keys(conn, [request.realtime.ordering_key for request in with_rows])
@@ -984,3 +970,37 @@ def _enqueue_statement():
 
 
 _ENQUEUE = _enqueue_statement()
+
+
+@dataclass(frozen=True)
+class _BatchStatements:
+    """``Store.save_batches``' statements, built once per dialect: every 600 ms round rebuilt
+    them (the upsert's ``excluded`` alias alone sets up a column collection) and generated
+    their cache keys again, which a built statement keeps."""
+
+    found: Any
+    update: Any
+    insert: Any
+    upsert: Any
+    delete: Any
+
+
+def _batch_statements(dialect: str) -> _BatchStatements:
+    c, s = conversations, segments
+    found = (sa.select(c.c.id, c.c.status, c.c.live_by)
+             .where(c.c.id.in_(sa.bindparam("ids", expanding=True))).order_by(c.c.id))
+    if dialect == "postgresql":      # dialect: lock the rows, in id order (no deadlock cycles)
+        found = found.with_for_update()
+    update = sa.update(c).where(c.c.id == sa.bindparam("row_id")).values(
+        live_until=sa.bindparam("new_live_until"), started_at=sa.bindparam("new_started_at"),
+        finished_at=sa.func.coalesce(sa.bindparam("new_finished_at", type_=sa.Double), c.c.finished_at))
+    upsert = (pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert)(s)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[s.c.conversation_id, s.c.segment_id],
+        set_={"start": upsert.excluded.start, "end": upsert.excluded.end,
+              "words": upsert.excluded.words, "data": upsert.excluded.data})
+    delete = sa.delete(s).where(s.c.conversation_id == sa.bindparam("cid"), s.c.segment_id == sa.bindparam("sid"))
+    return _BatchStatements(found, update, sa.insert(c), upsert, delete)
+
+
+_BATCH_STATEMENTS = {dialect: _batch_statements(dialect) for dialect in ("sqlite", "postgresql")}
