@@ -7,8 +7,9 @@ re-sent, a new segment every fifth batch, through ``LiveConversation.save_batch`
 upsert + conversation update + realtime webhook outbox row, one transaction). Printed per
 backend, in µs: p50/p95/p99 of
 - ``noop``: awaiting an empty coroutine (the floor of any awaited call),
-- ``empty txn``: BEGIN, SELECT 1, COMMIT on the same engine (a round trip that writes nothing,
-  so it shows what the commit of real data, e.g. PostgreSQL's WAL flush, adds),
+- ``empty txn``: BEGIN, SELECT 1, COMMIT through the store's write path (a round trip that
+  writes nothing, so it shows what the commit of real data, e.g. PostgreSQL's WAL flush, adds;
+  on SQLite the write path runs on the loop's thread, see ``sqlite_loop.py``),
 - ``save_batch``: the real call, with a realtime webhook set (an outbox row each batch),
 - ``save_batch, no webhook``: the same without the webhook (INSERT … SELECT finds no setting),
 and the ratio of save_batch p50 to the empty transaction's. The calls are interleaved and spaced
@@ -90,7 +91,7 @@ async def bench_backend(name: str, store: Store, batches: int, data_dir: Path, c
     await store.set_webhook("hooked", WebhookSetting("realtime_transcript", "https://example.com/rt"), now=time.time())
 
     async def empty_txn(_: int) -> None:
-        async with store.engine.begin() as conn:
+        async with store._write() as conn:
             await conn.execute(sa.text("SELECT 1"))
 
     async def batches_for(uid: str):
