@@ -21,7 +21,7 @@ from harken.conversations import migrations
 from harken.conversations.model import COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting
 from harken.conversations.schema import metadata
 from harken.conversations.store import (BatchRequest, LeaseLost, OpenRequest, OutboxMessage, ProcessingClaim,
-                                       ProcessingDone, Settlement, Store)
+                                       PersonRow, ProcessingDone, Settlement, Store)
 
 PG_URL = os.environ.get("HARKEN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
@@ -329,7 +329,8 @@ async def test_open_conversation_resumes_within_the_timeout_and_hands_back_stale
 async def test_many_sessions_open_in_one_transaction_each_as_if_alone(store):
     # carol: spoke 50 s ago (resumed, with her segments and her newer lease); dave: spoke 300 s ago
     # (a new conversation, the old one handed back as stale); erin: only a finished memory (a new one).
-    # Read in the same transaction: each user's webhook settings and last memory.
+    # Read in the same transaction: each user's webhook settings and last memory, and the voices of
+    # those who ask (carol: her own and a named person's; dave: a named person's; erin does not ask).
     recent, old, memory = conversation("carol", now=1000), conversation("dave", now=800), conversation("erin", now=500)
     for c in (recent, old, memory):
         await store.open_conversation(c, now=c.started_at, live_until=c.started_at + 30)
@@ -339,11 +340,21 @@ async def test_many_sessions_open_in_one_transaction_each_as_if_alone(store):
     assert await store.finish_processing(claimed, node="n", memory_webhook=None, now=701)
     audio = WebhookSetting("audio_bytes", "https://example.com/audio", 5)
     await store.set_webhook("carol", audio, now=1001)
+    await store.set_speech_profile("carol", b"carol's voice", speech_seconds=20, now=1002)
+    for person in (PersonRow("p2", "carol", "Cy", b"cy's voice", 1, 6.0, 1004),
+                   PersonRow("p1", "carol", "Bea", b"bea's voice", 1, 6.0, 1003),
+                   PersonRow("p0", "carol", "Al", None, 0, 0.0, 1000),         # no voice yet
+                   PersonRow("p3", "dave", "Dee", b"dee's voice", 1, 6.0, 1005),
+                   PersonRow("p4", "erin", "Eve", b"eve's voice", 1, 6.0, 1006)):
+        await store.add_person(person)
     begun = count_transactions(store)
-    asks = [OpenRequest(conversation(uid, now=1060), now=1060, live_until=1090, holder=f"{uid}-new")
-            for uid in ("carol", "dave", "erin")]
+    asks = [OpenRequest(conversation(uid, now=1060), now=1060, live_until=1090, holder=f"{uid}-new",
+                        voices=uid != "erin") for uid in ("carol", "dave", "erin")]
     carol, dave, erin = await store.open_conversations(asks)
     assert len(begun) == 1
+    assert carol.voices == (b"carol's voice", [("p1", "Bea", b"bea's voice"), ("p2", "Cy", b"cy's voice")])
+    assert dave.voices == (None, [("p3", "Dee", b"dee's voice")]) and erin.voices is None
+    assert (carol.voices, dave.voices) == (await store.load_voices("carol"), await store.load_voices("dave"))
     assert carol.resumed and carol.conversation.id == recent.id and carol.stale_ids == []
     assert [s["text"] for s in carol.segments] == ["carol spoke"]
     assert not dave.resumed and dave.conversation.id == asks[1].new.id and dave.stale_ids == [old.id]

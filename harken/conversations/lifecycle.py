@@ -36,7 +36,7 @@ from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage,
 from .outbox import OutboxDeliverer
 from .processing import ConversationProcessor
 from .store import (BatchRequest, LeaseLost, OpenRequest, OutboxMessage, ProcessingClaim, ProcessingDone, SessionEnd,
-                    Store)
+                    Store, Voices)
 from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, parse_setting, realtime_message,
                        require_kind)
 
@@ -145,12 +145,14 @@ class ConversationService:
         session_id: str | None = None,
         events: EventSink | None = None,
         on_new_conversation: Callable[["LiveConversation"], None] | None = None,
+        with_voices: bool = False,
     ) -> "LiveConversation":
         """Find or resume the user's in-progress conversation, or start one (PROTOCOL §7).
 
         A conversation silent for less than ``conversation_timeout`` is resumed; older ones are
         processed in the background, their ``memory_processing_started``/``memory_created``
-        events going to ``events``.
+        events going to ``events``. ``with_voices``: the handle's ``voices`` are the user's
+        (``Store.load_voices``), read in the same transaction.
         """
         if conversation_timeout <= 0:
             raise ValueError("conversation_timeout must be positive")
@@ -158,13 +160,13 @@ class ConversationService:
         fresh = Conversation(id=str(uuid.uuid4()), uid=uid, status=IN_PROGRESS, language=language, source=source,
                              created_at=now, started_at=now, finished_at=now, timeout_s=float(conversation_timeout))
         holder = uuid.uuid4().hex          # per connection, even if a caller reuses a session id
-        # The shared transaction also reads the webhook settings and the last memory (a ramp of
-        # connections would otherwise add two read transactions each).
-        opened = await self._opens.save(OpenRequest(fresh, now, now + self.live_lease, holder))
+        # The shared transaction also reads the webhook settings, the last memory and the voices
+        # (a ramp of connections would otherwise add up to three read transactions each).
+        opened = await self._opens.save(OpenRequest(fresh, now, now + self.live_lease, holder, voices=with_voices))
         live = LiveConversation(self, opened.conversation, opened.segments, session_id=session_id or str(uuid.uuid4()),
                                 events=events, on_new_conversation=on_new_conversation,
                                 last_memory_id=opened.last_memory_id, audio=opened.webhooks.get(AUDIO_BYTES),
-                                holder=holder)
+                                holder=holder, voices=opened.voices)
         self._live.add(live)
         for stale in opened.stale_ids:
             self._spawn_processing(stale, live.emit)
@@ -348,7 +350,8 @@ class LiveConversation:
     def __init__(self, service: ConversationService, conversation: Conversation, segments: list[dict], *,
                  session_id: str, events: EventSink | None,
                  on_new_conversation: Callable[["LiveConversation"], None] | None,
-                 last_memory_id: str | None, audio: WebhookSetting | None, holder: str | None = None) -> None:
+                 last_memory_id: str | None, audio: WebhookSetting | None, holder: str | None = None,
+                 voices: Voices | None = None) -> None:
         self._service = service
         self.holder = holder               # our id on the conversation's live lease
         self.fenced = False                # a newer connection of the user took the conversation
@@ -356,6 +359,7 @@ class LiveConversation:
         self.uid = conversation.uid
         self.session_id = session_id
         self.last_memory_id = last_memory_id
+        self.voices = voices               # the user's voices, if ``connect`` was asked for them
         self.existing_segments: list[dict] = segments
         self.generation = 0
         self._events = events

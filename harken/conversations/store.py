@@ -68,6 +68,10 @@ class LeaseLost(Exception):
     the older writer must stop writing it."""
 
 
+# (owner embedding or None, [(person_id, name, embedding)]): ``Store.load_voices``.
+Voices = tuple[bytes | None, list[tuple[str, str, bytes]]]
+
+
 @dataclass
 class OpenResult:
     """What ``open_conversation`` found: the conversation to write to and what to process, and
@@ -79,6 +83,7 @@ class OpenResult:
     stale_ids: list[str]
     webhooks: dict[str, WebhookSetting] = field(default_factory=dict)   # the user's settings by kind
     last_memory_id: str | None = None             # as ``last_completed_id``
+    voices: Voices | None = None                  # as ``load_voices``, if the request asked
 
 
 @dataclass
@@ -141,6 +146,7 @@ class OpenRequest:
     now: float
     live_until: float
     holder: str | None = None
+    voices: bool = False        # also read the user's voices (a session identifying speakers)
 
 
 @dataclass
@@ -344,7 +350,6 @@ class Store:
         writer lock ahead of the running sessions' batches: at 300 streams connecting over 6 s,
         an open waited up to 3.5 s and so did every batch behind it. At most one request per user
         (``ValueError`` otherwise): a user's decisions are serial."""
-        c = conversations
         by_uid = {request.new.uid: request for request in requests}
         if len(by_uid) != len(requests):
             raise ValueError("open_conversations: at most one request per user")
@@ -352,10 +357,7 @@ class Store:
             return []
         async with self._write() as conn:
             await self._lock(conn, _USER_LOCKS, by_uid)
-            rows = (await conn.execute(
-                sa.select(c).where(c.c.uid.in_(list(by_uid)), c.c.status == IN_PROGRESS)
-                .order_by(c.c.uid, c.c.finished_at.desc())
-            )).mappings().all()
+            rows = (await conn.execute(_IN_PROGRESS_OF_USERS, {"uids": list(by_uid)})).mappings().all()
             resume: dict[str, Any] = {}
             stale: dict[str, list[str]] = {uid: [] for uid in by_uid}
             for row in rows:        # per user, newest first
@@ -366,20 +368,20 @@ class Store:
                     stale[row["uid"]].append(row["id"])
             if resume:
                 await conn.execute(
-                    sa.update(c).where(c.c.id == sa.bindparam("o_id")).values(
-                        timeout_s=sa.bindparam("o_timeout"), live_until=sa.bindparam("o_until"),
-                        live_by=sa.bindparam("o_holder")),
+                    _RESUME,
                     [{"o_id": row["id"], "o_timeout": by_uid[uid].new.timeout_s, "o_until": by_uid[uid].live_until,
                       "o_holder": by_uid[uid].holder} for uid, row in resume.items()])
             fresh = [request for request in requests if request.new.uid not in resume]
             if fresh:
-                await conn.execute(sa.insert(c), [{**_conversation_row(r.new), "live_until": r.live_until,
+                await conn.execute(_INSERT_CONVERSATION, [{**_conversation_row(r.new), "live_until": r.live_until,
                                                    "live_by": r.holder} for r in fresh])
             segments_of = await self._segments_of(conn, [row["id"] for row in resume.values()])
             settings: dict[str, dict[str, WebhookSetting]] = {uid: {} for uid in by_uid}
-            for row in (await conn.execute(sa.select(webhooks).where(webhooks.c.uid.in_(list(by_uid))))).mappings():
+            for row in (await conn.execute(_WEBHOOKS_OF_USERS, {"uids": list(by_uid)})).mappings():
                 settings[row["uid"]][row["kind"]] = _webhook_setting(row)
-            last_memories = dict((await conn.execute(_last_completed_query(list(by_uid)))).all())
+            last_memories = dict((await conn.execute(_LAST_COMPLETED, {"uids": list(by_uid)})).all())
+            with_voices = [uid for uid, request in by_uid.items() if request.voices]
+            voices = await self._voices_of(conn, with_voices) if with_voices else {}
         results = []
         for request in requests:
             uid = request.new.uid
@@ -390,7 +392,7 @@ class Store:
                 conversation.timeout_s = request.new.timeout_s
                 found = segments_of[conversation.id]
             results.append(OpenResult(conversation, row is not None, found, stale[uid], settings[uid],
-                                      last_memories.get(uid)))
+                                      last_memories.get(uid), voices.get(uid)))
         return results
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
@@ -416,12 +418,9 @@ class Store:
 
     async def _segments_of(self, conn: AsyncConnection, conversation_ids: Sequence[str]) -> dict[str, list[dict]]:
         """Each conversation's segments in time order, with one query."""
-        s = segments
         by_id: dict[str, list[dict]] = {cid: [] for cid in conversation_ids}
         if by_id:
-            rows = await conn.execute(
-                sa.select(s.c.conversation_id, s.c.data).where(s.c.conversation_id.in_(list(by_id)))
-                .order_by(s.c.conversation_id, s.c.start, s.c.end, s.c.segment_id))
+            rows = await conn.execute(_SEGMENTS_OF, {"ids": list(by_id)})
             for conversation_id, data in rows:
                 by_id[conversation_id].append(orjson.loads(data))
         return by_id
@@ -441,7 +440,7 @@ class Store:
 
     async def last_completed_id(self, uid: str) -> str | None:
         async with self._read() as conn:
-            return dict((await conn.execute(_last_completed_query([uid]))).all()).get(uid)
+            return dict((await conn.execute(_LAST_COMPLETED, {"uids": [uid]})).all()).get(uid)
 
     async def save_batch(
         self,
@@ -516,7 +515,7 @@ class Store:
             if updates:
                 await conn.execute(statements.update, updates)
             if inserts:
-                await conn.execute(statements.insert, inserts)
+                await conn.execute(_INSERT_CONVERSATION, inserts)
             upserts = [seg for request in written for seg in _unique_by_id(segment_rows[request.conversation.id])]
             if upserts:
                 await conn.execute(statements.upsert, upserts)
@@ -780,19 +779,24 @@ class Store:
                 .values(embedding=embedding, samples=samples, speech_seconds=speech_seconds))
         return bool(result.rowcount)
 
-    async def load_voices(self, uid: str) -> tuple[bytes | None, list[tuple[str, str, bytes]]]:
+    async def load_voices(self, uid: str) -> Voices:
         """``(owner embedding or None, [(person_id, name, embedding)])`` of the people with a
-        voice, in one query (a session loads them before its audio flows)."""
-        sp, p = speech_profiles, people
-        owner = sa.select(sa.literal(True).label("is_owner"), sp.c.uid.label("id"), sp.c.uid.label("name"),
-                          sp.c.embedding, sa.literal(0.0).label("created_at")).where(sp.c.uid == uid)
-        named = sa.select(sa.literal(False), p.c.id, p.c.name, p.c.embedding, p.c.created_at).where(
-            p.c.uid == uid, p.c.embedding.is_not(None))
-        query = sa.union_all(owner, named).order_by(sa.column("created_at"), sa.column("id"))
+        voice, in one query (a session loads them before its audio flows; one that connects
+        through ``open_conversations`` gets them from there)."""
         async with self._read() as conn:
-            rows = (await conn.execute(query)).all()
-        owner_embedding = next((bytes(r[3]) for r in rows if r[0]), None)
-        return owner_embedding, [(r[1], r[2], bytes(r[3])) for r in rows if not r[0]]
+            return (await self._voices_of(conn, [uid])).get(uid, (None, []))
+
+    async def _voices_of(self, conn: AsyncConnection, uids: Sequence[str]) -> dict[str, Voices]:
+        """``load_voices`` of several users in one query (every user in ``uids`` gets an entry)."""
+        rows = (await conn.execute(_VOICES, {"uids": list(uids)})).all()
+        found: dict[str, Voices] = {uid: (None, []) for uid in uids}
+        for uid, is_owner, person_id, name, embedding, _ in rows:    # each user's in the people's order
+            owner, named = found[uid]
+            if is_owner:
+                found[uid] = (bytes(embedding), named)
+            else:
+                named.append((person_id, name, bytes(embedding)))
+        return found
 
     # --- usage -------------------------------------------------------------------------------
     async def record_usage(self, uid: str, used: Usage, *, session_id: str | None,
@@ -903,14 +907,33 @@ class Store:
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def _last_completed_query(uids: list[str]):
-    """(uid, id) of each user's newest completed, not discarded conversation: the ``last_memory``
-    event. One row per user however many memories they have (a window, not all their rows)."""
+def _last_completed_statement():
+    """(uid, id) of the newest completed, not discarded conversation of each user in ``:uids``:
+    the ``last_memory`` event. One row per user however many memories they have (a window, not
+    all their rows)."""
     c = conversations
     newest = sa.func.row_number().over(partition_by=c.c.uid, order_by=(c.c.finished_at.desc(), c.c.id.desc()))
     ranked = (sa.select(c.c.uid, c.c.id, newest.label("rank"))
-              .where(c.c.uid.in_(uids), c.c.status == COMPLETED, c.c.discarded == sa.false()).subquery())
+              .where(c.c.uid.in_(sa.bindparam("uids", expanding=True)), c.c.status == COMPLETED,
+                     c.c.discarded == sa.false()).subquery())
     return sa.select(ranked.c.uid, ranked.c.id).where(ranked.c.rank == 1)
+
+
+# What a connecting session reads and writes (``Store.open_conversations``), built once: a ramp
+# of connections built them for every group, which cost more than running them.
+_LAST_COMPLETED = _last_completed_statement()
+_IN_PROGRESS_OF_USERS = (
+    sa.select(conversations)
+    .where(conversations.c.uid.in_(sa.bindparam("uids", expanding=True)), conversations.c.status == IN_PROGRESS)
+    .order_by(conversations.c.uid, conversations.c.finished_at.desc()))
+_RESUME = sa.update(conversations).where(conversations.c.id == sa.bindparam("o_id")).values(
+    timeout_s=sa.bindparam("o_timeout"), live_until=sa.bindparam("o_until"), live_by=sa.bindparam("o_holder"))
+_INSERT_CONVERSATION = sa.insert(conversations)
+_WEBHOOKS_OF_USERS = sa.select(webhooks).where(webhooks.c.uid.in_(sa.bindparam("uids", expanding=True)))
+_SEGMENTS_OF = (
+    sa.select(segments.c.conversation_id, segments.c.data)
+    .where(segments.c.conversation_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(segments.c.conversation_id, segments.c.start, segments.c.end, segments.c.segment_id))
 
 
 def _webhook_setting(row: Any) -> WebhookSetting:
@@ -972,6 +995,20 @@ def _enqueue_statement():
 _ENQUEUE = _enqueue_statement()
 
 
+def _voices_statement():
+    """``Store._voices_of``'s query, built once: the owners' embeddings and the named people with a
+    voice of the users in ``:uids``, each user's people in the order they were added."""
+    sp, p, uids = speech_profiles, people, sa.bindparam("uids", expanding=True)
+    owner = sa.select(sp.c.uid, sa.literal(True).label("is_owner"), sp.c.uid.label("id"), sp.c.uid.label("name"),
+                      sp.c.embedding, sa.literal(0.0).label("created_at")).where(sp.c.uid.in_(uids))
+    named = sa.select(p.c.uid, sa.literal(False), p.c.id, p.c.name, p.c.embedding, p.c.created_at).where(
+        p.c.uid.in_(uids), p.c.embedding.is_not(None))
+    return sa.union_all(owner, named).order_by(sa.column("uid"), sa.column("created_at"), sa.column("id"))
+
+
+_VOICES = _voices_statement()
+
+
 @dataclass(frozen=True)
 class _BatchStatements:
     """``Store.save_batches``' statements, built once per dialect: every 600 ms round rebuilt
@@ -980,7 +1017,6 @@ class _BatchStatements:
 
     found: Any
     update: Any
-    insert: Any
     upsert: Any
     delete: Any
 
@@ -1000,7 +1036,7 @@ def _batch_statements(dialect: str) -> _BatchStatements:
         set_={"start": upsert.excluded.start, "end": upsert.excluded.end,
               "words": upsert.excluded.words, "data": upsert.excluded.data})
     delete = sa.delete(s).where(s.c.conversation_id == sa.bindparam("cid"), s.c.segment_id == sa.bindparam("sid"))
-    return _BatchStatements(found, update, sa.insert(c), upsert, delete)
+    return _BatchStatements(found, update, upsert, delete)
 
 
 _BATCH_STATEMENTS = {dialect: _batch_statements(dialect) for dialect in ("sqlite", "postgresql")}

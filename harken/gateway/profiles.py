@@ -51,7 +51,7 @@ from ..audio.vad import speech_spans
 from ..codecs import UnsupportedFormat
 from ..codecs.pcm import PCM16Decoder
 from ..conversations.model import iso
-from ..conversations.store import PersonRow, Store
+from ..conversations.store import PersonRow, Store, Voices
 from .auth import Authenticator
 from .rest import _BadRequest, _error, authentication
 
@@ -167,10 +167,17 @@ async def load_voices(store: Store | None, uid: str) -> tuple[np.ndarray | None,
     if store is None:
         return None, {}
     try:
-        owner_blob, named = await store.load_voices(uid)
+        stored = await store.load_voices(uid)
     except Exception:
         log.exception("could not load the voices of uid=%s; speakers will not be identified", uid)
         return None, {}
+    return voices_from_stored(uid, stored)
+
+
+def voices_from_stored(uid: str, stored: Voices) -> tuple[np.ndarray | None, dict[str, tuple[str, np.ndarray]]]:
+    """``load_voices``' result from the store's rows (``Store.load_voices``, or the voices a
+    session's ``connect`` read with its conversation)."""
+    owner_blob, named = stored
     owner = from_bytes(owner_blob) if owner_blob is not None else None
     people = {pid: (name, e) for pid, name, blob in named if (e := from_bytes(blob)) is not None}
     if (owner_blob is not None and owner is None) or len(people) < len(named):

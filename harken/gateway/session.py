@@ -31,7 +31,7 @@ from .clock import AudioClock
 from .context import Gateway
 from .params import ListenParams
 from .segments import Batch, Segment, SegmentBuilder
-from .profiles import load_voices
+from .profiles import load_voices, voices_from_stored
 from .speakers import SpeakerIdentifier
 from .ws_protocol import binary_sink
 
@@ -149,8 +149,12 @@ class Session:
             raise EndSession(1008, f"sample_rate: {exc}") from None
         await self._join_conversation()
         if self.params.include_speech_profile:
-            # The owner's and named people's voices, loaded before any audio flows.
-            owner, people = await load_voices(self.gateway.store, self.uid)
+            # The owner's and named people's voices, before any audio flows: read with the
+            # conversation if there is a conversation service.
+            if self.live is not None and self.live.voices is not None:
+                owner, people = voices_from_stored(self.uid, self.live.voices)
+            else:
+                owner, people = await load_voices(self.gateway.store, self.uid)
             self.speakers = SpeakerIdentifier(self.ring, owner=owner, people=people)
         if self.params.custom_stt:
             self.provider_name = "custom"
@@ -182,7 +186,8 @@ class Session:
         self.live = await service.connect(
             self.uid, language=self.params.language, source=self.params.source,
             conversation_timeout=self.params.conversation_timeout, session_id=self.id,
-            events=self.send_json, on_new_conversation=self._on_new_conversation)
+            events=self.send_json, on_new_conversation=self._on_new_conversation,
+            with_voices=self.params.include_speech_profile)
         self.builder = SegmentBuilder([Segment.from_stored(d) for d in self.live.existing_segments])
         await self.send_json(events.last_memory(self.live.last_memory_id))
 
