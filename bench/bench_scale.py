@@ -22,7 +22,8 @@ The p99 judged is the steady one: words sent while all N streams were sending, s
 streams, not the connection ramp or the closing (the p99 over every word is printed beside it).
 CPU per stream is the server's CPU time over the window in which all N streams were sending,
 divided by N and the window's length; Harken's is also given as a ratio to the relay's at the
-same N. Memory: server RSS before and while ``--idle`` connections are open, per connection.
+same N. Memory: server RSS before and while ``--idle`` connections are open, per connection; and
+the server's CPU per such connection, over connecting, holding 8 s and closing them.
 
 Every trial's streams are new users whose conversations get the longest ``conversation_timeout``,
 so none is processed (summarised) during the run: with the default 120 s, one trial's 150
@@ -312,10 +313,12 @@ async def run_trial(server: Server, streams: int, seconds: float, codec: str) ->
     return Trial(report, cores / streams)
 
 
-async def idle_memory(server: Server, connections: int) -> float:
-    """RSS added per idle connection (MiB): connect ``connections`` streams, sample mid-hold."""
+async def idle_connections(server: Server, connections: int) -> tuple[float, float]:
+    """RSS added per idle connection (MiB), sampled mid-hold, and the server's CPU seconds per
+    connection over connecting ``connections`` streams, holding them 8 s and closing them (what a
+    ramp of reconnecting clients costs, e.g. after a failover)."""
     await asyncio.sleep(1.0)
-    before = server.rss_mib()
+    before, cpu_before = server.rss_mib(), server.cpu_seconds()
     config = LoadTestConfig(url=server.url, streams=connections, duration=8.0, idle=True,
                             stt_service="null", tokens=server.tokens(), uid_prefix="" if server.data_dir else "u")
 
@@ -324,9 +327,10 @@ async def idle_memory(server: Server, connections: int) -> float:
         return server.rss_mib()
 
     during, report = await asyncio.gather(sample(), run_load(config))
+    await asyncio.sleep(1.0)                     # the closed sessions' last writes
     if report.errors:
         print(f"  {server.name}: idle connections failed: {dict(report.errors)}")
-    return (during - before) / connections
+    return (during - before) / connections, (server.cpu_seconds() - cpu_before) / connections
 
 
 async def climb(servers: list[Server], steps: list[int], seconds: float, repeat: int,
@@ -364,7 +368,7 @@ async def main_async(args) -> None:
     steps = [int(x) for x in args.steps.split(",")]
     print(f"{args.codec}; server on CPU {server_cpu}, load generator on CPU {client_cpu}; {args.seconds:g} s per trial, "
           f"{args.repeat} trial(s) per server and step; pass = no errors and p99 < {LATENCY_BUDGET * 1000:.0f} ms")
-    memory: dict[str, float] = {}
+    memory: dict[str, tuple[float, float]] = {}
     servers: list[Server] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -374,7 +378,7 @@ async def main_async(args) -> None:
                 servers.append(start_relay(server_cpu) if name == "relay" else start_harken(Path(tmp), server_cpu, name))
             if args.idle:
                 for server in servers:
-                    memory[server.name] = await idle_memory(server, args.idle)
+                    memory[server.name] = await idle_connections(server, args.idle)
             results = await climb(servers, steps, args.seconds, args.repeat, args.codec)
         finally:
             for server in servers:
@@ -393,8 +397,9 @@ async def main_async(args) -> None:
             if floor and floor.cpu_per_stream > 0:
                 print(f"  N={step.streams}: {name} CPU per stream {step.cpu_per_stream * 100:.3f} % of a core = "
                       f"{step.cpu_per_stream / floor.cpu_per_stream:.1f}x the relay's {floor.cpu_per_stream * 100:.3f} %")
-    for name, mib in memory.items():
-        print(f"  {name}: memory per idle connection {mib * 1024:.0f} KiB (RSS delta / {args.idle})")
+    for name, (mib, cpu) in memory.items():
+        print(f"  {name}: memory per idle connection {mib * 1024:.0f} KiB (RSS delta / {args.idle}); "
+              f"CPU per connection (connect, 8 s idle, close) {cpu * 1000:.2f} ms")
 
 
 def main() -> None:

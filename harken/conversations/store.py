@@ -556,20 +556,16 @@ class Store:
     async def end_sessions(self, ends: Sequence[SessionEnd]) -> list[None]:
         """Closing sessions, in one transaction: live leases released (a lease another connection
         took is kept), usage rows recorded."""
-        c = conversations
         releases = sorted((e for e in ends if e.release), key=lambda e: e.conversation_id)  # rows locked in id order
         used = [e for e in ends if e.usage is not None]
         async with self._write() as conn:
-            for holder_checked in (True, False):
+            for holder_checked, release in ((True, _RELEASE_HELD), (False, _RELEASE)):
                 params = [{"e_id": e.conversation_id, "e_holder": e.holder}
                           for e in releases if (e.holder is not None) == holder_checked]
                 if params:
-                    condition = c.c.id == sa.bindparam("e_id")
-                    if holder_checked:
-                        condition = sa.and_(condition, c.c.live_by == sa.bindparam("e_holder"))
-                    await conn.execute(sa.update(c).where(condition).values(live_until=None), params)
+                    await conn.execute(release, params)
             if used:
-                await conn.execute(sa.insert(usage), [
+                await conn.execute(_INSERT_USAGE, [
                     {"uid": e.uid, "session_id": e.session_id, "conversation_id": e.conversation_id,
                      "recorded_at": e.now, "audio_seconds": e.usage.audio_seconds,
                      "speech_seconds": e.usage.speech_seconds, "words": e.usage.words, "provider": e.usage.provider}
@@ -929,6 +925,11 @@ _IN_PROGRESS_OF_USERS = (
 _RESUME = sa.update(conversations).where(conversations.c.id == sa.bindparam("o_id")).values(
     timeout_s=sa.bindparam("o_timeout"), live_until=sa.bindparam("o_until"), live_by=sa.bindparam("o_holder"))
 _INSERT_CONVERSATION = sa.insert(conversations)
+# What a closing session writes (``Store.end_sessions``): its lease released (if it still holds
+# it, when it names itself), its usage row.
+_RELEASE = sa.update(conversations).where(conversations.c.id == sa.bindparam("e_id")).values(live_until=None)
+_RELEASE_HELD = _RELEASE.where(conversations.c.live_by == sa.bindparam("e_holder"))
+_INSERT_USAGE = sa.insert(usage)
 _WEBHOOKS_OF_USERS = sa.select(webhooks).where(webhooks.c.uid.in_(sa.bindparam("uids", expanding=True)))
 _SEGMENTS_OF = (
     sa.select(segments.c.conversation_id, segments.c.data)
