@@ -243,8 +243,14 @@ async def test_json_logs_name_the_session_and_never_hold_tokens_or_audio(gateway
     assert result.close_code == 1000
     marker = b"AUDIO-MARKER-" + uuid.uuid4().hex.encode()      # undecodable: exercises the decode-error log
     url = listen_url(gateway.base, codec="opus", sample_rate=16000)
-    await stream_messages(url, [b"\xff\xff\xff\xff" + marker], 0.02, token=token, realtime=False,
-                          settle_seconds=0.3)
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        # Sent once the session is ready, so it reaches the session straight from the socket's
+        # read callback (ws_protocol.py), not through the task that reads the early messages.
+        async for raw in ws:
+            if raw != "ping" and json.loads(raw).get("status") == "ready":
+                break
+        await ws.send(b"\xff\xff\xff\xff" + marker)
+        await asyncio.sleep(0.3)
     stale = token[:-4] + "AAAA"                                  # a forged token, refused
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {stale}"}) as ws:
         with pytest.raises(websockets.ConnectionClosed):

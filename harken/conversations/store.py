@@ -26,8 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ..config import Settings
 from . import migrations
 from .model import COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting, word_count
-from .sqlite_loop import LoopWriter, take_over_sqlite_transactions
 from .schema import DUE_HEADS, conversations, outbox, people, segments, speech_profiles, usage, webhooks
+from .sqlite_loop import LoopWriter, take_over_sqlite_transactions
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ REST (same bearer token as the rest of /v1; another user's person is reported as
   weighted by their speech seconds. A person without a sample is stored but never matched.
 - Bodies above ``MAX_AUDIO_BYTES`` (``MAX_JSON_BYTES`` for the JSON form) → 413.
 
-Sessions opened with ``include_speech_profile=true`` call ``load_voices`` once, before audio
-flows, and give the result to their ``SpeakerIdentifier``. A profile changed meanwhile applies
+Sessions opened with ``include_speech_profile=true`` get the voices once, before audio flows (read
+with their conversation, ``voices_from_stored``; ``load_voices`` without a conversation service),
+and give them to their ``SpeakerIdentifier``. A profile changed meanwhile applies
 from the next session on. ``speech_profile_processed`` stays true on every segment, as in Omi's
 current backend (reference/omi-listen-behaviour.md §5, "VC"): identification is per diarized
 speaker and relabels that speaker's earlier segments (same ids, re-sent) when it matches, so a

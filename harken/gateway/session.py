@@ -10,9 +10,11 @@ still there), closes the socket and logs the connection's usage.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,10 +173,12 @@ class Session:
             self._send_nowait = self.stream.send_nowait
         self._sink = binary_sink(self.ws.scope)
         if self._sink is not None:
+            # The socket's read callback runs in the connection's context, not this task's: give
+            # it the session's, so that what it logs names the session (logs.bind_session).
             if self.settings.native_audio:
                 self._reader = self.decoder.native_reader(
-                    AUDIO_PIECE_SAMPLES, self.settings.max_message_bytes, self._take_native)
-            self._sink.attach(self._on_binary, self._reader)
+                    AUDIO_PIECE_SAMPLES, self.settings.max_message_bytes, _in_this_context(self._take_native))
+            self._sink.attach(_in_this_context(self._on_binary), self._reader)
         await self.send_json(events.service_status("ready"))
 
     async def _join_conversation(self) -> None:
@@ -655,6 +659,11 @@ class Session:
         speech = getattr(getattr(self.stream, "stats", None), "speech_seconds", 0.0)
         return {"audio_seconds": self.clock.seconds, "speech_seconds": speech,
                 "words": self.stats.words, "provider": self.provider_name}
+
+
+def _in_this_context(callback: Callable) -> Callable:
+    """``callback`` run in (a copy of) the calling task's context, whoever calls it."""
+    return functools.partial(contextvars.copy_context().run, callback)
 
 
 def _leaves(group: BaseExceptionGroup):
