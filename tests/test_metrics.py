@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import sqlite3
 import uuid
 
 import httpx
@@ -177,6 +178,26 @@ async def test_a_provider_failing_mid_stream_counts_a_failure_and_a_switch(make_
 
 
 # --- webhooks ------------------------------------------------------------------------------------
+
+async def test_a_sqlite_write_that_waited_for_another_process_is_counted(make_gateway):
+    """Workers sharing one SQLite file contend for its write lock. A write that meets it waits in
+    a thread, never on the loop, and is counted, so an operator can see the contention."""
+    server = make_gateway(webhook_allow_private=True)
+    assert value(await scrape(server), "harken_store_lock_waits_total") == 0
+    other_process = sqlite3.connect(server.settings.data_dir / "harken.db", isolation_level=None)
+    other_process.execute("BEGIN IMMEDIATE")
+    async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+        put = asyncio.create_task(client.put("/v1/users/developer/webhooks/realtime_transcript",
+                                             headers={"Authorization": f"Bearer {token_for(server)}"},
+                                             json={"url": "http://127.0.0.1:9/hook"}))
+        await asyncio.sleep(0.3)
+        assert not put.done()                    # waiting for the lock; /metrics still answers:
+        assert value(await scrape(server), "harken_store_lock_waits_total") >= 1
+        other_process.execute("COMMIT")
+        other_process.close()
+        answer = await put
+    assert answer.status_code == 200, answer.text
+
 
 async def test_webhook_backlog_and_failures_show_then_drain(make_gateway):
     server = make_gateway(webhook_allow_private=True)

@@ -192,6 +192,7 @@ async def test_a_sqlite_write_waits_off_the_loop_while_another_process_holds_the
         other_process.close()
         assert await asyncio.wait_for(save, 10) is True
         assert [s["text"] for s in await store.load_segments(c.id)] == ["while locked"]
+        assert store.lock_waits == 1
 
 
 @pytest.mark.timeout(60)

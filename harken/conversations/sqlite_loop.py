@@ -79,6 +79,7 @@ class LoopWriter:
         take_over_sqlite_transactions(self.engine, busy_timeout_ms=0, autocheckpoint=False)
         self._checkpoint = checkpoint
         self.commits = 0
+        self.lock_waits = 0       # transactions that met another process's lock (went to the thread)
         self._commits_at_checkpoint = 0
         self._checkpointing: asyncio.Task | None = None
 
@@ -91,6 +92,7 @@ class LoopWriter:
             conn.close()
             code = getattr(error.orig, "sqlite_errorcode", 0)      # extended: SQLITE_BUSY_* too
             if code & 0xFF == sqlite3.SQLITE_BUSY:
+                self.lock_waits += 1
                 return None
             raise
         return conn

@@ -309,6 +309,12 @@ class Store:
             await (await raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")).close()
 
     @property
+    def lock_waits(self) -> int:
+        """SQLite write transactions so far that found another process holding the file's write
+        lock and so waited for it in a thread (``harken serve --workers N`` on one SQLite file)."""
+        return self._loop_writer.lock_waits if self._loop_writer is not None else 0
+
+    @property
     def sync_engines(self) -> list[sa.Engine]:
         """The engines transactions begin on (the threaded one, and the loop's on a SQLite file)."""
         engines = [self.engine.sync_engine] if self.engine is not None else []

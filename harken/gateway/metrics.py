@@ -102,6 +102,7 @@ class GatewayMetrics:
         self.connections = Counter("harken_connections", "WebSocket connections ended, by close code",
                                    ["code"], registry=registry)
         registry.register(_DeliveryCollector(gateway))
+        registry.register(_StoreLockCollector(gateway))
         self._lag_task: asyncio.Task | None = None
         self._siblings: SiblingMetrics | None = None
 
@@ -277,6 +278,22 @@ class _DeliveryCollector:
             family.add_metric(["failed"], deliverer.failed_attempts)     # retried later
             family.add_metric(["dead"], deliverer.dead)                  # given up
         yield family
+
+
+class _StoreLockCollector:
+    """``harken_store_lock_waits_total`` read from the store's own counter (``Store.lock_waits``)."""
+
+    HELP = "SQLite write transactions that found another process holding the write lock and waited in a thread"
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self._gateway = gateway
+
+    def describe(self):
+        return [CounterMetricFamily("harken_store_lock_waits", self.HELP)]
+
+    def collect(self):
+        store = self._gateway.store
+        yield CounterMetricFamily("harken_store_lock_waits", self.HELP, value=store.lock_waits if store else 0)
 
 
 # --- the route ------------------------------------------------------------------------------------
