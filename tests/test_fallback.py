@@ -352,7 +352,8 @@ async def test_finalize_reaches_the_active_provider_and_async_status_callbacks_a
 @pytest.mark.timeout(60)
 async def test_from_the_embedded_engine_back_to_the_cloud_at_a_quiet_second():
     """The embedded engine reports no progress, so the switch back waits for a second of quiet
-    audio; the cloud provider's audio then starts inside that pause."""
+    audio and cuts inside that pause; the cloud provider's audio starts at the cut minus the
+    replay pre-roll (which may reach back past the pause's start, into the clip's quiet tail)."""
     from harken.client import read_wav_16k
     from harken.stt import WhisperProvider
 
@@ -390,7 +391,10 @@ async def test_from_the_embedded_engine_back_to_the_cloud_at_a_quiet_second():
     heard = r.fakes["deepgram"].accepted[-1].listener.received // 2
     origin = (pcm.size - heard) / 16000                 # where the cloud provider's audio began
     cut = origin + FAST.replay_preroll
-    assert any(a <= origin and cut <= b for a, b in pauses), (origin, pauses)
+    # The cut is inside a pause. (The origin was asserted inside it too, but a cut found early in
+    # a pause puts the pre-roll before the pause: the full suite once gave origin 7.0 s, cut 7.3 s,
+    # pause 7.1–8.7 s, the origin in the clip's last 0.1 s, which is near-silent.)
+    assert any(a <= cut <= b for a, b in pauses), (cut, pauses)
     assert words and all(w.end <= cut for w in words)   # the engine's words all precede the cut
 
 

@@ -19,8 +19,9 @@ network and queueing, not just engine time):
 ``harken_webhook_backlog`` and ``harken_webhook_dead_letters`` count outbox rows in the store,
 which can only be read asynchronously: the ``/metrics`` handler refreshes them before rendering
 (bounded by ``STORE_READ_TIMEOUT``; on a timeout the last value is served). Webhook delivery
-results are read from the conversation service's deliverer at scrape time, so the
-conversations layer knows nothing of this module.
+results are read from the conversation service's deliverer at scrape time, and
+``harken_store_lock_waits_total`` from the store's counter, so the conversations layer knows
+nothing of this module.
 """
 
 from __future__ import annotations
