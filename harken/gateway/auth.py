@@ -174,13 +174,13 @@ def ensure_local_signing_key(data_dir: Path) -> rsa.RSAPrivateKey:
 
 @functools.lru_cache(maxsize=8)
 def _load_signing_key(path: Path, mtime_ns: int):
-    """What ``ensure_local_signing_key`` returns, read from ``path`` once per version of the file.
+    """The RSA signing key in ``path`` (the type ``ensure_local_signing_key`` returns).
 
-    Loading and checking it costs ~35 ms, a signature ~1 ms: keep what was loaded, cached by the
-    file's modification time so a replaced file is read again."""
+    Loading (and checking) an RSA key costs ~35 ms, a signature ~1 ms: keep what was loaded,
+    keyed by the file's modification time so a replaced key file is read again."""
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError(f"{path} does not hold an RSA private key")
+        raise ValueError(f"{path} does not hold an RSA signing key")
     return key
 
 
