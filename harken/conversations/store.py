@@ -335,7 +335,7 @@ class Store:
         await self._lock(conn, _KEY_LOCKS, keys)
 
     def _insert(self, table: sa.Table):
-        return (pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(table)
+        return _dialect_insert(self.dialect, table)
 
     # --- conversations -----------------------------------------------------------------------
     async def open_conversation(self, new: Conversation, *, now: float, live_until: float,
@@ -943,6 +943,11 @@ _SEGMENTS_OF = (
     .order_by(segments.c.conversation_id, segments.c.start, segments.c.end, segments.c.segment_id))
 
 
+def _dialect_insert(dialect: str, table: sa.Table):
+    """An INSERT with the dialect's ``on_conflict_do_update`` (dialect: upsert syntax)."""
+    return (pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert)(table)
+
+
 def _webhook_setting(row: Any) -> WebhookSetting:
     return WebhookSetting(row["kind"], row["url"], row["interval_seconds"])
 
@@ -1037,7 +1042,7 @@ def _batch_statements(dialect: str) -> _BatchStatements:
     update = sa.update(c).where(c.c.id == sa.bindparam("row_id")).values(
         live_until=sa.bindparam("new_live_until"), started_at=sa.bindparam("new_started_at"),
         finished_at=sa.func.coalesce(sa.bindparam("new_finished_at", type_=sa.Double), c.c.finished_at))
-    upsert = (pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert)(s)
+    upsert = _dialect_insert(dialect, s)
     upsert = upsert.on_conflict_do_update(
         index_elements=[s.c.conversation_id, s.c.segment_id],
         set_={"start": upsert.excluded.start, "end": upsert.excluded.end,
