@@ -38,12 +38,13 @@ from .lifecycle import ConversationService, LiveConversation
 from .model import Conversation, Usage, WebhookSetting, conversation_object
 from .outbox import OutboxDeliverer
 from .processing import ConversationProcessor
+from .queries import AppQueries, UnknownSegments
 from .store import LeaseLost, Store, database_url
 from .webhooks import KINDS as WEBHOOK_KINDS
 from .webhooks import WebhookSettingError, sign, verify_signature
 
 __all__ = [
-    "AudioChunker", "Conversation", "ConversationProcessor", "ConversationService", "LeaseLost", "LiveConversation",
+    "AppQueries", "AudioChunker", "Conversation", "ConversationProcessor", "ConversationService", "LeaseLost", "LiveConversation",
     "OutboxDeliverer", "Store", "Usage", "WEBHOOK_KINDS", "WebhookSetting", "WebhookSettingError",
-    "conversation_object", "database_url", "sign", "verify_signature",
+    "UnknownSegments", "conversation_object", "database_url", "sign", "verify_signature",
 ]

@@ -26,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 from ..config import Settings
 from .audio_chunks import AudioChunker
@@ -35,6 +35,7 @@ from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage,
                     conversation_object, iso)
 from .outbox import OutboxDeliverer
 from .processing import ConversationProcessor
+from .queries import AppQueries, UnknownSegments
 from .store import (BatchRequest, LeaseLost, OpenRequest, OutboxMessage, ProcessingClaim, ProcessingDone, SessionEnd,
                     Store, Voices)
 from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, parse_setting, realtime_message,
@@ -43,6 +44,19 @@ from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, pa
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[dict], Awaitable[Any]]
+
+
+class SessionHooks(Protocol):
+    """What a live session lets REST calls do to it (``connect(hooks=…)``)."""
+
+    def take_unsaved(self) -> tuple[list[dict], list[str]]:
+        """Flush the session's segments now, synchronously: ``(changed stored dicts, deleted
+        ids)`` to store in the conversation that is about to end (the session sends them)."""
+
+    async def assign(self, segment_ids: Sequence[str], *, is_user: bool, person_id: str | None) -> list[dict]:
+        """Label the given segments as the owner's or a person's: stored (with the realtime
+        webhook) and sent, as a ``speaker_assigned`` message would. ``UnknownSegments`` if an id
+        is not one of the live conversation's."""
 
 PROCESSING_LEASE = 600.0             # seconds a processing claim lasts (covers slow model answers)
 MIN_LIVE_LEASE = 30.0
@@ -146,6 +160,7 @@ class ConversationService:
         events: EventSink | None = None,
         on_new_conversation: Callable[["LiveConversation"], None] | None = None,
         with_voices: bool = False,
+        hooks: SessionHooks | None = None,
     ) -> "LiveConversation":
         """Find or resume the user's in-progress conversation, or start one (PROTOCOL §7).
 
@@ -167,6 +182,7 @@ class ConversationService:
                                 events=events, on_new_conversation=on_new_conversation,
                                 last_memory_id=opened.last_memory_id, audio=opened.webhooks.get(AUDIO_BYTES),
                                 holder=holder, voices=opened.voices)
+        live.hooks = hooks
         self._live.add(live)
         for stale in opened.stale_ids:
             self._spawn_processing(stale, live.emit)
@@ -191,6 +207,44 @@ class ConversationService:
         rows = await self.store.list_conversations(uid, limit=limit, offset=offset,
                                                    include_discarded=include_discarded)
         return [conversation_object(c, s) for c, s in rows]
+
+    async def process_now(self, uid: str) -> dict | None:
+        """``POST /v1/conversations``: process the user's in-progress conversation now.
+
+        A session of the user connected here stores what it has transcribed, gets
+        ``memory_processing_started``/``memory_created`` and carries on in a new conversation
+        (as after a timeout). Otherwise the newest in-progress conversation in the store is
+        processed (a session on another node learns at its next save and continues in a new
+        one). Returns the completed conversation object; None if there is none with words.
+        """
+        live = self._newest_live(uid)
+        if live is not None:
+            conversation_id = await live.finish_now()
+            events = live.emit
+        else:
+            ids = await AppQueries(self.store).in_progress_ids(uid)
+            conversation_id, events = (ids[0] if ids else None), None
+        if conversation_id is None:
+            return None
+        return await self._spawn_processing(conversation_id, events)
+
+    async def assign_segments(self, uid: str, conversation_id: str, segment_ids: Sequence[str], *,
+                              is_user: bool, person_id: str | None) -> bool:
+        """Label segments as the owner's or a person's. A conversation live in a session here
+        is changed through the session (its client and the realtime webhook see the change,
+        and its next flush cannot undo it); any other straight in the store. False if the
+        conversation is not the user's; ``UnknownSegments`` if an id is not one of its."""
+        live = next((h for h in self._live if h.uid == uid and h.conversation_id == conversation_id
+                     and not h.fenced and h.hooks is not None), None)
+        if live is not None:
+            await live.hooks.assign(segment_ids, is_user=is_user, person_id=person_id)
+            return True
+        return await AppQueries(self.store).assign_segments(
+            uid, conversation_id, segment_ids, is_user=is_user, person_id=person_id) is not None
+
+    def _newest_live(self, uid: str) -> "LiveConversation | None":
+        handles = [h for h in self._live if h.uid == uid and not h.fenced and not h._closed]
+        return max(handles, key=lambda h: h._last_activity, default=None)
 
     async def get_webhook(self, uid: str, kind: str) -> WebhookSetting | None:
         return await self.store.get_webhook(uid, kind)
@@ -240,20 +294,25 @@ class ConversationService:
             await _emit(events, {"type": "memory_created", "memory": memory, "messages": []})
             return memory
 
-    def _spawn_processing(self, conversation_id: str, events: EventSink | None) -> None:
+    def _spawn_processing(self, conversation_id: str, events: EventSink | None) -> asyncio.Task:
+        """Process in the background (once per conversation here); the task's result is
+        ``process``'s, None if it failed."""
         if conversation_id in self._processing:
-            return
+            return self._processing[conversation_id]
 
-        async def run() -> None:
+        async def run() -> dict | None:
             try:
-                await self.process(conversation_id, events=events)
+                return await self.process(conversation_id, events=events)
             except Exception:
                 # The claim expires and a later sweep (here or on another node) tries again.
                 log.exception("processing conversation %s failed", conversation_id)
+                return None
             finally:
                 self._processing.pop(conversation_id, None)
 
-        self._processing[conversation_id] = asyncio.create_task(run(), name=f"harken-process-{conversation_id}")
+        task = asyncio.create_task(run(), name=f"harken-process-{conversation_id}")
+        self._processing[conversation_id] = task
+        return task
 
     async def wait_for_processing(self) -> None:
         """Wait until the processing started so far has finished (tests, graceful shutdown)."""
@@ -360,6 +419,7 @@ class LiveConversation:
         self.session_id = session_id
         self.last_memory_id = last_memory_id
         self.voices = voices               # the user's voices, if ``connect`` was asked for them
+        self.hooks: SessionHooks | None = None     # the session's, for REST calls that reach it
         self.existing_segments: list[dict] = segments
         self.generation = 0
         self._events = events
@@ -413,34 +473,39 @@ class LiveConversation:
             # Before any await: a silence check that runs meanwhile must see this activity.
             self._last_activity = self._service.clock()
         async with self._lock:
-            batches, clock = self._service._batches, self._service.clock
-            for _ in range(3):
-                conversation = self._conversation
-                now = clock()
-                realtime = (realtime_message(self.uid, self.session_id, conversation.id, changed)
-                            if changed else None)
-                request = BatchRequest(conversation, changed, deleted_ids, now=now,
-                                       live_until=now + self._service.live_lease, realtime=realtime,
-                                       holder=self.holder)
-                try:
-                    saved = await batches.save(request)
-                except LeaseLost:
-                    self.fenced = True
-                    log.warning("conversation %s was taken over by a newer connection of uid=%s; sid=%s stops "
-                                "writing it", conversation.id, self.uid, self.session_id)
-                    raise
-                if saved:
-                    break
-                # Another node processed it (our lease had lapsed): carry on in a new conversation.
-                log.warning("conversation %s was taken for processing; continuing in a new one", conversation.id)
-                self._begin_new_conversation(now)
-            else:
-                raise RuntimeError("could not save the segment batch: the conversation kept being taken")
-            if changed:
-                conversation.finished_at = now
-                self._has_words = self._has_words or StoredSegments(changed).words > 0
-        if request.enqueued:
+            enqueued = await self._save_locked(changed, deleted_ids)
+        if enqueued:
             self._service.deliverer.notify()
+
+    async def _save_locked(self, changed: list[dict], deleted_ids: list[str]) -> bool:
+        """``save_batch``'s store step, under ``_lock``; True if a webhook row was enqueued."""
+        batches, clock = self._service._batches, self._service.clock
+        for _ in range(3):
+            conversation = self._conversation
+            now = clock()
+            realtime = (realtime_message(self.uid, self.session_id, conversation.id, changed)
+                        if changed else None)
+            request = BatchRequest(conversation, changed, deleted_ids, now=now,
+                                   live_until=now + self._service.live_lease, realtime=realtime,
+                                   holder=self.holder)
+            try:
+                saved = await batches.save(request)
+            except LeaseLost:
+                self.fenced = True
+                log.warning("conversation %s was taken over by a newer connection of uid=%s; sid=%s stops "
+                            "writing it", conversation.id, self.uid, self.session_id)
+                raise
+            if saved:
+                break
+            # Another node processed it (our lease had lapsed): carry on in a new conversation.
+            log.warning("conversation %s was taken for processing; continuing in a new one", conversation.id)
+            self._begin_new_conversation(now)
+        else:
+            raise RuntimeError("could not save the segment batch: the conversation kept being taken")
+        if changed:
+            conversation.finished_at = now
+            self._has_words = self._has_words or StoredSegments(changed).words > 0
+        return bool(request.enqueued)
 
     def add_audio(self, pcm: Any) -> None:
         """Feed decoded PCM16 16 kHz audio for the audio-bytes webhook. Never blocks: complete
@@ -516,15 +581,48 @@ class LiveConversation:
             now = service.clock()
             if self._closed or now - self._last_activity < self._conversation.timeout_s:
                 return
-            old = self._begin_new_conversation(now)
-            try:
-                await service.store.create_conversation(self._conversation, live_until=now + service.live_lease,
-                                                        holder=self.holder)
-            except Exception:
-                log.exception("creating the next conversation failed; the next batch will create it")
+            old = await self._roll_over_locked(now)
         log.info("conversation %s silent for %.0fs: processing; continuing in %s", old.id, old.timeout_s,
                  self._conversation.id)
         service._spawn_processing(old.id, self.emit)
+
+    async def finish_now(self) -> str | None:
+        """End the conversation now (the user asked to process it) and continue in a new one.
+
+        Under the lock that orders this handle's saves, the session's unsaved segments are
+        stored in the ending conversation first, so nothing transcribed before the call lands
+        in the next one or nowhere. Returns the ended conversation's id (for the caller to
+        process); None if it has no words (it is kept) or the handle no longer writes."""
+        if self._closed or self.fenced:
+            return None
+        service = self._service
+        async with self._lock:
+            if self._closed:
+                return None
+            if self.hooks is not None:
+                changed, deleted_ids = self.hooks.take_unsaved()
+                if changed or deleted_ids:
+                    if changed:
+                        self._last_activity = service.clock()
+                    if await self._save_locked(changed, deleted_ids):
+                        service.deliverer.notify()
+            if not self._has_words:
+                return None
+            old = await self._roll_over_locked(service.clock())
+        log.info("conversation %s: processing on request; continuing in %s", old.id, self._conversation.id)
+        return old.id
+
+    async def _roll_over_locked(self, now: float) -> Conversation:
+        """Switch to a new conversation and create it (the next batch would otherwise); returns
+        the one that ended. Under ``_lock``."""
+        service = self._service
+        old = self._begin_new_conversation(now)
+        try:
+            await service.store.create_conversation(self._conversation, live_until=now + service.live_lease,
+                                                    holder=self.holder)
+        except Exception:
+            log.exception("creating the next conversation failed; the next batch will create it")
+        return old
 
 
 async def _emit(events: EventSink | None, event: dict) -> None:

@@ -179,6 +179,30 @@ def _v6_live_holder(conn: Connection) -> None:
     _add_column(conn, "conversations", sa.Column("live_by", sa.String(64)))
 
 
+def _v7_app_state(conn: Connection) -> None:
+    """What the Omi app's REST calls keep besides conversations: a conversation's star, the
+    user's last reported location, and developer webhooks switched off (kept to switch on again)."""
+    _add_column(conn, "conversations", sa.Column("starred", sa.Boolean), not_null_default=sa.false())
+    md = sa.MetaData()
+    sa.Table(
+        "geolocations", md,
+        sa.Column("uid", sa.String(128), primary_key=True),
+        sa.Column("latitude", sa.Double, nullable=False),
+        sa.Column("longitude", sa.Double, nullable=False),
+        sa.Column("data", sa.Text, nullable=False),
+        sa.Column("updated_at", sa.Double, nullable=False),
+    )
+    sa.Table(
+        "disabled_webhooks", md,
+        sa.Column("uid", sa.String(128), primary_key=True),
+        sa.Column("kind", sa.String(32), primary_key=True),
+        sa.Column("url", sa.Text, nullable=False),
+        sa.Column("interval_seconds", sa.Integer),
+        sa.Column("updated_at", sa.Double, nullable=False),
+    )
+    md.create_all(conn)
+
+
 STEPS: list[Callable[[Connection], None]] = [
     _v1_conversations_segments_webhooks,
     _v2_usage_and_outbox,
@@ -186,6 +210,7 @@ STEPS: list[Callable[[Connection], None]] = [
     _v4_outbox_heads,
     _v5_speech_profiles_and_people,
     _v6_live_holder,
+    _v7_app_state,
 ]
 SCHEMA_VERSION = len(STEPS)
 

@@ -151,3 +151,15 @@ def conversation_object(conversation: Conversation, segments: list[dict]) -> dic
         "apps_response": [],
         "discarded": conversation.discarded,
     }
+
+
+def app_conversation(conversation: Conversation, segments: list[dict], *, starred: bool = False,
+                     photos: list[dict] | None = None) -> dict:
+    """The conversation as the Omi app's REST calls read it: PROTOCOL §7's object with the
+    fields of upstream's ``Conversation`` model that Harken has no feature for at their empty
+    values (so the app's parser finds every key it expects)."""
+    return conversation_object(conversation, segments) | {
+        "photos": photos or [], "starred": starred, "geolocation": None, "apps_results": [], "plugins_results": [],
+        "external_data": None, "app_id": None, "deleted": False, "visibility": "private",
+        "processing_conversation_id": None,
+    }

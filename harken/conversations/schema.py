@@ -42,6 +42,8 @@ conversations = sa.Table(
     # Processing claim: whoever set claimed_by may finish it until claim_expires.
     sa.Column("claimed_by", sa.String(64)),
     sa.Column("claim_expires", sa.Double),
+    # Starred by the user in the app (PATCH /v1/conversations/{id}/starred); default false.
+    sa.Column("starred", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_conversations_uid_status", "uid", "status"),
     sa.Index("ix_conversations_uid_created", "uid", "created_at"),
     sa.Index("ix_conversations_status_finished", "status", "finished_at"),
@@ -136,6 +138,28 @@ people = sa.Table(
     sa.Column("speech_seconds", sa.Double, nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Index("ix_people_uid_created", "uid", "created_at"),
+)
+
+# The user's last location as the app reports it (PATCH /v1/users/geolocation): kept, not yet
+# attached to conversations. ``data`` is the JSON body as validated.
+geolocations = sa.Table(
+    "geolocations", metadata,
+    sa.Column("uid", sa.String(128), primary_key=True),
+    sa.Column("latitude", sa.Double, nullable=False),
+    sa.Column("longitude", sa.Double, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+# A developer webhook switched off with /v1/users/developer/webhook/{type}/disable: moved out of
+# ``webhooks`` (so delivery never sees it) and back on /enable.
+disabled_webhooks = sa.Table(
+    "disabled_webhooks", metadata,
+    sa.Column("uid", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(32), primary_key=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("interval_seconds", sa.Integer),
+    sa.Column("updated_at", sa.Double, nullable=False),
 )
 
 schema_version = sa.Table(

@@ -23,7 +23,7 @@ from .drain import shutdown_graces
 from .listen import listen_endpoint, web_listen_endpoint
 from .metrics import metrics_routes
 from .profiles import build_profile_routes
-from .rest import build_rest_routes
+from .rest import build_rest_routes, not_served_route
 from .web import web_routes
 from .worker_metrics import WorkerSlot
 
@@ -75,6 +75,7 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
             *build_rest_routes(lambda: app.state.gateway.conversations,
                                lambda: app.state.gateway.authenticator),
             *build_profile_routes(lambda: app.state.gateway.store, lambda: app.state.gateway.authenticator),
+            not_served_route(),             # last: any other path is a JSON 404, never a 401
         ],
         lifespan=lifespan,
     )

@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import email.parser
+import email.policy
 import io
 import json
 import logging
@@ -52,6 +54,7 @@ from ..audio.vad import speech_spans
 from ..codecs import UnsupportedFormat
 from ..codecs.pcm import PCM16Decoder
 from ..conversations.model import iso
+from ..conversations.queries import AppQueries
 from ..conversations.store import PersonRow, Store, Voices
 from .auth import Authenticator
 from .rest import _BadRequest, _error, authentication
@@ -72,6 +75,8 @@ MAX_NAME_CHARS = 200
 MAX_AUDIO_BYTES = 12 * 1024 * 1024
 MAX_JSON_BYTES = MAX_AUDIO_BYTES * 4 // 3 + 64 * 1024        # one such sample as base64, plus the rest
 RAW_PCM_TYPE = "application/octet-stream"
+MULTIPART_SLACK = 64 * 1024             # a multipart body's headers and boundaries around the file
+APP_PEOPLE = "/v1/users/people"         # the app's path for people (``/v1/people`` stays)
 _VOICE_WRITE_TRIES = 5
 
 
@@ -123,14 +128,18 @@ def speech_only(pcm: np.ndarray) -> np.ndarray:
 
 
 async def voice_from_upload(body: bytes, content_type: str, sample_rate: int | None, *,
-                            min_seconds: float, max_seconds: float = MAX_PROFILE_SPEECH_SECONDS) -> Voice:
+                            min_seconds: float, max_seconds: float = MAX_PROFILE_SPEECH_SECONDS,
+                            keep_first: bool = False) -> Voice:
     """Decode, trim to speech and embed an upload; ``UploadError`` (422) if the speech found is
-    outside ``[min_seconds, max_seconds]``. The CPU work runs off the event loop."""
+    outside ``[min_seconds, max_seconds]`` (``keep_first``: longer speech is cut to its first
+    ``max_seconds`` instead). The CPU work runs off the event loop."""
 
     def trimmed() -> np.ndarray:
         return speech_only(decode_upload(body, content_type, sample_rate))
 
     speech = await asyncio.to_thread(trimmed)
+    if keep_first:
+        speech = speech[:int(max_seconds * SAMPLE_RATE)]
     seconds = speech.size / SAMPLE_RATE
     if not min_seconds <= seconds <= max_seconds:
         raise UploadError(422, f"found {seconds:.1f} s of speech; {min_seconds:g}–{max_seconds:g} s are needed "
@@ -219,6 +228,33 @@ def build_profile_routes(store: Store | Callable[[], Store],
         return JSONResponse({"exists": True, "speech_seconds": round(profile.speech_seconds, 2),
                              "created_at": iso(profile.created_at), "updated_at": iso(profile.updated_at)})
 
+    async def app_upload_audio(request: Request, uid: str) -> Response:
+        """``POST /v3/upload-audio``, the app's enrolment: multipart, the recording in ``file``
+        (the app writes a 16 kHz 16-bit mono WAV; raw PCM16 is read as ``decode_upload`` does).
+        Errors are upstream's: 400 with a ``detail`` (413 for a body over the limit)."""
+        try:
+            part, part_type = await asyncio.to_thread(
+                multipart_file, await _read_body(request, MAX_AUDIO_BYTES + MULTIPART_SLACK),
+                request.headers.get("content-type", ""))
+            # The app records up to 150 s while the question prompts run: beyond the profile's
+            # 60 s of speech, the first 60 s are used rather than the enrolment failing (the
+            # app ignores a failed upload and believes it has a profile).
+            voice = await voice_from_upload(part, part_type, _sample_rate(request),
+                                            min_seconds=MIN_PROFILE_SPEECH_SECONDS, keep_first=True)
+        except UploadError as exc:
+            return _error(413 if exc.status == 413 else 400, exc.detail)
+        await get_store().set_speech_profile(uid, to_bytes(voice.embedding), speech_seconds=voice.speech_seconds,
+                                             now=time.time())
+        # Upstream answers with the stored recording's URL; Harken keeps only the embedding.
+        return JSONResponse({"url": "", "speech_seconds": round(voice.speech_seconds, 2)})
+
+    async def app_has_profile(request: Request, uid: str) -> Response:
+        return JSONResponse({"has_profile": await get_store().get_speech_profile(uid) is not None})
+
+    async def app_profile_url(request: Request, uid: str) -> Response:
+        # The enrolment audio is never kept, so there is nothing to play back.
+        return JSONResponse({"url": None})
+
     async def people_collection(request: Request, uid: str) -> Response:
         store = get_store()
         if request.method == "GET":
@@ -237,7 +273,9 @@ def build_profile_routes(store: Store | Callable[[], Store],
                            embedding=to_bytes(voice.embedding) if voice else None, samples=len(voices),
                            speech_seconds=voice.speech_seconds if voice else 0.0, created_at=time.time())
         await store.add_person(person)
-        return JSONResponse(_person_api(person), status_code=201)
+        # The app's path answers 200 as upstream does (the app reads the person only then).
+        created = 200 if request.url.path.startswith(APP_PEOPLE) else 201
+        return JSONResponse(_person_api(person), status_code=created)
 
     async def person(request: Request, uid: str) -> Response:
         store, person_id = get_store(), request.path_params["person_id"]
@@ -269,12 +307,43 @@ def build_profile_routes(store: Store | Callable[[], Store],
                 return JSONResponse(_person_api(await store.get_person(uid, person_id) or current))
         return _error(409, "the person changed while the sample was added: try again")
 
-    return [
+    async def rename_person(request: Request, uid: str) -> Response:
+        """``PATCH /v1/users/people/{id}/name?value=…`` (upstream's form)."""
+        name = (request.query_params.get("value") or "").strip()
+        if not name or len(name) > MAX_NAME_CHARS:
+            return _error(422, f"value must be a non-empty name of at most {MAX_NAME_CHARS} characters")
+        if not await AppQueries(get_store()).rename_person(uid, request.path_params["person_id"], name):
+            return _error(404, "person not found")
+        return JSONResponse({"status": "ok"})
+
+    routes = [
         Route("/v1/users/speech-profile", answering_upload_errors(speech_profile), methods=["GET", "PUT", "DELETE"]),
-        Route("/v1/people", answering_upload_errors(people_collection), methods=["GET", "POST"]),
-        Route("/v1/people/{person_id}", authenticated(person), methods=["GET", "DELETE"]),
-        Route("/v1/people/{person_id}/speech-samples", answering_upload_errors(person_samples), methods=["POST"]),
+        Route("/v3/upload-audio", authenticated(app_upload_audio), methods=["POST"]),
+        Route("/v3/speech-profile", authenticated(app_has_profile), methods=["GET"]),
+        Route("/v4/speech-profile", authenticated(app_profile_url), methods=["GET"]),
+        Route(f"{APP_PEOPLE}/{{person_id}}/name", authenticated(rename_person), methods=["PATCH"]),
     ]
+    for prefix in (APP_PEOPLE, "/v1/people"):      # the app's path, and Harken's first one
+        routes += [
+            Route(prefix, answering_upload_errors(people_collection), methods=["GET", "POST"]),
+            Route(f"{prefix}/{{person_id}}", authenticated(person), methods=["GET", "DELETE"]),
+            Route(f"{prefix}/{{person_id}}/speech-samples", answering_upload_errors(person_samples), methods=["POST"]),
+        ]
+    return routes
+
+
+def multipart_file(body: bytes, content_type: str, field: str = "file") -> tuple[bytes, str]:
+    """``(content, content type)`` of the ``field`` part of a multipart/form-data body."""
+    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+        raise UploadError(400, f"send multipart/form-data with the recording in a '{field}' part")
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", errors="replace")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise UploadError(400, "the multipart body could not be read (boundary missing or wrong)")
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == field:
+            return part.get_payload(decode=True) or b"", part.get_content_type()
+    raise UploadError(400, f"the multipart body has no '{field}' part")
 
 
 class _TooLarge(UploadError):
@@ -332,6 +401,9 @@ def _person_request(body: bytes) -> tuple[str, list[bytes]]:
 
 
 def _person_api(person: PersonRow) -> dict:
-    return {"id": person.id, "name": person.name, "has_voice": person.embedding is not None,
-            "samples": person.samples, "speech_seconds": round(person.speech_seconds, 2),
-            "created_at": iso(person.created_at)}
+    """Upstream's ``Person`` (the app requires created_at and updated_at) and Harken's voice
+    facts. No sample audio is kept, so ``speech_samples`` (upstream: their URLs) is empty."""
+    return {"id": person.id, "name": person.name, "created_at": iso(person.created_at),
+            "updated_at": iso(person.created_at), "speech_samples": [], "speech_samples_version": 3,
+            "has_voice": person.embedding is not None, "samples": person.samples,
+            "speech_seconds": round(person.speech_seconds, 2)}

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket
 
 from .. import codecs
 from ..audio import AudioRing
-from ..conversations import LeaseLost
+from ..conversations import LeaseLost, UnknownSegments
 from ..stt.base import EMBEDDED_PROVIDER, STTError, STTStream, StreamConfig, Word
 from ..stt.fallback import FallbackPolicy, FallbackStream
 from ..stt.gating import gated
@@ -191,7 +191,7 @@ class Session:
             self.uid, language=self.params.language, source=self.params.source,
             conversation_timeout=self.params.conversation_timeout, session_id=self.id,
             events=self.send_json, on_new_conversation=self._on_new_conversation,
-            with_voices=self.params.include_speech_profile)
+            with_voices=self.params.include_speech_profile, hooks=self)
         self.builder = SegmentBuilder([Segment.from_stored(d) for d in self.live.existing_segments])
         await self.send_json(events.last_memory(self.live.last_memory_id))
 
@@ -199,6 +199,40 @@ class Session:
         """The conversation timed out and was processed while the client stayed: start afresh."""
         self.builder = SegmentBuilder()
         self._offset_known = False
+
+    # -- hooks for REST calls (conversations.lifecycle.SessionHooks) ------------------------
+    def take_unsaved(self) -> tuple[list[dict], list[str]]:
+        """The conversation is processed on request: flush the builder now (synchronously, so
+        the words go to the conversation that ends) and send the batch after."""
+        batch = self.builder.flush()
+        if batch:
+            self._spawn_in_flight(self._send_batch(batch))
+        return [s.to_stored() for s in batch.changed], list(batch.deleted_ids)
+
+    async def assign(self, segment_ids, *, is_user: bool, person_id: str | None) -> list[dict]:
+        """``PATCH …/segments/assign-bulk`` on the live conversation: relabel those segments in
+        the builder (its next flush would otherwise undo the change), store, send."""
+        by_speaker: dict[int, list[str]] = {}
+        known = {s.id: s.speaker_id for s in self.builder.segments}
+        missing = [sid for sid in segment_ids if sid not in known]
+        if missing:
+            raise UnknownSegments(missing)
+        for sid in segment_ids:
+            by_speaker.setdefault(known[sid], []).append(sid)
+        changed: list[dict] = []
+        for speaker_id, ids in by_speaker.items():
+            batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=person_id, segment_ids=ids)
+            await self._persist(batch)
+            await self._send_batch(batch)
+            changed += [s.to_stored() for s in batch.changed]
+        return changed
+
+    def _spawn_in_flight(self, step: Awaitable) -> asyncio.Future:
+        """Run ``step`` as a task the teardown waits for (see ``_uninterrupted``)."""
+        task = asyncio.ensure_future(step)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return task
 
     def _anchor(self, first_time: float) -> None:
         """Fix the conversation-time offset when the first words arrive (times then continue
@@ -437,10 +471,7 @@ class Session:
         builder already emptied: the words would be in no stored conversation. So the step runs
         as its own task, shielded, and the teardown waits for it before its own last flush. The
         sending that follows is not shielded: it may wait on a client that is gone."""
-        task = asyncio.ensure_future(step)
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._spawn_in_flight(step))
 
     async def _ping_loop(self) -> None:
         while True:
