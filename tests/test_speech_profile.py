@@ -232,10 +232,10 @@ TURNS = [(OWNER, 3), (STRANGER, 0), (OWNER, 4), (PERSON, 1), (OWNER, 5), (STRANG
 LEAD_S = 1.0
 
 
-def conversation() -> tuple[np.ndarray, list[tuple[str, float, float]]]:
+def conversation(turns: list[tuple[str, int]] = TURNS) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
     """The interleaved audio and each turn's (speaker, speech start, speech end) in seconds."""
     pieces, truth, at = [silence(LEAD_S)], [], LEAD_S
-    for speaker, index in TURNS:
+    for speaker, index in turns:
         pcm = utterance(speaker, index)
         spans = speech_spans(pcm)
         truth.append((speaker, at + spans[0][0] / RATE, at + spans[-1][1] / RATE))
