@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from harken.config import Settings
 from harken.conversations import AppQueries, ConversationService
 from harken.gateway.auth import build_authenticator, mint_local_token
-from harken.gateway.profiles import build_profile_routes, from_bytes
+from harken.gateway.profiles import MAX_AUDIO_BYTES, build_profile_routes, from_bytes
 from harken.gateway.rest import build_rest_routes, not_served_route
 from tests.fakes.webhook_receiver import ServedApp
 from tests.test_lifecycle import Clock
@@ -98,7 +98,15 @@ async def test_enrolment_through_upload_audio_as_the_app_sends_it(backend, tmp_p
         assert float(np.dot(owner_voice, replaced)) < 0.9          # another voice now
         assert (await client.get("/v3/speech-profile", headers=alice)).json() == {"has_profile": True}
 
-        # Bad uploads: upstream's 400 with a detail, and nothing stored for bob.
+        # The app records up to 150 s: speech past the profile's 60 s is cut, not refused.
+        long = np.tile(enrolment(OWNER, (0, 1, 2, 3, 4, 5)), 3)
+        assert long.size / 16000 > 90
+        capped = await client.post("/v3/upload-audio", headers=alice, **app_upload(wav_bytes(long)))
+        assert capped.status_code == 200 and capped.json()["speech_seconds"] == 60.0, capped.text
+
+        # Bad uploads: upstream's 400 with a detail (413 over the size limit), nothing stored for bob.
+        huge = await client.post("/v3/upload-audio", headers=bob, **app_upload(bytes(MAX_AUDIO_BYTES + 128 * 1024)))
+        assert huge.status_code == 413 and huge.json()["detail"]
         too_short = await client.post("/v3/upload-audio", headers=bob, **app_upload(wav_bytes(utterance(STRANGER, 0))))
         assert too_short.status_code == 400 and "speech" in too_short.json()["detail"]
         not_multipart = await client.post("/v3/upload-audio", headers=bob | {"Content-Type": "audio/wav"},

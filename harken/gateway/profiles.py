@@ -14,6 +14,11 @@ REST (same bearer token as the rest of /v1; another user's person is reported as
   PCM, as above) adds one voice sample. A person's voice is the mean of its samples' embeddings,
   weighted by their speech seconds. A person without a sample is stored but never matched.
 - Bodies above ``MAX_AUDIO_BYTES`` (``MAX_JSON_BYTES`` for the JSON form) → 413.
+- The Omi app's calls, in the upstream backend's shapes: ``POST /v3/upload-audio`` (multipart,
+  the recording in ``file``; errors are 400 with a ``detail``; speech past 60 s is cut to its
+  first 60 s), ``GET /v3/speech-profile`` → ``{has_profile}``, ``GET /v4/speech-profile`` →
+  ``{url: null}`` (no audio is kept); people also at ``/v1/users/people`` (created with 200, as
+  upstream), with ``PATCH /v1/users/people/{id}/name?value=``.
 
 Sessions opened with ``include_speech_profile=true`` get the voices once, before audio flows (read
 with their conversation, ``voices_from_stored``; ``load_voices`` without a conversation service),

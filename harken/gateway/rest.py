@@ -1,4 +1,7 @@
-"""The ``/v1`` REST API: the caller's conversations and webhook settings (PROTOCOL §1, §7, §8).
+"""The ``/v1`` REST API: the caller's conversations and webhook settings (PROTOCOL §1, §7, §8),
+at Harken's paths and at the Omi app's (upstream backend's shapes: ``statuses`` filter, process
+now, assign-bulk, starred, geolocation, singular developer-webhook routes), and the JSON 404 that
+answers every path nobody serves.
 
 Built as plain Starlette routes by ``build_rest_routes(service, authenticator)``, so the app can
 add them to its route list (Starlette or FastAPI alike). Every route needs
