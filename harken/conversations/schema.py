@@ -61,14 +61,18 @@ segments = sa.Table(
     sa.Column("data", sa.Text, nullable=False),             # the stored segment dict, JSON
 )
 
-webhooks = sa.Table(
-    "webhooks", metadata,
-    sa.Column("uid", sa.String(128), primary_key=True),
-    sa.Column("kind", sa.String(32), primary_key=True),
-    sa.Column("url", sa.Text, nullable=False),
-    sa.Column("interval_seconds", sa.Integer),              # audio_bytes only
-    sa.Column("updated_at", sa.Double, nullable=False),
-)
+def _webhook_settings(name: str) -> sa.Table:
+    return sa.Table(
+        name, metadata,
+        sa.Column("uid", sa.String(128), primary_key=True),
+        sa.Column("kind", sa.String(32), primary_key=True),
+        sa.Column("url", sa.Text, nullable=False),
+        sa.Column("interval_seconds", sa.Integer),              # audio_bytes only
+        sa.Column("updated_at", sa.Double, nullable=False),
+    )
+
+
+webhooks = _webhook_settings("webhooks")
 
 usage = sa.Table(
     "usage", metadata,
@@ -153,14 +157,7 @@ geolocations = sa.Table(
 
 # A developer webhook switched off with /v1/users/developer/webhook/{type}/disable: moved out of
 # ``webhooks`` (so delivery never sees it) and back on /enable.
-disabled_webhooks = sa.Table(
-    "disabled_webhooks", metadata,
-    sa.Column("uid", sa.String(128), primary_key=True),
-    sa.Column("kind", sa.String(32), primary_key=True),
-    sa.Column("url", sa.Text, nullable=False),
-    sa.Column("interval_seconds", sa.Integer),
-    sa.Column("updated_at", sa.Double, nullable=False),
-)
+disabled_webhooks = _webhook_settings("disabled_webhooks")
 
 schema_version = sa.Table(
     "schema_version", metadata,

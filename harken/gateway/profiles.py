@@ -41,7 +41,6 @@ import binascii
 import email.parser
 import email.policy
 import io
-import json
 import logging
 import time
 import uuid
@@ -62,7 +61,7 @@ from ..conversations.model import iso
 from ..conversations.queries import AppQueries
 from ..conversations.store import PersonRow, Store, Voices
 from .auth import Authenticator
-from .rest import _BadRequest, _error, authentication
+from .rest import _BadRequest, _error, authentication, json_object
 
 log = logging.getLogger("harken.profiles")
 
@@ -381,12 +380,7 @@ def _sample_rate(request: Request) -> int | None:
 
 def _person_request(body: bytes) -> tuple[str, list[bytes]]:
     """``(name, decoded samples)`` of a ``POST /v1/people`` body."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        raise _BadRequest('the body must be JSON: {"name": "…", "samples": ["<base64 WAV>", …]}') from None
-    if not isinstance(payload, dict):
-        raise _BadRequest('the body must be a JSON object: {"name": "…", "samples": [...]}')
+    payload = json_object(body, '{"name": "…", "samples": ["<base64 WAV>", …]}')
     name = payload.get("name")
     if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_NAME_CHARS:
         raise UploadError(422, f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters")

@@ -278,12 +278,18 @@ async def _json_object(request: Request, *, required: bool = True) -> dict:
         if required:
             raise _BadRequest("a JSON object body is required")
         return {}
+    return json_object(body)
+
+
+def json_object(body: bytes, shape: str = "") -> dict:
+    """``body`` parsed as a JSON object; ``_BadRequest`` naming ``shape`` (an example) if not."""
+    hint = f": {shape}" if shape else ""
     try:
         payload = json.loads(body)
     except ValueError:
-        raise _BadRequest("the body is not valid JSON") from None
+        raise _BadRequest(f"the body is not valid JSON{hint}") from None
     if not isinstance(payload, dict):
-        raise _BadRequest("the body must be a JSON object")
+        raise _BadRequest(f"the body must be a JSON object{hint}")
     return payload
 
 
