@@ -371,3 +371,52 @@ async def test_other_app_routes_get_a_quick_json_404_never_a_401(tmp_path):
                 assert answer.headers["content-type"] == "application/json" and answer.json()["detail"]
         # The routes Harken serves still ask for a token.
         assert (await client.get("/v3/speech-profile")).status_code == 401
+
+
+# --- the seam of "process now", without sockets -------------------------------------------------
+
+class SessionStub:
+    """A session's hooks (lifecycle.SessionHooks): words it has not flushed yet."""
+
+    def __init__(self, unsaved: list[dict]):
+        self.unsaved = unsaved
+        self.new_conversations = 0
+
+    def take_unsaved(self) -> tuple[list[dict], list[str]]:
+        taken, self.unsaved = self.unsaved, []
+        return taken, []
+
+    async def assign(self, segment_ids, *, is_user, person_id):
+        raise AssertionError("not used here")
+
+    def on_new_conversation(self, live) -> None:
+        self.new_conversations += 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_process_now_stores_the_sessions_unflushed_words_in_the_conversation_that_ends(backend, tmp_path):
+    from tests.test_lifecycle import Events
+
+    async with opened_store(backend, tmp_path) as store:
+        service = ConversationService(Settings(data_dir=tmp_path), store, clock=Clock(), check_interval=3600)
+        events, stub = Events(), SessionStub([segment("s2", "and the unflushed end of it", 4.0, 7.0)])
+        live = await service.connect("alice", conversation_timeout=120, events=events, hooks=stub,
+                                     on_new_conversation=stub.on_new_conversation)
+        live.time_offset(service.clock())
+        first = live.conversation_id
+        await live.save_batch([segment("s1", "the first words of the talk", 0.0, 3.5)])
+
+        memory = await service.process_now("alice")
+        assert memory["id"] == first and memory["status"] == "completed"
+        assert [s["id"] for s in memory["transcript_segments"]] == ["s1", "s2"]     # nothing left behind
+        assert [e["type"] for e in events.received] == ["memory_processing_started", "memory_created"]
+        assert stub.new_conversations == 1 and live.conversation_id != first
+
+        await live.save_batch([segment("s3", "words after the seam go on", 0.0, 3.0)])
+        queries = AppQueries(store)
+        assert await queries.in_progress_ids("alice") == [live.conversation_id]
+        assert [s["id"] for s in (await queries.get("alice", live.conversation_id)).segments] == ["s3"]
+        assert await service.process_now("bob") is None
+        await live.close()
+        await service.stop()

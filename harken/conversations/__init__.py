@@ -30,7 +30,10 @@ When the conversation times out while the client stays connected, the service pr
 to a new conversation, bumps ``live.generation`` and calls ``on_new_conversation(live)``
 synchronously: the session then starts a fresh ``SegmentBuilder`` and takes a new
 ``time_offset``. REST handlers use ``service.list_conversations``, ``get_conversation``,
-``get_webhook``, ``set_webhook`` and ``delete_webhook``.
+``get_webhook``, ``set_webhook`` and ``delete_webhook``; the Omi app's calls also
+``service.process_now`` and ``assign_segments`` (which reach a live session through the
+``hooks`` it gave ``connect``) and ``AppQueries`` (status filters, stars, location, webhooks
+switched off).
 """
 
 from .audio_chunks import AudioChunker
