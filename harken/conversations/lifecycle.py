@@ -237,8 +237,11 @@ class ConversationService:
         live = next((h for h in self._live if h.uid == uid and h.conversation_id == conversation_id
                      and not h.fenced and h.hooks is not None), None)
         if live is not None:
-            await live.hooks.assign(segment_ids, is_user=is_user, person_id=person_id)
-            return True
+            try:
+                await live.hooks.assign(segment_ids, is_user=is_user, person_id=person_id)
+                return True
+            except LeaseLost:
+                pass                     # a newer connection took it over: write the store directly
         return await AppQueries(self.store).assign_segments(
             uid, conversation_id, segment_ids, is_user=is_user, person_id=person_id) is not None
 

@@ -222,7 +222,11 @@ class Session:
         changed: list[dict] = []
         for speaker_id, ids in by_speaker.items():
             batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=person_id, segment_ids=ids)
-            await self._persist(batch)
+            try:
+                await self._persist(batch)
+            except EndSession as end:       # superseded: a newer connection writes it now
+                self.request_end(end.code, end.reason)
+                raise LeaseLost(self.live.conversation_id) from None
             await self._send_batch(batch)
             changed += [s.to_stored() for s in batch.changed]
         return changed
