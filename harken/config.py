@@ -123,6 +123,9 @@ class Settings:
     llm_model: str = _setting("gpt-4o-mini", "chat model used for conversation summaries")
     llm_api_key: str = _setting("", "API key for llm_base_url", secret=True)
     llm_timeout: float = _setting(30.0, "seconds to wait for one summary answer before falling back")
+    llm_vision_model: str = _setting(
+        "", "model of llm_base_url that accepts images, for OpenGlass photo descriptions (empty = none: "
+        "photos are stored with an empty description)")
     webhook_secret: str = _setting("", "key of the X-Harken-Signature HMAC-SHA256 (empty = unsigned)", secret=True)
     webhook_allow_private: bool = _setting(
         False, "allow webhook URLs that reach loopback, private or link-local addresses"

@@ -34,8 +34,10 @@ from .group_commit import GroupCommitter
 from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage, WebhookSetting,
                     conversation_object, iso)
 from .outbox import OutboxDeliverer
+from .photos import delete_photos_of, photos_of
 from .processing import ConversationProcessor
 from .queries import AppQueries, UnknownSegments
+from .vision import PhotoDescriber
 from .store import (BatchRequest, LeaseLost, OpenRequest, OutboxMessage, ProcessingClaim, ProcessingDone, SessionEnd,
                     Store, Voices)
 from .webhooks import (AUDIO_BYTES, audio_message, check_url, memory_message, parse_setting, realtime_message,
@@ -93,6 +95,7 @@ class ConversationService:
         self.check_interval = check_interval if check_interval is not None else settings.conversation_check_interval
         self.live_lease = max(MIN_LIVE_LEASE, 3 * self.check_interval)
         self.processor = processor or ConversationProcessor.from_settings(settings)
+        self.describer = PhotoDescriber.from_settings(settings)    # None: photos stay undescribed
         self.deliverer = deliverer or OutboxDeliverer(
             store, node_id=self.node_id, secret=settings.webhook_secret, timeout=settings.webhook_timeout,
             workers=settings.webhook_workers, retry_horizon=settings.webhook_retry_horizon,
@@ -109,6 +112,9 @@ class ConversationService:
                                       name="processing claims")
         self._completions = GroupCommitter(store.finish_processing_many, key=lambda d: d.conversation.id,
                                            name="processing completions")
+        # Their photos, read for many conversations at once too, so that a sweep's processings stay
+        # in step and their completions share transactions.
+        self._photo_reads = GroupCommitter(self._read_photos, key=lambda cid: cid, name="photo reads")
         self._processing: dict[str, asyncio.Task] = {}
         self._processing_slots = asyncio.Semaphore(
             MAX_PARALLEL_PROCESSING if self.processor.llm is not None else MAX_PARALLEL_OFFLINE_PROCESSING)
@@ -147,6 +153,8 @@ class ConversationService:
         await self._flush_audio_queue()
         await self.deliverer.stop(grace=delivery_grace)
         await self.processor.aclose()
+        if self.describer is not None:
+            await self.describer.aclose()
 
     # --- sessions ----------------------------------------------------------------------------------
     async def connect(
@@ -200,7 +208,7 @@ class ConversationService:
         found = await self.store.get_with_segments(conversation_id)
         if found is None or found[0].uid != uid:
             return None
-        return conversation_object(*found)
+        return conversation_object(*found, photos=(await photos_of(self.store, [conversation_id]))[conversation_id])
 
     async def list_conversations(self, uid: str, *, limit: int = 25, offset: int = 0,
                                  include_discarded: bool = True) -> list[dict]:
@@ -276,16 +284,19 @@ class ConversationService:
             if claimed is None:
                 return None
             conversation, segments = claimed
-            if StoredSegments(segments).words == 0:
+            photos = await self._photo_reads.save(conversation_id)
+            if StoredSegments(segments).words == 0 and not photos:
                 await self.store.delete_conversation(conversation_id, node=self.node_id)
+                await delete_photos_of(self.store, conversation_id)
                 log.info("conversation %s had no words: deleted", conversation_id)
                 return None
             await _emit(events, {"type": "memory_processing_started",
-                                 "memory": conversation_object(conversation, segments)})
+                                 "memory": conversation_object(conversation, segments, photos=photos)})
             structured, discarded = await self.processor.structure(
-                segments, language=conversation.language, started_at_iso=iso(conversation.started_at))
+                segments, language=conversation.language, started_at_iso=iso(conversation.started_at),
+                photo_descriptions=[p["description"] for p in photos if p["description"] and not p["discarded"]])
             conversation.structured, conversation.discarded, conversation.status = structured, discarded, COMPLETED
-            memory = conversation_object(conversation, segments)
+            memory = conversation_object(conversation, segments, photos=photos)
             finished = await self._completions.save(ProcessingDone(
                 conversation, self.node_id, memory_message(conversation.uid, memory), self.clock()))
             if not finished:
@@ -296,6 +307,10 @@ class ConversationService:
                      structured.get("processor"), discarded)
             await _emit(events, {"type": "memory_created", "memory": memory, "messages": []})
             return memory
+
+    async def _read_photos(self, conversation_ids: Sequence[str]) -> list[list[dict]]:
+        found = await photos_of(self.store, conversation_ids)
+        return [found[cid] for cid in conversation_ids]
 
     def _spawn_processing(self, conversation_id: str, events: EventSink | None) -> asyncio.Task:
         """Process in the background (once per conversation here); the task's result is

@@ -144,10 +144,14 @@ class ChatSummariser:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def summarise(self, segments: list[dict], *, language: str, started_at_iso: str) -> dict:
+    async def summarise(self, segments: list[dict], *, language: str, started_at_iso: str,
+                        photo_descriptions: list[str] = ()) -> dict:
+        content = f"Conversation started at {started_at_iso}.\n\n{transcript_text(segments)}"
+        if photo_descriptions:
+            content += "\n\nPhotos taken during the conversation:\n" + "\n".join(f"- {d}" for d in photo_descriptions)
         messages: list[dict] = [
             {"role": "system", "content": SYSTEM_PROMPT.format(language=language)},
-            {"role": "user", "content": f"Conversation started at {started_at_iso}.\n\n{transcript_text(segments)}"},
+            {"role": "user", "content": content},
         ]
         problem = "no attempt made"
         for attempt in range(1, self.attempts + 1):

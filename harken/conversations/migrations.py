@@ -203,6 +203,23 @@ def _v7_app_state(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v8_photos(conn: Connection) -> None:
+    """OpenGlass photos stored with their conversation (``photos.py``)."""
+    md = sa.MetaData()
+    sa.Table(
+        "photos", md,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("conversation_id", sa.String(64), nullable=False),
+        sa.Column("uid", sa.String(128), nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("description", sa.Text, nullable=False),
+        sa.Column("discarded", sa.Boolean, nullable=False),
+        sa.Column("jpeg", sa.LargeBinary, nullable=False),
+        sa.Index("ix_photos_conversation_created", "conversation_id", "created_at"),
+    )
+    md.create_all(conn)
+
+
 STEPS: list[Callable[[Connection], None]] = [
     _v1_conversations_segments_webhooks,
     _v2_usage_and_outbox,
@@ -211,6 +228,7 @@ STEPS: list[Callable[[Connection], None]] = [
     _v5_speech_profiles_and_people,
     _v6_live_holder,
     _v7_app_state,
+    _v8_photos,
 ]
 SCHEMA_VERSION = len(STEPS)
 

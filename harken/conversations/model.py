@@ -136,9 +136,11 @@ def realtime_segment(segment: Mapping[str, Any]) -> dict:
     return _project(segment, REALTIME_SEGMENT_KEYS)
 
 
-def conversation_object(conversation: Conversation, segments: list[dict]) -> dict:
-    """The conversation as clients, events and the memory webhook see it (PROTOCOL §7)."""
-    return {
+def conversation_object(conversation: Conversation, segments: list[dict], *, photos: list[dict] | None = None) -> dict:
+    """The conversation as clients, events and the memory webhook see it (PROTOCOL §7).
+    ``photos`` (``photos.photo_object`` each) is upstream's field, given where it was read."""
+    extra = {} if photos is None else {"photos": photos}
+    return {**extra, 
         "id": conversation.id,
         "created_at": iso(conversation.created_at),
         "started_at": iso(conversation.started_at),

@@ -43,13 +43,16 @@ class ConversationProcessor:
         stored = StoredSegments(segments)
         return stored.words < MIN_WORDS or stored.duration < MIN_SECONDS
 
-    async def structure(self, segments: list[dict], *, language: str, started_at_iso: str) -> tuple[dict, bool]:
-        """``(structured, discarded)`` for a conversation's segments."""
-        discarded = self.is_too_short(segments)
+    async def structure(self, segments: list[dict], *, language: str, started_at_iso: str,
+                        photo_descriptions: list[str] = ()) -> tuple[dict, bool]:
+        """``(structured, discarded)`` for a conversation's segments (and what its photos show,
+        as upstream gives the summary model the photos' descriptions)."""
+        discarded = self.is_too_short(segments) and not photo_descriptions
         if discarded or self.llm is None:
             return summarise(segments), discarded
         try:
-            structured = await self.llm.summarise(segments, language=language, started_at_iso=started_at_iso)
+            structured = await self.llm.summarise(segments, language=language, started_at_iso=started_at_iso,
+                                                  photo_descriptions=list(photo_descriptions))
         except LLMError as exc:
             log.warning("summary by %s failed, using the offline summariser: %s", self.llm.name, exc)
             structured = summarise(segments)

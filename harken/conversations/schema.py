@@ -159,6 +159,20 @@ geolocations = sa.Table(
 # ``webhooks`` (so delivery never sees it) and back on /enable.
 disabled_webhooks = _webhook_settings("disabled_webhooks")
 
+# OpenGlass photos of a conversation (the JPEG itself, as upstream keeps its base64), with the
+# description a vision model gave (empty without one). Queries in ``photos.py``.
+photos = sa.Table(
+    "photos", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("conversation_id", sa.String(64), nullable=False),
+    sa.Column("uid", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("discarded", sa.Boolean, nullable=False),
+    sa.Column("jpeg", sa.LargeBinary, nullable=False),
+    sa.Index("ix_photos_conversation_created", "conversation_id", "created_at"),
+)
+
 schema_version = sa.Table(
     "schema_version", metadata,
     sa.Column("version", sa.Integer, nullable=False),

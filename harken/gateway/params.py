@@ -2,11 +2,15 @@
 
 Every bad value raises ``ParamError`` naming the parameter and what is allowed; the endpoint turns
 it into an ``error`` event and a 1008 close. Unknown parameters are ignored, as Omi's app sends
-some that mean nothing here.
+some that mean nothing here (``onboarding``, ``speaker_auto_assign``, ``create_speakers``,
+``call_id``, ``client_conversation_id``, ``speech_profile_redo``). Values the real app sends are
+never refused: the app reconnects forever after any close it does not expect
+(reference/omi-app-client.md), so strictness is kept for what would really hurt.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -14,11 +18,15 @@ from typing import Mapping
 from .. import codecs
 from ..config import VAD_GATE_MODES
 
+log = logging.getLogger("harken.params")
+
 STT_SERVICES = ("deepgram", "soniox", "speechmatics", "local")
 CHANNELS = (1, 2)
 TIMEOUT_MIN, TIMEOUT_MAX = 2, 14400
 MAX_SOURCE_LENGTH = 64
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
+# The app's toggle sends enabled/disabled; Omi's server-side gate mode names are active/off.
+_VAD_GATE_ALIASES = {"enabled": "active", "disabled": "off", "true": "active", "false": "off"}
 # BCP-47 in the shape clients send (en, en-US, pt-BR, zh-Hant, es-419); "multi" handled apart.
 _LANGUAGE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
 _SOURCE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -130,6 +138,7 @@ def _timeout(raw: str | None) -> int:
     except ValueError:
         value = None
     if value == -1:
+        # Upstream's meaning (backend/routers/transcribe.py): -1 = "no timeout" capped at 4 h.
         return TIMEOUT_MAX
     if value is None or not TIMEOUT_MIN <= value <= TIMEOUT_MAX:
         raise ParamError(
@@ -140,11 +149,14 @@ def _timeout(raw: str | None) -> int:
 
 
 def _stt_service(raw: str | None, allowed: tuple[str, ...]) -> str | None:
+    """A preference, not a contract (as upstream): a name Harken does not know is logged and the
+    normal chain serves the session. The app sends ``soniox`` by default, other names too."""
     if raw is None or raw == "":
         return None
     value = raw.strip().lower()
     if value not in allowed:
-        raise ParamError("stt_service", f"stt_service must be one of {', '.join(allowed)}; got {raw!r}")
+        log.info("stt_service=%r is not a provider here (%s): using the normal chain", raw[:40], ", ".join(allowed))
+        return None
     return value
 
 
@@ -159,6 +171,7 @@ def _vad_gate(raw: str | None) -> str | None:
     if raw is None or raw == "":
         return None
     value = raw.strip().lower()
+    value = _VAD_GATE_ALIASES.get(value, value)
     if value not in VAD_GATE_MODES:
-        raise ParamError("vad_gate", f"vad_gate must be one of {', '.join(VAD_GATE_MODES)}; got {raw!r}")
+        raise ParamError("vad_gate", f"vad_gate must be enabled, disabled, {' or '.join(VAD_GATE_MODES)}; got {raw!r}")
     return value

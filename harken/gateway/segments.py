@@ -43,6 +43,13 @@ _TRAILING_NUMBER = re.compile(r"(\d+)\s*$")
 Labels = tuple[bool, "str | None"]
 
 
+def clean_seconds(value: float) -> float:
+    """A time as clients and the store get it: a float rounded to the millisecond, never
+    negative (float arithmetic on the clocks left a first segment at -2e-08 s; the app's Dart
+    model wants a double, so an int is never sent)."""
+    return max(0.0, round(float(value), 3))
+
+
 def normalise_text(text: str) -> str:
     """Collapse whitespace runs to one space and drop the space before ``, . ? ! ; :``."""
     return _SPACE_BEFORE_PUNCTUATION.sub(r"\1", _WHITESPACE_RUN.sub(" ", text).strip())
@@ -91,8 +98,8 @@ class Segment:
             "speaker_id": self.speaker_id,
             "is_user": self.is_user,
             "person_id": self.person_id,
-            "start": self.start,
-            "end": self.end,
+            "start": clean_seconds(self.start),
+            "end": clean_seconds(self.end),
             "speech_profile_processed": self.speech_profile_processed,
             "stt_provider": self.stt_provider,
             "translations": [dict(t) for t in self.translations],
@@ -113,8 +120,8 @@ class Segment:
             "speaker_id": self.speaker_id,
             "is_user": self.is_user,
             "person_id": self.person_id,
-            "start": self.start,
-            "end": self.end,
+            "start": clean_seconds(self.start),
+            "end": clean_seconds(self.end),
             "stt_provider": self.stt_provider,
             "speech_profile_processed": self.speech_profile_processed,
             "translations": [dict(t) for t in self.translations],

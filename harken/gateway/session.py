@@ -33,12 +33,16 @@ from .clock import AudioClock
 from .context import Gateway
 from .params import ListenParams
 from .segments import Batch, Segment, SegmentBuilder
+from .session_photos import SessionPhotos
 from .profiles import load_voices, voices_from_stored
 from .speakers import SpeakerIdentifier
 from .ws_protocol import binary_sink
 
 log = logging.getLogger("harken.session")
 
+# What newer apps send that Harken has nothing to do with (no onboarding questions, the app's
+# screen state): accepted silently, like unknown types, but named so that a log reader knows.
+APP_MESSAGES_NOT_ACTED_ON = frozenset(("client_state", "start_onboarding", "skip_question"))
 STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits for the engine's last words
 MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
 RING_SECONDS = 60                 # recent audio kept for speaker identification (as Omi)
@@ -110,6 +114,7 @@ class Session:
         self._send_nowait = None                   # the stream's synchronous send, when it has one
         # Flushes and relabels under way (see _uninterrupted): the teardown lets them finish.
         self._in_flight: set[asyncio.Task] = set()
+        self.photos = SessionPhotos(self.send_json)     # OpenGlass image_chunk pieces
 
     # -- public -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -179,13 +184,19 @@ class Session:
                 self._reader = self.decoder.native_reader(
                     AUDIO_PIECE_SAMPLES, self.settings.max_message_bytes, _in_this_context(self._take_native))
             self._sink.attach(_in_this_context(self._on_binary), self._reader)
-        await self.send_json(events.service_status("ready"))
+        await self.send_json(events.service_status(
+            "ready", provider=self.provider_name or "", reason=self._ready_reason()))
+
+    def _ready_reason(self) -> str:
+        """What serves the session, for ``ready``'s ``reason`` (the app shows status details)."""
+        if self.params.custom_stt:
+            return "custom_stt: the app transcribes; segments it suggests are stored"
+        return f"{self.provider_name} transcribes language {self.params.language}"
 
     async def _join_conversation(self) -> None:
         """Resume the user's in-progress conversation (or start one) and announce the last memory."""
         service = self.gateway.conversations
         if service is None:
-            await self.send_json(events.last_memory(None))
             return
         self.live = await service.connect(
             self.uid, language=self.params.language, source=self.params.source,
@@ -193,7 +204,13 @@ class Session:
             events=self.send_json, on_new_conversation=self._on_new_conversation,
             with_voices=self.params.include_speech_profile, hooks=self)
         self.builder = SegmentBuilder([Segment.from_stored(d) for d in self.live.existing_segments])
-        await self.send_json(events.last_memory(self.live.last_memory_id))
+        # Upstream's order: last_memory (only if there is one: the app's parser needs a string),
+        # then in_progress_conversations_processing, then stt_initiating.
+        if self.live.last_memory_id:
+            await self.send_json(events.last_memory(self.live.last_memory_id))
+        await self.send_json(events.service_status("in_progress_conversations_processing"))
+        await self.send_json(events.conversation_session(
+            self.live.conversation_id, resumed=bool(self.live.existing_segments), source=self.params.source))
 
     def _on_new_conversation(self, live) -> None:
         """The conversation timed out and was processed while the client stayed: start afresh."""
@@ -526,8 +543,15 @@ class Session:
                                            provider=provider, time_offset=self.time_offset)
         elif kind == "speaker_assigned":
             await self._on_speaker_assigned(message)
+        elif kind == "image_chunk":
+            await self._on_image_chunk(message)
+        elif kind in APP_MESSAGES_NOT_ACTED_ON:
+            pass
         else:
             log.debug("ignoring text message type=%r sid=%s", kind, self.id)
+
+    async def _on_image_chunk(self, message: dict) -> None:
+        await self.photos.on_chunk(message, self.live, self.gateway.conversations)
 
     async def _on_speaker_assigned(self, message: dict) -> None:
         try:
@@ -645,6 +669,7 @@ class Session:
             await self._flush()
         except EndSession:
             pass
+        await self.photos.close()
         if self.live is not None:
             try:
                 await self.live.close(usage=self.usage())
