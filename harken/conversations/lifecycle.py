@@ -9,8 +9,11 @@ State lives in the store, so any node can pick up where another stopped:
 - a live session renews a lease on its conversation (``live_until``); the sweep processes only
   conversations that are silent past their timeout *and* not live anywhere, including those left
   in progress by a crash or restart;
+- a user has one in-progress conversation per ``source`` (a pendant and the phone at once never
+  take each other's over; upstream shares one, but one writer per conversation keeps the fencing
+  below);
 - the lease names its holder (``live_by``, one id per connection) and the newest connection of a
-  user takes it over at once, so a client that reconnects after its node died continues the same
+  user and source takes it over at once, so a client that reconnects after its node died continues the same
   conversation without waiting for the dead node's lease; the older writer, wherever it runs, is
   fenced: its next save raises ``LeaseLost`` and writes nothing;
 - processing starts with an atomic claim (``in_progress → processing``, or a claim that expired),

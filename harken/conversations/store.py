@@ -340,7 +340,7 @@ class Store:
     # --- conversations -----------------------------------------------------------------------
     async def open_conversation(self, new: Conversation, *, now: float, live_until: float,
                                 holder: str | None = None) -> OpenResult:
-        """Resume the user's in-progress conversation if its silence is under ``new.timeout_s``,
+        """Resume the user's in-progress conversation of ``new.source`` if its silence is under ``new.timeout_s``,
         else insert ``new``. In-progress ones that timed out (and are not live elsewhere) are
         returned as ``stale_ids`` for processing.
 
@@ -368,9 +368,14 @@ class Store:
             stale: dict[str, list[str]] = {uid: [] for uid in by_uid}
             for row in rows:        # per user, newest first
                 request = by_uid[row["uid"]]
-                if row["uid"] not in resume and request.now - row["finished_at"] < request.new.timeout_s:
+                # One live conversation per source (a pendant and the phone at once never take
+                # each other's over): another source's conversation is stale only once silent.
+                same_source = row["source"] == request.new.source
+                silence = request.now - row["finished_at"]
+                if same_source and row["uid"] not in resume and silence < request.new.timeout_s:
                     resume[row["uid"]] = row
-                elif row["live_until"] is None or row["live_until"] < request.now:
+                elif ((row["live_until"] is None or row["live_until"] < request.now)
+                      and (same_source or silence >= row["timeout_s"])):
                     stale[row["uid"]].append(row["id"])
             if resume:
                 await conn.execute(
