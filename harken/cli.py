@@ -193,7 +193,8 @@ class LiveView:
     def event(self, result, event: dict) -> None:
         if event.get("type") == "service_status":
             self.status = str(event.get("status"))
-            if event.get("provider"):
+            # ready names its provider too; the status line's first part already shows it
+            if event.get("provider") and event.get("status") != "ready":
                 self.status += f" ({event['provider']})"
         if self.tty:
             self._redraw(result)

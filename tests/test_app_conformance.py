@@ -29,7 +29,8 @@ from harken.gateway.drain import end_sessions
 
 from .conftest import load_audio
 from .fakes.llm import FakeChatServer
-from .fakes.script import make_script, timecode
+from .fakes.deepgram import FakeDeepgram
+from .fakes.script import Plan, make_script, timecode
 from .fakes.soniox import FakeSoniox
 
 pytestmark = pytest.mark.timeout(180)
@@ -272,6 +273,23 @@ async def test_the_apps_default_soniox_is_served_by_soniox_when_configured(make_
     ready = [e for e in session.of_type("service_status") if e["status"] == "ready"][0]
     assert ready["provider"] == "soniox"
     assert {s["stt_provider"] for s in session.segments.values()} == {"soniox"}
+
+
+async def test_a_provider_failing_mid_stream_switches_with_events_the_app_parses(make_gateway):
+    script = make_script(seed=7, duration=10.0)
+    async with FakeSoniox(script, key="k") as soniox, FakeDeepgram(script, key="k") as deepgram:
+        soniox.plans.append(Plan(fail_at=4.0, kind="close"))
+        server = make_gateway(soniox_api_key="k", soniox_url=soniox.url, deepgram_api_key="k",
+                              deepgram_url=deepgram.url, stt_chain="soniox,dg-nova-3,local", stt_retry_base=0.05)
+        uid, token = new_user(server, "failover")
+        pcm = timecode(0, 10 * 16000)
+        messages = [pcm[i:i + 1600].tobytes() for i in range(0, pcm.size, 1600)]
+        session = await run_app(app_url(server.base, uid, "pcm16", "phone", vad_gate=None), app_headers(token),
+                                messages, settle=2.0)
+    assert session.problems == [], session.problems[:5]
+    switched = [e for e in session.of_type("service_status") if e["status"] == "stt_switched"]
+    assert switched and switched[0]["provider"] == "deepgram"
+    assert {s["stt_provider"] for s in session.segments.values()} == {"soniox", "deepgram"}
 
 
 # --- drain and capacity ---------------------------------------------------------------------

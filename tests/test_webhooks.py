@@ -249,7 +249,8 @@ async def test_memory_created_posts_the_conversation_object(tmp_path):
         body = orjson.loads(request.body)
         assert body == memory
         assert set(body) == {"id", "created_at", "started_at", "finished_at", "language", "source", "status",
-                             "transcript_segments", "structured", "apps_response", "discarded"}
+                             "transcript_segments", "structured", "apps_response", "discarded", "photos"}
+        assert body["photos"] == []
         assert body["status"] == "completed"
         assert set(body["transcript_segments"][0]) == {"id", "text", "speaker", "speakerId", "speaker_id",
                                                        "is_user", "person_id", "start", "end"}
