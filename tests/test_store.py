@@ -327,6 +327,33 @@ async def test_open_conversation_resumes_within_the_timeout_and_hands_back_stale
 
 
 @pytest.mark.timeout(30)
+async def test_each_source_of_a_user_has_its_own_live_conversation(store):
+    """A pendant and the phone at once: neither resumes (and so takes the lease of) the other's
+    conversation; another source's conversation is stale only once it is silent past its timeout."""
+    from dataclasses import replace
+
+    pendant = conversation(now=1000)
+    await store.open_conversation(pendant, now=1000, live_until=1030, holder="pendant")
+    await store.save_batch(pendant, [segment("p", "from the pendant", 0, 1)], [], now=1010, live_until=1040,
+                           realtime=None, holder="pendant")
+    phone = replace(conversation(now=1020), source="phone")
+    opened = await store.open_conversation(phone, now=1020, live_until=1050, holder="phone")
+    assert not opened.resumed and opened.conversation.id == phone.id and opened.stale_ids == []
+    # The pendant still holds its own conversation: its next batch is stored.
+    await store.save_batch(pendant, [segment("p2", "still the pendant", 1, 2)], [], now=1025, live_until=1055,
+                           realtime=None, holder="pendant")
+    await store.release_live(pendant.id)
+    await store.release_live(phone.id)
+    # The pendant reconnecting resumes its own; the phone's (silent 10 s) is left alone.
+    back = await store.open_conversation(conversation(now=1035), now=1035, live_until=1065, holder="pendant-2")
+    assert back.resumed and back.conversation.id == pendant.id and back.stale_ids == []
+    await store.release_live(pendant.id)
+    # Much later the phone's silent conversation is handed back for processing.
+    late = await store.open_conversation(conversation(now=1300), now=1300, live_until=1330, holder="pendant-3")
+    assert not late.resumed and sorted(late.stale_ids) == sorted([pendant.id, phone.id])
+
+
+@pytest.mark.timeout(30)
 async def test_many_sessions_open_in_one_transaction_each_as_if_alone(store):
     # carol: spoke 50 s ago (resumed, with her segments and her newer lease); dave: spoke 300 s ago
     # (a new conversation, the old one handed back as stale); erin: only a finished memory (a new one).
