@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from ..conversations import AppQueries, ConversationService, UnknownSegments, WebhookSettingError
 from ..conversations.model import app_conversation
+from ..conversations.photos import photos_of
 from ..conversations.queries import DEFAULT_STATUSES, KNOWN_STATUSES, Found
 from ..conversations.webhooks import AUDIO_BYTES, KINDS
 from .auth import TRY_AGAIN_LATER, AuthError, Authenticator, bearer_token
@@ -128,7 +129,8 @@ def build_rest_routes(service: ConversationService | Callable[[], ConversationSe
         found = await queries().get(uid, request.path_params["conversation_id"])
         if found is None:
             return _error(404, "conversation not found")
-        return JSONResponse(_shown(found))
+        photos = await photos_of(get_service().store, [found.conversation.id])    # OpenGlass photos
+        return JSONResponse(_shown(found, photos[found.conversation.id]))
 
     async def process_now(request: Request, uid: str) -> Response:
         """``POST /v1/conversations``: process the caller's in-progress conversation now.
@@ -256,8 +258,8 @@ def not_served_route() -> Route:
                  methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 
 
-def _shown(found: Found) -> dict:
-    return app_conversation(found.conversation, found.segments, starred=found.starred)
+def _shown(found: Found, photos: list[dict] | None = None) -> dict:
+    return app_conversation(found.conversation, found.segments, starred=found.starred, photos=photos)
 
 
 def _app_url(setting) -> str:
