@@ -259,16 +259,21 @@ async def test_the_apps_ping_reply_stays_a_keepalive_not_audio(make_gateway):
 
 # --- cloud provider (fake Soniox: the app's default stt_service) ----------------------------
 
+async def phone_with_fake_words(server, prefix: str, seconds: int) -> AppSession:
+    """The phone's microphone streaming the fakes' timecode audio (their words are scripted on
+    it, not heard: the VAD gate would skip it all, so the app's vad_gate is left out here)."""
+    uid, token = new_user(server, prefix)
+    pcm = timecode(0, seconds * 16000)
+    messages = [pcm[i:i + 1600].tobytes() for i in range(0, pcm.size, 1600)]
+    return await run_app(app_url(server.base, uid, "pcm16", "phone", vad_gate=None), app_headers(token),
+                         messages, settle=2.0)
+
+
 async def test_the_apps_default_soniox_is_served_by_soniox_when_configured(make_gateway):
     script = make_script(seed=3, duration=6.0)
     async with FakeSoniox(script, key="k") as soniox:
         server = make_gateway(soniox_api_key="k", soniox_url=soniox.url, stt_chain="soniox,local")
-        uid, token = new_user(server, "soniox")
-        pcm = timecode(0, 6 * 16000)
-        messages = [pcm[i:i + 1600].tobytes() for i in range(0, pcm.size, 1600)]
-        # (the fake's words are scripted on a time code, not speech: the VAD gate would skip it all)
-        session = await run_app(app_url(server.base, uid, "pcm16", "phone", vad_gate=None), app_headers(token),
-                                messages, settle=2.0)
+        session = await phone_with_fake_words(server, "soniox", seconds=6)
     assert session.problems == [], session.problems[:5]
     ready = [e for e in session.of_type("service_status") if e["status"] == "ready"][0]
     assert ready["provider"] == "soniox"
@@ -281,11 +286,7 @@ async def test_a_provider_failing_mid_stream_switches_with_events_the_app_parses
         soniox.plans.append(Plan(fail_at=4.0, kind="close"))
         server = make_gateway(soniox_api_key="k", soniox_url=soniox.url, deepgram_api_key="k",
                               deepgram_url=deepgram.url, stt_chain="soniox,dg-nova-3,local", stt_retry_base=0.05)
-        uid, token = new_user(server, "failover")
-        pcm = timecode(0, 10 * 16000)
-        messages = [pcm[i:i + 1600].tobytes() for i in range(0, pcm.size, 1600)]
-        session = await run_app(app_url(server.base, uid, "pcm16", "phone", vad_gate=None), app_headers(token),
-                                messages, settle=2.0)
+        session = await phone_with_fake_words(server, "failover", seconds=10)
     assert session.problems == [], session.problems[:5]
     switched = [e for e in session.of_type("service_status") if e["status"] == "stt_switched"]
     assert switched and switched[0]["provider"] == "deepgram"

@@ -96,6 +96,9 @@ async def test_silence_past_the_timeout_processes_the_conversation_live(make_gat
     assert kinds.index("memory_processing_started") < kinds.index("memory_created")
     memory = next(e for e in received if e["type"] == "memory_created")["memory"]
     assert memory["status"] == "completed" and not memory["discarded"] and memory["structured"]["title"]
+    # The app is told which conversation the socket writes now (conversation_session).
+    sessions = [e["conversation_id"] for e in received if e["type"] == "conversation_session"]
+    assert sessions[0] == memory["id"] and len(sessions) == 2 and sessions[1] != memory["id"]
     assert any("meeting" in a["description"].lower() for a in memory["structured"]["action_items"]), memory["structured"]
     # The next connection is told about it, and starts a new conversation.
     again = await stream_messages(url, [b"\x00" * 3200], 0.1, token=token, realtime=False, settle_seconds=0.3)

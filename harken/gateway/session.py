@@ -216,6 +216,15 @@ class Session:
         """The conversation timed out and was processed while the client stayed: start afresh."""
         self.builder = SegmentBuilder()
         self._offset_known = False
+        # Newer apps follow which conversation the socket writes (sent from here without waiting).
+        event = events.conversation_session(live.conversation_id, resumed=False, source=self.params.source)
+        asyncio.get_running_loop().create_task(self._send_quietly(event))
+
+    async def _send_quietly(self, payload: dict) -> None:
+        try:
+            await self.send_json(payload)
+        except EndSession:
+            pass                       # the client left; nothing to tell
 
     # -- hooks for REST calls (conversations.lifecycle.SessionHooks) ------------------------
     def take_unsaved(self) -> tuple[list[dict], list[str]]:
