@@ -216,7 +216,7 @@ async def test_the_background_streamer_url_connects(gateway):
     {"stt_service": "whisperx"}, {"stt_service": "deepgram"}, {"stt_service": "speechmatics"},
     {"stt_service": "null"},                         # not enabled on this server: a preference, ignored
     {"onboarding": "enabled"}, {"custom_stt": "enabled"}, {"conversation_timeout": -1},
-    {"source": "apple_watch"}, {"source": "rayban_meta"}, {"source": "limitless"}, {"source": "openglass"},
+    {"source": ""}, {"source": "apple_watch"}, {"source": "rayban_meta"}, {"source": "limitless"}, {"source": "openglass"},
     {"call_id": "c-1", "client_conversation_id": "cc-1", "speech_profile_redo": "true"},
     {"create_speakers": "false", "speaker_auto_assign": "disabled"},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))

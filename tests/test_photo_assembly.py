@@ -111,3 +111,36 @@ def test_segment_times_are_milliseconds_and_never_negative():
     for shape in (segment.to_wire(), segment.to_stored()):
         assert shape["start"] == 0.0 and isinstance(shape["start"], float)
         assert shape["end"] == 1.235
+
+
+async def test_a_connection_describes_a_bounded_number_of_photos_at_once():
+    """Finished photos each hold their JPEG until the vision model answers: past the bound a new
+    one is refused with an error event (the connection goes on)."""
+    import asyncio
+
+    from harken.gateway.session_photos import MAX_PHOTOS_PROCESSING, SessionPhotos
+
+    sent: list[dict] = []
+    release = asyncio.Event()
+
+    class SlowDescriber:
+        async def describe(self, jpeg_base64: str) -> str:
+            await release.wait()
+            return "a photo"
+
+    class Service:
+        store = None
+        describer = SlowDescriber()
+
+    async def send(event: dict) -> None:
+        sent.append(event)
+
+    photos = SessionPhotos(send)
+    for n in range(MAX_PHOTOS_PROCESSING + 2):
+        for piece in pieces(f"p{n}", JPEG):
+            await photos.on_chunk(piece, None, Service())
+    kinds = [e["type"] for e in sent]
+    assert kinds.count("photo_processing") == MAX_PHOTOS_PROCESSING and kinds.count("error") == 2
+    release.set()
+    await photos.close()
+    assert [e["type"] for e in sent].count("photo_described") == MAX_PHOTOS_PROCESSING

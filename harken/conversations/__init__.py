@@ -14,7 +14,8 @@ and once per WebSocket session::
     live = await service.connect(uid, language=..., source=..., conversation_timeout=...,
                                  session_id=sid, events=send_event,          # async (dict) -> None
                                  on_new_conversation=reset_builder)          # sync (live) -> None
-    send_event({"type": "last_memory", "memory_id": live.last_memory_id})
+    if live.last_memory_id:                       # only when there is one (the app needs a string)
+        send_event({"type": "last_memory", "memory_id": live.last_memory_id})
     builder = SegmentBuilder([Segment.from_stored(d) for d in live.existing_segments])
     offset = live.time_offset(clock_origin, first_word_session_time)        # conversation time
     ...every 600 ms...

@@ -69,7 +69,7 @@ def parse_listen_params(query: Mapping[str, str], *, null_provider: bool = False
         conversation_timeout=_timeout(query.get("conversation_timeout")),
         stt_service=_stt_service(query.get("stt_service"), STT_SERVICES + (("null",) if null_provider else ())),
         custom_stt=_enabled(query, "custom_stt"),
-        source=_source(query.get("source", "omi")),
+        source=_source(query.get("source") or "omi"),     # an empty source= is the default
         uid=query.get("uid") or None,
         vad_gate=_vad_gate(query.get("vad_gate")),
     )

@@ -26,6 +26,9 @@ log = logging.getLogger("harken.photos")
 # the connection is NOT closed (the code only classifies the error).
 BAD_PIECE_CODE = 1007
 DESCRIBE_WAIT_AT_CLOSE = 5.0      # seconds the end of a connection waits for descriptions under way
+# Finished photos being stored and described at once, per connection: each holds its JPEG until
+# the model answers (up to its timeout), so a client sending small photos fast is refused past it.
+MAX_PHOTOS_PROCESSING = 4
 
 
 class SessionPhotos:
@@ -45,6 +48,10 @@ class SessionPhotos:
             await self._send(events.error(BAD_PIECE_CODE, exc.message, "image_chunk"))
             return
         if photo is None:
+            return
+        if len(self._tasks) >= MAX_PHOTOS_PROCESSING:
+            await self._send(events.error(BAD_PIECE_CODE, f"{MAX_PHOTOS_PROCESSING} photos are being described "
+                                          "already: this one is dropped, send it again later", "image_chunk"))
             return
         self.received += 1
         photo_id = str(uuid.uuid4())
