@@ -115,6 +115,7 @@ class Session:
         # Flushes and relabels under way (see _uninterrupted): the teardown lets them finish.
         self._in_flight: set[asyncio.Task] = set()
         self.photos = SessionPhotos(self.send_json)     # OpenGlass image_chunk pieces
+        self._notices: set[asyncio.Task] = set()        # events sent from synchronous callbacks
 
     # -- public -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -218,7 +219,9 @@ class Session:
         self._offset_known = False
         # Newer apps follow which conversation the socket writes (sent from here without waiting).
         event = events.conversation_session(live.conversation_id, resumed=False, source=self.params.source)
-        asyncio.get_running_loop().create_task(self._send_quietly(event))
+        task = asyncio.get_running_loop().create_task(self._send_quietly(event))
+        self._notices.add(task)                 # a reference, so the task is not collected mid-way
+        task.add_done_callback(self._notices.discard)
 
     async def _send_quietly(self, payload: dict) -> None:
         try:
