@@ -135,6 +135,14 @@ class Settings:
     webhook_retry_horizon: float = _setting(86400.0, "seconds a failing delivery is retried before dead-lettering")
     webhook_max_backoff: float = _setting(600.0, "longest wait in seconds between two delivery attempts")
 
+    # --- offline recordings (POST /v1/sync-local-files) ---------------------------------
+    sync_max_file_mb: float = _setting(512.0, "largest uploaded recording file, in MiB (about 14 h of 10 ms Opus)")
+    sync_max_upload_mb: float = _setting(2048.0, "largest sync-local-files request body, in MiB")
+    sync_job_lease: float = _setting(
+        60.0, "seconds a node's claim on a sync job lasts unrenewed; a job of a node that died resumes after it")
+    sync_nice: int = _setting(19, "CPU nice value of batch transcription (0-19; live sessions stay at 0)")
+    sync_threads: int = _setting(1, "CPU threads per batch decode")
+
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
 

@@ -24,6 +24,8 @@ from .listen import listen_endpoint, web_listen_endpoint
 from .metrics import metrics_routes
 from .profiles import build_profile_routes
 from .rest import build_rest_routes, not_served_route
+from .sync import build_sync_routes
+from .sync_worker import start_sync_worker
 from .web import web_routes
 from .worker_metrics import WorkerSlot
 
@@ -52,12 +54,14 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
         if worker is not None:
             await gateway.metrics.share_with_workers(worker)
         _log_audio_path(settings)
+        app.state.sync_worker = await start_sync_worker(settings, store, conversations, gateway.metrics)
         gateway.ready.set()
         try:
             yield
         finally:
             gateway.draining = True
             await gateway.metrics.stop()
+            await app.state.sync_worker.stop()
             await conversations.stop(**shutdown_graces(gateway))    # within drain_timeout after a drain
             await store.close()
             for provider in gateway.providers.values():
@@ -75,6 +79,8 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
             *build_rest_routes(lambda: app.state.gateway.conversations,
                                lambda: app.state.gateway.authenticator),
             *build_profile_routes(lambda: app.state.gateway.store, lambda: app.state.gateway.authenticator),
+            *build_sync_routes(lambda: settings, lambda: getattr(app.state, "sync_worker", None),
+                               lambda: app.state.gateway.authenticator),
             not_served_route(),             # last: any other path is a JSON 404, never a 401
         ],
         lifespan=lifespan,
