@@ -5,9 +5,14 @@ conversations at the right wall-clock times, compared with the same audio stream
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,11 +22,13 @@ from harken.client import device_messages, listen_url, stream_messages
 from harken.codecs import DecodeError, decoder_for
 from harken.codecs.encode import encode_for_device
 from harken.codecs.wal import sync_filename, wal_bytes
+from harken.config import Settings
 from harken.gateway.auth import mint_local_token
 from harken.wer import wer
 
 from .conftest import load_audio, transcripts
 from .fakes.webhook_receiver import WebhookReceiver
+from .gateway_server import free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -236,3 +243,83 @@ async def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(make_gateway):
     assert unknown.status_code == 404
     assert not list((server.settings.data_dir / "sync").rglob("*.bin"))
     assert "harken_sync_backlog_files 0.0" in metrics and "harken_sync_audio_waiting_seconds 0.0" in metrics
+
+
+# --- a server killed mid-job ---------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServeProcess:
+    """``harken serve`` as its own process, so it can be SIGKILLed."""
+
+    def __init__(self, data_dir: Path, port: int):
+        self.data_dir, self.port = data_dir, port
+        self.log = data_dir / "serve.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServeProcess":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HARKEN_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        args = [sys.executable, "-m", "harken", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--data-dir", str(self.data_dir), "--sync-job-lease", "4", "--log-level", "info"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.http}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(self.log.read_text()[-3000:])
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def settings(self):
+        return Settings(data_dir=self.data_dir)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+async def test_a_server_killed_mid_job_transcribes_every_file_exactly_once_after_a_restart(tmp_path):
+    pcm, _ = recording()
+    clips = [pcm[: 16000 * 12], pcm[16000 * 11: 16000 * 22], pcm[16000 * 21:]]
+    base = int(time.time()) - 5 * DAY
+    files = [wal_file(clip, "opus", 16000, base + i * 3600) for i, clip in enumerate(clips)]
+    server = ServeProcess(tmp_path, free_port()).start()
+    uid = "killed-mid-job"
+    try:
+        async with httpx.AsyncClient(timeout=60) as client:
+            job_id = (await upload(client, server, uid, files)).json()["job_id"]
+            deadline = time.monotonic() + 300
+            while True:                      # kill it once the first file is stored, before the last
+                status = (await client.get(f"{server.http}/v1/sync-local-files/{job_id}",
+                                           headers=headers(server, uid))).json()
+                if status["processed_files"] >= 1:
+                    break
+                assert time.monotonic() < deadline, status
+                await asyncio.sleep(0.1)
+            server.kill()
+            assert status["status"] == "processing" and status["processed_files"] < len(files), status
+            server.start()                   # same data folder: its claim expires, the job resumes
+            final = await wait_done(client, server, uid, job_id)
+            stored = await conversations(client, server, uid)
+    finally:
+        server.kill()
+    assert final["processed_files"] == len(files) and len(final["result"]["new_memories"]) == len(files)
+    assert len(stored) == len(files)
+    for conversation in stored:
+        ids = [s["id"] for s in conversation["transcript_segments"]]
+        texts = [s["text"] for s in conversation["transcript_segments"]]
+        assert ids and len(set(ids)) == len(ids) and len(set(texts)) == len(texts)
+        assert conversation["status"] == "completed"
+    assert not list((tmp_path / "sync").rglob("*.bin"))             # every upload deleted once stored
