@@ -323,3 +323,27 @@ async def test_a_server_killed_mid_job_transcribes_every_file_exactly_once_after
         assert ids and len(set(ids)) == len(ids) and len(set(texts)) == len(texts)
         assert conversation["status"] == "completed"
     assert not list((tmp_path / "sync").rglob("*.bin"))             # every upload deleted once stored
+
+
+def test_harken_sync_uploads_a_device_dump_and_a_wav_with_progress_and_waits_for_the_job(make_gateway, tmp_path):
+    server = make_gateway()
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    name, data = wal_file(load_audio("goforward.wav"), "opus", 16000, int(time.time()) - DAY)
+    (dump / name).write_bytes(data)
+    wav = REPO / "tests" / "data" / "audio" / "cards_005.wav"
+    out = subprocess.run(
+        [sys.executable, "-m", "harken", "sync", str(dump / name), str(wav), "--url", server.http,
+         "--data-dir", str(server.settings.data_dir), "--uid", "cli-user", "--at", str(time.time() - 2 * DAY)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith("HARKEN_")})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "uploading" in out.stdout and "100%" in out.stdout            # the progress, line by line off a tty
+    assert "job " in out.stdout and "completed: 2 new and 0 updated conversation(s)" in out.stdout
+
+    async def stored() -> list[dict]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await conversations(client, server, "cli-user")
+
+    texts = [text_of(c).lower() for c in asyncio.run(stored())]
+    assert len(texts) == 2 and "hearts" in texts[0] and "forward" in texts[1]
