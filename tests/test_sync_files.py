@@ -128,3 +128,36 @@ def test_a_group_joins_the_conversation_it_starts_in_or_right_after():
     assert choose_conversation([older, live], 1210.0) is live            # within the timeout after it
     assert choose_conversation([older, live], 1230.0) is None            # past it
     assert choose_conversation([live], 990.0) is None                    # before it: a conversation of its own
+
+
+def _thread_nice() -> dict[int, int]:
+    """Every thread of this process → its nice value (field 19 of /proc/self/task/TID/stat)."""
+    from pathlib import Path
+
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        out[int(task.name)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out
+
+
+@pytest.mark.timeout(120)
+async def test_the_batch_engine_runs_every_thread_it_starts_at_the_low_priority(tmp_path):
+    from harken.config import Settings
+    from harken.stt.batch import BatchTranscriber
+
+    before = _thread_nice()
+    transcriber = BatchTranscriber(Settings(data_dir=tmp_path), nice=19, threads=1)
+    try:
+        await transcriber.load()
+        words, _, _ = await transcriber.pool.run(transcriber.decode, [], "en")
+        assert words == []
+        started = {tid: nice for tid, nice in _thread_nice().items() if tid not in before}
+    finally:
+        await transcriber.aclose()
+    assert transcriber.pool.lowered
+    # The pool's thread and the engine's own (CTranslate2) threads: all at nice 19, none at 0.
+    assert len(started) >= 2 and set(started.values()) == {19}, started

@@ -89,3 +89,10 @@ async def test_segments_join_the_conversation_they_fall_in_and_reopen_a_complete
     assert reopened.status == IN_PROGRESS and [s["start"] for s in segments] == [510.0]
     _, live_segments = await store.get_with_segments(live.id)
     assert [s["start"] for s in live_segments] == [100.0]
+
+
+async def test_a_job_is_taken_only_by_nodes_that_share_the_data_folder_holding_its_files(store):
+    here, elsewhere = SyncJobs(store, origin="folder-a"), SyncJobs(store, origin="folder-b")
+    await here.create("job-a", "frank", [uploaded(0, "1" * 64)], now=1.0)
+    assert await elsewhere.claim(node="b1", now=2.0, lease=10.0) is None
+    assert (await here.claim(node="a1", now=2.0, lease=10.0)).id == "job-a"

@@ -227,6 +227,7 @@ def _v9_sync_jobs(conn: Connection) -> None:
         "sync_jobs", md,
         sa.Column("id", sa.String(64), primary_key=True),
         sa.Column("uid", sa.String(128), nullable=False),
+        sa.Column("origin", sa.String(64), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("created_at", sa.Double, nullable=False),
         sa.Column("updated_at", sa.Double, nullable=False),
@@ -235,7 +236,7 @@ def _v9_sync_jobs(conn: Connection) -> None:
         sa.Column("attempts", sa.Integer, nullable=False),
         sa.Column("result", sa.Text),
         sa.Column("error", sa.Text),
-        sa.Index("ix_sync_jobs_status_created", "status", "created_at"),
+        sa.Index("ix_sync_jobs_origin_status_created", "origin", "status", "created_at"),
         sa.Index("ix_sync_jobs_uid_created", "uid", "created_at"),
     )
     sa.Table(

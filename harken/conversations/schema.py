@@ -181,6 +181,9 @@ sync_jobs = sa.Table(
     "sync_jobs", metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("uid", sa.String(128), nullable=False),
+    # The data folder holding the job's files (its id, in DATA_DIR/sync/.origin): only nodes that
+    # share that folder may take the job.
+    sa.Column("origin", sa.String(64), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),            # queued → processing → done | failed
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("updated_at", sa.Double, nullable=False),
@@ -189,7 +192,7 @@ sync_jobs = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("result", sa.Text),                                   # JSON: memories made and updated
     sa.Column("error", sa.Text),
-    sa.Index("ix_sync_jobs_status_created", "status", "created_at"),
+    sa.Index("ix_sync_jobs_origin_status_created", "origin", "status", "created_at"),
     sa.Index("ix_sync_jobs_uid_created", "uid", "created_at"),
 )
 

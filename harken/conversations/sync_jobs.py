@@ -3,7 +3,9 @@ transaction that turns a file's segments into conversations.
 
 Guarantees, on SQLite and PostgreSQL alike:
 
-- **Claimed like the outbox.** A worker takes the oldest queued job (or one whose claim
+- **Claimed like the outbox.** The files are in the data folder of the node that received them,
+  so a job is taken only by a node of that folder (``origin``: nodes sharing one folder, as
+  ``--workers`` do, share it). A worker takes the oldest queued job (or one whose claim
   expired: its node died) with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite's writers are
   serial), and renews the claim while it works. Two nodes never process one job; a node killed
   mid-job leaves a claim that expires, and whichever node looks next (the restarted one
@@ -113,8 +115,10 @@ def choose_conversation(candidates: Sequence[Any], start: float) -> Any | None:
 class SyncJobs:
     """Queries of the sync tables, on the conversation store's engine and transactions."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, origin: str = "local"):
         self.store = store
+        # The data folder this process writes uploads to: it creates and claims only jobs of it.
+        self.origin = origin
 
     # --- uploads ----------------------------------------------------------------------------------
     async def create(self, job_id: str, uid: str, files: Sequence[UploadedFile], *, now: float) -> list[str]:
@@ -132,7 +136,7 @@ class SyncJobs:
                 statuses.append(DUPLICATE if file.sha256 in seen else QUEUED)
                 seen.add(file.sha256)
             await conn.execute(sa.insert(sync_jobs).values(
-                id=job_id, uid=uid, status=QUEUED if QUEUED in statuses else DONE, created_at=now,
+                id=job_id, uid=uid, origin=self.origin, status=QUEUED if QUEUED in statuses else DONE, created_at=now,
                 updated_at=now, attempts=0, result=None if QUEUED in statuses else _EMPTY_RESULT))
             if files:
                 await conn.execute(sa.insert(f), [
@@ -147,7 +151,8 @@ class SyncJobs:
         """Take the oldest queued job, or one whose claim expired; None when there is none."""
         j = sync_jobs
         due = (sa.select(j.c.id)
-               .where(sa.or_(j.c.status == QUEUED, sa.and_(j.c.status == PROCESSING, j.c.claim_expires < now)))
+               .where(j.c.origin == self.origin,
+                      sa.or_(j.c.status == QUEUED, sa.and_(j.c.status == PROCESSING, j.c.claim_expires < now)))
                .order_by(j.c.created_at, j.c.id).limit(1))
         if self.store.dialect == "postgresql":
             due = due.with_for_update(skip_locked=True)

@@ -55,6 +55,7 @@ CHUNK_FRAMES = 1500            # frames decoded per trip to the pool (15 s of 10
 RING_SECONDS = 120.0           # recent audio kept for speaker embeddings (a chunk + the longest utterance)
 IDLE_POLL_SECONDS = 5.0        # how often an idle worker looks for jobs (and for expired claims)
 CONVERSATION_TIMEOUT = 120.0   # Omi's default conversation_timeout, for conversations a sync makes
+LEFTOVER_AGE_SECONDS = 3600.0  # an upload file untouched this long with no job waiting for it is removed
 
 
 @dataclass
@@ -68,6 +69,23 @@ class FileStats:
     words: int = 0
     segments: int = 0
     error: str | None = None
+
+
+def folder_identity(folder: Path) -> str:
+    """A random id kept in ``folder/.origin``: the same for every process using the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / ".origin"
+    try:
+        with open(marker, "x") as f:             # the first process to get here writes it
+            f.write(uuid.uuid4().hex)
+    except FileExistsError:
+        pass
+    for _ in range(50):                          # another process may be writing it this instant
+        text = marker.read_text().strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    raise RuntimeError(f"{marker} is empty: delete it and restart")
 
 
 class _PoolEmbedder:
@@ -132,13 +150,13 @@ class SyncWorker:
     def __init__(self, settings: "Settings", store: "Store", conversations: "ConversationService | None",
                  transcriber: BatchTranscriber, *, node_id: str | None = None):
         self.settings = settings
-        self.jobs = SyncJobs(store)
+        self.upload_dir = Path(settings.data_dir) / "sync"
+        self.jobs = SyncJobs(store, origin=folder_identity(self.upload_dir))
         self.store = store
         self.conversations = conversations
         self.transcriber = transcriber
         self.node_id = node_id or f"sync:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = settings.sync_job_lease
-        self.upload_dir = Path(settings.data_dir) / "sync"
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.files_done = 0
@@ -188,18 +206,21 @@ class SyncWorker:
 
     async def _remove_leftovers(self) -> None:
         """Delete upload files no job waits for (an upload cut off mid-way, a crash after a
-        file's commit but before its deletion)."""
+        file's commit but before its deletion). Only old ones: another process sharing the
+        folder (``--workers``) may be receiving an upload right now."""
         try:
             keep = await self.jobs.paths_to_keep()
         except Exception:
             log.exception("sync: could not list waiting uploads; leaving the upload folder as it is")
             return
-        for path in self.upload_dir.rglob("*"):
-            if path.is_file() and str(path) not in keep:
+        old = time.time() - LEFTOVER_AGE_SECONDS
+        for path in self.upload_dir.rglob("*.bin"):
+            if str(path) not in keep and path.stat().st_mtime < old:
                 path.unlink(missing_ok=True)
         for folder in sorted((p for p in self.upload_dir.rglob("*") if p.is_dir()), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+            if folder.stat().st_mtime < old:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()               # only if empty
 
     async def _run(self) -> None:
         while True:
@@ -237,6 +258,8 @@ class SyncWorker:
             result = job_result(await self.jobs.get(job.id))
             await self._process_conversations(result.pop("to_process"))
             await self.jobs.finish(job.id, node=self.node_id, result=result, now=time.time())
+            with contextlib.suppress(OSError):
+                (self.upload_dir / job.id).rmdir()      # its files are gone: each once stored
         finally:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
