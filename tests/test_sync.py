@@ -118,7 +118,8 @@ async def test_uploads_in_every_codec_become_conversations_at_their_times_as_goo
             assert status["processed_files"] == len(CODECS) and status["bad_frames"] == 0
             assert len(status["result"]["new_memories"]) == len(CODECS)
             stored = await conversations(client, server, uid)
-            live = {codec: await live_transcript(server, pcm, codec, rate) for codec, rate in CODECS}
+            streamed = await asyncio.gather(*(live_transcript(server, pcm, codec, rate) for codec, rate in CODECS))
+            live = {codec: text for (codec, _), text in zip(CODECS, streamed)}
             await receiver.wait_for(len(CODECS), timeout=60)
             await asyncio.sleep(2.0)          # any second delivery would arrive by now
     finally:
@@ -227,6 +228,8 @@ async def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(make_gateway):
         bad_name = await upload(client, server, uid, [("recording.wav", b"\x01\x00\x00\x00x")])
         future = await upload(client, server, uid, [(sync_filename("opus", 16000, int(time.time()) + DAY),
                                                      b"\x01\x00\x00\x00x")])
+        bad_rate = await upload(client, server, uid, [(sync_filename("opus", 44100, int(time.time()) - DAY),
+                                                       b"\x01\x00\x00\x00x")])
         too_big = await upload(client, server, uid, [(good_name, wal_bytes([b"\x08" * 1000] * 60))])
         not_multipart = await client.post(f"{server.http}/v1/sync-local-files", headers=headers(server, uid),
                                           content=b"raw bytes")
@@ -237,6 +240,7 @@ async def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(make_gateway):
     assert no_token.status_code == 401
     assert bad_name.status_code == 400 and ".bin" in bad_name.json()["detail"]
     assert future.status_code == 400 and "timestamp" in future.json()["detail"]
+    assert bad_rate.status_code == 400 and "44100" in bad_rate.json()["detail"]
     assert too_big.status_code == 413 and "per file" in too_big.json()["detail"]
     assert not_multipart.status_code == 400 and "multipart" in not_multipart.json()["detail"]
     assert no_files.status_code == 400

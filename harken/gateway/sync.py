@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..codecs import UnsupportedFormat, decoder_for
 from ..codecs.wal import BadSyncFile, FrameCounter, SyncFileName, parse_sync_filename
 from ..conversations.sync_jobs import DONE, DUPLICATE, FAILED, PROCESSING, QUEUED, SyncJobs, UploadedFile
 from .auth import Authenticator
@@ -112,8 +113,11 @@ async def receive_files(request: Request, folder: Path, *, max_file: int, max_re
                         continue                      # a plain form field: not ours
                     try:
                         info = parse_sync_filename(event.filename, now=now)
+                        await asyncio.to_thread(_check_decodable, info)
                     except BadSyncFile as exc:
                         raise _Refused(400, str(exc)) from None
+                    except UnsupportedFormat as exc:
+                        raise _Refused(400, f"{event.filename}: {exc}") from None
                     sink = _FileSink(folder / f"{len(sinks)}.bin", event.filename, info)
                     sinks.append(sink)
                 elif isinstance(event, PartData) and sink is not None:
@@ -141,6 +145,11 @@ async def receive_files(request: Request, folder: Path, *, max_file: int, max_re
             s.close()
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _check_decodable(info: SyncFileName) -> None:
+    """``UnsupportedFormat`` if the live codec plugins cannot decode what the name declares."""
+    decoder_for(info.codec, info.sample_rate, info.channels).close()
 
 
 def build_sync_routes(get_settings: Callable[[], Any], get_worker: Callable[[], SyncWorker | None],
