@@ -5,6 +5,7 @@ conversations at the right wall-clock times, compared with the same audio stream
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+import websockets
 import numpy as np
 import pytest
 
@@ -171,30 +173,56 @@ async def test_corrupt_frames_are_skipped_and_counted_and_a_truncated_file_keeps
     assert wer([(first_clips, truncated_text)]) < 0.35
 
 
-async def test_a_file_recorded_during_a_live_conversation_joins_it(make_gateway):
+async def test_a_file_recorded_during_a_live_conversation_joins_it_while_the_session_goes_on(make_gateway):
     server = make_gateway()
     pcm, _ = recording()
     uid = f"joiner-{uuid.uuid4().hex[:6]}"
-    messages, seconds = device_messages(pcm[: 16000 * 12], "opus", 16000)
+    first, _ = device_messages(pcm[: 16000 * 12], "opus", 16000)
+    then, _ = device_messages(pcm[16000 * 19:], "opus", 16000)
     url = listen_url(server.base, codec="opus", sample_rate=16000, language="en")
-    # The conversation stays in progress (its timeout is 120 s) after the session closed.
-    async with httpx.AsyncClient(timeout=60) as client:
-        live = await stream_messages(url, messages, seconds, token=mint_local_token(server.settings, uid, 600),
-                                     realtime=False, settle_seconds=15.0)
-        assert live.transcript()
-        (in_progress,) = await conversations(client, server, uid)
-        assert in_progress["status"] == "in_progress"
-        started = wall(in_progress["started_at"])
+    token = mint_local_token(server.settings, uid, 600)
+    async with httpx.AsyncClient(timeout=60) as client, websockets.connect(
+            url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=None) as ws:
+        received: list = []
+        reader = asyncio.create_task(_collect(ws, received))
+        for message in first:
+            await ws.send(message)
+        deadline = time.monotonic() + 120
+        while not received:                       # the live session's first words are stored
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        (live,) = await conversations(client, server, uid)
+        assert live["status"] == "in_progress" and live["transcript_segments"]
+        started = wall(live["started_at"])
         answer = await upload(client, server, uid, [wal_file(load_audio("goforward.wav"), "opus", 16000,
                                                              int(started) + 3)])
         status = await wait_done(client, server, uid, answer.json()["job_id"])
+        for message in then:                      # the session goes on in the same conversation
+            await ws.send(message)
+        before = len(received)
+        deadline = time.monotonic() + 120
+        while not any("amiable" in str(m).lower() for m in received[before:]):
+            assert time.monotonic() < deadline, received
+            await asyncio.sleep(0.2)
+        await ws.close()
+        reader.cancel()
+        await asyncio.sleep(1.0)
         stored = await conversations(client, server, uid)
-    assert status["result"] == {"new_memories": [], "updated_memories": [in_progress["id"]]}
-    assert len(stored) == 1
-    texts = [s["text"].lower() for s in stored[0]["transcript_segments"]]
-    assert any("forward" in t for t in texts)
-    synced = [s for s in stored[0]["transcript_segments"] if s["id"].startswith("sync-")]
-    assert synced and all(2.0 <= s["start"] - (int(started) - started) <= 8.0 for s in synced)
+    assert status["result"] == {"new_memories": [], "updated_memories": [live["id"]]}
+    assert len(stored) == 1 and stored[0]["id"] == live["id"]
+    segments = stored[0]["transcript_segments"]
+    assert len({s["id"] for s in segments}) == len(segments)
+    synced = [s for s in segments if s["id"].startswith("sync-")]
+    assert synced and any("forward" in s["text"].lower() for s in synced)
+    # At the file's time in the conversation: 3 s after its start, plus the clip's lead-in.
+    assert all(2.0 <= s["start"] - (int(started) - started) <= 8.0 for s in synced)
+    assert "amiable" in text_of(stored[0]).lower() and "dashwood" in text_of(stored[0]).lower()
+
+
+async def _collect(ws, received: list) -> None:
+    async for raw in ws:
+        if isinstance(raw, str) and raw.startswith("["):
+            received.extend(orjson_loads(raw.encode()))
 
 
 async def test_the_same_upload_twice_gives_no_duplicates(make_gateway):
@@ -351,3 +379,28 @@ def test_harken_sync_uploads_a_device_dump_and_a_wav_with_progress_and_waits_for
 
     texts = [text_of(c).lower() for c in asyncio.run(stored())]
     assert len(texts) == 2 and "hearts" in texts[0] and "forward" in texts[1]
+
+
+async def test_the_owner_and_a_named_person_are_recognised_in_an_upload_as_in_a_live_stream(make_gateway):
+    from .test_speech_profile import (OWNER, PERSON, STRANGER, Labeller, conversation, enrolment, utterance,
+                                      wav_bytes, word_accuracy)
+
+    server = make_gateway()
+    uid = f"voices-{uuid.uuid4().hex[:6]}"
+    audio, truth = conversation()              # owner, a stranger and a named person taking turns
+    async with httpx.AsyncClient(timeout=60) as client:
+        put = await client.put(f"{server.http}/v1/users/speech-profile", headers=headers(server, uid),
+                               content=wav_bytes(enrolment(OWNER, (0, 1, 2))))
+        assert put.status_code == 200, put.text
+        samples = [base64.b64encode(wav_bytes(utterance(PERSON, i))).decode() for i in (2, 5)]
+        person = (await client.post(f"{server.http}/v1/people", headers=headers(server, uid),
+                                    json={"name": "Petra", "samples": samples})).json()
+        answer = await upload(client, server, uid, [wal_file(audio, "opus", 16000, int(time.time()) - DAY)])
+        await wait_done(client, server, uid, answer.json()["job_id"])
+        (stored,) = await conversations(client, server, uid)
+    accuracy = word_accuracy(stored["transcript_segments"], truth, Labeller(person["id"]))
+    # The live test's floors (tests/test_speech_profile.py): labels right on ≥ 90 % of the words.
+    assert accuracy["all"] >= 0.9, accuracy
+    assert min(accuracy[s] for s in (OWNER, PERSON, STRANGER)) >= 0.8, accuracy
+    speakers = {s["speaker_id"] for s in stored["transcript_segments"]}
+    assert len(speakers) >= 2                  # diarized, not one speaker for everything
