@@ -1,8 +1,14 @@
 """Offline-recording uploads against live sessions: does a batch slow live transcription, and how
 fast is the batch?
 
-    .venv/bin/python bench/bench_sync.py                          # modest: 10 min upload, 10 streams, 40 s
-    .venv/bin/python bench/bench_sync.py --upload-minutes 60      # the full run: a 1-hour upload
+    .venv/bin/python bench/bench_sync.py                          # modest: 5 min upload, 3 streams, 30 s
+    .venv/bin/python bench/bench_sync.py --upload-minutes 60 --streams 10 --live-seconds 60   # the full run
+    .venv/bin/python bench/bench_sync.py --live-engine null --streams 10   # live through the gateway alone
+
+The live streams use the embedded engine (``--live-engine local``, the default): one decode at a
+time in the live pool, so a 2-core machine carries only a few real-time streams before the live
+engine itself falls behind, batch or not. ``--live-engine null`` streams to the null provider
+(scripted words, no engine: the server's own path), to see whether the batch slows the gateway.
 
 One ``harken serve`` process (embedded engine, its own data folder) on loopback. Phases:
 
@@ -79,15 +85,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def live_run(base: str, settings: Settings, streams: int, seconds: float, audio_dir: Path) -> list[float]:
+async def live_run(base: str, settings: Settings, streams: int, seconds: float, audio_dir: Path,
+                   engine: str, phase: str) -> list[float]:
     async def one(i: int) -> list[float]:
         pcm = speech(audio_dir, seconds, offset=i * 3)
         messages, message_seconds = device_messages(pcm, "opus", 16000)
-        url = listen_url(base, codec="opus", sample_rate=16000, language="en", include_speech_profile="false")
+        url = listen_url(base, codec="opus", sample_rate=16000, language="en", include_speech_profile="false",
+                         stt_service="null" if engine == "null" else None)
         await asyncio.sleep(i * 0.3)              # a short ramp
         result = await stream_messages(url, messages, message_seconds, realtime=True, settle_seconds=5.0,
-                                       token=mint_local_token(settings, f"bench-live-{i}", 3600))
-        return result.latencies()
+                                       token=mint_local_token(settings, f"bench-{phase}-{i}", 3600))
+        return result.latencies()      # a fresh user per phase: a resumed conversation's times are not comparable
 
     results = await asyncio.gather(*(one(i) for i in range(streams)))
     return [x for r in results for x in r]
@@ -102,10 +110,11 @@ def describe(label: str, latencies: list[float]) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=10)
-    parser.add_argument("--live-seconds", type=float, default=40.0)
+    parser.add_argument("--streams", type=int, default=3)
+    parser.add_argument("--live-seconds", type=float, default=30.0)
+    parser.add_argument("--live-engine", choices=("local", "null"), default="local")
     parser.add_argument("--job-timeout", type=float, default=3600.0, help="seconds to wait for the batch to finish")
-    parser.add_argument("--upload-minutes", type=float, default=10.0, help="60 for the full run")
+    parser.add_argument("--upload-minutes", type=float, default=5.0, help="60 for the full run")
     parser.add_argument("--file-minutes", type=float, default=10.0, help="length of each uploaded file")
     parser.add_argument("--audio-dir", type=Path, default=AUDIO, help="WAV files of real speech to loop")
     parser.add_argument("--nice", type=int, default=19, help="the server's sync_nice")
@@ -121,7 +130,8 @@ async def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HARKEN_")}
     log = open(data_dir / "serve.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "harken", "serve", "--port", str(port), "--data-dir",
-                               str(data_dir), "--sync-nice", str(args.nice), "--log-level", "warning"],
+                               str(data_dir), "--sync-nice", str(args.nice), "--log-level", "warning",
+                               *(["--null-provider"] if args.live_engine == "null" else [])],
                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     http, ws = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
     try:
@@ -146,8 +156,10 @@ async def main() -> None:
             print(f"upload: {len(files)} Opus WAL file(s), {audio_seconds / 60:.0f} min of audio, "
                   f"{sum(len(d) for _, d in files) / 2**20:.1f} MiB (encoded in {time.perf_counter() - started:.0f} s)")
 
-            baseline = await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir)
-            print(describe(f"live alone ({args.streams} streams, {args.live_seconds:.0f} s)", baseline))
+            baseline = await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir, args.live_engine,
+                                      "alone")
+            print(describe(f"live alone ({args.streams} streams to the {args.live_engine} engine, "
+                           f"{args.live_seconds:.0f} s)", baseline))
 
             token = mint_local_token(settings, "bench-uploader", 3600)
             cpu_before = batch_cpu_seconds(server.pid, args.nice)
@@ -156,15 +168,13 @@ async def main() -> None:
                                        files=[("files", (n, d, "application/octet-stream")) for n, d in files])
             answer.raise_for_status()
             job_id = answer.json()["job_id"]
-            with_batch = await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir)
+            with_batch = await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir, args.live_engine,
+                                        "with-batch")
             status = (await client.get(f"{http}/v1/sync-local-files/{job_id}",
                                        headers={"Authorization": f"Bearer {token}"})).json()
             print(describe("live with the batch running", with_batch))
             print(f"  (the batch had done {status['audio_seconds']:.0f} s of audio by the end of the live run; "
                   f"job {status['status']})")
-            for q in (0.5, 0.95):
-                print(f"latency ratio p{int(q * 100)} with/without the batch: "
-                      f"{percentile(with_batch, q) / percentile(baseline, q):.2f}")
             job_deadline = time.monotonic() + args.job_timeout
             while status["status"] not in ("completed", "failed") and time.monotonic() < job_deadline:
                 await asyncio.sleep(2.0)
@@ -177,6 +187,16 @@ async def main() -> None:
                   f"= {status['audio_seconds'] / max(cpu, 1e-9):.1f} audio hours per CPU hour; "
                   f"{status['total_segments']} segments, job {status['status']}, "
                   f"{len(status.get('result', {}).get('new_memories', []))} conversations")
+            # Live alone again, after the batch: the machine's load drifts, so the baseline is
+            # taken on both sides of the batch run and pooled.
+            after = await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir, args.live_engine,
+                                   "alone-after")
+            print(describe("live alone again, after the batch", after))
+            alone = baseline + after
+            for q in (0.5, 0.95):
+                print(f"latency ratio p{int(q * 100)} with the batch / alone (before and after pooled): "
+                      f"{percentile(with_batch, q) / percentile(alone, q):.2f} "
+                      f"(before only: {percentile(with_batch, q) / percentile(baseline, q):.2f})")
     finally:
         server.terminate()
         try:
