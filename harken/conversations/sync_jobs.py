@@ -154,6 +154,10 @@ class SyncJobs:
                .where(j.c.origin == self.origin,
                       sa.or_(j.c.status == QUEUED, sa.and_(j.c.status == PROCESSING, j.c.claim_expires < now)))
                .order_by(j.c.created_at, j.c.id).limit(1))
+        # Idle workers look every few seconds: a read first, so that looking takes no write lock.
+        async with self.store._read() as conn:
+            if (await conn.execute(due)).first() is None:
+                return None
         if self.store.dialect == "postgresql":
             due = due.with_for_update(skip_locked=True)
         async with self.store._write() as conn:
