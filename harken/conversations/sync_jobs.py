@@ -35,7 +35,8 @@ import sqlalchemy as sa
 
 from .model import COMPLETED, IN_PROGRESS, Conversation
 from .schema import conversations, segments, sync_files, sync_jobs
-from .store import Store, _conversation_row, _segment_row
+from .store import Store
+from .store_conversations import _conversation_row, _segment_row
 
 QUEUED, PROCESSING, DONE, FAILED, DUPLICATE = "queued", "processing", "done", "failed", "duplicate"
 
