@@ -12,7 +12,8 @@ import pytest
 from harken.codecs.wal import (BadSyncFile, FrameCounter, FrameStats, parse_sync_filename, read_frames,
                                sync_filename, wal_bytes)
 from harken.conversations.sync_jobs import choose_conversation, group_by_gaps
-from harken.gateway.multipart import MultipartError, MultipartReader, PartData, PartEnd, PartStart, boundary_of
+from harken.gateway.multipart import (MultipartError, MultipartReader, PartData, PartEnd, PartStart, boundary_of,
+                                     read_part)
 
 NOW = 1_765_000_000.0
 
@@ -113,6 +114,19 @@ def test_a_multipart_body_cut_short_or_without_boundary_is_refused():
     reader.feed(_multipart([("files", "a_1764900000.bin", b"x" * 100)])[:60])
     with pytest.raises(MultipartError, match="ended"):
         reader.close()
+
+
+def test_one_part_of_a_small_body_is_read_with_its_own_content_type():
+    """The enrolment upload's reader: the named part whole, with its Content-Type."""
+    recording = b"RIFF" + bytes(range(256)) * 3 + b"\r\n--b0undar"
+    body = _multipart([("note", None, b"hi"), ("file", "recording.wav", recording)]).replace(
+        b'filename="recording.wav"\r\n', b'filename="recording.wav"\r\nContent-Type: audio/wav\r\n', 1)
+    content_type = "multipart/form-data; boundary=b0undary"
+    assert read_part(body, content_type, "file") == (recording, "audio/wav")
+    assert read_part(body, content_type, "note") == (b"hi", "application/octet-stream")
+    assert read_part(body, content_type, "missing") is None
+    with pytest.raises(MultipartError):
+        read_part(body[:40], content_type, "missing")
 
 
 def test_segments_more_than_the_timeout_apart_make_separate_groups():

@@ -23,6 +23,7 @@ class MultipartError(ValueError):
 class PartStart:
     name: str
     filename: str | None
+    content_type: str = "application/octet-stream"     # the part's own Content-Type, if it says
 
 
 @dataclass(frozen=True)
@@ -53,17 +54,19 @@ _DISPOSITION_PARAM = re.compile(r';\s*([A-Za-z0-9*_-]+)\s*=\s*(?:"((?:[^"\\]|\\.
 
 
 def _part_start(headers: bytes) -> PartStart:
-    disposition = None
+    disposition, content_type = None, None
     for line in headers.decode("utf-8", errors="replace").split("\r\n"):
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-disposition":
             disposition = value
+        elif name.strip().lower() == "content-type":
+            content_type = value.split(";")[0].strip().lower() or None
     if disposition is None:
         raise MultipartError("a multipart part has no Content-Disposition header")
     params = {}
     for key, quoted, bare in _DISPOSITION_PARAM.findall(disposition):
         params[key.lower()] = quoted.replace('\\"', '"') if quoted or not bare else bare.strip()
-    return PartStart(params.get("name", ""), params.get("filename"))
+    return PartStart(params.get("name", ""), params.get("filename"), content_type or "application/octet-stream")
 
 
 class MultipartReader:
@@ -133,3 +136,21 @@ class MultipartReader:
             self._state = "after_delimiter"
             return True
         return False                       # done: ignore an epilogue
+
+
+def read_part(body: bytes, content_type: str, field: str) -> tuple[bytes, str] | None:
+    """``(content, content type)`` of the first ``field`` part of a whole multipart body held
+    in memory (a small upload such as an enrolment recording), or None if there is none.
+    What follows that part is not read."""
+    reader = MultipartReader(boundary_of(content_type))
+    wanted: PartStart | None = None
+    data: list[bytes] = []
+    for event in reader.feed(body):
+        if isinstance(event, PartStart):
+            wanted = event if event.name == field else None
+        elif isinstance(event, PartData) and wanted is not None:
+            data.append(event.data)
+        elif isinstance(event, PartEnd) and wanted is not None:
+            return b"".join(data), wanted.content_type
+    reader.close()
+    return None

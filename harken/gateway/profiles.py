@@ -38,8 +38,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.parser
-import email.policy
 import io
 import logging
 import time
@@ -61,6 +59,7 @@ from ..conversations.model import iso
 from ..conversations.queries import AppQueries
 from ..conversations.store import PersonRow, Store, Voices
 from .auth import Authenticator
+from .multipart import MultipartError, read_part
 from .rest import _BadRequest, _error, authentication, json_object
 
 log = logging.getLogger("harken.profiles")
@@ -340,14 +339,13 @@ def multipart_file(body: bytes, content_type: str, field: str = "file") -> tuple
     """``(content, content type)`` of the ``field`` part of a multipart/form-data body."""
     if content_type.split(";")[0].strip().lower() != "multipart/form-data":
         raise UploadError(400, f"send multipart/form-data with the recording in a '{field}' part")
-    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", errors="replace")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise UploadError(400, "the multipart body could not be read (boundary missing or wrong)")
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == field:
-            return part.get_payload(decode=True) or b"", part.get_content_type()
-    raise UploadError(400, f"the multipart body has no '{field}' part")
+    try:
+        found = read_part(body, content_type, field)
+    except MultipartError as exc:
+        raise UploadError(400, f"the multipart body could not be read: {exc}") from None
+    if found is None:
+        raise UploadError(400, f"the multipart body has no '{field}' part")
+    return found
 
 
 class _TooLarge(UploadError):
