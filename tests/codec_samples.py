@@ -29,7 +29,7 @@ RATE = 16000
 MAX_MESSAGE = 65536  # PROTOCOL §3: anything larger is closed with 1009 before any decoder sees it
 
 # Every codec with the rates and channel counts its decoder accepts (PROTOCOL §2).
-CODECS = ("pcm8", "pcm16", "opus", "opus_fs320", "aac", "lc3", "lc3_fs1030")
+CODECS = ("pcm8", "pcm16", "pcm", "opus", "opus_fs320", "aac", "lc3", "lc3_fs1030")
 
 
 @functools.cache

@@ -20,13 +20,14 @@ from .aac import AACDecoder
 from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono
 from .lc3 import LC3Decoder
 from .opus import OpusDecoder
-from .pcm import PCM16Decoder
+from .pcm import PCM8Decoder, PCM16Decoder
 
 # codec name → (decoder factory, default sample rate when the client gives none)
 _Factory = Callable[[int, int], Decoder]
 REGISTRY: dict[str, tuple[_Factory, int]] = {
-    "pcm8": (PCM16Decoder, 8000),
+    "pcm8": (PCM8Decoder, 8000),  # 8-bit unsigned, as Omi's backend reads it (see pcm.py)
     "pcm16": (PCM16Decoder, 16000),
+    "pcm": (PCM16Decoder, 16000),  # the app's phone-call recorder (with channels=2: channel-prefixed)
     # One decoder for both: every Opus packet says its own duration in its TOC byte.
     "opus": (OpusDecoder, 16000),
     "opus_fs320": (OpusDecoder, 16000),

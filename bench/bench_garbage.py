@@ -1,0 +1,138 @@
+"""Corrupt frames cost no words: WER of every codec, clean and with garbage messages mixed in.
+
+    .venv/bin/python bench/bench_garbage.py [--codecs opus,lc3] [--every 10] [--audio DIR]
+
+For each codec, the development recordings (tests/data/audio: 16 clips of real and espeak read
+speech with reference transcripts, or the same layout in ``--audio``) are joined with 1 s pauses,
+framed as a device sends them (harken/codecs/encode.py) and streamed to a real server on loopback
+with the embedded engine, as fast as the server takes them:
+
+- clean: the device's messages as they are;
+- garbage: one message of random bytes before every ``--every``-th message (10 %). Its length is
+  the length of the real message that follows it, so its size gives nothing away (the hardest
+  case for a filter; random lengths are easier). The random bytes are seeded per codec.
+
+The stored conversation is scored against the references (harken/wer.py); the line per codec
+gives clean WER, garbage WER, the difference in points and the messages the server dropped as
+decode errors (read from the server's /metrics before and after each run).
+The goal of issue #22 item 7 is a difference of at
+most 2 points for every codec. Prints figures; asserts nothing. The machine may be shared: WER
+does not depend on load (the server decodes everything it received before it closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harken.client import device_messages, listen_url, stream_messages  # noqa: E402
+from harken.gateway.auth import mint_local_token  # noqa: E402
+from harken.wer import word_errors  # noqa: E402
+from tests.conftest import test_settings  # noqa: E402
+from tests.gateway_server import GatewayServer  # noqa: E402
+
+CODECS = {  # name → declared sample rate
+    "pcm16": 16000, "pcm8": 8000, "opus": 16000, "opus_fs320": 16000, "aac": 16000, "lc3": 16000,
+    "lc3_fs1030": 16000,
+}
+DEFAULT_AUDIO = Path(__file__).resolve().parents[1] / "tests" / "data" / "audio"
+
+
+def development_set(folder: Path) -> tuple[np.ndarray, str]:
+    import csv
+
+    from harken.client import read_wav_16k
+
+    with open(folder / "transcripts.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    gap = np.zeros(16000, np.int16)
+    pcm = np.concatenate([x for r in rows for x in (read_wav_16k(folder / r["file"]), gap)] + [gap])
+    return pcm, " ".join(r["reference"] for r in rows)
+
+
+def with_garbage(messages: list[bytes], every: int, seed: str) -> list[bytes]:
+    """One message of random bytes, as long as the next real one, before every ``every``-th."""
+    rng = random.Random(seed)
+    mixed = []
+    for index, message in enumerate(messages):
+        if index % every == every - 1:
+            mixed.append(rng.randbytes(len(message)))
+        mixed.append(message)
+    return mixed
+
+
+async def stored_transcript(server: GatewayServer, token: str) -> str:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    while server.call(lambda: len(server.gateway.sessions)) and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=server.http, timeout=30, headers=headers) as client:
+        listing = (await client.get("/v1/conversations")).json()
+        conversations = listing["conversations"] if isinstance(listing, dict) else listing
+        stored = (await client.get(f"/v1/conversations/{conversations[0]['id']}")).json()
+    return " ".join(s["text"] for s in sorted(stored["transcript_segments"], key=lambda s: s["start"]))
+
+
+def decode_errors(server: GatewayServer) -> int:
+    text = httpx.get(f"{server.http}/metrics", timeout=10).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("harken_decode_errors_total")))
+
+
+async def run(server: GatewayServer, messages: list[bytes], seconds: float, codec: str, rate: int,
+              reference: str) -> tuple[float, int]:
+    token = mint_local_token(server.settings, f"bench-{uuid.uuid4().hex[:8]}", 3600)
+    before = decode_errors(server)
+    url = listen_url(server.base, codec=codec, sample_rate=rate)
+    result = await stream_messages(url, messages, seconds, token=token, realtime=False, settle_seconds=5.0,
+                                   max_wait=120)
+    if result.close_code != 1000:
+        print(f"   {codec}: closed {result.close_code} {result.close_reason}")
+    transcript = await stored_transcript(server, token)
+    errors, words = word_errors(reference, transcript)
+    return errors / words, decode_errors(server) - before
+
+
+async def main_async(args) -> None:
+    pcm, reference = development_set(Path(args.audio))
+    print(f"{len(pcm) / 16000:.0f} s of audio, {len(reference.split())} reference words, "
+          f"garbage before every {args.every}th message; machine shared with other work")
+    print(f"{'codec':<12}{'clean WER':>10}{'garbage WER':>13}{'points':>8}{'dropped':>9}{'inserted':>10}")
+    with tempfile.TemporaryDirectory() as folder:
+        server = GatewayServer(test_settings(Path(folder))).start()
+        try:
+            for codec in args.codecs.split(","):
+                rate = CODECS[codec]
+                messages, seconds = device_messages(pcm, codec, rate)
+                dirty = with_garbage(messages, args.every, codec)
+                started = time.monotonic()
+                clean_wer, _ = await run(server, messages, seconds, codec, rate, reference)
+                dirty_wer, dropped = await run(server, dirty, seconds, codec, rate, reference)
+                print(f"{codec:<12}{clean_wer:>10.3f}{dirty_wer:>13.3f}{100 * (dirty_wer - clean_wer):>8.1f}"
+                      f"{dropped:>9}{len(dirty) - len(messages):>10}   ({time.monotonic() - started:.0f} s)")
+        finally:
+            server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--codecs", default=",".join(CODECS))
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--audio", default=str(DEFAULT_AUDIO), help="a folder with transcripts.tsv and its WAVs")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
