@@ -105,12 +105,14 @@ class SteadySize:
         return self._signature.admits(size, size)   # a device never changes its message size
 
 
-# Random bytes read as int16 are full-scale white noise: RMS ~18 900 (-5 dBFS) and no correlation
-# between neighbouring samples. Speech and room noise are never both that loud and that white
-# (voiced speech at 8-16 kHz has a lag-1 correlation of 0.6-0.95; fricatives are white-ish but
-# 20-30 dB quieter).
-RANDOM_RMS = 6000.0
+# Random bytes read as samples are full-scale white noise with a flat amplitude distribution: RMS
+# ~18 900 (-5 dBFS, 17 500-20 000 over 10 ms), no correlation between neighbouring samples, and a
+# kurtosis of 1.8 (uniform). Sound is never all three: loud speech at 8 kHz reached RMS 9 000 with
+# a lag-1 correlation of 0.23-0.4 but a kurtosis of 3.2-4.1 (peaky); clipped speech is flat but
+# strongly correlated; fricatives are white but 20-30 dB quieter.
+RANDOM_RMS = 13000.0
 RANDOM_MAX_CORRELATION = 0.3
+RANDOM_MAX_KURTOSIS = 2.4
 MIN_SAMPLES = 32
 
 
@@ -123,4 +125,8 @@ def looks_like_random_bytes(samples: np.ndarray) -> bool:
     if energy < RANDOM_RMS * RANDOM_RMS * len(x):
         return False
     correlation = float(np.dot(x[:-1], x[1:])) / energy
-    return abs(correlation) < RANDOM_MAX_CORRELATION
+    if abs(correlation) >= RANDOM_MAX_CORRELATION:
+        return False
+    squares = x * x
+    kurtosis = float(np.dot(squares, squares)) * len(x) / (energy * energy)
+    return kurtosis < RANDOM_MAX_KURTOSIS
