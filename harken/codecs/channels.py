@@ -87,6 +87,8 @@ class ChannelDemuxDecoder(Decoder):
         self._kept: list[list[np.ndarray]] = [[] for _ in layout]
 
     def decode(self, message: bytes) -> np.ndarray:
+        if not message:
+            return no_samples()
         if len(message) < 2:
             raise DecodeError("channel-prefixed message without audio")
         index = self._index.get(message[0])

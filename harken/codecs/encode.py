@@ -7,6 +7,7 @@ look like by default (PROTOCOL.md §2, and what Omi devices and apps send):
 |---|---|
 | ``pcm16``, ``pcm`` | 10 ms of s16le at ``sample_rate``, channels interleaved |
 | ``pcm8`` | 10 ms of unsigned 8-bit samples at ``sample_rate``, channels interleaved |
+| ``pcm`` with 2 channels | a phone call: 10 ms of one leg's s16le, prefixed with its channel id (1, 2) |
 | ``opus`` | one 10 ms Opus packet (libopus, VOIP application) |
 | ``opus_fs320`` | one 20 ms Opus packet |
 | ``aac`` | one ADTS frame of AAC-LC (1024 samples) from FFmpeg's encoder |
@@ -96,6 +97,9 @@ def encode_for_device(
         step = round(sample_rate * ms / 1000)
         if codec == "pcm8":
             audio = ((audio >> 8) + 128).astype(np.uint8)
+        if codec == "pcm" and channels == 2:   # a phone call: each leg's messages prefixed (codecs/channels.py)
+            return [bytes([channel_id]) + audio[i:i + step, index].tobytes()
+                    for i in range(0, len(audio), step) for index, channel_id in enumerate((0x01, 0x02))]
         return [audio[i:i + step].tobytes() for i in range(0, len(audio), step)]
     if codec in _OPUS_DEFAULT_MS:
         _check_rate(codec, sample_rate, OPUS_RATES)
