@@ -45,6 +45,7 @@ from harken.gateway.auth import mint_local_token  # noqa: E402
 from harken.wer import word_errors  # noqa: E402
 from tests.conftest import test_settings  # noqa: E402
 from tests.gateway_server import GatewayServer  # noqa: E402
+from tests.test_gateway_codecs import stored_transcript  # noqa: E402
 from harken.gateway import session as session_module  # noqa: E402
 from harken.stt.fallback import FallbackPolicy  # noqa: E402
 from harken.stt.whisper import WhisperStream  # noqa: E402
@@ -86,19 +87,6 @@ def with_garbage(messages: list[bytes], every: int, seed: str) -> list[bytes]:
     return mixed
 
 
-async def stored_transcript(server: GatewayServer, token: str) -> str:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + CLOSE_WAIT
-    while server.call(lambda: len(server.gateway.sessions)) and loop.time() < deadline:
-        await asyncio.sleep(0.2)
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=server.http, timeout=30, headers=headers) as client:
-        listing = (await client.get("/v1/conversations")).json()
-        conversations = listing["conversations"] if isinstance(listing, dict) else listing
-        stored = (await client.get(f"/v1/conversations/{conversations[0]['id']}")).json()
-    return " ".join(s["text"] for s in sorted(stored["transcript_segments"], key=lambda s: s["start"]))
-
-
 def decode_errors(server: GatewayServer) -> int:
     text = httpx.get(f"{server.http}/metrics", timeout=10).text
     return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -114,7 +102,7 @@ async def run(server: GatewayServer, messages: list[bytes], real: list[bytes], s
                                    realtime=realtime, settle_seconds=5.0, max_wait=120)
     if result.close_code != 1000:
         print(f"   {codec}: closed {result.close_code} {result.close_reason}")
-    transcript = await stored_transcript(server, token)
+    transcript = await stored_transcript(server, token, wait=CLOSE_WAIT)
     errors, words = word_errors(reference, transcript)
     return errors / words, decode_errors(server) - before
 
