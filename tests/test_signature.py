@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from harken.codecs import DecodeError, decoder_for, default_rate
-from harken.codecs.signature import Signature, SteadySize, looks_like_random_bytes
+from harken.codecs.signature import ConfirmedKinds, Signature, SteadySize, looks_like_random_bytes
 
 from harken.codecs.encode import encode_for_device
 
@@ -25,6 +25,19 @@ def test_the_first_kind_defines_the_stream_and_a_new_kind_must_recur():
     assert signature.admits("b", "f")
     assert all(not signature.admits("z", "g") for _ in range(5))   # another family: six times
     assert signature.admits("z", "g")
+
+
+def test_an_opus_packet_of_a_new_kind_waits_for_the_next_packet_to_confirm_it():
+    kinds = ConfirmedKinds()
+    assert kinds.check(0x40, b"first", family=0x40) == [b"first"]          # defines the stream
+    assert kinds.check(0x70, b"garbage", family=0x70) == []                # held back
+    assert kinds.check(0x40, b"next", family=0x40) == [b"next"]            # not confirmed: dropped
+    assert kinds.check(0x70, b"switch", family=0x70) == []
+    assert kinds.check(0x70, b"again", family=0x70) == [b"switch", b"again"]   # a run: both decoded
+    assert kinds.check(0x71, b"code 1", family=0x70) == []                 # 40 ms: packings alternate
+    assert kinds.check(0x70, b"code 0", family=0x70) == [b"code 1", b"code 0"]
+    assert kinds.check(0x58, b"held", mark=1, family=0x58) == []
+    assert kinds.check(0x58, b"later", mark=2, family=0x58) == []          # packets came in between
 
 
 def test_sightings_of_random_kinds_never_add_up():

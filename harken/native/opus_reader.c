@@ -119,6 +119,7 @@ typedef struct {
     unsigned char *payload;    /* one unmasked message */
     Py_ssize_t payload_capacity;
     unsigned long long messages, bytes;
+    unsigned long long decoded;  /* packets decoded here, never reset: the Python path's ordering mark */
     double last_arrival;       /* CLOCK_MONOTONIC seconds, as Python's time.monotonic() */
     unsigned char allowed[256];/* TOC bytes the stream's signature admitted; others go to Python */
     int any_allowed;           /* 0 until a TOC is allowed: the stream's first packet then defines one */
@@ -234,6 +235,7 @@ static PyObject *Reader_scan(Reader *self, PyObject *args) {
         if (now < 0) now = monotonic_now();
         self->samples += count;
         self->messages += 1;
+        self->decoded += 1;
         self->bytes += length;
         self->last_arrival = now;
         pos = end;
@@ -290,6 +292,10 @@ static PyObject *Reader_first_packet(Reader *self, void *Py_UNUSED(closure)) {
     return Py_BuildValue("ii", self->first_toc, self->first_samples);
 }
 
+static PyObject *Reader_decoded(Reader *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(self->decoded);
+}
+
 static PyObject *Reader_closed(Reader *self, void *Py_UNUSED(closure)) {
     return PyBool_FromLong(self->owner == NULL);
 }
@@ -307,6 +313,7 @@ static PyMethodDef Reader_methods[] = {
 static PyGetSetDef Reader_getset[] = {
     {"pending", (getter)Reader_pending, NULL, "samples decoded and not yet taken", NULL},
     {"closed", (getter)Reader_closed, NULL, "True once close() was called", NULL},
+    {"decoded", (getter)Reader_decoded, NULL, "packets decoded by this reader so far", NULL},
     {"first_packet", (getter)Reader_first_packet, NULL,
      "(TOC, samples) of the stream's first packet when this reader decoded it, else None", NULL},
     {NULL},
