@@ -184,6 +184,8 @@ class OpusDecoder(Decoder):
         packets = self._kinds.check(packet[0], packet, reader.decoded if reader is not None else None,
                                     family=packet[0] & 0xFC)   # configuration and stereo flag
         if not packets:
+            if reader is not None:
+                reader.leave_next()   # the next packet must come here to confirm this one
             raise DecodeError(f"opus packet with TOC {packet[0]:#04x}, not this stream's: held back until the "
                               "next packet confirms it")
         outputs = [self._decode_packet(p, opus_packet_duration(p) * self._rate // 48000) for p in packets]

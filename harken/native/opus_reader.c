@@ -123,6 +123,7 @@ typedef struct {
     double last_arrival;       /* CLOCK_MONOTONIC seconds, as Python's time.monotonic() */
     unsigned char allowed[256];/* TOC bytes the stream's signature admitted; others go to Python */
     int any_allowed;           /* 0 until a TOC is allowed: the stream's first packet then defines one */
+    int leave_next;            /* Python held a packet back: leave it the next one, which may confirm it */
     int first_toc, first_samples; /* that first packet's TOC and samples, for the Python signature */
 } Reader;
 
@@ -217,6 +218,7 @@ static PyObject *Reader_scan(Reader *self, PyObject *args) {
             return NULL;
         }
         const unsigned char *mask = d + pos + head - 4, *src = d + pos + head;
+        if (self->leave_next) { self->leave_next = 0; break; }
         int toc = src[0] ^ mask[0];
         if (!self->allowed[toc] && self->any_allowed) break;   /* a TOC the stream has not sent: Python decides */
         for (Py_ssize_t i = 0; i < length; i++) self->payload[i] = src[i] ^ mask[i & 3];
@@ -283,6 +285,12 @@ static PyObject *Reader_allow(Reader *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* leave_next(): let the Python path have the next audio frame (it confirms or drops a held packet). */
+static PyObject *Reader_leave_next(Reader *self, PyObject *Py_UNUSED(ignored)) {
+    self->leave_next = 1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Reader_pending(Reader *self, void *Py_UNUSED(closure)) {
     return PyLong_FromSsize_t(self->samples);
 }
@@ -307,6 +315,7 @@ static PyMethodDef Reader_methods[] = {
      "take() -> (pcm bytes, messages, bytes, last arrival) since the last take"},
     {"close", (PyCFunction)Reader_close, METH_NOARGS, "decode nothing more; release the decoder"},
     {"allow", (PyCFunction)Reader_allow, METH_O, "allow(toc): decode packets with this TOC byte here"},
+    {"leave_next", (PyCFunction)Reader_leave_next, METH_NOARGS, "leave the next audio frame to the Python path"},
     {NULL},
 };
 
