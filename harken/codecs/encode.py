@@ -63,10 +63,13 @@ def _framing(codec: str, frame_ms: float | None, frames_per_message: int | None)
 
 
 def message_duration(
-    codec: str, sample_rate: int, *, frame_ms: float | None = None, frames_per_message: int | None = None
+    codec: str, sample_rate: int, *, frame_ms: float | None = None, frames_per_message: int | None = None,
+    channels: int = 1,
 ) -> float:
     """Seconds of audio in one message of ``encode_for_device`` (for real-time pacing)."""
     ms, count = _framing(codec, frame_ms, frames_per_message)
+    if codec == "pcm" and channels == 2:   # a call: each leg's 10 ms is a message of its own
+        return message_duration(codec, sample_rate, frame_ms=frame_ms) / 2
     if codec == "aac":
         return count * _AAC_FRAME_SAMPLES / sample_rate
     if codec in _PCM:
