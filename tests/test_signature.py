@@ -49,9 +49,10 @@ def test_sightings_of_random_kinds_never_add_up():
 
 
 def test_steady_sizes_are_checked_and_a_piped_file_is_not():
-    device = SteadySize()
+    device = SteadySize(unit=2)
     assert all(device.admits(320) for _ in range(25))
-    assert not device.admits(77)
+    assert not device.admits(77) and not device.admits(640)
+    assert device.admits(244)                      # a device's last message: shorter, whole samples
     piped = SteadySize()
     assert all(piped.admits(size) for size in [4096, 4096, 1000, 77, 4096, 3])
 

@@ -12,8 +12,8 @@ backend does any more. ``pcm`` is what the app's phone-call recorder declares
 codec other than opus/aac/lc3/pcm8 as 16-bit PCM, so ``pcm`` is ``pcm16`` by another name.
 
 Garbage. PCM has no framing, so no byte sequence is invalid. Two things still give random bytes
-away (``signature``): a device sends messages of one size (a client piping a file does not, and is
-then never checked), and random bytes read as samples are full-scale white noise, which speech and
+away (``signature``): a device sends messages of one size and whole sample frames (a client piping
+a file does not, and is then never checked), and random bytes read as samples are full-scale white noise, which speech and
 room noise never are. A message failing either is dropped as a decode error; anything else is audio.
 """
 
@@ -47,7 +47,7 @@ class PCMDecoder(Decoder):
         self._frame_bytes = sample_bytes * channels
         self._carry = b""  # the start of a sample frame cut off at the end of the previous message
         self._resampler = StreamResampler(sample_rate)
-        self._sizes = SteadySize()
+        self._sizes = SteadySize(unit=self._frame_bytes)
 
     def decode(self, message: bytes) -> np.ndarray:
         if not self._sizes.admits(len(message)):

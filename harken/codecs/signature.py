@@ -127,11 +127,14 @@ class SteadySize:
 
     A client that pipes a file (websocat, ``harken stream`` with odd chunks) cuts its messages
     anywhere: its sizes vary from the start and nothing is checked. Once the first ``learn``
-    messages all had one size, a message of another size is held back by a ``Signature`` on its
-    size (a device's last message may be short: it is lost, at most one message)."""
+    messages all had one size, a longer message, or one that is not a whole number of ``unit``
+    bytes (a sample frame: random bytes of odd length would shift every later sample), is dropped
+    until its size recurs (a ``Signature`` on sizes); a shorter whole one passes (a device's last
+    message)."""
 
-    def __init__(self, learn: int = 20):
+    def __init__(self, learn: int = 20, unit: int = 1):
         self._learn = learn
+        self._unit = unit
         self._size: int | None = None
         self._count = 0
         self.steady = False
@@ -147,6 +150,8 @@ class SteadySize:
                     self._signature.learn(size, size)
             else:
                 self._count = -1       # sizes vary: a piped file, never checked
+            return True
+        if size < self._size and size % self._unit == 0:
             return True
         return self._signature.admits(size, size)   # a device never changes its message size
 
