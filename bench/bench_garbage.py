@@ -119,7 +119,7 @@ async def main_async(args) -> None:
             for codec in args.codecs.split(","):
                 rate = CODECS[codec]
                 messages, seconds = device_messages(pcm, codec, rate)
-                dirty = with_garbage(messages, args.every, codec)
+                dirty = with_garbage(messages, args.every, f"{codec}{args.seed}")
                 started = time.monotonic()
                 realtime = args.realtime
                 clean_wer, clean_dropped = await run(server, messages, messages, seconds, codec, rate, reference,
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--codecs", default=",".join(CODECS))
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--realtime", action="store_true", help="pace the messages as a device does")
+    parser.add_argument("--seed", default="", help="another seed for the random bytes (to see the spread)")
     parser.add_argument("--audio", default=str(DEFAULT_AUDIO), help="a folder with transcripts.tsv and its WAVs")
     asyncio.run(main_async(parser.parse_args()))
 
