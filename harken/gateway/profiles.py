@@ -53,7 +53,7 @@ from starlette.routing import Route
 
 from ..audio.embedding import EMBEDDING_DIM, SAMPLE_RATE, SpeakerEmbedder
 from ..audio.vad import speech_spans
-from ..codecs import UnsupportedFormat
+from ..codecs import DecodeError, UnsupportedFormat
 from ..codecs.pcm import PCM16Decoder
 from ..conversations.model import iso
 from ..conversations.queries import AppQueries
@@ -121,7 +121,10 @@ def decode_upload(body: bytes, content_type: str, sample_rate: int | None = None
         decoder = PCM16Decoder(rate, channels)
     except UnsupportedFormat as exc:
         raise UploadError(415, str(exc)) from None
-    return np.concatenate((decoder.decode(frames), decoder.flush()))
+    try:
+        return np.concatenate((decoder.decode(frames), decoder.flush()))
+    except DecodeError as exc:   # full-scale white noise: random bytes, not a recording
+        raise UploadError(415, str(exc)) from None
 
 
 def speech_only(pcm: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from .. import codecs
 from ..audio import AudioRing
 from ..conversations import LeaseLost, UnknownSegments
 from ..stt.base import EMBEDDED_PROVIDER, STTError, STTStream, StreamConfig, Word
+from ..stt.channel_streams import ChannelStreams
 from ..stt.fallback import FallbackPolicy, FallbackStream
 from ..stt.gating import gated
 from ..stt.selection import NoProviderError, select_chain
@@ -151,12 +152,13 @@ class Session:
     async def _open(self) -> None:
         await self.send_json(events.service_status("initiating"))
         try:
-            self.decoder = await codecs.open_decoder(self.params.codec, self.params.sample_rate, self.params.channels)
+            self.decoder = await codecs.open_decoder(self.params.codec, self.params.sample_rate, self.params.channels,
+                                                     source=self.params.source)
         except codecs.UnsupportedFormat as exc:
             await self.send_json(events.error(1008, str(exc), "sample_rate"))
             raise EndSession(1008, f"sample_rate: {exc}") from None
         await self._join_conversation()
-        if self.params.include_speech_profile:
+        if self.params.include_speech_profile and self.channels is None:   # a call's channels say who speaks
             # The owner's and named people's voices, before any audio flows: read with the
             # conversation if there is a conversation service.
             if self.live is not None and self.live.voices is not None:
@@ -275,8 +277,27 @@ class Session:
                 self.time_offset = self.live.time_offset(self.clock_origin, first_time)
             self._offset_known = True
 
+    @property
+    def channels(self) -> tuple[codecs.channels.Channel, ...] | None:
+        """The channels of a channel-prefixed stream (a phone call), each its own speaker; else None."""
+        return getattr(self.decoder, "layout", None)
+
     async def _open_stt(self) -> STTStream:
-        """The provider chain for the language (PROTOCOL §2), wrapped for retry and failover."""
+        """The provider chain for the language (PROTOCOL §2), wrapped for retry and failover; for a
+        phone call one per channel (codecs/channels.py), merged into one stream."""
+        if self.channels is None:
+            return await self._open_one_stt()
+        streams = []
+        try:
+            for _ in self.channels:
+                streams.append(await self._open_one_stt())
+        except BaseException:
+            await asyncio.gather(*(stream.close() for stream in streams), return_exceptions=True)
+            raise
+        self.decoder.keep_channels = True
+        return ChannelStreams(streams, [channel.speaker for channel in self.channels], self.decoder.take_channels)
+
+    async def _open_one_stt(self) -> STTStream:
         try:
             chain = select_chain(self.params.language, self.params.stt_service, self.gateway.providers,
                                  self.settings)
@@ -583,7 +604,7 @@ class Session:
         self.stats.words += 1
         provider = getattr(self.stream, "provider_name", None) or self.provider_name or "?"
         self.metrics.word(provider, word.end)
-        if provider == EMBEDDED_PROVIDER:      # no diarization of its own
+        if provider == EMBEDDED_PROVIDER and self.channels is None:   # no diarization of its own
             self._undiarized.append(word)      # labelled by voice at the next flush
         else:
             self._add_words([word], provider)
@@ -593,7 +614,11 @@ class Session:
             return
         self._anchor(min(w.start for w in words))
         self.builder.add_words(words, provider=provider, time_offset=self.time_offset,
-                               speaker_labels=self.speakers.labels)
+                               speaker_labels=self.speakers.labels if self.channels is None else self._channel_labels)
+
+    def _channel_labels(self, speaker: int) -> tuple[bool, str | None]:
+        """``(is_user, person_id)`` of a phone call's channel speaker: the owner's channel is the user."""
+        return next(((c.is_user, None) for c in self.channels if c.speaker == speaker), (False, None))
 
     async def _persist(self, batch: Batch) -> None:
         if self.live is None or not batch:
