@@ -8,12 +8,19 @@ import uuid
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import soxr
 
 from harken.client import listen_url, stream_messages
-from harken.codecs import ChannelDemuxDecoder, DecodeError, decoder_for, uses_channel_prefix
+from harken.codecs import (
+    ChannelDemuxDecoder,
+    DecodeError,
+    decoder_for,
+    uses_channel_prefix,
+)
 from harken.codecs.pcm import PCMDecoder
+from harken.gateway.app_schema import check_server_message
 from harken.gateway.auth import mint_local_token
 from harken.wer import normalize, word_errors
 
@@ -151,3 +158,8 @@ async def test_a_two_channel_call_labels_each_partys_words_and_the_owner_is_the_
     # The live segments the app got say the same.
     live = list(result.segments.values())
     assert live and all(s["is_user"] == (s["speaker"] == "SPEAKER_00") for s in live)
+    # Every frame of the call is one the app's Dart models parse (the conformance suite's schema).
+    frames = [orjson.dumps(event).decode() for event in result.events]
+    frames += [orjson.dumps([update.segment]).decode() for update in result.updates]
+    problems = [problem for frame in frames for problem in check_server_message(frame)]
+    assert not problems, problems[:5]
