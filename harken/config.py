@@ -64,6 +64,13 @@ class Settings:
     whisper_threads: int = _setting(1, "CPU threads per decode")
     whisper_workers: int = _setting(1, "decodes that may run at the same time")
     whisper_beam_size: int = _setting(1, "beam size (1 = greedy)")
+    whisper_multilingual_model: str = _setting(
+        "embedded-base", "model for languages other than English and for multi: 'embedded-base' (Whisper base "
+        "from the pinned split wheels), a faster-whisper model name, a folder, or '' for none")
+    whisper_languages: str = _setting(
+        "", "comma-separated languages that language=multi may detect (e.g. 'en,de,fr'); empty = any")
+    model_cache_dir: str = _setting(
+        "", "where model files joined from split wheels are kept; empty = $XDG_CACHE_HOME/harken or ~/.cache/harken")
     vad_threshold: float = _setting(0.5, "Silero speech probability above which a window is speech")
     endpoint_silence_ms: int = _setting(500, "silence that ends an utterance")
     max_utterance_s: float = _setting(15.0, "longest utterance before it is decoded anyway")

@@ -257,6 +257,18 @@ def _v9_sync_jobs(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v10_user_vocabulary(conn: Connection) -> None:
+    """Each user's custom vocabulary (names, jargon) for the speech engines, as a JSON list."""
+    md = sa.MetaData()
+    sa.Table(
+        "user_vocabulary", md,
+        sa.Column("uid", sa.String(128), primary_key=True),
+        sa.Column("terms", sa.Text, nullable=False),
+        sa.Column("updated_at", sa.Double, nullable=False),
+    )
+    md.create_all(conn)
+
+
 STEPS: list[Callable[[Connection], None]] = [
     _v1_conversations_segments_webhooks,
     _v2_usage_and_outbox,
@@ -267,6 +279,7 @@ STEPS: list[Callable[[Connection], None]] = [
     _v7_app_state,
     _v8_photos,
     _v9_sync_jobs,
+    _v10_user_vocabulary,
 ]
 SCHEMA_VERSION = len(STEPS)
 

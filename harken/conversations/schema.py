@@ -212,6 +212,14 @@ sync_files = sa.Table(
     sa.Index("ix_sync_files_uid_sha256", "uid", "sha256"),
 )
 
+# The user's custom vocabulary (terms the speech engines should favour), a JSON list of strings.
+user_vocabulary = sa.Table(
+    "user_vocabulary", metadata,
+    sa.Column("uid", sa.String(128), primary_key=True),
+    sa.Column("terms", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
 schema_version = sa.Table(
     "schema_version", metadata,
     sa.Column("version", sa.Integer, nullable=False),

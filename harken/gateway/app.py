@@ -26,6 +26,7 @@ from .profiles import build_profile_routes
 from .rest import build_rest_routes, not_served_route
 from .sync import build_sync_routes
 from .sync_worker import start_sync_worker
+from .vocabulary import build_vocabulary_routes
 from .web import web_routes
 from .worker_metrics import WorkerSlot
 
@@ -47,9 +48,11 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
         with _startup_step(f"speech engine (faster-whisper {settings.whisper_model})"):
             await whisper.load()
         providers = {**build_providers(settings), whisper.name: whisper}
+        optional = _optional_models(whisper)
         gateway = Gateway(settings=settings, authenticator=authenticator, providers=providers,
                           conversations=conversations, store=store)
         app.state.gateway = gateway
+        app.state.optional_models = optional
         gateway.metrics.start()             # the event-loop lag probe
         if worker is not None:
             await gateway.metrics.share_with_workers(worker)
@@ -81,6 +84,7 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
             *build_profile_routes(lambda: app.state.gateway.store, lambda: app.state.gateway.authenticator),
             *build_sync_routes(lambda: settings, lambda: getattr(app.state, "sync_worker", None),
                                lambda: app.state.gateway.authenticator),
+            *build_vocabulary_routes(lambda: app.state.gateway.store, lambda: app.state.gateway.authenticator),
             not_served_route(),             # last: any other path is a JSON 404, never a 401
         ],
         lifespan=lifespan,
@@ -97,6 +101,23 @@ def _log_audio_path(settings: Settings) -> None:
         log.warning("opus: Python path, the native reader is not built (python -m harken.native.build)")
     else:
         log.info("opus: native reader")
+
+
+def _optional_models(whisper: WhisperProvider) -> dict[str, str]:
+    """The optional models and whether they are there, said once at start-up (and in /readyz):
+    a missing one turns its feature off, it never fails a session."""
+    from ..audio.embedding import speaker_model_problem
+
+    status = {}
+    speaker = speaker_model_problem()
+    status["speaker_model"] = f"missing: {speaker}" if speaker else "ok"
+    if speaker:
+        log.warning("speaker model missing (%s): sessions transcribe without speaker labels, "
+                    "and owner/people matching is off", speaker)
+    if whisper.loaded:
+        problem = whisper.multilingual_problem
+        status["multilingual_model"] = f"missing: {problem}" if problem else "ok"
+    return status
 
 
 @contextlib.contextmanager
@@ -130,5 +151,6 @@ async def readyz(request: Request) -> JSONResponse:
             except Exception:
                 problems.append("storage unreachable")
     body = {"status": "ready" if not problems else "not ready", "problems": problems,
-            "sessions": len(gateway.sessions) if gateway else 0}
+            "sessions": len(gateway.sessions) if gateway else 0,
+            "optional_models": getattr(request.app.state, "optional_models", {})}
     return JSONResponse(body, status_code=200 if not problems else 503)

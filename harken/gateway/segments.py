@@ -84,6 +84,8 @@ class Segment:
     speech_profile_processed: bool = True
     stt_provider: str | None = None
     translations: list = field(default_factory=list)  # [{"lang": ..., "text": ...}]
+    # The language the engine identified (language=multi sessions); None when it was not asked to.
+    language: str | None = None
 
     @property
     def speaker(self) -> str:
@@ -103,6 +105,7 @@ class Segment:
             "speech_profile_processed": self.speech_profile_processed,
             "stt_provider": self.stt_provider,
             "translations": [dict(t) for t in self.translations],
+            **({"language": self.language} if self.language else {}),
         }
 
     def to_stored(self) -> dict:
@@ -125,6 +128,7 @@ class Segment:
             "stt_provider": self.stt_provider,
             "speech_profile_processed": self.speech_profile_processed,
             "translations": [dict(t) for t in self.translations],
+            **({"language": self.language} if self.language else {}),
         }
 
     @classmethod
@@ -144,6 +148,7 @@ class Segment:
             speech_profile_processed=bool(d.get("speech_profile_processed", True)),
             stt_provider=d.get("stt_provider"),
             translations=[dict(t) for t in d.get("translations") or []],
+            language=d.get("language"),
         )
 
     def _copy(self) -> "Segment":
@@ -189,6 +194,7 @@ class _Piece:
     provider: str
     speech_profile_processed: bool
     is_word: bool  # words of one speaker join into a raw segment; suggested segments stay whole
+    language: str | None = None
 
     def joins(self, other: "_Piece") -> bool:
         return (
@@ -199,6 +205,7 @@ class _Piece:
             and self.speech_profile_processed == other.speech_profile_processed
             and self.is_user == other.is_user
             and self.person_id == other.person_id
+            and self.language == other.language
         )
 
 
@@ -206,6 +213,9 @@ def _can_merge(first: Segment, second: Segment) -> bool:
     """Omi's combine rule for two neighbouring segments (``first`` directly before ``second``)."""
     # Text from different engines never merges: each keeps its own stt_provider label.
     if first.stt_provider != second.stt_provider:
+        return False
+    # Nor do two languages (multi sessions): each segment says which language it is in.
+    if first.language != second.language:
         return False
     # Segments produced before the speech profile was applied (is_user not yet known) never
     # merge with those after it (reference §5); this holds for both rules.
@@ -313,6 +323,7 @@ class SegmentBuilder:
                     provider=provider,
                     speech_profile_processed=speech_profile_processed,
                     is_word=True,
+                    language=word.language,
                 )
             )
 
@@ -462,6 +473,7 @@ def _raw_segments(pieces: list[_Piece]) -> list[Segment]:
                 end=max(p.end for p in run),
                 speech_profile_processed=first.speech_profile_processed,
                 stt_provider=first.provider,
+                language=first.language,
             )
         )
     return segments

@@ -28,7 +28,7 @@ from ..stt.base import EMBEDDED_PROVIDER, STTError, STTStream, StreamConfig, Wor
 from ..stt.channel_streams import ChannelStreams
 from ..stt.fallback import FallbackPolicy, FallbackStream
 from ..stt.gating import gated
-from ..stt.selection import NoProviderError, select_chain
+from ..stt.selection import NoProviderError, choose_chain
 from . import events
 from .clock import AudioClock
 from .context import Gateway
@@ -37,6 +37,7 @@ from .segments import Batch, Segment, SegmentBuilder
 from .session_photos import SessionPhotos
 from .profiles import load_voices, voices_from_stored
 from .speakers import SpeakerIdentifier
+from .vocabulary import load_vocabulary
 from .ws_protocol import binary_sink
 
 log = logging.getLogger("harken.session")
@@ -93,6 +94,7 @@ class Session:
         self.speakers = SpeakerIdentifier(self.ring)
         self._undiarized: list[Word] = []    # embedded-engine words waiting for a speaker label
         self.provider_name: str | None = None
+        self.stt_reason: str | None = None   # which language and engine serve it (ready's reason)
         self.time_offset = 0.0            # conversation time of this session's audio-clock zero
         self._offset_known = False        # fixed by the conversation at the first word (see _anchor)
         self.clock_origin = time.time()   # wall time at which the audio clock read 0
@@ -194,6 +196,8 @@ class Session:
         """What serves the session, for ``ready``'s ``reason`` (the app shows status details)."""
         if self.params.custom_stt:
             return "custom_stt: the app transcribes; segments it suggests are stored"
+        if self.stt_reason:            # which language and engine (stt.selection.Choice.reason)
+            return self.stt_reason
         return f"{self.provider_name} transcribes language {self.params.language}"
 
     async def _join_conversation(self) -> None:
@@ -299,12 +303,15 @@ class Session:
 
     async def _open_one_stt(self) -> STTStream:
         try:
-            chain = select_chain(self.params.language, self.params.stt_service, self.gateway.providers,
-                                 self.settings)
+            choice = choose_chain(self.params.language, self.params.stt_service, self.gateway.providers,
+                                  self.settings)
         except NoProviderError as exc:
             await self.send_json(events.error(1008, str(exc), "language"))
             raise EndSession(1008, str(exc)) from None
-        stream = FallbackStream(chain, StreamConfig(language=self.params.language, session_id=self.id),
+        chain, self.stt_reason = choice.chain, choice.reason
+        vocabulary = await load_vocabulary(self.gateway.store, self.uid)
+        config = StreamConfig(language=choice.language, session_id=self.id, vocabulary=vocabulary)
+        stream = FallbackStream(chain, config,
                                 on_status=self._send_stt_status, policy=FallbackPolicy.from_settings(self.settings),
                                 on_failure=self.metrics.stt_failure)
         try:
@@ -753,7 +760,9 @@ class Session:
 
     def usage(self) -> dict:
         """What this connection used: audio seconds, speech seconds (engine VAD), words, provider."""
-        speech = getattr(getattr(self.stream, "stats", None), "speech_seconds", 0.0)
+        # The VAD gate's count when gated, else the engines' own (FallbackStream.speech_seconds).
+        stats = getattr(self.stream, "stats", None)
+        speech = stats.speech_seconds if stats is not None else getattr(self.stream, "speech_seconds", 0.0)
         return {"audio_seconds": self.clock.seconds, "speech_seconds": speech,
                 "words": self.stats.words, "provider": self.provider_name}
 

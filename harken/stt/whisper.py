@@ -25,7 +25,8 @@ import numpy as np
 
 from ..audio import WINDOW_SECONDS, Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import EMBEDDED_PROVIDER, SAMPLE_RATE, Provider, StreamConfig, STTError, STTStream, Word
-from .models import ModelError, load_whisper_model, resolve_model, whisper_languages
+from .decoding import Decoding, RawWord, decode
+from .models import ModelError, load_whisper_model, resolve_model, resolve_multilingual, whisper_languages
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -37,16 +38,11 @@ log = logging.getLogger(__name__)
 # Whisper readily "transcribes" breaths, clicks and near-silence into stock phrases ("Thank you.",
 # "you"); an utterance with less VAD-judged speech than this is not decoded at all.
 MIN_SPEECH_SECONDS = 0.2
-# Whisper's own rule for dropping a segment: likely no speech AND a low-confidence decode.
-NO_SPEECH_THRESHOLD = 0.6
-LOG_PROB_THRESHOLD = -1.0
 # Utterances waiting for a decode, per stream. Past this the server is far behind real time;
 # the oldest are dropped (and counted) rather than letting memory grow without bound.
 MAX_PENDING_UTTERANCES = 32
 CLOSE_TIMEOUT_S = 30.0
 PREROLL_MS = 300
-
-RawWord = tuple[str, float, float, float]     # text, start, end (seconds in the clip), probability
 
 
 class WhisperProvider(Provider):
@@ -65,6 +61,13 @@ class WhisperProvider(Provider):
             self._english_only_guess = resolve_model(settings.whisper_model).english_only
         except ModelError:
             self._english_only_guess = True      # load() will report the problem
+        # The multilingual model (other languages and multi), when the main one is English-only:
+        # located (joined, verified) at load(), loaded at the first session that needs it.
+        self._multi_model: "WhisperModel | None" = None
+        self._multi_location: str | None = None
+        self.multilingual_problem: str | None = None     # why there is none (start-up log, /readyz)
+        self.allowed_languages = tuple(
+            code for code in (c.strip().lower() for c in settings.whisper_languages.split(",")) if code)
 
     @property
     def loaded(self) -> bool:
@@ -83,6 +86,8 @@ class WhisperProvider(Provider):
             model, vad = await loop.run_in_executor(
                 self._executor, lambda: (load_whisper_model(self.settings), SileroVAD.shared()))
             self._model, self._vad = model, vad
+            if not model.model.is_multilingual:
+                await loop.run_in_executor(self._executor, self._locate_multilingual)
             # CTranslate2 allocates its buffers on the first decode: pay that now, not on a user's utterance.
             await loop.run_in_executor(self._executor, self.transcribe_clip, np.zeros(SAMPLE_RATE, dtype=np.int16))
             log.info("local STT: whisper_model=%s (%s, %d thread(s) per decode, %d decode(s) at once) "
@@ -90,16 +95,75 @@ class WhisperProvider(Provider):
                      self.settings.whisper_model, self.settings.whisper_compute_type, self.settings.whisper_threads,
                      self.settings.whisper_workers, time.perf_counter() - started)
 
+    def _locate_multilingual(self) -> None:
+        """Find (join and verify) the multilingual model; its absence turns the feature off, once."""
+        try:
+            self._multi_location = resolve_multilingual(self.settings)
+        except ModelError as exc:
+            self.multilingual_problem = str(exc)
+        else:
+            if self._multi_location is None:
+                self.multilingual_problem = "whisper_multilingual_model is empty"
+        if self.multilingual_problem:
+            log.warning("local STT: no multilingual model (%s): only English is transcribed locally; "
+                        "other languages and multi are served as English", self.multilingual_problem)
+
+    @property
+    def _main_multilingual(self) -> bool:
+        return self._model.model.is_multilingual if self._model is not None else not self._english_only_guess
+
+    @property
+    def _has_multilingual(self) -> bool:
+        if self._main_multilingual:
+            return True
+        if self._model is None:         # before load(): guessed from the settings
+            return bool(self.settings.whisper_multilingual_model.strip())
+        return self._multi_location is not None
+
     def supports(self, language: str) -> bool:
-        """An English-only (``.en``) model supports ``en`` and ``en-*``; a multilingual one every
-        Whisper language (any region) and ``multi`` (language detected per utterance).
+        """English (``en``, ``en-*``) always; every Whisper language (any region) and ``multi``
+        (language identified per utterance) when a multilingual model is there: the main one, or
+        ``whisper_multilingual_model`` beside an English-only main model.
 
         Before ``load`` the kind of model is guessed from its name; after, the model is asked.
         """
-        multilingual = self._model.model.is_multilingual if self._model is not None else not self._english_only_guess
-        if not multilingual:
-            return _base_language(language) == "en"
+        if _base_language(language) == "en":
+            return True
+        if not self._has_multilingual:
+            return False
         return language == "multi" or _base_language(language) in whisper_languages()
+
+    def describe(self, language: str) -> str:
+        if self._uses_main_model(language):
+            model = self.settings.whisper_model
+        else:
+            model = self.settings.whisper_multilingual_model
+        if language == "multi":
+            among = f" among {', '.join(self.allowed_languages)}" if self.allowed_languages else ""
+            return f"{self.name} (whisper {model}, language identified per utterance{among})"
+        return f"{self.name} (whisper {model})"
+
+    def _uses_main_model(self, language: str) -> bool:
+        # English keeps the main model (tiny.en by default: faster); the rest need a multilingual one.
+        return self._main_multilingual or (language != "multi" and _base_language(language) == "en")
+
+    async def _model_for(self, language: str) -> "WhisperModel":
+        await self.load()
+        if self._uses_main_model(language):
+            assert self._model is not None
+            return self._model
+        async with self._load_lock:
+            if self._multi_model is None:
+                if self._multi_location is None:
+                    raise STTError(f"no multilingual model: {self.multilingual_problem}", retryable=False,
+                                   code="language")
+                started = time.perf_counter()
+                loop = asyncio.get_running_loop()
+                self._multi_model = await loop.run_in_executor(
+                    self._executor, load_whisper_model, self.settings, self._multi_location)
+                log.info("local STT: multilingual model %s loaded in %.1f s",
+                         self.settings.whisper_multilingual_model, time.perf_counter() - started)
+            return self._multi_model
 
     async def open(self, config: StreamConfig) -> "WhisperStream":
         if config.sample_rate != SAMPLE_RATE:
@@ -108,43 +172,41 @@ class WhisperProvider(Provider):
         if not self.supports(config.language):
             raise STTError(f"whisper_model={self.settings.whisper_model} does not support language "
                            f"{config.language!r}", retryable=False, code="language")
-        await self.load()
+        model = await self._model_for(config.language)
         assert self._vad is not None
         language = None if config.language == "multi" else _base_language(config.language)
-        return WhisperStream(self, config, language, StreamingVAD(self._vad))
+        decoding = Decoding(language, self.allowed_languages if language is None else (), tuple(config.vocabulary))
+        return WhisperStream(self, config, decoding, StreamingVAD(self._vad), model)
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- used by WhisperStream ----------------------------------------------------------
-    async def _decode(self, pcm: np.ndarray, language: str | None) -> tuple[list[RawWord], float]:
+    async def _decode(self, pcm: np.ndarray, decoding: Decoding,
+                      model: "WhisperModel | None" = None) -> tuple[list[RawWord], float, str | None]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.transcribe_clip, pcm, language)
+        return await loop.run_in_executor(self._executor, self.decode_clip, pcm, decoding, model)
 
-    def transcribe_clip(self, pcm: np.ndarray, language: str | None = "en") -> tuple[list[RawWord], float]:
+    def decode_clip(self, pcm: np.ndarray, decoding: Decoding,
+                    model: "WhisperModel | None" = None) -> tuple[list[RawWord], float, str | None]:
         """Decode one int16 clip in the calling thread (blocking; streams run it in the pool).
 
         Returns Whisper's words as (text, start, end, probability), times in seconds of the clip,
-        and the seconds the decode took. For offline jobs and benchmarks; needs ``load()`` first.
+        the seconds the decode took, and the language when it was identified (``multi``).
+        ``model`` defaults to the main model; needs ``load()`` first.
         """
-        if self._model is None:
+        model = model or self._model
+        if model is None:
             raise STTError("WhisperProvider.load() has not been awaited", retryable=False)
         started = time.perf_counter()
-        audio = pcm.astype(np.float32) / 32768.0
-        segments, _info = self._model.transcribe(
-            audio,
-            language=language,
-            beam_size=self.settings.whisper_beam_size,
-            word_timestamps=True,
-            condition_on_previous_text=False,     # each utterance stands alone: no error carry-over
-            vad_filter=False,                     # already endpointed by our own VAD
-            no_speech_threshold=NO_SPEECH_THRESHOLD,
-            log_prob_threshold=LOG_PROB_THRESHOLD,
-        )
-        # `segments` is lazy: the decoding happens while iterating, so iterate here, in the thread.
-        words = [(w.word, float(w.start), float(w.end), float(w.probability))
-                 for segment in segments for w in (segment.words or ())]
-        return words, time.perf_counter() - started
+        words, identified = decode(model, pcm.astype(np.float32) / 32768.0, decoding,
+                                   beam_size=self.settings.whisper_beam_size)
+        return words, time.perf_counter() - started, identified
+
+    def transcribe_clip(self, pcm: np.ndarray, language: str | None = "en") -> tuple[list[RawWord], float]:
+        """``decode_clip`` with the main model and just a language: (words, decode seconds)."""
+        words, seconds, _ = self.decode_clip(pcm, Decoding(language))
+        return words, seconds
 
 
 @dataclass
@@ -170,11 +232,13 @@ class WhisperStream(STTStream):
     provider_name = EMBEDDED_PROVIDER
     immediate_send = True            # send only runs the VAD; decodes happen in the pool
 
-    def __init__(self, provider: WhisperProvider, config: StreamConfig, language: str | None, vad: StreamingVAD):
+    def __init__(self, provider: WhisperProvider, config: StreamConfig, decoding: Decoding, vad: StreamingVAD,
+                 model: "WhisperModel | None" = None):
         settings = provider.settings
         self._provider = provider
         self._config = config
-        self._language = language
+        self._decoding = decoding
+        self._model = model
         self._endpointer = Endpointer(
             vad,
             threshold=settings.vad_threshold,
@@ -271,7 +335,7 @@ class WhisperStream(STTStream):
                 continue
             utterance = self._pending.popleft()
             try:
-                raw_words, seconds = await self._provider._decode(utterance.pcm, self._language)
+                raw_words, seconds, language = await self._provider._decode(utterance.pcm, self._decoding, self._model)
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():       # close() gave up on us: just stop
                     raise
@@ -284,7 +348,7 @@ class WhisperStream(STTStream):
                 return
             self.stats.decodes += 1
             self.stats.decode_seconds += seconds
-            for word in place_words(raw_words, utterance, self._last_end):
+            for word in place_words(raw_words, utterance, self._last_end, language):
                 self._last_end = word.end
                 self.stats.words += 1
                 self._out.put_nowait(word)
@@ -295,7 +359,8 @@ class WhisperStream(STTStream):
         self._out.put_nowait(item)
 
 
-def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: float) -> list[Word]:
+def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: float,
+                language: str | None = None) -> list[Word]:
     """Whisper's clip-relative words → ``Word``s in stream time.
 
     Times are clamped to the utterance (Whisper sometimes stretches a word into the padding) and
@@ -310,7 +375,7 @@ def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: floa
             continue
         start = max(offset + min(max(start, 0.0), duration), not_before)
         end = max(offset + min(max(end, 0.0), duration), start)
-        placed.append(Word(text, round(start, 3), round(end, 3), 0, probability))
+        placed.append(Word(text, round(start, 3), round(end, 3), 0, probability, language))
         not_before = end
     return placed
 
