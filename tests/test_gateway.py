@@ -172,12 +172,6 @@ async def test_bad_parameter_sends_error_then_closes_1008(gateway, params, param
     assert param in errors[0]["message"] and "must be" in errors[0]["message"]
 
 
-async def test_unsupported_language_closes_1008_naming_it(gateway):
-    url = listen_url(gateway.base, codec="pcm16", language="de")
-    events, code, reason = await expect_refusal(url, {"Authorization": f"Bearer {token_for(gateway)}"})
-    assert code == 1008 and "de" in reason
-
-
 async def test_unknown_parameters_are_ignored(gateway):
     pcm = np.zeros(3200, np.int16)
     url = listen_url(gateway.base, codec="pcm16", sample_rate=16000, foo="bar", app_version="1.0")

@@ -359,7 +359,6 @@ class FallbackStream(STTStream):
         return await asyncio.shield(self._started)
 
     @property
-    @property
     def speech_seconds(self) -> float:
         """Seconds of speech heard so far, over every provider this stream used."""
         active = self._active
@@ -371,6 +370,7 @@ class FallbackStream(STTStream):
             self._retired.add(id(stream))
             self._speech_of_retired += _vad_speech(stream) or 0.0
 
+    @property
     def active_provider(self) -> str | None:
         return self._active.name if self._active else None
 

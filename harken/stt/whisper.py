@@ -26,7 +26,7 @@ import numpy as np
 from ..audio import WINDOW_SECONDS, Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import EMBEDDED_PROVIDER, SAMPLE_RATE, Provider, StreamConfig, STTError, STTStream, Word
 from .decoding import Decoding, RawWord, decode
-from .models import ModelError, load_whisper_model, resolve_model, resolve_multilingual, whisper_languages
+from .models import EMBEDDED_BASE, ModelError, load_whisper_model, resolve_model, resolve_multilingual, whisper_languages
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -99,7 +99,11 @@ class WhisperProvider(Provider):
         """Find (join and verify) the multilingual model; its absence turns the feature off, once."""
         try:
             self._multi_location = resolve_multilingual(self.settings)
+            if self._multi_location is not None and self.settings.whisper_multilingual_model.strip() != EMBEDDED_BASE:
+                # A model the operator named: load it now, so a wrong name is reported at start-up.
+                self._multi_model = load_whisper_model(self.settings, self._multi_location)
         except ModelError as exc:
+            self._multi_location = None
             self.multilingual_problem = str(exc)
         else:
             if self._multi_location is None:
