@@ -11,7 +11,6 @@ engines in its ``StreamConfig``; a change applies to sessions opened after it.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Callable
 
@@ -22,7 +21,7 @@ from starlette.routing import Route
 from ..conversations import Store
 from ..conversations.vocabulary import VocabularyError, clean_terms, get_vocabulary, set_vocabulary
 from .auth import Authenticator
-from .rest import _error, authentication
+from .rest import _error, authentication, json_object
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +47,7 @@ def build_vocabulary_routes(store: Store | Callable[[], Store | None],
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return _error(413, f"the body is over {MAX_BODY_BYTES} bytes")
-        try:
-            payload = json.loads(body or b"{}")
-        except ValueError:
-            return _error(400, "the body must be JSON: {\"vocabulary\": [\"term\", ...]}")
-        if not isinstance(payload, dict):
-            return _error(400, "the body must be a JSON object: {\"vocabulary\": [\"term\", ...]}")
+        payload = json_object(body or b"{}", '{"vocabulary": ["term", ...]}')   # 400 otherwise
         if "vocabulary" not in payload:
             # A PATCH of other preferences only: nothing of ours changes.
             return JSONResponse(_preferences(await get_vocabulary(store, uid)))
