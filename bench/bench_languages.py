@@ -49,7 +49,7 @@ async def through_gateway(server: GatewayServer, pcm: np.ndarray, language: str)
     messages = [pcm[i:i + 1600].tobytes() for i in range(0, len(pcm), 1600)]
     url = listen_url(server.base, codec="pcm16", sample_rate=16000, language=language)
     result = await stream_messages(url, messages, 0.1, token=mint_local_token(server.settings, "bench", 600),
-                                   realtime=False, settle_seconds=20.0, max_wait=180)
+                                   realtime=False, settle_seconds=45.0, max_wait=300)
     return result.transcript(), [s.get("language") for s in result.ordered()]
 
 

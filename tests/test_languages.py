@@ -49,7 +49,7 @@ def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * 16000), dtype=np.int16)
 
 
-async def stream(server, pcm: np.ndarray, uid: str, settle: float = 5.0, **params):
+async def stream(server, pcm: np.ndarray, uid: str, settle: float = 10.0, **params):
     """Stream ``pcm`` as fast as the gateway takes it; wait ``settle`` s without a change for the
     last words (Whisper base decodes take seconds on the shared 2-core machine)."""
     token = mint_local_token(server.settings, uid, 600)
