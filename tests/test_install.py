@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -121,6 +122,13 @@ async def test_without_the_speaker_model_sessions_still_transcribe(venv, tmp_pat
         assert health["status"] == "ready"
         assert health["optional_models"]["speaker_model"].startswith("missing: ")
         result = await transcribe(server, "no-speaker-model")
+        enrolment = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/users/speech-profile", method="PUT",
+                                           data=two_voices().tobytes(), headers={
+                                               "Authorization": f"Bearer {server.token('no-speaker-model')}",
+                                               "Content-Type": "application/octet-stream"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(enrolment, timeout=30)
+        assert refused.value.code == 503
     finally:
         server.stop()
     assert result.close_code == 1000, (result.close_code, result.close_reason)

@@ -51,7 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..audio.embedding import EMBEDDING_DIM, SAMPLE_RATE, SpeakerEmbedder
+from ..audio.embedding import EMBEDDING_DIM, SAMPLE_RATE, SpeakerEmbedder, speaker_model_problem
 from ..audio.vad import speech_spans
 from ..codecs import DecodeError, UnsupportedFormat
 from ..codecs.pcm import PCM16Decoder
@@ -138,7 +138,10 @@ async def voice_from_upload(body: bytes, content_type: str, sample_rate: int | N
                             keep_first: bool = False) -> Voice:
     """Decode, trim to speech and embed an upload; ``UploadError`` (422) if the speech found is
     outside ``[min_seconds, max_seconds]`` (``keep_first``: longer speech is cut to its first
-    ``max_seconds`` instead). The CPU work runs off the event loop."""
+    ``max_seconds`` instead). The CPU work runs off the event loop. 503 without the (optional)
+    speaker model."""
+    if speaker_model_problem():
+        raise UploadError(503, f"voice enrolment is off on this server: {speaker_model_problem()}")
 
     def trimmed() -> np.ndarray:
         return speech_only(decode_upload(body, content_type, sample_rate))
