@@ -370,16 +370,25 @@ def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: floa
     Times are clamped to the utterance (Whisper sometimes stretches a word into the padding) and
     made monotonic from ``not_before`` on, so segment builders never see a word start before the
     previous one ended.
+
+    Whisper starts a word with a space; a piece without one continues the previous word (the
+    "-disposed" of "ill-disposed", and the characters of Chinese or Japanese, written without
+    spaces), so it is glued to it rather than becoming a word that segments would space apart.
     """
     offset, duration = utterance.start_seconds, utterance.duration
     placed: list[Word] = []
-    for text, start, end, probability in raw_words:
-        text = text.strip()
+    for raw_text, start, end, probability in raw_words:
+        text = raw_text.strip()
         if not text:
             continue
         start = max(offset + min(max(start, 0.0), duration), not_before)
         end = max(offset + min(max(end, 0.0), duration), start)
-        placed.append(Word(text, round(start, 3), round(end, 3), 0, probability, language))
+        if placed and not raw_text[:1].isspace():
+            previous = placed[-1]
+            placed[-1] = Word(previous.text + text, previous.start, round(end, 3), 0,
+                              min(previous.confidence, probability), language)
+        else:
+            placed.append(Word(text, round(start, 3), round(end, 3), 0, probability, language))
         not_before = end
     return placed
 
