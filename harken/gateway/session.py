@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket
 from .. import codecs
 from ..audio import AudioRing
 from ..conversations import LeaseLost, UnknownSegments
-from ..stt.base import EMBEDDED_PROVIDER, STTError, STTStream, StreamConfig, Word
+from ..stt.base import EMBEDDED_PROVIDER, STTError, STTStream, StreamConfig, Word, speech_seconds
 from ..stt.channel_streams import ChannelStreams
 from ..stt.fallback import FallbackPolicy, FallbackStream
 from ..stt.gating import gated
@@ -760,9 +760,7 @@ class Session:
 
     def usage(self) -> dict:
         """What this connection used: audio seconds, speech seconds (engine VAD), words, provider."""
-        # The VAD gate's count when gated, else the engines' own (FallbackStream.speech_seconds).
-        stats = getattr(self.stream, "stats", None)
-        speech = stats.speech_seconds if stats is not None else getattr(self.stream, "speech_seconds", 0.0)
+        speech = speech_seconds(self.stream)
         return {"audio_seconds": self.clock.seconds, "speech_seconds": speech,
                 "words": self.stats.words, "provider": self.provider_name}
 

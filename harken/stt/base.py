@@ -96,3 +96,12 @@ class Provider(abc.ABC):
 
     async def aclose(self) -> None:
         """Release shared resources (models, thread pools) at server shutdown."""
+
+
+def speech_seconds(stream: STTStream | None) -> float:
+    """Seconds of speech a stream heard, for usage: its VAD's count (``stats.speech_seconds``: the
+    embedded engine, the VAD gate), else what it computes itself (``FallbackStream``)."""
+    stats = getattr(stream, "stats", None)
+    if stats is not None:
+        return float(stats.speech_seconds)
+    return float(getattr(stream, "speech_seconds", 0.0) or 0.0)

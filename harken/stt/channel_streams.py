@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from .base import STTStream, Word
+from .base import STTStream, Word, speech_seconds
 
 _DONE = object()
 
@@ -44,7 +44,7 @@ class ChannelStreams(STTStream):
 
     @property
     def stats(self) -> _Stats:
-        return _Stats(sum(getattr(getattr(s, "stats", None), "speech_seconds", 0.0) for s in self.streams))
+        return _Stats(sum(speech_seconds(s) for s in self.streams))
 
     def send_nowait(self, pcm: np.ndarray) -> None:
         for stream, samples in zip(self.streams, self._take()):
