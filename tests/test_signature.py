@@ -66,6 +66,10 @@ def test_random_bytes_read_as_samples_are_told_from_sound():
     assert not any(looks_like_random_bytes(f) for f in frames)
     loud = np.clip(speech.astype(np.int32) * 8, -32768, 32767).astype(np.int16)   # clipped speech
     assert not any(looks_like_random_bytes(loud[i:i + 160]) for i in range(0, len(loud) - 160, 160))
+    # Loud and flat but not white: a signal alternating between two levels (the fake providers'
+    # timecode, a tone at half the Nyquist rate) is correlated at lag 2.
+    alternating = np.tile(np.array([24000, -3], dtype=np.int16), 800)
+    assert not looks_like_random_bytes(alternating)
 
 
 def _with_garbage(messages: list[bytes], seed: str) -> tuple[list[bytes], set[int]]:

@@ -160,7 +160,10 @@ class SteadySize:
 # ~18 900 (-5 dBFS, 17 500-20 000 over 10 ms), no correlation between neighbouring samples, and a
 # kurtosis of 1.8 (uniform). Sound is never all three: loud speech at 8 kHz reached RMS 9 000 with
 # a lag-1 correlation of 0.23-0.4 but a kurtosis of 3.2-4.1 (peaky); clipped speech is flat but
-# strongly correlated; fricatives are white but 20-30 dB quieter.
+# strongly correlated; fricatives are white but 20-30 dB quieter. White means uncorrelated at every
+# lag, so the correlation is checked at lags 1 and 2: a loud signal alternating between two levels
+# (a test tone at half the Nyquist rate, the fake providers' timecode) is flat and has a small
+# lag-1 correlation, but a lag-2 correlation near 1.
 RANDOM_RMS = 13000.0
 RANDOM_MAX_CORRELATION = 0.3
 RANDOM_MAX_KURTOSIS = 2.4
@@ -175,9 +178,9 @@ def looks_like_random_bytes(samples: np.ndarray) -> bool:
     energy = float(np.dot(x, x))
     if energy < RANDOM_RMS * RANDOM_RMS * len(x):
         return False
-    correlation = float(np.dot(x[:-1], x[1:])) / energy
-    if abs(correlation) >= RANDOM_MAX_CORRELATION:
-        return False
+    for lag in (1, 2):
+        if abs(float(np.dot(x[:-lag], x[lag:])) / energy) >= RANDOM_MAX_CORRELATION:
+            return False
     squares = x * x
     kurtosis = float(np.dot(squares, squares)) * len(x) / (energy * energy)
     return kurtosis < RANDOM_MAX_KURTOSIS
