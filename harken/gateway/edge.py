@@ -161,19 +161,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().data_received(data[room:])
 
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        super().on_message_begin()
-
+    # A new head begins once the previous request's body is read (a response may come earlier,
+    # e.g. a 413 before the body); its deadline runs once that request is also answered.
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm_head_timer()
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes = True, 0
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm_head_timer()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._in_head, self._head_bytes = True, 0
+        if self._in_head and not self.transport.is_closing():
             self._arm_head_timer()
 
     def handle_websocket_upgrade(self) -> None:

@@ -159,5 +159,5 @@ async def _answer(send, status: int, detail: str) -> None:
     body = orjson.dumps({"detail": detail})
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            _NOSNIFF, (b"connection", b"close")]})
+                            _NOSNIFF]})
     await send({"type": "http.response.body", "body": body})
