@@ -443,3 +443,34 @@ async def test_static_files_say_nosniff(make_gateway):
         for path in ("/static/app.js", "/healthz", "/v1/conversations"):
             answer = await client.get(path)
             assert answer.headers.get("x-content-type-options") == "nosniff", path
+
+
+async def test_delivery_does_not_follow_a_redirect(tmp_path):
+    """Kept from before: a receiver answering 302 towards another target gets no second request
+    from us (the target would not have been checked); the delivery counts as failed."""
+    from tests.fakes.webhook_receiver import WebhookReceiver
+    from tests.test_webhooks import delivering_service
+
+    class Redirecting(WebhookReceiver):
+        async def handle(self, request):
+            self.attempts += 1
+            if request.path.startswith("/elsewhere"):
+                self.requests.append(request)
+                return 200, {}, b"{}"
+            return 302, {"Location": self.url("/elsewhere")}, b""
+
+    hook = await Redirecting().start()
+    try:
+        async with delivering_service(tmp_path, secret="") as service:
+            await service.set_webhook("alice", "realtime_transcript", hook.url())
+            live = await service.connect("alice", session_id="s1")
+            await live.save_batch([{"id": "a", "text": "hi", "speaker": "SPEAKER_00", "speaker_id": 0,
+                                    "is_user": True, "start": 0.0, "end": 1.0}], [])
+            async with asyncio.timeout(10):
+                while hook.attempts < 2:                 # the first attempt and a retry
+                    await asyncio.sleep(0.05)
+            await live.close()
+            assert service.deliverer.delivered == 0 and service.deliverer.failed_attempts >= 2
+    finally:
+        await hook.stop()
+    assert hook.requests == []
