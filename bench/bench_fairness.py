@@ -11,11 +11,12 @@ settings) takes, in turn:
   socket takes them), ``suggestion-flood`` (an authenticated custom_stt stream sending ~60 KB
   suggested_transcript messages, unpunctuated lowercase text that merges, as fast as it can),
   ``idle-1000`` (1,000 TCP connections that send nothing, reopened when closed, ≤ 100 a second);
-- ``baseline`` again, to show how much the shared machine drifted during the run.
+- a ``baseline`` between every two abusers, so each abuser is compared with the baselines run
+  just before and after it (the mean of the two): a shared machine's load drifts during a run.
 
-For each phase it prints the honest streams' connect → ready (p50, p95) and steady segment
-latency (p50, p95), and their ratio to the first baseline; the goal is ≤ 1.2×. Timing on a
-shared machine is noisy: read the ratios with the second baseline's drift in mind.
+For each phase it prints the honest streams' connect → ready (p50, p95), steady segment latency
+(p50, p95) and the server's CPU seconds (its own, from /proc: the figure other engineers' load
+disturbs least), each as a ratio to the neighbouring baselines; the goal is ≤ 1.2×.
 
     python bench/bench_fairness.py [--seconds 15] [--streams 20] [--phases huge-headers,slowloris]
 """
@@ -223,7 +224,9 @@ def main() -> int:
         run_abuser(args.abuse, args.port, args.data_dir, args.seconds)
         return 0
 
-    phases = ["baseline", *[p for p in args.phases.split(",") if p], "baseline"]
+    phases = ["baseline"]
+    for abuser in (p for p in args.phases.split(",") if p):
+        phases += [abuser, "baseline"]
     with tempfile.TemporaryDirectory(prefix="harken-fairness-") as tmp:
         data_dir, port = Path(tmp), free_port()
         server = start_server(port, data_dir)
@@ -236,7 +239,9 @@ def main() -> int:
                         [sys.executable, __file__, "--abuse", phase, "--port", str(port), "--data-dir", tmp,
                          "--seconds", str(args.seconds + 8)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
                     time.sleep(3.0)            # the abuse is under way before the honest streams connect
+                cpu_before = cpu_seconds(server.pid)
                 figures = asyncio.run(honest_run(port, data_dir, args.streams, args.seconds, phase))
+                figures["server_cpu"] = cpu_seconds(server.pid) - cpu_before
                 if abuser is not None:
                     try:
                         abuser.wait(timeout=30)
@@ -256,17 +261,29 @@ def main() -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def print_table(results: list[tuple[str, dict[str, float]]], args) -> None:
-    names = ("ready_p50", "ready_p95", "latency_p50", "latency_p95")
-    baselines = [figures for phase, figures in results if phase == "baseline"]
-    base = {n: sum(b[n] for b in baselines) / len(baselines) for n in names}
-    print(f"\n{args.streams} honest opus streams x {args.seconds:g} s per phase, null provider; "
-          f"ratios against the mean of the two baselines (goal <= {GOAL}x). The machine was shared: "
-          f"the baselines' own ratios show the drift during the run.")
+    names = ("ready_p50", "ready_p95", "latency_p50", "latency_p95", "server_cpu")
+    print(f"\n{args.streams} honest opus streams x {args.seconds:g} s per phase, null provider; each "
+          f"abuser's ratios against the mean of the baselines just before and after it (goal <= {GOAL}x). "
+          f"Shared machine: the baselines' spread shows its noise.")
     print(f"{'phase':17s} " + " ".join(f"{n:>20s}" for n in names) + "  errors")
-    for phase, figures in results:
-        cells = [f"{figures[n] * 1000:7.0f} ms ({figures[n] / base[n]:4.2f}x)" for n in names]
+    for index, (phase, figures) in enumerate(results):
+        if phase == "baseline":
+            cells = [_cell(figures[n], None, n) for n in names]
+        else:
+            around = [results[index - 1][1], results[index + 1][1]]
+            cells = [_cell(figures[n], sum(b[n] for b in around) / 2, n) for n in names]
         print(f"{phase:17s} " + " ".join(f"{c:>20s}" for c in cells) + f"  {figures['errors']:.0f}")
+
+
+def _cell(value: float, base: float | None, name: str) -> str:
+    shown = f"{value:5.1f} s" if name == "server_cpu" else f"{value * 1000:5.0f} ms"
+    return shown + (f" ({value / base:4.2f}x)" if base else "        ")
 
 
 if __name__ == "__main__":

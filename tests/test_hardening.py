@@ -121,13 +121,18 @@ def test_an_oversized_request_head_is_refused_431_before_it_is_read(make_gateway
 
 def test_a_slowloris_head_and_an_idle_socket_are_closed_at_the_head_timeout(make_gateway):
     server = start(make_gateway, request_head_timeout=1.0)
-    with socket.create_connection(("127.0.0.1", server.settings.port)) as slow, \
-            socket.create_connection(("127.0.0.1", server.settings.port)) as idle:
+    address = ("127.0.0.1", server.settings.port)
+    with socket.create_connection(address, source_address=("127.0.0.2", 0)) as slow, \
+            socket.create_connection(address, source_address=("127.0.0.3", 0)) as idle:
         slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         assert seconds_until_closed(slow, 6.0, trickle=b"X-A: b\r\n") < 3.0
         assert seconds_until_closed(idle, 6.0) < 3.0
-    # A prompt request on a kept-alive connection is still answered.
-    with httpx.Client(base_url=server.http) as client:
+    # The address that began a head and did not finish it is refused for a while (it would
+    # only reconnect to do it again); a socket that sent nothing is no such offence...
+    with socket.create_connection(address, source_address=("127.0.0.2", 0)) as again:
+        assert seconds_until_closed(again, 3.0) < 0.5
+    # ...others are not: a prompt request on a kept-alive connection is answered.
+    with httpx.Client(base_url=server.http, transport=httpx.HTTPTransport(local_address="127.0.0.3")) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/healthz").status_code == 200
 

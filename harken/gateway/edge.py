@@ -14,6 +14,12 @@ forever. ``BoundedHttpToolsProtocol`` adds, per connection:
   byte of it is parsed, so one client's idle sockets cannot use up the file descriptors that
   everyone else needs.
 
+An address whose head was refused (431, or 408 for a head begun and not finished) is refused outright for a while: 0.5 s, doubling
+with each refusal in a row up to 60 s. A client that keeps reconnecting to send oversized or
+unfinished heads then costs an accept and a close, not a read and an answer each time. Like the
+per-client cap, this is off when ``max_connections_per_client`` is 0 (behind a proxy every
+client has the proxy's address).
+
 WebSocket connections stay counted after the upgrade (``ConnectionLedger.join`` in
 ``ws_protocol.py``), so a client holding many streams counts them too.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import time
 from collections import Counter
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -32,6 +39,8 @@ log = logging.getLogger("harken.edge")
 # File descriptors kept free of client connections: the store, engine files, webhook sockets.
 FD_RESERVE = 256
 MIN_CONNECTIONS = 64
+FIRST_PENALTY, MAX_PENALTY = 0.5, 60.0     # seconds an address is refused after a refused head
+MAX_PENALISED = 10_000                      # addresses remembered at most (then forgotten at once)
 
 
 def connection_limit(configured: int) -> int:
@@ -60,6 +69,7 @@ class ConnectionLedger:
         self.total = 0
         self.by_client: Counter[str] = Counter()
         self.refused = 0
+        self._penalties: dict[str, tuple[float, float]] = {}   # address → (refused until, last penalty)
 
     @classmethod
     def of(cls, config, server_state) -> "ConnectionLedger":
@@ -73,11 +83,28 @@ class ConnectionLedger:
         return ledger
 
     def admit(self, key: str) -> bool:
-        if self.total >= self.limit or (self.per_client and self.by_client[key] >= self.per_client):
+        if self.total >= self.limit or (self.per_client and (
+                self.by_client[key] >= self.per_client or self._penalised(key))):
             self.refused += 1
             return False
         self.join(key)
         return True
+
+    def _penalised(self, key: str) -> bool:
+        penalty = self._penalties.get(key)
+        return penalty is not None and time.monotonic() < penalty[0]
+
+    def strike(self, key: str) -> None:
+        """``key`` sent a head that was refused: refuse its connections for a while."""
+        if not self.per_client:
+            return
+        now = time.monotonic()
+        until, last = self._penalties.get(key, (0.0, 0.0))
+        # In a row: struck again within a minute of the last penalty's end.
+        penalty = min(MAX_PENALTY, last * 2) if last and now - until < MAX_PENALTY else FIRST_PENALTY
+        if len(self._penalties) >= MAX_PENALISED:
+            self._penalties.clear()
+        self._penalties[key] = (now + penalty, penalty)
 
     def join(self, key: str) -> None:
         self.total += 1
@@ -138,8 +165,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._in_head and not self.transport.is_closing():
-            self._refuse(408, "Request Timeout")
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._head_bytes == 0:
+            # Nothing sent: a browser's preconnect or an idle keep-alive socket, not an attack
+            # to remember (the per-client cap bounds how many one address holds).
+            self.transport.close()
+            return
+        self._refuse(408, "Request Timeout")
 
     # -- the head's byte budget -----------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -186,6 +219,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().handle_websocket_upgrade()
 
     def _refuse(self, status: int, phrase: str) -> None:
+        if self._client_key is not None:
+            self._ledger.strike(self._client_key)
         body = phrase.encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
                              b"content-length: %d\r\nconnection: close\r\n\r\n%s"
