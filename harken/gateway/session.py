@@ -119,7 +119,7 @@ class Session:
         self._in_flight: set[asyncio.Task] = set()
         self.photos = SessionPhotos(self.send_json)     # OpenGlass image_chunk pieces
         self._notices: set[asyncio.Task] = set()        # events sent from synchronous callbacks
-        # Real-time pacing (pacing.py): audio samples, and text characters.
+        # Real-time pacing (pacing.py): audio samples, and characters of suggested transcripts.
         started = time.monotonic()
         self._audio_pacer = Pacer(self.settings.audio_realtime_factor * codecs.TARGET_RATE,
                                   self.settings.audio_burst_seconds * codecs.TARGET_RATE, started)
@@ -358,10 +358,6 @@ class Session:
                     self._audio_wake.set()
                     continue
                 await self._on_text(text)
-                # A client flooding text (suggested transcripts) is read more slowly, not cut off.
-                wait = self._text_pacer.take(size, time.monotonic())
-                if wait:
-                    await asyncio.sleep(wait)
 
     def _on_binary(self, data: bytes) -> None:
         """One binary message: count it, decode it, and queue the audio for the pump. Runs in the
@@ -604,6 +600,10 @@ class Session:
                 provider = str(message.get("stt_provider") or "custom")[:MAX_PROVIDER_CHARS]
                 self._anchor(min(s["start"] for s in segments))
                 self.builder.add_suggested(segments, provider=provider, time_offset=self.time_offset)
+            # A client flooding suggestions is read more slowly (this loop waits), not cut off.
+            wait = self._text_pacer.take(len(text), time.monotonic())
+            if wait:
+                await asyncio.sleep(wait)
         elif kind == "speaker_assigned":
             await self._on_speaker_assigned(message)
         elif kind == "image_chunk":
