@@ -73,7 +73,7 @@ def run_server(settings: Settings) -> int:
     if settings.workers > 1:
         from .workers import run_workers
 
-        return run_workers(settings)
+        return run_workers(settings, serve)
     serve(settings)
     return 0
 
