@@ -91,8 +91,11 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
         # Body limits, JSON depth, browser origin checks, nosniff: for every route (guard.py).
         # Speech-profile uploads carry up to 60 s of audio: their routes allow bigger bodies.
         middleware=[Middleware(GuardMiddleware, settings=settings,
-                               body_limits={path: MAX_JSON_BYTES for path in (
-                                   "/v1/users/speech-profile", "/v3/upload-audio", "/v1/people", "/v1/users/people")})],
+                               body_limits={**{path: MAX_JSON_BYTES for path in (
+                                   "/v1/users/speech-profile", "/v3/upload-audio", "/v1/people", "/v1/users/people")},
+                                   # offline recordings: the route streams them to disk under its own limits
+                                   **{path: int(settings.sync_max_upload_mb * 1024 * 1024)
+                                      for path in ("/v1/sync-local-files", "/v2/sync-local-files")}})],
     )
     return app
 
