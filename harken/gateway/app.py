@@ -8,21 +8,24 @@ import time
 from typing import AsyncIterator, Iterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from .. import native
 from ..config import Settings
+from ..data_dir import make_private
 from ..conversations import ConversationService, Store
 from ..stt.selection import build_providers
 from ..stt.whisper import WhisperProvider
 from .auth import build_authenticator
 from .context import Gateway
 from .drain import shutdown_graces
+from .guard import GuardMiddleware
 from .listen import listen_endpoint, web_listen_endpoint
 from .metrics import metrics_routes
-from .profiles import build_profile_routes
+from .profiles import MAX_JSON_BYTES, build_profile_routes
 from .rest import build_rest_routes, not_served_route
 from .sync import build_sync_routes
 from .sync_worker import start_sync_worker
@@ -38,12 +41,13 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private(settings.data_dir)
         authenticator = build_authenticator(settings)
         with _startup_step("conversation store"):
             store = await Store.from_settings(settings).open()
             conversations = ConversationService(settings, store)
             await conversations.start()
+        make_private(settings.data_dir)       # the database files SQLite just created
         whisper = WhisperProvider(settings)
         with _startup_step(f"speech engine (faster-whisper {settings.whisper_model})"):
             await whisper.load()
@@ -88,6 +92,14 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
             not_served_route(),             # last: any other path is a JSON 404, never a 401
         ],
         lifespan=lifespan,
+        # Body limits, JSON depth, browser origin checks, nosniff: for every route (guard.py).
+        # Speech-profile uploads carry up to 60 s of audio: their routes allow bigger bodies.
+        middleware=[Middleware(GuardMiddleware, settings=settings,
+                               body_limits={**{path: MAX_JSON_BYTES for path in (
+                                   "/v1/users/speech-profile", "/v3/upload-audio", "/v1/people", "/v1/users/people")},
+                                   # offline recordings: the route streams them to disk under its own limits
+                                   **{path: int(settings.sync_max_upload_mb * 1024 * 1024)
+                                      for path in ("/v1/sync-local-files", "/v2/sync-local-files")}})],
     )
     return app
 

@@ -32,8 +32,10 @@ from ..stt.selection import NoProviderError, choose_chain
 from . import events
 from .clock import AudioClock
 from .context import Gateway
+from .pacing import SUGGESTED_BURST_CHARS, SUGGESTED_CHARS_PER_SECOND, Pacer
 from .params import ListenParams
-from .segments import Batch, Segment, SegmentBuilder
+from .segments import (MAX_PROVIDER_CHARS, Batch, Segment, SegmentBuilder, speaker_assignment,
+                       suggested_segments)
 from .session_photos import SessionPhotos
 from .profiles import load_voices, voices_from_stored
 from .speakers import SpeakerIdentifier
@@ -119,6 +121,13 @@ class Session:
         self._in_flight: set[asyncio.Task] = set()
         self.photos = SessionPhotos(self.send_json)     # OpenGlass image_chunk pieces
         self._notices: set[asyncio.Task] = set()        # events sent from synchronous callbacks
+        # Real-time pacing (pacing.py): audio samples, and characters of suggested transcripts.
+        started = time.monotonic()
+        self._audio_pacer = Pacer(self.settings.audio_realtime_factor * codecs.TARGET_RATE,
+                                  self.settings.audio_burst_seconds * codecs.TARGET_RATE, started)
+        self._text_pacer = Pacer(SUGGESTED_CHARS_PER_SECOND, SUGGESTED_BURST_CHARS, started)
+        self._pace_resume: asyncio.TimerHandle | None = None   # the sink's reading resumes then
+        self._pace_wait = 0.0                                   # without a sink: the receive loop sleeps
 
     # -- public -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -344,6 +353,9 @@ class Session:
             data, text = message.get("bytes"), message.get("text")
             if data is not None:
                 self._on_binary(data)
+                if self._pace_wait:
+                    wait, self._pace_wait = self._pace_wait, 0.0
+                    await asyncio.sleep(wait)
             elif text is not None:
                 self.last_activity = time.monotonic()
                 self.stats.messages += 1
@@ -407,6 +419,9 @@ class Session:
         self._pending.append(pcm)
         self._pending_samples += len(pcm)
         self.metrics.audio_arrived(self.clock.samples + self._pending_samples, now)
+        ahead = self._audio_pacer.take(len(pcm), now)
+        if ahead:
+            self._hold_reading(ahead)
         if self._pending_samples >= AUDIO_PIECE_SAMPLES:
             if self._send_nowait is not None:
                 try:
@@ -418,6 +433,19 @@ class Session:
             self._audio_wake.set()
             if self._pending_samples > MAX_PENDING_SAMPLES and self._sink is not None:
                 self._sink.pause_reading()
+
+    def _hold_reading(self, seconds: float) -> None:
+        """The client is ahead of real time past its burst: read nothing more for ``seconds``."""
+        if self._sink is None:
+            self._pace_wait = max(self._pace_wait, seconds)
+        elif self._pace_resume is None:
+            self._sink.pause_reading()
+            self._pace_resume = asyncio.get_running_loop().call_later(seconds, self._end_hold)
+
+    def _end_hold(self) -> None:
+        self._pace_resume = None
+        if self._pending_samples <= MAX_PENDING_SAMPLES:    # else the pump resumes once it catches up
+            self._sink.resume_reading()
 
     async def _audio_pump(self) -> None:
         """Move pending audio on, piece by piece; act on what the sink could not (it cannot await)."""
@@ -440,7 +468,7 @@ class Session:
         if not self._pending:
             return
         pcm = self._take_pending()
-        if self._sink is not None:
+        if self._sink is not None and self._pace_resume is None:
             self._sink.resume_reading()
         if self._send_nowait is not None:
             self._pass_on(pcm)
@@ -574,13 +602,15 @@ class Session:
             return
         kind = message.get("type")
         if kind == "suggested_transcript" and self.params.custom_stt:
-            segments = message.get("segments")
-            if isinstance(segments, list):
-                provider = str(message.get("stt_provider") or "custom")
-                starts = [s.get("start") for s in segments if isinstance(s, dict) and isinstance(s.get("start"), (int, float))]
-                self._anchor(min(starts) if starts else self.clock.seconds)
-                self.builder.add_suggested([s for s in segments if isinstance(s, dict)],
-                                           provider=provider, time_offset=self.time_offset)
+            segments = suggested_segments(message.get("segments"))
+            if segments:
+                provider = str(message.get("stt_provider") or "custom")[:MAX_PROVIDER_CHARS]
+                self._anchor(min(s["start"] for s in segments))
+                self.builder.add_suggested(segments, provider=provider, time_offset=self.time_offset)
+            # A client flooding suggestions is read more slowly (this loop waits), not cut off.
+            wait = self._text_pacer.take(len(text), time.monotonic())
+            if wait:
+                await asyncio.sleep(wait)
         elif kind == "speaker_assigned":
             await self._on_speaker_assigned(message)
         elif kind == "image_chunk":
@@ -594,14 +624,13 @@ class Session:
         await self.photos.on_chunk(message, self.live, self.gateway.conversations)
 
     async def _on_speaker_assigned(self, message: dict) -> None:
-        try:
-            speaker_id = int(message["speaker_id"])
-        except (KeyError, TypeError, ValueError):
+        assignment = speaker_assignment(message)
+        if assignment is None:
+            log.debug("ignoring a malformed speaker_assigned sid=%s", self.id)
             return
-        person_id = message.get("person_id") or None
+        speaker_id, person_id, person_name, ids = assignment
         is_user = person_id == "user"
-        self.speakers.assign(speaker_id, person_id, message.get("person_name"))
-        ids = message.get("segment_ids")
+        self.speakers.assign(speaker_id, person_id, person_name)
         batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=None if is_user else person_id,
                                      segment_ids=ids if isinstance(ids, list) else None)
         await self._persist(batch)
@@ -696,6 +725,10 @@ class Session:
             self._take_native()                # what it decoded before the end still counts
             self._reader.close()               # later frames reach _on_binary, which drops them
         self._accepting_audio = False          # later messages are dropped, as once the receive loop ended
+        if self._pace_resume is not None:      # a paced client: read again, its close frame must get through
+            self._pace_resume.cancel()
+            self._pace_resume = None
+            self._sink.resume_reading()
         if self._in_flight:
             # Their failures (a lease lost) were the task group's business already.
             await asyncio.gather(*self._in_flight, return_exceptions=True)
