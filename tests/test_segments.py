@@ -123,6 +123,18 @@ def test_lowercase_continuation_joins_across_speakers_and_long_pauses():
     ]
 
 
+def test_respeak_moves_sent_segments_and_merges_neighbours():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hello.", 0.0, 0.5), speaker=0) + words(("Hi.", 1.0, 1.4), speaker=1)
+        + words(("How are you?", 2.0, 2.8), speaker=0))
+    assert [s.speaker_id for s in builder.flush().changed] == [0, 1, 0]
+    # Re-clustering found that the middle segment was speaker 0 too: re-sent by id, and the three
+    # are one speaker's talk now, merged into the first (the others' ids deleted).
+    batch = builder.respeak({"seg-1": (0, False, None)})
+    assert [(s.id, s.text, s.speaker_id) for s in batch.changed] == [("seg-0", "Hello. Hi. How are you?", 0)]
+    assert batch.deleted_ids == ["seg-1", "seg-2"]
+
+
 @pytest.mark.parametrize(
     "first, second",
     [

@@ -14,7 +14,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from .embedding import EMBEDDING_DIM
+from .embedding import EMBEDDING_DIM, WINDOW_HOP_SECONDS, WINDOW_SECONDS
 
 # An utterance joins a known speaker if its cosine similarity to that speaker's centroid is at
 # least this. Calibrated with bench/bench_speakers.py on tests/data/speakers: 200 shuffled
@@ -124,3 +124,375 @@ def labelling_accuracy(labels: Sequence[int], truth: Sequence[Hashable]) -> floa
             used_speakers.add(speaker)
             correct += n
     return correct / len(labels)
+
+
+# --- conversation-level diarization: speaker turns inside utterances, re-clustering ----------
+
+# A stretch of speech is placed by the mean of CHUNK_WINDOWS of the model's 0.8 s windows (1.6 s
+# of audio), one every CHUNK_STRIDE windows (0.8 s): short enough to find a turn change inside a
+# VAD utterance, long enough to carry a voice (a lone 0.8 s window is too noisy to cluster).
+CHUNK_WINDOWS = 3
+CHUNK_STRIDE = 2
+# Average-linkage clustering stops merging when the clusters' mean cosine similarity falls
+# below this. Tuned with bench/bench_speakers.py --only conversations on the development calls
+# (see its docstring for which recordings; the tests use others).
+CLUSTER_SIMILARITY = 0.55
+# Clusters with less speech than this are folded into the nearest larger one: a cough, a laugh
+# or a short noisy stretch should not become a speaker of its own.
+MIN_SPEAKER_SECONDS = 1.5
+# A stretch (consecutive chunks of one utterance with one label) is a known voice (the owner,
+# an enrolled person) when its own mean embedding is at least this similar to the enrolment.
+KNOWN_VOICE_SIMILARITY = 0.60
+# Re-cluster with every utterance while the conversation has at most this many chunks (4 min of
+# speech; clustering 300 chunks takes a few ms); past it, after every RECLUSTER_SECONDS of new
+# speech, and in between new chunks go to the nearest speaker.
+RECLUSTER_ALWAYS_CHUNKS = 300
+RECLUSTER_SECONDS = 4.0
+# Only the newest chunks are re-clustered (average linkage is quadratic in them); older ones keep
+# their labels. 600 chunks are 8 minutes of speech.
+MAX_RECLUSTER_CHUNKS = 600
+
+
+class ConversationDiarizer:
+    """Speaker labels for the speech of one conversation, refined as the conversation grows.
+
+    Sans-I/O: ``add_utterance(start, window_embeddings)`` takes the model's window embeddings of
+    one utterance (``SpeakerEmbedder.embed_windows``) and labels it; ``label_at``/``label_between``
+    answer which label holds at a time or over a span. Every ``RECLUSTER_SECONDS`` of new speech
+    the recent chunks are clustered again from scratch (average linkage, the number of speakers
+    found by ``CLUSTER_SIMILARITY``), and the new clusters are mapped onto the old labels by the
+    speech they share, so a label keeps meaning the same voice. An earlier chunk's label changes
+    only when two re-clusterings in a row agree on it, so labels do not flicker.
+
+    ``known`` is a (k, 256) matrix of enrolled voices (row 0 the owner, if any): a stretch whose
+    own audio matches one of them gets that voice's label, whatever its cluster (the owner anchors
+    clustering); ``known_label(label)`` says which row a label stands for.
+    """
+
+    def __init__(self, *, known: np.ndarray | None = None, threshold: float = CLUSTER_SIMILARITY,
+                 known_threshold: float = KNOWN_VOICE_SIMILARITY, min_speaker_seconds: float = MIN_SPEAKER_SECONDS,
+                 recluster_seconds: float = RECLUSTER_SECONDS, max_chunks: int = MAX_RECLUSTER_CHUNKS,
+                 window_seconds: float = WINDOW_SECONDS, hop_seconds: float = WINDOW_HOP_SECONDS):
+        self.threshold = threshold
+        self.known_threshold = known_threshold
+        self.min_speaker_seconds = min_speaker_seconds
+        self.recluster_seconds = recluster_seconds
+        self.max_chunks = max_chunks
+        self.window_seconds, self.hop_seconds = window_seconds, hop_seconds
+        self.known = None if known is None or len(known) == 0 else _unit_matrix(known)
+        self._vectors = np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        self._starts: list[float] = []
+        self._ends: list[float] = []
+        self._utterance: list[int] = []
+        self._labels: list[int] = []
+        self._pending: dict[int, int] = {}        # chunk → label a re-clustering proposed once
+        self._known_of_label: dict[int, int] = {}  # label → row of ``known``
+        self._next_label = 0
+        self._utterances = 0
+        self._new_speech = 0.0
+        self._cached_times: tuple[np.ndarray, np.ndarray] | None = None
+        self.reclusters = 0
+
+    # -- what is known -------------------------------------------------------------------
+    @property
+    def labels(self) -> list[int]:
+        return list(self._labels)
+
+    @property
+    def speakers(self) -> int:
+        """How many labels are in use now."""
+        return len(set(self._labels))
+
+    def known_label(self, label: int) -> int | None:
+        """The row of ``known`` that ``label`` stands for, if any."""
+        return self._known_of_label.get(label)
+
+    def label_at(self, t: float) -> int | None:
+        """The label of the chunk whose centre is nearest ``t`` (None before any speech)."""
+        if not self._starts:
+            return None
+        starts, ends = self._times()
+        centres = (starts + ends) / 2
+        i = int(np.searchsorted(centres, t))
+        nearest = [k for k in (i - 1, i) if 0 <= k < len(centres)]
+        return self._labels[min(nearest, key=lambda k: abs(centres[k] - t))]
+
+    def label_between(self, start: float, end: float) -> int | None:
+        """The label with the most chunk time inside ``[start, end]`` (else ``label_at`` the middle)."""
+        starts, ends = self._times()
+        # Chunks are at most CHUNK_WINDOWS windows long: look back that far from ``start``.
+        lo = int(np.searchsorted(starts, start - CHUNK_WINDOWS * self.window_seconds))
+        hi = int(np.searchsorted(starts, end))
+        votes: dict[int, float] = {}
+        for i in range(lo, hi):
+            overlap = min(ends[i], end) - max(starts[i], start)
+            if overlap > 0:
+                votes[self._labels[i]] = votes.get(self._labels[i], 0.0) + overlap
+        return max(votes, key=votes.get) if votes else self.label_at((start + end) / 2)
+
+    @property
+    def recluster_start(self) -> float:
+        """Audio-clock time from which the last re-clustering could change labels."""
+        lo = max(0, len(self._starts) - self.max_chunks)
+        return self._starts[lo] if self._starts else 0.0
+
+    def _times(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._cached_times is None or len(self._cached_times[0]) != len(self._starts):
+            self._cached_times = (np.asarray(self._starts), np.asarray(self._ends))
+        return self._cached_times
+
+    def turns(self) -> list[tuple[float, float, int]]:
+        """``(start, end, label)`` for every chunk's own share of time (its centre ± half the
+        distance to its neighbours in the same utterance): a diarization hypothesis."""
+        out = []
+        for i, (a, b, label) in enumerate(zip(self._starts, self._ends, self._labels)):
+            lo, hi = a, b
+            if i > 0 and self._utterance[i - 1] == self._utterance[i]:
+                lo = max(a, (self._starts[i - 1] + self._ends[i - 1] + a + b) / 4)
+            if i + 1 < len(self._starts) and self._utterance[i + 1] == self._utterance[i]:
+                hi = min(b, (self._starts[i + 1] + self._ends[i + 1] + a + b) / 4)
+            out.append((lo, hi, label))
+        return out
+
+    # -- input ---------------------------------------------------------------------------
+    def add_utterance(self, start: float, end: float, windows: np.ndarray) -> bool:
+        """Label an utterance spanning ``[start, end]`` s from its model windows (n, 256).
+
+        Returns True if earlier chunks' labels may have changed (a re-clustering ran)."""
+        windows = _unit_matrix(windows)
+        n = len(windows)
+        if n == 0:
+            return False
+        first_new = len(self._starts)
+        firsts = list(range(0, max(n - CHUNK_WINDOWS, 0) + 1, CHUNK_STRIDE))
+        if firsts[-1] + CHUNK_WINDOWS < n:
+            firsts.append(n - CHUNK_WINDOWS)
+        for k in firsts:
+            group = windows[k : k + CHUNK_WINDOWS]
+            a = start + k * self.hop_seconds
+            b = min(end, a + (len(group) - 1) * self.hop_seconds + self.window_seconds)
+            self._starts.append(a)
+            self._ends.append(max(b, a + 0.01))
+            self._utterance.append(self._utterances)
+            self._vectors = np.vstack((self._vectors, _unit_matrix(group.mean(axis=0, keepdims=True))))
+            self._labels.append(-1)
+        self._utterances += 1
+        self._new_speech += end - start
+        if (self._new_speech >= self.recluster_seconds or len(self._starts) <= RECLUSTER_ALWAYS_CHUNKS
+                or first_new == 0):
+            self._recluster(first_new)
+            self._new_speech = 0.0
+            return True
+        self._assign_online(first_new)
+        return False
+
+    def finish(self) -> bool:
+        """The conversation ended: re-cluster once more and apply every change it proposes
+        (no second run will come to confirm them). Returns True if it ran."""
+        if not self._starts:
+            return False
+        self._recluster(len(self._starts), confirm=False)
+        return True
+
+    # -- labelling -----------------------------------------------------------------------
+    def _assign_online(self, first_new: int) -> None:
+        """New chunks to the nearest label's centroid, or a new label if none is close enough."""
+        labels = sorted(set(self._labels[:first_new]) - {-1})
+        centroids = np.asarray([self._centroid(label) for label in labels]) if labels else None
+        for i in range(first_new, len(self._labels)):
+            known = self._known_match(self._vectors[i : i + 1])
+            if known is not None and known in self._known_of_label.values():
+                self._labels[i] = next(l for l, k in self._known_of_label.items() if k == known)
+                continue
+            if centroids is not None:
+                similarities = centroids @ self._vectors[i]
+                best = int(np.argmax(similarities))
+                if similarities[best] >= self.threshold:
+                    self._labels[i] = labels[best]
+                    continue
+            self._labels[i] = self._new_label()
+        self._smooth(range(first_new, len(self._labels)))
+
+    def _centroid(self, label: int) -> np.ndarray:
+        rows = [i for i, l in enumerate(self._labels) if l == label]
+        return _unit_matrix(self._vectors[rows].mean(axis=0, keepdims=True))[0]
+
+    def _known_match(self, vectors: np.ndarray) -> int | None:
+        if self.known is None:
+            return None
+        similarities = self.known @ _unit_matrix(vectors.mean(axis=0, keepdims=True))[0]
+        best = int(np.argmax(similarities))
+        return best if similarities[best] >= self.known_threshold else None
+
+    def _new_label(self) -> int:
+        self._next_label += 1
+        return self._next_label - 1
+
+    def _recluster(self, first_new: int, confirm: bool = True) -> None:
+        self.reclusters += 1
+        lo = max(0, len(self._labels) - self.max_chunks)
+        vectors = self._vectors[lo:]
+        weights = np.asarray(self._ends[lo:]) - np.asarray(self._starts[lo:])
+        clusters = _average_linkage(vectors, self.threshold)
+        clusters = _fold_small(clusters, vectors, weights, self.min_speaker_seconds)
+        clusters = self._smoothed(clusters, lo)
+        clusters, known_of_cluster = self._anchor_known(clusters, lo)
+        label_of = self._stable_labels(clusters, known_of_cluster, lo, weights)
+        for offset, cluster in enumerate(clusters):
+            i = lo + offset
+            proposed = label_of[cluster]
+            if self._labels[i] == -1 or i >= first_new or self._labels[i] == proposed or not confirm:
+                self._labels[i] = proposed
+                self._pending.pop(i, None)
+            elif self._pending.get(i) == proposed:       # the second re-clustering in a row
+                self._labels[i] = proposed
+                del self._pending[i]
+            else:
+                self._pending[i] = proposed
+        for cluster, known in known_of_cluster.items():
+            for label in [l for l, k in self._known_of_label.items() if k == known]:
+                del self._known_of_label[label]
+            self._known_of_label[label_of[cluster]] = known
+
+    def _stable_labels(self, clusters: list[int], known_of_cluster: dict[int, int], lo: int,
+                       weights: np.ndarray) -> dict[int, int]:
+        """Cluster → label: a known voice's cluster keeps that voice's label; the others are
+        mapped one-to-one onto the labels their chunks carry now, by the speech they share (the
+        Hungarian algorithm); a cluster left over gets a new label."""
+        from .der import best_mapping
+
+        label_of: dict[int, int] = {}
+        for cluster, known in known_of_cluster.items():
+            have = [label for label, k in self._known_of_label.items() if k == known]
+            if have:
+                label_of[cluster] = have[0]
+        taken = set(label_of.values())
+        old = self._labels[lo:]
+        old_labels = sorted(set(old) - {-1} - taken)
+        ids = sorted(set(clusters) - set(label_of))
+        shared = np.zeros((len(old_labels), len(ids)))
+        for label, cluster, w in zip(old, clusters, weights):
+            if label in old_labels and cluster in ids:
+                shared[old_labels.index(label), ids.index(cluster)] += w
+        for r, c in best_mapping(shared):
+            if shared[r, c] > 0:
+                label_of[ids[c]] = old_labels[r]
+        for cluster in ids:
+            if cluster not in label_of:
+                # A cluster split off earlier speech: the label the last re-clustering proposed
+                # for most of its chunks, so that the next one can confirm it.
+                proposed = [self._pending[lo + k] for k, c in enumerate(clusters) if c == cluster
+                            and lo + k in self._pending]
+                reuse = max(set(proposed), key=proposed.count) if proposed else None
+                if reuse is not None and reuse not in label_of.values():
+                    label_of[cluster] = reuse
+                else:
+                    label_of[cluster] = self._new_label()
+        return label_of
+
+    def _smoothed(self, clusters: list[int], lo: int) -> list[int]:
+        """A speaker change inside an utterance needs two chunks (1.6 s) of evidence: a run of
+        one chunk inside a longer utterance joins the neighbouring run it resembles most."""
+        out = list(clusters)
+        utterance = self._utterance[lo : lo + len(out)]
+        k = 0
+        while k < len(out):
+            j = k
+            while j + 1 < len(out) and utterance[j + 1] == utterance[k]:
+                j += 1
+            self._smooth_utterance(out, k, j, lo)
+            k = j + 1
+        return out
+
+    def _smooth_utterance(self, out: list[int], first: int, last: int, lo: int) -> None:
+        if last == first:
+            return
+        runs: list[list[int]] = []                      # [start, end] of equal labels
+        for k in range(first, last + 1):
+            if runs and out[runs[-1][1]] == out[k]:
+                runs[-1][1] = k
+            else:
+                runs.append([k, k])
+        for r, (a, b) in enumerate(runs):
+            if b > a or len(runs) == 1:
+                continue
+            neighbours = [out[runs[n][0]] for n in (r - 1, r + 1) if 0 <= n < len(runs)]
+            vector = self._vectors[lo + a]
+            out[a] = max(neighbours, key=lambda label: float(
+                vector @ self._vectors[[lo + k for k in range(first, last + 1) if out[k] == label]].mean(axis=0)))
+
+    def _smooth(self, indices) -> None:
+        indices = list(indices)
+        if len(indices) < 3:
+            return
+        lo = indices[0]
+        self._labels[lo : indices[-1] + 1] = self._smoothed(self._labels[lo : indices[-1] + 1], lo)
+
+    def _anchor_known(self, clusters: list[int], lo: int) -> tuple[list[int], dict[int, int]]:
+        """Stretches whose own audio matches an enrolled voice form that voice's cluster."""
+        if self.known is None:
+            return clusters, {}
+        out = list(clusters)
+        base = max(out) + 1
+        known_of_cluster: dict[int, int] = {}
+        k = 0
+        while k < len(out):
+            j = k
+            while j + 1 < len(out) and out[j + 1] == out[k] and self._utterance[lo + j + 1] == self._utterance[lo + k]:
+                j += 1
+            known = self._known_match(self._vectors[lo + k : lo + j + 1])
+            if known is not None:
+                for m in range(k, j + 1):
+                    out[m] = base + known
+                known_of_cluster[base + known] = known
+            k = j + 1
+        return out, known_of_cluster
+
+
+def _unit_matrix(vectors: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(vectors, dtype=np.float32).reshape(-1, EMBEDDING_DIM)
+    return matrix / (np.linalg.norm(matrix, axis=1, keepdims=True) + 1e-12)
+
+
+def _average_linkage(vectors: np.ndarray, threshold: float) -> list[int]:
+    """Cluster ids (0 … k-1, in order of first appearance) from agglomerative clustering with
+    average linkage on cosine similarity, merging while the best pair is ≥ ``threshold``."""
+    n = len(vectors)
+    if n <= 1:
+        return [0] * n
+    similarity = (vectors @ vectors.T).astype(np.float64)
+    np.fill_diagonal(similarity, -np.inf)
+    sizes = np.ones(n)
+    parent = np.arange(n)
+    while True:
+        flat = int(np.argmax(similarity))
+        i, j = divmod(flat, n)
+        if similarity[i, j] < threshold:
+            break
+        merged = (sizes[i] * similarity[i] + sizes[j] * similarity[j]) / (sizes[i] + sizes[j])
+        similarity[i], similarity[:, i] = merged, merged
+        similarity[i, i] = -np.inf
+        similarity[j, :], similarity[:, j] = -np.inf, -np.inf
+        sizes[i] += sizes[j]
+        parent[parent == j] = i
+    order: dict[int, int] = {}
+    return [order.setdefault(int(p), len(order)) for p in parent]
+
+
+def _fold_small(clusters: list[int], vectors: np.ndarray, weights: np.ndarray, min_seconds: float) -> list[int]:
+    """Clusters with less than ``min_seconds`` of speech join the most similar larger cluster."""
+    ids = sorted(set(clusters))
+    labels = np.asarray(clusters)
+    totals = {c: float(weights[labels == c].sum()) for c in ids}
+    big = [c for c in ids if totals[c] >= min_seconds]
+    if not big or len(big) == len(ids):
+        return clusters
+    centroids = _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in big]))
+    out = labels.copy()
+    for c in ids:
+        if c in big:
+            continue
+        rows = labels == c
+        target = big[int(np.argmax(centroids @ _unit_matrix(vectors[rows].mean(axis=0, keepdims=True))[0]))]
+        out[rows] = target
+    return [int(x) for x in out]

@@ -234,6 +234,15 @@ class Batch:
     def __bool__(self) -> bool:
         return bool(self.changed or self.deleted_ids)
 
+    def then(self, later: "Batch") -> "Batch":
+        """This batch followed by ``later`` as one: a segment in both is sent once, as ``later``
+        left it; one that ``later`` deleted is not sent."""
+        gone = set(later.deleted_ids)
+        newer = {s.id for s in later.changed}
+        changed = [s for s in self.changed if s.id not in newer and s.id not in gone] + later.changed
+        changed.sort(key=lambda s: (s.start, s.end))
+        return Batch(changed=changed, deleted_ids=self.deleted_ids + later.deleted_ids)
+
 
 @dataclass
 class _Piece:
@@ -467,6 +476,21 @@ class SegmentBuilder:
             for piece in self._pending:
                 if piece.speaker_id == speaker_id:
                     piece.is_user, piece.person_id = is_user, person_id
+        return self._merge_relabelled(relabelled)
+
+    def respeak(self, changes: dict[str, tuple[int, bool, str | None]]) -> Batch:
+        """Local diarization changed its mind: give the segments ``changes`` names (by id) a new
+        ``(speaker_id, is_user, person_id)``. Neighbours that the change makes mergeable are
+        merged, as in :meth:`relabel`."""
+        relabelled: set[str] = set()
+        for segment in self._segments:
+            change = changes.get(segment.id)
+            if change is not None and (segment.speaker_id, segment.is_user, segment.person_id) != change:
+                segment.speaker_id, segment.is_user, segment.person_id = change
+                relabelled.add(segment.id)
+        return self._merge_relabelled(relabelled)
+
+    def _merge_relabelled(self, relabelled: set[str]) -> Batch:
         # Only pairs with a relabelled side can have become mergeable: every other pair was
         # decided on the same labels, start and first letters when its right side was appended.
         kept: list[Segment] = []

@@ -520,7 +520,13 @@ class Session:
         await self._send_batch(batch)
         if not self._client_gone:
             self.metrics.batch_sent(batch.changed, self.time_offset)
+        for match in self.speakers.take_suggestions():
+            segment_id = next((s.id for s in batch.changed if s.speaker_id == match.speaker_id), None)
+            await self.send_json(events.speaker_label_suggestion(
+                match.speaker_id, match.person_id, match.person_name, segment_id))
         for segment in batch.changed:
+            if segment.stt_provider == EMBEDDED_PROVIDER:
+                continue      # identified per stretch of speech by the local diarization
             # Speaker identification works on the audio clock, segments are on conversation time.
             self.speakers.observe(segment.speaker_id, segment.start - self.time_offset,
                                   segment.end - self.time_offset, segment.id)
@@ -536,6 +542,11 @@ class Session:
             words = await self.speakers.diarize_words(words)
             self._add_words(words, EMBEDDED_PROVIDER)
         batch = self.builder.flush()
+        # Re-clustering may have moved earlier segments to another speaker: re-sent by id.
+        changes = self.speakers.reclustered and await self.speakers.speaker_changes(self.builder.segments,
+                                                                                     self.time_offset)
+        if changes:
+            batch = batch.then(self.builder.respeak(changes))
         await self._persist(batch)          # stored before sent: nothing the client saw is lost
         return batch
 

@@ -14,8 +14,13 @@ One ``SpeakerIdentifier`` per session (reference/omi-listen-behaviour.md §5, do
 - A client's ``speaker_assigned`` goes through ``assign``; it wins over automatic matches, before
   or after them, for the rest of the session.
 
-For the embedded engine, which has no diarization, ``diarize_words`` gives each utterance a
-stable speaker index from an ``OnlineDiarizer`` (cloud engines bring their own labels).
+For the embedded engine, which has no diarization, ``diarize_words`` labels the words from
+their voice with a ``ConversationDiarizer`` (cloud engines bring their own labels): each
+utterance's audio is embedded once as 0.8 s windows, so a speaker change inside an utterance
+splits its words; the conversation is re-clustered as it grows, and ``speaker_changes`` then says
+which earlier segments now belong to another speaker (the session re-sends them by id). The
+owner's and known people's voices anchor that clustering per stretch of speech: a stretch is
+theirs only when its own audio matches (``labels`` answers for the words).
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from typing import AsyncIterator, Mapping, Sequence
 
 import numpy as np
 
-from ..audio.diarization import OnlineDiarizer
-from ..audio.embedding import MIN_SECONDS, OWNER_SIMILARITY_THRESHOLD, SpeakerEmbedder, speaker_model_problem
+from ..audio.diarization import ConversationDiarizer
+from ..audio.embedding import OWNER_SIMILARITY_THRESHOLD, SpeakerEmbedder, speaker_model_problem
 from ..audio.ring import AudioRing
-from ..stt.base import Word
+from ..stt.base import EMBEDDED_PROVIDER, Word
 
 log = logging.getLogger("harken.speakers")
 
@@ -43,7 +48,10 @@ MAX_ATTEMPTS_PER_SPEAKER = 3      # an unknown voice stays unknown: stop re-embe
 # engine ends an utterance after 500 ms of silence, so its utterances are at least this far apart.
 UTTERANCE_GAP_SECONDS = 0.5
 # Runs shorter than this are too short to place a voice: they keep the previous run's speaker.
-MIN_DIARIZE_SECONDS = 1.0
+MIN_DIARIZE_SECONDS = 0.5
+# Audio taken on each side of an utterance's words: word times from the engine are a little
+# tight, and a window needs the voice's onset.
+UTTERANCE_PAD_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,7 @@ class SpeakerIdentifier:
         max_clip_s: float = MAX_CLIP_SECONDS,
         max_queued: int = MAX_QUEUED_JOBS,
         max_attempts: int = MAX_ATTEMPTS_PER_SPEAKER,
-        diarizer: OnlineDiarizer | None = None,
+        diarizer: ConversationDiarizer | None = None,
     ):
         self.ring = ring
         self.threshold = threshold
@@ -117,7 +125,6 @@ class SpeakerIdentifier:
         self.max_attempts = max_attempts
         self.stats = IdentifierStats()
         self._embedder = embedder
-        self.diarizer = diarizer or OnlineDiarizer()
         # Candidates as one matrix, so a match is one matrix-vector product.
         ids: list[tuple[str, str | None]] = []
         vectors: list[np.ndarray] = []
@@ -129,6 +136,10 @@ class SpeakerIdentifier:
             vectors.append(embedding)
         self._candidates = ids
         self._matrix = _unit_rows(vectors) if vectors else None
+        self.diarizer = diarizer or ConversationDiarizer(known=self._matrix, known_threshold=threshold)
+        self._reclustered = False
+        self._finished = False
+        self._suggested: list[SpeakerMatch] = []     # known voices found by local diarization
         self._mappings: dict[int, SpeakerMatch] = {}
         self._attempts: dict[int, int] = {}
         self._pending: set[int] = set()
@@ -147,7 +158,17 @@ class SpeakerIdentifier:
     def labels(self, speaker_id: int) -> tuple[bool, str | None]:
         """``(is_user, person_id)`` for new words of this speaker (``SegmentBuilder.add_words``)."""
         match = self._mappings.get(speaker_id)
+        if match is None:
+            match = self._known_match(speaker_id)
         return match.segment_labels if match else (False, None)
+
+    def _known_match(self, speaker_id: int) -> SpeakerMatch | None:
+        """The enrolled voice local diarization gave ``speaker_id`` to, as a match."""
+        row = self.diarizer.known_label(speaker_id)
+        if row is None:
+            return None
+        person_id, name = self._candidates[row]
+        return SpeakerMatch(speaker_id, person_id == USER_PERSON_ID, person_id, name, None, None)
 
     # -- inputs --------------------------------------------------------------------------
     def observe(self, speaker_id: int, start: float, end: float, segment_id: str | None = None) -> bool:
@@ -242,35 +263,87 @@ class SpeakerIdentifier:
         return (self._candidates[best] if similarity >= self.threshold else None), similarity
 
     # -- local diarization ---------------------------------------------------------------
-    async def diarize_span(self, start: float, end: float) -> int:
-        """The speaker index of the utterance at ``[start, end]`` s of the audio clock.
-
-        Embeds at most ``max_clip_s`` from its middle and places it with the online clusterer.
-        An utterance too short (or no longer in the ring) to embed keeps the last speaker.
-        """
-        clip = self._centred_clip(start, end)
-        if clip.size < max(MIN_DIARIZE_SECONDS, MIN_SECONDS) * self.ring.sample_rate:
-            return self._last_speaker
-        embedding = await self._embed(clip)
-        if embedding is not None:
-            seconds = clip.size / self.ring.sample_rate
-            self._last_speaker = self.diarizer.assign(embedding, weight=seconds)
-        return self._last_speaker
-
     async def diarize_words(self, words: Sequence[Word], *, clock_offset: float = 0.0) -> list[Word]:
-        """``words`` with ``speaker`` set from their utterance's voice.
+        """``words`` with ``speaker`` set from their voice.
 
         ``clock_offset`` is the audio-clock time of the words' time zero (0.0 when the engine's
         stream was opened at the start of the session). Words are grouped into utterances at
         pauses of ``UTTERANCE_GAP_SECONDS``; pass all the words at hand at once (for example
-        those of one 600 ms flush) so each utterance is embedded once, whole.
+        those of one 600 ms flush) so each utterance is embedded once, whole. A word takes the
+        label of the stretch around its middle, so an utterance with a speaker change inside is
+        split there. An utterance too short (or no longer in the ring) to embed keeps the last
+        speaker.
         """
         out: list[Word] = []
         for run in _utterances(words):
-            end = max(w.end for w in run)
-            speaker = await self.diarize_span(run[0].start + clock_offset, end + clock_offset)
-            out.extend(Word(w.text, w.start, w.end, speaker, w.confidence, w.language) for w in run)
+            start = run[0].start + clock_offset - UTTERANCE_PAD_SECONDS
+            end = max(w.end for w in run) + clock_offset + UTTERANCE_PAD_SECONDS
+            clip = self.ring.slice(start, end)
+            if clip.size >= MIN_DIARIZE_SECONDS * self.ring.sample_rate:
+                known_before = self._known_labels()
+                start = end - clip.size / self.ring.sample_rate   # the ring may have cut its head
+                if await self._in_worker(self._place, clip, start, end):
+                    for label in self._known_labels() - known_before:
+                        self._suggested.append(self._known_match(label))
+            for w in run:
+                label = self.diarizer.label_at((w.start + w.end) / 2 + clock_offset)
+                if label is not None:
+                    self._last_speaker = label
+                out.append(Word(w.text, w.start, w.end, self._last_speaker, w.confidence, w.language))
         return out
+
+    def _place(self, clip: np.ndarray, start: float, end: float) -> bool:
+        """Embed an utterance's windows and label it (on the embedder's thread: re-clustering
+        costs milliseconds that the event loop should not wait for)."""
+        self._reclustered |= self.diarizer.add_utterance(start, end, self._embedder.embed_windows(clip))
+        return True
+
+    def _known_labels(self) -> set[int]:
+        return {label for label in set(self.diarizer.labels) if self.diarizer.known_label(label) is not None}
+
+    @property
+    def reclustered(self) -> bool:
+        """True if a re-clustering ran that ``speaker_changes`` has not looked at yet (or the
+        session is closing and the final one has not run)."""
+        return self._reclustered or (self._closed and not self._finished and self.diarizer.labels != [])
+
+    async def finish(self) -> None:
+        """The session is closing: the last re-clustering, whose changes apply at once."""
+        if not self._finished and self.diarizer.labels:
+            self._finished = True
+            self._reclustered |= bool(await self._in_worker(self.diarizer.finish))
+
+    def take_suggestions(self) -> list[SpeakerMatch]:
+        """Known voices that local diarization found since the last call (for
+        ``speaker_label_suggestion``)."""
+        out, self._suggested = self._suggested, []
+        return out
+
+    async def speaker_changes(self, segments: Sequence, time_offset: float = 0.0) -> dict[str, tuple[int, bool, str | None]]:
+        """After a re-clustering: ``{segment id: (speaker_id, is_user, person_id)}`` for the
+        locally diarized ``segments`` (conversation time = audio clock + ``time_offset``) whose
+        speech now belongs to another label. Empty if nothing was re-clustered since the last call.
+        Once ``close`` was called, the final re-clustering runs first (see ``finish``)."""
+        if self._closed:
+            await self.finish()
+        if not self._reclustered:
+            return {}
+        self._reclustered = False
+        changes: dict[str, tuple[int, bool, str | None]] = {}
+        horizon = self.diarizer.recluster_start + time_offset
+        for segment in segments:
+            if segment.end < horizon:
+                continue
+            mapping = self._mappings.get(segment.speaker_id)
+            if segment.stt_provider != EMBEDDED_PROVIDER or (mapping is not None and mapping.assigned):
+                continue          # another engine's labels, or the client said who this is
+            label = self.diarizer.label_between(segment.start - time_offset, segment.end - time_offset)
+            if label is None:
+                continue
+            is_user, person_id = self.labels(label)
+            if (label, is_user, person_id) != (segment.speaker_id, segment.is_user, segment.person_id):
+                changes[segment.id] = (label, is_user, person_id)
+        return changes
 
     # -- shared helpers ------------------------------------------------------------------
     def _centred_clip(self, start: float, end: float) -> np.ndarray:
@@ -279,13 +352,21 @@ class SpeakerIdentifier:
         return self.ring.slice(middle - half, middle + half)
 
     async def _embed(self, clip: np.ndarray) -> np.ndarray | None:
+        return await self._run_model("embed_async", clip)
+
+
+    async def _in_worker(self, function, *args):
+        """``function(*args)`` on the embedder's thread; None (counted, logged) if it failed."""
+        return await self._run_model("run_async", function, *args)
+
+    async def _run_model(self, method: str, *args):
         if self._embedder is None:
             if speaker_model_problem():     # optional model not installed: no labels, no crash
                 return None
             # The first use in the process loads the model (~0.2 s): not on the event loop.
             self._embedder = await asyncio.to_thread(SpeakerEmbedder.shared)
         try:
-            embedding = await self._embedder.embed_async(clip)
+            embedding = await getattr(self._embedder, method)(*args)
         except Exception:
             self.stats.errors += 1
             log.exception("speaker embedding failed")

@@ -1,0 +1,374 @@
+"""Who spoke when, on real multi-speaker recordings streamed through the gateway.
+
+    .venv/bin/python bench/bench_diarization.py [--speed N] RECORDING.wav|FOLDER ...
+    .venv/bin/python bench/bench_diarization.py --speed 2 tests/data/conversations   # the repo's copies
+
+Every ``NAME.wav`` needs a ``NAME.rttm`` beside it (a ``NAME.uem`` limits scoring). Each recording
+is streamed as 100 ms PCM16 messages to ``/v4/listen`` of a ``harken serve`` subprocess on a free
+loopback port with the embedded engine, at real-time pace (``--speed N``: N times faster; the
+engine and the speaker path see the same audio on the same audio clock either way, so DER does
+not depend on the pace as long as the engine keeps up: the speaker path embeds from a 60 s ring
+of recent audio, and an engine far behind the socket would find its utterances gone. Unpaced
+sending does change the results for that reason). The final version of every segment is the
+hypothesis. Prints per recording and on average:
+
+- DER (``harken.audio.der``: pyannote.metrics' rules, ±0.25 s collar, overlap scored), with
+  missed speech, false alarm and confusion; speakers found vs true;
+- ``is_user`` accuracy per word with an enrolled owner (``--owner``): the speaker with the most
+  reference speech in each recording is the owner, enrolled through ``PUT
+  /v1/users/speech-profile`` with their turns from the last quarter of the recording (at most
+  30 s of it); the first three quarters are streamed. A word (segment text split evenly over the
+  segment's time) is right if ``is_user`` says whether the reference speaker at its middle is the
+  owner;
+- the server's CPU seconds per audio second for the whole session.
+
+``--offline`` runs the speaker path alone, in this process, with no engine: Silero VAD utterances
+(ended by 0.5 s of silence, as the embedded engine ends them) labelled by the conversation
+diarizer (``harken.audio.diarization.ConversationDiarizer``, what the gateway uses) and, for
+comparison in the same run, by the utterance-level ``OnlineDiarizer`` the gateway used before.
+Deterministic and independent of how busy the machine is, so it is the one to tune with. It also
+prints the speaker path's CPU per audio second (model windows + clustering, thread CPU time) at 1
+stream and at 12 streams sharing the one embedding thread, as the gateway does, beside the
+embedded engine's own CPU per audio second on the same recordings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harken.audio.der import diarization_error, read_rttm, read_uem  # noqa: E402
+from harken.client import listen_url, read_wav_16k, stream_messages  # noqa: E402
+from harken.config import Settings  # noqa: E402
+from harken.gateway.auth import mint_local_token  # noqa: E402
+
+RATE = 16000
+MESSAGE_SECONDS = 0.1
+ENROL_MAX_SECONDS = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, port: int) -> subprocess.Popen:
+    env = dict(os.environ, HARKEN_DATA_DIR=str(data_dir), HARKEN_PORT=str(port), HARKEN_LOG_LEVEL="warning")
+    proc = subprocess.Popen([sys.executable, "-m", "harken", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def recordings(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        candidates = sorted(path.glob("*.wav")) if path.is_dir() else [path]
+        out += [p for p in candidates if p.with_suffix(".rttm").exists()]
+    return out
+
+
+def wav_bytes(pcm: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return out.getvalue()
+
+
+def owner_of(reference) -> str:
+    totals: dict[str, float] = {}
+    for start, end, speaker in reference:
+        totals[speaker] = totals.get(speaker, 0.0) + end - start
+    return max(totals, key=totals.get)
+
+
+def solo_turns(reference, speaker, start: float, end: float) -> list[tuple[float, float]]:
+    """``speaker``'s turns inside ``[start, end]`` minus anybody else's speech."""
+    grid = np.zeros(int(end * 100) + 1, dtype=np.int8)
+    for a, b, who in reference:
+        a, b = int(max(a, start) * 100), int(min(b, end) * 100)
+        if b > a:
+            grid[a:b] = np.where(who == speaker, np.where(grid[a:b] == 0, 1, 2), 2)
+    spans, run = [], None
+    for i, v in enumerate(grid):
+        if v == 1 and run is None:
+            run = i
+        elif v != 1 and run is not None:
+            spans.append((run / 100, i / 100))
+            run = None
+    if run is not None:
+        spans.append((run / 100, len(grid) / 100))
+    return spans
+
+
+def hypothesis_turns(segments) -> list[tuple[float, float, int]]:
+    return [(s["start"], s["end"], s["speaker_id"]) for s in segments if s["end"] > s["start"]]
+
+
+def speaker_at(reference, t: float) -> set:
+    return {who for a, b, who in reference if a <= t < b}
+
+
+def is_user_accuracy(segments, reference, owner: str, until: float) -> tuple[int, int]:
+    right = total = 0
+    for s in segments:
+        words = s["text"].split()
+        if not words or s["start"] >= until:
+            continue
+        step = (s["end"] - s["start"]) / len(words)
+        for k in range(len(words)):
+            who = speaker_at(reference, s["start"] + (k + 0.5) * step)
+            if len(who) != 1:
+                continue          # a word in a pause or in overlap has no single true speaker
+            total += 1
+            right += s["is_user"] == (owner in who)
+    return right, total
+
+
+@dataclass
+class Outcome:
+    name: str
+    seconds: float
+    der: object
+    cpu: float
+    owner: tuple[int, int] | None = None
+
+
+async def stream(port: int, token: str, pcm: np.ndarray, speed: float, **params):
+    url = listen_url(f"ws://127.0.0.1:{port}", codec="pcm16", sample_rate=RATE, **params)
+    step = int(MESSAGE_SECONDS * RATE)
+    messages = [pcm[i:i + step].tobytes() for i in range(0, len(pcm), step)]
+    return await stream_messages(url, messages, MESSAGE_SECONDS / speed, token=token, realtime=True,
+                                 settle_seconds=30.0, max_wait=300.0)
+
+
+def put_profile(port: int, token: str, pcm: np.ndarray) -> None:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/users/speech-profile", data=wav_bytes(pcm),
+                                     method="PUT", headers={"Authorization": f"Bearer {token}",
+                                                            "Content-Type": "audio/wav"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        r.read()
+
+
+async def run(files: list[Path], speed: float, owner_test: bool) -> None:
+    outcomes: list[Outcome] = []
+    for index, path in enumerate(files):
+        # A fresh server per recording: a session that ended may still have audio in the engine's
+        # queue, which would slow the next recording's decoding.
+        with tempfile.TemporaryDirectory() as tmp:
+            port = free_port()
+            server = start_server(Path(tmp), port)
+            process = psutil.Process(server.pid)
+            settings = Settings(data_dir=Path(tmp))
+            try:
+                pcm = read_wav_16k(path)
+                reference = read_rttm(path.with_suffix(".rttm"))
+                uem_path = path.with_suffix(".uem")
+                uem = read_uem(uem_path) if uem_path.exists() else None
+                token = mint_local_token(settings, f"diar{index}", 3600)
+                before = sum(process.cpu_times()[:2])
+                result = await stream(port, token, pcm, speed, include_speech_profile="false")
+                cpu = sum(process.cpu_times()[:2]) - before
+                score = diarization_error(reference, hypothesis_turns(result.segments.values()), uem=uem)
+                outcome = Outcome(path.stem, len(pcm) / RATE, score, cpu)
+                if owner_test and score.reference_speakers >= 2:
+                    owner = owner_of(reference)
+                    split = 0.75 * len(pcm) / RATE
+                    spans = solo_turns(reference, owner, split, len(pcm) / RATE)
+                    enrol = np.concatenate([pcm[int(a * RATE):int(b * RATE)] for a, b in spans] or [pcm[:0]])
+                    enrol = enrol[: int(ENROL_MAX_SECONDS * RATE)]
+                    if enrol.size >= 5 * RATE:
+                        owner_token = mint_local_token(settings, f"owner{index}", 3600)
+                        try:
+                            put_profile(port, owner_token, enrol)
+                        except urllib.error.HTTPError as exc:
+                            print(f"{path.stem}: enrolment refused: {exc.code} {exc.read()[:200]!r}")
+                            outcomes.append(outcome)
+                            report(outcome)
+                            continue
+                        owned = await stream(port, owner_token, pcm[: int(split * RATE)], speed)
+                        outcome.owner = is_user_accuracy(owned.segments.values(), reference, owner, split)
+                outcomes.append(outcome)
+                report(outcome)
+            finally:
+                server.terminate()
+                server.wait(30)
+    summary(outcomes, speed)
+
+
+def report(o: Outcome) -> None:
+    d = o.der
+    owner = (f"  is_user {o.owner[0] / max(o.owner[1], 1):6.1%} of {o.owner[1]} words" if o.owner else "")
+    print(f"{o.name:22s} {o.seconds:6.1f} s  DER {d.der:6.1%} (miss {d.missed / d.reference:5.1%} "
+          f"fa {d.false_alarm / d.reference:5.1%} conf {d.confusion / d.reference:5.1%})  speakers "
+          f"{d.hypothesis_speakers}/{d.reference_speakers}  cpu {o.cpu / o.seconds:.3f} s/s{owner}", flush=True)
+
+
+def summary(outcomes: list[Outcome], speed: float) -> None:
+    if not outcomes:
+        print("no recording with an RTTM beside it")
+        return
+    ders = [o.der.der for o in outcomes]
+    two = [o.der.der for o in outcomes if o.der.reference_speakers == 2]
+    within = sum(abs(o.der.hypothesis_speakers - o.der.reference_speakers) <= 1 for o in outcomes)
+    print(f"\npace: {speed:g}x real time; {len(outcomes)} recordings, "
+          f"{sum(o.seconds for o in outcomes):.0f} s")
+    print(f"mean DER {np.mean(ders):.1%}; two-party mean {np.mean(two) if two else float('nan'):.1%}; "
+          f"speaker count within one: {within}/{len(outcomes)}")
+    owned = [o.owner for o in outcomes if o.owner]
+    if owned:
+        right, total = sum(r for r, _ in owned), sum(t for _, t in owned)
+        print(f"is_user right on {right / max(total, 1):.1%} of {total} words "
+              f"(worst recording {min(r / max(t, 1) for r, t in owned):.1%})")
+
+
+# --- offline: the speaker path alone ----------------------------------------------------------
+def vad_utterances(pcm: np.ndarray) -> list[tuple[float, float, np.ndarray]]:
+    from harken.audio.vad import speech_spans
+
+    return [(a / RATE, b / RATE, pcm[a:b]) for a, b in speech_spans(pcm, min_silence_ms=500, pad_ms=100)
+            if b - a >= 0.5 * RATE]
+
+
+def old_labels(embedder, utterances) -> list[tuple[float, float, int]]:
+    """The gateway's previous path: one embedding per utterance (its centred ≤ 10 s), placed by
+    the online clusterer; an utterance under 1 s keeps the previous label."""
+    from harken.audio.diarization import OnlineDiarizer
+
+    diarizer, turns, last = OnlineDiarizer(), [], 0
+    for a, b, clip in utterances:
+        if b - a >= 1.0:
+            middle, half = clip.size // 2, min(clip.size, 10 * RATE) // 2
+            centred = clip[middle - half : middle + half]
+            last = diarizer.assign(embedder.embed(centred), weight=centred.size / RATE)
+        turns.append((a, b, last))
+    return turns
+
+
+def new_labels(embedder, utterances, known=None):
+    from harken.audio.diarization import ConversationDiarizer
+
+    diarizer = ConversationDiarizer(known=known)
+    for a, b, clip in utterances:
+        diarizer.add_utterance(a, b, embedder.embed_windows(clip))
+    diarizer.finish()          # as the gateway does when the session closes
+    return diarizer
+
+
+def speaker_path_cpu(embedder, utterances, streams: int) -> float:
+    """Process CPU seconds of the speaker path for ``streams`` conversations sharing one
+    embedding thread (as the gateway's sessions share ``SpeakerEmbedder``'s worker)."""
+    import concurrent.futures
+
+    started = time.process_time()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for future in [pool.submit(new_labels, embedder, utterances) for _ in range(streams)]:
+            future.result()
+    return time.process_time() - started
+
+
+def engine_cpu(utterances) -> float:
+    """Process CPU seconds of the embedded engine (the gateway's faster-whisper model and
+    options) decoding the same utterances."""
+    from harken.config import Settings
+    from harken.stt.whisper import WhisperProvider
+
+    provider = WhisperProvider(Settings())
+    asyncio.run(provider.load())
+    started = time.process_time()
+    for _, _, clip in utterances:
+        provider.transcribe_clip(clip)
+    return time.process_time() - started
+
+
+def offline(files: list[Path], streams: list[int], with_engine: bool) -> None:
+    from harken.audio.embedding import SpeakerEmbedder
+
+    embedder = SpeakerEmbedder.shared()
+    rows = []
+    for path in files:
+        pcm = read_wav_16k(path)
+        reference = read_rttm(path.with_suffix(".rttm"))
+        uem_path = path.with_suffix(".uem")
+        uem = read_uem(uem_path) if uem_path.exists() else None
+        utterances = vad_utterances(pcm)
+        before = diarization_error(reference, old_labels(embedder, utterances), uem=uem)
+        diarizer = new_labels(embedder, utterances)
+        after = diarization_error(reference, diarizer.turns(), uem=uem)
+        seconds = len(pcm) / RATE
+        cpu = {n: speaker_path_cpu(embedder, utterances, n) / (n * seconds) for n in streams}
+        cpu["engine"] = engine_cpu(utterances) / seconds if with_engine else float("nan")
+        rows.append((path.stem, seconds, before, after, cpu))
+        print(f"{path.stem:22s} {seconds:6.1f} s  DER old {before.der:6.1%} ({before.hypothesis_speakers}/"
+              f"{before.reference_speakers} spk)  new {after.der:6.1%} (miss {after.missed / after.reference:5.1%} "
+              f"fa {after.false_alarm / after.reference:5.1%} conf {after.confusion / after.reference:5.1%}; "
+              f"{after.hypothesis_speakers}/{after.reference_speakers} spk)  speaker path "
+              + "  ".join(f"{n} stream(s) {c * 1000:.1f}" for n, c in cpu.items() if n != "engine")
+              + f" ms CPU per audio s; engine {cpu['engine'] * 1000:.0f} ms/s", flush=True)
+    if not rows:
+        return
+    total = sum(r[1] for r in rows)
+    for n in streams:
+        path_cpu = sum(r[4][n] * r[1] for r in rows) / total
+        engine = sum(r[4]["engine"] * r[1] for r in rows) / total
+        print(f"speaker path at {n} stream(s): {path_cpu * 1000:.1f} ms CPU per audio second per stream "
+              f"({path_cpu / engine:.1%} of the engine's {engine * 1000:.0f} ms)")
+    for label, index in (("old", 2), ("new", 3)):
+        scores = [r[index] for r in rows]
+        two = [x.der for x in scores if x.reference_speakers == 2]
+        many = [x.der for x in scores if x.reference_speakers > 2]
+        within = sum(abs(x.hypothesis_speakers - x.reference_speakers) <= 1 for x in scores)
+        exact = sum(x.hypothesis_speakers == x.reference_speakers for x in scores)
+        print(f"{label}: mean DER {np.mean([x.der for x in scores]):.1%}; two-party {np.mean(two) if two else float('nan'):.1%}; "
+              f"3+ speakers {np.mean(many) if many else float('nan'):.1%}; speaker count exact {exact}/{len(scores)}, "
+              f"within one {within}/{len(scores)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="WAV files or folders, each WAV with an RTTM beside it")
+    parser.add_argument("--speed", type=float, default=1.0, help="pace: N times real time (default 1)")
+    parser.add_argument("--no-owner", action="store_true", help="skip the enrolled-owner run")
+    parser.add_argument("--offline", action="store_true", help="the speaker path alone, in process (see above)")
+    parser.add_argument("--streams", default="1,12", help="--offline: stream counts for the CPU figure")
+    parser.add_argument("--no-engine", action="store_true", help="--offline: skip the engine's CPU figure")
+    args = parser.parse_args()
+    if args.offline:
+        offline(recordings(args.paths), [int(n) for n in args.streams.split(",")], not args.no_engine)
+    else:
+        asyncio.run(run(recordings(args.paths), args.speed, not args.no_owner))
+
+
+if __name__ == "__main__":
+    main()
