@@ -286,6 +286,67 @@ def new_labels(embedder, utterances, known=None):
     return diarizer
 
 
+def owner_split(pcm: np.ndarray, reference):
+    """The owner (most reference speech), their enrolment (solo turns of the last quarter, at most
+    30 s) and the part to stream (the first three quarters); None if under 10 s to enrol."""
+    owner = owner_of(reference)
+    split = 0.75 * len(pcm) / RATE
+    spans = solo_turns(reference, owner, split, len(pcm) / RATE)
+    enrol = np.concatenate([pcm[int(a * RATE):int(b * RATE)] for a, b in spans] or [pcm[:0]])
+    enrol = enrol[: int(ENROL_MAX_SECONDS * RATE)]
+    return (owner, enrol, split) if enrol.size >= 10 * RATE else None
+
+
+def is_user_time(turns, is_user, reference, owner: str, until: float) -> tuple[float, float]:
+    """Seconds of single-speaker reference speech inside hypothesis turns where ``is_user(label)``
+    says rightly whether the owner speaks, and all such seconds (10 ms grid)."""
+    right = total = 0.0
+    for a, b, label in turns:
+        for t in np.arange(a, min(b, until), 0.01):
+            who = speaker_at(reference, t + 0.005)
+            if len(who) == 1:
+                total += 0.01
+                right += 0.01 * (is_user(label) == (owner in who))
+    return right, total
+
+
+def old_owner_labels(embedder, utterances, owner_vector) -> set[int]:
+    """The labels the previous path gave the owner: a speaker is the owner if the centred ≤ 10 s of
+    one of its first 3 utterances of ≥ 2 s matches the enrolment (OWNER_SIMILARITY_THRESHOLD)."""
+    from harken.audio.diarization import OnlineDiarizer
+    from harken.audio.embedding import OWNER_SIMILARITY_THRESHOLD
+
+    diarizer, owners, tries, last = OnlineDiarizer(), set(), {}, 0
+    for a, b, clip in utterances:
+        if b - a >= 1.0:
+            middle, half = clip.size // 2, min(clip.size, 10 * RATE) // 2
+            vector = embedder.embed(clip[middle - half : middle + half])
+            last = diarizer.assign(vector, weight=2 * half / RATE)
+            if b - a >= 2.0 and last not in owners and tries.get(last, 0) < 3:
+                tries[last] = tries.get(last, 0) + 1
+                if float(vector @ owner_vector) >= OWNER_SIMILARITY_THRESHOLD:
+                    owners.add(last)
+    return owners
+
+
+def owner_offline(embedder, pcm, reference, utterances):
+    split_at = owner_split(pcm, reference)
+    if split_at is None:
+        return None
+    owner, enrol, split = split_at
+    from harken.audio.vad import speech_spans
+
+    enrol = np.concatenate([enrol[a:b] for a, b in speech_spans(enrol)])     # as the profile route trims
+    vector = embedder.embed(enrol)
+    streamed = [u for u in utterances if u[1] <= split]
+    old_turns = old_labels(embedder, streamed)
+    owners = old_owner_labels(embedder, streamed, vector)
+    before = is_user_time(old_turns, lambda label: label in owners, reference, owner, split)
+    diarizer = new_labels(embedder, streamed, known=vector[None, :])
+    after = is_user_time(diarizer.turns(), lambda label: diarizer.known_label(label) == 0, reference, owner, split)
+    return before, after
+
+
 def speaker_path_cpu(embedder, utterances, streams: int) -> float:
     """Process CPU seconds of the speaker path for ``streams`` conversations sharing one
     embedding thread (as the gateway's sessions share ``SpeakerEmbedder``'s worker)."""
@@ -312,7 +373,7 @@ def engine_cpu(utterances) -> float:
     return time.process_time() - started
 
 
-def offline(files: list[Path], streams: list[int], with_engine: bool) -> None:
+def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test: bool) -> None:
     from harken.audio.embedding import SpeakerEmbedder
 
     embedder = SpeakerEmbedder.shared()
@@ -326,10 +387,15 @@ def offline(files: list[Path], streams: list[int], with_engine: bool) -> None:
         before = diarization_error(reference, old_labels(embedder, utterances), uem=uem)
         diarizer = new_labels(embedder, utterances)
         after = diarization_error(reference, diarizer.turns(), uem=uem)
+        owned = owner_offline(embedder, pcm, reference, utterances) if owner_test else None
+        if owned:
+            (rb, tb), (ra, ta) = owned
+            print(f"{path.stem:22s} is_user right on {rb / tb:6.1%} (old) -> {ra / ta:6.1%} (new) of {ta:.0f} s "
+                  f"of single-speaker speech, owner enrolled from the last quarter", flush=True)
         seconds = len(pcm) / RATE
         cpu = {n: speaker_path_cpu(embedder, utterances, n) / (n * seconds) for n in streams}
         cpu["engine"] = engine_cpu(utterances) / seconds if with_engine else float("nan")
-        rows.append((path.stem, seconds, before, after, cpu))
+        rows.append((path.stem, seconds, before, after, cpu, owned))
         print(f"{path.stem:22s} {seconds:6.1f} s  DER old {before.der:6.1%} ({before.hypothesis_speakers}/"
               f"{before.reference_speakers} spk)  new {after.der:6.1%} (miss {after.missed / after.reference:5.1%} "
               f"fa {after.false_alarm / after.reference:5.1%} conf {after.confusion / after.reference:5.1%}; "
@@ -344,6 +410,12 @@ def offline(files: list[Path], streams: list[int], with_engine: bool) -> None:
         engine = sum(r[4]["engine"] * r[1] for r in rows) / total
         print(f"speaker path at {n} stream(s): {path_cpu * 1000:.1f} ms CPU per audio second per stream "
               f"({path_cpu / engine:.1%} of the engine's {engine * 1000:.0f} ms)")
+    owned = [r[5] for r in rows if r[5]]
+    if owned:
+        for label, k in (("old", 0), ("new", 1)):
+            right, total = sum(o[k][0] for o in owned), sum(o[k][1] for o in owned)
+            print(f"{label}: is_user right on {right / total:.1%} of {total:.0f} s of single-speaker speech "
+                  f"(worst recording {min(o[k][0] / o[k][1] for o in owned):.1%})")
     for label, index in (("old", 2), ("new", 3)):
         scores = [r[index] for r in rows]
         two = [x.der for x in scores if x.reference_speakers == 2]
@@ -365,7 +437,8 @@ def main() -> None:
     parser.add_argument("--no-engine", action="store_true", help="--offline: skip the engine's CPU figure")
     args = parser.parse_args()
     if args.offline:
-        offline(recordings(args.paths), [int(n) for n in args.streams.split(",")], not args.no_engine)
+        offline(recordings(args.paths), [int(n) for n in args.streams.split(",")], not args.no_engine,
+                not args.no_owner)
     else:
         asyncio.run(run(recordings(args.paths), args.speed, not args.no_owner))
 

@@ -1,10 +1,16 @@
-"""Who spoke each utterance of one conversation: online clustering of speaker embeddings.
+"""Who spoke when in one conversation, from speaker embeddings.
 
-Cloud engines diarize by themselves; the embedded engine does not, so its utterances are labelled
-here. Each utterance's embedding goes to the closest speaker's running centroid if it is similar
-enough, otherwise it starts a new speaker. Labels are handed out in order of first appearance
-and never renumbered, so ``SPEAKER_01`` keeps meaning the same voice for the whole conversation
-(a client may already have shown or assigned it).
+``ConversationDiarizer`` is what the gateway uses for the embedded engine (cloud engines diarize
+by themselves): each utterance's model windows are grouped into 1.6 s stretches, so a speaker
+change inside an utterance is found; the conversation's stretches are re-clustered as it grows
+(average linkage, the number of speakers found by a similarity threshold), the new clusters are
+mapped onto the labels already handed out, and an earlier stretch changes label only when two
+re-clusterings in a row agree, so labels do not flicker. Enrolled voices (the owner, known
+people) anchor the clustering per stretch.
+
+``OnlineDiarizer`` is the previous, utterance-level method (one embedding per utterance, each
+placed once and never revisited). The gateway no longer uses it; ``bench/bench_diarization.py``
+runs it beside the new one as the baseline of every measurement.
 """
 
 from __future__ import annotations
@@ -172,13 +178,17 @@ class ConversationDiarizer:
     def __init__(self, *, known: np.ndarray | None = None, threshold: float = CLUSTER_SIMILARITY,
                  known_threshold: float = KNOWN_VOICE_SIMILARITY, min_speaker_seconds: float = MIN_SPEAKER_SECONDS,
                  recluster_seconds: float = RECLUSTER_SECONDS, max_chunks: int = MAX_RECLUSTER_CHUNKS,
-                 window_seconds: float = WINDOW_SECONDS, hop_seconds: float = WINDOW_HOP_SECONDS):
+                 window_seconds: float = WINDOW_SECONDS, hop_seconds: float = WINDOW_HOP_SECONDS,
+                 chunk_windows: int = CHUNK_WINDOWS, chunk_stride: int = CHUNK_STRIDE):
         self.threshold = threshold
         self.known_threshold = known_threshold
         self.min_speaker_seconds = min_speaker_seconds
         self.recluster_seconds = recluster_seconds
         self.max_chunks = max_chunks
+        # The embedding model's window grid, and how many windows make one chunk (another
+        # model's windows may be long enough on their own).
         self.window_seconds, self.hop_seconds = window_seconds, hop_seconds
+        self.chunk_windows, self.chunk_stride = chunk_windows, chunk_stride
         self.known = None if known is None or len(known) == 0 else _unit_matrix(known)
         self._vectors = np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         self._starts: list[float] = []
@@ -221,7 +231,7 @@ class ConversationDiarizer:
         """The label with the most chunk time inside ``[start, end]`` (else ``label_at`` the middle)."""
         starts, ends = self._times()
         # Chunks are at most CHUNK_WINDOWS windows long: look back that far from ``start``.
-        lo = int(np.searchsorted(starts, start - CHUNK_WINDOWS * self.window_seconds))
+        lo = int(np.searchsorted(starts, start - self.chunk_windows * self.window_seconds))
         hi = int(np.searchsorted(starts, end))
         votes: dict[int, float] = {}
         for i in range(lo, hi):
@@ -264,11 +274,12 @@ class ConversationDiarizer:
         if n == 0:
             return False
         first_new = len(self._starts)
-        firsts = list(range(0, max(n - CHUNK_WINDOWS, 0) + 1, CHUNK_STRIDE))
-        if firsts[-1] + CHUNK_WINDOWS < n:
-            firsts.append(n - CHUNK_WINDOWS)
+        size = self.chunk_windows
+        firsts = list(range(0, max(n - size, 0) + 1, self.chunk_stride))
+        if firsts[-1] + size < n:
+            firsts.append(n - size)
         for k in firsts:
-            group = windows[k : k + CHUNK_WINDOWS]
+            group = windows[k : k + size]
             a = start + k * self.hop_seconds
             b = min(end, a + (len(group) - 1) * self.hop_seconds + self.window_seconds)
             self._starts.append(a)
