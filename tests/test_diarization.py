@@ -189,3 +189,44 @@ def test_der_scorer_agrees_with_pyannote_metrics():
     assert (score.missed, score.confusion, score.reference) == pytest.approx((1.0, 1.0, 11.0))
     # Labels are mapped one-to-one: a hypothesis with one label for two voices is half wrong.
     assert diarization_error(reference, [(0, 10, 7)], collar=0).der == pytest.approx(0.5)
+
+
+@pytest.mark.timeout(300)
+def test_the_owner_is_found_per_stretch_on_a_real_call():
+    # The agent of a held-out call is the owner, enrolled (as the speech-profile route does: VAD
+    # trimmed, one embedding) from their solo turns in the call's last quarter; the first three
+    # quarters are diarized with that voice known. Every 10 ms of single-speaker speech inside a
+    # labelled stretch is right if "is the owner" says whether the agent speaks there.
+    name = "call_autorepair_b"
+    pcm = read_wav_16k(CONVERSATIONS / f"{name}.wav")
+    reference = read_rttm(CONVERSATIONS / f"{name}.rttm")
+    owner, split = "agent", 0.75 * pcm.size / 16000
+    frames = np.arange(int(split * 100), pcm.size // 160)          # 10 ms frames after the split
+    speaking = {who: np.zeros(frames.size, bool) for *_, who in reference}
+    for a, b, who in reference:
+        speaking[who] |= (frames >= a * 100) & (frames < b * 100)
+    solo = speaking[owner] & ~np.any([v for who, v in speaking.items() if who != owner], axis=0)
+    enrol = np.concatenate([pcm[f * 160:(f + 1) * 160] for f in frames[solo]])[: 30 * 16000]
+    enrol = np.concatenate([enrol[a:b] for a, b in speech_spans(enrol)])
+    assert enrol.size >= 10 * 16000
+    embedder = SpeakerEmbedder.shared()
+    diarizer = ConversationDiarizer(known=embedder.embed(enrol)[None, :])
+    head = pcm[: int(split * 16000)]
+    for a, b in speech_spans(head, min_silence_ms=500, pad_ms=100):
+        if b - a >= 0.5 * 16000:
+            diarizer.add_utterance(a / 16000, b / 16000, embedder.embed_windows(head[a:b]))
+    diarizer.finish()
+    right = total = 0
+    for a, b, label in diarizer.turns():
+        for t in np.arange(a, b, 0.01) + 0.005:
+            who = {w for x, y, w in reference if x <= t < y}
+            if len(who) == 1:
+                total += 1
+                right += (diarizer.known_label(label) == 0) == (owner in who)
+    assert total > 60 * 100
+    # Measured 73.1 % (bench_diarization.py --offline); the previous path (the owner found per
+    # cluster, the cluster found per utterance) 57.3 %: both voices come through one telephone
+    # line and score 0.84 and 0.74 on average against the enrolment, above the fixed 0.60. Not
+    # held out: this call is the one the relative bar was developed on (no other recording here
+    # has 10 s of the owner's speech to enrol from outside the streamed part).
+    assert right / total >= 0.68, right / total
