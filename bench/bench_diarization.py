@@ -37,9 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,31 +57,12 @@ from harken.client import listen_url, read_wav_16k, stream_messages  # noqa: E40
 from harken.config import Settings  # noqa: E402
 from harken.gateway.auth import mint_local_token  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gateway import free_port, start_server  # noqa: E402  (a harken serve subprocess on loopback)
+
 RATE = 16000
 MESSAGE_SECONDS = 0.1
 ENROL_MAX_SECONDS = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(data_dir: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, HARKEN_DATA_DIR=str(data_dir), HARKEN_PORT=str(port), HARKEN_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "harken", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
 
 
 def recordings(paths: list[str]) -> list[Path]:

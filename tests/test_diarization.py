@@ -1,4 +1,4 @@
-"""Online diarization: stable speaker labels for the utterances of a conversation."""
+"""Diarization: the utterance-level baseline, the conversation diarizer (also on real recordings), the DER scorer."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from harken.audio.der import diarization_error, read_rttm
-from harken.audio.diarization import ConversationDiarizer, OnlineDiarizer, labelling_accuracy
+from harken.audio.diarization import (
+    ConversationDiarizer,
+    OnlineDiarizer,
+    labelling_accuracy,
+)
 from harken.audio.embedding import EMBEDDING_DIM, SpeakerEmbedder
 from harken.audio.vad import speech_spans
 from harken.client import read_wav_16k
 
 from .test_embedding import speakers, utterance_embeddings
-
-
 
 
 def unit(*values: float) -> np.ndarray:
@@ -102,7 +104,7 @@ def test_past_the_speaker_limit_utterances_join_the_nearest():
 CONVERSATIONS = Path(__file__).parent / "data" / "conversations"
 
 
-def diarize_recording(name: str, **options) -> tuple[list, "ConversationDiarizer"]:
+def diarize_recording(name: str, **options) -> tuple[list, ConversationDiarizer]:
     """The local diarization path on a real recording: VAD utterances (ended by 0.5 s of silence,
     as the embedded engine ends them), each embedded once as model windows, labelled in order."""
     pcm = read_wav_16k(CONVERSATIONS / f"{name}.wav")

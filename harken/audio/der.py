@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -69,7 +69,7 @@ def _activity(turns: Sequence[Turn], frames: int) -> tuple[np.ndarray, list[Hash
     rows = {name: i for i, name in enumerate(names)}
     active = np.zeros((len(names), frames), dtype=bool)
     for start, end, name in turns:
-        a, b = int(round(start / STEP)), int(round(end / STEP))
+        a, b = round(start / STEP), round(end / STEP)
         active[rows[name], max(a, 0) : max(min(b, frames), 0)] = True
     return active, names
 
@@ -81,12 +81,12 @@ def _scored_frames(reference: Sequence[Turn], frames: int, collar: float,
         scored[:] = True
     else:
         for start, end in uem:
-            scored[int(round(start / STEP)) : int(round(end / STEP))] = True
+            scored[round(start / STEP) : round(end / STEP)] = True
     half = collar / 2
     if half > 0:
         for start, end, _ in reference:
             for boundary in (start, end):
-                a, b = int(round((boundary - half) / STEP)), int(round((boundary + half) / STEP))
+                a, b = round((boundary - half) / STEP), round((boundary + half) / STEP)
                 scored[max(a, 0) : max(b, 0)] = False
     return scored
 
