@@ -10,7 +10,8 @@ engine and the speaker path see the same audio on the same audio clock either wa
 not depend on the pace as long as the engine keeps up: the speaker path embeds from a 60 s ring
 of recent audio, and an engine far behind the socket would find its utterances gone. Unpaced
 sending does change the results for that reason). The final version of every segment is the
-hypothesis. Prints per recording and on average:
+hypothesis, shifted by the first reference turn's onset (the gateway counts conversation time
+from the first word; see ``clock_offset``). Prints per recording and on average:
 
 - DER (``harken.audio.der``: pyannote.metrics' rules, ±0.25 s collar, overlap scored), with
   missed speech, false alarm and confusion; speakers found vs true;
@@ -110,8 +111,15 @@ def solo_turns(reference, speaker, start: float, end: float) -> list[tuple[float
     return spans
 
 
-def hypothesis_turns(segments) -> list[tuple[float, float, int]]:
-    return [(s["start"], s["end"], s["speaker_id"]) for s in segments if s["end"] > s["start"]]
+def hypothesis_turns(segments, offset: float) -> list[tuple[float, float, int]]:
+    return [(s["start"] + offset, s["end"] + offset, s["speaker_id"]) for s in segments if s["end"] > s["start"]]
+
+
+def clock_offset(reference) -> float:
+    """Where the gateway's conversation time 0 lies in the recording: it counts from the first
+    word, which the client is not told, so it is taken as the first reference turn's onset (as
+    tests/test_speech_profile.py does); old and new code get the same alignment."""
+    return min(start for start, _, _ in reference)
 
 
 def speaker_at(reference, t: float) -> set:
@@ -120,13 +128,14 @@ def speaker_at(reference, t: float) -> set:
 
 def is_user_accuracy(segments, reference, owner: str, until: float) -> tuple[int, int]:
     right = total = 0
+    offset = clock_offset(reference)
     for s in segments:
         words = s["text"].split()
-        if not words or s["start"] >= until:
+        if not words or s["start"] + offset >= until:
             continue
         step = (s["end"] - s["start"]) / len(words)
         for k in range(len(words)):
-            who = speaker_at(reference, s["start"] + (k + 0.5) * step)
+            who = speaker_at(reference, offset + s["start"] + (k + 0.5) * step)
             if len(who) != 1:
                 continue          # a word in a pause or in overlap has no single true speaker
             total += 1
@@ -178,7 +187,8 @@ async def run(files: list[Path], speed: float, owner_test: bool) -> None:
                 before = sum(process.cpu_times()[:2])
                 result = await stream(port, token, pcm, speed, include_speech_profile="false")
                 cpu = sum(process.cpu_times()[:2]) - before
-                score = diarization_error(reference, hypothesis_turns(result.segments.values()), uem=uem)
+                score = diarization_error(reference, hypothesis_turns(result.segments.values(), clock_offset(reference)),
+                                   uem=uem)
                 outcome = Outcome(path.stem, len(pcm) / RATE, score, cpu)
                 if owner_test and score.reference_speakers >= 2:
                     owner = owner_of(reference)
