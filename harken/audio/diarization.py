@@ -345,7 +345,11 @@ class ConversationDiarizer:
         vectors = self._vectors[lo:]
         weights = np.asarray(self._ends[lo:]) - np.asarray(self._starts[lo:])
         clusters = _average_linkage(vectors, self.threshold)
-        clusters = _fold_small(clusters, vectors, weights, self.min_speaker_seconds)
+        # A voice that has only just started (its cluster holds the newest utterance) is not
+        # folded away: its words are labelled now, and once merged into another speaker's
+        # segment they cannot be split out again. The last re-clustering (``finish``) folds it.
+        newest = {c for c, u in zip(clusters, self._utterance[lo:]) if u == self._utterances - 1} if confirm else set()
+        clusters = _fold_small(clusters, vectors, weights, self.min_speaker_seconds, keep=newest)
         clusters = self._smoothed(clusters, lo)
         clusters, known_of_cluster = self._anchor_known(clusters, lo)
         label_of = self._stable_labels(clusters, known_of_cluster, lo, weights)
@@ -534,12 +538,14 @@ def _average_linkage(vectors: np.ndarray, threshold: float) -> list[int]:
     return [order.setdefault(int(p), len(order)) for p in parent]
 
 
-def _fold_small(clusters: list[int], vectors: np.ndarray, weights: np.ndarray, min_seconds: float) -> list[int]:
-    """Clusters with less than ``min_seconds`` of speech join the most similar larger cluster."""
+def _fold_small(clusters: list[int], vectors: np.ndarray, weights: np.ndarray, min_seconds: float,
+                keep: set[int] = frozenset()) -> list[int]:
+    """Clusters with less than ``min_seconds`` of speech (and not in ``keep``) join the most
+    similar larger cluster."""
     ids = sorted(set(clusters))
     labels = np.asarray(clusters)
     totals = {c: float(weights[labels == c].sum()) for c in ids}
-    big = [c for c in ids if totals[c] >= min_seconds]
+    big = [c for c in ids if totals[c] >= min_seconds or c in keep]
     if not big or len(big) == len(ids):
         return clusters
     centroids = _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in big]))
