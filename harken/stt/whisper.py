@@ -259,20 +259,28 @@ class StreamStats:
 
 class LocalAgreement:
     """The provisional words of one utterance: the longest prefix two consecutive decodes agree
-    on (compared without case and punctuation). What it has shown only grows: a later decode that
-    disagrees with shown words adds nothing until the final replaces them."""
+    on (compared without case and punctuation); of the first decode, all but its last
+    ``FIRST_HOLD_BACK`` words (the end of a clip cut mid-word is what changes; on a loaded machine
+    a second decode may come too late to show anything while the words are spoken). What it has
+    shown only grows: a later decode that disagrees with shown words adds nothing until the final
+    replaces them."""
+
+    FIRST_HOLD_BACK = 2
 
     def __init__(self) -> None:
-        self._previous: list[Word] = []
+        self._previous: list[Word] | None = None
         self.shown: list[Word] = []
 
     def update(self, words: list[Word]) -> bool:
         """Take a new decode; True if the shown prefix grew."""
-        agreed = 0
-        for a, b in zip(self._previous, words):
-            if _comparable(a.text) != _comparable(b.text):
-                break
-            agreed += 1
+        if self._previous is None:
+            agreed = max(0, len(words) - self.FIRST_HOLD_BACK)
+        else:
+            agreed = 0
+            for a, b in zip(self._previous, words):
+                if _comparable(a.text) != _comparable(b.text):
+                    break
+                agreed += 1
         self._previous = words
         shown = len(self.shown)
         if agreed <= shown or [_comparable(w.text) for w in words[:shown]] != [_comparable(w.text) for w in self.shown]:
