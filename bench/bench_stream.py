@@ -48,12 +48,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, extra: list[str], root: Path = ROOT) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "harken", "serve", "--host", "127.0.0.1", "--port", str(port), "--auth", "none",
          "--data-dir", str(data_dir), "--log-level", "warning", *extra],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--utterances", type=int, default=6, help="recordings each stream reads")
     parser.add_argument("--pause", type=float, default=4.0, help="seconds of silence after each")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `harken serve` argument")
+    parser.add_argument("--server-root", type=Path, default=ROOT,
+                        help="run the server from this source tree (e.g. the main branch, for a before/after)")
     args = parser.parse_args()
 
     print(f"cpus {sorted(os.sched_getaffinity(0))}  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
@@ -101,9 +103,9 @@ def main() -> None:
     clips = load_clips(args.audio_dir)
     offline = offline_baseline(clips)
     print(f"{len(clips)} recordings from {args.audio_dir}; offline whole-file WER {offline:.1%}; "
-          f"server args {args.server_arg or '(defaults)'}")
+          f"server {args.server_root} args {args.server_arg or '(defaults)'}")
     with tempfile.TemporaryDirectory() as tmp:
-        server, url = start_server(Path(tmp), args.server_arg)
+        server, url = start_server(Path(tmp), args.server_arg, args.server_root)
         try:
             baseline = None
             print(f"{'streams':>7} {'final p50':>9} {'p95':>6} {'max':>6} {'p95 ×1':>7} {'shown p50':>9} {'p95':>6} "
