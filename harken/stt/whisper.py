@@ -79,6 +79,10 @@ PARTIAL_MAX_LOAD = 0.5
 PAUSE_DECODE_MAX_LOAD = 0.85
 # A provisional decode needs this much open speech (shorter ones are mostly wrong).
 PARTIAL_MIN_SECONDS = 0.8
+# No provisional decodes while one decode takes longer than this many partial_intervals (wall
+# time, a moving average): the text would come long after the speech had moved on, and on a
+# starved CPU they slow the finals. (Unloaded, tiny.en takes ~0.35 s.)
+PARTIAL_MAX_DECODE_INTERVALS = 2.0
 
 RawWord = tuple[str, float, float, float]     # text, start, end (seconds in the clip), probability
 
@@ -91,6 +95,7 @@ class EngineLoad:
         self.window = window
         self.in_flight = 0
         self._done: collections.deque[tuple[float, float]] = collections.deque()   # (finished at, seconds)
+        self.typical_decode = 0.0        # moving average of one decode's wall seconds
 
     def started(self) -> None:
         self.in_flight += 1
@@ -98,6 +103,7 @@ class EngineLoad:
     def finished(self, seconds: float, now: float | None = None) -> None:
         self.in_flight -= 1
         self._done.append((time.monotonic() if now is None else now, seconds))
+        self.typical_decode += (seconds - self.typical_decode) * (0.3 if self.typical_decode else 1.0)
 
     def busy_share(self, now: float | None = None) -> float:
         """Decode seconds finished in the last ``window`` over the workers' seconds, plus the
@@ -513,6 +519,8 @@ class WhisperStream(STTStream):
                     self._start_pause_decode(utterance)
             return
         if not self._partial_interval or self._partial is not None or busy > PARTIAL_MAX_LOAD:
+            return
+        if load.typical_decode > PARTIAL_MAX_DECODE_INTERVALS * self._partial_interval:
             return
         if self._pause is not None and not self._pause.future.done():
             return
