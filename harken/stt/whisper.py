@@ -79,6 +79,9 @@ PARTIAL_MAX_LOAD = 0.5
 PAUSE_DECODE_MAX_LOAD = 0.85
 # A provisional decode needs this much open speech (shorter ones are mostly wrong).
 PARTIAL_MIN_SECONDS = 0.8
+# Audio sent faster than real time (a file, a client catching up) by more than this many seconds
+# gets no provisional decodes: its finals come sooner than any provisional text could.
+AHEAD_OF_REAL_TIME_S = 1.0
 # No provisional decodes while one decode takes longer than this many partial_intervals (wall
 # time, a moving average): the text would come long after the speech had moved on, and on a
 # starved CPU they slow the finals. (Unloaded, tiny.en takes ~0.35 s.)
@@ -154,8 +157,11 @@ class WhisperProvider(Provider):
             model, vad = await loop.run_in_executor(
                 self._executor, lambda: (load_whisper_model(self.settings), SileroVAD.shared()))
             self._model, self._vad = model, vad
-            # CTranslate2 allocates its buffers on the first decode: pay that now, not on a user's utterance.
-            await loop.run_in_executor(self._executor, self.transcribe_clip, np.zeros(SAMPLE_RATE, dtype=np.int16))
+            # CTranslate2 allocates its buffers on the first decode: pay that now, not on a user's
+            # utterance, on every worker (each has its own replica of the model: decodes at once).
+            silence = np.zeros(SAMPLE_RATE, dtype=np.int16)
+            await asyncio.gather(*(loop.run_in_executor(self._executor, self.transcribe_clip, silence)
+                                   for _ in range(self.load_state.workers)))
             log.info("local STT: whisper_model=%s (%s, %d thread(s) per decode, %d decode(s) at once) "
                      "ready in %.1f s",
                      self.settings.whisper_model, self.settings.whisper_compute_type, self.settings.whisper_threads,
@@ -191,8 +197,8 @@ class WhisperProvider(Provider):
     def submit(self, pcm: np.ndarray, language: str | None, prompt: str | None = None) -> asyncio.Future:
         """Queue one decode in the pool; the future gives ``transcribe_clip``'s result."""
         loop = asyncio.get_running_loop()
-        self.load_state.started()
         future = loop.run_in_executor(self._executor, self._timed_transcribe, pcm, language, prompt)
+        self.load_state.started()
 
         def done(f: asyncio.Future) -> None:
             seconds = f.result()[1] if not f.cancelled() and f.exception() is None else 0.0
@@ -349,6 +355,7 @@ class WhisperStream(STTStream):
         self._partial_from = 0            # open speech windows at the last provisional decode
         self._agreement = LocalAgreement()
         self._shown_number = 0            # utterance whose Partial the consumer holds (0 = none)
+        self._opened_at = time.monotonic()
         self._worker = asyncio.get_running_loop().create_task(self._decode_in_order())
 
     # --- STTStream ----------------------------------------------------------------------
@@ -365,7 +372,10 @@ class WhisperStream(STTStream):
         for utterance in self._endpointer.feed(pcm):
             self._ended(utterance)
         self.stats.speech_seconds = self._endpointer.speech_windows * WINDOW_SECONDS
-        self._provisional_work()
+        try:
+            self._provisional_work()
+        except RuntimeError:               # the pool is shut down: the final decode will report it
+            log.debug("local STT %s: no provisional decode, the pool is closed", self._config.session_id)
 
     async def finalize(self) -> None:
         """End the open utterance now and queue its decode; its words follow through iteration."""
@@ -519,6 +529,8 @@ class WhisperStream(STTStream):
                     self._start_pause_decode(utterance)
             return
         if not self._partial_interval or self._partial is not None or busy > PARTIAL_MAX_LOAD:
+            return
+        if self.stats.audio_seconds > time.monotonic() - self._opened_at + AHEAD_OF_REAL_TIME_S:
             return
         if load.typical_decode > PARTIAL_MAX_DECODE_INTERVALS * self._partial_interval:
             return
