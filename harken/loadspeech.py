@@ -38,7 +38,9 @@ from .client import device_messages, listen_url, read_wav_16k
 from .wer import normalize, word_errors
 
 LATE_GRACE = 0.3          # seconds after the next utterance's start that a final may still arrive
-SETTLE = 3.0              # seconds the client waits after its last frame
+SETTLE = 2.0              # after its last frame, the client closes once nothing changed for this long
+SETTLE_WORDS = 0.7        # ... and it holds this share of the references' words (late finals count
+MAX_WAIT = 30.0           # for WER), or at the latest this many seconds after its last frame
 SAMPLE_RATE = 16000
 
 
@@ -257,7 +259,13 @@ async def _speak(index: int, url: str, clips: Sequence[Clip], utterances: int, p
                     await asyncio.sleep(delay)
                 await ws.send(message)
                 outcome.frame_sent_at[i] = time.monotonic()
-            await asyncio.wait([receiver], timeout=SETTLE)
+            expected = SETTLE_WORDS * sum(len(normalize(u.clip.reference)) for u in plan)
+            done_at = time.monotonic()
+            while not receiver.done() and time.monotonic() - done_at < MAX_WAIT:
+                last = outcome.views[-1] if outcome.views else (done_at, [])
+                if len(last[1]) >= expected and time.monotonic() - max(last[0], done_at) >= SETTLE:
+                    break
+                await asyncio.sleep(0.2)
             await ws.close(1000, "done")
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)

@@ -10,16 +10,18 @@ import pytest
 
 from harken.audio import speech_spans
 from harken.client import listen_url, stream_messages
-from harken.stt.whisper import transcribe_offline
+from harken.stt.whisper import PARTIAL_MAX_DECODE_INTERVALS, transcribe_offline
 from harken.wer import normalize
 
 from .conftest import load_audio
-from .test_gateway import SETTLE, pcm_messages, token_for
+from .test_gateway import pcm_messages, token_for
 from .test_gateway_conversations import rest
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 LONG_UTTERANCE = "ss_0870.wav"     # 7.1 s of read speech, one sentence
+# The client closes once nothing changed for this long: generous, a loaded machine's decodes are slow.
+PATIENT_SETTLE = 15.0
 
 
 def client_views(result) -> list[tuple[float, list[str]]]:
@@ -40,18 +42,12 @@ async def test_text_grows_while_a_long_utterance_is_spoken_and_the_final_is_the_
     token = token_for(gateway)
     url = listen_url(gateway.base, codec="pcm16", sample_rate=16000)
     result = await stream_messages(url, pcm_messages(pcm), 0.1, token=token, realtime=True,
-                                   settle_seconds=SETTLE)
+                                   settle_seconds=PATIENT_SETTLE)
     assert result.close_code == 1000
     views = client_views(result)
     final = normalize(result.transcript())
 
-    # Text reached the client at least a second before the utterance ended.
-    early = [words for sent, words in views if sent < speech_end - 1.0 and words]
-    assert early, f"nothing shown before {speech_end - 1.0:.1f} s of audio: {views}"
-    # What was shown was mostly right (the final replaces the rest)...
-    shown = early[-1]
-    assert sum(w in final for w in shown) >= 0.8 * len(shown), (shown, final)
-    # ...and no word that the final has ever disappeared from the client on the way.
+    # No word that the final has ever disappeared from the client on the way.
     for (_, before), (_, after) in zip(views, views[1:]):
         lost = [w for w in before if w in final and w not in after]
         assert not lost, (before, after)
@@ -67,6 +63,18 @@ async def test_text_grows_while_a_long_utterance_is_spoken_and_the_final_is_the_
     stored = (await rest(gateway, token, "GET", f"/v1/conversations/{listing[0]['id']}")).json()
     assert normalize(" ".join(s["text"] for s in stored["transcript_segments"])) == final
 
+    # Text reached the client at least a second before the utterance ended...
+    early = [words for sent, words in views if sent < speech_end - 1.0 and words]
+    typical_decode = provider.load_state.typical_decode
+    if not early and typical_decode > PARTIAL_MAX_DECODE_INTERVALS * gateway.settings.partial_interval:
+        # ...unless the machine is so loaded that provisional decodes are off by design (they
+        # would come after the speech moved on, and slow the finals): say so rather than pass.
+        pytest.skip(f"CPU starved: one decode takes {typical_decode:.1f} s, provisional text is off")
+    assert early, f"nothing shown before {speech_end - 1.0:.1f} s of audio: {views}"
+    # ...and it was mostly right (the final replaces the rest).
+    shown = early[-1]
+    assert sum(w in final for w in shown) >= 0.8 * len(shown), (shown, final)
+
 
 async def test_partial_interval_0_shows_final_text_only(make_gateway):
     server = make_gateway(partial_interval=0)
@@ -76,7 +84,7 @@ async def test_partial_interval_0_shows_final_text_only(make_gateway):
     speech_end = speech_spans(pcm)[-1][1] / 16000
     url = listen_url(server.base, codec="pcm16", sample_rate=16000)
     result = await stream_messages(url, pcm_messages(pcm), 0.1, token=token_for(server), realtime=True,
-                                   settle_seconds=SETTLE)
+                                   settle_seconds=PATIENT_SETTLE)
     assert result.close_code == 1000 and result.transcript()
     assert all(update.audio_sent >= speech_end - 0.5 for update in result.updates), \
         [(u.audio_sent, u.segment["text"]) for u in result.updates]

@@ -13,6 +13,9 @@ The rules follow Omi's ``combine_segments`` (reference/omi-listen-behaviour.md Â
   forward" and re-sent with the *same id* as it grows; clients upsert by id.
 * Ids are stable: an id names one segment whose text only grows by appending, until the id is
   reported deleted (absorbed into its left neighbour after a relabel); it never comes back.
+* Provisional words (``set_partial``: the embedded engine's words of an utterance still being
+  spoken) are folded onto the tail for the client only (``Batch.shown``); the final words replace
+  them under the same id, and only final text reaches ``Batch.changed`` (the store, webhooks).
 """
 
 from __future__ import annotations
