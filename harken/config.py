@@ -38,6 +38,21 @@ class Settings:
     max_sessions: int = _setting(
         0, "connections a server process (each worker) holds before it refuses new ones with 1013; 0 = no limit"
     )
+    max_connections: int = _setting(
+        0, "open connections a server process holds (HTTP and WebSocket, any state); beyond it new ones are "
+           "closed at once; 0 = the open-file limit less a reserve"
+    )
+    max_connections_per_client: int = _setting(
+        256, "open connections one client address may hold; beyond it its new ones are closed at once; "
+             "0 = no limit (behind a reverse proxy every client has the proxy's address)"
+    )
+    max_request_head_bytes: int = _setting(
+        32768, "largest request line plus headers; larger is answered 431 and closed"
+    )
+    request_head_timeout: float = _setting(
+        10.0, "seconds a connection has to send a complete request line and headers"
+    )
+    max_body_bytes: int = _setting(1 << 20, "largest REST request body (uploads of audio have their own limit)")
     data_dir: Path = _setting(Path(".harken"), "folder for keys, the SQLite database and caches")
     log_level: str = _setting("info", "debug, info, warning or error")
     log_format: str = _setting("text", "text, or json (one object per line: ts, level, logger, message, session_id, uid)")
@@ -64,6 +79,13 @@ class Settings:
     whisper_threads: int = _setting(1, "CPU threads per decode")
     whisper_workers: int = _setting(0, "decodes that may run at the same time; 0 = one per CPU core this process may use")
     whisper_beam_size: int = _setting(1, "beam size (1 = greedy)")
+    whisper_multilingual_model: str = _setting(
+        "embedded-base", "model for languages other than English and for multi: 'embedded-base' (Whisper base "
+        "from the pinned split wheels), a faster-whisper model name, a folder, or '' for none")
+    whisper_languages: str = _setting(
+        "", "comma-separated languages that language=multi may detect (e.g. 'en,de,fr'); empty = any")
+    model_cache_dir: str = _setting(
+        "", "where model files joined from split wheels are kept; empty = $XDG_CACHE_HOME/harken or ~/.cache/harken")
     vad_threshold: float = _setting(0.5, "Silero speech probability above which a window is speech")
     endpoint_silence_ms: int = _setting(700, "silence that ends an utterance whatever was said")
     endpoint_pause_ms: int = _setting(
@@ -79,6 +101,13 @@ class Settings:
     idle_timeout: float = _setting(90.0, "close 1001 after this many seconds without a message")
     max_message_bytes: int = _setting(65536, "largest client message; larger closes 1009")
     web_auth_timeout: float = _setting(5.0, "seconds a /v4/web/listen client has to send its auth message")
+    audio_realtime_factor: float = _setting(
+        1.0, "audio a session is read at, in seconds of audio per second (after its burst); a faster client "
+             "is slowed (its socket is read later), not dropped; 0 = no pacing (load tests, batch tools)"
+    )
+    audio_burst_seconds: float = _setting(
+        30.0, "seconds of audio a session may send ahead of real time (reconnect backlog) before pacing"
+    )
     native_audio: bool = _setting(
         True, "decode Opus in the native reader (harken/native) when it is built; false = the Python path"
     )
@@ -140,6 +169,14 @@ class Settings:
     webhook_retry_horizon: float = _setting(86400.0, "seconds a failing delivery is retried before dead-lettering")
     webhook_max_backoff: float = _setting(600.0, "longest wait in seconds between two delivery attempts")
 
+    # --- offline recordings (POST /v1/sync-local-files) ---------------------------------
+    sync_max_file_mb: float = _setting(512.0, "largest uploaded recording file, in MiB (about 14 h of 10 ms Opus)")
+    sync_max_upload_mb: float = _setting(2048.0, "largest sync-local-files request body, in MiB")
+    sync_job_lease: float = _setting(
+        60.0, "seconds a node's claim on a sync job lasts unrenewed; a job of a node that died resumes after it")
+    sync_nice: int = _setting(19, "CPU nice value of batch transcription (0-19; live sessions stay at 0)")
+    sync_threads: int = _setting(1, "CPU threads per batch decode")
+
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         if self.whisper_workers <= 0:
@@ -169,6 +206,12 @@ class Settings:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
         if self.max_sessions < 0:
             raise ValueError(f"max_sessions must be 0 (no limit) or more, not {self.max_sessions}")
+        for name in ("max_connections", "max_connections_per_client", "audio_realtime_factor", "audio_burst_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if self.max_request_head_bytes < 1024 or self.request_head_timeout <= 0 or self.max_body_bytes < 1024:
+            raise ValueError("max_request_head_bytes and max_body_bytes must be at least 1024, "
+                             "request_head_timeout positive")
         if self.drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be positive, not {self.drain_timeout}")
         if self.log_format not in LOG_FORMATS:

@@ -412,6 +412,12 @@ class _Client:
             elif isinstance(payload, dict) and isinstance(payload.get("type"), str):
                 if payload["type"] == "service_status" and payload.get("status") == "ready" and not self.ready.is_set():
                     self.outcome.ready_seconds = now - began
+                    if self.null_words and payload.get("provider") != "null":
+                        # stt_service is a preference: a server without HARKEN_NULL_PROVIDER serves
+                        # the stream with its real engine, which is not what this run measures.
+                        self._fail("stt_service=null not served (start the server with HARKEN_NULL_PROVIDER=true)")
+                        await ws.close(1000, "null provider off")
+                        return
                     self.ready.set()
                 elif payload["type"] == "error":
                     self._fail(f"error event {payload.get('code')}")

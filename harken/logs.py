@@ -7,7 +7,9 @@ them, without each call having to pass them.
 
 What is never logged: tokens, Authorization headers and audio. The code does not log them, and
 ``RedactSecrets`` is a safety net for the day a library or a careless message does: it blanks
-bearer credentials and anything shaped like a JWT before a record is written.
+bearer credentials, anything shaped like a JWT and the query of any URL (webhook URLs carry
+secrets there) before a record is written. ``install_redaction`` applies it as each record is
+made, so handlers set up by others (uvicorn's) are covered too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,18 @@ REDACTED = "[redacted]"
 # "Bearer <anything>", and three base64url parts of which the first two start like a JSON
 # object ("eyJ" = '{"'): a JWT, whoever issued it.
 _SECRET_PATTERN = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+|\beyJ[\w-]*\.eyJ[\w-]*\.[\w-]*")
+# The query of a URL: webhook URLs carry their owners' secrets there (``?token=…``), and httpx
+# logs every request's URL at info level.
+_URL_QUERY = re.compile(r"(?i)\b((?:https?|wss?)://[^\s?#\"'<>]+)\?[^\s#\"'<>]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with bearer credentials, JWTs and URL queries blanked."""
+    return _URL_QUERY.sub(rf"\1?{REDACTED}", _SECRET_PATTERN.sub(REDACTED, text))
+
+
+def _needs_redaction(text: str) -> bool:
+    return bool(_SECRET_PATTERN.search(text) or _URL_QUERY.search(text))
 
 
 def bind_session(session_id: str, uid: str) -> tuple[contextvars.Token, contextvars.Token]:
@@ -58,13 +72,31 @@ class RedactSecrets(logging.Filter):
             message = record.getMessage()
         except Exception:
             return True         # a malformed record: the handler reports it as such
-        if _SECRET_PATTERN.search(message):
-            record.msg, record.args = _SECRET_PATTERN.sub(REDACTED, message), None
+        if _needs_redaction(message):
+            record.msg, record.args = redact(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = _SECRET_PATTERN.sub(REDACTED, record.exc_text)
+            record.exc_text = redact(record.exc_text)
         return True
+
+
+def install_redaction() -> None:
+    """Redact every record as it is made, whichever handler writes it: uvicorn's own handlers
+    (its LOGGING_CONFIG, not propagating to the root) and any a library or embedder adds never
+    pass through ``make_handler``'s filter. Idempotent."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "harken_redacting", False):
+        return
+    redactor = RedactSecrets()
+
+    def make_record(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        redactor.filter(record)
+        return record
+
+    make_record.harken_redacting = True
+    logging.setLogRecordFactory(make_record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -103,3 +135,8 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(make_handler(log_format))
     root.setLevel(level.upper())
+    install_redaction()
+    # httpx logs each request's full URL at info: the redaction blanks its query, and below
+    # debug the line says nothing an operator needs (webhook outcomes are logged by the outbox).
+    if root.level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -19,10 +19,13 @@ from types import FrameType
 
 import uvicorn
 
-from .config import Settings
+from .config import Settings, is_loopback
+from .data_dir import make_private
 from .gateway.drain import HARD_STOP_MARGIN, drain_deadline, end_sessions
+from .gateway.edge import BoundedHttpToolsProtocol
 from .gateway.worker_metrics import WorkerSlot
 from .gateway.ws_protocol import SinkingWebSocketProtocol
+from .logs import install_redaction
 
 log = logging.getLogger("harken.server")
 
@@ -38,13 +41,17 @@ GC_THRESHOLDS = (5_000, 10, 10)
 def uvicorn_config(settings: Settings, app=None) -> uvicorn.Config:
     from .gateway.app import create_app
 
-    return uvicorn.Config(
+    install_redaction()          # uvicorn's own handlers write records the root's filter never sees
+    config = uvicorn.Config(
         app if app is not None else create_app(settings),
         host=settings.host,
         port=settings.port,
         ws=SinkingWebSocketProtocol,     # websockets-sansio, binary messages straight to the session
+        # No permessage-deflate: a few MiB of compressed zeros inflate to hours of audio, and
+        # Opus does not compress anyway.
+        ws_per_message_deflate=False,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
+        http=BoundedHttpToolsProtocol,   # httptools with a bounded, timed request head (edge.py)
         lifespan="on",
         ws_max_size=max(settings.max_message_bytes * PROTOCOL_MAX_SIZE_FACTOR, 1 << 20),
         ws_ping_interval=20.0,
@@ -55,15 +62,18 @@ def uvicorn_config(settings: Settings, app=None) -> uvicorn.Config:
         access_log=False,       # query strings could carry uids; tokens never do
         timeout_graceful_shutdown=20,
     )
+    config.harken_settings = settings     # read by the edge protocols (limits, deadlines)
+    return config
 
 
 def run_server(settings: Settings) -> int:
     """Serve until stopped; returns the exit status."""
+    make_private(settings.data_dir)
     print(banner(settings), file=sys.stderr, flush=True)
     if settings.workers > 1:
         from .workers import run_workers
 
-        return run_workers(settings)
+        return run_workers(settings, serve)
     serve(settings)
     return 0
 
@@ -166,7 +176,9 @@ def banner(settings: Settings) -> str:
     base = f"ws://{host}:{settings.port}"
     how = {
         "local": f"  token:   harken token --uid alice --data-dir {settings.data_dir}\n"
-                 f"  try it:  harken stream recording.wav --url {base}/v4/listen",
+                 f"  try it:  harken stream recording.wav --url {base}/v4/listen"
+                 + (f"\n  page:    {_page(settings, host)}   (the #pair secret lets the page get tokens: "
+                    f"keep it to yourself)" if is_loopback(settings.host) else ""),
         "firebase": f"  auth:    Firebase ID tokens of project {settings.firebase_project_id}",
         "none": f"  auth:    none (uid parameter trusted; loopback only)\n"
                 f"  try it:  harken stream recording.wav --url {base}/v4/listen",
@@ -181,6 +193,12 @@ def banner(settings: Settings) -> str:
         f"  data:    {settings.data_dir.resolve()}\n"
         f"{how}"
     )
+
+
+def _page(settings: Settings, host: str) -> str:
+    from .gateway.web import page_address
+
+    return page_address(settings, f"http://{host}:{settings.port}")
 
 
 def _engines(settings: Settings) -> list[str]:

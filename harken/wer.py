@@ -79,3 +79,18 @@ def _number_words(n: int) -> str:
         return _TENS[tens] + (f" {_ONES[ones]}" if ones else "")
     hundreds, rest = divmod(n, 100)
     return f"{_ONES[hundreds]} hundred" + (f" {_number_words(rest)}" if rest else "")
+
+
+# Languages written without spaces between words: their error rate is counted in characters (CER).
+CHARACTER_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "km", "yue"})
+_NOT_WORD = re.compile(r"[^\w\s]|_")
+
+
+def multilingual_errors(reference: str, hypothesis: str, language: str) -> tuple[int, int]:
+    """(edits, reference units) for any language: words after lower-casing and dropping
+    punctuation (any script), or characters for ``CHARACTER_LANGUAGES``. Numbers are compared as
+    written: no language's number words are spelled out, so "3" against "tres" is an error."""
+    ref, hyp = (_NOT_WORD.sub(" ", t.lower()) for t in (reference, hypothesis))
+    if language.split("-")[0].lower() in CHARACTER_LANGUAGES:
+        return edit_distance(list(ref.replace(" ", "")), list(hyp.replace(" ", ""))), len(ref.replace(" ", ""))
+    return edit_distance(ref.split(), hyp.split()), len(ref.split())

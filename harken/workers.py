@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Callable
 
 from .config import Settings
 from .gateway.worker_metrics import WorkerSlot
@@ -44,8 +45,14 @@ STOP_MARGIN = 10.0           # past drain_timeout (+ the worker's own hard stop)
 ORPHAN_CHECK = 1.0
 
 
-def run_workers(settings: Settings) -> int:
-    """Run ``settings.workers`` workers until a stop signal; returns the exit status."""
+# What a worker runs: ``serve(settings, worker=slot)`` (server.serve). Passed in rather than
+# imported, so that this module does not import server.py, which imports it.
+Serve = Callable[..., None]
+
+
+def run_workers(settings: Settings, serve: Serve) -> int:
+    """Run ``settings.workers`` workers, each ``serve(settings, worker=…)``, until a stop signal;
+    returns the exit status."""
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ValueError("workers > 1 needs SO_REUSEPORT (Linux, BSD, macOS): run one process per port instead")
     context = multiprocessing.get_context("spawn")     # no inherited event loop, threads or locks
@@ -61,9 +68,9 @@ def run_workers(settings: Settings) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for slot in slots:
-            slot.start(context, settings)
+            slot.start(context, settings, serve)
         while not signals:
-            failed = _watch(slots, context, settings)
+            failed = _watch(slots, context, settings, serve)
             if failed:
                 log.error("workers keep failing at start-up; stopping (see the errors above)")
                 on_signal(signal.SIGTERM, None)
@@ -89,8 +96,8 @@ class _Slot:
     def index(self) -> int:
         return self.worker.index
 
-    def start(self, context, settings: Settings) -> None:
-        self.process = context.Process(target=_worker_main, args=(settings, self.worker, os.getpid()),
+    def start(self, context, settings: Settings, serve: Serve) -> None:
+        self.process = context.Process(target=_worker_main, args=(settings, self.worker, os.getpid(), serve),
                                        name=f"harken-worker-{self.index}", daemon=False)
         self.process.start()
         self.started_at = time.monotonic()
@@ -105,7 +112,7 @@ class _Slot:
                 pass
 
 
-def _watch(slots: list[_Slot], context, settings: Settings) -> bool:
+def _watch(slots: list[_Slot], context, settings: Settings, serve: Serve) -> bool:
     """Wait briefly for a worker to die; schedule and perform restarts. True = give up."""
     alive = [s.process.sentinel for s in slots if s.process is not None and s.process.is_alive()]
     if alive:
@@ -126,7 +133,7 @@ def _watch(slots: list[_Slot], context, settings: Settings) -> bool:
             log.error("worker %d (pid %d) exited with %s; restarting in %.0fs", slot.index, process.pid,
                       process.exitcode, delay)
         elif now >= slot.restart_at:
-            slot.start(context, settings)
+            slot.start(context, settings, serve)
     return False
 
 
@@ -146,11 +153,10 @@ def _wait_for_stop(slots: list[_Slot], settings: Settings) -> int:
     return 0
 
 
-def _worker_main(settings: Settings, worker: WorkerSlot, supervisor_pid: int) -> None:
+def _worker_main(settings: Settings, worker: WorkerSlot, supervisor_pid: int, serve: Serve) -> None:
     """A worker process: its own process group, an orphan check, then one reuse-port server."""
     os.setpgid(0, 0)
     from .logs import configure_logging
-    from .server import serve
 
     configure_logging(settings.log_level, settings.log_format)
     threading.Thread(target=_stop_when_orphaned, args=(supervisor_pid,), name="harken-orphan-check",

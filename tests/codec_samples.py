@@ -22,6 +22,7 @@ import numpy as np
 import soxr
 from hypothesis import strategies as st
 
+from harken.codecs import DecodeError
 from harken.codecs.encode import encode_for_device
 
 VECTORS = Path(__file__).parent / "data" / "codec-vectors"
@@ -29,7 +30,7 @@ RATE = 16000
 MAX_MESSAGE = 65536  # PROTOCOL §3: anything larger is closed with 1009 before any decoder sees it
 
 # Every codec with the rates and channel counts its decoder accepts (PROTOCOL §2).
-CODECS = ("pcm8", "pcm16", "opus", "opus_fs320", "aac", "lc3", "lc3_fs1030")
+CODECS = ("pcm8", "pcm16", "pcm", "opus", "opus_fs320", "aac", "lc3", "lc3_fs1030")
 
 
 @functools.cache
@@ -89,8 +90,18 @@ def encoded_messages(codec: str, rate: int, channels: int = 1, **options) -> tup
 
 
 def decode_all(decoder, messages) -> np.ndarray:
-    """Decode ``messages`` in order and flush; every message must decode."""
-    parts = [decoder.decode(m) for m in messages]
+    """Decode ``messages`` in order and flush; every message must decode, except an Opus packet of a
+    configuration the stream has not sent yet: it is held back until the next packet confirms it
+    (codecs/signature.py ``ConfirmedKinds``), and its audio comes with that packet's."""
+    parts, held = [], False
+    for message in messages:
+        try:
+            parts.append(decoder.decode(message))
+        except DecodeError as exc:
+            assert "held back" in str(exc) and not held, exc
+            held = True
+        else:
+            held = False
     parts.append(decoder.flush())
     return np.concatenate(parts)
 

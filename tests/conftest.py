@@ -27,8 +27,10 @@ def load_audio(name: str) -> np.ndarray:
 
 
 def test_settings(tmp_path: Path, **changes) -> Settings:
-    """Settings for a server under test: local auth, its own data folder, any port."""
-    base = Settings(data_dir=tmp_path, port=0, log_level="warning")
+    """Settings for a server under test: local auth, its own data folder, any port. Audio is
+    not paced to real time (tests stream recordings as fast as they can); test_hardening.py
+    tests the pacing with the setting on."""
+    base = Settings(data_dir=tmp_path, port=0, log_level="warning", audio_realtime_factor=0)
     return base.replace(**changes)
 
 

@@ -25,7 +25,7 @@ from .codec_samples import (
 
 pytestmark = pytest.mark.timeout(120)
 
-PCM = ("pcm8", "pcm16")
+PCM = ("pcm8", "pcm16", "pcm")
 RECOVERY_SAMPLES = 1600  # codec state (prediction, overlap, resampler) settles within 100 ms
 
 

@@ -71,11 +71,14 @@ def test_pcm16_survives_messages_cut_inside_samples(cuts):
     assert np.array_equal(out, reference_pcm())
 
 
-def test_pcm8_is_16_bit_audio_at_8khz_upsampled():
-    raw = vector_bytes("speech8k_pcm8.raw")
-    out = decode_all(decoder_for("pcm8", 8000), [raw[i:i + 160] for i in range(0, len(raw), 160)])
+def test_pcm8_is_unsigned_8_bit_samples_as_omis_backend_reads_them():
+    # Omi's receiver: audioop.lin2lin(audioop.bias(data, 1, -128), 1, 2), i.e. (u8 - 128) << 8.
+    assert decoder_for("pcm8", 16000).decode(bytes([0, 128, 255, 129])).tolist() == [-32768, 0, 32512, 256]
+    # The 8 kHz vector (16-bit samples) as a device sending 8-bit samples would: 10 ms messages.
+    u8 = ((vector_pcm("speech8k_pcm8.raw") >> 8) + 128).astype(np.uint8).tobytes()
+    out = decode_all(decoder_for("pcm8", 8000), [u8[i:i + 80] for i in range(0, len(u8), 80)])
     correlation, lag = alignment(out, reference_pcm())
-    assert correlation >= 0.99 and lag < 8
+    assert correlation >= 0.98 and lag < 8
     assert abs(len(out) - len(reference_pcm())) <= 2
 
 
@@ -99,8 +102,8 @@ def test_the_same_messages_always_decode_to_the_same_samples(codec, rate):
 
 
 def test_declared_rate_wins_over_the_codec_name():
-    out = decode_all(decoder_for("pcm8", 16000), encoded_messages("pcm16", 16000))
-    assert np.array_equal(out, reference_pcm())
+    out = decode_all(decoder_for("pcm8", 16000), encoded_messages("pcm8", 16000))
+    assert len(out) == len(reference_pcm()) and alignment(out, reference_pcm())[0] >= 0.98
 
 
 def test_pcm_rate_out_of_any_sane_range_is_a_bad_parameter():
@@ -345,7 +348,7 @@ def test_lc3_fs1030_refuses_a_message_that_is_not_whole_frames():
 
 
 # -- stereo ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", [c for c in CODECS if c != "pcm"])   # pcm stereo is a call: tests/test_channels.py
 def test_stereo_is_the_average_of_both_channels(codec):
     # Speech on the left, silence on the right: the mix is the speech at half level. A decoder
     # that kept one channel (or summed them) would be off by a factor of 2 or would be silent.

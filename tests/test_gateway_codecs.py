@@ -41,14 +41,14 @@ def fresh_token(server, prefix: str) -> str:
     return mint_local_token(server.settings, f"{prefix}-{uuid.uuid4().hex[:8]}", 600)
 
 
-async def stored_transcript(server, token: str) -> str:
+async def stored_transcript(server, token: str, wait: float = 60) -> str:
     """The user's conversation as stored, once the server has finished that user's sessions.
 
     A client streaming faster than real time finishes long before the engine does; the session's
     teardown still decodes everything it received and stores it, so reading the store after the
     session ended measures the codec path without depending on how loaded the machine is."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
+    deadline = loop.time() + wait
     while server.call(lambda: len(server.gateway.sessions)) and loop.time() < deadline:
         await asyncio.sleep(0.2)
     headers = {"Authorization": f"Bearer {token}"}

@@ -16,7 +16,7 @@ from harken.stt import StreamConfig
 from harken.stt.null import WORD_SECONDS, WORDS_PER_SENTENCE, NullProvider, audio_times
 
 from .conftest import load_audio
-from .test_gateway import expect_refusal, token_for
+from .test_gateway import token_for
 
 
 async def collect(stream) -> list:
@@ -55,13 +55,16 @@ async def test_a_null_word_waits_for_all_of_its_audio():
 
 # --- through the gateway ---------------------------------------------------------------------
 
-async def test_stt_service_null_is_rejected_when_the_setting_is_off(gateway):
+async def test_stt_service_null_is_only_a_preference_when_the_setting_is_off(gateway):
+    """As every stt_service value the server does not serve (upstream's rule: a preference, not a
+    contract): no close, the normal chain serves the session and ready says which."""
     url = listen_url(gateway.base, codec="pcm16", sample_rate=16000, stt_service="null")
-    events, code, reason = await expect_refusal(url, {"Authorization": f"Bearer {token_for(gateway)}"})
-    assert code == 1008
-    assert "stt_service" in reason and "null" in reason
-    errors = [e for e in events if isinstance(e, dict) and e.get("type") == "error"]
-    assert errors and errors[0]["param"] == "stt_service"
+    result = await stream_messages(url, [bytes(3200)] * 5, 0.1, token=token_for(gateway), realtime=False,
+                                   settle_seconds=0.5, max_wait=10)
+    assert result.close_code == 1000, (result.close_code, result.close_reason)
+    ready = [e for e in result.events if e.get("status") == "ready"]
+    assert ready and ready[0]["provider"] != "null"
+    assert not [e for e in result.events if e.get("type") == "error"]
 
 
 async def test_null_segments_carry_the_audio_clock_times(make_gateway):
@@ -115,7 +118,7 @@ async def test_loadtest_reports_refused_streams_by_cause(gateway):
     report = await run_load(load_config(gateway, streams=3, duration=2.0))     # null provider off
 
     assert sum(report.errors.values()) == 3
-    assert all("1008" in cause for cause in report.errors), report.errors
+    assert all("HARKEN_NULL_PROVIDER" in cause for cause in report.errors), report.errors
     assert report.latencies.size == 0
 
 

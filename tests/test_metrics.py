@@ -407,7 +407,7 @@ async def test_a_resampled_stream_counts_every_sample_including_the_resampler_ta
     """8 kHz PCM goes through soxr, which holds a few milliseconds back until the stream ends:
     the session flushes them, so all 1.6 s sent reach the stream (and the audio webhook)."""
     server = make_gateway(null_provider=True)
-    url = listen_url(server.base, codec="pcm8", sample_rate=8000, stt_service="null")
+    url = listen_url(server.base, codec="pcm16", sample_rate=8000, stt_service="null")
     rng = np.random.default_rng(5)
     pcm8k = rng.integers(-8000, 8000, size=int(8000 * 1.6), dtype=np.int16)
     await stream_messages(url, [pcm8k[i:i + 800].tobytes() for i in range(0, len(pcm8k), 800)], 0.1,
@@ -419,7 +419,7 @@ async def test_a_resampled_stream_counts_every_sample_including_the_resampler_ta
                                                                       code="1000") == 1
 
     assert await wait_until(ended)
-    seconds = value(await scrape(server), "harken_audio_seconds_total", codec="pcm8")
+    seconds = value(await scrape(server), "harken_audio_seconds_total", codec="pcm16")
     assert abs(seconds - 1.6) < 0.5 / 16000, f"{seconds} s of 1.6 s passed on"
 
 

@@ -17,7 +17,7 @@ from harken.codecs import DecodeError
 from harken.codecs.opus import OpusDecoder, opus_packet_duration
 from harken.native import opus_reader
 
-from .codec_samples import vector_opus_packets
+from .codec_samples import reference_pcm, vector_opus_packets
 from .test_codecs import _opus_like_packets
 
 PIECE = 640
@@ -186,3 +186,72 @@ def test_the_native_packet_checks_agree_with_the_python_rules(packet):
     except DecodeError:
         expected = -1
     assert opus_reader.packet_duration(packet) == expected
+
+
+def _native_then_python(packets: list[bytes], rate: int = 16000) -> tuple[np.ndarray, int]:
+    """What a session does: the reader decodes what it can, each frame it leaves goes to the
+    decoder's Python path (a DecodeError drops it). Returns the audio and the messages dropped."""
+    decoder = OpusDecoder(rate, 1)
+    pieces: list[np.ndarray] = []
+    reader = decoder.native_reader(PIECE, 65536, lambda: None)
+    frames = [frame(p) for p in packets]
+    data, starts = b"".join(frames), []
+    offset = 0
+    for f in frames:
+        starts.append(offset)
+        offset += len(f)
+    pos, dropped = 0, 0
+    while pos < len(data):
+        pos = reader.scan(data, pos, -1)
+        if pos >= len(data):
+            break
+        pcm, *_ = reader.take()
+        pieces.append(np.frombuffer(pcm, np.int16))
+        index = starts.index(pos)
+        try:
+            pieces.append(decoder.decode(packets[index]))
+        except DecodeError:
+            dropped += 1
+        pos += len(frames[index])
+    pieces.append(np.frombuffer(reader.take()[0], np.int16))
+    return np.concatenate(pieces), dropped
+
+
+def _python_only(packets: list[bytes], rate: int = 16000) -> tuple[np.ndarray, int]:
+    decoder, pieces, dropped = OpusDecoder(rate, 1), [], 0
+    for packet in packets:
+        try:
+            pieces.append(decoder.decode(packet))
+        except DecodeError:
+            dropped += 1
+    return np.concatenate(pieces), dropped
+
+
+@pytestmark_native
+def test_with_garbage_the_reader_and_the_python_path_keep_and_drop_the_same_packets():
+    import random
+
+    rng = random.Random(7)
+    packets = []
+    for index, packet in enumerate(vector_opus_packets("speech16k_opus_10ms.bin")):
+        if index % 10 == 9:
+            packets.append(rng.randbytes(len(packet)))
+        packets.append(packet)
+    native, native_dropped = _native_then_python(packets)
+    python, python_dropped = _python_only(packets)
+    assert native_dropped == python_dropped >= 15          # of 20 random packets
+    assert np.array_equal(native, python)
+
+
+@pytestmark_native
+def test_an_encoder_alternating_frame_packings_loses_no_packet_on_the_native_path():
+    # At 48 kHz and 40 ms the encoder alternates TOCs (one 40 ms SILK frame, two 20 ms hybrid
+    # frames): each new TOC is confirmed by the packet after it, which must come to Python too.
+    from harken.codecs.encode import encode_for_device
+
+    packets = encode_for_device(reference_pcm(), "opus", 48000, frame_ms=40)
+    assert len({p[0] for p in packets}) > 1
+    native, _ = _native_then_python(packets, 48000)
+    python, _ = _python_only(packets, 48000)
+    assert np.array_equal(native, python)
+    assert len(native) >= 640 * (len(packets) - 1)          # at most the last packet held back

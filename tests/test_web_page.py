@@ -19,11 +19,16 @@ import websockets
 from starlette.applications import Starlette
 
 from harken.gateway.auth import LocalAuthenticator, mint_local_token
-from harken.gateway.web import WEB_TOKEN_TTL, web_routes
+from harken.gateway.web import PAIRING_HEADER, WEB_TOKEN_TTL, pairing_secret, web_routes
 
 from .browser import chromium, chromium_missing, write_microphone_wav
 from .conftest import load_audio
 from .conftest import test_settings as settings_for_test
+
+
+def page_url(server, query: str = "") -> str:
+    """The page's address as the server's banner prints it: with the pairing secret."""
+    return f"{server.http}/{query}#pair={pairing_secret(server.settings)}"
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,7 +70,7 @@ def test_page_transcribes_the_microphone_live(make_gateway, tmp_path, codec):
     with chromium(tmp_path / "profile", microphone(tmp_path)) as browser:
         page = browser.new_page()
         urls = watch_urls(page)
-        page.goto(f"{server.http}/" + ("?codec=pcm16" if codec == "pcm16" else ""))
+        page.goto(page_url(server, "?codec=pcm16" if codec == "pcm16" else ""))
         expect(page.locator("#identity")).to_have_text("Signed in on this machine as web-user.", timeout=10_000)
         expect(page.locator("#token-panel")).to_be_hidden()
         expect(page.locator("#transcript")).to_have_attribute("aria-live", "polite")
@@ -112,7 +117,7 @@ def test_conversation_panel_follows_the_rest_api(gateway, tmp_path):
     with chromium(tmp_path / "profile") as browser:
         page = browser.new_page()
         with page.expect_response(lambda r: "/v1/conversations" in r.url, timeout=10_000) as listing:
-            page.goto(f"{gateway.http}/")
+            page.goto(page_url(gateway))
         response = listing.value
         assert response.request.headers["authorization"].startswith("Bearer ey")
         assert response.status == answer.status_code
@@ -150,7 +155,7 @@ def test_page_speaks_the_web_listen_protocol(gateway, tmp_path):
     with chromium(tmp_path / "profile", microphone(tmp_path)) as browser:
         page = browser.new_page()
         page.route_web_socket(re.compile(r".*/v4/web/listen\?.*"), on_socket)
-        page.goto(f"{gateway.http}/?codec=pcm16")
+        page.goto(page_url(gateway, "?codec=pcm16"))
         expect(page.locator("#identity")).to_contain_text("Signed in", timeout=10_000)
         page.get_by_role("button", name=START).click()
         deadline = time.monotonic() + 10
@@ -250,7 +255,7 @@ RENDER_TONE = """async ([rate, frequency]) => {
 def test_worklet_resamples_44k_and_48k_microphones_to_16k_without_aliasing(gateway, tmp_path):
     with chromium(tmp_path / "profile") as browser:
         page = browser.new_page()
-        page.goto(f"{gateway.http}/")
+        page.goto(page_url(gateway))
         for rate in (48000, 44100):
             speech_band = page.evaluate(RENDER_TONE, [rate, 1000])
             above_nyquist = page.evaluate(RENDER_TONE, [rate, 12000])   # would fold back to 4 kHz
@@ -279,7 +284,7 @@ def test_page_asks_for_a_token_when_not_opened_on_loopback(gateway, tmp_path):
     with chromium(tmp_path / "profile", microphone(tmp_path), extra) as browser:
         page = browser.new_page()
         urls = watch_urls(page)
-        page.goto(f"{origin}/?codec=pcm16")
+        page.goto(f"{origin}/?codec=pcm16#pair={pairing_secret(gateway.settings)}")
         expect(page.locator("#token-panel")).to_be_visible(timeout=10_000)
         expect(page.locator("#token-reason")).to_contain_text("localhost")
         screenshot(page, "web-page-token.png")
@@ -307,7 +312,8 @@ def test_page_asks_for_a_token_when_not_opened_on_loopback(gateway, tmp_path):
 
 async def test_local_token_from_loopback_is_short_lived_and_accepted(make_gateway):
     server = make_gateway()
-    async with httpx.AsyncClient(base_url=server.http) as client:
+    pairing = {PAIRING_HEADER: pairing_secret(server.settings)}
+    async with httpx.AsyncClient(base_url=server.http, headers=pairing) as client:
         named = await client.post("/v1/local/token", json={"uid": "alice"})
         default = await client.post("/v1/local/token")
         bad = await client.post("/v1/local/token", json={"uid": "no spaces/or slashes"})
@@ -344,7 +350,9 @@ async def ask_for_token(app, client=("127.0.0.1", 50123), host="127.0.0.1:8000",
     (("::ffff:127.0.0.1", 50123), "localhost:8000"),
 ])
 async def test_local_token_is_minted_for_every_loopback_form(tmp_path, client, host):
-    answer = await ask_for_token(token_app(tmp_path), client=client, host=host)
+    app = token_app(tmp_path)
+    secret = pairing_secret(settings_for_test(tmp_path))
+    answer = await ask_for_token(app, client=client, host=host, headers={PAIRING_HEADER: secret})
     assert answer.status_code == 200 and answer.json()["token"]
 
 

@@ -118,12 +118,15 @@ def test_a_model_that_is_not_available_offline_fails_clearly(tmp_path):
         load_whisper_model(Settings(whisper_model=str(tmp_path)))     # a folder without a model
 
 
-async def test_languages(provider):
-    assert provider.supports("en") and provider.supports("en-US") and provider.supports("en_GB")
-    assert not provider.supports("de") and not provider.supports("multi")
+async def test_languages():
+    english_only = WhisperProvider(Settings(whisper_multilingual_model=""))
+    await english_only.load()
+    assert english_only.supports("en") and english_only.supports("en-US") and english_only.supports("en_GB")
+    assert not english_only.supports("de") and not english_only.supports("multi")
     with pytest.raises(STTError) as err:
-        await provider.open(StreamConfig(language="fr"))
+        await english_only.open(StreamConfig(language="fr"))
     assert not err.value.retryable
+    await english_only.aclose()
     multilingual = WhisperProvider(Settings(whisper_model="base"))        # judged by name until loaded
     assert multilingual.supports("de") and multilingual.supports("pt-BR") and multilingual.supports("multi")
     assert not multilingual.supports("xx")
@@ -277,6 +280,17 @@ def test_place_words_clamps_to_the_utterance_and_keeps_time_monotonic():
     assert [(w.text, w.start, w.end) for w in placed] == [
         ("Hello", 2.1, 2.4), ("there", 2.4, 2.7), ("friend.", 2.9, 3.0)]
     assert [w.confidence for w in placed] == [0.9, 0.8, 0.7] and {w.speaker for w in placed} == {0}
+
+
+def test_place_words_glues_pieces_without_a_leading_space_to_the_word_before():
+    # "ill-disposed" comes as " ill" + "-disposed"; Japanese characters come without spaces.
+    utterance = Utterance(start=0, pcm=np.zeros(3 * SAMPLE_RATE, dtype=np.int16), speech_windows=60)
+    raw = [(" be", 0.0, 0.2, 0.9), (" ill", 0.2, 0.4, 0.8), ("-disposed.", 0.4, 0.9, 0.6),
+           ("色", 1.0, 1.2, 0.9), ("波", 1.2, 1.4, 0.7)]
+    placed = place_words(raw, utterance, not_before=0.0, language="ja")
+    assert [(w.text, w.start, w.end, w.confidence) for w in placed] == [
+        ("be", 0.0, 0.2, 0.9), ("ill-disposed.色波", 0.2, 1.4, 0.6)]
+    assert {w.language for w in placed} == {"ja"}
 
 
 # --- provisional text and load (pure logic) ---------------------------------------------------

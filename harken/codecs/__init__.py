@@ -18,15 +18,17 @@ from typing import Callable
 
 from .aac import AACDecoder
 from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono
+from .channels import ChannelDemuxDecoder, channel_layout, uses_channel_prefix
 from .lc3 import LC3Decoder
 from .opus import OpusDecoder
-from .pcm import PCM16Decoder
+from .pcm import PCM8Decoder, PCM16Decoder
 
 # codec name → (decoder factory, default sample rate when the client gives none)
 _Factory = Callable[[int, int], Decoder]
 REGISTRY: dict[str, tuple[_Factory, int]] = {
-    "pcm8": (PCM16Decoder, 8000),
+    "pcm8": (PCM8Decoder, 8000),  # 8-bit unsigned, as Omi's backend reads it (see pcm.py)
     "pcm16": (PCM16Decoder, 16000),
+    "pcm": (PCM16Decoder, 16000),  # the app's phone-call recorder (with channels=2: channel-prefixed)
     # One decoder for both: every Opus packet says its own duration in its TOC byte.
     "opus": (OpusDecoder, 16000),
     "opus_fs320": (OpusDecoder, 16000),
@@ -52,7 +54,11 @@ def default_rate(codec: str) -> int:
     return REGISTRY[codec][1]
 
 
-def decoder_for(codec: str, sample_rate: int, channels: int = 1) -> Decoder:
+def decoder_for(codec: str, sample_rate: int, channels: int = 1, source: str | None = None) -> Decoder:
+    """``source`` matters only with ``channels >= 2``: a phone call's messages are channel-prefixed
+    (codecs/channels.py), other stereo streams interleaved."""
+    if uses_channel_prefix(codec, channels, source):
+        return ChannelDemuxDecoder(codec, sample_rate, channel_layout(source), decoder_for)
     try:
         factory, _ = REGISTRY[codec]
     except KeyError:
@@ -66,11 +72,11 @@ def decoder_for(codec: str, sample_rate: int, channels: int = 1) -> Decoder:
 _loaded: set[str] = set()
 
 
-async def open_decoder(codec: str, sample_rate: int, channels: int = 1) -> Decoder:
+async def open_decoder(codec: str, sample_rate: int, channels: int = 1, source: str | None = None) -> Decoder:
     """``decoder_for``, in a worker thread the first time ``codec`` is built (see the module docstring)."""
     if codec in _loaded:
-        return decoder_for(codec, sample_rate, channels)
-    decoder = await asyncio.to_thread(decoder_for, codec, sample_rate, channels)
+        return decoder_for(codec, sample_rate, channels, source)
+    decoder = await asyncio.to_thread(decoder_for, codec, sample_rate, channels, source)
     _loaded.add(codec)
     return decoder
 
@@ -78,4 +84,5 @@ async def open_decoder(codec: str, sample_rate: int, channels: int = 1) -> Decod
 __all__ = [
     "TARGET_RATE", "Decoder", "DecodeError", "UnsupportedFormat", "decoder_for", "open_decoder",
     "codec_names", "default_rate", "register", "mix_to_mono", "SAMPLE_RATES", "REGISTRY",
+    "ChannelDemuxDecoder", "channel_layout", "uses_channel_prefix",
 ]

@@ -26,6 +26,7 @@ import numpy as np
 
 from .base import Decoder, DecodeError, no_samples
 from .resample import StreamResampler
+from .signature import Signature
 
 PRIMING_SAMPLES = 1024  # encoder priming to strip (PROTOCOL §2); FFmpeg's AAC encoder writes exactly this
 HEADER_BYTES = 7  # 9 with a CRC
@@ -55,6 +56,11 @@ def adts_frame_length(data: bytes | memoryview, pos: int = 0) -> int:
     length = ((data[pos + 3] & 0x3) << 11) | (data[pos + 4] << 3) | (data[pos + 5] >> 5)
     header = HEADER_BYTES if b1 & 0x1 else HEADER_BYTES + 2
     return length if length > header else 0
+
+
+def fixed_header(frame: bytes) -> bytes:
+    """The 28 bits of an ADTS header that are the same in every frame of a stream."""
+    return bytes((frame[0], frame[1], frame[2], frame[3] & 0xF0))
 
 
 class AdtsFramer:
@@ -123,6 +129,11 @@ class AACDecoder(Decoder):
         self._failures = 0  # consecutive frames that failed to decode
         self._priming_left = PRIMING_SAMPLES
         self._resampler: StreamResampler | None = None
+        # The ADTS fixed header (ISO 14496-3 1.A.2.2.1: profile, rate, channels, ...) is the same in
+        # every frame of a stream: the first frame's defines it, a different one must recur (a false
+        # sync in garbage never does; a stream that really changes rate loses its first frames at
+        # the new rate).
+        self._signature = Signature()
 
     @staticmethod
     def _new_context() -> av.CodecContext:
@@ -137,6 +148,10 @@ class AACDecoder(Decoder):
         chunks: list[np.ndarray] = []
         errors: list[str] = []
         for frame in frames:
+            fixed = fixed_header(frame)
+            if not self._signature.admits(fixed, fixed):
+                errors.append(f"ADTS header {fixed.hex()} is not this stream's")
+                continue
             try:
                 chunks.extend(self._decode_frame(frame))
             except DecodeError as exc:

@@ -5,7 +5,9 @@ look like by default (PROTOCOL.md §2, and what Omi devices and apps send):
 
 | codec | one message |
 |---|---|
-| ``pcm8``, ``pcm16`` | 10 ms of s16le at ``sample_rate``, channels interleaved |
+| ``pcm16``, ``pcm`` | 10 ms of s16le at ``sample_rate``, channels interleaved |
+| ``pcm8`` | 10 ms of unsigned 8-bit samples at ``sample_rate``, channels interleaved |
+| ``pcm`` with 2 channels | a phone call: 10 ms of one leg's s16le, prefixed with its channel id (1, 2) |
 | ``opus`` | one 10 ms Opus packet (libopus, VOIP application) |
 | ``opus_fs320`` | one 20 ms Opus packet |
 | ``aac`` | one ADTS frame of AAC-LC (1024 samples) from FFmpeg's encoder |
@@ -32,6 +34,7 @@ from .lc3 import LC3_RATES
 from .opus import OPUS_RATES
 from .resample import resample_int16
 
+_PCM = ("pcm8", "pcm16", "pcm")
 _OPUS_DEFAULT_MS = {"opus": 10.0, "opus_fs320": 20.0}
 _LC3_FRAME_BYTES = {"lc3": 40, "lc3_fs1030": 30}  # per channel
 _LC3_DEFAULT_FRAMES = {"lc3": 1, "lc3_fs1030": 3}
@@ -42,7 +45,7 @@ _AAC_HIGH_RATE_BITRATE = 64000  # per channel, above 16 kHz
 
 def _framing(codec: str, frame_ms: float | None, frames_per_message: int | None) -> tuple[float, int]:
     """(frame duration in ms, frames per message) for ``codec``, checking the overrides."""
-    if codec in ("pcm8", "pcm16"):
+    if codec in _PCM:
         return (frame_ms or 10.0), 1
     if codec in _OPUS_DEFAULT_MS:
         if frames_per_message not in (None, 1):
@@ -60,13 +63,16 @@ def _framing(codec: str, frame_ms: float | None, frames_per_message: int | None)
 
 
 def message_duration(
-    codec: str, sample_rate: int, *, frame_ms: float | None = None, frames_per_message: int | None = None
+    codec: str, sample_rate: int, *, frame_ms: float | None = None, frames_per_message: int | None = None,
+    channels: int = 1,
 ) -> float:
     """Seconds of audio in one message of ``encode_for_device`` (for real-time pacing)."""
     ms, count = _framing(codec, frame_ms, frames_per_message)
+    if codec == "pcm" and channels == 2:   # a call: each leg's 10 ms is a message of its own
+        return message_duration(codec, sample_rate, frame_ms=frame_ms) / 2
     if codec == "aac":
         return count * _AAC_FRAME_SAMPLES / sample_rate
-    if codec in ("pcm8", "pcm16"):
+    if codec in _PCM:
         return round(sample_rate * ms / 1000) / sample_rate
     return count * ms / 1000
 
@@ -90,8 +96,13 @@ def encode_for_device(
         raise UnsupportedFormat(f"channels must be 1 or 2; got {channels}")
     ms, count = _framing(codec, frame_ms, frames_per_message)
     audio = _device_audio(pcm16k, sample_rate, channels)  # (samples, channels) int16 at the rate
-    if codec in ("pcm8", "pcm16"):
+    if codec in _PCM:
         step = round(sample_rate * ms / 1000)
+        if codec == "pcm8":
+            audio = ((audio >> 8) + 128).astype(np.uint8)
+        if codec == "pcm" and channels == 2:   # a phone call: each leg's messages prefixed (codecs/channels.py)
+            return [bytes([channel_id]) + audio[i:i + step, index].tobytes()
+                    for i in range(0, len(audio), step) for index, channel_id in enumerate((0x01, 0x02))]
         return [audio[i:i + step].tobytes() for i in range(0, len(audio), step)]
     if codec in _OPUS_DEFAULT_MS:
         _check_rate(codec, sample_rate, OPUS_RATES)

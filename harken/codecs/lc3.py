@@ -29,6 +29,7 @@ import numpy as np
 
 from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono, no_samples
 from .resample import StreamResampler
+from .signature import Signature
 
 LC3_RATES = (8000, 16000, 24000, 32000, 48000)
 FRAME_US = 10000  # the protocol's only LC3 frame duration
@@ -90,6 +91,10 @@ class LC3Decoder(Decoder):
             self._memory.append(memory)
             self._handles.append(handle)
         self._frame_samples = FRAME_US * output_rate // 1_000_000
+        # A device sends one frame length (lc3: the message length; lc3_fs1030 fixes it at 30): a
+        # frame of another length is dropped until that length recurs (see signature.py).
+        # liblc3's corrupt-frame report below catches most random bytes of the right length.
+        self._signature = Signature()
 
     def _frames(self, message: bytes) -> list[bytes]:
         """Split a message into per-frame blocks (all channels of one frame); DecodeError if it cannot."""
@@ -112,6 +117,9 @@ class LC3Decoder(Decoder):
         if not message:
             return no_samples()
         frames = self._frames(bytes(message))
+        frame_bytes = len(frames[0]) // self.channels
+        if not self._signature.admits(frame_bytes, frame_bytes):
+            raise DecodeError(f"LC3 frame of {frame_bytes} bytes, a length this stream has not sent")
         decode_frame = _liblc3().lc3_decode
         channels = self.channels
         block = self._frame_samples * channels  # interleaved samples of one frame

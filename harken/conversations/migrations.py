@@ -220,6 +220,55 @@ def _v8_photos(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v9_sync_jobs(conn: Connection) -> None:
+    """Uploads of offline recordings (/v1/sync-local-files): a job per upload, a row per file."""
+    md = sa.MetaData()
+    sa.Table(
+        "sync_jobs", md,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("uid", sa.String(128), nullable=False),
+        sa.Column("origin", sa.String(64), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("updated_at", sa.Double, nullable=False),
+        sa.Column("claimed_by", sa.String(64)),
+        sa.Column("claim_expires", sa.Double),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("result", sa.Text),
+        sa.Column("error", sa.Text),
+        sa.Index("ix_sync_jobs_origin_status_created", "origin", "status", "created_at"),
+        sa.Index("ix_sync_jobs_uid_created", "uid", "created_at"),
+    )
+    sa.Table(
+        "sync_files", md,
+        sa.Column("job_id", sa.String(64), primary_key=True),
+        sa.Column("idx", sa.Integer, primary_key=True),
+        sa.Column("uid", sa.String(128), nullable=False),
+        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("path", sa.Text, nullable=False),
+        sa.Column("sha256", sa.String(64), nullable=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("recorded_at", sa.Double, nullable=False),
+        sa.Column("estimated_seconds", sa.Double, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("stats", sa.Text),
+        sa.Index("ix_sync_files_uid_sha256", "uid", "sha256"),
+    )
+    md.create_all(conn)
+
+
+def _v10_user_vocabulary(conn: Connection) -> None:
+    """Each user's custom vocabulary (names, jargon) for the speech engines, as a JSON list."""
+    md = sa.MetaData()
+    sa.Table(
+        "user_vocabulary", md,
+        sa.Column("uid", sa.String(128), primary_key=True),
+        sa.Column("terms", sa.Text, nullable=False),
+        sa.Column("updated_at", sa.Double, nullable=False),
+    )
+    md.create_all(conn)
+
+
 STEPS: list[Callable[[Connection], None]] = [
     _v1_conversations_segments_webhooks,
     _v2_usage_and_outbox,
@@ -229,6 +278,8 @@ STEPS: list[Callable[[Connection], None]] = [
     _v6_live_holder,
     _v7_app_state,
     _v8_photos,
+    _v9_sync_jobs,
+    _v10_user_vocabulary,
 ]
 SCHEMA_VERSION = len(STEPS)
 

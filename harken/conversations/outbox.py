@@ -22,9 +22,10 @@ from typing import Callable
 
 import httpx
 
+from .pinned import CheckedTransport
 from .store import OutboxRow, Settlement, Store
 from .webhooks import (DELIVERY_HEADER, SIGNATURE_HEADER, Resolver, UnresolvableHost, WebhookSettingError,
-                       check_url, safe_target, sign, system_resolver)
+                       check_url, is_public, safe_target, sign, system_resolver)
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,13 @@ class OutboxDeliverer:
     # --- control -------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._runner is None:
+            limits = httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers)
+            # Connections go to the addresses the (cached) resolver gave and the check passed,
+            # never to a second lookup's answer (DNS rebinding): pinned.py.
+            allowed = (lambda address: True) if self.allow_private else is_public
             self._client = httpx.AsyncClient(
-                timeout=self.timeout, follow_redirects=False,
-                limits=httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers))
+                timeout=self.timeout, follow_redirects=False, trust_env=False,
+                transport=CheckedTransport(self._cached_resolve, allowed, limits=limits))
             self._runner = asyncio.create_task(self._run(), name="harken-outbox")
 
     async def stop(self, *, grace: float = 0.0) -> None:

@@ -173,6 +173,53 @@ photos = sa.Table(
     sa.Index("ix_photos_conversation_created", "conversation_id", "created_at"),
 )
 
+# Offline recordings uploaded to /v1/sync-local-files (conversations/sync_jobs.py): one job per
+# upload, one row per file. A job is claimed like an outbox row (FOR UPDATE SKIP LOCKED on
+# PostgreSQL, a lease that a dead node's restart waits out); a file's segments and its "done" are
+# written in one transaction, so a file is transcribed into conversations exactly once.
+sync_jobs = sa.Table(
+    "sync_jobs", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("uid", sa.String(128), nullable=False),
+    # The data folder holding the job's files (its id, in DATA_DIR/sync/.origin): only nodes that
+    # share that folder may take the job.
+    sa.Column("origin", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),            # queued → processing → done | failed
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("claimed_by", sa.String(64)),
+    sa.Column("claim_expires", sa.Double),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("result", sa.Text),                                   # JSON: memories made and updated
+    sa.Column("error", sa.Text),
+    sa.Index("ix_sync_jobs_origin_status_created", "origin", "status", "created_at"),
+    sa.Index("ix_sync_jobs_uid_created", "uid", "created_at"),
+)
+
+sync_files = sa.Table(
+    "sync_files", metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("uid", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),                     # in the data folder until done
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("recorded_at", sa.Double, nullable=False),            # the name's timestamp
+    sa.Column("estimated_seconds", sa.Double, nullable=False),      # from the frame count, before decoding
+    sa.Column("status", sa.String(16), nullable=False),             # queued → done | duplicate | failed
+    sa.Column("stats", sa.Text),                                    # JSON: frames, bad frames, seconds, segments
+    sa.Index("ix_sync_files_uid_sha256", "uid", "sha256"),
+)
+
+# The user's custom vocabulary (terms the speech engines should favour), a JSON list of strings.
+user_vocabulary = sa.Table(
+    "user_vocabulary", metadata,
+    sa.Column("uid", sa.String(128), primary_key=True),
+    sa.Column("terms", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
 schema_version = sa.Table(
     "schema_version", metadata,
     sa.Column("version", sa.Integer, nullable=False),

@@ -112,10 +112,24 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return [info[4][0] for info in infos]
 
 
-def _is_public(address: str) -> bool:
+# IPv6 forms that carry an IPv4 address in their last 32 bits and reach it: NAT64 (well-known
+# and local-use prefixes) and the deprecated IPv4-compatible form. 6to4 and Teredo carry theirs
+# elsewhere (ipaddress finds them). 64:ff9b::7f00:1 is "global" to ipaddress, yet reaches
+# 127.0.0.1 on a host with a NAT64 gateway.
+_EMBEDDING_IPV4_IN_LOW_BITS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
+
+
+def is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if any(ip in network for network in _EMBEDDING_IPV4_IN_LOW_BITS):
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        embedded = [e for e in embedded if e is not None]
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif embedded and not all(is_public(str(e)) for e in embedded):
+            return False
     # is_global excludes loopback, private, link-local (cloud metadata at 169.254.169.254),
     # shared address space, documentation and reserved ranges.
     return ip.is_global and not ip.is_multicast
@@ -141,7 +155,7 @@ async def check_url(url: str, *, allow_private: bool, resolver: Resolver | None 
         if not addresses:
             raise UnresolvableHost(f"the host {host!r} cannot be resolved")
     for address in addresses:
-        if not _is_public(address):
+        if not is_public(address):
             raise WebhookSettingError(
                 f"the URL reaches a private, loopback or link-local address ({address}); "
                 "such targets are refused unless the server sets webhook_allow_private")

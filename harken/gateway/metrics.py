@@ -31,7 +31,7 @@ import collections
 import hmac
 import logging
 import time
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -106,6 +106,9 @@ class GatewayMetrics:
         registry.register(_StoreLockCollector(gateway))
         self._lag_task: asyncio.Task | None = None
         self._siblings: SiblingMetrics | None = None
+        # Other parts' gauges read from the store at each scrape (the sync backlog), and their names.
+        self._store_readers: list[Callable[[], Awaitable[None]]] = []
+        self._shared_families: tuple[str, ...] = SHARED_FAMILIES
 
     # --- per session ------------------------------------------------------------------------------
     def session(self, codec: str) -> "SessionMetrics":
@@ -141,12 +144,24 @@ class GatewayMetrics:
             self.loop_lag.observe(max(0.0, time.monotonic() - before - LAG_INTERVAL))
 
     # --- scrape -----------------------------------------------------------------------------------
+    def add_store_reader(self, refresh: Callable[[], Awaitable[None]], families: Iterable[str]) -> None:
+        """``refresh()`` sets gauges of this registry from the shared store before each scrape
+        (bounded by ``STORE_READ_TIMEOUT``); ``families`` are then shown once across workers."""
+        self._store_readers.append(refresh)
+        self._shared_families = (*self._shared_families, *families)
+
     async def render(self) -> bytes:
         await self._refresh_outbox()
+        for refresh in self._store_readers:
+            try:
+                async with asyncio.timeout(STORE_READ_TIMEOUT):
+                    await refresh()
+            except Exception as exc:
+                log.warning("metrics: a store reading failed (%s)", type(exc).__name__)
         own = generate_latest(self.registry)
         if self._siblings is None:
             return own
-        return await self._siblings.page(own, SHARED_FAMILIES)
+        return await self._siblings.page(own, self._shared_families)
 
     async def _refresh_outbox(self) -> None:
         store = self._gateway.store

@@ -76,7 +76,7 @@ def parse_listen_params(query: Mapping[str, str], *, null_provider: bool = False
 
 
 def _language(raw: str) -> str:
-    value = raw.strip()
+    value = raw.strip().replace("_", "-")     # en_US as well as en-US
     if value.lower() in ("auto", "multi"):
         return "multi"
     if not _LANGUAGE_RE.match(value):

@@ -38,8 +38,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.parser
-import email.policy
 import io
 import logging
 import time
@@ -53,14 +51,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..audio.embedding import EMBEDDING_DIM, SAMPLE_RATE, SpeakerEmbedder
+from ..audio.embedding import EMBEDDING_DIM, SAMPLE_RATE, SpeakerEmbedder, speaker_model_problem
 from ..audio.vad import speech_spans
-from ..codecs import UnsupportedFormat
+from ..codecs import DecodeError, UnsupportedFormat
 from ..codecs.pcm import PCM16Decoder
 from ..conversations.model import iso
 from ..conversations.queries import AppQueries
 from ..conversations.store import PersonRow, Store, Voices
 from .auth import Authenticator
+from .multipart import MultipartError, read_part
 from .rest import _BadRequest, _error, authentication, json_object
 
 log = logging.getLogger("harken.profiles")
@@ -122,7 +121,10 @@ def decode_upload(body: bytes, content_type: str, sample_rate: int | None = None
         decoder = PCM16Decoder(rate, channels)
     except UnsupportedFormat as exc:
         raise UploadError(415, str(exc)) from None
-    return np.concatenate((decoder.decode(frames), decoder.flush()))
+    try:
+        return np.concatenate((decoder.decode(frames), decoder.flush()))
+    except DecodeError as exc:   # full-scale white noise: random bytes, not a recording
+        raise UploadError(415, str(exc)) from None
 
 
 def speech_only(pcm: np.ndarray) -> np.ndarray:
@@ -136,7 +138,10 @@ async def voice_from_upload(body: bytes, content_type: str, sample_rate: int | N
                             keep_first: bool = False) -> Voice:
     """Decode, trim to speech and embed an upload; ``UploadError`` (422) if the speech found is
     outside ``[min_seconds, max_seconds]`` (``keep_first``: longer speech is cut to its first
-    ``max_seconds`` instead). The CPU work runs off the event loop."""
+    ``max_seconds`` instead). The CPU work runs off the event loop. 503 without the (optional)
+    speaker model."""
+    if speaker_model_problem():
+        raise UploadError(503, f"voice enrolment is off on this server: {speaker_model_problem()}")
 
     def trimmed() -> np.ndarray:
         return speech_only(decode_upload(body, content_type, sample_rate))
@@ -340,14 +345,13 @@ def multipart_file(body: bytes, content_type: str, field: str = "file") -> tuple
     """``(content, content type)`` of the ``field`` part of a multipart/form-data body."""
     if content_type.split(";")[0].strip().lower() != "multipart/form-data":
         raise UploadError(400, f"send multipart/form-data with the recording in a '{field}' part")
-    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", errors="replace")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise UploadError(400, "the multipart body could not be read (boundary missing or wrong)")
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == field:
-            return part.get_payload(decode=True) or b"", part.get_content_type()
-    raise UploadError(400, f"the multipart body has no '{field}' part")
+    try:
+        found = read_part(body, content_type, field)
+    except MultipartError as exc:
+        raise UploadError(400, f"the multipart body could not be read: {exc}") from None
+    if found is None:
+        raise UploadError(400, f"the multipart body has no '{field}' part")
+    return found
 
 
 class _TooLarge(UploadError):

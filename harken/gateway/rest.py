@@ -12,7 +12,6 @@ cannot be probed.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -25,6 +24,7 @@ from ..conversations.model import app_conversation
 from ..conversations.photos import photos_of
 from ..conversations.queries import DEFAULT_STATUSES, KNOWN_STATUSES, Found
 from ..conversations.webhooks import AUDIO_BYTES, KINDS
+from .guard import BadJson, parse_json
 from .auth import TRY_AGAIN_LATER, AuthError, Authenticator, bearer_token
 
 log = logging.getLogger(__name__)
@@ -287,9 +287,9 @@ def json_object(body: bytes, shape: str = "") -> dict:
     """``body`` parsed as a JSON object; ``_BadRequest`` naming ``shape`` (an example) if not."""
     hint = f": {shape}" if shape else ""
     try:
-        payload = json.loads(body)
-    except ValueError:
-        raise _BadRequest(f"the body is not valid JSON{hint}") from None
+        payload = parse_json(body)
+    except BadJson as exc:
+        raise _BadRequest(f"{exc}{hint}") from None
     if not isinstance(payload, dict):
         raise _BadRequest(f"the body must be a JSON object{hint}")
     return payload
@@ -344,7 +344,7 @@ async def _read_payload(request: Request) -> Any:
     text = body.decode("utf-8", errors="replace").strip()
     if "json" in request.headers.get("content-type", "") or text[:1] in ('{', '"'):
         try:
-            return json.loads(text)
-        except ValueError:
-            raise _BadRequest("the body is not valid JSON") from None
+            return parse_json(text)
+        except BadJson as exc:
+            raise _BadRequest(str(exc)) from None
     return text

@@ -37,6 +37,17 @@ LONG_SEGMENT_CHARS = 125
 # Engines (Speechmatics, Whisper) emit punctuation as separate tokens; joining tokens with spaces
 # would give "Hello , world ." — the space before these marks is removed.
 _PUNCTUATION_NEEDING_NO_SPACE = ",.?!;:"
+
+# Bounds on what a client may send (custom_stt suggestions, speaker_assigned). A segment stops
+# growing at MAX_SEGMENT_CHARS: rule (b) would otherwise merge unpunctuated lowercase text into
+# one segment forever, and each append copies the whole text (quadratic in the conversation).
+MAX_SEGMENT_CHARS = 4000
+MAX_SUGGESTED_PER_MESSAGE = 64
+MAX_TIME_SECONDS = 1e7               # 115 days: any conversation time beyond is nonsense
+MAX_SPEAKER_ID = 1000
+MAX_ID_CHARS = 128
+MAX_PROVIDER_CHARS = 64
+MAX_ASSIGNED_IDS = 10000
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.?!;:])")
 _WHITESPACE_RUN = re.compile(r"\s+")
 _TRAILING_NUMBER = re.compile(r"(\d+)\s*$")
@@ -85,6 +96,8 @@ class Segment:
     speech_profile_processed: bool = True
     stt_provider: str | None = None
     translations: list = field(default_factory=list)  # [{"lang": ..., "text": ...}]
+    # The language the engine identified (language=multi sessions); None when it was not asked to.
+    language: str | None = None
 
     @property
     def speaker(self) -> str:
@@ -104,6 +117,7 @@ class Segment:
             "speech_profile_processed": self.speech_profile_processed,
             "stt_provider": self.stt_provider,
             "translations": [dict(t) for t in self.translations],
+            **({"language": self.language} if self.language else {}),
         }
 
     def to_stored(self) -> dict:
@@ -126,6 +140,7 @@ class Segment:
             "stt_provider": self.stt_provider,
             "speech_profile_processed": self.speech_profile_processed,
             "translations": [dict(t) for t in self.translations],
+            **({"language": self.language} if self.language else {}),
         }
 
     @classmethod
@@ -145,6 +160,7 @@ class Segment:
             speech_profile_processed=bool(d.get("speech_profile_processed", True)),
             stt_provider=d.get("stt_provider"),
             translations=[dict(t) for t in d.get("translations") or []],
+            language=d.get("language"),
         )
 
     def _copy(self) -> "Segment":
@@ -155,15 +171,58 @@ def parse_speaker(value: Any) -> int:
     """``"SPEAKER_01"`` / ``"1"`` / ``1`` → 1; anything else (missing, junk, negative) → 0."""
     if isinstance(value, bool):
         return 0
+    number = 0
     if isinstance(value, int):
-        return max(value, 0)
-    if isinstance(value, float) and value.is_integer():
-        return max(int(value), 0)
-    if isinstance(value, str):
-        match = _TRAILING_NUMBER.search(value)
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str):
+        match = _TRAILING_NUMBER.search(value[-16:])
         if match:
-            return int(match.group(1))
-    return 0
+            number = int(match.group(1))
+    return number if 0 <= number <= MAX_SPEAKER_ID else 0
+
+
+def suggested_segments(value: Any) -> list[dict]:
+    """The usable elements of a ``suggested_transcript``'s ``segments`` (at most
+    MAX_SUGGESTED_PER_MESSAGE): objects with text and times within bounds, text cut at
+    MAX_SEGMENT_CHARS."""
+    if not isinstance(value, list):
+        return []
+    usable = []
+    for item in value[:MAX_SUGGESTED_PER_MESSAGE]:
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            continue
+        start, end = _finite(item.get("start")), _finite(item.get("end"))
+        if start is None or end is None:
+            continue
+        usable.append({**item, "start": start, "end": end, "text": item["text"][:MAX_SEGMENT_CHARS]})
+    return usable
+
+
+def speaker_assignment(message: dict) -> tuple[int, str | None, str | None, list[str] | None] | None:
+    """``(speaker_id, person_id, person_name, segment_ids)`` of a ``speaker_assigned`` message,
+    or None when any of them is malformed (a wrong type, out of range, too long)."""
+    raw = message.get("speaker_id")
+    if isinstance(raw, str) and raw.strip().isdigit() and len(raw) < 8:
+        raw = int(raw)
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_SPEAKER_ID:
+        return None
+    person_id = message.get("person_id") or None
+    person_name = message.get("person_name") or None
+    if not _short_text_or_none(person_id) or not _short_text_or_none(person_name, 256):
+        return None
+    ids = message.get("segment_ids")
+    if ids is not None and not (isinstance(ids, list) and len(ids) <= MAX_ASSIGNED_IDS
+                                and all(isinstance(i, str) and len(i) <= MAX_ID_CHARS for i in ids)):
+        return None
+    return raw, person_id, person_name, ids
+
+
+def _short_text_or_none(value: Any, limit: int = MAX_ID_CHARS) -> bool:
+    return value is None or (isinstance(value, str) and len(value) <= limit)
 
 
 @dataclass
@@ -202,6 +261,7 @@ class _Piece:
     provider: str
     speech_profile_processed: bool
     is_word: bool  # words of one speaker join into a raw segment; suggested segments stay whole
+    language: str | None = None
 
     def joins(self, other: "_Piece") -> bool:
         return (
@@ -212,6 +272,7 @@ class _Piece:
             and self.speech_profile_processed == other.speech_profile_processed
             and self.is_user == other.is_user
             and self.person_id == other.person_id
+            and self.language == other.language
         )
 
 
@@ -220,9 +281,14 @@ def _can_merge(first: Segment, second: Segment) -> bool:
     # Text from different engines never merges: each keeps its own stt_provider label.
     if first.stt_provider != second.stt_provider:
         return False
+    # Nor do two languages (multi sessions): each segment says which language it is in.
+    if first.language != second.language:
+        return False
     # Segments produced before the speech profile was applied (is_user not yet known) never
     # merge with those after it (reference §5); this holds for both rules.
     if first.speech_profile_processed != second.speech_profile_processed:
+        return False
+    if len(first.text) + 1 + len(second.text) > MAX_SEGMENT_CHARS:    # full: a new segment starts
         return False
     # (a) One speaker keeps talking: same diarized speaker, or both are the owner; a pause under
     # 3 s; and the first segment is not already a long (125+ chars) finished sentence.
@@ -333,6 +399,7 @@ class SegmentBuilder:
                     provider=provider,
                     speech_profile_processed=speech_profile_processed,
                     is_word=True,
+                    language=word.language,
                 )
             )
 
@@ -377,10 +444,12 @@ class SegmentBuilder:
             if not isinstance(item, dict) or not isinstance(item.get("text"), str):
                 continue
             start, end = _finite(item.get("start")), _finite(item.get("end"))
-            text = normalise_text(item["text"])
+            text = normalise_text(item["text"][:MAX_SEGMENT_CHARS])
             if start is None or end is None or not text:
                 continue
             person_id = item.get("person_id")
+            if isinstance(person_id, str) and len(person_id) > MAX_ID_CHARS:
+                person_id = None
             self._pending.append(
                 _Piece(
                     text=text,
@@ -579,12 +648,18 @@ def _raw_segments(pieces: list[_Piece]) -> list[Segment]:
                 end=max(p.end for p in run),
                 speech_profile_processed=first.speech_profile_processed,
                 stt_provider=first.provider,
+                language=first.language,
             )
         )
     return segments
 
 
 def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A client's time in seconds: a finite number within ±MAX_TIME_SECONDS, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:               # an int too large for a float
+        return None
+    return number if math.isfinite(number) and abs(number) <= MAX_TIME_SECONDS else None

@@ -24,18 +24,22 @@ from starlette.websockets import WebSocket
 from .. import codecs
 from ..audio import AudioRing
 from ..conversations import LeaseLost, UnknownSegments
-from ..stt.base import EMBEDDED_PROVIDER, Partial, STTError, STTStream, StreamConfig, Word
+from ..stt.base import EMBEDDED_PROVIDER, Partial, STTError, STTStream, StreamConfig, Word, speech_seconds
+from ..stt.channel_streams import ChannelStreams
 from ..stt.fallback import FallbackPolicy, FallbackStream
 from ..stt.gating import gated
-from ..stt.selection import NoProviderError, select_chain
+from ..stt.selection import NoProviderError, choose_chain
 from . import events
 from .clock import AudioClock
 from .context import Gateway
+from .pacing import SUGGESTED_BURST_CHARS, SUGGESTED_CHARS_PER_SECOND, Pacer
 from .params import ListenParams
-from .segments import Batch, Segment, SegmentBuilder
+from .segments import (MAX_PROVIDER_CHARS, Batch, Segment, SegmentBuilder, speaker_assignment,
+                       suggested_segments)
 from .session_photos import SessionPhotos
 from .profiles import load_voices, voices_from_stored
 from .speakers import SpeakerIdentifier
+from .vocabulary import load_vocabulary
 from .ws_protocol import binary_sink
 
 log = logging.getLogger("harken.session")
@@ -96,6 +100,7 @@ class Session:
         self.speakers = SpeakerIdentifier(self.ring)
         self._undiarized: list[Word] = []    # embedded-engine words waiting for a speaker label
         self.provider_name: str | None = None
+        self.stt_reason: str | None = None   # which language and engine serve it (ready's reason)
         self.time_offset = 0.0            # conversation time of this session's audio-clock zero
         self._offset_known = False        # fixed by the conversation at the first word (see _anchor)
         self.clock_origin = time.time()   # wall time at which the audio clock read 0
@@ -121,6 +126,13 @@ class Session:
         self.photos = SessionPhotos(self.send_json)     # OpenGlass image_chunk pieces
         self._notices: set[asyncio.Task] = set()        # events sent from synchronous callbacks
         self._words_ready = asyncio.Event()          # embedded-engine words wait for a flush
+        # Real-time pacing (pacing.py): audio samples, and characters of suggested transcripts.
+        started = time.monotonic()
+        self._audio_pacer = Pacer(self.settings.audio_realtime_factor * codecs.TARGET_RATE,
+                                  self.settings.audio_burst_seconds * codecs.TARGET_RATE, started)
+        self._text_pacer = Pacer(SUGGESTED_CHARS_PER_SECOND, SUGGESTED_BURST_CHARS, started)
+        self._pace_resume: asyncio.TimerHandle | None = None   # the sink's reading resumes then
+        self._pace_wait = 0.0                                   # without a sink: the receive loop sleeps
 
     # -- public -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -156,12 +168,13 @@ class Session:
     async def _open(self) -> None:
         await self.send_json(events.service_status("initiating"))
         try:
-            self.decoder = await codecs.open_decoder(self.params.codec, self.params.sample_rate, self.params.channels)
+            self.decoder = await codecs.open_decoder(self.params.codec, self.params.sample_rate, self.params.channels,
+                                                     source=self.params.source)
         except codecs.UnsupportedFormat as exc:
             await self.send_json(events.error(1008, str(exc), "sample_rate"))
             raise EndSession(1008, f"sample_rate: {exc}") from None
         await self._join_conversation()
-        if self.params.include_speech_profile:
+        if self.params.include_speech_profile and self.channels is None:   # a call's channels say who speaks
             # The owner's and named people's voices, before any audio flows: read with the
             # conversation if there is a conversation service.
             if self.live is not None and self.live.voices is not None:
@@ -197,6 +210,8 @@ class Session:
         """What serves the session, for ``ready``'s ``reason`` (the app shows status details)."""
         if self.params.custom_stt:
             return "custom_stt: the app transcribes; segments it suggests are stored"
+        if self.stt_reason:            # which language and engine (stt.selection.Choice.reason)
+            return self.stt_reason
         return f"{self.provider_name} transcribes language {self.params.language}"
 
     async def _join_conversation(self) -> None:
@@ -280,15 +295,37 @@ class Session:
                 self.time_offset = self.live.time_offset(self.clock_origin, first_time)
             self._offset_known = True
 
+    @property
+    def channels(self) -> tuple[codecs.channels.Channel, ...] | None:
+        """The channels of a channel-prefixed stream (a phone call), each its own speaker; else None."""
+        return getattr(self.decoder, "layout", None)
+
     async def _open_stt(self) -> STTStream:
-        """The provider chain for the language (PROTOCOL §2), wrapped for retry and failover."""
+        """The provider chain for the language (PROTOCOL §2), wrapped for retry and failover; for a
+        phone call one per channel (codecs/channels.py), merged into one stream."""
+        if self.channels is None:
+            return await self._open_one_stt()
+        streams = []
         try:
-            chain = select_chain(self.params.language, self.params.stt_service, self.gateway.providers,
-                                 self.settings)
+            for _ in self.channels:
+                streams.append(await self._open_one_stt())
+        except BaseException:
+            await asyncio.gather(*(stream.close() for stream in streams), return_exceptions=True)
+            raise
+        self.decoder.keep_channels = True
+        return ChannelStreams(streams, [channel.speaker for channel in self.channels], self.decoder.take_channels)
+
+    async def _open_one_stt(self) -> STTStream:
+        try:
+            choice = choose_chain(self.params.language, self.params.stt_service, self.gateway.providers,
+                                  self.settings)
         except NoProviderError as exc:
             await self.send_json(events.error(1008, str(exc), "language"))
             raise EndSession(1008, str(exc)) from None
-        stream = FallbackStream(chain, StreamConfig(language=self.params.language, session_id=self.id),
+        chain, self.stt_reason = choice.chain, choice.reason
+        vocabulary = await load_vocabulary(self.gateway.store, self.uid)
+        config = StreamConfig(language=choice.language, session_id=self.id, vocabulary=vocabulary)
+        stream = FallbackStream(chain, config,
                                 on_status=self._send_stt_status, policy=FallbackPolicy.from_settings(self.settings),
                                 on_failure=self.metrics.stt_failure)
         try:
@@ -321,6 +358,9 @@ class Session:
             data, text = message.get("bytes"), message.get("text")
             if data is not None:
                 self._on_binary(data)
+                if self._pace_wait:
+                    wait, self._pace_wait = self._pace_wait, 0.0
+                    await asyncio.sleep(wait)
             elif text is not None:
                 self.last_activity = time.monotonic()
                 self.stats.messages += 1
@@ -384,6 +424,9 @@ class Session:
         self._pending.append(pcm)
         self._pending_samples += len(pcm)
         self.metrics.audio_arrived(self.clock.samples + self._pending_samples, now)
+        ahead = self._audio_pacer.take(len(pcm), now)
+        if ahead:
+            self._hold_reading(ahead)
         if self._pending_samples >= AUDIO_PIECE_SAMPLES:
             if self._send_nowait is not None:
                 try:
@@ -395,6 +438,19 @@ class Session:
             self._audio_wake.set()
             if self._pending_samples > MAX_PENDING_SAMPLES and self._sink is not None:
                 self._sink.pause_reading()
+
+    def _hold_reading(self, seconds: float) -> None:
+        """The client is ahead of real time past its burst: read nothing more for ``seconds``."""
+        if self._sink is None:
+            self._pace_wait = max(self._pace_wait, seconds)
+        elif self._pace_resume is None:
+            self._sink.pause_reading()
+            self._pace_resume = asyncio.get_running_loop().call_later(seconds, self._end_hold)
+
+    def _end_hold(self) -> None:
+        self._pace_resume = None
+        if self._pending_samples <= MAX_PENDING_SAMPLES:    # else the pump resumes once it catches up
+            self._sink.resume_reading()
 
     async def _audio_pump(self) -> None:
         """Move pending audio on, piece by piece; act on what the sink could not (it cannot await)."""
@@ -417,7 +473,7 @@ class Session:
         if not self._pending:
             return
         pcm = self._take_pending()
-        if self._sink is not None:
+        if self._sink is not None and self._pace_resume is None:
             self._sink.resume_reading()
         if self._send_nowait is not None:
             self._pass_on(pcm)
@@ -560,13 +616,15 @@ class Session:
             return
         kind = message.get("type")
         if kind == "suggested_transcript" and self.params.custom_stt:
-            segments = message.get("segments")
-            if isinstance(segments, list):
-                provider = str(message.get("stt_provider") or "custom")
-                starts = [s.get("start") for s in segments if isinstance(s, dict) and isinstance(s.get("start"), (int, float))]
-                self._anchor(min(starts) if starts else self.clock.seconds)
-                self.builder.add_suggested([s for s in segments if isinstance(s, dict)],
-                                           provider=provider, time_offset=self.time_offset)
+            segments = suggested_segments(message.get("segments"))
+            if segments:
+                provider = str(message.get("stt_provider") or "custom")[:MAX_PROVIDER_CHARS]
+                self._anchor(min(s["start"] for s in segments))
+                self.builder.add_suggested(segments, provider=provider, time_offset=self.time_offset)
+            # A client flooding suggestions is read more slowly (this loop waits), not cut off.
+            wait = self._text_pacer.take(len(text), time.monotonic())
+            if wait:
+                await asyncio.sleep(wait)
         elif kind == "speaker_assigned":
             await self._on_speaker_assigned(message)
         elif kind == "image_chunk":
@@ -580,14 +638,13 @@ class Session:
         await self.photos.on_chunk(message, self.live, self.gateway.conversations)
 
     async def _on_speaker_assigned(self, message: dict) -> None:
-        try:
-            speaker_id = int(message["speaker_id"])
-        except (KeyError, TypeError, ValueError):
+        assignment = speaker_assignment(message)
+        if assignment is None:
+            log.debug("ignoring a malformed speaker_assigned sid=%s", self.id)
             return
-        person_id = message.get("person_id") or None
+        speaker_id, person_id, person_name, ids = assignment
         is_user = person_id == "user"
-        self.speakers.assign(speaker_id, person_id, message.get("person_name"))
-        ids = message.get("segment_ids")
+        self.speakers.assign(speaker_id, person_id, person_name)
         batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=None if is_user else person_id,
                                      segment_ids=ids if isinstance(ids, list) else None)
         await self._persist(batch)
@@ -604,7 +661,7 @@ class Session:
             return
         self.stats.words += 1
         self.metrics.word(provider, word.end)
-        if provider == EMBEDDED_PROVIDER:      # no diarization of its own
+        if provider == EMBEDDED_PROVIDER and self.channels is None:   # no diarization of its own
             self._undiarized.append(word)      # labelled by voice at the next flush
             self._words_ready.set()
         else:
@@ -615,7 +672,11 @@ class Session:
             return
         self._anchor(min(w.start for w in words))
         self.builder.add_words(words, provider=provider, time_offset=self.time_offset,
-                               speaker_labels=self.speakers.labels)
+                               speaker_labels=self.speakers.labels if self.channels is None else self._channel_labels)
+
+    def _channel_labels(self, speaker: int) -> tuple[bool, str | None]:
+        """``(is_user, person_id)`` of a phone call's channel speaker: the owner's channel is the user."""
+        return next(((c.is_user, None) for c in self.channels if c.speaker == speaker), (False, None))
 
     async def _persist(self, batch: Batch) -> None:
         if self.live is None or not batch:
@@ -686,6 +747,10 @@ class Session:
             self._take_native()                # what it decoded before the end still counts
             self._reader.close()               # later frames reach _on_binary, which drops them
         self._accepting_audio = False          # later messages are dropped, as once the receive loop ended
+        if self._pace_resume is not None:      # a paced client: read again, its close frame must get through
+            self._pace_resume.cancel()
+            self._pace_resume = None
+            self._sink.resume_reading()
         if self._in_flight:
             # Their failures (a lease lost) were the task group's business already.
             await asyncio.gather(*self._in_flight, return_exceptions=True)
@@ -750,7 +815,7 @@ class Session:
 
     def usage(self) -> dict:
         """What this connection used: audio seconds, speech seconds (engine VAD), words, provider."""
-        speech = getattr(getattr(self.stream, "stats", None), "speech_seconds", 0.0)
+        speech = speech_seconds(self.stream)
         return {"audio_seconds": self.clock.seconds, "speech_seconds": speech,
                 "words": self.stats.words, "provider": self.provider_name}
 

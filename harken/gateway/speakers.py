@@ -28,7 +28,7 @@ from typing import AsyncIterator, Mapping, Sequence
 import numpy as np
 
 from ..audio.diarization import OnlineDiarizer
-from ..audio.embedding import MIN_SECONDS, OWNER_SIMILARITY_THRESHOLD, SpeakerEmbedder
+from ..audio.embedding import MIN_SECONDS, OWNER_SIMILARITY_THRESHOLD, SpeakerEmbedder, speaker_model_problem
 from ..audio.ring import AudioRing
 from ..stt.base import Word
 
@@ -269,7 +269,7 @@ class SpeakerIdentifier:
         for run in _utterances(words):
             end = max(w.end for w in run)
             speaker = await self.diarize_span(run[0].start + clock_offset, end + clock_offset)
-            out.extend(Word(w.text, w.start, w.end, speaker, w.confidence) for w in run)
+            out.extend(Word(w.text, w.start, w.end, speaker, w.confidence, w.language) for w in run)
         return out
 
     # -- shared helpers ------------------------------------------------------------------
@@ -280,6 +280,8 @@ class SpeakerIdentifier:
 
     async def _embed(self, clip: np.ndarray) -> np.ndarray | None:
         if self._embedder is None:
+            if speaker_model_problem():     # optional model not installed: no labels, no crash
+                return None
             # The first use in the process loads the model (~0.2 s): not on the event loop.
             self._embedder = await asyncio.to_thread(SpeakerEmbedder.shared)
         try:

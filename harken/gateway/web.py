@@ -3,20 +3,25 @@
 The page is plain HTML/JS in ``static/`` (no build step). It streams the microphone to
 ``/v4/web/listen`` and authenticates with the first message, so it needs a token:
 
-- With ``auth=local`` on a loopback-only server, a person at this machine may ask the server for
-  a short-lived token (``POST /v1/local/token``). Anyone who can reach a loopback-bound server
-  from this machine could run ``harken token`` anyway (same user, same data folder), so this
-  grants nothing new; everywhere else the endpoint refuses and the page asks for a pasted token.
-- "Loopback" is checked three ways, because each alone can be fooled: the server's bind address
-  (not reachable from elsewhere), the peer address (a local process), and the ``Host`` header (a
-  DNS-rebinding page in the user's browser sends its own host name, not ``localhost``). A request
-  that came through a reverse proxy (forwarding headers) is refused too: behind a proxy on this
-  machine every remote visitor would look local.
+- With ``auth=local`` on a loopback-only server, the page may ask the server for a short-lived
+  token (``POST /v1/local/token``), but only with the server's pairing secret in the
+  ``X-Harken-Pairing`` header. Loopback alone proves nothing: another OS user on this machine, or
+  anyone whose SSH/kubectl/IDE port-forward opens ``http://localhost``, reaches loopback too. The
+  secret is derived from the signing key (so every worker agrees and only who can read the key
+  could compute it) and printed in the start banner as ``http://127.0.0.1:PORT/#pair=SECRET``:
+  the fragment never reaches a server or a log, the page keeps it for its tab only.
+- The endpoint is refused besides off loopback (the server's bind address, the peer address),
+  through a reverse proxy (forwarding headers: behind a proxy on this machine every visitor looks
+  local), and, by ``guard.py``, to a ``Host`` that is not a loopback name (DNS rebinding) or an
+  ``Origin`` that is not the page's own.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import base64
+import functools
+import hashlib
+import hmac
 import logging
 import re
 from pathlib import Path
@@ -27,8 +32,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from cryptography.hazmat.primitives import serialization
+
 from ..config import Settings, is_loopback
-from .auth import mint_local_token
+from .auth import ensure_local_signing_key, mint_local_token
+from .guard import host_name, is_loopback_name
 
 log = logging.getLogger("harken.web")
 
@@ -38,6 +46,8 @@ WEB_TOKEN_TTL = 600             # seconds: long enough for a session to start, s
 DEFAULT_WEB_UID = "web-user"
 _UID = re.compile(r"^[A-Za-z0-9._@:+-]{1,128}$")
 _FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
+PAIRING_HEADER = "x-harken-pairing"
+_PAIRING_CONTEXT = b"harken web pairing v1"
 
 # The page loads only its own files and talks only to its own origin.
 _PAGE_HEADERS = {
@@ -83,13 +93,34 @@ def _local_token_refusal(settings: Settings, request: Request) -> str | None:
     if not is_loopback(settings.host):
         return f"the server is bound to {settings.host}, not a loopback address: {paste}"
     client = request.client.host if request.client else ""
-    if not _is_loopback_address(client):
+    if not is_loopback_name(client):
         return f"only a client on this machine (loopback) may ask for a token: {paste}"
     if any(name in request.headers for name in _FORWARDING_HEADERS):
         return f"the request came through a proxy: {paste}"
-    if not is_loopback(_host_name(request.headers.get("host", ""))):
+    if not is_loopback_name(host_name(request.headers.get("host", ""))):
         return f"open the page as http://localhost or http://127.0.0.1 to get a token: {paste}"
+    if not hmac.compare_digest(request.headers.get(PAIRING_HEADER, "").encode(),
+                               pairing_secret(settings).encode()):
+        return f"open the page with the address the server printed (…/#pair=…), or {paste}"
     return None
+
+
+def pairing_secret(settings: Settings) -> str:
+    """The secret the page must show to get a token (see the module docstring)."""
+    return _pairing_secret(ensure_local_signing_key(settings.data_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _pairing_secret(key) -> str:
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    digest = hmac.new(der, _PAIRING_CONTEXT, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:24]).decode()
+
+
+def page_address(settings: Settings, base: str) -> str:
+    """The page's address with the pairing secret, for the start banner."""
+    return f"{base}/#pair={pairing_secret(settings)}"
 
 
 async def _requested_uid(request: Request) -> str | None:
@@ -105,20 +136,3 @@ async def _requested_uid(request: Request) -> str | None:
     if uid is None or uid == "":
         return DEFAULT_WEB_UID
     return uid if isinstance(uid, str) and _UID.match(uid) else None
-
-
-def _is_loopback_address(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)     # ::ffff:127.0.0.1 on a dual-stack socket
-    return (mapped or address).is_loopback
-
-
-def _host_name(host_header: str) -> str:
-    """``127.0.0.1:8000`` → ``127.0.0.1``, ``[::1]:8000`` → ``::1``, ``localhost`` → ``localhost``."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else ""
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host

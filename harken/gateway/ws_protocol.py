@@ -11,7 +11,8 @@ The sink is offered as the ASGI scope extension ``harken.binary_sink``; an app o
 simply does not find it and keeps receiving everything through ``receive()``. The sink must not
 raise and must be quick (decode and append): it runs inside the event loop's read callback.
 Back-pressure is the sink owner's business: ``pause_reading``/``resume_reading`` are offered for
-when its consumer falls behind.
+when its consumer falls behind or the client is ahead of real time (``pacing.py``). A pause takes
+effect at the next frame: frames already read wait in this protocol until the resume.
 
 Framing. Parsing a frame through websockets' generator-based parser and its events costs ~2.8 µs,
 a tenth of the gateway's CPU at a few hundred streams. So once the handshake is done and
@@ -38,6 +39,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import apply_mask
 from websockets.protocol import State
 from websockets.streams import StreamReader
+
+from .edge import ConnectionLedger, client_key
 
 SCOPE_EXTENSION = "harken.binary_sink"
 
@@ -77,8 +80,10 @@ def binary_sink(scope: dict) -> BinarySink | None:
 class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
     """``uvicorn.Config(ws=SinkingWebSocketProtocol)``."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config, server_state, *args, **kwargs) -> None:
+        super().__init__(config, server_state, *args, **kwargs)
+        self._ledger = ConnectionLedger.of(config, server_state)
+        self._ledger_key: str | None = None
         self._sink: Callable[[bytes], None] | None = None
         self._reader = None             # the sink's native reader, if it brought one
         self._sink_paused = False
@@ -86,6 +91,18 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
         self._partial: bytearray | None = None
         self._framing_done = False      # never (again) frame here: websockets parses the rest
         self._fragmented = False        # websockets holds an unfinished fragmented message
+
+    # -- the connection ledger (edge.py): an upgraded connection still counts --------------
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._ledger_key = client_key(transport)
+        self._ledger.join(self._ledger_key)
+
+    def connection_lost(self, exc) -> None:
+        key, self._ledger_key = self._ledger_key, None
+        if key is not None:
+            self._ledger.leave(key)
+        super().connection_lost(exc)
 
     # -- framing --------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -117,6 +134,8 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
         limit = self.conn.max_message_size
         reader = self._reader
         while size - pos >= 2:
+            if self._sink_paused:
+                break           # the rest waits in _partial until resume_sink_reading
             if reader is not None and not self._fragmented and not self.close_sent:
                 pos = reader.scan(data, pos, -1 if limit is None else limit)
                 if size - pos < 2:
@@ -205,6 +224,16 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
             self._sink_paused = False
             if not self.read_paused:
                 self.transport.resume_reading()
+            if self._partial:
+                # Frames read before the pause and not yet handed over: soon, not from inside
+                # whatever called this (it may be the sink itself).
+                self.loop.call_soon(self._resume_partial)
+
+    def _resume_partial(self) -> None:
+        if self._partial and not self._sink_paused and not self._framing_done:
+            data = bytes(self._partial)
+            self._partial.clear()
+            self._split_frames(data)
 
     async def receive(self):
         message = await self.queue.get()

@@ -7,7 +7,8 @@
  *
  * What it does: OpusPacketReader.scan(data, pos, limit) walks the WebSocket frames of `data`
  * from `pos` and decodes each one that is the common case: a complete, final, masked binary
- * frame of 3..max_message bytes whose payload passes the RFC 6716 section 3.4 framing rules and
+ * frame of 3..max_message bytes whose TOC byte the stream's signature admitted (allow(); see
+ * codecs/signature.py), whose payload passes the RFC 6716 section 3.4 framing rules and which
  * decodes to the number of samples its TOC promises. The samples gather in one buffer; when a
  * piece's worth is there, `on_piece()` is called and the owner takes it with take().
  * scan stops at the first frame that is anything else (text, control, fragment, keepalive,
@@ -118,7 +119,12 @@ typedef struct {
     unsigned char *payload;    /* one unmasked message */
     Py_ssize_t payload_capacity;
     unsigned long long messages, bytes;
+    unsigned long long decoded;  /* packets decoded here, never reset: the Python path's ordering mark */
     double last_arrival;       /* CLOCK_MONOTONIC seconds, as Python's time.monotonic() */
+    unsigned char allowed[256];/* TOC bytes the stream's signature admitted; others go to Python */
+    int any_allowed;           /* 0 until a TOC is allowed: the stream's first packet then defines one */
+    int leave_next;            /* Python held a packet back: leave it the next one, which may confirm it */
+    int first_toc, first_samples; /* that first packet's TOC and samples, for the Python signature */
 } Reader;
 
 static int ensure_pcm(Reader *self, Py_ssize_t need) {
@@ -172,6 +178,7 @@ static int Reader_init(Reader *self, PyObject *args, PyObject *kwargs) {
     self->max_samples = rate * MAX_PACKET_MS / 1000;
     self->max_message = max_message;
     self->piece = piece;
+    self->first_toc = -1;
     return 0;
 }
 
@@ -211,6 +218,9 @@ static PyObject *Reader_scan(Reader *self, PyObject *args) {
             return NULL;
         }
         const unsigned char *mask = d + pos + head - 4, *src = d + pos + head;
+        if (self->leave_next) { self->leave_next = 0; break; }
+        int toc = src[0] ^ mask[0];
+        if (!self->allowed[toc] && self->any_allowed) break;   /* a TOC the stream has not sent: Python decides */
         for (Py_ssize_t i = 0; i < length; i++) self->payload[i] = src[i] ^ mask[i & 3];
         int duration = packet_duration(self->payload, length);
         if (duration < 0) break;
@@ -218,9 +228,16 @@ static PyObject *Reader_scan(Reader *self, PyObject *args) {
         int count = self->decode(self->state, self->payload, (int32_t)length, self->pcm + self->samples,
                                  self->max_samples, 0);
         if (count != expected) break;   /* libopus refused it: the Python path reports the error */
+        if (!self->any_allowed) {       /* the stream's first packet defines its signature (codecs/signature.py) */
+            self->allowed[toc] = 1;
+            self->any_allowed = 1;
+            self->first_toc = toc;
+            self->first_samples = count;
+        }
         if (now < 0) now = monotonic_now();
         self->samples += count;
         self->messages += 1;
+        self->decoded += 1;
         self->bytes += length;
         self->last_arrival = now;
         pos = end;
@@ -258,8 +275,33 @@ static PyObject *Reader_close(Reader *self, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
+/* allow(toc): decode packets with this TOC byte here from now on (the signature admitted it). */
+static PyObject *Reader_allow(Reader *self, PyObject *arg) {
+    long toc = PyLong_AsLong(arg);
+    if (toc == -1 && PyErr_Occurred()) return NULL;
+    if (toc < 0 || toc > 255) { PyErr_SetString(PyExc_ValueError, "a TOC byte is 0..255"); return NULL; }
+    self->allowed[toc] = 1;
+    self->any_allowed = 1;
+    Py_RETURN_NONE;
+}
+
+/* leave_next(): let the Python path have the next audio frame (it confirms or drops a held packet). */
+static PyObject *Reader_leave_next(Reader *self, PyObject *Py_UNUSED(ignored)) {
+    self->leave_next = 1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Reader_pending(Reader *self, void *Py_UNUSED(closure)) {
     return PyLong_FromSsize_t(self->samples);
+}
+
+static PyObject *Reader_first_packet(Reader *self, void *Py_UNUSED(closure)) {
+    if (self->first_toc < 0) Py_RETURN_NONE;
+    return Py_BuildValue("ii", self->first_toc, self->first_samples);
+}
+
+static PyObject *Reader_decoded(Reader *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(self->decoded);
 }
 
 static PyObject *Reader_closed(Reader *self, void *Py_UNUSED(closure)) {
@@ -272,12 +314,17 @@ static PyMethodDef Reader_methods[] = {
     {"take", (PyCFunction)Reader_take, METH_NOARGS,
      "take() -> (pcm bytes, messages, bytes, last arrival) since the last take"},
     {"close", (PyCFunction)Reader_close, METH_NOARGS, "decode nothing more; release the decoder"},
+    {"allow", (PyCFunction)Reader_allow, METH_O, "allow(toc): decode packets with this TOC byte here"},
+    {"leave_next", (PyCFunction)Reader_leave_next, METH_NOARGS, "leave the next audio frame to the Python path"},
     {NULL},
 };
 
 static PyGetSetDef Reader_getset[] = {
     {"pending", (getter)Reader_pending, NULL, "samples decoded and not yet taken", NULL},
     {"closed", (getter)Reader_closed, NULL, "True once close() was called", NULL},
+    {"decoded", (getter)Reader_decoded, NULL, "packets decoded by this reader so far", NULL},
+    {"first_packet", (getter)Reader_first_packet, NULL,
+     "(TOC, samples) of the stream's first packet when this reader decoded it, else None", NULL},
     {NULL},
 };
 

@@ -28,9 +28,10 @@ class Word:
     end: float
     speaker: int = 0    # diarized speaker index; 0 when the engine has no diarization
     confidence: float = 1.0
+    language: str | None = None   # the language the engine heard, when it identifies one (multi)
 
     def shifted(self, offset: float) -> "Word":
-        return Word(self.text, self.start + offset, self.end + offset, self.speaker, self.confidence)
+        return Word(self.text, self.start + offset, self.end + offset, self.speaker, self.confidence, self.language)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class StreamConfig:
     sample_rate: int = SAMPLE_RATE
     diarize: bool = True
     session_id: str = ""          # for logs only
+    vocabulary: tuple[str, ...] = ()   # the user's terms (names, jargon) the engine should favour
     extra: dict = field(default_factory=dict)
 
 
@@ -107,5 +109,18 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def open(self, config: StreamConfig) -> STTStream: ...
 
+    def describe(self, language: str) -> str:
+        """How this provider transcribes ``language``, for ``ready``'s reason (e.g. which model)."""
+        return self.name
+
     async def aclose(self) -> None:
         """Release shared resources (models, thread pools) at server shutdown."""
+
+
+def speech_seconds(stream: STTStream | None) -> float:
+    """Seconds of speech a stream heard, for usage: its VAD's count (``stats.speech_seconds``: the
+    embedded engine, the VAD gate), else what it computes itself (``FallbackStream``)."""
+    stats = getattr(stream, "stats", None)
+    if stats is not None:
+        return float(stats.speech_seconds)
+    return float(getattr(stream, "speech_seconds", 0.0) or 0.0)

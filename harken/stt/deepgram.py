@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from .base import Provider, StreamConfig, Word
 from .fallback import StreamFailure, status_failure
 from .queued import QueuedStream
-from .selection import DEEPGRAM_NOVA2, DEEPGRAM_NOVA3, N2, N2M, N3, N3M, normalize_language
+from .languages import DEEPGRAM_NOVA2, DEEPGRAM_NOVA3, N2, N2M, N3, N3M, normalize_language
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -37,12 +37,16 @@ def connect_options(config: StreamConfig) -> dict[str, Any]:
     """``listen.v1.connect`` keyword arguments for a stream config (Omi's option set)."""
     language = normalize_language(config.language)
     model = config.extra.get("model") or (DEEPGRAM_NOVA3 if language in N3M or language in N3 else DEEPGRAM_NOVA2)
-    return dict(
+    options = dict(
         model=model, language=language, encoding="linear16", sample_rate=config.sample_rate, channels=1,
         punctuate="true", smart_format="true", diarize="true" if config.diarize else "false",
         endpointing=ENDPOINTING_MS, interim_results="false", profanity_filter="false",
         request_options={"additional_query_parameters": {"no_delay": "true", "filler_words": "false"}},
     )
+    if config.vocabulary:
+        # As Omi: keyterm (one query parameter per term) on nova-3, the older keywords elsewhere.
+        options["keyterm" if model.startswith("nova-3") else "keywords"] = list(config.vocabulary)
+    return options
 
 
 def parse_message(message: Any) -> tuple[list[Word], float | None]:

@@ -189,6 +189,12 @@ def as_failure(exc: BaseException, default_reason: str) -> StreamFailure:
     return StreamFailure(f"{type(exc).__name__}: {exc}", reason=default_reason)
 
 
+def _vad_speech(stream: STTStream) -> float | None:
+    """The speech seconds an engine's own VAD counted, or None if it has none."""
+    value = getattr(getattr(stream, "stats", None), "speech_seconds", None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def _normalized(text: str) -> str:
     return "".join(c for c in text.casefold() if not unicodedata.category(c).startswith("P"))
 
@@ -268,6 +274,12 @@ class FallbackStream(STTStream):
         self.provider_name = self._links[0].name   # provider of the word most recently yielded
         self.switches = 0
         self.lost_seconds = 0.0
+        # Speech seconds for usage: an engine that runs its own VAD (the embedded one) counts
+        # them in ``stats.speech_seconds``; for the others the spans of their words are summed.
+        self._speech_of_retired = 0.0
+        self._retired: set[int] = set()
+        self._word_speech = 0.0
+        self._word_speech_until = 0.0
 
     # --- STTStream ------------------------------------------------------------------------
     async def send(self, pcm: np.ndarray) -> None:
@@ -345,6 +357,18 @@ class FallbackStream(STTStream):
         self._ensure_running()
         assert self._started is not None
         return await asyncio.shield(self._started)
+
+    @property
+    def speech_seconds(self) -> float:
+        """Seconds of speech heard so far, over every provider this stream used."""
+        active = self._active
+        live = _vad_speech(active.stream) if active is not None and id(active.stream) not in self._retired else None
+        return self._speech_of_retired + (live or 0.0) + self._word_speech
+
+    def _retire(self, stream: STTStream) -> None:
+        if id(stream) not in self._retired:
+            self._retired.add(id(stream))
+            self._speech_of_retired += _vad_speech(stream) or 0.0
 
     @property
     def active_provider(self) -> str | None:
@@ -437,6 +461,7 @@ class FallbackStream(STTStream):
                 task.cancel()
             self._finish(terminal)
             if active is not None:
+                self._retire(active.stream)
                 self._discard_later(active.stream)
             # Replaced streams close in the background, each bounded by _discard's timeout: a
             # stalled provider must not hold up the session's close.
@@ -526,6 +551,7 @@ class FallbackStream(STTStream):
             await asyncio.gather(feeder, reader, watcher, return_exceptions=True)
             if active.cut is not None:       # failed or closed while the next link connected
                 self._cancel_cut(active)
+            self._retire(active.stream)
             if self._active is active:
                 self._active = None
             self._discard_later(active.stream)
@@ -605,6 +631,9 @@ class FallbackStream(STTStream):
                 return False
             active.seam = False
         self._last_word_end = max(self._last_word_end, word.end)
+        if _vad_speech(active.stream) is None:
+            self._word_speech += max(0.0, word.end - max(word.start, self._word_speech_until))
+            self._word_speech_until = max(self._word_speech_until, word.end)
         self._recent.append(word)
         self._out.put((word, active.name))
         return True

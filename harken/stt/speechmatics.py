@@ -28,7 +28,7 @@ from speechmatics.rt import (AsyncClient, AudioEncoding, AudioFormat, Connection
 from .base import Provider, StreamConfig, Word
 from .fallback import StreamFailure, status_failure
 from .queued import CLOSE_SECONDS, QueuedStream
-from .selection import SPEECHMATICS, normalize_language, primary_language
+from .languages import SPEECHMATICS, normalize_language, primary_language
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -60,6 +60,7 @@ def transcription_config(config: StreamConfig) -> TranscriptionConfig:
         diarization="speaker" if config.diarize else "none",
         speaker_diarization_config=SpeakerDiarizationConfig(max_speakers=MAX_SPEAKERS) if config.diarize else None,
         max_delay=MAX_DELAY, max_delay_mode="flexible", enable_partials=False, enable_entities=True,
+        additional_vocab=[{"content": term} for term in config.vocabulary] or None,
     )
 
 

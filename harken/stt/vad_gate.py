@@ -209,7 +209,7 @@ class VadGatedStream(STTStream):
         start = self.to_input_seconds(word.start)
         # The end moves with the start (a word never spans a cut: cuts are in long silences).
         return Word(word.text, round(start, 3), round(start + max(word.end - word.start, 0.0), 3),
-                    word.speaker, word.confidence)
+                    word.speaker, word.confidence, word.language)
 
     # -- internals -----------------------------------------------------------------------
     def _open_at(self, input_position: int) -> None:

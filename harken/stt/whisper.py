@@ -23,7 +23,7 @@ How an utterance becomes words (one stream):
   prompt measured worse: decoding the 16 dev recordings of ``tests/data/audio`` in order, WER
   9.4 % → 15.1 % and decode CPU ×2.2 (consecutive recordings there are unrelated sentences). Each
   utterance is decoded on its own; the longer hard-end silence and the sentence-end rule keep
-  sentences whole instead. (``prompt`` stays in ``transcribe_options`` for vocabularies.)
+  sentences whole instead.
 
 One ``WhisperModel`` serves every stream; ``whisper_workers`` decodes run at once (the pool's
 size and CTranslate2's ``num_workers``), and one stream's finals come out in stream-time order.
@@ -34,18 +34,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import numpy as np
 
 from ..audio import WINDOW_SECONDS, Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import (EMBEDDED_PROVIDER, SAMPLE_RATE, SENTENCE_ENDERS, Partial, Provider, StreamConfig, STTError,
                    STTStream, Word)
-from .models import ModelError, load_whisper_model, resolve_model, whisper_languages
+from .decoding import Decoding, RawWord, decode
+from .models import EMBEDDED_BASE, ModelError, load_whisper_model, resolve_model, resolve_multilingual, whisper_languages
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -57,21 +57,11 @@ log = logging.getLogger(__name__)
 # Whisper readily "transcribes" breaths, clicks and near-silence into stock phrases ("Thank you.",
 # "you"); an utterance with less VAD-judged speech than this is not decoded at all.
 MIN_SPEECH_SECONDS = 0.2
-# Whisper's own rule for dropping a segment: likely no speech AND a low-confidence decode.
-NO_SPEECH_THRESHOLD = 0.6
-LOG_PROB_THRESHOLD = -1.0
 # Utterances waiting for a decode, per stream. Past this the server is far behind real time;
 # the oldest are dropped (and counted) rather than letting memory grow without bound.
 MAX_PENDING_UTTERANCES = 32
 CLOSE_TIMEOUT_S = 30.0
 PREROLL_MS = 300
-# Whisper pads every clip to a 30 s window. CTranslate2 also takes shorter ones (a clip is then
-# padded to its length plus WINDOW_MARGIN_S, at least MIN_WINDOW_S), but on this machine a 10 s
-# window saved no measurable CPU per decode (bench/bench_stream.py --min-window) and the model
-# was trained on 30 s windows, so the default keeps them.
-WINDOW_MARGIN_S = 2.0
-MIN_WINDOW_S = 30
-MAX_WINDOW_S = 30
 # Provisional work gives way to finals: the engine's busy share (decode seconds over worker
 # seconds, last LOAD_WINDOW_S) above which provisional decodes stop, and pause decodes stop.
 LOAD_WINDOW_S = 5.0
@@ -86,8 +76,6 @@ AHEAD_OF_REAL_TIME_S = 1.0
 # time, a moving average): the text would come long after the speech had moved on, and on a
 # starved CPU they slow the finals. (Unloaded, tiny.en takes ~0.35 s.)
 PARTIAL_MAX_DECODE_INTERVALS = 2.0
-
-RawWord = tuple[str, float, float, float]     # text, start, end (seconds in the clip), probability
 
 
 class EngineLoad:
@@ -139,6 +127,13 @@ class WhisperProvider(Provider):
             self._english_only_guess = resolve_model(settings.whisper_model).english_only
         except ModelError:
             self._english_only_guess = True      # load() will report the problem
+        # The multilingual model (other languages and multi), when the main one is English-only:
+        # located (joined, verified) at load(), loaded at the first session that needs it.
+        self._multi_model: "WhisperModel | None" = None
+        self._multi_location: str | None = None
+        self.multilingual_problem: str | None = None     # why there is none (start-up log, /readyz)
+        self.allowed_languages = tuple(
+            code for code in (c.strip().lower() for c in settings.whisper_languages.split(",")) if code)
 
     @property
     def loaded(self) -> bool:
@@ -157,6 +152,8 @@ class WhisperProvider(Provider):
             model, vad = await loop.run_in_executor(
                 self._executor, lambda: (load_whisper_model(self.settings), SileroVAD.shared()))
             self._model, self._vad = model, vad
+            if not model.model.is_multilingual:
+                await loop.run_in_executor(self._executor, self._locate_multilingual)
             # CTranslate2 allocates its buffers on the first decode: pay that now, not on a user's
             # utterance, on every worker (each has its own replica of the model: decodes at once).
             silence = np.zeros(SAMPLE_RATE, dtype=np.int16)
@@ -167,16 +164,79 @@ class WhisperProvider(Provider):
                      self.settings.whisper_model, self.settings.whisper_compute_type, self.settings.whisper_threads,
                      self.settings.whisper_workers, time.perf_counter() - started)
 
+    def _locate_multilingual(self) -> None:
+        """Find (join and verify) the multilingual model; its absence turns the feature off, once."""
+        try:
+            self._multi_location = resolve_multilingual(self.settings)
+            if self._multi_location is not None and self.settings.whisper_multilingual_model.strip() != EMBEDDED_BASE:
+                # A model the operator named: load it now, so a wrong name is reported at start-up.
+                self._multi_model = load_whisper_model(self.settings, self._multi_location)
+        except ModelError as exc:
+            self._multi_location = None
+            self.multilingual_problem = str(exc)
+        else:
+            if self._multi_location is None:
+                self.multilingual_problem = "whisper_multilingual_model is empty"
+        if self.multilingual_problem:
+            log.warning("local STT: no multilingual model (%s): only English is transcribed locally; "
+                        "other languages and multi are served as English", self.multilingual_problem)
+
+    @property
+    def _main_multilingual(self) -> bool:
+        return self._model.model.is_multilingual if self._model is not None else not self._english_only_guess
+
+    @property
+    def _has_multilingual(self) -> bool:
+        if self._main_multilingual:
+            return True
+        if self._model is None:         # before load(): guessed from the settings
+            return bool(self.settings.whisper_multilingual_model.strip())
+        return self._multi_location is not None
+
     def supports(self, language: str) -> bool:
-        """An English-only (``.en``) model supports ``en`` and ``en-*``; a multilingual one every
-        Whisper language (any region) and ``multi`` (language detected per utterance).
+        """English (``en``, ``en-*``) always; every Whisper language (any region) and ``multi``
+        (language identified per utterance) when a multilingual model is there: the main one, or
+        ``whisper_multilingual_model`` beside an English-only main model.
 
         Before ``load`` the kind of model is guessed from its name; after, the model is asked.
         """
-        multilingual = self._model.model.is_multilingual if self._model is not None else not self._english_only_guess
-        if not multilingual:
-            return _base_language(language) == "en"
+        if _base_language(language) == "en":
+            return True
+        if not self._has_multilingual:
+            return False
         return language == "multi" or _base_language(language) in whisper_languages()
+
+    def describe(self, language: str) -> str:
+        if self._uses_main_model(language):
+            model = self.settings.whisper_model
+        else:
+            model = self.settings.whisper_multilingual_model
+        if language == "multi":
+            among = f" among {', '.join(self.allowed_languages)}" if self.allowed_languages else ""
+            return f"{self.name} (whisper {model}, language identified per utterance{among})"
+        return f"{self.name} (whisper {model})"
+
+    def _uses_main_model(self, language: str) -> bool:
+        # English keeps the main model (tiny.en by default: faster); the rest need a multilingual one.
+        return self._main_multilingual or (language != "multi" and _base_language(language) == "en")
+
+    async def _model_for(self, language: str) -> "WhisperModel":
+        await self.load()
+        if self._uses_main_model(language):
+            assert self._model is not None
+            return self._model
+        async with self._load_lock:
+            if self._multi_model is None:
+                if self._multi_location is None:
+                    raise STTError(f"no multilingual model: {self.multilingual_problem}", retryable=False,
+                                   code="language")
+                started = time.perf_counter()
+                loop = asyncio.get_running_loop()
+                self._multi_model = await loop.run_in_executor(
+                    self._executor, load_whisper_model, self.settings, self._multi_location)
+                log.info("local STT: multilingual model %s loaded in %.1f s",
+                         self.settings.whisper_multilingual_model, time.perf_counter() - started)
+            return self._multi_model
 
     async def open(self, config: StreamConfig) -> "WhisperStream":
         if config.sample_rate != SAMPLE_RATE:
@@ -185,19 +245,20 @@ class WhisperProvider(Provider):
         if not self.supports(config.language):
             raise STTError(f"whisper_model={self.settings.whisper_model} does not support language "
                            f"{config.language!r}", retryable=False, code="language")
-        await self.load()
+        model = await self._model_for(config.language)
         assert self._vad is not None
         language = None if config.language == "multi" else _base_language(config.language)
-        return WhisperStream(self, config, language, StreamingVAD(self._vad))
+        decoding = Decoding(language, self.allowed_languages if language is None else (), tuple(config.vocabulary))
+        return WhisperStream(self, config, decoding, StreamingVAD(self._vad), model)
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- used by WhisperStream ----------------------------------------------------------
-    def submit(self, pcm: np.ndarray, language: str | None, prompt: str | None = None) -> asyncio.Future:
-        """Queue one decode in the pool; the future gives ``transcribe_clip``'s result."""
+    def submit(self, pcm: np.ndarray, decoding: Decoding, model: "WhisperModel | None" = None) -> asyncio.Future:
+        """Queue one decode in the pool; the future gives ``decode_clip``'s result."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._timed_transcribe, pcm, language, prompt)
+        future = loop.run_in_executor(self._executor, self.decode_clip, pcm, decoding, model)
         self.load_state.started()
 
         def done(f: asyncio.Future) -> None:
@@ -207,46 +268,26 @@ class WhisperProvider(Provider):
         future.add_done_callback(done)
         return future
 
-    def _timed_transcribe(self, pcm: np.ndarray, language: str | None, prompt: str | None):
-        return self.transcribe_clip(pcm, language, prompt=prompt)
-
-    def transcribe_options(self, language: str | None, *, prompt: str | None, seconds: float) -> dict[str, Any]:
-        """The keyword arguments of one ``WhisperModel.transcribe`` call: every decode's options are
-        built here (language, prompt, window), so one place decides them."""
-        return dict(
-            language=language,
-            beam_size=self.settings.whisper_beam_size,
-            word_timestamps=True,
-            condition_on_previous_text=False,     # one window per utterance: nothing to carry over
-            initial_prompt=prompt or None,
-            vad_filter=False,                     # already endpointed by our own VAD
-            no_speech_threshold=NO_SPEECH_THRESHOLD,
-            log_prob_threshold=LOG_PROB_THRESHOLD,
-            chunk_length=decode_window(seconds),
-        )
-
-    def transcribe_clip(self, pcm: np.ndarray, language: str | None = "en", *,
-                        prompt: str | None = None) -> tuple[list[RawWord], float]:
+    def decode_clip(self, pcm: np.ndarray, decoding: Decoding,
+                    model: "WhisperModel | None" = None) -> tuple[list[RawWord], float, str | None]:
         """Decode one int16 clip in the calling thread (blocking; streams run it in the pool).
 
         Returns Whisper's words as (text, start, end, probability), times in seconds of the clip,
-        and the seconds the decode took. For offline jobs and benchmarks; needs ``load()`` first.
+        the seconds the decode took, and the language when it was identified (``multi``).
+        ``model`` defaults to the main model; needs ``load()`` first.
         """
-        if self._model is None:
+        model = model or self._model
+        if model is None:
             raise STTError("WhisperProvider.load() has not been awaited", retryable=False)
         started = time.perf_counter()
-        audio = pcm.astype(np.float32) / 32768.0
-        segments, _info = self._model.transcribe(
-            audio, **self.transcribe_options(language, prompt=prompt, seconds=pcm.size / SAMPLE_RATE))
-        # `segments` is lazy: the decoding happens while iterating, so iterate here, in the thread.
-        words = [(w.word, float(w.start), float(w.end), float(w.probability))
-                 for segment in segments for w in (segment.words or ())]
-        return words, time.perf_counter() - started
+        words, identified = decode(model, pcm.astype(np.float32) / 32768.0, decoding,
+                                   beam_size=self.settings.whisper_beam_size)
+        return words, time.perf_counter() - started, identified
 
-
-def decode_window(seconds: float) -> int:
-    """Seconds of the window a clip of ``seconds`` is padded to (see WINDOW_MARGIN_S)."""
-    return int(min(MAX_WINDOW_S, max(MIN_WINDOW_S, math.ceil(seconds + WINDOW_MARGIN_S))))
+    def transcribe_clip(self, pcm: np.ndarray, language: str | None = "en") -> tuple[list[RawWord], float]:
+        """``decode_clip`` with the main model and just a language: (words, decode seconds)."""
+        words, seconds, _ = self.decode_clip(pcm, Decoding(language))
+        return words, seconds
 
 
 @dataclass
@@ -326,11 +367,13 @@ class WhisperStream(STTStream):
     provider_name = EMBEDDED_PROVIDER
     immediate_send = True            # send only runs the VAD; decodes happen in the pool
 
-    def __init__(self, provider: WhisperProvider, config: StreamConfig, language: str | None, vad: StreamingVAD):
+    def __init__(self, provider: WhisperProvider, config: StreamConfig, decoding: Decoding, vad: StreamingVAD,
+                 model: "WhisperModel | None" = None):
         settings = provider.settings
         self._provider = provider
         self._config = config
-        self._language = language
+        self._decoding = decoding
+        self._model = model
         self._endpointer = Endpointer(
             vad,
             threshold=settings.vad_threshold,
@@ -462,7 +505,7 @@ class WhisperStream(STTStream):
             try:
                 if job.decode is None:
                     job.decode = self._submit(utterance)
-                raw_words, _seconds = await job.decode
+                raw_words, _seconds, language = await job.decode
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():       # close() gave up on us: just stop
                     raise
@@ -476,7 +519,7 @@ class WhisperStream(STTStream):
             finally:
                 self._finals_outstanding -= 1
             self.stats.decodes += 1
-            words = place_words(raw_words, utterance, self._last_end)
+            words = place_words(raw_words, utterance, self._last_end, language)
             for word in words:
                 self._last_end = word.end
                 self.stats.words += 1
@@ -484,7 +527,7 @@ class WhisperStream(STTStream):
             self._withdraw_partial(utterance.number)
 
     def _submit(self, utterance: Utterance) -> asyncio.Future:
-        future = self._provider.submit(utterance.pcm, self._language)
+        future = self._provider.submit(utterance.pcm, self._decoding, self._model)
 
         def count(f: asyncio.Future) -> None:
             if not f.cancelled() and f.exception() is None:
@@ -581,35 +624,45 @@ class WhisperStream(STTStream):
         """A provisional decode of the open utterance: its agreed words become the shown Partial."""
         if future.cancelled() or future.exception() is not None or self._closing:
             return
-        raw_words = future.result()[0]
+        raw_words, _seconds, language = future.result()
         endpointer = self._endpointer
         if not endpointer.in_utterance or endpointer.utterance_number != utterance.number:
             return                          # the utterance ended meanwhile: its final takes over
         if utterance.number != self._partial_number:
             return
-        words = place_words(raw_words, utterance, self._last_end)
+        words = place_words(raw_words, utterance, self._last_end, language)
         if self._agreement.update(words):
             self._shown_number = utterance.number
             self.stats.partials += 1
             self._out.put_nowait(Partial(tuple(self._agreement.shown)))
 
 
-def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: float) -> list[Word]:
+def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: float,
+                language: str | None = None) -> list[Word]:
     """Whisper's clip-relative words → ``Word``s in stream time.
 
     Times are clamped to the utterance (Whisper sometimes stretches a word into the padding) and
     made monotonic from ``not_before`` on, so segment builders never see a word start before the
     previous one ended.
+
+    Whisper starts a word with a space; a piece without one continues the previous word (the
+    "-disposed" of "ill-disposed", and the characters of Chinese or Japanese, written without
+    spaces), so it is glued to it rather than becoming a word that segments would space apart.
     """
     offset, duration = utterance.start_seconds, utterance.duration
     placed: list[Word] = []
-    for text, start, end, probability in raw_words:
-        text = text.strip()
+    for raw_text, start, end, probability in raw_words:
+        text = raw_text.strip()
         if not text:
             continue
         start = max(offset + min(max(start, 0.0), duration), not_before)
         end = max(offset + min(max(end, 0.0), duration), start)
-        placed.append(Word(text, round(start, 3), round(end, 3), 0, probability))
+        if placed and not raw_text[:1].isspace():
+            previous = placed[-1]
+            placed[-1] = Word(previous.text + text, previous.start, round(end, 3), 0,
+                              min(previous.confidence, probability), language)
+        else:
+            placed.append(Word(text, round(start, 3), round(end, 3), 0, probability, language))
         not_before = end
     return placed
 

@@ -25,6 +25,18 @@ const el = (tag, className, text) => {
 
 const auth = { token: null, local: false, expiresAt: 0 };
 
+// The server mints tokens only for a page that knows its pairing secret, which it prints as
+// http://127.0.0.1:PORT/#pair=SECRET. The fragment never leaves the browser; it is kept for this
+// tab and taken out of the address bar.
+const PAIRING_KEY = "harken.pairing";
+{
+  const pairing = new URLSearchParams(location.hash.slice(1)).get("pair");
+  if (pairing) {
+    sessionStorage.setItem(PAIRING_KEY, pairing);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+
 async function ensureToken() {
   const pasted = sessionStorage.getItem(TOKEN_KEY);
   if (pasted) {
@@ -34,8 +46,13 @@ async function ensureToken() {
   if (auth.local && Date.now() < auth.expiresAt - 60_000) return auth.token;
   let response;
   try {
+    const pairing = sessionStorage.getItem(PAIRING_KEY);
+    if (!pairing) {
+      askForToken("Open the page with the address the server printed (…/#pair=…), or paste a token.");
+      return null;
+    }
     response = await fetch("/v1/local/token", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
+      method: "POST", headers: { "Content-Type": "application/json", "X-Harken-Pairing": pairing }, body: "{}",
     });
   } catch (error) {
     askForToken("The server could not be reached.");
@@ -43,7 +60,7 @@ async function ensureToken() {
   }
   const body = await response.json().catch(() => ({}));
   if (!response.ok || !body.token) {
-    askForToken(body.error || `The server gives no token to this page (HTTP ${response.status}).`);
+    askForToken(body.error || body.detail || `The server gives no token to this page (HTTP ${response.status}).`);
     return null;
   }
   Object.assign(auth, { token: body.token, local: true, expiresAt: Date.now() + body.expires_in * 1000 });

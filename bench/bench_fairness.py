@@ -1,0 +1,290 @@
+"""Fairness under abuse: 20 honest streams beside one abusive client of each kind (issue #26).
+
+A ``harken serve`` (null provider, so the engine's CPU does not dominate; otherwise default
+settings) takes, in turn:
+
+- ``baseline``: the 20 honest Opus streams alone (real-time pace, ``harken.loadtest``);
+- the same 20 streams beside one abuser, run in its own process from 127.0.0.2:
+  ``huge-headers`` (4 connections at a time, each sending a 1 MiB header), ``slowloris``
+  (200 connections trickling a header line a second), ``compressed-flood`` (an authenticated
+  stream asking for permessage-deflate and sending 64 KiB messages of silence as fast as the
+  socket takes them), ``suggestion-flood`` (an authenticated custom_stt stream sending ~60 KB
+  suggested_transcript messages, unpunctuated lowercase text that merges, as fast as it can),
+  ``idle-1000`` (1,000 TCP connections that send nothing, reopened when closed, ≤ 100 a second);
+- a ``baseline`` between every two abusers, so each abuser is compared with the baselines run
+  just before and after it (the mean of the two): a shared machine's load drifts during a run.
+
+For each phase it prints the honest streams' connect → ready (p50, p95), steady segment latency
+(p50, p95) and the server's CPU seconds (its own, from /proc: the figure other engineers' load
+disturbs least), each as a ratio to the neighbouring baselines; the goal is ≤ 1.2×.
+
+    python bench/bench_fairness.py [--seconds 15] [--streams 20] [--phases huge-headers,slowloris]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ABUSERS = ("huge-headers", "slowloris", "compressed-flood", "suggestion-flood", "idle-1000")
+ABUSER_ADDRESS = "127.0.0.2"
+GOAL = 1.2
+
+
+# --- the abusers (each runs in its own process: --abuse KIND) -------------------------------------
+
+async def _open(port: int):
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(ABUSER_ADDRESS, 0))
+
+
+async def huge_headers(port: int, token: str, deadline: float) -> None:
+    async def one() -> None:
+        while time.monotonic() < deadline:
+            try:
+                reader, writer = await _open(port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ")
+                for _ in range(16):
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+                writer.write(b"\r\n\r\n")
+                await writer.drain()
+                await reader.read(1024)
+                writer.close()
+            except (ConnectionError, OSError):
+                await asyncio.sleep(0.01)
+    await asyncio.gather(*(one() for _ in range(4)))
+
+
+async def slowloris(port: int, token: str, deadline: float) -> None:
+    async def one(index: int) -> None:
+        await asyncio.sleep(index * 0.01)
+        while time.monotonic() < deadline:
+            try:
+                reader, writer = await _open(port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                while time.monotonic() < deadline and not reader.at_eof():
+                    writer.write(b"X-Slow: 1\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(1.0)
+                writer.close()
+            except (ConnectionError, OSError):
+                await asyncio.sleep(0.5)
+    await asyncio.gather(*(one(i) for i in range(200)))
+
+
+async def compressed_flood(port: int, token: str, deadline: float) -> None:
+    import websockets
+
+    url = f"ws://127.0.0.1:{port}/v4/listen?codec=pcm16&sample_rate=16000&stt_service=null"
+    silence = bytes(65000)
+    while time.monotonic() < deadline:
+        try:
+            async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                                          compression="deflate", max_size=None) as ws:
+                while time.monotonic() < deadline:
+                    await ws.send(silence)
+        except (ConnectionError, OSError, websockets.exceptions.WebSocketException):
+            await asyncio.sleep(0.5)
+
+
+async def suggestion_flood(port: int, token: str, deadline: float) -> None:
+    import websockets
+
+    url = f"ws://127.0.0.1:{port}/v4/listen?codec=pcm16&sample_rate=16000&custom_stt=enabled"
+    words = ("lorem ipsum dolor sit amet " * 30).strip()
+    message = json.dumps({"type": "suggested_transcript", "segments": [
+        {"text": words, "start": i * 0.01, "end": i * 0.01 + 0.01} for i in range(60)]})
+
+    async def drain(ws) -> None:
+        async for _ in ws:
+            pass
+
+    while time.monotonic() < deadline:
+        try:
+            async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                                          max_size=None) as ws:
+                reader = asyncio.create_task(drain(ws))
+                while time.monotonic() < deadline:
+                    await ws.send(message)
+                reader.cancel()
+        except (ConnectionError, OSError, websockets.exceptions.WebSocketException):
+            await asyncio.sleep(0.5)
+
+
+async def idle_1000(port: int, token: str, deadline: float) -> None:
+    opened = asyncio.Semaphore(100)       # ≤ 100 (re)connections a second
+
+    async def refill() -> None:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            for _ in range(100 - opened._value):
+                opened.release()
+
+    async def one() -> None:
+        while time.monotonic() < deadline:
+            await opened.acquire()
+            try:
+                reader, writer = await _open(port)
+                await asyncio.wait_for(reader.read(1), max(0.1, deadline - time.monotonic()))
+                writer.close()
+            except (ConnectionError, OSError, TimeoutError):
+                pass
+    await asyncio.gather(refill(), *(one() for _ in range(1000)))
+
+
+def run_abuser(kind: str, port: int, data_dir: str, seconds: float) -> None:
+    from harken.config import Settings
+    from harken.gateway.auth import mint_local_token
+
+    token = mint_local_token(Settings(data_dir=Path(data_dir)), f"abuser-{kind}", 3600)
+    attack = {"huge-headers": huge_headers, "slowloris": slowloris, "compressed-flood": compressed_flood,
+              "suggestion-flood": suggestion_flood, "idle-1000": idle_1000}[kind]
+    deadline = time.monotonic() + seconds
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(attack(port, token, deadline), seconds + 5)
+        except TimeoutError:
+            pass
+    asyncio.run(bounded())
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, data_dir: Path) -> subprocess.Popen:
+    # BENCH_SERVER_ROOT: serve another checkout's code (e.g. the code before a change), same clients.
+    server_root = os.environ.get("BENCH_SERVER_ROOT", str(ROOT))
+    env = dict(os.environ, HARKEN_DATA_DIR=str(data_dir), HARKEN_PORT=str(port), HARKEN_LOG_LEVEL="warning",
+               HARKEN_NULL_PROVIDER="true", PYTHONPATH=server_root)
+    process = subprocess.Popen([sys.executable, "-m", "harken", "serve"], cwd=server_root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return process
+        except OSError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("server did not become ready")
+
+
+async def honest_run(port: int, data_dir: Path, streams: int, seconds: float, phase: str) -> dict[str, float]:
+    import numpy as np
+
+    from harken.config import Settings
+    from harken.gateway.auth import mint_local_token
+    from harken.loadtest import LoadTestConfig, run_load
+
+    settings = Settings(data_dir=data_dir)
+    run = f"{phase}-{time.monotonic_ns()}"
+    config = LoadTestConfig(url=f"ws://127.0.0.1:{port}", streams=streams, duration=seconds, codec="opus",
+                            tokens=lambda i: mint_local_token(settings, f"honest-{run}-{i}", 3600))
+    report = await run_load(config)
+    ready = np.array([o.ready_seconds for o in report.outcomes if o.ready_seconds is not None])
+    steady = report.latency_percentiles(steady=True) or report.latency_percentiles()
+    return {"ready_p50": float(np.percentile(ready, 50)) if ready.size else float("nan"),
+            "ready_p95": float(np.percentile(ready, 95)) if ready.size else float("nan"),
+            "latency_p50": steady.get("p50", float("nan")), "latency_p95": steady.get("p95", float("nan")),
+            "errors": float(sum(report.errors.values()))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=15.0, help="audio seconds each honest stream sends per phase")
+    parser.add_argument("--streams", type=int, default=20)
+    parser.add_argument("--phases", default=",".join(ABUSERS))
+    parser.add_argument("--abuse", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.abuse:
+        run_abuser(args.abuse, args.port, args.data_dir, args.seconds)
+        return 0
+
+    phases = ["baseline"]
+    for abuser in (p for p in args.phases.split(",") if p):
+        phases += [abuser, "baseline"]
+    with tempfile.TemporaryDirectory(prefix="harken-fairness-") as tmp:
+        data_dir, port = Path(tmp), free_port()
+        server = start_server(port, data_dir)
+        results: list[tuple[str, dict[str, float]]] = []
+        try:
+            for phase in phases:
+                abuser = None
+                if phase != "baseline":
+                    abuser = subprocess.Popen(
+                        [sys.executable, __file__, "--abuse", phase, "--port", str(port), "--data-dir", tmp,
+                         "--seconds", str(args.seconds + 8)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                    time.sleep(3.0)            # the abuse is under way before the honest streams connect
+                cpu_before = cpu_seconds(server.pid)
+                figures = asyncio.run(honest_run(port, data_dir, args.streams, args.seconds, phase))
+                figures["server_cpu"] = cpu_seconds(server.pid) - cpu_before
+                if abuser is not None:
+                    try:
+                        abuser.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        abuser.kill()
+                        abuser.wait()
+                results.append((phase, figures))
+                print(f"{phase:17s} done: {figures}", file=sys.stderr, flush=True)
+                time.sleep(2.0)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    print_table(results, args)
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def print_table(results: list[tuple[str, dict[str, float]]], args) -> None:
+    names = ("ready_p50", "ready_p95", "latency_p50", "latency_p95", "server_cpu")
+    print(f"\n{args.streams} honest opus streams x {args.seconds:g} s per phase, null provider; each "
+          f"abuser's ratios against the mean of the baselines just before and after it (goal <= {GOAL}x). "
+          f"Shared machine: the baselines' spread shows its noise.")
+    print(f"{'phase':17s} " + " ".join(f"{n:>20s}" for n in names) + "  errors")
+    for index, (phase, figures) in enumerate(results):
+        if phase == "baseline":
+            cells = [_cell(figures[n], None, n) for n in names]
+        else:
+            around = [results[index - 1][1], results[index + 1][1]]
+            cells = [_cell(figures[n], sum(b[n] for b in around) / 2, n) for n in names]
+        print(f"{phase:17s} " + " ".join(f"{c:>20s}" for c in cells) + f"  {figures['errors']:.0f}")
+
+
+def _cell(value: float, base: float | None, name: str) -> str:
+    shown = f"{value:5.1f} s" if name == "server_cpu" else f"{value * 1000:5.0f} ms"
+    return shown + (f" ({value / base:4.2f}x)" if base else "        ")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

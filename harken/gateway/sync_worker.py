@@ -1,0 +1,384 @@
+"""The background worker that turns uploaded offline recordings into conversations.
+
+One per process. It claims a job (``conversations.sync_jobs``: the outbox's claim pattern, so two
+nodes never take one job), renews the claim while it works, and for each file, in recording order:
+
+1. reads the length-prefixed frames (``codecs.wal``) and decodes them with the codec plugin live
+   audio uses; a frame that fails to decode is skipped and counted, a truncated tail ends the file;
+2. cuts speech regions with the same VAD endpointing as live audio and decodes each with the
+   embedded engine at low CPU priority (``stt.batch``: live decodes go first);
+3. labels speakers by voice (``SpeakerIdentifier.diarize_words``, as live audio from the embedded
+   engine is) and matches them to the owner and known people (``observe`` / ``matches``), then
+   merges words into segments with the live ``SegmentBuilder``;
+4. stores the segments into conversations by wall-clock time and marks the file done, in one
+   transaction (``SyncJobs.commit_file``); only then is the uploaded file deleted.
+
+When every file is done, the new and reopened conversations are processed (summary,
+``memory_created`` webhook), and the job is done. A job whose node died resumes, at its first
+unfinished file, once its claim expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import orjson
+
+from .. import codecs
+from ..audio.embedding import SpeakerEmbedder
+from ..audio.ring import AudioRing
+from ..codecs.wal import FrameStats, parse_sync_filename, read_frames
+from ..conversations.sync_jobs import ClaimedJob, ClaimLost, FileCommit, PendingFile, SyncJobs
+from ..stt.base import EMBEDDED_PROVIDER
+from ..stt.batch import BatchTranscriber, LowPriorityPool
+from .profiles import load_voices
+from .segments import SegmentBuilder
+from .speakers import SpeakerIdentifier
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..conversations import ConversationService, Store
+
+log = logging.getLogger("harken.sync")
+
+CHUNK_FRAMES = 1500            # frames decoded per trip to the pool (15 s of 10 ms Opus frames)
+RING_SECONDS = 120.0           # recent audio kept for speaker embeddings (a chunk + the longest utterance)
+IDLE_POLL_SECONDS = 5.0        # how often an idle worker looks for jobs (and for expired claims)
+CONVERSATION_TIMEOUT = 120.0   # Omi's default conversation_timeout, for conversations a sync makes
+LEFTOVER_AGE_SECONDS = 3600.0  # an upload file untouched this long with no job waiting for it is removed
+
+
+@dataclass
+class FileStats:
+    frames: int = 0
+    bad_frames: int = 0
+    truncated: bool = False
+    audio_seconds: float = 0.0
+    speech_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    words: int = 0
+    segments: int = 0
+    error: str | None = None
+
+
+def folder_identity(folder: Path) -> str:
+    """A random id kept in ``folder/.origin``: the same for every process using the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / ".origin"
+    try:
+        with open(marker, "x") as f:             # the first process to get here writes it
+            f.write(uuid.uuid4().hex)
+    except FileExistsError:
+        pass
+    for _ in range(50):                          # another process may be writing it this instant
+        text = marker.read_text().strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    raise RuntimeError(f"{marker} is empty: delete it and restart")
+
+
+class _PoolEmbedder:
+    """The speaker-embedding model run in the batch pool (low priority), not in the embedder's
+    own worker that live sessions share: ``SpeakerIdentifier`` takes it as its ``embedder``."""
+
+    def __init__(self, pool: LowPriorityPool):
+        self._pool = pool
+        self._model: SpeakerEmbedder | None = None
+
+    async def embed_async(self, pcm: np.ndarray) -> np.ndarray:
+        if self._model is None:
+            self._model = await self._pool.run(SpeakerEmbedder.shared)
+        return await self._pool.run(self._model.embed, pcm)
+
+
+class _Decoding:
+    """One file's frames → 16 kHz PCM and speech regions, a chunk at a time (runs in the pool)."""
+
+    def __init__(self, path: str, codec: str, sample_rate: int, channels: int, endpointer):
+        self.file = open(path, "rb")
+        self.frame_stats = FrameStats()
+        self.frames = read_frames(self.file, self.frame_stats)
+        self.decoder = codecs.decoder_for(codec, sample_rate, channels)
+        self.endpointer = endpointer
+        self.bad_frames = 0
+        self.samples = 0
+        self.done = False
+
+    def next_chunk(self) -> tuple[np.ndarray, list]:
+        pieces: list[np.ndarray] = []
+        for _ in range(CHUNK_FRAMES):
+            frame = next(self.frames, None)
+            if frame is None:
+                self.done = True
+                pieces.append(self.decoder.flush())
+                break
+            try:
+                pcm = self.decoder.decode(frame)
+            except Exception:             # DecodeError, or a codec library's own: drop and count
+                self.bad_frames += 1
+                continue
+            if len(pcm):
+                pieces.append(pcm)
+        pcm = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
+        self.samples += len(pcm)
+        utterances = self.endpointer.feed(pcm) if len(pcm) else []
+        if self.done:
+            tail = self.endpointer.flush()
+            if tail is not None:
+                utterances.append(tail)
+        return pcm, utterances
+
+    def close(self) -> None:
+        self.file.close()
+        self.decoder.close()
+
+
+class SyncWorker:
+    """Claims and processes sync jobs in the background; ``wake()`` after an upload."""
+
+    def __init__(self, settings: "Settings", store: "Store", conversations: "ConversationService | None",
+                 transcriber: BatchTranscriber, *, node_id: str | None = None):
+        self.settings = settings
+        self.upload_dir = Path(settings.data_dir) / "sync"
+        self.jobs = SyncJobs(store, origin=folder_identity(self.upload_dir))
+        self.store = store
+        self.conversations = conversations
+        self.transcriber = transcriber
+        self.node_id = node_id or f"sync:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease = settings.sync_job_lease
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.files_done = 0
+        self.audio_seconds_done = 0.0
+        self.decode_seconds = 0.0
+
+    # --- life ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        await self._remove_leftovers()
+        self._task = asyncio.create_task(self._run(), name="harken-sync-worker")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            try:
+                await self.jobs.release(self.node_id)      # another node (or our restart) resumes at once
+            except Exception:
+                log.warning("could not release sync claims; they expire in %.0fs", self.lease)
+        await self.transcriber.aclose()
+
+    def register_metrics(self, metrics) -> None:
+        """Backlog gauges on the gateway's registry, read from the store at each scrape (every
+        node's uploads: the families are shared across ``--workers``)."""
+        from prometheus_client import Gauge
+
+        jobs = Gauge("harken_sync_backlog_jobs", "sync-local-files jobs not done yet (all nodes)",
+                     registry=metrics.registry)
+        files = Gauge("harken_sync_backlog_files", "uploaded recording files waiting for transcription (all nodes)",
+                      registry=metrics.registry)
+        seconds = Gauge("harken_sync_audio_waiting_seconds",
+                        "seconds of uploaded audio waiting for transcription (estimated from frame counts)",
+                        registry=metrics.registry)
+
+        async def refresh() -> None:
+            counts = await self.jobs.backlog()
+            for gauge, value in zip((jobs, files, seconds), counts):
+                gauge.set(value)
+
+        metrics.add_store_reader(refresh, ("harken_sync_backlog_jobs", "harken_sync_backlog_files",
+                                           "harken_sync_audio_waiting_seconds"))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _remove_leftovers(self) -> None:
+        """Delete upload files no job waits for (an upload cut off mid-way, a crash after a
+        file's commit but before its deletion). Only old ones: another process sharing the
+        folder (``--workers``) may be receiving an upload right now."""
+        try:
+            keep = await self.jobs.paths_to_keep()
+        except Exception:
+            log.exception("sync: could not list waiting uploads; leaving the upload folder as it is")
+            return
+        old = time.time() - LEFTOVER_AGE_SECONDS
+        for path in self.upload_dir.rglob("*.bin"):
+            if str(path) not in keep and path.stat().st_mtime < old:
+                path.unlink(missing_ok=True)
+        for folder in sorted((p for p in self.upload_dir.rglob("*") if p.is_dir()), reverse=True):
+            if folder.stat().st_mtime < old:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()               # only if empty
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                job = await self.jobs.claim(node=self.node_id, now=time.time(), lease=self.lease)
+            except Exception:
+                log.exception("sync: claiming a job failed; retrying")
+                job = None
+            if job is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_POLL_SECONDS):
+                        await self._wake.wait()
+                continue
+            try:
+                await self.process_job(job)
+            except ClaimLost:
+                log.warning("sync job %s: claim lost to another worker; leaving it", job.id)
+            except Exception:
+                log.exception("sync job %s failed; it is retried when its claim expires", job.id)
+                await asyncio.sleep(1.0)
+
+    # --- one job ------------------------------------------------------------------------------------
+    async def process_job(self, job: ClaimedJob) -> None:
+        await self.transcriber.load()
+        log.info("sync job %s: %d file(s) for uid=%s", job.id, len(job.files), job.uid)
+        renewer = asyncio.create_task(self._renew(job.id))
+        try:
+            owner, people = await load_voices(self.store, job.uid)
+            for file in job.files:
+                await self._process_file(job, file, owner, people)
+                self._check(renewer)
+            # From every file's stats, so a job resumed after a crash processes what its earlier
+            # files stored too (processing is at most once per conversation anyway).
+            result = job_result(await self.jobs.get(job.id))
+            await self._process_conversations(result.pop("to_process"))
+            await self.jobs.finish(job.id, node=self.node_id, result=result, now=time.time())
+            with contextlib.suppress(OSError):
+                (self.upload_dir / job.id).rmdir()      # its files are gone: each once stored
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+        log.info("sync job %s done", job.id)
+
+    async def _renew(self, job_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            await self.jobs.renew(job_id, node=self.node_id, until=time.time() + self.lease)
+
+    @staticmethod
+    def _check(renewer: asyncio.Task) -> None:
+        """Raise ``ClaimLost`` if renewing found another worker holds the job."""
+        if renewer.done() and not renewer.cancelled() and renewer.exception() is not None:
+            raise renewer.exception()
+
+    async def _process_file(self, job: ClaimedJob, file: PendingFile, owner, people) -> None:
+        stats = FileStats()
+        try:
+            segments = await self._transcribe(file, stats, owner, people)
+        except (OSError, codecs.UnsupportedFormat, ValueError) as exc:
+            stats.error = f"{type(exc).__name__}: {exc}"
+            log.warning("sync job %s: file %s cannot be read: %s", job.id, file.name, stats.error)
+            await self.jobs.fail_file(job.id, file.idx, node=self.node_id, stats=asdict(stats))
+            Path(file.path).unlink(missing_ok=True)
+            return
+        stats.segments = len(segments)
+        commit = FileCommit(segments=segments, stats=asdict(stats), timeout_s=CONVERSATION_TIMEOUT)
+        result = await self.jobs.commit_file(job.id, file.idx, node=self.node_id, uid=job.uid,
+                                             recorded_at=file.recorded_at, commit=commit, now=time.time())
+        Path(file.path).unlink(missing_ok=True)       # only now: its conversations are stored
+        self.files_done += 1
+        self.audio_seconds_done += stats.audio_seconds
+        self.decode_seconds += stats.decode_seconds
+        log.info("sync job %s: %s: %.1f s of audio, %d frame(s) skipped%s, %d segment(s) into %d new and %d "
+                 "existing conversation(s)", job.id, file.name, stats.audio_seconds, stats.bad_frames,
+                 ", truncated" if stats.truncated else "", len(segments), len(result.new_ids),
+                 len(result.updated_ids))
+
+    async def _transcribe(self, file: PendingFile, stats: FileStats, owner, people) -> list[dict]:
+        info = parse_sync_filename(file.name, now=math.inf)
+        pool = self.transcriber.pool
+        ring = AudioRing(RING_SECONDS)
+        identifier = SpeakerIdentifier(ring, owner=owner, people=people, embedder=_PoolEmbedder(pool))
+        counter = iter(range(1, 10**9))
+        builder = SegmentBuilder(id_factory=lambda: f"sync-{file.sha256[:24]}-{next(counter)}")
+        decoding = await pool.run(_Decoding, file.path, info.codec, info.sample_rate, info.channels,
+                                  self.transcriber.endpointer())
+        matcher = asyncio.create_task(self._relabel_on_match(identifier, builder))
+        language = "en" if not self.transcriber.engine.supports("multi") else None
+        last_end = 0.0
+        try:
+            while not decoding.done:
+                pcm, utterances = await pool.run(decoding.next_chunk)
+                ring.append(pcm)
+                if not utterances:
+                    continue
+                words, last_end, spent = await pool.run(self.transcriber.decode, utterances, language, last_end)
+                stats.decode_seconds += spent
+                stats.speech_seconds += sum(u.speech_seconds for u in utterances)
+                if not words:
+                    continue
+                stats.words += len(words)
+                words = await identifier.diarize_words(words)
+                builder.add_words(words, provider=EMBEDDED_PROVIDER, speaker_labels=identifier.labels)
+                for segment in builder.flush().changed:
+                    identifier.observe(segment.speaker_id, segment.start, segment.end, segment.id)
+                await identifier.wait_idle()         # match while the audio is still in the ring
+        finally:
+            identifier.close()
+            await matcher
+            await pool.run(decoding.close)
+        stats.frames = decoding.frame_stats.frames
+        stats.truncated = decoding.frame_stats.truncated or decoding.frame_stats.corrupt_length
+        stats.bad_frames = decoding.bad_frames
+        stats.audio_seconds = round(decoding.samples / codecs.TARGET_RATE, 3)
+        return [segment.to_stored() for segment in builder.segments]
+
+    @staticmethod
+    async def _relabel_on_match(identifier: SpeakerIdentifier, builder: SegmentBuilder) -> None:
+        async for match in identifier.matches():
+            is_user, person_id = match.segment_labels
+            builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id)
+
+    async def _process_conversations(self, conversation_ids: list[str]) -> None:
+        """Process the new and reopened conversations (each at most once, across nodes); their
+        ``memory_created`` webhooks go out through the outbox."""
+        if self.conversations is None or not conversation_ids:
+            return
+        ids = list(dict.fromkeys(conversation_ids))
+        results = await asyncio.gather(*(self.conversations.process(cid) for cid in ids), return_exceptions=True)
+        for cid, outcome in zip(ids, results):
+            if isinstance(outcome, Exception):
+                log.warning("sync: processing conversation %s failed (%r); the sweep retries it", cid, outcome)
+
+
+def job_result(job: dict | None) -> dict:
+    """What a job's files stored: conversations made (``new_memories``) and joined
+    (``updated_memories``), as upstream's result names them, plus those to process."""
+    new: dict[str, None] = {}
+    updated: dict[str, None] = {}
+    to_process: dict[str, None] = {}
+    for file in (job or {}).get("files", []):
+        stats = orjson.loads(file["stats"]) if file.get("stats") else {}
+        new.update(dict.fromkeys(stats.get("new_memories", ())))
+        updated.update(dict.fromkeys(stats.get("updated_memories", ())))
+        to_process.update(dict.fromkeys(stats.get("to_process", ())))
+    return {"new_memories": list(new), "updated_memories": [cid for cid in updated if cid not in new],
+            "to_process": list(to_process)}
+
+
+async def start_sync_worker(settings: "Settings", store: "Store", conversations: "ConversationService | None",
+                            metrics=None) -> SyncWorker:
+    """The app's worker, started; its backlog joins ``metrics`` (``GatewayMetrics``) if given.
+    The batch engine loads with the first job, so a node that never gets an upload does not
+    hold a second copy of the model."""
+    worker = SyncWorker(settings, store, conversations,
+                        BatchTranscriber(settings, nice=settings.sync_nice, threads=settings.sync_threads))
+    await worker.start()
+    if metrics is not None:
+        worker.register_metrics(metrics)
+    return worker

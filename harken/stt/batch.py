@@ -1,0 +1,112 @@
+"""Batch transcription of recorded audio (offline uploads) with the embedded engine, at a CPU
+priority below live sessions'.
+
+Live decodes must go first. Queueing batch decodes behind live ones in the live engine's pool
+would not do it: a batch decode already running holds a decoder for ~0.3 s or more while a
+live utterance waits. Instead the batch path has its own engine instance (a second
+``WhisperProvider``: one more copy of the model, ~75 MB for tiny.en) whose every thread runs at
+a high ``nice`` value: the pool's one worker thread lowers its own priority first, and the threads
+CTranslate2 and ONNX Runtime start from it inherit that priority (Linux keeps ``nice`` per
+thread and copies it to new threads). The kernel's scheduler then gives a live decode the core
+whenever both want it (at nice 19 against 0 the batch gets about 1.5 % of a contended core),
+and the batch takes everything left over. With autogroup scheduling (the Linux default) the
+nice value only ranks threads of this process against each other, not against other programs.
+
+The pool has one worker: one batch decode at a time, however many uploads wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+
+from ..audio import Endpointer, SileroVAD, StreamingVAD, Utterance
+from .base import EMBEDDED_PROVIDER, Word
+from .whisper import MIN_SPEECH_SECONDS, PREROLL_MS, WhisperProvider, place_words
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class LowPriorityPool:
+    """One worker thread at ``nice``; threads it starts inherit the priority."""
+
+    def __init__(self, nice: int, name: str = "harken-batch"):
+        self.nice = nice
+        self.lowered: bool | None = None        # set by the worker thread once it started
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._lower)
+
+    def _lower(self) -> None:
+        try:
+            # PRIO_PROCESS with a thread id sets that one thread's nice value (Linux).
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            self.lowered = True
+        except (OSError, AttributeError) as exc:
+            self.lowered = False
+            log.warning("batch transcription: could not lower its CPU priority (%s); live sessions may slow "
+                        "down while uploads are transcribed", exc)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class BatchTranscriber:
+    """The embedded engine for recorded audio: VAD speech regions, each decoded once, in the pool."""
+
+    provider_name = EMBEDDED_PROVIDER
+
+    def __init__(self, settings: "Settings", *, nice: int, threads: int):
+        self.settings = settings
+        self.pool = LowPriorityPool(nice)
+        # A provider of its own (one decode at a time, ``threads`` per decode), loaded from the
+        # low-priority thread so that CTranslate2's threads inherit its priority.
+        self.engine = WhisperProvider(settings.replace(whisper_workers=1, whisper_threads=max(1, threads)))
+        self.engine._executor.shutdown(wait=False)
+        self.engine._executor = self.pool.executor
+        self._vad: SileroVAD | None = None
+
+    async def load(self) -> None:
+        await self.engine.load()
+        self._vad = await self.pool.run(SileroVAD.shared)
+
+    def supports(self, language: str) -> bool:
+        return self.engine.supports(language)
+
+    def endpointer(self) -> Endpointer:
+        """Speech regions of one recording, cut as live audio is (same VAD, same settings)."""
+        assert self._vad is not None, "BatchTranscriber.load() was not awaited"
+        settings = self.settings
+        return Endpointer(StreamingVAD(self._vad), threshold=settings.vad_threshold,
+                          silence_ms=settings.endpoint_silence_ms, max_utterance_s=settings.max_utterance_s,
+                          preroll_ms=PREROLL_MS)
+
+    def decode(self, utterances: Iterable[Utterance], language: str | None, not_before: float = 0.0
+               ) -> tuple[list[Word], float, float]:
+        """Blocking (run it in ``pool``): the words of the utterances in recording time, the time
+        of the last word's end, and the seconds spent decoding."""
+        words: list[Word] = []
+        spent = 0.0
+        for utterance in utterances:
+            if utterance.speech_seconds < MIN_SPEECH_SECONDS:
+                continue
+            raw, seconds = self.engine.transcribe_clip(utterance.pcm, language)
+            spent += seconds
+            placed = place_words(raw, utterance, not_before)
+            if placed:
+                not_before = placed[-1].end
+            words.extend(placed)
+        return words, not_before, spent
+
+    async def aclose(self) -> None:
+        self.pool.shutdown()
