@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--token", default=os.environ.get("HARKEN_TOKEN"),
                       help="one bearer token for every stream (default: $HARKEN_TOKEN, or one minted locally per stream)")
     load.add_argument("--data-dir", type=Path, default=None, help="server data folder (to mint local tokens)")
+    load.add_argument("--speech-dir", type=Path, default=None,
+                      help="real speech through the server's engine: WAVs listed in DIR/transcripts.tsv (file, "
+                           "reference), read with pauses; reports per-utterance latency and WER (harken/loadspeech.py)")
+    load.add_argument("--utterances", type=int, default=6, help="with --speech-dir: recordings each stream reads")
+    load.add_argument("--pause", type=float, default=4.0, help="with --speech-dir: seconds of silence after each")
+    load.add_argument("--target-p95", type=float, default=None,
+                      help="with --speech-dir: find the most speaking streams that hold this final-latency p95 (s)")
     load.set_defaults(run=_cmd_loadtest)
     return parser
 

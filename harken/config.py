@@ -77,7 +77,7 @@ class Settings:
     )
     whisper_compute_type: str = _setting("int8", "CTranslate2 compute type")
     whisper_threads: int = _setting(1, "CPU threads per decode")
-    whisper_workers: int = _setting(1, "decodes that may run at the same time")
+    whisper_workers: int = _setting(0, "decodes that may run at the same time; 0 = one per CPU core this process may use")
     whisper_beam_size: int = _setting(1, "beam size (1 = greedy)")
     whisper_multilingual_model: str = _setting(
         "embedded-base", "model for languages other than English and for multi: 'embedded-base' (Whisper base "
@@ -87,7 +87,12 @@ class Settings:
     model_cache_dir: str = _setting(
         "", "where model files joined from split wheels are kept; empty = $XDG_CACHE_HOME/harken or ~/.cache/harken")
     vad_threshold: float = _setting(0.5, "Silero speech probability above which a window is speech")
-    endpoint_silence_ms: int = _setting(500, "silence that ends an utterance")
+    endpoint_silence_ms: int = _setting(700, "silence that ends an utterance whatever was said")
+    endpoint_pause_ms: int = _setting(
+        300, "a pause after which the open utterance is decoded; it ends there if the decode ends a sentence")
+    partial_interval: float = _setting(
+        1.0, "seconds of speech between provisional decodes of an open utterance (text shown while "
+        "someone speaks; fewer, then none, under load); 0 = final text only")
     max_utterance_s: float = _setting(15.0, "longest utterance before it is decoded anyway")
 
     # --- session ------------------------------------------------------------------------
@@ -174,6 +179,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.whisper_workers <= 0:
+            self.whisper_workers = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                       else os.cpu_count() or 1)
 
     # ------------------------------------------------------------------------------------
     @classmethod

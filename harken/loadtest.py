@@ -508,6 +508,10 @@ def load_test_main(args) -> int:
         config.tokens = lambda index: mint(f"{prefix}{index}")
     else:
         config.uid_prefix = prefix
+    if getattr(args, "speech_dir", None):
+        from .loadspeech import speech_main
+
+        return speech_main(args, config.tokens, config.uid_prefix)
     pcm = read_wav_16k(args.file) if args.file else None
     report = _run(run_load(config, pcm, progress_out=sys.stderr))
     print_report(report)

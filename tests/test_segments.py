@@ -505,3 +505,86 @@ def test_random_streams_keep_every_word_and_every_id_promise(stream):
         assert not driver.builder.flush()
 
     run()
+
+
+# ---------------------------------------------------------------- provisional words
+
+
+def partial(builder, ws, provider="local"):
+    builder.set_partial(ws, provider=provider)
+
+
+def client_view(batches, view=None):
+    """Apply batches as the app does (upsert by id, delete by id): id → text."""
+    view = {} if view is None else view
+    for batch in batches:
+        for segment_id in batch.client_deleted_ids:
+            view.pop(segment_id, None)
+        for segment in batch.client_segments:
+            view[segment.id] = segment.text
+    return view
+
+
+def test_provisional_words_grow_the_tail_for_the_client_but_are_never_stored():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hello", 0.0, 0.4), ("there.", 0.5, 0.9)))
+    first = builder.flush()
+    partial(builder, words(("How", 1.5, 1.7), ("are", 1.8, 2.0)))
+    second = builder.flush()
+    # The client sees the tail grow in place; the store is told nothing.
+    assert [(s.id, s.text) for s in second.client_segments] == [("seg-0", "Hello there. How are")]
+    assert second.changed == [] and second.deleted_ids == []
+    assert [s.text for s in builder.segments] == ["Hello there."]
+    # The final words replace the provisional ones (here differing from them).
+    add(builder, words(("How", 1.5, 1.7), ("are", 1.8, 2.0), ("you?", 2.1, 2.4)))
+    partial(builder, [])
+    third = builder.flush()
+    assert [(s.id, s.text) for s in third.changed] == [("seg-0", "Hello there. How are you?")]
+    assert [(s.id, s.text) for s in third.client_segments] == [("seg-0", "Hello there. How are you?")]
+    assert client_view([first, second, third]) == {"seg-0": "Hello there. How are you?"}
+    assert not builder.flush()
+
+
+def test_a_provisional_segment_keeps_its_id_when_its_final_words_come():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hello.", 0.0, 0.4)))
+    first = builder.flush()
+    partial(builder, words(("Next", 10.0, 10.3)))            # 3 s past the tail: a segment of its own
+    second = builder.flush()
+    provisional_id = second.client_segments[0].id
+    assert provisional_id != "seg-0" and second.changed == []
+    partial(builder, words(("Next", 10.0, 10.3), ("one", 10.4, 10.6)))
+    third = builder.flush()
+    assert [(s.id, s.text) for s in third.client_segments] == [(provisional_id, "Next one")]
+    add(builder, words(("Next", 10.0, 10.3), ("one.", 10.4, 10.6)))
+    partial(builder, [])
+    fourth = builder.flush()
+    assert [(s.id, s.text) for s in fourth.changed] == [(provisional_id, "Next one.")]
+    assert fourth.client_deleted_ids == []
+    assert client_view([first, second, third, fourth]) == {"seg-0": "Hello.", provisional_id: "Next one."}
+
+
+def test_withdrawn_provisional_words_disappear_from_the_client():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hello.", 0.0, 0.4)))
+    batches = [builder.flush()]
+    partial(builder, words(("Um", 10.0, 10.3)))
+    batches.append(builder.flush())
+    partial(builder, [])                                       # the utterance was dropped
+    batches.append(builder.flush())
+    assert batches[-1].withdrawn_ids and batches[-1].changed == [] and batches[-1].deleted_ids == []
+    partial(builder, words(("Yes", 1.0, 1.3)))                 # onto the tail this time
+    batches.append(builder.flush())
+    partial(builder, [])
+    batches.append(builder.flush())
+    assert client_view(batches) == {"seg-0": "Hello."}
+    assert [s.text for s in batches[-1].client_segments] == ["Hello."] and batches[-1].changed == []
+
+
+def test_final_words_of_another_engine_drop_the_provisional_ones():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    partial(builder, words(("Maybe", 0.0, 0.3)), provider="local")
+    batches = [builder.flush()]
+    add(builder, words(("Hello.", 0.0, 0.4)), provider="deepgram")
+    batches.append(builder.flush())
+    assert client_view(batches) == {batches[-1].changed[0].id: "Hello."}

@@ -220,3 +220,27 @@ def test_endpointer_preroll_never_reaches_into_the_previous_utterance():
     assert all(a.end <= b.start for a, b in zip(utterances, utterances[1:]))
     # A long pre-roll still starts the first utterance at the stream's first sample at the latest.
     assert utterances[0].start >= 0
+
+
+def test_endpointer_ends_an_utterance_inside_its_pause_on_request():
+    """What the embedded engine's pause decode relies on: the open utterance's audio and pause
+    length are visible, end_at() ends it inside the pause, and utterances are numbered."""
+    pcm = np.concatenate([read_wav("ss_0930.wav"), np.zeros(16000 * 2, np.int16)])
+    endpointer = Endpointer(StreamingVAD(), threshold=0.5, silence_ms=1500, preroll_ms=300)
+    speech_end = speech_spans(pcm, pad_ms=0)[-1][1]
+    chunk = 1600
+    position = 0
+    while position < speech_end + 6 * chunk:          # 0.6 s into the trailing silence
+        assert endpointer.feed(pcm[position:position + chunk]) == []
+        position += chunk
+    assert endpointer.in_utterance and endpointer.utterance_number == 1
+    assert 0.3 <= endpointer.pause_seconds <= 0.8
+    heard = endpointer.open_audio()
+    assert heard.end == position and heard.speech_windows == endpointer.open_speech_windows > 20
+    assert endpointer.end_at(speech_end - 8000) is None           # inside the speech: refused
+    ended = endpointer.end_at(position - 1600)
+    assert ended is not None and ended.end == position - 1600 and ended.number == 1
+    assert ended.speech_windows == heard.speech_windows
+    assert not endpointer.in_utterance and endpointer.pause_seconds == 0
+    assert endpointer.feed(pcm[position:]) == []                  # the rest of the silence: nothing
+    assert endpointer.feed(read_wav("goforward.wav")) == [] and endpointer.utterance_number == 2

@@ -291,3 +291,37 @@ def test_place_words_glues_pieces_without_a_leading_space_to_the_word_before():
     assert [(w.text, w.start, w.end, w.confidence) for w in placed] == [
         ("be", 0.0, 0.2, 0.9), ("ill-disposed.色波", 0.2, 1.4, 0.6)]
     assert {w.language for w in placed} == {"ja"}
+
+
+# --- provisional text and load (pure logic) ---------------------------------------------------
+def test_local_agreement_shows_what_two_decodes_agree_on_and_never_takes_words_back():
+    from harken.stt.whisper import LocalAgreement
+
+    def decode(text):
+        return [Word(w, i, i + 0.5) for i, w in enumerate(text.split())]
+
+    agreement = LocalAgreement()
+    assert agreement.update(decode("and mister john dash"))              # first decode: all but its last two
+    assert [w.text for w in agreement.shown] == ["and", "mister"]
+    assert agreement.update(decode("And mister John Dashwood had"))     # agrees on 3 (case aside)
+    assert [w.text for w in agreement.shown] == ["and", "mister", "John"]
+    assert agreement.update(decode("And, mister John Dashwood had then"))   # punctuation aside: 5
+    assert [w.text for w in agreement.shown] == ["and", "mister", "John", "Dashwood", "had"]
+    # Decodes that disagree with shown words add nothing (the final will replace them).
+    assert not agreement.update(decode("In mister John Dashwood had then leisure"))
+    assert not agreement.update(decode("In mister John Dashwood had then leisure to"))
+    assert len(agreement.shown) == 5
+
+
+def test_engine_load_counts_recent_decode_time_and_workers_in_use():
+    from harken.stt.whisper import EngineLoad
+
+    load = EngineLoad(workers=2, window=5.0)
+    assert load.busy_share(now=0.0) == 0.0 and load.idle_worker
+    load.started(), load.started()
+    assert not load.idle_worker and load.busy_share(now=0.0) == 0.5
+    load.finished(2.0, now=1.0), load.finished(3.0, now=2.0)
+    assert load.busy_share(now=2.0) == pytest.approx(0.5)        # 5 decode-seconds of 10 worker-seconds
+    assert load.busy_share(now=6.5) == pytest.approx(0.3)        # the first left the window
+    assert load.busy_share(now=8.0) == 0.0
+    assert 2.0 < load.typical_decode < 3.0

@@ -180,6 +180,7 @@ class Utterance:
     start: int               # first sample, counted from the stream's first sample
     pcm: np.ndarray          # int16
     speech_windows: int      # 32 ms windows the VAD judged speech
+    number: int = 0          # the stream's utterances count from 1 (Endpointer.utterance_number)
 
     @property
     def end(self) -> int:
@@ -271,6 +272,8 @@ class Endpointer:
         self._first_window = 0
         self._silence_run = 0
         self.speech_windows = 0          # over the whole stream
+        self.utterance_number = 0        # of the open (or last) utterance; a cut's rest is a new one
+        self._open_speech = 0            # speech windows in _probs
 
     @property
     def samples_received(self) -> int:
@@ -279,6 +282,38 @@ class Endpointer:
     @property
     def in_utterance(self) -> bool:
         return self._active
+
+    @property
+    def pause_seconds(self) -> float:
+        """How long the open utterance has been silent (0 while speech goes on or between utterances)."""
+        return self._silence_run * WINDOW_SECONDS if self._active else 0.0
+
+    @property
+    def open_speech_windows(self) -> int:
+        """Speech windows of the open utterance so far: unchanged through a pause, so a decode made
+        in the pause still covers all of its speech if this has not moved when it ends."""
+        return self._open_speech if self._active else 0
+
+    def open_audio(self) -> Utterance | None:
+        """The open utterance as heard so far (a copy), for a provisional decode; None between utterances."""
+        if not self._active:
+            return None
+        return Utterance(self._start, self._buffer.slice(self._start, self._buffer.end), self.open_speech_windows,
+                         self.utterance_number)
+
+    def end_at(self, sample: int) -> Utterance | None:
+        """End the open utterance at ``sample`` (a point of its current pause, e.g. where a decode
+        found a finished sentence), without waiting for the rest of the silence. None if no
+        utterance is open or ``sample`` is not inside the trailing pause."""
+        if not self._active:
+            return None
+        pause_start = (self._first_window + len(self._probs) - self._silence_run) * WINDOW_SAMPLES
+        if not pause_start <= sample <= self._buffer.end:
+            return None
+        windows = max(1, -(-(sample - self._first_window * WINDOW_SAMPLES) // WINDOW_SAMPLES))
+        utterance = self._emit(sample, self._probs[:windows])
+        self._active = False
+        return utterance
 
     def feed(self, pcm: np.ndarray) -> list[Utterance]:
         pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
@@ -311,13 +346,16 @@ class Endpointer:
         if not self._active:
             if is_speech:
                 self._active = True
+                self.utterance_number += 1
                 self._start = max(self._floor, index * WINDOW_SAMPLES - self._preroll, self._buffer.start)
                 self._first_window = index
                 self._probs = [prob]
+                self._open_speech = 1
                 self._silence_run = 0
             return None
         self._probs.append(prob)
         if is_speech:
+            self._open_speech += 1
             self._silence_run = 0
         elif prob < self._silence_threshold or self._silence_run:
             self._silence_run += 1
@@ -341,12 +379,14 @@ class Endpointer:
         # The windows after the cut start the next utterance (still inside speech).
         self._start = cut
         self._probs = self._probs[quietest + 1 :]
+        self._open_speech = sum(1 for p in self._probs if p >= self._threshold)
         self._first_window += quietest + 1
+        self.utterance_number += 1
         return utterance
 
     def _emit(self, end: int, probs: list[float]) -> Utterance:
         speech = sum(1 for p in probs if p >= self._threshold)
-        utterance = Utterance(self._start, self._buffer.slice(self._start, end), speech)
+        utterance = Utterance(self._start, self._buffer.slice(self._start, end), speech, self.utterance_number)
         self._floor = end
         self._buffer.drop_before(end)
         return utterance

@@ -13,6 +13,9 @@ The rules follow Omi's ``combine_segments`` (reference/omi-listen-behaviour.md �
   forward" and re-sent with the *same id* as it grows; clients upsert by id.
 * Ids are stable: an id names one segment whose text only grows by appending, until the id is
   reported deleted (absorbed into its left neighbour after a relabel); it never comes back.
+* Provisional words (``set_partial``: the embedded engine's words of an utterance still being
+  spoken) are folded onto the tail for the client only (``Batch.shown``); the final words replace
+  them under the same id, and only final text reaches ``Batch.changed`` (the store, webhooks).
 """
 
 from __future__ import annotations
@@ -23,10 +26,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 from uuid import uuid4
 
-from harken.stt.base import Word
+from harken.stt.base import SENTENCE_ENDERS, Word
 
-# A sentence ends in one of these (English, CJK, Arabic/Urdu, Hindi/Sanskrit full stops), as in Omi.
-SENTENCE_ENDERS = frozenset(".?!。！？؟۔।॥")
 
 # Rule (a) limits: same-speaker segments further apart than this stay separate, and a segment
 # that already holds a whole long sentence does not grow further.
@@ -226,13 +227,25 @@ def _short_text_or_none(value: Any, limit: int = MAX_ID_CHARS) -> bool:
 
 @dataclass
 class Batch:
-    """What one flush (or relabel) changed, to send to the client."""
+    """What one flush (or relabel) changed: ``changed``/``deleted_ids`` are the final segments (to
+    store, and for webhooks); ``shown``/``withdrawn_ids`` what the client must be sent, which
+    differs from them only while provisional words are shown (``SegmentBuilder.set_partial``)."""
 
     changed: list[Segment] = field(default_factory=list)  # new or changed, in time order
     deleted_ids: list[str] = field(default_factory=list)  # for a `segments_deleted` event
+    shown: list[Segment] | None = None                     # None: the same as ``changed``
+    withdrawn_ids: list[str] = field(default_factory=list)  # provisional-only ids, for the client
 
     def __bool__(self) -> bool:
-        return bool(self.changed or self.deleted_ids)
+        return bool(self.changed or self.deleted_ids or self.shown or self.withdrawn_ids)
+
+    @property
+    def client_segments(self) -> list[Segment]:
+        return self.changed if self.shown is None else self.shown
+
+    @property
+    def client_deleted_ids(self) -> list[str]:
+        return self.deleted_ids + self.withdrawn_ids
 
     def then(self, later: "Batch") -> "Batch":
         """This batch followed by ``later`` as one: a segment in both is sent once, as ``later``
@@ -346,8 +359,15 @@ class SegmentBuilder:
         self._segments: list[Segment] = [s._copy() for s in existing]
         self._new_id = id_factory
         self._pending: list[_Piece] = []
-        # Wire form of every segment as the client last saw it, to report exactly what changed.
+        # Wire form of every final segment as last reported, to report exactly what changed.
         self._sent: dict[str, dict] = {s.id: s.to_wire() for s in self._segments}
+        # Provisional words (set_partial), and what the client was shown where that differs from
+        # _sent: the tail with provisional words appended, or a segment made of them alone, whose
+        # id (_partial_id) the next new final segment takes, so the client's text changes in place.
+        self._partial: list[_Piece] = []
+        self._partial_changed = False
+        self._partial_id: str | None = None
+        self._client_overrides: dict[str, dict] = {}
 
     @property
     def segments(self) -> list[Segment]:
@@ -392,6 +412,35 @@ class SegmentBuilder:
                 )
             )
 
+    def set_partial(
+        self,
+        words: Iterable[Word],
+        *,
+        provider: str,
+        time_offset: float = 0.0,
+        speaker_labels: Callable[[int], Labels] | None = None,
+    ) -> None:
+        """Show ``words`` (an engine's provisional words for what is still being said) after the
+        final ones, until the next call replaces them (an empty one withdraws them).
+
+        They reach the client at the next flush, folded onto the tail as a final segment would
+        be (same rules, so the app sees the text grow in place), but never ``Batch.changed``: the
+        store and the webhooks get final text only. Provisional words carry the tail's speaker
+        (they are not diarized); the final words decide.
+        """
+        pieces: list[_Piece] = []
+        tail = self._segments[-1] if self._segments else None
+        speaker = tail.speaker_id if tail is not None and tail.stt_provider == provider else 0
+        is_user, person_id = speaker_labels(speaker) if speaker_labels else (False, None)
+        for word in words:
+            text = normalise_text(word.text)
+            if text:
+                pieces.append(_Piece(text, word.start + time_offset, word.end + time_offset, speaker, is_user,
+                                     person_id, provider, True, True))
+        if pieces or self._partial:
+            self._partial = pieces
+            self._partial_changed = True
+
     def add_suggested(self, segments: Iterable[dict], *, provider: str, time_offset: float = 0.0) -> None:
         """Buffer ``custom_stt`` segments ``{text, start, end, speaker?, is_user?, person_id?}``.
 
@@ -427,11 +476,15 @@ class SegmentBuilder:
     def flush(self) -> Batch:
         """The 600 ms step: buffered words → raw segments → folded onto the conversation's tail."""
         if not self._pending:
-            return Batch()
+            if not self._partial_changed:
+                return Batch()
+            return self._batch(set(), absorbed=[])
         # Engines and failover seams can deliver words slightly out of order; a stable sort by
         # start restores speech order (ties keep arrival order).
         pieces = sorted(self._pending, key=lambda p: p.start)
         self._pending = []
+        if self._partial and any(p.provider != self._partial[0].provider for p in pieces):
+            self._partial, self._partial_changed = [], True      # another engine took over
         touched: set[str] = set()
         for raw in _raw_segments(pieces):
             # One left-to-right fold starting at the stored tail (as Omi's combine_segments does):
@@ -444,7 +497,8 @@ class SegmentBuilder:
                     _absorb(tail, raw)
                     touched.add(tail.id)
                     continue
-            raw.id = self._new_id()
+            # The first new segment takes the id the client saw its provisional words under.
+            raw.id, self._partial_id = self._partial_id or self._new_id(), None
             self._segments.append(raw)
             touched.add(raw.id)
         return self._batch(touched, absorbed=[])
@@ -516,6 +570,7 @@ class SegmentBuilder:
         conversation can run for hours, and a scan of all of its segments every 600 ms grew
         with its length (171 us per flush at 3,000 segments, 2.6x a short one; bench_segments.py)."""
         changed = []
+        client_saw: dict[str, dict | None] = {}        # before this batch, of the segments it changes
         left = len(touched)
         for segment in reversed(self._segments):
             if not left:
@@ -525,11 +580,73 @@ class SegmentBuilder:
             left -= 1
             wire = segment.to_wire()
             if self._sent.get(segment.id) != wire:
+                client_saw[segment.id] = self._sent.get(segment.id)
                 self._sent[segment.id] = wire
                 changed.append(segment._copy())
         changed.reverse()
         deleted = [segment_id for segment_id in absorbed if self._sent.pop(segment_id, None) is not None]
-        return Batch(changed=changed, deleted_ids=deleted)
+        for segment_id in absorbed:
+            self._client_overrides.pop(segment_id, None)
+        if not self._partial and not self._client_overrides and not self._partial_changed:
+            return Batch(changed=changed, deleted_ids=deleted)      # nothing provisional: the common case
+        return self._with_provisional(Batch(changed=changed, deleted_ids=deleted), client_saw)
+
+    def _with_provisional(self, batch: Batch, client_saw: dict[str, dict | None]) -> Batch:
+        """Fill ``batch.shown``/``withdrawn_ids``: the client's view is the final segments with the
+        provisional words folded onto the tail; send what differs from what it last saw."""
+        self._partial_changed = False
+        view = {segment.id: segment for segment in self._provisional_view()}
+        candidates = {segment.id: segment for segment in batch.changed}
+        for segment_id in list(view) + list(self._client_overrides):
+            if segment_id not in candidates:
+                candidates[segment_id] = view.get(segment_id) or self._final_segment(segment_id)
+        shown: list[Segment] = []
+        for segment_id, segment in candidates.items():
+            segment = view.get(segment_id, segment)
+            before = self._client_overrides.get(segment_id, client_saw.get(segment_id, self._sent.get(segment_id)))
+            if segment is None:                           # a provisional-only segment, withdrawn
+                self._client_overrides.pop(segment_id, None)
+                batch.withdrawn_ids.append(segment_id)
+                if self._partial_id == segment_id:
+                    self._partial_id = None
+                continue
+            wire = segment.to_wire()
+            if wire == self._sent.get(segment_id):
+                self._client_overrides.pop(segment_id, None)
+            else:
+                self._client_overrides[segment_id] = wire
+            if wire != before:
+                shown.append(segment._copy())
+        shown.sort(key=lambda segment: segment.start)
+        batch.shown = shown
+        return batch
+
+    def _provisional_view(self) -> list[Segment]:
+        """The provisional words as the client should see them: folded onto a copy of the tail,
+        or as a segment of their own (under ``_partial_id``)."""
+        if not self._partial:
+            return []
+        runs = _raw_segments(self._partial)
+        provisional = runs[0]
+        for run in runs[1:]:                              # one utterance: shown as one piece
+            _absorb(provisional, run)
+        tail = self._segments[-1] if self._segments else None
+        if tail is not None:
+            tail = tail._copy()
+            _clamp_after(provisional, tail)
+            if _can_merge(tail, provisional):
+                _absorb(tail, provisional)
+                return [tail]
+        if self._partial_id is None:
+            self._partial_id = self._new_id()
+        provisional.id = self._partial_id
+        return [provisional]
+
+    def _final_segment(self, segment_id: str) -> Segment | None:
+        for segment in reversed(self._segments):
+            if segment.id == segment_id:
+                return segment
+        return None
 
 
 def _raw_segments(pieces: list[_Piece]) -> list[Segment]:

@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket
 from .. import codecs
 from ..audio import AudioRing
 from ..conversations import LeaseLost, UnknownSegments
-from ..stt.base import EMBEDDED_PROVIDER, STTError, STTStream, StreamConfig, Word, speech_seconds
+from ..stt.base import EMBEDDED_PROVIDER, Partial, STTError, STTStream, StreamConfig, Word, speech_seconds
 from ..stt.channel_streams import ChannelStreams
 from ..stt.fallback import FallbackPolicy, FallbackStream
 from ..stt.gating import gated
@@ -56,6 +56,10 @@ RING_SECONDS = 60                 # recent audio kept for speaker identification
 AUDIO_PIECE_SAMPLES = codecs.TARGET_RATE * 40 // 1000
 # A consumer this far behind pauses reading the socket (the sink itself never blocks).
 MAX_PENDING_SAMPLES = codecs.TARGET_RATE * 10
+# The embedded engine's words (an utterance's at once, or its provisional ones) go out as soon as
+# they are ready rather than at the next flush_interval, at most one batch per this many seconds.
+# Other providers keep the phased flush, whose batches are stored in one group commit per phase.
+EAGER_FLUSH_GAP = 0.1
 
 
 class EndSession(Exception):
@@ -121,6 +125,7 @@ class Session:
         self._in_flight: set[asyncio.Task] = set()
         self.photos = SessionPhotos(self.send_json)     # OpenGlass image_chunk pieces
         self._notices: set[asyncio.Task] = set()        # events sent from synchronous callbacks
+        self._words_ready = asyncio.Event()          # embedded-engine words wait for a flush
         # Real-time pacing (pacing.py): audio samples, and characters of suggested transcripts.
         started = time.monotonic()
         self._audio_pacer = Pacer(self.settings.audio_realtime_factor * codecs.TARGET_RATE,
@@ -506,9 +511,18 @@ class Session:
     async def _flush_loop(self) -> None:
         interval, phase = self.settings.flush_interval, self.gateway.flush_phase()
         loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
-            # To the next multiple of the interval past this session's phase (Gateway.flush_phase).
-            await asyncio.sleep(interval - (loop.time() - phase) % interval)
+            # To the next multiple of the interval past this session's phase (Gateway.flush_phase),
+            # or sooner when the embedded engine has words ready (EAGER_FLUSH_GAP after the last).
+            try:
+                async with asyncio.timeout(interval - (loop.time() - phase) % interval):
+                    await self._words_ready.wait()
+                await asyncio.sleep(max(0.0, last + EAGER_FLUSH_GAP - loop.time()))
+            except TimeoutError:
+                pass
+            self._words_ready.clear()
+            last = loop.time()
             # A client that stopped mid-piece: its last audio waits at most one interval.
             await self._push_pending()
             await self._flush()
@@ -647,12 +661,20 @@ class Session:
         await self._persist(batch)
         await self._send_batch(batch)
 
-    def _on_word(self, word: Word) -> None:
-        self.stats.words += 1
+    def _on_word(self, word: Word | Partial) -> None:
         provider = getattr(self.stream, "provider_name", None) or self.provider_name or "?"
+        if isinstance(word, Partial):          # shown to the client only (Batch.shown), never stored
+            if word.words:
+                self._anchor(word.words[0].start)
+            self.builder.set_partial(word.words, provider=provider, time_offset=self.time_offset,
+                                     speaker_labels=self.speakers.labels)
+            self._words_ready.set()
+            return
+        self.stats.words += 1
         self.metrics.word(provider, word.end)
         if provider == EMBEDDED_PROVIDER and self.channels is None:   # no diarization of its own
             self._undiarized.append(word)      # labelled by voice at the next flush
+            self._words_ready.set()
         else:
             self._add_words([word], provider)
 
@@ -684,11 +706,11 @@ class Session:
     async def _send_batch(self, batch: Batch) -> None:
         if not batch:
             return
-        if batch.deleted_ids:
-            await self.send_json(events.segments_deleted(batch.deleted_ids))
-        if batch.changed:
-            self.stats.segments_sent += len(batch.changed)
-            await self.send_bytes_as_text(orjson.dumps([s.to_wire() for s in batch.changed]))
+        if batch.client_deleted_ids:
+            await self.send_json(events.segments_deleted(batch.client_deleted_ids))
+        if batch.client_segments:
+            self.stats.segments_sent += len(batch.client_segments)
+            await self.send_bytes_as_text(orjson.dumps([s.to_wire() for s in batch.client_segments]))
 
     async def send_json(self, payload: dict) -> None:
         await self.send_bytes_as_text(orjson.dumps(payload))

@@ -17,6 +17,8 @@ import numpy as np
 SAMPLE_RATE = 16000
 # The embedded Whisper engine's provider name (in chains, segments' stt_provider, usage).
 EMBEDDED_PROVIDER = "local"
+# A sentence ends in one of these (English, CJK, Arabic/Urdu, Hindi/Sanskrit full stops), as in Omi.
+SENTENCE_ENDERS = frozenset(".?!。！？؟۔।॥")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,21 @@ class Word:
 
     def shifted(self, offset: float) -> "Word":
         return Word(self.text, self.start + offset, self.end + offset, self.speaker, self.confidence, self.language)
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """Provisional words of the utterance a stream is still hearing, yielded between final words.
+
+    Each ``Partial`` replaces the one before it; an empty one withdraws it (its utterance's final
+    words came, or it was dropped). Only the embedded engine makes them (the stable prefix of its
+    re-decodes of the open utterance); they are shown to the client and never stored.
+    """
+
+    words: tuple[Word, ...] = ()
+
+    def shifted(self, offset: float) -> "Partial":
+        return Partial(tuple(w.shifted(offset) for w in self.words))
 
 
 @dataclass(frozen=True)
@@ -78,7 +95,9 @@ class STTStream(abc.ABC):
 
     @abc.abstractmethod
     def __aiter__(self) -> AsyncIterator[Word]:
-        """Final words in stream-time order; ends after ``close`` or raises ``STTError``."""
+        """Final words in stream-time order; ends after ``close`` or raises ``STTError``.
+
+        A stream may also yield ``Partial``s (provisional words of the open utterance)."""
 
 
 class Provider(abc.ABC):

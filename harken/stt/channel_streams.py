@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from .base import STTStream, Word, speech_seconds
+from .base import Partial, STTStream, Word, speech_seconds
 
 _DONE = object()
 
@@ -79,6 +79,8 @@ class ChannelStreams(STTStream):
     async def _pump(self, stream: STTStream, speaker: int) -> None:
         try:
             async for word in stream:
+                if isinstance(word, Partial):   # one builder shows one utterance's provisional words: not per channel
+                    continue
                 provider = getattr(stream, "provider_name", None) or self.provider_name
                 self._words.put_nowait((Word(word.text, word.start, word.end, speaker, word.confidence), provider))
         except Exception as exc:          # STTError: every provider of this channel's chain failed

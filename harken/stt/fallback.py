@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequen
 
 import numpy as np
 
-from .base import SAMPLE_RATE, STTError, STTStream, StreamConfig, Word
+from .base import SAMPLE_RATE, Partial, STTError, STTStream, StreamConfig, Word
 from .replay import PCM16, ReplayBuffer
 from .selection import Link
 
@@ -616,6 +616,9 @@ class FallbackStream(STTStream):
     async def _read(self, active: _Active) -> None:
         offset = active.origin / SAMPLE_RATE
         async for word in active.stream:
+            if isinstance(word, Partial):          # provisional: no seam or cut bookkeeping
+                self._out.put((word.shifted(offset), active.name))
+                continue
             self._accept(active, word.shifted(offset))
 
     def _accept(self, active: _Active, word: Word) -> bool:

@@ -32,7 +32,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from ..audio.vad import WINDOW_SAMPLES, StreamingVAD
-from .base import SAMPLE_RATE, STTStream, Word
+from .base import SAMPLE_RATE, Partial, STTStream, Word
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,10 @@ class VadGatedStream(STTStream):
 
     async def __aiter__(self) -> AsyncIterator[Word]:
         async for word in self.inner:
-            yield self.remap(word)
+            if isinstance(word, Partial):
+                yield Partial(tuple(self.remap(w) for w in word.words))
+            else:
+                yield self.remap(word)
 
     # -- time mapping --------------------------------------------------------------------
     def to_input_seconds(self, stream_seconds: float) -> float:

@@ -1,14 +1,32 @@
 """The embedded speech engine: faster-whisper decoding VAD-endpointed utterances, fully offline.
 
-Whisper is not a streaming model: every call decodes a (padded) 30 s window, costing about 0.33 s
-of one core for tiny.en whatever the clip length (``reference/local-stt-engines.md`` §3). So a
+Whisper is not a streaming model: every call decodes a (padded) window, costing about 0.3 s of
+one core for tiny.en whatever the clip length (``reference/local-stt-engines.md`` §3). So a
 stream cuts its audio into utterances with the Silero VAD (``harken.audio.Endpointer``) and
-decodes each utterance once, when it ends, in a thread pool shared by all streams. ``send`` only
-runs the VAD (about 60 µs per 32 ms window), so it never waits for the engine.
+decodes each utterance in a thread pool shared by all streams. ``send`` only runs the VAD (about
+60 µs per 32 ms window) and starts decodes, so it never waits for the engine.
+
+How an utterance becomes words (one stream):
+
+- **Pause decode.** After ``endpoint_pause_ms`` of silence the open utterance is decoded at
+  once. If its text ends a sentence, the utterance ends there: its words go out without waiting
+  for the rest of the silence. If not, the stream waits for ``endpoint_silence_ms`` (a speaker
+  pausing mid-sentence is not cut) and, when no speech came, uses that same decode as the final.
+  If speech resumes, the decode served as a provisional one.
+- **Provisional text** (``partial_interval``). While someone speaks, the open utterance is
+  re-decoded about once per interval of speech; the words on which two consecutive decodes agree
+  (LocalAgreement) are yielded as a ``Partial``, which only grows until the final words replace it.
+- **Load.** Finals never wait for provisional work: provisional decodes run only when the pool
+  has an idle worker and the engine's recent busy share is low, and their interval stretches
+  with that share; pause decodes stop at a higher share (the final then waits for the silence).
+- **No prompt from the previous text.** Giving the previous final text (200 characters) as the
+  prompt measured worse: decoding the 16 dev recordings of ``tests/data/audio`` in order, WER
+  9.4 % → 15.1 % and decode CPU ×2.2 (consecutive recordings there are unrelated sentences). Each
+  utterance is decoded on its own; the longer hard-end silence and the sentence-end rule keep
+  sentences whole instead.
 
 One ``WhisperModel`` serves every stream; ``whisper_workers`` decodes run at once (the pool's
-size and CTranslate2's ``num_workers``), and one stream's utterances decode in order, one at a
-time, so its words come out in stream-time order.
+size and CTranslate2's ``num_workers``), and one stream's finals come out in stream-time order.
 """
 
 from __future__ import annotations
@@ -24,7 +42,8 @@ from typing import TYPE_CHECKING, AsyncIterator
 import numpy as np
 
 from ..audio import WINDOW_SECONDS, Endpointer, SileroVAD, StreamingVAD, Utterance
-from .base import EMBEDDED_PROVIDER, SAMPLE_RATE, Provider, StreamConfig, STTError, STTStream, Word
+from .base import (EMBEDDED_PROVIDER, SAMPLE_RATE, SENTENCE_ENDERS, Partial, Provider, StreamConfig, STTError,
+                   STTStream, Word)
 from .decoding import Decoding, RawWord, decode
 from .models import EMBEDDED_BASE, ModelError, load_whisper_model, resolve_model, resolve_multilingual, whisper_languages
 
@@ -43,6 +62,52 @@ MIN_SPEECH_SECONDS = 0.2
 MAX_PENDING_UTTERANCES = 32
 CLOSE_TIMEOUT_S = 30.0
 PREROLL_MS = 300
+# Provisional work gives way to finals: the engine's busy share (decode seconds over worker
+# seconds, last LOAD_WINDOW_S) above which provisional decodes stop, and pause decodes stop.
+LOAD_WINDOW_S = 5.0
+PARTIAL_MAX_LOAD = 0.5
+PAUSE_DECODE_MAX_LOAD = 0.85
+# A provisional decode needs this much open speech (shorter ones are mostly wrong).
+PARTIAL_MIN_SECONDS = 0.8
+# Audio sent faster than real time (a file, a client catching up) by more than this many seconds
+# gets no provisional decodes: its finals come sooner than any provisional text could.
+AHEAD_OF_REAL_TIME_S = 1.0
+# No provisional decodes while one decode takes longer than this many partial_intervals (wall
+# time, a moving average): the text would come long after the speech had moved on, and on a
+# starved CPU they slow the finals. (Unloaded, tiny.en takes ~0.35 s.)
+PARTIAL_MAX_DECODE_INTERVALS = 2.0
+
+
+class EngineLoad:
+    """How busy the decode pool is: decodes in flight and the recent busy share (event-loop side)."""
+
+    def __init__(self, workers: int, window: float = LOAD_WINDOW_S):
+        self.workers = workers
+        self.window = window
+        self.in_flight = 0
+        self._done: collections.deque[tuple[float, float]] = collections.deque()   # (finished at, seconds)
+        self.typical_decode = 0.0        # moving average of one decode's wall seconds
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def finished(self, seconds: float, now: float | None = None) -> None:
+        self.in_flight -= 1
+        self._done.append((time.monotonic() if now is None else now, seconds))
+        self.typical_decode += (seconds - self.typical_decode) * (0.3 if self.typical_decode else 1.0)
+
+    def busy_share(self, now: float | None = None) -> float:
+        """Decode seconds finished in the last ``window`` over the workers' seconds, plus the
+        workers busy right now (so a burst counts before its decodes end), capped at 1."""
+        now = time.monotonic() if now is None else now
+        while self._done and self._done[0][0] < now - self.window:
+            self._done.popleft()
+        finished = sum(seconds for _, seconds in self._done) / (self.window * self.workers)
+        return min(1.0, finished + self.in_flight / self.workers * 0.5)
+
+    @property
+    def idle_worker(self) -> bool:
+        return self.in_flight < self.workers
 
 
 class WhisperProvider(Provider):
@@ -54,8 +119,9 @@ class WhisperProvider(Provider):
         self.settings = settings
         self._model: "WhisperModel | None" = None
         self._vad: SileroVAD | None = None
-        self._executor = ThreadPoolExecutor(max_workers=max(1, settings.whisper_workers),
-                                            thread_name_prefix="whisper")
+        workers = max(1, settings.whisper_workers)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="whisper")
+        self.load_state = EngineLoad(workers)
         self._load_lock = asyncio.Lock()
         try:
             self._english_only_guess = resolve_model(settings.whisper_model).english_only
@@ -88,8 +154,11 @@ class WhisperProvider(Provider):
             self._model, self._vad = model, vad
             if not model.model.is_multilingual:
                 await loop.run_in_executor(self._executor, self._locate_multilingual)
-            # CTranslate2 allocates its buffers on the first decode: pay that now, not on a user's utterance.
-            await loop.run_in_executor(self._executor, self.transcribe_clip, np.zeros(SAMPLE_RATE, dtype=np.int16))
+            # CTranslate2 allocates its buffers on the first decode: pay that now, not on a user's
+            # utterance, on every worker (each has its own replica of the model: decodes at once).
+            silence = np.zeros(SAMPLE_RATE, dtype=np.int16)
+            await asyncio.gather(*(loop.run_in_executor(self._executor, self.transcribe_clip, silence)
+                                   for _ in range(self.load_state.workers)))
             log.info("local STT: whisper_model=%s (%s, %d thread(s) per decode, %d decode(s) at once) "
                      "ready in %.1f s",
                      self.settings.whisper_model, self.settings.whisper_compute_type, self.settings.whisper_threads,
@@ -186,10 +255,18 @@ class WhisperProvider(Provider):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- used by WhisperStream ----------------------------------------------------------
-    async def _decode(self, pcm: np.ndarray, decoding: Decoding,
-                      model: "WhisperModel | None" = None) -> tuple[list[RawWord], float, str | None]:
+    def submit(self, pcm: np.ndarray, decoding: Decoding, model: "WhisperModel | None" = None) -> asyncio.Future:
+        """Queue one decode in the pool; the future gives ``decode_clip``'s result."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.decode_clip, pcm, decoding, model)
+        future = loop.run_in_executor(self._executor, self.decode_clip, pcm, decoding, model)
+        self.load_state.started()
+
+        def done(f: asyncio.Future) -> None:
+            seconds = f.result()[1] if not f.cancelled() and f.exception() is None else 0.0
+            self.load_state.finished(seconds)
+
+        future.add_done_callback(done)
+        return future
 
     def decode_clip(self, pcm: np.ndarray, decoding: Decoding,
                     model: "WhisperModel | None" = None) -> tuple[list[RawWord], float, str | None]:
@@ -222,9 +299,63 @@ class StreamStats:
     utterances: int = 0              # endpointed
     skipped_utterances: int = 0      # too little speech to be worth a decode
     dropped_utterances: int = 0      # discarded because decoding fell too far behind
-    decodes: int = 0
-    decode_seconds: float = 0.0      # time spent inside Whisper
+    decodes: int = 0                 # final decodes (a reused pause decode counts once)
+    decode_seconds: float = 0.0      # time spent inside Whisper, every kind of decode
     words: int = 0
+    pause_decodes: int = 0           # decodes started at a pause
+    pause_finals: int = 0            # of which became the final (sentence end or silence)
+    partial_decodes: int = 0         # provisional decodes while speech went on
+    partials: int = 0                # Partial updates yielded
+
+
+class LocalAgreement:
+    """The provisional words of one utterance: the longest prefix two consecutive decodes agree
+    on (compared without case and punctuation); of the first decode, all but its last
+    ``FIRST_HOLD_BACK`` words (the end of a clip cut mid-word is what changes; on a loaded machine
+    a second decode may come too late to show anything while the words are spoken). What it has
+    shown only grows: a later decode that disagrees with shown words adds nothing until the final
+    replaces them."""
+
+    FIRST_HOLD_BACK = 2
+
+    def __init__(self) -> None:
+        self._previous: list[Word] | None = None
+        self.shown: list[Word] = []
+
+    def update(self, words: list[Word]) -> bool:
+        """Take a new decode; True if the shown prefix grew."""
+        if self._previous is None:
+            agreed = max(0, len(words) - self.FIRST_HOLD_BACK)
+        else:
+            agreed = 0
+            for a, b in zip(self._previous, words):
+                if _comparable(a.text) != _comparable(b.text):
+                    break
+                agreed += 1
+        self._previous = words
+        shown = len(self.shown)
+        if agreed <= shown or [_comparable(w.text) for w in words[:shown]] != [_comparable(w.text) for w in self.shown]:
+            return False
+        self.shown = self.shown + words[shown:agreed]
+        return True
+
+
+def _comparable(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
+@dataclass
+class _Job:
+    """One final decode, in the stream's order; ``decode`` is a pause decode of the same speech."""
+
+    utterance: Utterance
+    decode: asyncio.Future | None = None
+
+
+@dataclass
+class _PauseDecode:
+    utterance: Utterance             # the open utterance up to the pause
+    future: asyncio.Future
 
 
 _END = object()
@@ -250,13 +381,24 @@ class WhisperStream(STTStream):
             max_utterance_s=settings.max_utterance_s,
             preroll_ms=PREROLL_MS,
         )
+        self._pause_s = settings.endpoint_pause_ms / 1000
+        self._partial_interval = settings.partial_interval
         self.stats = StreamStats()
-        self._pending: collections.deque[Utterance] = collections.deque()
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._finals_outstanding = 0      # queued or decoding
         self._wakeup = asyncio.Event()
         self._out: asyncio.Queue = asyncio.Queue()
         self._closing = False
         self._error: STTError | None = None
         self._last_end = 0.0
+        # The open utterance's provisional work.
+        self._pause: _PauseDecode | None = None
+        self._partial: asyncio.Future | None = None
+        self._partial_number = 0          # utterance the agreement belongs to
+        self._partial_from = 0            # open speech windows at the last provisional decode
+        self._agreement = LocalAgreement()
+        self._shown_number = 0            # utterance whose Partial the consumer holds (0 = none)
+        self._opened_at = time.monotonic()
         self._worker = asyncio.get_running_loop().create_task(self._decode_in_order())
 
     # --- STTStream ----------------------------------------------------------------------
@@ -271,8 +413,12 @@ class WhisperStream(STTStream):
         pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
         self.stats.audio_seconds += pcm.size / SAMPLE_RATE
         for utterance in self._endpointer.feed(pcm):
-            self._queue(utterance)
+            self._ended(utterance)
         self.stats.speech_seconds = self._endpointer.speech_windows * WINDOW_SECONDS
+        try:
+            self._provisional_work()
+        except RuntimeError:               # the pool is shut down: the final decode will report it
+            log.debug("local STT %s: no provisional decode, the pool is closed", self._config.session_id)
 
     async def finalize(self) -> None:
         """End the open utterance now and queue its decode; its words follow through iteration."""
@@ -280,14 +426,14 @@ class WhisperStream(STTStream):
             raise self._error
         utterance = self._endpointer.flush()
         if utterance is not None:
-            self._queue(utterance)
+            self._ended(utterance)
 
     async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Finalize, wait (at most ``timeout`` s) for the queued decodes, then end the iteration."""
         if not self._closing:
             utterance = self._endpointer.flush()
             if utterance is not None:
-                self._queue(utterance)
+                self._ended(utterance)
             self._closing = True
             self._wakeup.set()
         try:
@@ -300,7 +446,7 @@ class WhisperStream(STTStream):
             self._finish(STTError(f"local decoding did not finish within {timeout:g} s of close "
                                   f"({len(self._pending)} utterances still queued)"))
 
-    async def __aiter__(self) -> AsyncIterator[Word]:
+    async def __aiter__(self) -> AsyncIterator[Word | Partial]:
         while True:
             item = await self._out.get()
             if item is _END or isinstance(item, STTError):
@@ -314,18 +460,35 @@ class WhisperStream(STTStream):
     def pending_decodes(self) -> int:
         return len(self._pending)
 
-    # --- internals ----------------------------------------------------------------------
-    def _queue(self, utterance: Utterance) -> None:
+    # --- internals: finals --------------------------------------------------------------
+    def _ended(self, utterance: Utterance) -> None:
+        """The endpointer closed an utterance: its final decode, reusing a pause decode that
+        covered all of its speech (only silence came after it)."""
+        pause = self._pause
+        if pause is not None and pause.utterance.number == utterance.number:
+            self._pause = None
+            if pause.utterance.speech_windows == utterance.speech_windows:
+                self.stats.pause_finals += 1
+                self._queue(_Job(pause.utterance, pause.future))
+                return
+        self._queue(_Job(utterance))
+
+    def _queue(self, job: _Job) -> None:
         self.stats.utterances += 1
+        utterance = job.utterance
         if utterance.speech_seconds < MIN_SPEECH_SECONDS:
             self.stats.skipped_utterances += 1
+            self._withdraw_partial(utterance.number)
             return
         if len(self._pending) >= MAX_PENDING_UTTERANCES:
             dropped = self._pending.popleft()
+            self._finals_outstanding -= 1
             self.stats.dropped_utterances += 1
             log.warning("local STT %s: decoding is %d utterances behind; dropped %.1f s of audio at %.1f s",
-                        self._config.session_id, MAX_PENDING_UTTERANCES, dropped.duration, dropped.start_seconds)
-        self._pending.append(utterance)
+                        self._config.session_id, MAX_PENDING_UTTERANCES, dropped.utterance.duration,
+                        dropped.utterance.start_seconds)
+        self._pending.append(job)
+        self._finals_outstanding += 1
         self._wakeup.set()
 
     async def _decode_in_order(self) -> None:
@@ -337,9 +500,12 @@ class WhisperStream(STTStream):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            utterance = self._pending.popleft()
+            job = self._pending.popleft()
+            utterance = job.utterance
             try:
-                raw_words, seconds, language = await self._provider._decode(utterance.pcm, self._decoding, self._model)
+                if job.decode is None:
+                    job.decode = self._submit(utterance)
+                raw_words, _seconds, language = await job.decode
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():       # close() gave up on us: just stop
                     raise
@@ -350,17 +516,125 @@ class WhisperStream(STTStream):
                 log.warning("local STT %s: decode failed: %r", self._config.session_id, exc)
                 self._finish(STTError(f"local Whisper decode failed: {type(exc).__name__}: {exc}"))
                 return
+            finally:
+                self._finals_outstanding -= 1
             self.stats.decodes += 1
-            self.stats.decode_seconds += seconds
-            for word in place_words(raw_words, utterance, self._last_end, language):
+            words = place_words(raw_words, utterance, self._last_end, language)
+            for word in words:
                 self._last_end = word.end
                 self.stats.words += 1
                 self._out.put_nowait(word)
+            self._withdraw_partial(utterance.number)
+
+    def _submit(self, utterance: Utterance) -> asyncio.Future:
+        future = self._provider.submit(utterance.pcm, self._decoding, self._model)
+
+        def count(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.stats.decode_seconds += f.result()[1]
+
+        future.add_done_callback(count)
+        return future
+
+    def _withdraw_partial(self, number: int) -> None:
+        """The utterance ``number`` is final (or dropped): its provisional words are no longer shown."""
+        if self._shown_number and self._shown_number <= number:
+            self._shown_number = 0
+            self._out.put_nowait(Partial())
 
     def _finish(self, item: object) -> None:
         if isinstance(item, STTError):
             self._error = item
         self._out.put_nowait(item)
+
+    # --- internals: provisional decodes -------------------------------------------------
+    def _provisional_work(self) -> None:
+        """After new audio: a pause decode when a pause began, else maybe a provisional decode."""
+        endpointer = self._endpointer
+        if not endpointer.in_utterance or self._closing:
+            return
+        number = endpointer.utterance_number
+        if number != self._partial_number:
+            self._partial_number, self._partial_from = number, 0
+            self._agreement = LocalAgreement()
+        load = self._provider.load_state
+        if self._finals_outstanding or not load.idle_worker:
+            return                         # finals first; nothing provisional queues behind them
+        busy = load.busy_share()
+        if endpointer.pause_seconds >= self._pause_s:
+            pause = self._pause
+            if (pause is not None and pause.utterance.number == number
+                    and pause.utterance.speech_windows == endpointer.open_speech_windows):
+                return                     # this pause is being (or was) decoded
+            if busy <= PAUSE_DECODE_MAX_LOAD and self._partial is None:
+                utterance = endpointer.open_audio()
+                if utterance is not None and utterance.speech_seconds >= MIN_SPEECH_SECONDS:
+                    self._start_pause_decode(utterance)
+            return
+        if not self._partial_interval or self._partial is not None or busy > PARTIAL_MAX_LOAD:
+            return
+        if self.stats.audio_seconds > time.monotonic() - self._opened_at + AHEAD_OF_REAL_TIME_S:
+            return
+        if load.typical_decode > PARTIAL_MAX_DECODE_INTERVALS * self._partial_interval:
+            return
+        if self._pause is not None and not self._pause.future.done():
+            return
+        # Fewer provisional decodes as the engine gets busier.
+        interval = self._partial_interval * (1 + 4 * busy)
+        open_speech = endpointer.open_speech_windows
+        if (open_speech - self._partial_from) * WINDOW_SECONDS < interval or open_speech * WINDOW_SECONDS < PARTIAL_MIN_SECONDS:
+            return
+        utterance = endpointer.open_audio()
+        if utterance is None:
+            return
+        self._partial_from = open_speech
+        self.stats.partial_decodes += 1
+        self._partial = self._submit(utterance)
+        self._partial.add_done_callback(lambda f: self._on_partial_decode(utterance, f))
+
+    def _start_pause_decode(self, utterance: Utterance) -> None:
+        future = self._submit(utterance)
+        self._pause = _PauseDecode(utterance, future)
+        self._partial_from = utterance.speech_windows
+        self.stats.pause_decodes += 1
+        future.add_done_callback(lambda f: self._on_pause_decode(utterance, f))
+
+    def _on_partial_decode(self, utterance: Utterance, future: asyncio.Future) -> None:
+        self._partial = None
+        self._take_provisional(utterance, future)
+
+    def _on_pause_decode(self, utterance: Utterance, future: asyncio.Future) -> None:
+        """A pause decode is back. If the utterance is still open in the same pause and the text
+        ends a sentence, end the utterance there: this decode is its final."""
+        endpointer = self._endpointer
+        same_pause = (endpointer.in_utterance and endpointer.utterance_number == utterance.number
+                      and endpointer.open_speech_windows == utterance.speech_windows)
+        if same_pause and not future.cancelled() and future.exception() is None and not self._closing:
+            raw_words = future.result()[0]
+            last = next((w[0].strip() for w in reversed(raw_words) if w[0].strip()), "")
+            if last[-1:] in SENTENCE_ENDERS:
+                ended = endpointer.end_at(utterance.end)
+                if ended is not None:
+                    self._ended(ended)
+                    return
+        if not same_pause:
+            self._take_provisional(utterance, future)
+
+    def _take_provisional(self, utterance: Utterance, future: asyncio.Future) -> None:
+        """A provisional decode of the open utterance: its agreed words become the shown Partial."""
+        if future.cancelled() or future.exception() is not None or self._closing:
+            return
+        raw_words, _seconds, language = future.result()
+        endpointer = self._endpointer
+        if not endpointer.in_utterance or endpointer.utterance_number != utterance.number:
+            return                          # the utterance ended meanwhile: its final takes over
+        if utterance.number != self._partial_number:
+            return
+        words = place_words(raw_words, utterance, self._last_end, language)
+        if self._agreement.update(words):
+            self._shown_number = utterance.number
+            self.stats.partials += 1
+            self._out.put_nowait(Partial(tuple(self._agreement.shown)))
 
 
 def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: float,
