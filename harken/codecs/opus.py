@@ -177,7 +177,7 @@ class OpusDecoder(Decoder):
         if not message:
             return no_samples()
         packet = bytes(message)  # ctypes wants bytes; a no-op for the bytes websockets hands us
-        expected = opus_packet_duration(packet) * self._rate // 48000
+        opus_packet_duration(packet)   # RFC 6716's checks first: a malformed packet raises here
         reader = self._reader
         if not self._kinds.known and reader is not None and reader.first_packet:
             self._kinds.known.add(reader.first_packet[0])   # the native reader took the stream's first packet

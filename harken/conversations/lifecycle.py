@@ -39,7 +39,7 @@ from .model import (COMPLETED, IN_PROGRESS, Conversation, StoredSegments, Usage,
 from .outbox import OutboxDeliverer
 from .photos import delete_photos_of, photos_of
 from .processing import ConversationProcessor
-from .queries import AppQueries, UnknownSegments
+from .queries import AppQueries
 from .vision import PhotoDescriber
 from .store import (BatchRequest, LeaseLost, OpenRequest, OutboxMessage, ProcessingClaim, ProcessingDone, SessionEnd,
                     Store, Voices)

@@ -192,7 +192,7 @@ def build_rest_routes(service: ConversationService | Callable[[], ConversationSe
         kind = request.path_params["kind"]
         if kind not in KINDS:
             return _error(404, f"webhook type {kind!r} is not served by Harken: use one of {', '.join(KINDS)}")
-        service, now = get_service(), get_service().clock()
+        service = get_service()
         if request.method == "GET":
             setting = await service.get_webhook(uid, kind) or await queries().disabled_webhook(uid, kind)
             return JSONResponse({"url": _app_url(setting)})
