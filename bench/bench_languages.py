@@ -70,7 +70,7 @@ async def main() -> None:
             decode_seconds = audio_seconds = 0.0
             for row in rows:
                 language, pcm = row["language"], read_wav_16k(args.audio / row["file"])
-                model = None if language == "en" else await provider._model_for(language)
+                model = None if language == "en" else await provider.model_for(language)
                 started = time.perf_counter()
                 words, _, _ = await asyncio.to_thread(provider.decode_clip, pcm, Decoding(language), model)
                 decode_seconds += time.perf_counter() - started

@@ -176,6 +176,9 @@ class Settings:
         60.0, "seconds a node's claim on a sync job lasts unrenewed; a job of a node that died resumes after it")
     sync_nice: int = _setting(19, "CPU nice value of batch transcription (0-19; live sessions stay at 0)")
     sync_threads: int = _setting(1, "CPU threads per batch decode")
+    sync_language: str = _setting(
+        "en", "language of uploaded recordings (they carry none): a Whisper code, or multi to identify it "
+              "per utterance with the multilingual model")
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

@@ -5,6 +5,7 @@ streaming multipart reader (``gateway.multipart``), and how segments group into 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -167,7 +168,8 @@ async def test_the_batch_engine_runs_every_thread_it_starts_at_the_low_priority(
     transcriber = BatchTranscriber(Settings(data_dir=tmp_path), nice=19, threads=1)
     try:
         await transcriber.load()
-        words, _, _ = await transcriber.pool.run(transcriber.decode, [], "en")
+        decoding, model = await transcriber.decoding_for("en")
+        words, _, _ = await transcriber.pool.run(transcriber.decode, [], decoding, model)
         assert words == []
         started = {tid: nice for tid, nice in _thread_nice().items() if tid not in before}
     finally:
@@ -175,3 +177,26 @@ async def test_the_batch_engine_runs_every_thread_it_starts_at_the_low_priority(
     assert transcriber.pool.lowered
     # The pool's thread and the engine's own (CTranslate2) threads: all at nice 19, none at 0.
     assert len(started) >= 2 and set(started.values()) == {19}, started
+
+
+@pytest.mark.timeout(180)
+async def test_uploads_in_another_language_are_decoded_with_the_multilingual_model(tmp_path):
+    """Recordings carry no language: ``sync_language`` says which, and ``multi`` identifies it per
+    utterance with the multilingual model (tiny.en would turn Spanish into English words)."""
+    from harken.audio import Utterance
+    from harken.client import read_wav_16k
+    from harken.config import Settings
+    from harken.stt.batch import BatchTranscriber
+
+    pcm = read_wav_16k(Path(__file__).parent / "data" / "multilingual" / "es_pangrama.wav")
+    transcriber = BatchTranscriber(Settings(data_dir=tmp_path), nice=0, threads=1)
+    try:
+        await transcriber.load()
+        english, english_model = await transcriber.decoding_for("en")
+        multi, multi_model = await transcriber.decoding_for("multi")
+        assert multi.language is None and multi_model is not english_model
+        utterance = Utterance(start=0, pcm=pcm, speech_windows=len(pcm) // 512)
+        words, _, _ = await transcriber.pool.run(transcriber.decode, [utterance], multi, multi_model)
+    finally:
+        await transcriber.aclose()
+    assert "kiwi" in " ".join(w.text for w in words).lower()

@@ -309,7 +309,10 @@ class SyncWorker:
         decoding = await pool.run(_Decoding, file.path, info.codec, info.sample_rate, info.channels,
                                   self.transcriber.endpointer())
         matcher = asyncio.create_task(self._relabel_on_match(identifier, builder))
-        language = "en" if not self.transcriber.engine.supports("multi") else None
+        language = self.transcriber.settings.sync_language
+        if not self.transcriber.supports(language):
+            language = "en"
+        decoding_options, model = await self.transcriber.decoding_for(language)
         last_end = 0.0
         try:
             while not decoding.done:
@@ -317,7 +320,8 @@ class SyncWorker:
                 ring.append(pcm)
                 if not utterances:
                     continue
-                words, last_end, spent = await pool.run(self.transcriber.decode, utterances, language, last_end)
+                words, last_end, spent = await pool.run(self.transcriber.decode, utterances, decoding_options, model,
+                                                        last_end)
                 stats.decode_seconds += spent
                 stats.speech_seconds += sum(u.speech_seconds for u in utterances)
                 if not words:

@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from ..audio import Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import EMBEDDED_PROVIDER, Word
+from .decoding import Decoding
 from .whisper import MIN_SPEECH_SECONDS, PREROLL_MS, WhisperProvider, place_words
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from faster_whisper import WhisperModel
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,15 @@ class BatchTranscriber:
                           silence_ms=settings.endpoint_silence_ms, max_utterance_s=settings.max_utterance_s,
                           preroll_ms=PREROLL_MS)
 
-    def decode(self, utterances: Iterable[Utterance], language: str | None, not_before: float = 0.0
-               ) -> tuple[list[Word], float, float]:
+    async def decoding_for(self, language: str) -> tuple[Decoding, "WhisperModel"]:
+        """How to decode recordings in ``language`` (a code or ``multi``), and the model that
+        serves it (the multilingual one is loaded on first use)."""
+        model = await self.engine.model_for(language)
+        code = None if language == "multi" else language.split("-")[0].lower()   # pt-BR → pt, as live
+        return Decoding(code, self.engine.allowed_languages if code is None else ()), model
+
+    def decode(self, utterances: Iterable[Utterance], decoding: Decoding, model: "WhisperModel",
+               not_before: float = 0.0) -> tuple[list[Word], float, float]:
         """Blocking (run it in ``pool``): the words of the utterances in recording time, the time
         of the last word's end, and the seconds spent decoding."""
         words: list[Word] = []
@@ -100,7 +109,7 @@ class BatchTranscriber:
         for utterance in utterances:
             if utterance.speech_seconds < MIN_SPEECH_SECONDS:
                 continue
-            raw, seconds = self.engine.transcribe_clip(utterance.pcm, language)
+            raw, seconds, _ = self.engine.decode_clip(utterance.pcm, decoding, model)
             spent += seconds
             placed = place_words(raw, utterance, not_before)
             if placed:

@@ -220,7 +220,8 @@ class WhisperProvider(Provider):
         # English keeps the main model (tiny.en by default: faster); the rest need a multilingual one.
         return self._main_multilingual or (language != "multi" and _base_language(language) == "en")
 
-    async def _model_for(self, language: str) -> "WhisperModel":
+    async def model_for(self, language: str) -> "WhisperModel":
+        """The model that serves ``language`` (a code or ``multi``), loaded on first use."""
         await self.load()
         if self._uses_main_model(language):
             assert self._model is not None
@@ -245,7 +246,7 @@ class WhisperProvider(Provider):
         if not self.supports(config.language):
             raise STTError(f"whisper_model={self.settings.whisper_model} does not support language "
                            f"{config.language!r}", retryable=False, code="language")
-        model = await self._model_for(config.language)
+        model = await self.model_for(config.language)
         assert self._vad is not None
         language = None if config.language == "multi" else _base_language(config.language)
         decoding = Decoding(language, self.allowed_languages if language is None else (), tuple(config.vocabulary))
