@@ -135,6 +135,18 @@ def test_respeak_moves_sent_segments_and_merges_neighbours():
     assert batch.deleted_ids == ["seg-1", "seg-2"]
 
 
+def test_a_speaker_a_person_named_survives_voice_matching_and_reclustering():
+    """assign-bulk / speaker_assigned pin the segments: later automatic labels leave them alone."""
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hello.", 0.0, 0.5), speaker=0) + words(("Hi.", 1.0, 1.4), speaker=1))
+    builder.flush()
+    named = builder.relabel(1, is_user=True, person_id=None, segment_ids=["seg-1"], by_user=True)
+    assert [(s.id, s.is_user) for s in named.changed] == [("seg-1", True)]
+    assert not builder.relabel(1, is_user=False, person_id="p-7").changed         # a voice match
+    assert not builder.respeak({"seg-1": (0, False, None)}).changed                # a re-clustering
+    assert [(s.id, s.speaker_id, s.is_user) for s in builder.segments] == [("seg-0", 0, False), ("seg-1", 1, True)]
+
+
 @pytest.mark.parametrize(
     "first, second",
     [

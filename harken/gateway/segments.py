@@ -361,6 +361,9 @@ class SegmentBuilder:
         self._pending: list[_Piece] = []
         # Wire form of every final segment as last reported, to report exactly what changed.
         self._sent: dict[str, dict] = {s.id: s.to_wire() for s in self._segments}
+        # Segments whose speaker a person named (speaker_assigned, assign-bulk): what the person
+        # said wins over the voice matching and re-clustering that run after it.
+        self._pinned: set[str] = set()
         # Provisional words (set_partial), and what the client was shown where that differs from
         # _sent: the tail with provisional words appended, or a segment made of them alone, whose
         # id (_partial_id) the next new final segment takes, so the client's text changes in place.
@@ -510,8 +513,12 @@ class SegmentBuilder:
         is_user: bool,
         person_id: str | None,
         segment_ids: Iterable[str] | None = None,
+        by_user: bool = False,
     ) -> Batch:
         """A speaker was identified: set ``(is_user, person_id)`` on that speaker's segments.
+
+        ``by_user``: a person said so (the app's ``speaker_assigned``, ``assign-bulk``); those
+        segments are pinned, and an automatic relabel or re-clustering leaves them as they are.
 
         ``segment_ids`` limits the change to those segments (of that speaker); without it the
         speaker's buffered words are relabelled too. New labels can make neighbours mergeable
@@ -522,6 +529,10 @@ class SegmentBuilder:
         relabelled: set[str] = set()
         for segment in self._segments:
             if segment.speaker_id != speaker_id or (only is not None and segment.id not in only):
+                continue
+            if by_user:
+                self._pinned.add(segment.id)
+            elif segment.id in self._pinned:
                 continue
             if (segment.is_user, segment.person_id) != (is_user, person_id):
                 segment.is_user, segment.person_id = is_user, person_id
@@ -539,6 +550,8 @@ class SegmentBuilder:
         relabelled: set[str] = set()
         for segment in self._segments:
             change = changes.get(segment.id)
+            if segment.id in self._pinned:
+                continue
             if change is not None and (segment.speaker_id, segment.is_user, segment.person_id) != change:
                 segment.speaker_id, segment.is_user, segment.person_id = change
                 relabelled.add(segment.id)

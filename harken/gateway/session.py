@@ -270,7 +270,8 @@ class Session:
             by_speaker.setdefault(known[sid], []).append(sid)
         changed: list[dict] = []
         for speaker_id, ids in by_speaker.items():
-            batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=person_id, segment_ids=ids)
+            batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=person_id, segment_ids=ids,
+                                         by_user=True)
             try:
                 await self._persist(batch)
             except EndSession as end:       # superseded: a newer connection writes it now
@@ -657,7 +658,7 @@ class Session:
         is_user = person_id == "user"
         self.speakers.assign(speaker_id, person_id, person_name)
         batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=None if is_user else person_id,
-                                     segment_ids=ids if isinstance(ids, list) else None)
+                                     segment_ids=ids if isinstance(ids, list) else None, by_user=True)
         await self._persist(batch)
         await self._send_batch(batch)
 
