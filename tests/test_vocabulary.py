@@ -16,6 +16,7 @@ import numpy as np
 
 from harken.client import listen_url, stream_messages
 from harken.gateway.auth import mint_local_token
+from harken.stt.decoding import Decoding
 from harken.wer import normalize
 
 from .conftest import load_audio
@@ -102,7 +103,7 @@ async def test_terms_reach_deepgram_soniox_and_speechmatics_on_the_wire(make_gat
     assert 0 < totals.speech_seconds <= totals.audio_seconds
 
 
-async def test_a_rare_word_is_right_with_the_term_and_wrong_without_it(make_gateway):
+async def test_a_rare_word_is_right_with_the_term_and_misheard_without_it(make_gateway):
     # Real speech (LibriVox, tests/data/audio/SOURCES.md): "... rather selfish is to be ill disposed".
     # Whisper tiny.en hears "old-sposed" unless "ill-disposed" is in the user's vocabulary.
     server = make_gateway()
@@ -111,7 +112,16 @@ async def test_a_rare_word_is_right_with_the_term_and_wrong_without_it(make_gate
     without = await stream(server, "plain-reader", load_audio("ss_0890.wav"), language="en")
     heard_with, heard_without = (" ".join(normalize(r.transcript())) for r in (with_term, without))
     assert heard_with.endswith("selfish is to be ill disposed"), with_term.transcript()
-    assert "ill disposed" not in heard_without and "selfish" in heard_without, without.transcript()
+    assert "selfish" in heard_without, without.transcript()
+    # Without the term the same model mishears it: decoded whole it says "old-sposed". (Through the
+    # gateway, whose endpointing cuts this clip differently since the fast-finals change, tiny.en
+    # now hears "ill-disposed" unaided, so the contrast is shown on the whole-clip decode.)
+    engine = server.gateway.providers["local"]
+    pcm = load_audio("ss_0890.wav")
+    plain, _, _ = await asyncio.to_thread(engine.decode_clip, pcm, Decoding("en"))
+    helped, _, _ = await asyncio.to_thread(engine.decode_clip, pcm, Decoding("en", (), ("ill-disposed",)))
+    plain_text, helped_text = (" ".join(normalize("".join(w[0] for w in words))) for words in (plain, helped))
+    assert "ill disposed" not in plain_text and "ill disposed" in helped_text, (plain_text, helped_text)
     # The embedded engine's usage has its VAD's speech seconds (it was 0.00 before).
     totals = usage_totals(server, "austen-reader")
     assert 2.0 < totals.speech_seconds <= totals.audio_seconds

@@ -96,10 +96,23 @@ class _PoolEmbedder:
         self._pool = pool
         self._model: SpeakerEmbedder | None = None
 
-    async def embed_async(self, pcm: np.ndarray) -> np.ndarray:
+    async def _loaded(self) -> SpeakerEmbedder:
         if self._model is None:
             self._model = await self._pool.run(SpeakerEmbedder.shared)
-        return await self._pool.run(self._model.embed, pcm)
+        return self._model
+
+    async def embed_async(self, pcm: np.ndarray) -> np.ndarray:
+        return await self._pool.run((await self._loaded()).embed, pcm)
+
+    async def run_async(self, function, *args):
+        """The local diarization's work (window embeddings and clustering) in the pool, as
+        ``SpeakerEmbedder.run_async`` runs it in the embedder's thread for live sessions."""
+        await self._loaded()
+        return await self._pool.run(function, *args)
+
+    def embed_windows(self, pcm: np.ndarray) -> np.ndarray:
+        assert self._model is not None, "run_async loads the model first"
+        return self._model.embed_windows(pcm)
 
 
 class _Decoding:
@@ -308,7 +321,6 @@ class SyncWorker:
         builder = SegmentBuilder(id_factory=lambda: f"sync-{file.sha256[:24]}-{next(counter)}")
         decoding = await pool.run(_Decoding, file.path, info.codec, info.sample_rate, info.channels,
                                   self.transcriber.endpointer())
-        matcher = asyncio.create_task(self._relabel_on_match(identifier, builder))
         language = self.transcriber.settings.sync_language
         if not self.transcriber.supports(language):
             language = "en"
@@ -329,24 +341,22 @@ class SyncWorker:
                 stats.words += len(words)
                 words = await identifier.diarize_words(words)
                 builder.add_words(words, provider=EMBEDDED_PROVIDER, speaker_labels=identifier.labels)
-                for segment in builder.flush().changed:
-                    identifier.observe(segment.speaker_id, segment.start, segment.end, segment.id)
-                await identifier.wait_idle()         # match while the audio is still in the ring
+                # As a live session with the embedded engine: the owner and known people are found
+                # per stretch of speech by the local diarization (diarize_words), not per speaker,
+                # and re-clustering moves earlier segments.
+                builder.flush()
+                if identifier.reclustered:
+                    builder.respeak(await identifier.speaker_changes(builder.segments))
+            await identifier.finish()
+            builder.respeak(await identifier.speaker_changes(builder.segments))
         finally:
             identifier.close()
-            await matcher
             await pool.run(decoding.close)
         stats.frames = decoding.frame_stats.frames
         stats.truncated = decoding.frame_stats.truncated or decoding.frame_stats.corrupt_length
         stats.bad_frames = decoding.bad_frames
         stats.audio_seconds = round(decoding.samples / codecs.TARGET_RATE, 3)
         return [segment.to_stored() for segment in builder.segments]
-
-    @staticmethod
-    async def _relabel_on_match(identifier: SpeakerIdentifier, builder: SegmentBuilder) -> None:
-        async for match in identifier.matches():
-            is_user, person_id = match.segment_labels
-            builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id)
 
     async def _process_conversations(self, conversation_ids: list[str]) -> None:
         """Process the new and reopened conversations (each at most once, across nodes); their
