@@ -1,7 +1,7 @@
 """Speaking streams through the gateway's embedded engine: latency and WER at 1, 4, 8, 12, 16 streams.
 
     .venv/bin/python bench/bench_stream.py                       # tests/data/audio, levels 1 4 8 12 16
-    .venv/bin/python bench/bench_stream.py --audio-dir /work/shared/audio --levels 1 8 16
+    .venv/bin/python bench/bench_stream.py --audio-dir DIR --levels 1 8 16     # DIR: WAVs + transcripts.tsv
     .venv/bin/python bench/bench_stream.py --server-arg=--partial-interval=0   # finals only
 
 A server (``harken serve``, auth none, its own data folder, an ephemeral port on 127.0.0.1) runs

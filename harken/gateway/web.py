@@ -32,7 +32,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 
 from ..config import Settings, is_loopback
 from .auth import ensure_local_signing_key, mint_local_token
@@ -112,10 +113,10 @@ def pairing_secret(settings: Settings) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _pairing_secret(key) -> str:
-    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    digest = hmac.new(der, _PAIRING_CONTEXT, hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest[:24]).decode()
+    # A PKCS#1 v1.5 signature is deterministic: signing a fixed context gives every worker the
+    # same value, only a holder of the key can make it, and the key itself is never exported.
+    signature = key.sign(_PAIRING_CONTEXT, padding.PKCS1v15(), hashes.SHA256())
+    return base64.urlsafe_b64encode(hashlib.sha256(signature).digest()[:24]).decode()
 
 
 def page_address(settings: Settings, base: str) -> str:
