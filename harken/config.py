@@ -263,9 +263,12 @@ def setting_fields() -> list[dataclasses.Field]:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost"):
+    """A loopback name or address: localhost, ``*.localhost`` (RFC 6761), 127.0.0.0/8, ::1, and
+    IPv4-mapped forms (``::ffff:127.0.0.1``); brackets of an IPv6 literal are ignored."""
+    if host in ("localhost", "ip6-localhost") or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback

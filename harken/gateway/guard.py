@@ -16,13 +16,12 @@ to remember.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
-from ..config import Settings
+from ..config import Settings, is_loopback
 
 LOCAL_TOKEN_PATH = "/v1/local/token"
 NESTING_REFUSAL = "the JSON body is nested too deeply"
@@ -47,17 +46,6 @@ def host_name(host_header: str) -> str:
     if host.startswith("["):
         return host[1:host.find("]")] if "]" in host else ""
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def is_loopback_name(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost") or host.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
 
 
 class GuardMiddleware:
@@ -88,7 +76,7 @@ class GuardMiddleware:
         if self.settings.auth != "none" and scope["path"] != LOCAL_TOKEN_PATH:
             return None
         headers = _headers(scope)
-        if not is_loopback_name(host_name(headers.get("host", ""))):
+        if not is_loopback(host_name(headers.get("host", ""))):
             return "this server answers only requests addressed to localhost"
         origin = headers.get("origin")
         if origin is not None and not _own_origin(origin, headers.get("host", "")):
@@ -152,7 +140,7 @@ def _own_origin(origin: str, host_header: str) -> bool:
     parts = urlsplit(origin.strip().lower())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return False
-    return is_loopback_name(parts.hostname) and parts.netloc == host_header.strip().lower()
+    return is_loopback(parts.hostname) and parts.netloc == host_header.strip().lower()
 
 
 async def _answer(send, status: int, detail: str) -> None:

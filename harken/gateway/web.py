@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from ..config import Settings, is_loopback
 from .auth import ensure_local_signing_key, mint_local_token
-from .guard import host_name, is_loopback_name
+from .guard import host_name
 
 log = logging.getLogger("harken.web")
 
@@ -94,11 +94,11 @@ def _local_token_refusal(settings: Settings, request: Request) -> str | None:
     if not is_loopback(settings.host):
         return f"the server is bound to {settings.host}, not a loopback address: {paste}"
     client = request.client.host if request.client else ""
-    if not is_loopback_name(client):
+    if not is_loopback(client):
         return f"only a client on this machine (loopback) may ask for a token: {paste}"
     if any(name in request.headers for name in _FORWARDING_HEADERS):
         return f"the request came through a proxy: {paste}"
-    if not is_loopback_name(host_name(request.headers.get("host", ""))):
+    if not is_loopback(host_name(request.headers.get("host", ""))):
         return f"open the page as http://localhost or http://127.0.0.1 to get a token: {paste}"
     if not hmac.compare_digest(request.headers.get(PAIRING_HEADER, "").encode(),
                                pairing_secret(settings).encode()):
