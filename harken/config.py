@@ -79,6 +79,9 @@ class Settings:
     whisper_threads: int = _setting(1, "CPU threads per decode")
     whisper_workers: int = _setting(0, "decodes that may run at the same time; 0 = one per CPU core this process may use")
     whisper_beam_size: int = _setting(1, "beam size (1 = greedy)")
+    whisper_window_s: float = _setting(
+        10.0, "seconds of audio the encoder sees for a live utterance (the utterance plus 2 s, at least this); "
+        "30 = Whisper's full window (about 3x the CPU per decode; below 10 Whisper starts to loop)")
     whisper_multilingual_model: str = _setting(
         "embedded-base", "model for languages other than English and for multi: 'embedded-base' (Whisper base "
         "from the pinned split wheels), a faster-whisper model name, a folder, or '' for none")
@@ -215,6 +218,8 @@ class Settings:
         if self.max_request_head_bytes < 1024 or self.request_head_timeout <= 0 or self.max_body_bytes < 1024:
             raise ValueError("max_request_head_bytes and max_body_bytes must be at least 1024, "
                              "request_head_timeout positive")
+        if not 1 <= self.whisper_window_s <= 30:
+            raise ValueError(f"whisper_window_s must be between 1 and 30 seconds, not {self.whisper_window_s}")
         if self.drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be positive, not {self.drain_timeout}")
         if self.log_format not in LOG_FORMATS:

@@ -22,6 +22,7 @@ import pytest
 from harken.audio import SAMPLE_RATE, Utterance, speech_spans
 from harken.config import Settings
 from harken.stt.base import StreamConfig, STTError, Word
+from harken.stt.decoding import Decoding, implausible
 from harken.stt.models import EMBEDDED_MODEL_SHA256, ModelError, load_whisper_model, resolve_model, verify_sha256
 from harken.stt.whisper import StreamStats, WhisperProvider, place_words, transcribe_offline
 from harken.wer import edit_distance, normalize, wer, word_errors
@@ -148,6 +149,61 @@ async def test_wer_on_the_dev_set(provider, set_name):
 
 async def test_transcribe_offline_decodes_a_whole_clip(provider):
     assert word_errors("go forward ten meters", transcribe_offline(provider, read_wav("goforward.wav"))) == (0, 4)
+
+
+# --- the encoder window ----------------------------------------------------------------------
+def test_the_encoder_window_is_the_clip_plus_padding_never_below_the_setting():
+    ten = Decoding("en", window_s=10.0)
+    assert ten.window_frames(3 * SAMPLE_RATE) == 1000          # a 3 s utterance: a 10 s window
+    assert ten.window_frames(12 * SAMPLE_RATE) == 1400         # 12 s + 2 s of padding
+    assert ten.window_frames(29 * SAMPLE_RATE) is None         # past 30 s: Whisper's own window
+    assert Decoding("en").window_frames(3 * SAMPLE_RATE) is None   # the default: full window
+
+
+class _Segment:
+    def __init__(self, compression_ratio=1.0, temperature=0.0):
+        self.compression_ratio, self.temperature = compression_ratio, temperature
+
+
+def test_a_short_window_decode_that_loops_or_loses_its_words_is_implausible():
+    words = [("ten", 0.0, 0.3, 0.9), ("of", 0.3, 0.4, 0.9), ("clubs", 0.4, 0.8, 0.9)]
+    assert not implausible(words, [_Segment()], 1.1)
+    assert implausible(words * 7, [_Segment()], 1.1)                     # 21 words in 1.1 s
+    assert implausible(words, [_Segment(compression_ratio=3.1)], 1.1)    # repetition
+    assert implausible(words, [_Segment(temperature=0.2)], 1.1)          # Whisper's own fallback
+    assert implausible([], [], 2.0) and not implausible([], [], 0.5)     # lost words vs a breath
+
+
+async def test_a_windowed_decode_gives_the_full_windows_words_at_a_fraction_of_the_encoder(provider, monkeypatch):
+    from faster_whisper import WhisperModel
+
+    seen: list[int] = []
+    encode = WhisperModel.encode
+
+    def spy(self, features):
+        result = encode(self, features)
+        seen.append(result.shape[1])          # encoder positions: half the mel frames
+        return result
+
+    monkeypatch.setattr(WhisperModel, "encode", spy)
+    pcm = read_wav("ss_0870.wav")
+    full, _, _ = await asyncio.to_thread(provider.decode_clip, pcm, Decoding("en"))
+    assert seen == [1500]
+    seen.clear()
+    short, _, _ = await asyncio.to_thread(provider.decode_clip, pcm, Decoding("en", window_s=10.0))
+    assert seen == [500]                      # 10 s of mel frames, not 30
+    assert [w[0] for w in short] == [w[0] for w in full]
+
+
+async def test_a_window_too_short_for_whisper_is_caught_and_decoded_again_in_full(provider):
+    """tiny.en on "ten of clubs" with an 8 s window goes wrong (measured: the phrase repeated 18
+    times, or "10 of close" after Whisper's temperature fallback): the decode is done again with
+    the full window, whose words it then gives."""
+    pcm = read_wav("cards_001.wav")
+    full, _, _ = await asyncio.to_thread(provider.decode_clip, pcm, Decoding("en"))
+    short, _, _ = await asyncio.to_thread(provider.decode_clip, pcm, Decoding("en", window_s=8.0))
+    assert [w[0] for w in short] == [w[0] for w in full]
+    assert word_errors("ten of clubs", " ".join(w[0] for w in short))[0] == 0
 
 
 # --- streaming ------------------------------------------------------------------------------

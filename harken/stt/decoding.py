@@ -5,6 +5,7 @@ into faster-whisper; the streaming structure (when to decode what) lives in ``wh
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -22,6 +23,31 @@ MAX_HOTWORD_CHARS = 400
 
 RawWord = tuple[str, float, float, float]     # text, start, end (seconds in the clip), probability
 
+# The encoder window. faster-whisper pads every clip to Whisper's 30 s (3,000 mel frames), and the
+# encoder's cost grows faster than the frames (attention): tiny.en int8 on one core took 571 ms
+# for 3,000 frames, 138 ms for 1,500 and 70 ms for 1,000, while an utterance is mostly 1-8 s. So a
+# stream's decodes may give the encoder a shorter window: the clip plus WINDOW_PAD_S of the
+# padding, never less than the configured window (``Decoding.window_s``). Shorter windows than
+# ~10 s make Whisper loop or drop words (measured on tests/data/audio: 8 s 8.2-112 % WER, 6 s 89 %,
+# 10 s 7.5 % = the full window's); at 10 s the WER of the 16 dev clips was unchanged at a third of
+# the CPU, and on 64 utterances of real calls and meetings tiny.en moved from 19.3 to 19.9 % WER
+# against the base model's full-window text. A decode that still looks like a loop or lost its
+# words (``implausible``) is done again with the full window.
+FULL_WINDOW_S = 30.0
+WINDOW_PAD_S = 2.0
+FRAMES_PER_SECOND = 100
+# Signs of a decode gone wrong in a short window: gzip compression ratio above Whisper's own
+# threshold (repetition), a temperature fallback, or more words per second than people say.
+MAX_COMPRESSION_RATIO = 2.4
+MAX_WORDS_PER_SECOND = 6.0
+MIN_SECONDS_FOR_WORDS = 1.0          # a clip this long that came back empty is retried in full
+# A last word Whisper itself barely believes: in a short window, a prompt (hotwords) sometimes
+# makes it run on past the speech ("... ill-disposed. and", p = 0.02).
+MIN_LAST_WORD_PROBABILITY = 0.05
+MAX_TOKENS_PER_SECOND = 12.0         # text and timestamp tokens; fast speech needs about 6
+
+_window = threading.local()          # the frames the encoder may see in this thread's decode
+
 
 @dataclass(frozen=True)
 class Decoding:
@@ -36,10 +62,18 @@ class Decoding:
     language: str | None = "en"
     allowed: tuple[str, ...] = ()
     vocabulary: tuple[str, ...] = ()
+    window_s: float = FULL_WINDOW_S
 
     @property
     def identifies(self) -> bool:
         return self.language is None
+
+    def window_frames(self, samples: int, sample_rate: int = 16000) -> int | None:
+        """Mel frames the encoder gets for a clip of ``samples``; None for Whisper's full window."""
+        seconds = max(self.window_s, samples / sample_rate + WINDOW_PAD_S)
+        if seconds >= FULL_WINDOW_S:
+            return None
+        return int(round(seconds * FRAMES_PER_SECOND))
 
     def hotwords(self) -> str | None:
         text = ""
@@ -68,20 +102,73 @@ def decode(model: "WhisperModel", audio: np.ndarray, decoding: Decoding, *, beam
     language = decoding.language
     identified = None
     if language is None:
-        language, _ = identify_language(model, audio, decoding.allowed)
+        language, _ = identify_language(model, audio, decoding.allowed)   # always on the full window
         identified = language
-    segments, _info = model.transcribe(
-        audio,
-        language=language,
-        beam_size=beam_size,
-        word_timestamps=True,
-        condition_on_previous_text=False,     # each utterance stands alone: no error carry-over
-        vad_filter=False,                     # already endpointed by our own VAD
-        no_speech_threshold=NO_SPEECH_THRESHOLD,
-        log_prob_threshold=LOG_PROB_THRESHOLD,
-        hotwords=decoding.hotwords(),
-    )
-    # `segments` is lazy: the decoding happens while iterating, so iterate here, in the thread.
+    frames = decoding.window_frames(audio.size)
+    words, segments = _transcribe(model, audio, language, decoding, beam_size, frames)
+    if frames is not None and implausible(words, segments, audio.size / 16000):
+        words, _ = _transcribe(model, audio, language, decoding, beam_size, None)
+    return words, identified
+
+
+def implausible(words: list[RawWord], segments: Sequence, seconds: float) -> bool:
+    """A short-window decode that should be done again with the full window."""
+    if not words:
+        return seconds >= MIN_SECONDS_FOR_WORDS
+    if len(words) > MAX_WORDS_PER_SECOND * max(seconds, 1.0):
+        return True
+    if words[-1][3] < MIN_LAST_WORD_PROBABILITY:
+        return True
+    return any(s.compression_ratio > MAX_COMPRESSION_RATIO or s.temperature > 0 for s in segments) or (
+        len(words) > MAX_WORDS_PER_SECOND / 2 * max(seconds, 1.0) and _repeats(words))
+
+
+def _repeats(words: list[RawWord]) -> bool:
+    """The decode's second half repeats its first (a loop cut short by the token cap)."""
+    texts = [w[0].strip().lower() for w in words]
+    half = len(texts) // 2
+    return half >= 3 and texts[:half] == texts[half:2 * half]
+
+
+def _transcribe(model: "WhisperModel", audio: np.ndarray, language: str, decoding: Decoding, beam_size: int,
+                frames: int | None) -> tuple[list[RawWord], list]:
+    _window.frames = frames
+    # In a short window a decode that goes wrong must cost little, since it is done again in full:
+    # no temperature fallback (up to six more decodes), and no more tokens than speech can hold.
+    bounded = {} if frames is None else {
+        "temperature": 0.0, "max_new_tokens": int(MAX_TOKENS_PER_SECOND * audio.size / 16000) + 16}
+    try:
+        segments, _info = model.transcribe(
+            audio,
+            language=language,
+            beam_size=beam_size,
+            word_timestamps=True,
+            condition_on_previous_text=False,     # each utterance stands alone: no error carry-over
+            vad_filter=False,                     # already endpointed by our own VAD
+            no_speech_threshold=NO_SPEECH_THRESHOLD,
+            log_prob_threshold=LOG_PROB_THRESHOLD,
+            hotwords=decoding.hotwords(),
+            **bounded,
+        )
+        # `segments` is lazy: the decoding happens while iterating, so iterate here, in the thread.
+        segments = list(segments)
+    finally:
+        _window.frames = None
     words = [(w.word, float(w.start), float(w.end), float(w.probability))
              for segment in segments for w in (segment.words or ())]
-    return words, identified
+    return words, segments
+
+
+def windowed(model_class: type) -> type:
+    """``model_class`` (faster-whisper's WhisperModel) whose encoder sees at most the frames that
+    ``decode`` set for the calling thread (all of them outside ``decode``)."""
+
+    class WindowedWhisperModel(model_class):
+        def encode(self, features: np.ndarray):
+            frames = getattr(_window, "frames", None)
+            if frames is not None and features.shape[-1] > frames:
+                features = np.ascontiguousarray(features[..., :frames])
+            return super().encode(features)
+
+    WindowedWhisperModel.__qualname__ = WindowedWhisperModel.__name__ = f"Windowed{model_class.__name__}"
+    return WindowedWhisperModel

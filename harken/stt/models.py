@@ -23,6 +23,7 @@ with it huggingface_hub) is imported, and names are loaded with ``local_files_on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .base import STTError
+from .decoding import windowed
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -160,7 +162,7 @@ def load_whisper_model(settings: "Settings", setting: str | None = None) -> "Whi
     source = resolve_model(setting)
     if setting.strip() == EMBEDDED:
         verify_sha256(Path(source.location) / "model.bin", EMBEDDED_MODEL_SHA256)
-    WhisperModel = _faster_whisper().WhisperModel
+    WhisperModel = _windowed_model_class()
     try:
         return WhisperModel(
             source.location,
@@ -218,6 +220,11 @@ def whisper_languages() -> tuple[str, ...]:
     from faster_whisper.tokenizer import _LANGUAGE_CODES  # what WhisperModel.supported_languages lists
 
     return tuple(_LANGUAGE_CODES)
+
+
+@functools.cache
+def _windowed_model_class() -> type:
+    return windowed(_faster_whisper().WhisperModel)
 
 
 def _faster_whisper():

@@ -1,7 +1,9 @@
 """The embedded speech engine: faster-whisper decoding VAD-endpointed utterances, fully offline.
 
 Whisper is not a streaming model: every call decodes a (padded) window, costing about 0.3 s of
-one core for tiny.en whatever the clip length (``reference/local-stt-engines.md`` §3). So a
+one core for tiny.en whatever the clip length with the full 30 s window (``reference/local-stt-engines.md``
+§3); a stream's decodes give the encoder a 10 s window instead (``decoding.py``: a third of the
+CPU, same WER on the dev clips), so a decode of an utterance costs ~0.1 s. A
 stream cuts its audio into utterances with the Silero VAD (``harken.audio.Endpointer``) and
 decodes each utterance in a thread pool shared by all streams. ``send`` only runs the VAD (about
 60 µs per 32 ms window) and starts decodes, so it never waits for the engine.
@@ -249,7 +251,8 @@ class WhisperProvider(Provider):
         model = await self.model_for(config.language)
         assert self._vad is not None
         language = None if config.language == "multi" else _base_language(config.language)
-        decoding = Decoding(language, self.allowed_languages if language is None else (), tuple(config.vocabulary))
+        decoding = Decoding(language, self.allowed_languages if language is None else (), tuple(config.vocabulary),
+                            window_s=self.settings.whisper_window_s)
         return WhisperStream(self, config, decoding, StreamingVAD(self._vad), model)
 
     async def aclose(self) -> None:
