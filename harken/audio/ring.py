@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stt.replay import PCM16, ReplayBuffer
+from .replay import PCM16, ReplayBuffer
 
 SAMPLE_RATE = 16000
 
@@ -18,7 +18,7 @@ SAMPLE_RATE = 16000
 class AudioRing:
     """The newest ``seconds`` of int16 16 kHz samples; older ones are forgotten.
 
-    Chunks are kept by reference (``stt.replay.ReplayBuffer``), not copied into one circular
+    Chunks are kept by reference (``audio.replay.ReplayBuffer``), not copied into one circular
     array: an append is a list append. The session appends 40 ms pieces of a hundred or more
     streams; copying each into a preallocated 1.9 MB array (and faulting its pages in) cost
     about 0.05 % of a core per stream. Appended arrays must not be changed afterwards. Not

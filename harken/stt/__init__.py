@@ -17,7 +17,7 @@ from typing import Any
 
 from .base import SAMPLE_RATE, Provider, StreamConfig, STTError, STTStream, Word
 from .fallback import FallbackPolicy, FallbackStream, StreamFailure, retryable_status
-from .replay import ReplayBuffer
+from ..audio.replay import ReplayBuffer
 from .selection import Link, NoProviderError, build_providers, normalize_language, select_chain
 
 _LAZY = {

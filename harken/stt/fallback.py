@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequen
 import numpy as np
 
 from .base import SAMPLE_RATE, Partial, STTError, STTStream, StreamConfig, Word
-from .replay import PCM16, ReplayBuffer
+from ..audio.replay import PCM16, ReplayBuffer
 from .selection import Link
 
 if TYPE_CHECKING:
