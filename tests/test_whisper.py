@@ -363,10 +363,32 @@ def test_local_agreement_shows_what_two_decodes_agree_on_and_never_takes_words_b
     assert [w.text for w in agreement.shown] == ["and", "mister", "John"]
     assert agreement.update(decode("And, mister John Dashwood had then"))   # punctuation aside: 5
     assert [w.text for w in agreement.shown] == ["and", "mister", "John", "Dashwood", "had"]
-    # Decodes that disagree with shown words add nothing (the final will replace them).
+    # Decodes that disagree with confirmed words add nothing (the final will replace them).
     assert not agreement.update(decode("In mister John Dashwood had then leisure"))
     assert not agreement.update(decode("In mister John Dashwood had then leisure to"))
     assert len(agreement.shown) == 5
+
+
+def test_local_agreement_replaces_a_first_guess_that_two_later_decodes_contradict():
+    from harken.stt.whisper import LocalAgreement
+
+    def decode(text):
+        return [Word(w, i, i + 0.5) for i, w in enumerate(text.split())]
+
+    agreement = LocalAgreement()
+    assert agreement.update(decode("How do you marry the"))            # a guess from 1.6 s of audio
+    assert [w.text for w in agreement.shown] == ["How", "do", "you"]
+    assert not agreement.update(decode("Had he married a more"))       # one decode does not overrule it
+    assert agreement.update(decode("Had he married a more amiable"))   # two agree: the guess goes
+    assert [w.text for w in agreement.shown] == ["Had", "he", "married", "a", "more"]
+    assert agreement.confirmed == 5
+    assert agreement.update(decode("Had he married a more amiable woman"))
+    assert [w.text for w in agreement.shown][-1] == "amiable"
+    # A guess that later decodes agree with is kept and confirmed, never shrunk.
+    agreement = LocalAgreement()
+    assert agreement.update(decode("He might even have been"))
+    assert not agreement.update(decode("He might"))                     # shorter, same words: nothing new
+    assert [w.text for w in agreement.shown] == ["He", "might", "even"]
 
 
 def test_engine_load_counts_recent_decode_time_and_workers_in_use():
