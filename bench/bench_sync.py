@@ -4,6 +4,7 @@ fast is the batch?
     .venv/bin/python bench/bench_sync.py                          # modest: 5 min upload, 3 streams, 30 s
     .venv/bin/python bench/bench_sync.py --upload-minutes 60 --streams 10 --live-seconds 60   # the full run
     .venv/bin/python bench/bench_sync.py --live-engine null --streams 10   # live through the gateway alone
+    .venv/bin/python bench/bench_sync.py --no-live-first          # batch decodes not waiting for live ones
 
 The live streams use the embedded engine (``--live-engine local``, the default): one decode at a
 time in the live pool, so a 2-core machine carries only a few real-time streams before the live
@@ -118,6 +119,8 @@ async def main() -> None:
     parser.add_argument("--file-minutes", type=float, default=10.0, help="length of each uploaded file")
     parser.add_argument("--audio-dir", type=Path, default=AUDIO, help="WAV files of real speech to loop")
     parser.add_argument("--nice", type=int, default=19, help="the server's sync_nice")
+    parser.add_argument("--no-live-first", action="store_true",
+                        help="the server's --no-sync-live-first: batch decodes do not wait for live ones")
     args = parser.parse_args()
 
     print(f"cpus {os.cpu_count()}, affinity {sorted(os.sched_getaffinity(0))}, load average "
@@ -131,7 +134,8 @@ async def main() -> None:
     log = open(data_dir / "serve.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "harken", "serve", "--port", str(port), "--data-dir",
                                str(data_dir), "--sync-nice", str(args.nice), "--log-level", "warning",
-                               *(["--null-provider"] if args.live_engine == "null" else [])],
+                               *(["--null-provider"] if args.live_engine == "null" else []),
+                               *(["--no-sync-live-first"] if args.no_live_first else [])],
                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     http, ws = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
     try:

@@ -127,6 +127,10 @@ class Settings:
     soniox_model: str = _setting("stt-rt-v5", "Soniox real-time model")
     speechmatics_api_key: str = _setting("", "Speechmatics API key; without one Speechmatics is left out", secret=True)
     speechmatics_url: str = _setting("wss://eu2.rt.speechmatics.com/v2", "Speechmatics real-time WebSocket URL")
+    soniox_api_url: str = _setting("https://api.soniox.com/v1", "Soniox REST API (async file transcription of uploads)")
+    soniox_async_model: str = _setting("stt-async-v5", "Soniox async model for uploaded recordings")
+    speechmatics_batch_url: str = _setting(
+        "https://asr.api.speechmatics.com/v2", "Speechmatics batch jobs API (transcription of uploaded recordings)")
     stt_chain: str = _setting(
         "soniox,dg-nova-3,dg-nova-2,speechmatics,local",
         "provider order tried for a language (soniox, dg-nova-3, dg-nova-2, speechmatics, local)",
@@ -179,6 +183,14 @@ class Settings:
         60.0, "seconds a node's claim on a sync job lasts unrenewed; a job of a node that died resumes after it")
     sync_nice: int = _setting(19, "CPU nice value of batch transcription (0-19; live sessions stay at 0)")
     sync_threads: int = _setting(1, "CPU threads per batch decode")
+    sync_live_first: bool = _setting(
+        True, "batch decodes wait while the live engine has decodes queued or running (off: only the nice "
+              "value ranks them; for comparisons)")
+    sync_cloud_poll: float = _setting(
+        2.0, "seconds between two looks at a cloud provider's batch job (Soniox, Speechmatics) for an upload")
+    sync_cloud_timeout: float = _setting(
+        1800.0, "seconds a cloud provider may take over one clip of an upload before it is retried or the next "
+                  "provider is tried")
     sync_language: str = _setting(
         "en", "language of uploaded recordings (they carry none): a Whisper code, or multi to identify it "
               "per utterance with the multilingual model")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import functools
 import importlib.util
 import os
@@ -226,14 +227,26 @@ class SpeakerEmbedder(SharedModel):
     callers share it. ``embed_async`` runs the work on one worker thread owned by the embedder:
     embedding is CPU-bound (about 13 ms per 2 s clip), and one thread keeps all sessions together
     from taking more than one core away from the speech engine.
+
+    ``executor`` runs the async methods' work instead of that thread: the batch transcription
+    of uploads passes its low-priority pool (``stt.batch``), so its speaker work waits for live
+    decodes as its speech decodes do. ``on(executor)`` is the same model (one ONNX session) with
+    another executor.
     """
 
-    def __init__(self, model_path: str | None = None):
+    def __init__(self, model_path: str | None = None, *, executor: concurrent.futures.Executor | None = None):
         self._session = single_thread_session(model_path or _bundled_model_path())
         self._check_metadata()
         self._input = self._session.get_inputs()[0].name
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor = executor
         self._executor_lock = threading.Lock()
+
+    def on(self, executor: concurrent.futures.Executor) -> "SpeakerEmbedder":
+        """This model (its thread-safe session shared, not loaded again) run by ``executor``."""
+        twin = copy.copy(self)
+        twin._executor = executor
+        twin._executor_lock = threading.Lock()
+        return twin
 
     def _check_metadata(self) -> None:
         import json
@@ -280,7 +293,7 @@ class SpeakerEmbedder(SharedModel):
         """``embed`` on the embedder's worker thread, so the event loop keeps running."""
         return await asyncio.get_running_loop().run_in_executor(self._worker(), self.embed, pcm)
 
-    def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _worker(self) -> concurrent.futures.Executor:
         if self._executor is None:
             with self._executor_lock:
                 if self._executor is None:

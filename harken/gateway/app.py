@@ -61,7 +61,9 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
         if worker is not None:
             await gateway.metrics.share_with_workers(worker)
         _log_audio_path(settings)
-        app.state.sync_worker = await start_sync_worker(settings, store, conversations, gateway.metrics)
+        app.state.sync_worker = await start_sync_worker(settings, store, conversations, gateway.metrics,
+                                                        live_gate=whisper.live_gate if settings.sync_live_first
+                                                        else None)
         gateway.ready.set()
         try:
             yield

@@ -5,11 +5,15 @@ nodes never take one job), renews the claim while it works, and for each file, i
 
 1. reads the length-prefixed frames (``codecs.wal``) and decodes them with the codec plugin live
    audio uses; a frame that fails to decode is skipped and counted, a truncated tail ends the file;
-2. cuts speech regions with the same VAD endpointing as live audio and decodes each with the
-   embedded engine at low CPU priority (``stt.batch``: live decodes go first);
-3. labels speakers by voice (``SpeakerIdentifier.diarize_words``, as live audio from the embedded
-   engine is) and matches them to the owner and known people (``observe`` / ``matches``), then
-   merges words into segments with the live ``SegmentBuilder``;
+2. cuts speech regions with the same VAD endpointing as live audio and transcribes them by the
+   configured chain: a cloud provider's pre-recorded API where one is configured for the language
+   (``stt.prerecorded``: retries, failover, and the embedded engine when every one failed), else
+   the embedded engine, after live decodes and at low CPU priority (``stt.batch``);
+3. labels speakers as live audio from the same engine is: the embedded engine's words by voice
+   (``SpeakerIdentifier.diarize_words``, owner and known people per stretch of speech), a cloud
+   provider's by its own diarization with each speaker matched to the owner and known people by
+   voice (``observe`` / ``matches``); then merges words into segments with the live
+   ``SegmentBuilder``;
 4. stores the segments into conversations by wall-clock time and marks the file done, in one
    transaction (``SyncJobs.commit_file``); only then is the uploaded file deleted.
 
@@ -35,12 +39,15 @@ import numpy as np
 import orjson
 
 from .. import codecs
-from ..audio.embedding import SpeakerEmbedder
+from ..audio.embedding import SpeakerEmbedder, speaker_model_problem
 from ..audio.ring import AudioRing
 from ..codecs.wal import FrameStats, parse_sync_filename, read_frames
 from ..conversations.sync_jobs import ClaimedJob, ClaimLost, FileCommit, PendingFile, SyncJobs
-from ..stt.base import EMBEDDED_PROVIDER
-from ..stt.batch import BatchTranscriber, LowPriorityPool
+from ..stt.base import EMBEDDED_PROVIDER, Word
+from ..stt.batch import BatchTranscriber
+from ..stt.prerecorded import CloudUnavailable, RecordedChain, SplicedClip, build_recorded_chain
+from ..stt.priority import LiveFirstGate
+from ..stt.whisper import MIN_SPEECH_SECONDS
 from .profiles import load_voices
 from .segments import SegmentBuilder
 from .speakers import SpeakerIdentifier
@@ -53,6 +60,9 @@ log = logging.getLogger("harken.sync")
 
 CHUNK_FRAMES = 1500            # frames decoded per trip to the pool (15 s of 10 ms Opus frames)
 RING_SECONDS = 120.0           # recent audio kept for speaker embeddings (a chunk + the longest utterance)
+# A cloud request carries the speech of at most this much of the recording (its audio stays in the
+# ring until its speakers are matched: ~11 MB with RING_SECONDS); a longer file makes several.
+CLOUD_CLIP_SECONDS = 240.0
 IDLE_POLL_SECONDS = 5.0        # how often an idle worker looks for jobs (and for expired claims)
 CONVERSATION_TIMEOUT = 120.0   # Omi's default conversation_timeout, for conversations a sync makes
 LEFTOVER_AGE_SECONDS = 3600.0  # an upload file untouched this long with no job waiting for it is removed
@@ -68,6 +78,7 @@ class FileStats:
     decode_seconds: float = 0.0
     words: int = 0
     segments: int = 0
+    engine: str = ""               # who transcribed it: local, or the cloud provider
     error: str | None = None
 
 
@@ -86,33 +97,6 @@ def folder_identity(folder: Path) -> str:
             return text
         time.sleep(0.01)
     raise RuntimeError(f"{marker} is empty: delete it and restart")
-
-
-class _PoolEmbedder:
-    """The speaker-embedding model run in the batch pool (low priority), not in the embedder's
-    own worker that live sessions share: ``SpeakerIdentifier`` takes it as its ``embedder``."""
-
-    def __init__(self, pool: LowPriorityPool):
-        self._pool = pool
-        self._model: SpeakerEmbedder | None = None
-
-    async def _loaded(self) -> SpeakerEmbedder:
-        if self._model is None:
-            self._model = await self._pool.run(SpeakerEmbedder.shared)
-        return self._model
-
-    async def embed_async(self, pcm: np.ndarray) -> np.ndarray:
-        return await self._pool.run((await self._loaded()).embed, pcm)
-
-    async def run_async(self, function, *args):
-        """The local diarization's work (window embeddings and clustering) in the pool, as
-        ``SpeakerEmbedder.run_async`` runs it in the embedder's thread for live sessions."""
-        await self._loaded()
-        return await self._pool.run(function, *args)
-
-    def embed_windows(self, pcm: np.ndarray) -> np.ndarray:
-        assert self._model is not None, "run_async loads the model first"
-        return self._model.embed_windows(pcm)
 
 
 class _Decoding:
@@ -161,8 +145,10 @@ class SyncWorker:
     """Claims and processes sync jobs in the background; ``wake()`` after an upload."""
 
     def __init__(self, settings: "Settings", store: "Store", conversations: "ConversationService | None",
-                 transcriber: BatchTranscriber, *, node_id: str | None = None):
+                 transcriber: BatchTranscriber, *, recorded: RecordedChain | None = None, node_id: str | None = None):
         self.settings = settings
+        self.recorded = recorded or RecordedChain(settings, {})
+        self._pool_embedder: SpeakerEmbedder | None = None
         self.upload_dir = Path(settings.data_dir) / "sync"
         self.jobs = SyncJobs(store, origin=folder_identity(self.upload_dir))
         self.store = store
@@ -192,6 +178,7 @@ class SyncWorker:
             except Exception:
                 log.warning("could not release sync claims; they expire in %.0fs", self.lease)
         await self.transcriber.aclose()
+        await self.recorded.aclose()
 
     def register_metrics(self, metrics) -> None:
         """Backlog gauges on the gateway's registry, read from the store at each scrape (every
@@ -313,49 +300,145 @@ class SyncWorker:
                  len(result.updated_ids))
 
     async def _transcribe(self, file: PendingFile, stats: FileStats, owner, people) -> list[dict]:
-        info = parse_sync_filename(file.name, now=math.inf)
-        pool = self.transcriber.pool
-        ring = AudioRing(RING_SECONDS)
-        identifier = SpeakerIdentifier(ring, owner=owner, people=people, embedder=_PoolEmbedder(pool))
-        counter = iter(range(1, 10**9))
-        builder = SegmentBuilder(id_factory=lambda: f"sync-{file.sha256[:24]}-{next(counter)}")
-        decoding = await pool.run(_Decoding, file.path, info.codec, info.sample_rate, info.channels,
-                                  self.transcriber.endpointer())
+        """The file's segments: through the chain's cloud providers where one is configured for
+        the language (their pre-recorded APIs), else, or when every one of them failed, with the
+        embedded engine."""
         language = self.transcriber.settings.sync_language
+        if self.recorded.links(language):
+            try:
+                return await self._transcribe_in_cloud(file, stats, owner, people, language)
+            except CloudUnavailable as exc:
+                log.warning("sync: %s: no cloud provider transcribed it (%s); decoding it with the embedded engine",
+                            file.name, exc)
+                stats.__dict__.update(asdict(FileStats()))
         if not self.transcriber.supports(language):
             language = "en"
-        decoding_options, model = await self.transcriber.decoding_for(language)
-        last_end = 0.0
+        return await self._transcribe_locally(file, stats, owner, people, language)
+
+    async def _embedder(self) -> SpeakerEmbedder | None:
+        """The speaker model run by the batch pool (after live decodes, at low priority), not by
+        the embedder's own thread that live sessions share; None when it is not installed."""
+        if speaker_model_problem():
+            return None
+        if self._pool_embedder is None:
+            pool = self.transcriber.pool
+            self._pool_embedder = (await pool.run(SpeakerEmbedder.shared)).on(pool.executor)
+        return self._pool_embedder
+
+    @contextlib.asynccontextmanager
+    async def _decoded(self, file: PendingFile, stats: FileStats):
+        """The file's frames decoded in the pool: yields a ``_Decoding`` whose ``next_chunk``
+        gives (pcm, utterances); its counts go into ``stats`` at the end."""
+        info = parse_sync_filename(file.name, now=math.inf)
+        pool = self.transcriber.pool
+        decoding = await pool.run(_Decoding, file.path, info.codec, info.sample_rate, info.channels,
+                                  self.transcriber.endpointer())
         try:
-            while not decoding.done:
-                pcm, utterances = await pool.run(decoding.next_chunk)
-                ring.append(pcm)
-                if not utterances:
-                    continue
-                words, last_end, spent = await pool.run(self.transcriber.decode, utterances, decoding_options, model,
-                                                        last_end)
-                stats.decode_seconds += spent
-                stats.speech_seconds += sum(u.speech_seconds for u in utterances)
-                if not words:
-                    continue
-                stats.words += len(words)
-                words = await identifier.diarize_words(words)
-                builder.add_words(words, provider=EMBEDDED_PROVIDER, speaker_labels=identifier.labels)
-                # As a live session with the embedded engine: the owner and known people are found
-                # per stretch of speech by the local diarization (diarize_words), not per speaker,
-                # and re-clustering moves earlier segments.
-                builder.flush()
-                if identifier.reclustered:
-                    builder.respeak(await identifier.speaker_changes(builder.segments))
-            await identifier.finish()
-            builder.respeak(await identifier.speaker_changes(builder.segments))
+            yield decoding
         finally:
-            identifier.close()
             await pool.run(decoding.close)
         stats.frames = decoding.frame_stats.frames
         stats.truncated = decoding.frame_stats.truncated or decoding.frame_stats.corrupt_length
         stats.bad_frames = decoding.bad_frames
         stats.audio_seconds = round(decoding.samples / codecs.TARGET_RATE, 3)
+
+    @staticmethod
+    def _builder(file: PendingFile) -> SegmentBuilder:
+        counter = iter(range(1, 10**9))
+        return SegmentBuilder(id_factory=lambda: f"sync-{file.sha256[:24]}-{next(counter)}")
+
+    async def _transcribe_locally(self, file: PendingFile, stats: FileStats, owner, people,
+                                  language: str) -> list[dict]:
+        pool = self.transcriber.pool
+        ring = AudioRing(RING_SECONDS)
+        identifier = SpeakerIdentifier(ring, owner=owner, people=people, embedder=await self._embedder())
+        builder = self._builder(file)
+        decoding_options, model = await self.transcriber.decoding_for(language)
+        last_end = 0.0
+        try:
+            async with self._decoded(file, stats) as decoding:
+                while not decoding.done:
+                    pcm, utterances = await pool.run(decoding.next_chunk)
+                    ring.append(pcm)
+                    if not utterances:
+                        continue
+                    words, last_end, spent = await pool.run(self.transcriber.decode, utterances, decoding_options,
+                                                            model, last_end)
+                    stats.decode_seconds += spent
+                    stats.speech_seconds += sum(u.speech_seconds for u in utterances)
+                    if not words:
+                        continue
+                    stats.words += len(words)
+                    words = await identifier.diarize_words(words)
+                    builder.add_words(words, provider=EMBEDDED_PROVIDER, speaker_labels=identifier.labels)
+                    # As a live session with the embedded engine: the owner and known people are found
+                    # per stretch of speech by the local diarization (diarize_words), not per speaker,
+                    # and re-clustering moves earlier segments.
+                    builder.flush()
+                    if identifier.reclustered:
+                        builder.respeak(await identifier.speaker_changes(builder.segments))
+                await identifier.finish()
+                builder.respeak(await identifier.speaker_changes(builder.segments))
+        finally:
+            identifier.close()
+        stats.engine = EMBEDDED_PROVIDER
+        return [segment.to_stored() for segment in builder.segments]
+
+    async def _transcribe_in_cloud(self, file: PendingFile, stats: FileStats, owner, people,
+                                   language: str) -> list[dict]:
+        """Speech regions sent as clips of at most ``CLOUD_CLIP_SECONDS`` of the recording to the
+        chain's cloud providers; speakers as the provider diarized them (numbered afresh for each
+        clip: providers number each request's speakers from scratch), and matched to the owner and
+        known people by voice as a live session on a cloud provider does (``observe``/``matches``)
+        while the clip's audio is still in the ring. Raises ``CloudUnavailable``."""
+        pool = self.transcriber.pool
+        ring = AudioRing(CLOUD_CLIP_SECONDS + RING_SECONDS)
+        identifier = SpeakerIdentifier(ring, owner=owner, people=people, embedder=await self._embedder())
+        builder = self._builder(file)
+        matches: list = []
+
+        async def collect() -> None:
+            async for match in identifier.matches():
+                matches.append(match)
+
+        collector = asyncio.create_task(collect(), name="harken-sync-speakers")
+        numbers: dict[tuple[int, int], int] = {}
+        clip: list = []
+        clips = 0
+
+        async def send(clip: list) -> None:
+            nonlocal clips
+            spliced = SplicedClip(clip)
+            result = await self.recorded.transcribe(spliced, language, reference=file.sha256[:12])
+            stats.engine = result.provider
+            stats.speech_seconds += sum(u.speech_seconds for u in clip)
+            words = [Word(w.text, w.start, w.end, numbers.setdefault((clips, w.speaker), len(numbers)),
+                          w.confidence, w.language) for w in result.words]
+            clips += 1
+            stats.words += len(words)
+            builder.add_words(words, provider=result.provider, speaker_labels=identifier.labels)
+            for segment in builder.flush().changed:
+                identifier.observe(segment.speaker_id, segment.start, segment.end, segment.id)
+            await identifier.wait_idle()
+            for match in matches:
+                is_user, person_id = match.segment_labels
+                builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id)
+            matches.clear()
+
+        try:
+            async with self._decoded(file, stats) as decoding:
+                while not decoding.done:
+                    pcm, utterances = await pool.run(decoding.next_chunk)
+                    ring.append(pcm)
+                    clip += [u for u in utterances if u.speech_seconds >= MIN_SPEECH_SECONDS]
+                    if clip and ring.end_seconds - clip[0].start_seconds >= CLOUD_CLIP_SECONDS:
+                        await send(clip)
+                        clip = []
+                if clip:
+                    await send(clip)
+        finally:
+            identifier.close()
+            await asyncio.gather(collector, return_exceptions=True)
         return [segment.to_stored() for segment in builder.segments]
 
     async def _process_conversations(self, conversation_ids: list[str]) -> None:
@@ -386,12 +469,14 @@ def job_result(job: dict | None) -> dict:
 
 
 async def start_sync_worker(settings: "Settings", store: "Store", conversations: "ConversationService | None",
-                            metrics=None) -> SyncWorker:
-    """The app's worker, started; its backlog joins ``metrics`` (``GatewayMetrics``) if given.
-    The batch engine loads with the first job, so a node that never gets an upload does not
-    hold a second copy of the model."""
-    worker = SyncWorker(settings, store, conversations,
-                        BatchTranscriber(settings, nice=settings.sync_nice, threads=settings.sync_threads))
+                            metrics=None, live_gate: LiveFirstGate | None = None) -> SyncWorker:
+    """The app's worker, started; its backlog joins ``metrics`` (``GatewayMetrics``) if given, and
+    its decodes wait for the live engine's (``live_gate``: ``WhisperProvider.live_gate``).
+    The batch engine loads with the first job it decodes, so a node that never gets an upload
+    (or sends uploads to a cloud provider) does not hold a second copy of the model."""
+    transcriber = BatchTranscriber(settings, nice=settings.sync_nice, threads=settings.sync_threads,
+                                   live_gate=live_gate)
+    worker = SyncWorker(settings, store, conversations, transcriber, recorded=build_recorded_chain(settings))
     await worker.start()
     if metrics is not None:
         worker.register_metrics(metrics)

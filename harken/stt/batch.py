@@ -1,16 +1,21 @@
-"""Batch transcription of recorded audio (offline uploads) with the embedded engine, at a CPU
-priority below live sessions'.
+"""Batch transcription of recorded audio (offline uploads) with the embedded engine, after live
+decodes and at a CPU priority below live sessions'.
 
 Live decodes must go first. Queueing batch decodes behind live ones in the live engine's pool
 would not do it: a batch decode already running holds a decoder for ~0.3 s or more while a
 live utterance waits. Instead the batch path has its own engine instance (a second
-``WhisperProvider``: one more copy of the model, ~75 MB for tiny.en) whose every thread runs at
-a high ``nice`` value: the pool's one worker thread lowers its own priority first, and the threads
-CTranslate2 and ONNX Runtime start from it inherit that priority (Linux keeps ``nice`` per
-thread and copies it to new threads). The kernel's scheduler then gives a live decode the core
-whenever both want it (at nice 19 against 0 the batch gets about 1.5 % of a contended core),
-and the batch takes everything left over. With autogroup scheduling (the Linux default) the
-nice value only ranks threads of this process against each other, not against other programs.
+``WhisperProvider``: one more copy of the model, ~75 MB for tiny.en) run by a pool of its own,
+and two things keep it out of the live engine's way:
+
+- **It waits for live decodes** (``priority.LiveFirstGate``): every job of the pool, and every
+  utterance it decodes, starts only when the live engine has no decode queued or running.
+- **It runs at a high ``nice`` value**, for the decode that is already running when a live one
+  arrives: the pool's one worker thread lowers its own priority first, and the threads
+  CTranslate2 and ONNX Runtime start from it inherit that priority (Linux keeps ``nice`` per
+  thread and copies it to new threads). The kernel's scheduler then gives the live decode the
+  core (at nice 19 against 0 the batch gets about 1.5 % of a contended core). With autogroup
+  scheduling (the Linux default) the nice value only ranks threads of this process against each
+  other, not against other programs.
 
 The pool has one worker: one batch decode at a time, however many uploads wait.
 """
@@ -21,12 +26,12 @@ import asyncio
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from ..audio import Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import EMBEDDED_PROVIDER, Word
 from .decoding import Decoding
+from .priority import LiveFirstExecutor, LiveFirstGate
 from .whisper import MIN_SPEECH_SECONDS, PREROLL_MS, WhisperProvider, place_words
 
 if TYPE_CHECKING:
@@ -39,12 +44,14 @@ T = TypeVar("T")
 
 
 class LowPriorityPool:
-    """One worker thread at ``nice``; threads it starts inherit the priority."""
+    """One worker thread at ``nice`` (threads it starts inherit the priority) whose every job
+    waits while the live engine holds ``live_gate``."""
 
-    def __init__(self, nice: int, name: str = "harken-batch"):
+    def __init__(self, nice: int, name: str = "harken-batch", live_gate: LiveFirstGate | None = None):
         self.nice = nice
+        self.live_gate = live_gate
         self.lowered: bool | None = None        # set by the worker thread once it started
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._lower)
+        self.executor = LiveFirstExecutor(live_gate, max_workers=1, thread_name_prefix=name, initializer=self._lower)
 
     def _lower(self) -> None:
         try:
@@ -55,6 +62,11 @@ class LowPriorityPool:
             self.lowered = False
             log.warning("batch transcription: could not lower its CPU priority (%s); live sessions may slow "
                         "down while uploads are transcribed", exc)
+
+    def wait_for_live(self) -> None:
+        """In the pool's thread, between pieces of one job: let queued live decodes go first."""
+        if self.live_gate is not None:
+            self.live_gate.wait_for_live()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -68,19 +80,21 @@ class BatchTranscriber:
 
     provider_name = EMBEDDED_PROVIDER
 
-    def __init__(self, settings: "Settings", *, nice: int, threads: int):
+    def __init__(self, settings: "Settings", *, nice: int, threads: int, live_gate: LiveFirstGate | None = None):
+        """``live_gate``: the live engine's (``WhisperProvider.live_gate``); None waits for nothing."""
         self.settings = settings
-        self.pool = LowPriorityPool(nice)
+        self.pool = LowPriorityPool(nice, live_gate=live_gate)
         # A provider of its own (one decode at a time, ``threads`` per decode), loaded from the
         # low-priority thread so that CTranslate2's threads inherit its priority.
-        self.engine = WhisperProvider(settings.replace(whisper_workers=1, whisper_threads=max(1, threads)))
-        self.engine._executor.shutdown(wait=False)
-        self.engine._executor = self.pool.executor
+        self.engine = WhisperProvider(settings.replace(whisper_workers=1, whisper_threads=max(1, threads)),
+                                      executor=self.pool.executor)
         self._vad: SileroVAD | None = None
 
     async def load(self) -> None:
-        await self.engine.load()
-        self._vad = await self.pool.run(SileroVAD.shared)
+        """The VAD (every upload needs it). The engine's model loads with ``decoding_for``: a
+        node whose uploads go to a cloud provider never holds the second copy."""
+        if self._vad is None:
+            self._vad = await self.pool.run(SileroVAD.shared)
 
     def supports(self, language: str) -> bool:
         return self.engine.supports(language)
@@ -109,6 +123,7 @@ class BatchTranscriber:
         for utterance in utterances:
             if utterance.speech_seconds < MIN_SPEECH_SECONDS:
                 continue
+            self.pool.wait_for_live()
             raw, seconds, _ = self.engine.decode_clip(utterance.pcm, decoding, model)
             spent += seconds
             placed = place_words(raw, utterance, not_before)
@@ -118,4 +133,5 @@ class BatchTranscriber:
         return words, not_before, spent
 
     async def aclose(self) -> None:
+        await self.engine.aclose()
         self.pool.shutdown()

@@ -36,7 +36,7 @@ ENDPOINTING_MS = 300
 def connect_options(config: StreamConfig) -> dict[str, Any]:
     """``listen.v1.connect`` keyword arguments for a stream config (Omi's option set)."""
     language = normalize_language(config.language)
-    model = config.extra.get("model") or (DEEPGRAM_NOVA3 if language in N3M or language in N3 else DEEPGRAM_NOVA2)
+    model = deepgram_model(language, config.extra.get("model"))
     options = dict(
         model=model, language=language, encoding="linear16", sample_rate=config.sample_rate, channels=1,
         punctuate="true", smart_format="true", diarize="true" if config.diarize else "false",
@@ -71,20 +71,35 @@ def parse_message(message: Any) -> tuple[list[Word], float | None]:
     return words, float(message.start) + float(message.duration)
 
 
+def deepgram_client(settings: "Settings", **options: Any) -> AsyncDeepgramClient:
+    """The SDK's client for ``deepgram_url`` (WebSocket for live, its http(s) twin for REST)."""
+    url = settings.deepgram_url.rstrip("/")
+    http = url.replace("wss://", "https://", 1).replace("ws://", "http://", 1)
+    return AsyncDeepgramClient(
+        api_key=settings.deepgram_api_key,
+        environment=DeepgramClientEnvironment(base=http, production=url, agent=url, agent_rest=http), **options,
+    )
+
+
+def deepgram_supports(language: str) -> bool:
+    language = normalize_language(language)
+    return any(language in table for table in (N3M, N3, N2, N2M))
+
+
+def deepgram_model(language: str, model: str | None = None) -> str:
+    """The configured model, else Omi's choice: nova-3 where it has the language, nova-2 elsewhere."""
+    language = normalize_language(language)
+    return model or (DEEPGRAM_NOVA3 if language in N3M or language in N3 else DEEPGRAM_NOVA2)
+
+
 class DeepgramProvider(Provider):
     name = "deepgram"
 
     def __init__(self, settings: "Settings"):
-        url = settings.deepgram_url.rstrip("/")
-        http = url.replace("wss://", "https://", 1).replace("ws://", "http://", 1)
-        self._client = AsyncDeepgramClient(
-            api_key=settings.deepgram_api_key,
-            environment=DeepgramClientEnvironment(base=http, production=url, agent=url, agent_rest=http),
-        )
+        self._client = deepgram_client(settings)
 
     def supports(self, language: str) -> bool:
-        language = normalize_language(language)
-        return any(language in table for table in (N3M, N3, N2, N2M))
+        return deepgram_supports(language)
 
     async def open(self, config: StreamConfig) -> "DeepgramStream":
         stream = DeepgramStream()

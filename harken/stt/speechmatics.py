@@ -54,6 +54,11 @@ def speechmatics_language(language: str) -> str:
     return "cmn" if primary == "zh" else primary
 
 
+def speechmatics_supports(language: str) -> bool:
+    """Speechmatics has no code-switching across all languages: ``multi`` is not taken."""
+    return normalize_language(language) != "multi" and speechmatics_language(language) in SPEECHMATICS
+
+
 def transcription_config(config: StreamConfig) -> TranscriptionConfig:
     return TranscriptionConfig(
         language=speechmatics_language(config.language), model="enhanced",
@@ -108,7 +113,7 @@ class SpeechmaticsProvider(Provider):
         self._ssl: ssl.SSLContext | None = None      # built once: loading CA certificates costs ~10 ms
 
     def supports(self, language: str) -> bool:
-        return normalize_language(language) != "multi" and speechmatics_language(language) in SPEECHMATICS
+        return speechmatics_supports(language)
 
     async def open(self, config: StreamConfig) -> "SpeechmaticsStream":
         if self._ssl is None:

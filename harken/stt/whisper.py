@@ -37,7 +37,7 @@ import asyncio
 import collections
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -48,6 +48,7 @@ from .base import (EMBEDDED_PROVIDER, SAMPLE_RATE, SENTENCE_ENDERS, Partial, Pro
                    STTStream, Word)
 from .decoding import Decoding, RawWord, decode
 from .models import EMBEDDED_BASE, ModelError, load_whisper_model, resolve_model, resolve_multilingual, whisper_languages
+from .priority import LiveFirstGate
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -117,13 +118,19 @@ class WhisperProvider(Provider):
 
     name = EMBEDDED_PROVIDER
 
-    def __init__(self, settings: "Settings"):
+    def __init__(self, settings: "Settings", *, executor: Executor | None = None):
+        """``executor`` runs the loading and the decodes instead of a pool of ``whisper_workers``
+        threads of the provider's own (the batch engine passes its low-priority pool); the
+        provider then leaves shutting it down to its owner."""
         self.settings = settings
         self._model: "WhisperModel | None" = None
         self._vad: SileroVAD | None = None
         workers = max(1, settings.whisper_workers)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="whisper")
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=workers, thread_name_prefix="whisper")
         self.load_state = EngineLoad(workers)
+        # Held for every decode queued here: batch transcription waits while any is (priority.py).
+        self.live_gate = LiveFirstGate()
         self._load_lock = asyncio.Lock()
         try:
             self._english_only_guess = resolve_model(settings.whisper_model).english_only
@@ -256,16 +263,24 @@ class WhisperProvider(Provider):
         return WhisperStream(self, config, decoding, StreamingVAD(self._vad), model)
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.live_gate.close()
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- used by WhisperStream ----------------------------------------------------------
     def submit(self, pcm: np.ndarray, decoding: Decoding, model: "WhisperModel | None" = None) -> asyncio.Future:
         """Queue one decode in the pool; the future gives ``decode_clip``'s result."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self.decode_clip, pcm, decoding, model)
+        self.live_gate.hold()
+        try:
+            future = loop.run_in_executor(self._executor, self.decode_clip, pcm, decoding, model)
+        except BaseException:
+            self.live_gate.release()
+            raise
         self.load_state.started()
 
         def done(f: asyncio.Future) -> None:
+            self.live_gate.release()
             seconds = f.result()[1] if not f.cancelled() and f.exception() is None else 0.0
             self.load_state.finished(seconds)
 
