@@ -97,6 +97,7 @@ async def test_an_upload_is_transcribed_by_the_configured_cloud_provider_with_it
     finally:
         await fake.stop()
     assert status["status"] == "completed" and status["processed_files"] == 1, status
+    assert status["transcribed_by"] == [name]
     assert {s["stt_provider"] for s in conversation["transcript_segments"]} == {name}
     assert_words_and_times(conversation, joined, timestamp)
     # Only the speech went out (the VAD's utterances), in one request: most of the pauses were not sent.
@@ -163,6 +164,7 @@ async def test_when_every_cloud_provider_fails_the_embedded_engine_transcribes_t
         await deepgram.stop()
     assert deepgram.transcriptions == 2
     assert status["status"] == "completed" and status["processed_files"] == 1, status
+    assert status["transcribed_by"] == ["local"]
     assert {s["stt_provider"] for s in conversation["transcript_segments"]} == {"local"}
     text = " ".join(s["text"] for s in sorted(conversation["transcript_segments"], key=lambda s: s["start"]))
     assert wer([(reference, text)]) < 0.25, text

@@ -228,6 +228,8 @@ def job_status(job: dict) -> dict:
         "audio_seconds_waiting": round(sum(f["estimated_seconds"] for f in files if f["status"] == QUEUED), 3),
         "bad_frames": sum(s.get("bad_frames", 0) for s in stats),
         "truncated_files": sum(1 for s in stats if s.get("truncated")),
+        # Which engines transcribed the files: a cloud provider's pre-recorded API, or local.
+        "transcribed_by": sorted({s["engine"] for s in stats if s.get("engine")}),
         # Upstream's list of what went wrong (capped): here, files that could not be read at all.
         "errors": [f"{f['name']}: {s['error']}" for f, s in zip(files, stats) if s.get("error")][:10],
     }

@@ -30,11 +30,10 @@ POST, Soniox's and Speechmatics' job creation): an HTTP status to answer with, `
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import io
 import itertools
 import json
+import re
 import uuid
 import wave
 
@@ -70,11 +69,20 @@ class RecordedEar:
 
 
 def multipart_fields(request: Request) -> dict[str, bytes]:
-    """The parts of a multipart/form-data body by field name (read with the standard library)."""
-    head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + request.body)
-    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-            for part in message.iter_parts()}
+    """The parts of a multipart/form-data body by field name (RFC 7578: parts between
+    ``--boundary`` lines, each with its headers, a blank line and the content)."""
+    boundary = re.search(r'boundary="?([^";]+)"?', request.headers.get("content-type", ""))
+    if boundary is None:
+        return {}
+    fields = {}
+    for part in request.body.split(b"--" + boundary.group(1).encode())[1:]:
+        if part.startswith(b"--"):
+            break                                     # the closing delimiter
+        head, _, content = part.partition(b"\r\n\r\n")
+        name = re.search(rb'name="([^"]*)"', head)
+        if name is not None:
+            fields[name.group(1).decode()] = content[:-2] if content.endswith(b"\r\n") else content
+    return fields
 
 
 def _json(status: int, body) -> tuple[int, dict[str, str], bytes]:
