@@ -102,6 +102,14 @@ async def live_run(base: str, settings: Settings, streams: int, seconds: float, 
     return [x for r in results for x in r]
 
 
+async def live_waits(client: httpx.AsyncClient, http: str) -> str:
+    """``harken_sync_live_waits`` from /metrics ("-" without the live-first gate)."""
+    for line in (await client.get(f"{http}/metrics")).text.splitlines():
+        if line.startswith("harken_sync_live_waits "):
+            return f"{float(line.split()[1]):.0f}"
+    return "-"
+
+
 def describe(label: str, latencies: list[float]) -> str:
     if not latencies:
         return f"{label}: no segment came back (the machine is too loaded for the live engine)"
@@ -177,8 +185,9 @@ async def main() -> None:
             status = (await client.get(f"{http}/v1/sync-local-files/{job_id}",
                                        headers={"Authorization": f"Bearer {token}"})).json()
             print(describe("live with the batch running", with_batch))
-            print(f"  (the batch had done {status['audio_seconds']:.0f} s of audio by the end of the live run; "
-                  f"job {status['status']})")
+            print(f"  (the batch had done {status['audio_seconds']:.0f} s of audio by the end of the live run "
+                  f"(counted per finished file); job {status['status']}; batch work waited for live decodes "
+                  f"{await live_waits(client, http)} times)")
             job_deadline = time.monotonic() + args.job_timeout
             while status["status"] not in ("completed", "failed") and time.monotonic() < job_deadline:
                 await asyncio.sleep(2.0)

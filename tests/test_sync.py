@@ -275,6 +275,7 @@ async def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(make_gateway):
     assert unknown.status_code == 404
     assert not list((server.settings.data_dir / "sync").rglob("*.bin"))
     assert "harken_sync_backlog_files 0.0" in metrics and "harken_sync_audio_waiting_seconds 0.0" in metrics
+    assert "harken_sync_live_waits 0.0" in metrics          # nothing transcribed: the batch never waited
 
 
 # --- a server killed mid-job ---------------------------------------------------------------------

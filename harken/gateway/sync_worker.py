@@ -200,6 +200,11 @@ class SyncWorker:
 
         metrics.add_store_reader(refresh, ("harken_sync_backlog_jobs", "harken_sync_backlog_files",
                                            "harken_sync_audio_waiting_seconds"))
+        gate = self.transcriber.pool.live_gate
+        if gate is not None:
+            waits = Gauge("harken_sync_live_waits", "times batch transcription (this process) waited for live "
+                          "decodes to finish before starting work", registry=metrics.registry)
+            waits.set_function(lambda: gate.batch_waits)
 
     def wake(self) -> None:
         self._wake.set()
