@@ -45,7 +45,8 @@ from ..codecs.wal import FrameStats, parse_sync_filename, read_frames
 from ..conversations.sync_jobs import ClaimedJob, ClaimLost, FileCommit, PendingFile, SyncJobs
 from ..stt.base import EMBEDDED_PROVIDER, Word
 from ..stt.batch import BatchTranscriber
-from ..stt.prerecorded import CloudUnavailable, RecordedChain, SplicedClip, build_recorded_chain
+from ..stt.prerecorded import CloudUnavailable, RecordedChain, SplicedClip
+from ..stt.recorded_providers import build_recorded_chain
 from ..stt.priority import LiveFirstGate
 from ..stt.whisper import MIN_SPEECH_SECONDS
 from .profiles import load_voices

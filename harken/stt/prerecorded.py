@@ -197,13 +197,3 @@ class RecordedChain:
         for provider in self.providers.values():
             await provider.aclose()
 
-
-def build_recorded_chain(settings: "Settings") -> RecordedChain:
-    """The pre-recorded APIs of the cloud providers that have a key (none: uploads go to the
-    embedded engine). Each provider's SDK is imported only when it is used."""
-    from .recorded_providers import RECORDED_PROVIDERS
-
-    keys = {"deepgram": settings.deepgram_api_key, "soniox": settings.soniox_api_key,
-            "speechmatics": settings.speechmatics_api_key}
-    return RecordedChain(settings, {name: provider(settings) for name, provider in RECORDED_PROVIDERS.items()
-                                    if keys[name]})

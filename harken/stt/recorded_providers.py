@@ -34,7 +34,7 @@ import httpx
 from .base import STTError, Word
 from .fallback import retryable_status
 from .languages import SONIOX, normalize_language, primary_language
-from .prerecorded import RecordedProvider, RecordedRequest
+from .prerecorded import RecordedChain, RecordedProvider, RecordedRequest
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -257,3 +257,12 @@ class SpeechmaticsRecorded(RecordedProvider):
 
 RECORDED_PROVIDERS: dict[str, type[RecordedProvider]] = {
     "deepgram": DeepgramRecorded, "soniox": SonioxRecorded, "speechmatics": SpeechmaticsRecorded}
+
+
+def build_recorded_chain(settings: "Settings") -> RecordedChain:
+    """The pre-recorded APIs of the cloud providers that have a key (none: uploads go to the
+    embedded engine). Each provider's SDK is imported only when it is used."""
+    keys = {"deepgram": settings.deepgram_api_key, "soniox": settings.soniox_api_key,
+            "speechmatics": settings.speechmatics_api_key}
+    return RecordedChain(settings, {name: provider(settings) for name, provider in RECORDED_PROVIDERS.items()
+                                    if keys[name]})
