@@ -237,9 +237,12 @@ async def test_a_stream_of_files_and_pauses_puts_every_word_in_its_file(provider
     assert stats.dropped_utterances == 0
     assert stats.audio_seconds == pytest.approx(pcm.size / SAMPLE_RATE)
     assert 0.6 * sum(b - a for a, b in spans) < stats.speech_seconds < sum(b - a for a, b in spans)
-    # Decoding ran off the loop: the loop never stalled for anything near one decode.
-    assert stats.decode_seconds / stats.decodes > 0.2
-    assert len(lags) > 100 and max(lags) < 0.1, f"event loop lag up to {max(lags) * 1000:.0f} ms"
+    # Decoding ran off the loop: the loop never stalled for anything near one decode (~0.1 s of
+    # tiny.en with the 10 s encoder window on an idle core; longer on a loaded machine).
+    one_decode = stats.decode_seconds / stats.decodes
+    assert one_decode > 0.05
+    assert len(lags) > 100 and max(lags) < max(0.1, 0.5 * one_decode), \
+        f"event loop lag up to {max(lags) * 1000:.0f} ms, one decode {one_decode * 1000:.0f} ms"
 
 
 @pytest.mark.timeout(30)
