@@ -112,7 +112,9 @@ class BatchTranscriber:
         serves it (the multilingual one is loaded on first use)."""
         model = await self.engine.model_for(language)
         code = None if language == "multi" else language.split("-")[0].lower()   # pt-BR → pt, as live
-        return Decoding(code, self.engine.allowed_languages if code is None else ()), model
+        # The same encoder window as a live stream's utterances (a third of the CPU of Whisper's 30 s).
+        return Decoding(code, self.engine.allowed_languages if code is None else (),
+                        window_s=self.settings.whisper_window_s), model
 
     def decode(self, utterances: Iterable[Utterance], decoding: Decoding, model: "WhisperModel",
                not_before: float = 0.0) -> tuple[list[Word], float, float]:
