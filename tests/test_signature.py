@@ -40,6 +40,19 @@ def test_an_opus_packet_of_a_new_kind_waits_for_the_next_packet_to_confirm_it():
     assert kinds.check(0x58, b"later", mark=2, family=0x58) == []          # packets came in between
 
 
+def test_an_opus_packet_is_confirmed_only_by_one_of_its_configuration_and_duration():
+    # A device's 10 ms SILK packets (one TOC, code 0); garbage of that configuration with two
+    # frames (code 1: 20 ms) is not confirmed by the device's next packet.
+    decoder = decoder_for("opus", 16000)
+    packets = encode_for_device(reference_pcm()[:16000], "opus", 16000)
+    (toc,) = {p[0] for p in packets}
+    assert toc & 3 == 0
+    decoder.decode(packets[0])
+    with pytest.raises(DecodeError, match="held back"):
+        decoder.decode(bytes([toc | 1]) + bytes(range(40)))
+    assert len(decoder.decode(packets[1])) == 160          # its own packet only: the garbage is dropped
+
+
 def test_sightings_of_random_kinds_never_add_up():
     signature = Signature(window=32)
     signature.admits("device", "f")

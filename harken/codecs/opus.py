@@ -177,12 +177,12 @@ class OpusDecoder(Decoder):
         if not message:
             return no_samples()
         packet = bytes(message)  # ctypes wants bytes; a no-op for the bytes websockets hands us
-        opus_packet_duration(packet)   # RFC 6716's checks first: a malformed packet raises here
+        duration = opus_packet_duration(packet)   # RFC 6716's checks first: a malformed packet raises here
         reader = self._reader
         if not self._kinds.known and reader is not None and reader.first_packet:
-            self._kinds.known.add(reader.first_packet[0])   # the native reader took the stream's first packet
+            self._kinds.admit(reader.first_packet[0])   # the native reader took the stream's first packet
         packets = self._kinds.check(packet[0], packet, reader.decoded if reader is not None else None,
-                                    family=packet[0] & 0xFC)   # configuration and stereo flag
+                                    family=(packet[0] & 0xFC, duration))   # configuration, stereo flag, duration
         if not packets:
             if reader is not None:
                 reader.leave_next()   # the next packet must come here to confirm this one

@@ -79,7 +79,8 @@ class Signature:
 class ConfirmedKinds:
     """Opus's rule, stricter than ``Signature``: a packet of a new kind is held back and decoded only
     when the *next* packet confirms it (is of the same family: for Opus the TOC's configuration and
-    stereo flag, as an encoder at 40 ms alternates frame packings); else it is dropped.
+    stereo flag and the packet's duration, as an encoder at 40 ms alternates frame packings of one
+    duration); else it is dropped.
 
     Why stricter: a random packet that gets into an Opus decoder does not only cost its own 10 ms
     of noise, it derails the decoder's prediction for the packets after it: letting 4 % of random
@@ -87,7 +88,10 @@ class ConfirmedKinds:
     encoder that switches bandwidth or mode sends runs of its new configuration, so waiting for one
     confirming packet loses nothing of it (it costs 10 ms of delay once per new configuration);
     inserted garbage is confirmed only when its TOC has the configuration of the packet after it
-    (1 in 64), or passes when its TOC byte is one of the stream's (1 in 256 per TOC).
+    and its frame count gives the same duration (for a device's 10 ms code 0 packets only a code 3
+    packet holding one frame: about 1 in 16,000; without the duration every frame packing of the
+    configuration got through, 1 in 64), or passes when its TOC byte is one of the stream's (1 in
+    256 per TOC).
 
     ``check(kind, packet, mark)`` returns the packets to decode now, in order: ``[]`` (held back),
     ``[packet]``, or ``[held, packet]``. ``mark`` says whether another packet came in between

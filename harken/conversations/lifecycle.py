@@ -361,7 +361,8 @@ class ConversationService:
         taken = set(await self.store.renew_live([(cid, live.holder) for live, cid in leases.items()],
                                                 self.clock() + self.live_lease))
         for live, cid in leases.items():
-            if cid in taken and live.conversation_id == cid:
+            # By holder: two handles here may name one conversation, and only the older lost it.
+            if (cid, live.holder) in taken and live.conversation_id == cid:
                 live.fenced = True           # its session learns at its next save
         for live in list(self._live):
             await live._roll_over_if_silent()

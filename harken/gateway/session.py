@@ -712,8 +712,7 @@ class Session:
             # The client still gets its words; the store's own retries/alerts are its business.
             log.exception("could not store a segment batch sid=%s", self.id)
             return batch
-        if self.live.conversation_id == conversation_id:
-            self._remember_stored(batch)
+        self._remember_stored(batch)     # where it went: a rollover meanwhile stores it in the new conversation
         return batch
 
     def _remember_stored(self, batch: Batch) -> None:
