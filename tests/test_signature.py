@@ -53,6 +53,41 @@ def test_an_opus_packet_is_confirmed_only_by_one_of_its_configuration_and_durati
     assert len(decoder.decode(packets[1])) == 160          # its own packet only: the garbage is dropped
 
 
+@pytest.mark.parametrize("codec", ["lc3", "lc3_fs1030"])
+def test_short_lc3_frames_with_lsb_mode_are_dropped_before_decoding(codec):
+    """No encoder sets LSB mode in a frame this short; half of random frames have the flag."""
+    from harken.codecs.lc3 import lsb_mode_flag
+
+    messages = encode_for_device(reference_pcm(), codec, 16000)
+    size = 40 if codec == "lc3" else 30
+    assert not any(lsb_mode_flag(m[i:i + size], 16000) for m in messages for i in range(0, len(m), size))
+    clean, dirty = decoder_for(codec, 16000), decoder_for(codec, 16000)
+    rng = random.Random(3)
+    for index, message in enumerate(messages):
+        if index % 10 == 5:
+            garbage = bytearray(rng.randbytes(len(message)))
+            for end in range(size, len(garbage) + 1, size):
+                garbage[end - 2] |= 0x01        # 16 kHz: the flag is bit 8 from a frame's end
+            with pytest.raises(DecodeError, match="LSB mode"):
+                dirty.decode(bytes(garbage))
+        assert np.array_equal(dirty.decode(message), clean.decode(message)), index
+
+
+def test_a_refused_lc3_message_leaves_no_trace_in_the_decoder():
+    """Three frames: the first decodes (into the decoder's state), the second is invalid (its
+    last non-zero line past the spectrum), so the message is refused, and undone: the messages
+    after it decode exactly as if it had never come."""
+    messages = encode_for_device(reference_pcm(), "lc3_fs1030", 16000)
+    clean, dirty = decoder_for("lc3_fs1030", 16000), decoder_for("lc3_fs1030", 16000)
+    for index, message in enumerate(messages):
+        if index % 10 == 5:
+            invalid = bytearray(messages[index - 3][30:60])
+            invalid[-1] |= 0xFE
+            with pytest.raises(DecodeError, match="corrupt"):
+                dirty.decode(messages[index - 4][:30] + bytes(invalid) + messages[index - 2][:30])
+        assert np.array_equal(dirty.decode(message), clean.decode(message)), index
+
+
 def test_sightings_of_random_kinds_never_add_up():
     signature = Signature(window=32)
     signature.admits("device", "f")

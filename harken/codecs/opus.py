@@ -42,7 +42,7 @@ import numpy as np
 from .. import native
 from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono, no_samples
 from .resample import StreamResampler
-from .signature import ConfirmedKinds
+from .signature import ConfirmedKinds, SteadyFlag
 
 try:
     import opuslib
@@ -171,6 +171,7 @@ class OpusDecoder(Decoder):
         self._pcm = np.zeros(self._max_samples * channels, dtype=np.int16)
         self._pcm_ptr = self._pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_int16))
         self._kinds = ConfirmedKinds()
+        self._fec = SteadyFlag()
         self._reader = None
 
     def decode(self, message: bytes) -> np.ndarray:
@@ -188,7 +189,11 @@ class OpusDecoder(Decoder):
                 reader.leave_next()   # the next packet must come here to confirm this one
             raise DecodeError(f"opus packet with TOC {packet[0]:#04x}, not this stream's: held back until the "
                               "next packet confirms it")
+        if not self._fec.admits(packets[-1]):
+            raise DecodeError("opus packet with the in-band FEC flag, which this stream never sets")
         outputs = [self._decode_packet(p, opus_packet_duration(p) * self._rate // 48000) for p in packets]
+        for p in packets:
+            self._fec.note(p)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def _decode_packet(self, packet: bytes, expected: int) -> np.ndarray:
@@ -220,6 +225,7 @@ class OpusDecoder(Decoder):
         for toc in self._kinds.known:
             reader.allow(toc)
         self._kinds.on_admit = reader.allow
+        self._fec = SteadyFlag(reader)            # the reader counts the packets it decodes
         self._reader = reader
         return reader
 
