@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from harken.codecs import DecodeError, decoder_for, default_rate
-from harken.codecs.signature import ConfirmedKinds, Signature, SteadySize, looks_like_random_bytes
+from harken.codecs.signature import (FEC_LEARN, ConfirmedKinds, Signature, SteadyFlag, SteadySize,
+                                     looks_like_random_bytes, opus_fec_flag)
 
 from harken.codecs.encode import encode_for_device
 
@@ -86,6 +87,31 @@ def test_a_refused_lc3_message_leaves_no_trace_in_the_decoder():
             with pytest.raises(DecodeError, match="corrupt"):
                 dirty.decode(messages[index - 4][:30] + bytes(invalid) + messages[index - 2][:30])
         assert np.array_equal(dirty.decode(message), clean.decode(message)), index
+
+
+def test_an_opus_stream_without_fec_drops_packets_with_the_fec_flag_and_one_with_fec_keeps_them():
+    flag = SteadyFlag()
+    clean, flagged = bytes([0x40, 0x10, 1, 2]), bytes([0x40, 0x50, 1, 2])
+    assert flag.admits(flagged)                       # not learned yet: nothing is checked
+    for _ in range(FEC_LEARN):
+        assert flag.admits(clean)
+        flag.note(clean)
+    assert not flag.admits(flagged)                   # random bytes with the stream's TOC: half are
+    # An encoder whose FEC comes on: its flagged packets recur and are admitted, then never checked.
+    admitted = []
+    for _ in range(5):
+        admitted.append(flag.admits(flagged))
+        if admitted[-1]:
+            flag.note(flagged)
+    assert admitted == [False, False, True, True, True]
+    # Through the decoder: a device's packets, then one with its TOC and the flag set.
+    decoder = decoder_for("opus", 16000)
+    packets = encode_for_device(reference_pcm(), "opus", 16000)
+    assert not any(opus_fec_flag(p) for p in packets)
+    for packet in packets[:FEC_LEARN]:
+        decoder.decode(packet)
+    with pytest.raises(DecodeError, match="FEC"):
+        decoder.decode(bytes([packets[0][0], 0x40 | packets[0][1]]) + packets[0][2:])
 
 
 def test_sightings_of_random_kinds_never_add_up():

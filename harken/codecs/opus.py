@@ -26,7 +26,9 @@ and decode to a burst of noise: one such message before every tenth packet took 
 set from 6 % to 15 % WER. So a packet must also fit the stream (``signature.ConfirmedKinds``): its TOC
 byte must be one the stream has sent (a device sends one configuration), or be confirmed by the
 next packet having its configuration (an encoder at 24/48 kHz switching bandwidth or mode sends
-runs of its new one). Random bytes then pass about once in 100 (they must also pass the RFC rules).
+runs of its new one, of one packet duration). Random bytes then pass only with the stream's own
+TOC byte (1 in 256), and of those the half with the in-band FEC flag set are dropped too, once the
+stream has shown that it never sets it (``signature.SteadyFlag``): about 1 in 500 pass.
 
 Packet loss concealment. libopus can conceal a lost packet (``decode(NULL)``), but the
 protocol carries no sequence numbers or timestamps, so the gateway cannot tell that a packet
