@@ -22,12 +22,21 @@ decode errors (read from the server's /metrics before and after each run).
 The goal of issue #22 item 7 is a difference of at
 most 2 points for every codec. Prints figures; asserts nothing. The machine may be shared: WER
 does not depend on load (the server decodes everything it received before it closes).
+
+``--decode-only`` skips the server and the engine: each codec's decoder (the Python path) takes
+the clean and the garbage stream message by message, and the line per codec and seed counts the
+garbage messages it decoded, the real messages it refused, and the seconds of the clean decode's
+audio that the garbage run does not reproduce exactly (a decoded garbage packet inserts noise
+and may derail a predictive decoder for the packets after it). Where that is 0 the engine hears
+exactly the clean audio, so the WER cannot differ; it takes seconds, so filters can be compared
+over many seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 import tempfile
@@ -87,6 +96,44 @@ def with_garbage(messages: list[bytes], every: int, seed: str) -> list[bytes]:
     return mixed
 
 
+def decode_only(codec: str, rate: int, messages: list[bytes], every: int, seed: str) -> tuple[int, int, int, float]:
+    """(garbage inserted, garbage decoded, real messages refused, seconds of audio that differ) for
+    one codec and seed (see above)."""
+    from harken.codecs import DecodeError, decoder_for
+
+    def outputs(stream: list[bytes]) -> tuple[np.ndarray, list[bool]]:
+        decoder = decoder_for(codec, rate)
+        decoded, refused = [], []
+        for message in stream:
+            try:
+                decoded.append(decoder.decode(message))
+                refused.append(False)
+            except DecodeError:
+                refused.append(True)
+        decoded.append(decoder.flush())
+        return np.concatenate(decoded), refused
+
+    clean, _ = outputs(messages)
+    dirty, refused = outputs(with_garbage(messages, every, seed))
+    garbage = [flag for index in range(len(messages)) for flag in ((True, False) if index % every == every - 1
+                                                                   else (False,))]
+    inserted = sum(garbage)
+    leaked = sum(flag and not no for flag, no in zip(garbage, refused))
+    dropped = sum(not flag and no for flag, no in zip(garbage, refused))
+    # The audio the engine hears differently: blocks of the clean decode not found, in order, in
+    # the garbage run's (a decoded garbage packet inserts its audio and may derail the decoder for
+    # the packets after it). Differences are local: each clean block is looked for a little ahead.
+    block = 32                                   # 2 ms: every codec's message is a multiple of it
+    clean_blocks = [clean[i:i + block].tobytes() for i in range(0, len(clean) - block + 1, block)]
+    dirty_blocks = [dirty[i:i + block].tobytes() for i in range(0, len(dirty) - block + 1, block)]
+    matched, j = 0, 0
+    for wanted in clean_blocks:
+        ahead = next((k for k in range(j, min(j + 200, len(dirty_blocks))) if dirty_blocks[k] == wanted), None)
+        if ahead is not None:
+            matched, j = matched + 1, ahead + 1
+    return inserted, leaked, dropped, (len(clean_blocks) - matched) * block / 16000
+
+
 def decode_errors(server: GatewayServer) -> int:
     text = httpx.get(f"{server.http}/metrics", timeout=10).text
     return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -109,9 +156,21 @@ async def run(server: GatewayServer, messages: list[bytes], real: list[bytes], s
 
 async def main_async(args) -> None:
     pcm, reference = development_set(Path(args.audio))
+    if args.decode_only:
+        print(f"{len(pcm) / 16000:.0f} s of audio, garbage before every {args.every}th message, decoders only")
+        print(f"{'codec':<12}{'seed':>6}{'inserted':>10}{'decoded':>9}{'refused real':>14}{'audio differing':>17}")
+        for codec in args.codecs.split(","):
+            messages, _ = device_messages(pcm, codec, CODECS[codec])
+            for seed in (args.seeds or ",1,2,3,4").split(","):
+                started = time.monotonic()
+                inserted, leaked, dropped, disturbed = decode_only(codec, CODECS[codec], messages, args.every,
+                                                                   f"{codec}{seed}")
+                print(f"{codec:<12}{seed or '-':>6}{inserted:>10}{leaked:>9}{dropped:>14}{disturbed:>15.3f} s"
+                      f"   of {len(messages)} messages ({time.monotonic() - started:.1f} s)", flush=True)
+        return
     print(f"{len(pcm) / 16000:.0f} s of audio, {len(reference.split())} reference words, "
           f"garbage before every {args.every}th message; machine shared with other work")
-    print(f"{'codec':<12}{'clean WER':>10}{'garbage WER':>13}{'points':>8}{'dropped clean/garbage':>22}"
+    print(f"{'codec':<12}{'seed':>6}{'clean WER':>10}{'garbage WER':>13}{'points':>8}{'dropped clean/garbage':>22}"
           f"{'inserted':>9}")
     with tempfile.TemporaryDirectory() as folder:
         server = GatewayServer(test_settings(Path(folder))).start()
@@ -119,15 +178,17 @@ async def main_async(args) -> None:
             for codec in args.codecs.split(","):
                 rate = CODECS[codec]
                 messages, seconds = device_messages(pcm, codec, rate)
-                dirty = with_garbage(messages, args.every, f"{codec}{args.seed}")
-                started = time.monotonic()
                 realtime = args.realtime
                 clean_wer, clean_dropped = await run(server, messages, messages, seconds, codec, rate, reference,
                                                      realtime)
-                dirty_wer, dropped = await run(server, dirty, messages, seconds, codec, rate, reference, realtime)
-                print(f"{codec:<12}{clean_wer:>10.3f}{dirty_wer:>13.3f}{100 * (dirty_wer - clean_wer):>8.1f}"
-                      f"{clean_dropped:>8}/{dropped:<6}{len(dirty) - len(messages):>8}"
-                      f"   ({time.monotonic() - started:.0f} s)", flush=True)
+                for seed in args.seeds.split(","):     # the clean stream is the same for every seed
+                    started = time.monotonic()
+                    dirty = with_garbage(messages, args.every, f"{codec}{seed}")
+                    dirty_wer, dropped = await run(server, dirty, messages, seconds, codec, rate, reference, realtime)
+                    print(f"{codec:<12}{seed or '-':>6}{clean_wer:>10.3f}{dirty_wer:>13.3f}"
+                          f"{100 * (dirty_wer - clean_wer):>8.1f}{clean_dropped:>8}/{dropped:<6}"
+                          f"{len(dirty) - len(messages):>8}   ({time.monotonic() - started:.0f} s, "
+                          f"load {os.getloadavg()[0]:.1f})", flush=True)
         finally:
             server.stop()
 
@@ -137,8 +198,10 @@ def main() -> None:
     parser.add_argument("--codecs", default=",".join(CODECS))
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--realtime", action="store_true", help="pace the messages as a device does")
-    parser.add_argument("--seed", default="", help="another seed for the random bytes (to see the spread)")
     parser.add_argument("--audio", default=str(DEFAULT_AUDIO), help="a folder with transcripts.tsv and its WAVs")
+    parser.add_argument("--decode-only", action="store_true", help="count leaked/dropped/disturbed packets, no server")
+    parser.add_argument("--seeds", default="", help="seeds of the random bytes, comma-separated (to see the spread): "
+                        "'' is the default; --decode-only runs ',1,2,3,4' unless told")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from harken.client import device_messages, listen_url
 from harken.gateway.app_schema import check_server_message
 from harken.gateway.auth import mint_local_token
 from harken.gateway.drain import end_sessions
+from harken.stt.null import audio_times
 
 from .conftest import load_audio
 from .fakes.llm import FakeChatServer
@@ -452,3 +454,50 @@ async def test_two_sources_of_one_user_stream_together_without_a_close_loop_and_
     for session, cid in zip(sessions, ids):
         texts = {seg["id"]: seg["text"] for seg in stored[cid]["transcript_segments"]}
         assert texts == {sid: s["text"] for sid, s in session.segments.items()}   # what it was sent, once
+
+
+@pytest.mark.timeout(SOURCES_SECONDS + 90)
+async def test_two_connections_of_one_source_stream_together_without_a_close_loop_and_every_word_is_stored_once(
+        make_gateway):
+    """Android's background streamer and the foreground app on one phone: the same URL (opus,
+    source omi) and the same device hash, both streaming, the second from 3 s after the first.
+    Neither is closed by the other (either would reconnect and take the conversation back): the
+    newer takes the conversation over and the older goes on in a conversation of its own. The
+    null engine's words name their stream time, so each connection's words can be counted in
+    the store: the 60 s one's t300 … t60000 and the 45 s one's t300 … t45000, each exactly once."""
+    server = make_gateway(null_provider=True)
+    uid, token = new_user(server, "one-source")
+    headers = app_headers(token)
+    url = app_url(server.base, uid, "opus", "omi", stt_service="null", vad_gate="disabled")   # every word counted
+    speech = np.concatenate([load_audio(name) for name in ("ss_0870.wav", "ss_0880.wav", "ss_0890.wav",
+                                                           "ss_0920.wav", "ss_0930.wav")] * 8)
+    older_audio, older_s = device_messages(speech[: int(SOURCES_SECONDS * 16000)], "opus", 16000)
+    newer_audio, newer_s = device_messages(speech[: int(45 * 16000)], "opus", 16000)
+
+    async def newer():
+        await asyncio.sleep(3.0)
+        return await run_app(url, dict(headers), newer_audio, newer_s, realtime=True, settle=2.0)
+
+    older, newer = await asyncio.gather(run_app(url, dict(headers), older_audio, older_s, realtime=True, settle=2.0),
+                                        newer())
+    for session in (older, newer):
+        assert session.close_code == 1000, (session.close_code, session.close_reason)   # closed by us, not bounced
+        assert session.problems == []
+    first, moved = (e["conversation_id"] for e in older.of_type("conversation_session"))
+    (taken,) = (e["conversation_id"] for e in newer.of_type("conversation_session"))
+    assert taken == first and moved != first        # the newer took it over, the older went on in its own
+
+    async with httpx.AsyncClient(base_url=server.http, headers={"Authorization": f"Bearer {token}"}) as http:
+        listed = (await http.get("/v1/conversations", params={"limit": 10})).json()
+    assert {c["id"] for c in listed} == {first, moved}
+    stored = [seg for c in listed for seg in c["transcript_segments"]]
+    assert len({seg["id"] for seg in stored}) == len(stored)
+    words = collections.Counter(t for seg in stored for t in audio_times(seg["text"]))
+    expected = collections.Counter(round(0.3 * k, 3) for k in range(1, int(SOURCES_SECONDS / 0.3 + 1e-6) + 1))
+    expected.update(round(0.3 * k, 3) for k in range(1, int(45 / 0.3 + 1e-6) + 1))
+    assert words == expected, (sorted((expected - words).elements())[:20], sorted((words - expected).elements())[:20])
+    # What each app was shown is what its conversation holds.
+    by_conversation = {c["id"]: {seg["id"]: seg["text"] for seg in c["transcript_segments"]} for c in listed}
+    assert {sid: s["text"] for sid, s in newer.segments.items()}.items() <= by_conversation[first].items()
+    assert {sid: s["text"] for sid, s in older.segments.items()
+            if sid not in by_conversation[first]}.items() <= by_conversation[moved].items()

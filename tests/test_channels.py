@@ -12,7 +12,7 @@ import orjson
 import pytest
 import soxr
 
-from harken.client import listen_url, stream_messages
+from harken.client import device_messages, listen_url, stream_messages
 from harken.codecs import (
     ChannelDemuxDecoder,
     DecodeError,
@@ -89,6 +89,19 @@ def test_each_channel_has_its_own_opus_decoder():
     assert np.array_equal(first, second) and len(first) == 160 * len(packets)
 
 
+def test_three_or_more_channels_are_prefixed_legs_each_its_own_speaker():
+    """Upstream refuses no channel count; Harken gives each further leg its own speaker."""
+    assert uses_channel_prefix("opus", 3, "omi") and uses_channel_prefix("pcm16", 8, None)
+    decoder = decoder_for("pcm16", 16000, 3, "omi")
+    assert [(c.channel_id, c.is_user, c.speaker) for c in decoder.layout] == [(1, True, 0), (2, False, 1), (3, False, 2)]
+    decoder.keep_channels = True
+    legs = [np.full(160, level, np.int16) for level in (1000, -300, 200)]
+    assert [len(decoder.decode(prefixed(k + 1, leg))) for k, leg in enumerate(legs)] == [0, 0, 160]
+    assert [c.tolist() for c in decoder.take_channels()] == [leg.tolist() for leg in legs]
+    with pytest.raises(DecodeError):
+        decoder.decode(prefixed(4, np.zeros(160, np.int16)))
+
+
 # -- a call through a running server ------------------------------------------------------------
 def _reference(name: str) -> str:
     return next(row["reference"] for row in transcripts() if row["file"] == name)
@@ -109,6 +122,25 @@ def two_party_call() -> tuple[np.ndarray, np.ndarray, str, str]:
             " ".join(map(_reference, remote_turns)))
 
 
+async def call_through(gateway, messages: list[bytes], seconds: float, **params):
+    """Stream a call's channel-prefixed messages in real time as a new user (``codec=pcm``,
+    ``source=phone_call``); returns the client's result and the user's stored conversations once
+    the session has ended."""
+    uid = f"caller-{uuid.uuid4().hex[:8]}"
+    token = mint_local_token(gateway.settings, uid, 600)
+    url = listen_url(gateway.base, source="phone_call", uid=uid, codec="pcm", language="en", **params)
+    result = await stream_messages(url, messages, seconds, token=token, realtime=True, settle_seconds=3.0,
+                                   max_wait=120)
+    assert result.close_code == 1000, (result.close_code, result.close_reason)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while gateway.call(lambda: len(gateway.gateway.sessions)) and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=10,
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
+        return result, (await client.get("/v1/conversations")).json()
+
+
 async def test_a_two_channel_call_labels_each_partys_words_and_the_owner_is_the_user(gateway):
     mic, remote, owner_text, remote_text = two_party_call()
     # As the app's phone-call recorder sends it: 48 kHz 16-bit PCM, 20 ms per message and leg.
@@ -117,25 +149,11 @@ async def test_a_two_channel_call_labels_each_partys_words_and_the_owner_is_the_
     messages = []
     for i in range(0, len(mic48), step):
         messages += [prefixed(0x01, mic48[i:i + step]), prefixed(0x02, remote48[i:i + step])]
-    uid = f"caller-{uuid.uuid4().hex[:8]}"
-    token = mint_local_token(gateway.settings, uid, 600)
-    url = listen_url(gateway.base, source="phone_call", call_id="1765000000000", uid=uid, sample_rate=rate,
-                     codec="pcm", language="en", channels=2)
     # In real time (16 s), as a call comes: the engine then keeps up even on a loaded machine.
-    result = await stream_messages(url, messages, 0.01, token=token, realtime=True, settle_seconds=3.0,
-                                   max_wait=120)
-    assert result.close_code == 1000, (result.close_code, result.close_reason)
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while gateway.call(lambda: len(gateway.gateway.sessions)) and loop.time() < deadline:
-        await asyncio.sleep(0.2)
-    async with httpx.AsyncClient(base_url=gateway.http, timeout=10,
-                                 headers={"Authorization": f"Bearer {token}"}) as client:
-        listing = (await client.get("/v1/conversations")).json()
-        conversations = listing["conversations"] if isinstance(listing, dict) else listing
-        assert len(conversations) == 1                          # both legs in one conversation
-        stored = (await client.get(f"/v1/conversations/{conversations[0]['id']}")).json()
+    result, conversations = await call_through(gateway, messages, 0.01, sample_rate=rate, channels=2,
+                                               call_id="1765000000000")
+    assert len(conversations) == 1                          # both legs in one conversation
+    stored = conversations[0]
     segments = sorted(stored["transcript_segments"], key=lambda s: s["start"])
 
     by_speaker: dict[str, list[str]] = {}
@@ -163,3 +181,25 @@ async def test_a_two_channel_call_labels_each_partys_words_and_the_owner_is_the_
     frames += [orjson.dumps([update.segment]).decode() for update in result.updates]
     problems = [problem for frame in frames for problem in check_server_message(frame)]
     assert not problems, problems[:5]
+
+
+async def test_a_three_leg_call_gives_each_leg_its_own_speaker(gateway):
+    """``channels=3``: a leg each for the owner, the other party and a third caller, taking turns;
+    each leg's words carry its own speaker, only the owner's are the user's."""
+    legs = [load_audio(name) for name in ("ss_0880.wav", "goforward.wav", "espeak_03.wav")]
+    pause = np.zeros(16000, np.int16)
+    tracks: list[list[np.ndarray]] = [[], [], []]
+    for turn, clip in enumerate(legs):            # one speaks, the other two are silent
+        for leg in range(3):
+            tracks[leg] += [clip if leg == turn else np.zeros(len(clip), np.int16), pause]
+    audio = np.stack([np.concatenate(track) for track in tracks], axis=1)
+    messages, seconds = device_messages(audio, "pcm", 16000, channels=3)
+    _, (conversation,) = await call_through(gateway, messages, seconds, sample_rate=16000, channels=3)
+    said: dict[str, set[str]] = {}
+    for segment in conversation["transcript_segments"]:
+        assert segment["is_user"] == (segment["speaker"] == "SPEAKER_00"), segment
+        said.setdefault(segment["speaker"], set()).update(normalize(segment["text"]))
+    assert set(said) == {"SPEAKER_00", "SPEAKER_01", "SPEAKER_02"}, said
+    assert {"young", "man"} <= said["SPEAKER_00"] and "forward" in said["SPEAKER_01"], said
+    assert {"kitchen", "lights"} <= said["SPEAKER_02"], said
+    assert not said["SPEAKER_02"] & {"young", "forward"} and not said["SPEAKER_00"] & {"kitchen", "forward"}

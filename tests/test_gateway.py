@@ -149,7 +149,7 @@ BAD_PARAMETERS = [
     ({"codec": "mp3"}, "codec"),
     ({"sample_rate": "11025"}, "sample_rate"),
     ({"sample_rate": "fast"}, "sample_rate"),
-    ({"channels": "3"}, "channels"),
+    ({"channels": "9"}, "channels"),
     ({"language": "not a language"}, "language"),
     ({"include_speech_profile": "maybe"}, "include_speech_profile"),
     ({"conversation_timeout": "1"}, "conversation_timeout"),

@@ -349,6 +349,51 @@ def test_suggested_segments_go_through_the_same_merge():
 # ---------------------------------------------------------------- wire and storage forms
 
 
+def test_hand_over_moves_what_the_store_lacks_to_a_new_conversation_and_rebases_times():
+    """A newer connection took the conversation over: what this writer had not stored moves on
+    (a segment never saved whole, a saved one's growth since), under new ids, times from 0; the
+    words still buffered come along; nothing the store holds is moved twice."""
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Saved", 10.0, 10.4), ("before.", 10.5, 10.9)))
+    saved = builder.flush().changed
+    stored = {s.id: (s.text, s.end) for s in saved}
+    add(builder, words(("And", 11.0, 11.2), ("more", 11.3, 11.6)))           # grows the saved tail
+    add(builder, words(("Another", 12.0, 12.5), ("voice.", 12.6, 13.0), speaker=1))
+    builder.flush()                                                        # this batch was refused
+    add(builder, words(("still", 13.5, 13.9), ("buffered", 14.0, 14.4), speaker=1))
+
+    batch, shift = builder.hand_over(stored)
+    assert shift == 10.9
+    assert [(s.text, s.speaker, round(s.start, 3), round(s.end, 3)) for s in batch.changed] == [
+        ("And more", "SPEAKER_00", 0.0, 0.7), ("Another voice.", "SPEAKER_01", 1.1, 2.1)]
+    assert {s.id for s in batch.changed}.isdisjoint(stored)
+    assert [s.text for s in builder.segments] == ["And more", "Another voice."]
+    later = builder.flush()                      # the buffered words join, in the new time
+    assert [(s.text, round(s.start, 3)) for s in later.changed] == [("Another voice. still buffered", 1.1)]
+
+
+def test_hand_over_strips_a_stored_segment_that_was_merged_into_its_neighbour():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("I", 0.0, 0.2), ("agree.", 0.3, 0.6)))
+    add(builder, words(("So", 0.8, 0.9), ("do", 1.0, 1.1), ("we.", 1.2, 1.4), speaker=1))
+    stored = {s.id: (s.text, s.end) for s in builder.flush().changed}
+    builder.relabel(0, is_user=True, person_id=None)
+    relabel = builder.relabel(1, is_user=True, person_id=None)        # both the owner: one segment
+    assert relabel.deleted_ids == ["seg-1"]
+    add(builder, words(("Then", 2.0, 2.3), speaker=1))
+    builder.flush()
+    batch, shift = builder.hand_over(stored)
+    assert [s.text for s in batch.changed] == ["Then"] and shift == 2.0
+
+
+def test_hand_over_with_everything_stored_moves_nothing():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("All", 0.0, 0.3), ("saved.", 0.4, 0.8)))
+    stored = {s.id: (s.text, s.end) for s in builder.flush().changed}
+    batch, shift = builder.hand_over(stored)
+    assert not batch and shift is None and builder.segments == []
+
+
 def test_wire_form_is_exactly_the_protocol_element():
     segment = Segment("id-1", "Hello there.", 0, True, None, 0.0, 1.5, stt_provider="local")
     assert segment.to_wire() == {

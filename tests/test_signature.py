@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from harken.codecs import DecodeError, decoder_for, default_rate
-from harken.codecs.signature import ConfirmedKinds, Signature, SteadySize, looks_like_random_bytes
+from harken.codecs.signature import (FEC_LEARN, ConfirmedKinds, Signature, SteadyFlag, SteadySize,
+                                     looks_like_random_bytes, opus_fec_flag)
 
 from harken.codecs.encode import encode_for_device
 
@@ -38,6 +39,79 @@ def test_an_opus_packet_of_a_new_kind_waits_for_the_next_packet_to_confirm_it():
     assert kinds.check(0x70, b"code 0", family=0x70) == [b"code 1", b"code 0"]
     assert kinds.check(0x58, b"held", mark=1, family=0x58) == []
     assert kinds.check(0x58, b"later", mark=2, family=0x58) == []          # packets came in between
+
+
+def test_an_opus_packet_is_confirmed_only_by_one_of_its_configuration_and_duration():
+    # A device's 10 ms SILK packets (one TOC, code 0); garbage of that configuration with two
+    # frames (code 1: 20 ms) is not confirmed by the device's next packet.
+    decoder = decoder_for("opus", 16000)
+    packets = encode_for_device(reference_pcm()[:16000], "opus", 16000)
+    (toc,) = {p[0] for p in packets}
+    assert toc & 3 == 0
+    decoder.decode(packets[0])
+    with pytest.raises(DecodeError, match="held back"):
+        decoder.decode(bytes([toc | 1]) + bytes(range(40)))
+    assert len(decoder.decode(packets[1])) == 160          # its own packet only: the garbage is dropped
+
+
+@pytest.mark.parametrize("codec", ["lc3", "lc3_fs1030"])
+def test_short_lc3_frames_with_lsb_mode_are_dropped_before_decoding(codec):
+    """No encoder sets LSB mode in a frame this short; half of random frames have the flag."""
+    from harken.codecs.lc3 import lsb_mode_flag
+
+    messages = encode_for_device(reference_pcm(), codec, 16000)
+    size = 40 if codec == "lc3" else 30
+    assert not any(lsb_mode_flag(m[i:i + size], 16000) for m in messages for i in range(0, len(m), size))
+    clean, dirty = decoder_for(codec, 16000), decoder_for(codec, 16000)
+    rng = random.Random(3)
+    for index, message in enumerate(messages):
+        if index % 10 == 5:
+            garbage = bytearray(rng.randbytes(len(message)))
+            for end in range(size, len(garbage) + 1, size):
+                garbage[end - 2] |= 0x01        # 16 kHz: the flag is bit 8 from a frame's end
+            with pytest.raises(DecodeError, match="LSB mode"):
+                dirty.decode(bytes(garbage))
+        assert np.array_equal(dirty.decode(message), clean.decode(message)), index
+
+
+def test_a_refused_lc3_message_leaves_no_trace_in_the_decoder():
+    """Three frames: the first decodes (into the decoder's state), the second is invalid (its
+    last non-zero line past the spectrum), so the message is refused, and undone: the messages
+    after it decode exactly as if it had never come."""
+    messages = encode_for_device(reference_pcm(), "lc3_fs1030", 16000)
+    clean, dirty = decoder_for("lc3_fs1030", 16000), decoder_for("lc3_fs1030", 16000)
+    for index, message in enumerate(messages):
+        if index % 10 == 5:
+            invalid = bytearray(messages[index - 3][30:60])
+            invalid[-1] |= 0xFE
+            with pytest.raises(DecodeError, match="corrupt"):
+                dirty.decode(messages[index - 4][:30] + bytes(invalid) + messages[index - 2][:30])
+        assert np.array_equal(dirty.decode(message), clean.decode(message)), index
+
+
+def test_an_opus_stream_without_fec_drops_packets_with_the_fec_flag_and_one_with_fec_keeps_them():
+    flag = SteadyFlag()
+    clean, flagged = bytes([0x40, 0x10, 1, 2]), bytes([0x40, 0x50, 1, 2])
+    assert flag.admits(flagged)                       # not learned yet: nothing is checked
+    for _ in range(FEC_LEARN):
+        assert flag.admits(clean)
+        flag.note(clean)
+    assert not flag.admits(flagged)                   # random bytes with the stream's TOC: half are
+    # An encoder whose FEC comes on: its flagged packets recur and are admitted, then never checked.
+    admitted = []
+    for _ in range(5):
+        admitted.append(flag.admits(flagged))
+        if admitted[-1]:
+            flag.note(flagged)
+    assert admitted == [False, False, True, True, True]
+    # Through the decoder: a device's packets, then one with its TOC and the flag set.
+    decoder = decoder_for("opus", 16000)
+    packets = encode_for_device(reference_pcm(), "opus", 16000)
+    assert not any(opus_fec_flag(p) for p in packets)
+    for packet in packets[:FEC_LEARN]:
+        decoder.decode(packet)
+    with pytest.raises(DecodeError, match="FEC"):
+        decoder.decode(bytes([packets[0][0], 0x40 | packets[0][1]]) + packets[0][2:])
 
 
 def test_sightings_of_random_kinds_never_add_up():

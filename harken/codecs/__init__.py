@@ -18,7 +18,7 @@ from typing import Callable
 
 from .aac import AACDecoder
 from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono
-from .channels import ChannelDemuxDecoder, channel_layout, uses_channel_prefix
+from .channels import MAX_CHANNELS, ChannelDemuxDecoder, channel_layout, uses_channel_prefix
 from .lc3 import LC3Decoder
 from .opus import OpusDecoder
 from .pcm import PCM8Decoder, PCM16Decoder
@@ -57,8 +57,10 @@ def default_rate(codec: str) -> int:
 def decoder_for(codec: str, sample_rate: int, channels: int = 1, source: str | None = None) -> Decoder:
     """``source`` matters only with ``channels >= 2``: a phone call's messages are channel-prefixed
     (codecs/channels.py), other stereo streams interleaved."""
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise UnsupportedFormat(f"channels must be 1–{MAX_CHANNELS}; got {channels!r}")
     if uses_channel_prefix(codec, channels, source):
-        return ChannelDemuxDecoder(codec, sample_rate, channel_layout(source), decoder_for)
+        return ChannelDemuxDecoder(codec, sample_rate, channel_layout(source, channels), decoder_for)
     try:
         factory, _ = REGISTRY[codec]
     except KeyError:
@@ -84,5 +86,5 @@ async def open_decoder(codec: str, sample_rate: int, channels: int = 1, source: 
 __all__ = [
     "TARGET_RATE", "Decoder", "DecodeError", "UnsupportedFormat", "decoder_for", "open_decoder",
     "codec_names", "default_rate", "register", "mix_to_mono", "SAMPLE_RATES", "REGISTRY",
-    "ChannelDemuxDecoder", "channel_layout", "uses_channel_prefix",
+    "ChannelDemuxDecoder", "channel_layout", "uses_channel_prefix", "MAX_CHANNELS",
 ]

@@ -11,6 +11,20 @@ What Omi's backend does (BasedHardware/omi, read Dec 2026):
   its own STT stream whose segments get the channel's ``is_user`` and speaker label; the channels
   are mixed (summed, clipped) for the conversation's audio.
 - The app's phone-call recorder opens ``codec=pcm&sample_rate=48000&channels=2&source=phone_call``.
+- More channels: upstream refuses no ``channels`` value (``channels >= 2`` is all it checks), but
+  ``build_channel_config`` ignores the count: a ``channels=3`` stream gets the same two channels,
+  and a message of channel id 3 is dropped as unknown. No upstream client sends more than two.
+
+More than two channels in Harken. Refusing ``channels >= 3`` (1008) would put a client that
+upstream serves into the app's reconnect loop, and dropping the third leg would lose its words;
+so a stream of ``channels=N`` (3 ≤ N ≤ ``MAX_CHANNELS``) has channel ids 1 … N, each its own STT
+stream and speaker: 1 and 2 exactly as upstream (the owner, the other party), id k ≥ 3 the
+speaker ``SPEAKER_{k-1:02d}``, not the owner (a conference bridge's further legs). A leg that
+never sends is filled with silence (see Time below), so a client that declares 3 channels but
+sends only ids 1 and 2, as it could to upstream, is served as a two-party call. Each channel costs
+one STT stream, hence the bound. Such streams are always channel-prefixed, whatever the codec:
+upstream reads every ``channels >= 2`` stream so, and Harken's interleaved reading exists only for
+``channels=2`` (below).
 
 Harken told apart from interleaved stereo: Harken has always accepted ``channels=2`` as interleaved
 stereo (averaged to mono) for every codec, and the app's device streams never send ``channels``.
@@ -38,6 +52,7 @@ from .base import TARGET_RATE, Decoder, DecodeError, no_samples
 
 MAX_LAG_SECONDS = 1.0
 PREFIXED_SOURCES = ("phone_call", "desktop")
+MAX_CHANNELS = 8          # channel-prefixed legs of one stream, each its own STT stream
 
 
 @dataclass(frozen=True)
@@ -48,15 +63,17 @@ class Channel:
     speaker: int         # speaker index: 0 → SPEAKER_00
 
 
-def channel_layout(source: str | None) -> tuple[Channel, ...]:
-    """Upstream's ``build_channel_config``: the owner's microphone is channel 1."""
+def channel_layout(source: str | None, channels: int = 2) -> tuple[Channel, ...]:
+    """Upstream's ``build_channel_config`` (the owner's microphone is channel 1, the other party
+    channel 2), and for ``channels`` > 2 one more speaker per further channel id."""
     other = "system_audio" if source == "desktop" else "remote"
-    return (Channel(0x01, "mic", True, 0), Channel(0x02, other, False, 1))
+    further = tuple(Channel(k, f"channel{k}", False, k - 1) for k in range(3, channels + 1))
+    return (Channel(0x01, "mic", True, 0), Channel(0x02, other, False, 1)) + further
 
 
 def uses_channel_prefix(codec: str, channels: int, source: str | None) -> bool:
     """Whether a stream's binary messages start with a channel id (see the module docstring)."""
-    return channels >= 2 and (codec == "pcm" or source in PREFIXED_SOURCES)
+    return channels >= 3 or (channels == 2 and (codec == "pcm" or source in PREFIXED_SOURCES))
 
 
 def mix(blocks: list[np.ndarray]) -> np.ndarray:
@@ -75,7 +92,7 @@ class ChannelDemuxDecoder(Decoder):
 
     def __init__(self, codec: str, sample_rate: int, layout: tuple[Channel, ...],
                  make_decoder: Callable[[str, int, int], Decoder]):
-        super().__init__(sample_rate, len(layout))
+        super().__init__(sample_rate, 1)      # what it hands on is the mono mix
         self.codec = codec
         self.layout = layout
         self._index = {channel.channel_id: i for i, channel in enumerate(layout)}

@@ -7,7 +7,7 @@ look like by default (PROTOCOL.md §2, and what Omi devices and apps send):
 |---|---|
 | ``pcm16``, ``pcm`` | 10 ms of s16le at ``sample_rate``, channels interleaved |
 | ``pcm8`` | 10 ms of unsigned 8-bit samples at ``sample_rate``, channels interleaved |
-| ``pcm`` with 2 channels | a phone call: 10 ms of one leg's s16le, prefixed with its channel id (1, 2) |
+| ``pcm`` with 2+ channels | a phone call: 10 ms of one leg's s16le, prefixed with its channel id (1, 2, …) |
 | ``opus`` | one 10 ms Opus packet (libopus, VOIP application) |
 | ``opus_fs320`` | one 20 ms Opus packet |
 | ``aac`` | one ADTS frame of AAC-LC (1024 samples) from FFmpeg's encoder |
@@ -30,6 +30,7 @@ import numpy as np
 
 from .aac import AdtsFramer
 from .base import TARGET_RATE, UnsupportedFormat
+from .channels import MAX_CHANNELS
 from .lc3 import LC3_RATES
 from .opus import OPUS_RATES
 from .resample import resample_int16
@@ -68,8 +69,8 @@ def message_duration(
 ) -> float:
     """Seconds of audio in one message of ``encode_for_device`` (for real-time pacing)."""
     ms, count = _framing(codec, frame_ms, frames_per_message)
-    if codec == "pcm" and channels == 2:   # a call: each leg's 10 ms is a message of its own
-        return message_duration(codec, sample_rate, frame_ms=frame_ms) / 2
+    if codec == "pcm" and channels >= 2:   # a call: each leg's 10 ms is a message of its own
+        return message_duration(codec, sample_rate, frame_ms=frame_ms) / channels
     if codec == "aac":
         return count * _AAC_FRAME_SAMPLES / sample_rate
     if codec in _PCM:
@@ -92,17 +93,17 @@ def encode_for_device(
     ``pcm16k`` is mono (copied to every channel) or shaped (samples, channels). The last
     frame is padded with silence where the codec needs whole frames.
     """
-    if channels not in (1, 2):
-        raise UnsupportedFormat(f"channels must be 1 or 2; got {channels}")
+    if channels not in (1, 2) and not (codec == "pcm" and 2 < channels <= MAX_CHANNELS):
+        raise UnsupportedFormat(f"channels must be 1 or 2 (pcm: up to {MAX_CHANNELS} legs); got {channels}")
     ms, count = _framing(codec, frame_ms, frames_per_message)
     audio = _device_audio(pcm16k, sample_rate, channels)  # (samples, channels) int16 at the rate
     if codec in _PCM:
         step = round(sample_rate * ms / 1000)
         if codec == "pcm8":
             audio = ((audio >> 8) + 128).astype(np.uint8)
-        if codec == "pcm" and channels == 2:   # a phone call: each leg's messages prefixed (codecs/channels.py)
-            return [bytes([channel_id]) + audio[i:i + step, index].tobytes()
-                    for i in range(0, len(audio), step) for index, channel_id in enumerate((0x01, 0x02))]
+        if codec == "pcm" and channels >= 2:   # a phone call: each leg's messages prefixed (codecs/channels.py)
+            return [bytes([index + 1]) + audio[i:i + step, index].tobytes()
+                    for i in range(0, len(audio), step) for index in range(channels)]
         return [audio[i:i + step].tobytes() for i in range(0, len(audio), step)]
     if codec in _OPUS_DEFAULT_MS:
         _check_rate(codec, sample_rate, OPUS_RATES)

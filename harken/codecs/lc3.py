@@ -32,6 +32,25 @@ from .resample import StreamResampler
 from .signature import Signature
 
 LC3_RATES = (8000, 16000, 24000, 32000, 48000)
+# The first side-information fields, read from a frame's last byte backwards, least significant
+# bit first (LC3 spec 3.4.2): the bandwidth (this many bits by rate), then the spectrum's last
+# non-zero line (log2 of half the 10 ms spectrum's lines), then the LSB-mode flag.
+_BANDWIDTH_BITS = {8000: 0, 16000: 1, 24000: 2, 32000: 2, 48000: 3}
+_LAST_NONZERO_BITS = {8000: 6, 16000: 7, 24000: 7, 32000: 8, 48000: 8}
+_RATE_INDEX = {8000: 0, 16000: 1, 24000: 2, 32000: 3, 48000: 4}
+
+
+def lsb_mode_possible(frame_bytes: int, sample_rate: int) -> bool:
+    """An encoder uses LSB mode only in frames of at least 20 × (3 + rate index) bytes (liblc3's
+    ``lc3_spec_analyze``; checked with lc3py: never below 80 bytes at 16 kHz, 100 at 24 kHz, 140 at
+    48 kHz, and some frames at and above)."""
+    return frame_bytes >= 20 * (3 + _RATE_INDEX[sample_rate])
+
+
+def lsb_mode_flag(frame: bytes, sample_rate: int) -> bool:
+    """The LSB-mode flag of one channel's frame (see the side-information fields above)."""
+    position = _BANDWIDTH_BITS[sample_rate] + _LAST_NONZERO_BITS[sample_rate]
+    return bool(frame[len(frame) - 1 - position // 8] >> (position % 8) & 1)
 FRAME_US = 10000  # the protocol's only LC3 frame duration
 MIN_FRAME_BYTES, MAX_FRAME_BYTES = 20, 400  # LC3_MIN_FRAME_BYTES / LC3_MAX_FRAME_BYTES in lc3.h
 _PCM_S16 = 0  # enum lc3_pcm_format: LC3_PCM_FORMAT_S16
@@ -83,6 +102,12 @@ class LC3Decoder(Decoder):
         size = lib.lc3_decoder_size(FRAME_US, output_rate)
         self._memory = []
         self._handles = []
+        self._state_bytes = size
+        # A copy of each channel's state from before the message being decoded: a message found
+        # to be garbage is undone (the state restored), so the frames after it decode exactly as
+        # if it had never come. liblc3 keeps its state in the one block it is given, its pointers
+        # into that same block, so a copy restored to the same address is the same state.
+        self._saved = [ctypes.create_string_buffer(size) for _ in range(channels)]
         for _ in range(channels):
             memory = (ctypes.c_void_p * (size // ctypes.sizeof(ctypes.c_void_p) + 1))()  # pointer-aligned
             handle = lib.lc3_setup_decoder(FRAME_US, sample_rate, output_rate, memory)
@@ -120,7 +145,16 @@ class LC3Decoder(Decoder):
         frame_bytes = len(frames[0]) // self.channels
         if not self._signature.admits(frame_bytes, frame_bytes):
             raise DecodeError(f"LC3 frame of {frame_bytes} bytes, a length this stream has not sent")
+        if not lsb_mode_possible(frame_bytes, self.sample_rate):
+            # A frame this short never has LSB mode on, and half of random frames have the flag
+            # set: of those liblc3 itself takes for valid, this drops half before they are decoded.
+            for frame in frames:
+                for channel in range(self.channels):
+                    if lsb_mode_flag(frame[channel * frame_bytes:(channel + 1) * frame_bytes], self.sample_rate):
+                        raise DecodeError(f"LC3 frame of {frame_bytes} bytes with LSB mode, which only "
+                                          "longer frames use")
         decode_frame = _liblc3().lc3_decode
+        self._save_state()
         channels = self.channels
         block = self._frame_samples * channels  # interleaved samples of one frame
         out = np.empty(len(frames) * block, dtype=np.int16)
@@ -133,15 +167,26 @@ class LC3Decoder(Decoder):
                 pcm = address + 2 * (index * block + channel)  # liblc3 writes every channels-th sample
                 status = decode_frame(handle, data, per_channel, _PCM_S16, pcm, channels)
                 if status < 0:
+                    self._restore_state()
                     raise DecodeError(f"liblc3 rejected a {per_channel}-byte frame")
                 corrupt += status == _PLC
         if corrupt:
-            # liblc3 concealed the invalid frames, so its state is consistent and the next frame
-            # decodes normally. The message is reported whole: a real device's frames arrive
-            # intact (BLE checks them), so a corrupt frame means the message is garbage, and
-            # passing its other frames on would let random bytes through as "audio".
+            # The message is reported whole: a real device's frames arrive intact (BLE checks
+            # them), so a corrupt frame means the message is garbage, and passing its other frames
+            # on would let random bytes through as "audio". liblc3 concealed the invalid frames and
+            # decoded the others into its state: undone, or the next real frame's overlap carries
+            # their noise and the concealment's.
+            self._restore_state()
             raise DecodeError(f"{corrupt} corrupt LC3 frame(s) in a {len(message)}-byte message")
         return self._resampler.process(mix_to_mono(out, channels))
+
+    def _save_state(self) -> None:
+        for memory, saved in zip(self._memory, self._saved):
+            ctypes.memmove(saved, memory, self._state_bytes)
+
+    def _restore_state(self) -> None:
+        for memory, saved in zip(self._memory, self._saved):
+            ctypes.memmove(memory, saved, self._state_bytes)
 
     def flush(self) -> np.ndarray:
         return self._resampler.flush()

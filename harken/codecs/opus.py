@@ -26,7 +26,9 @@ and decode to a burst of noise: one such message before every tenth packet took 
 set from 6 % to 15 % WER. So a packet must also fit the stream (``signature.ConfirmedKinds``): its TOC
 byte must be one the stream has sent (a device sends one configuration), or be confirmed by the
 next packet having its configuration (an encoder at 24/48 kHz switching bandwidth or mode sends
-runs of its new one). Random bytes then pass about once in 100 (they must also pass the RFC rules).
+runs of its new one, of one packet duration). Random bytes then pass only with the stream's own
+TOC byte (1 in 256), and of those the half with the in-band FEC flag set are dropped too, once the
+stream has shown that it never sets it (``signature.SteadyFlag``): about 1 in 500 pass.
 
 Packet loss concealment. libopus can conceal a lost packet (``decode(NULL)``), but the
 protocol carries no sequence numbers or timestamps, so the gateway cannot tell that a packet
@@ -42,7 +44,7 @@ import numpy as np
 from .. import native
 from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono, no_samples
 from .resample import StreamResampler
-from .signature import ConfirmedKinds
+from .signature import ConfirmedKinds, SteadyFlag
 
 try:
     import opuslib
@@ -171,24 +173,29 @@ class OpusDecoder(Decoder):
         self._pcm = np.zeros(self._max_samples * channels, dtype=np.int16)
         self._pcm_ptr = self._pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_int16))
         self._kinds = ConfirmedKinds()
+        self._fec = SteadyFlag()
         self._reader = None
 
     def decode(self, message: bytes) -> np.ndarray:
         if not message:
             return no_samples()
         packet = bytes(message)  # ctypes wants bytes; a no-op for the bytes websockets hands us
-        opus_packet_duration(packet)   # RFC 6716's checks first: a malformed packet raises here
+        duration = opus_packet_duration(packet)   # RFC 6716's checks first: a malformed packet raises here
         reader = self._reader
         if not self._kinds.known and reader is not None and reader.first_packet:
-            self._kinds.known.add(reader.first_packet[0])   # the native reader took the stream's first packet
+            self._kinds.admit(reader.first_packet[0])   # the native reader took the stream's first packet
         packets = self._kinds.check(packet[0], packet, reader.decoded if reader is not None else None,
-                                    family=packet[0] & 0xFC)   # configuration and stereo flag
+                                    family=(packet[0] & 0xFC, duration))   # configuration, stereo flag, duration
         if not packets:
             if reader is not None:
                 reader.leave_next()   # the next packet must come here to confirm this one
             raise DecodeError(f"opus packet with TOC {packet[0]:#04x}, not this stream's: held back until the "
                               "next packet confirms it")
+        if not self._fec.admits(packets[-1]):
+            raise DecodeError("opus packet with the in-band FEC flag, which this stream never sets")
         outputs = [self._decode_packet(p, opus_packet_duration(p) * self._rate // 48000) for p in packets]
+        for p in packets:
+            self._fec.note(p)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def _decode_packet(self, packet: bytes, expected: int) -> np.ndarray:
@@ -220,6 +227,7 @@ class OpusDecoder(Decoder):
         for toc in self._kinds.known:
             reader.allow(toc)
         self._kinds.on_admit = reader.allow
+        self._fec = SteadyFlag(reader)            # the reader counts the packets it decodes
         self._reader = reader
         return reader
 

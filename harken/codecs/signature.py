@@ -20,10 +20,15 @@ Rules (measured on tests/data/audio, bench/bench_garbage.py):
   by chance (two random lengths coincide often within a window);
 - the window is forgotten after ``window`` held-back packets, so that sightings of random kinds
   never add up over a long session.
+
+Opus has two rules of its own (``ConfirmedKinds``: a new TOC must be confirmed by the next packet;
+``SteadyFlag``: the in-band FEC flag of a stream that never sets it); LC3 one in ``lc3.py`` (a frame
+too short for LSB mode must not have that flag), and a refused LC3 message is undone in the decoder.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Hashable
 
 import numpy as np
@@ -79,7 +84,8 @@ class Signature:
 class ConfirmedKinds:
     """Opus's rule, stricter than ``Signature``: a packet of a new kind is held back and decoded only
     when the *next* packet confirms it (is of the same family: for Opus the TOC's configuration and
-    stereo flag, as an encoder at 40 ms alternates frame packings); else it is dropped.
+    stereo flag and the packet's duration, as an encoder at 40 ms alternates frame packings of one
+    duration); else it is dropped.
 
     Why stricter: a random packet that gets into an Opus decoder does not only cost its own 10 ms
     of noise, it derails the decoder's prediction for the packets after it: letting 4 % of random
@@ -87,7 +93,10 @@ class ConfirmedKinds:
     encoder that switches bandwidth or mode sends runs of its new configuration, so waiting for one
     confirming packet loses nothing of it (it costs 10 ms of delay once per new configuration);
     inserted garbage is confirmed only when its TOC has the configuration of the packet after it
-    (1 in 64), or passes when its TOC byte is one of the stream's (1 in 256 per TOC).
+    and its frame count gives the same duration (for a device's 10 ms code 0 packets only a code 3
+    packet holding one frame: about 1 in 16,000; without the duration every frame packing of the
+    configuration got through, 1 in 64), or passes when its TOC byte is one of the stream's (1 in
+    256 per TOC).
 
     ``check(kind, packet, mark)`` returns the packets to decode now, in order: ``[]`` (held back),
     ``[packet]``, or ``[held, packet]``. ``mark`` says whether another packet came in between
@@ -120,6 +129,64 @@ class ConfirmedKinds:
             return [held[1], packet]
         self._held = (kind, packet, mark, family)
         return []
+
+
+FEC_LEARN = 100      # packets seen without the flag before it is checked (native/opus_reader.c: the same)
+FEC_RECUR = 4        # flagged packets within FEC_SPAN packets: the stream does use the flag
+FEC_SPAN = 50
+
+
+def opus_fec_flag(packet: bytes) -> bool:
+    """The in-band FEC (LBRR) flag of a 10 or 20 ms SILK or hybrid Opus packet: bit 6 of the first
+    payload byte (the range coder's second symbol, after the voice-activity flag)."""
+    return len(packet) > 1 and packet[0] >> 3 < 16 and bool(packet[1] & 0x40)
+
+
+class SteadyFlag:
+    """A flag a device never sets, learned from its stream: Opus's in-band FEC flag. A device
+    encoder without FEC never sets it (0 of 11,288 packets of the development set, 10 and 20 ms),
+    random bytes whose first byte is the stream's own TOC (which pass every other rule) set it
+    half of the time. Once ``FEC_LEARN`` packets came without it, a packet with it is dropped,
+    unless flagged packets recur (``FEC_RECUR`` within ``FEC_SPAN`` packets): an encoder whose FEC
+    comes on sends it in most packets, and is then never checked again (a few packets lost).
+
+    ``native/opus_reader.c`` keeps the counts when it decodes the stream (``packets``, ``free``
+    are then read from it, and ``note`` tells it what the Python path decoded)."""
+
+    def __init__(self, reader=None):
+        self.reader = reader
+        self._packets = 0
+        self._seen = 0
+        self._sightings: collections.deque[int] = collections.deque()
+
+    @property
+    def packets(self) -> int:
+        return self.reader.packets if self.reader is not None else self._packets
+
+    @property
+    def free(self) -> bool:
+        """True while the flag is checked: enough packets, none flagged."""
+        if self.reader is not None:
+            return self.reader.fec_free
+        return self._seen == 0 and self._packets >= FEC_LEARN
+
+    def note(self, packet: bytes) -> None:
+        """A packet was decoded."""
+        if self.reader is not None:
+            self.reader.decoded_here(packet)
+        else:
+            self._packets += 1
+            self._seen += opus_fec_flag(packet)
+
+    def admits(self, packet: bytes) -> bool:
+        """False for a flagged packet of a stream that never sets the flag (drop it)."""
+        if not self.free or not opus_fec_flag(packet):
+            return True
+        position = self.packets
+        self._sightings.append(position)
+        while self._sightings and self._sightings[0] < position - FEC_SPAN:
+            self._sightings.popleft()
+        return len(self._sightings) >= FEC_RECUR
 
 
 class SteadySize:

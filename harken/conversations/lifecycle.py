@@ -15,7 +15,10 @@ State lives in the store, so any node can pick up where another stopped:
 - the lease names its holder (``live_by``, one id per connection) and the newest connection of a
   user and source takes it over at once, so a client that reconnects after its node died continues the same
   conversation without waiting for the dead node's lease; the older writer, wherever it runs, is
-  fenced: its next save raises ``LeaseLost`` and writes nothing;
+  fenced: its next save raises ``LeaseLost`` and writes nothing there. It is not closed: it goes
+  on in a new conversation of its own with what it had not stored (``continue_alone``), since the
+  older connection may be live too and its client would reconnect after a close and take the
+  conversation back, a loop;
 - processing starts with an atomic claim (``in_progress → processing``, or a claim that expired),
   so two nodes never process one conversation, and a node that dies mid-way is replaced.
 """
@@ -358,7 +361,8 @@ class ConversationService:
         taken = set(await self.store.renew_live([(cid, live.holder) for live, cid in leases.items()],
                                                 self.clock() + self.live_lease))
         for live, cid in leases.items():
-            if cid in taken and live.conversation_id == cid:
+            # By holder: two handles here may name one conversation, and only the older lost it.
+            if (cid, live.holder) in taken and live.conversation_id == cid:
                 live.fenced = True           # its session learns at its next save
         for live in list(self._live):
             await live._roll_over_if_silent()
@@ -481,8 +485,8 @@ class LiveConversation:
         transaction (shared with other sessions' batches: group commit). Returns once it is
         stored; waits only for the store, never for a webhook receiver.
 
-        Raises ``LeaseLost`` if a newer connection of the user took the conversation over: the
-        batch is not written, and the session should end (its client has moved on)."""
+        Raises ``LeaseLost`` if a newer connection of the user and source took the conversation
+        over: the batch is not written; the session goes on with ``continue_alone``."""
         if self._closed:
             raise RuntimeError("save_batch after close: save the final batch first, then close")
         if self.fenced:
@@ -512,9 +516,7 @@ class LiveConversation:
             try:
                 saved = await batches.save(request)
             except LeaseLost:
-                self.fenced = True
-                log.warning("conversation %s was taken over by a newer connection of uid=%s; sid=%s stops "
-                            "writing it", conversation.id, self.uid, self.session_id)
+                self.fenced = True      # the session goes on elsewhere (continue_alone) and logs it
                 raise
             if saved:
                 break
@@ -527,6 +529,25 @@ class LiveConversation:
             conversation.finished_at = now
             self._has_words = self._has_words or StoredSegments(changed).words > 0
         return bool(request.enqueued)
+
+    def continue_alone(self, started_at: float | None = None) -> None:
+        """After ``LeaseLost``: a newer connection of the user and source writes the conversation
+        now. Rather than ending, this handle goes on in a new conversation of its own (same
+        source, its own lease; the row is created by its next save), announced through
+        ``on_new_conversation``. Both connections may be live (Android's background streamer
+        beside the foreground app), and a close would not end either: the app and the streamer
+        reconnect after any close, and the reconnect would take the conversation back, a loop.
+
+        ``started_at``: the new conversation's time 0 (wall time), when the session moves words
+        over with their times; None anchors it at its next words."""
+        lost = self._conversation.id
+        self._begin_new_conversation(self._service.clock())
+        self.fenced = False
+        if started_at is not None:
+            self._conversation.started_at = started_at
+            self._anchored = True
+        log.warning("conversation %s was taken over by a newer connection of uid=%s source=%s; sid=%s goes on in %s",
+                    lost, self.uid, self._conversation.source, self.session_id, self._conversation.id)
 
     def add_audio(self, pcm: Any) -> None:
         """Feed decoded PCM16 16 kHz audio for the audio-bytes webhook. Never blocks: complete

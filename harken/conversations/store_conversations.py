@@ -239,10 +239,15 @@ class ConversationRecords(StoreBase):
                     request.enqueued = rows != 0
         return outcomes
 
-    async def renew_live(self, leases: Iterable[tuple[str, str | None]], live_until: float) -> list[str]:
-        """Extend the leases given as (conversation id, holder). Returns the ids whose lease a
-        newer connection took (left alone); a holder of None renews unconditionally."""
-        c, holders = conversations, dict(leases)
+    async def renew_live(self, leases: Iterable[tuple[str, str | None]], live_until: float) -> list[tuple[str, str]]:
+        """Extend the leases given as (conversation id, holder). Returns the (id, holder) pairs
+        whose lease a newer connection took (left alone); a holder of None renews
+        unconditionally. One id may come with several holders: two handles of one node on one
+        conversation, the older not told yet that the newer took it over."""
+        c = conversations
+        holders: dict[str, set[str | None]] = {}
+        for conversation_id, holder in leases:
+            holders.setdefault(conversation_id, set()).add(holder)
         if not holders:
             return []
         query = sa.select(c.c.id, c.c.live_by, c.c.status).where(c.c.id.in_(list(holders))).order_by(c.c.id)
@@ -250,11 +255,11 @@ class ConversationRecords(StoreBase):
             query = query.with_for_update()
         async with self._write() as conn:
             rows = (await conn.execute(query)).all()
-            renewed = [cid for cid, live_by, _ in rows if holders[cid] is None or live_by == holders[cid]]
+            renewed = [cid for cid, live_by, _ in rows if None in holders[cid] or live_by in holders[cid]]
             if renewed:
                 await conn.execute(sa.update(c).where(c.c.id.in_(renewed)).values(live_until=live_until))
-        return [cid for cid, live_by, status in rows
-                if holders[cid] is not None and status == IN_PROGRESS and live_by != holders[cid]]
+        return [(cid, holder) for cid, live_by, status in rows if status == IN_PROGRESS
+                for holder in holders[cid] if holder is not None and holder != live_by]
 
     async def release_live(self, conversation_id: str, *, holder: str | None = None) -> None:
         """End a live lease (the session closed); a lease another connection took is kept."""

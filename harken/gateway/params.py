@@ -21,7 +21,7 @@ from ..config import VAD_GATE_MODES
 log = logging.getLogger("harken.params")
 
 STT_SERVICES = ("deepgram", "soniox", "speechmatics", "local")
-CHANNELS = (1, 2)
+CHANNELS = tuple(range(1, codecs.MAX_CHANNELS + 1))   # 3 and more: channel-prefixed legs (codecs/channels.py)
 TIMEOUT_MIN, TIMEOUT_MAX = 2, 14400
 MAX_SOURCE_LENGTH = 64
 _TRUE, _FALSE = ("true", "1"), ("false", "0")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 from uuid import uuid4
 
 from harken.stt.base import SENTENCE_ENDERS, Word
@@ -576,6 +576,56 @@ class SegmentBuilder:
                 kept.append(segment)
         self._segments = kept
         return self._batch(relabelled, absorbed)
+
+    def hand_over(self, stored: Mapping[str, tuple[str, float]]) -> tuple[Batch, float | None]:
+        """The conversation got another writer (a newer connection took it over): go on as the
+        builder of a new conversation that holds what the store does not have of this one.
+
+        ``stored`` maps each segment id the store holds to its ``(text, end)`` there (what this
+        builder's writer last saved, or found on resuming). What is left moves, under new ids:
+        a segment never stored, and the text a stored one grew by since it was saved (text only
+        grows by appending; a stored neighbour it absorbed since is stripped from that growth,
+        its own row still holds it). Relabels of stored segments stay behind (the conversation is
+        the other writer's now). Buffered words come along; provisional words are dropped (the
+        engine's next decode shows them again).
+
+        Times are rebased so that the new conversation starts at its earliest word. Returns the
+        batch to store and send (the moved segments) and the shift in seconds (new time = old
+        time − shift), None when nothing came along.
+        """
+        current = {segment.id for segment in self._segments}
+        merged_away = [text for segment_id, (text, _) in stored.items() if segment_id not in current and text]
+        moved: list[Segment] = []
+        for segment in self._segments:
+            kept = stored.get(segment.id)
+            part = segment._copy()
+            if kept is not None:
+                text, end = kept
+                if len(segment.text) <= len(text) or not segment.text.startswith(text):
+                    continue                              # nothing new (at most its labels changed)
+                rest = segment.text[len(text):].lstrip()
+                for gone in merged_away:
+                    if rest.startswith(gone):
+                        rest = rest[len(gone):].lstrip()
+                rest = normalise_text(rest)
+                if not rest:
+                    continue
+                part.text, part.translations = rest, []     # a translation described the whole text
+                part.start = min(max(segment.start, end), segment.end)
+            part.id = self._new_id()
+            moved.append(part)
+        starts = [segment.start for segment in moved] + [piece.start for piece in self._pending]
+        shift = min(starts) if starts else None
+        if shift is not None:
+            for item in (*moved, *self._pending):
+                item.start -= shift
+                item.end -= shift
+        self._segments = moved
+        self._sent = {segment.id: segment.to_wire() for segment in moved}
+        self._pinned = set()
+        self._partial, self._partial_changed, self._partial_id = [], False, None
+        self._client_overrides = {}
+        return Batch(changed=[segment._copy() for segment in moved]), shift
 
     def _batch(self, touched: set[str], absorbed: list[str]) -> Batch:
         """Report the touched segments whose wire form differs from what the client last saw,

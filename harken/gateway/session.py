@@ -105,6 +105,9 @@ class Session:
         self._offset_known = False        # fixed by the conversation at the first word (see _anchor)
         self.clock_origin = time.time()   # wall time at which the audio clock read 0
         self.live = None                  # the conversation this session writes (conversations.LiveConversation)
+        # id → (text, end) of each segment as the store holds it: what moves on if a newer
+        # connection takes the conversation over (_continue_alone).
+        self._stored: dict[str, tuple[str, float]] = {}
         self.last_activity = time.monotonic()
         self._client_gone = False
         self._first_bad_frame_at: float | None = None
@@ -224,7 +227,9 @@ class Session:
             conversation_timeout=self.params.conversation_timeout, session_id=self.id,
             events=self.send_json, on_new_conversation=self._on_new_conversation,
             with_voices=self.params.include_speech_profile, hooks=self)
-        self.builder = SegmentBuilder([Segment.from_stored(d) for d in self.live.existing_segments])
+        existing = [Segment.from_stored(d) for d in self.live.existing_segments]
+        self.builder = SegmentBuilder(existing)
+        self._stored = {s.id: (s.text, s.end) for s in existing}
         # Upstream's order: last_memory (only if there is one: the app's parser needs a string),
         # then in_progress_conversations_processing, then stt_initiating.
         if self.live.last_memory_id:
@@ -234,8 +239,10 @@ class Session:
             self.live.conversation_id, resumed=bool(self.live.existing_segments), source=self.params.source))
 
     def _on_new_conversation(self, live) -> None:
-        """The conversation timed out and was processed while the client stayed: start afresh."""
+        """The conversation timed out and was processed while the client stayed, or a newer
+        connection took it over (``_continue_alone``): start afresh."""
         self.builder = SegmentBuilder()
+        self._stored = {}
         self._offset_known = False
         # Newer apps follow which conversation the socket writes (sent from here without waiting).
         event = events.conversation_session(live.conversation_id, resumed=False, source=self.params.source)
@@ -256,6 +263,7 @@ class Session:
         batch = self.builder.flush()
         if batch:
             self._spawn_in_flight(self._send_batch(batch))
+            self._remember_stored(batch)     # the caller stores it, under the lock of our saves
         return [s.to_stored() for s in batch.changed], list(batch.deleted_ids)
 
     async def assign(self, segment_ids, *, is_user: bool, person_id: str | None) -> list[dict]:
@@ -272,12 +280,12 @@ class Session:
         for speaker_id, ids in by_speaker.items():
             batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=person_id, segment_ids=ids,
                                          by_user=True)
-            try:
-                await self._persist(batch)
-            except EndSession as end:       # superseded: a newer connection writes it now
-                self.request_end(end.code, end.reason)
-                raise LeaseLost(self.live.conversation_id) from None
+            conversation_id = self.live.conversation_id
+            batch = await self._persist(batch)
             await self._send_batch(batch)
+            if self.live.conversation_id != conversation_id:
+                # A newer connection writes that conversation now: the caller writes the store.
+                raise LeaseLost(conversation_id)
             changed += [s.to_stored() for s in batch.changed]
         return changed
 
@@ -562,14 +570,12 @@ class Session:
                                                                                      self.time_offset)
         if changes:
             batch = batch.then(self.builder.respeak(changes))
-        await self._persist(batch)          # stored before sent: nothing the client saw is lost
-        return batch
+        return await self._persist(batch)          # stored before sent: nothing the client saw is lost
 
     async def _store_relabel(self, match) -> Batch:
         is_user, person_id = match.segment_labels
         batch = self.builder.relabel(match.speaker_id, is_user=is_user, person_id=person_id)
-        await self._persist(batch)
-        return batch
+        return await self._persist(batch)
 
     async def _apply_match(self, match) -> None:
         batch = await self._uninterrupted(self._store_relabel(match))
@@ -659,8 +665,7 @@ class Session:
         self.speakers.assign(speaker_id, person_id, person_name)
         batch = self.builder.relabel(speaker_id, is_user=is_user, person_id=None if is_user else person_id,
                                      segment_ids=ids if isinstance(ids, list) else None, by_user=True)
-        await self._persist(batch)
-        await self._send_batch(batch)
+        await self._send_batch(await self._persist(batch))
 
     def _on_word(self, word: Word | Partial) -> None:
         provider = getattr(self.stream, "provider_name", None) or self.provider_name or "?"
@@ -690,18 +695,49 @@ class Session:
         """``(is_user, person_id)`` of a phone call's channel speaker: the owner's channel is the user."""
         return next(((c.is_user, None) for c in self.channels if c.speaker == speaker), (False, None))
 
-    async def _persist(self, batch: Batch) -> None:
+    async def _persist(self, batch: Batch) -> Batch:
+        """Store ``batch`` in the conversation. Returns what to send: ``batch``, or, when a newer
+        connection of the user and source took the conversation over, what this session stored
+        in a new conversation of its own instead (``_continue_alone``)."""
         if self.live is None or not batch:
-            return
+            return batch
+        conversation_id = self.live.conversation_id
         try:
             await self.live.save_batch([s.to_stored() for s in batch.changed], batch.deleted_ids)
         except LeaseLost:
-            # The user connected again (maybe through another node): that connection now writes
-            # the conversation. This batch was not stored, so it is not sent either.
-            raise EndSession(1001, "superseded by a newer connection of this user") from None
+            if self.live.conversation_id != conversation_id:
+                return Batch()      # another step of this session moved on already, with these words
+            return await self._continue_alone()
         except Exception:
             # The client still gets its words; the store's own retries/alerts are its business.
             log.exception("could not store a segment batch sid=%s", self.id)
+            return batch
+        self._remember_stored(batch)     # where it went: a rollover meanwhile stores it in the new conversation
+        return batch
+
+    def _remember_stored(self, batch: Batch) -> None:
+        for segment in batch.changed:
+            self._stored[segment.id] = (segment.text, segment.end)
+        for segment_id in batch.deleted_ids:
+            self._stored.pop(segment_id, None)
+
+    async def _continue_alone(self) -> Batch:
+        """A newer connection of this user and source took the conversation over (maybe through
+        another node): it writes that conversation now, and this session's saves there are
+        refused (the lease fencing). This session is not closed, because both may be live (the
+        Android background streamer beside the foreground app): the app and the streamer
+        reconnect after any close, and each reconnect would take the conversation back, a loop.
+        It goes on in a new conversation of its own, which gets what the store did not have of
+        its words, with their times; the client is told with ``conversation_session``."""
+        batch, shift = self.builder.hand_over(self._stored)
+        builder = self.builder
+        started_at = None if shift is None else self.live.started_at + shift
+        self.live.continue_alone(started_at)     # → _on_new_conversation: announced, a fresh builder
+        self.builder = builder                   # this one carries the words over
+        if shift is not None:
+            self.time_offset -= shift
+            self._offset_known = True
+        return await self._persist(batch)
 
     # -- outbound ------------------------------------------------------------------------
     async def _send_batch(self, batch: Batch) -> None:

@@ -34,6 +34,12 @@ typedef int (*opus_decode_fn)(void *state, const unsigned char *data, int32_t le
 #define MAX_PACKET_MS 120
 #define MAX_FRAME_BYTES 1275
 #define FIN_BINARY 0x82
+/* The in-band FEC (LBRR) flag of a 10 or 20 ms SILK or hybrid packet: bit 6 of its first payload
+ * byte. A device that sends no FEC never sets it; random bytes do half of the time. Once
+ * FEC_LEARN packets were decoded without it, a packet with it set is left to the Python path
+ * (codecs/signature.py SteadyFlag), which drops it unless the stream turns out to use FEC. */
+#define FEC_BIT 0x40
+#define FEC_LEARN 100
 
 /* Duration of one frame in 48 kHz samples by TOC configuration (RFC 6716 section 3.1). */
 static const int FRAME_48K[32] = {
@@ -125,7 +131,17 @@ typedef struct {
     int any_allowed;           /* 0 until a TOC is allowed: the stream's first packet then defines one */
     int leave_next;            /* Python held a packet back: leave it the next one, which may confirm it */
     int first_toc, first_samples; /* that first packet's TOC and samples, for the Python signature */
+    unsigned long long python_decoded; /* packets the Python path decoded (decoded_here) */
+    unsigned long long fec_seen;       /* packets decoded with the FEC flag set, here or there */
 } Reader;
+
+static int fec_flag(const unsigned char *p, Py_ssize_t size) {
+    return size > 1 && (p[0] >> 3) < 16 && (p[1] & FEC_BIT);
+}
+
+static int fec_free(const Reader *self) {
+    return self->fec_seen == 0 && self->decoded + self->python_decoded >= FEC_LEARN;
+}
 
 static int ensure_pcm(Reader *self, Py_ssize_t need) {
     if (need <= self->capacity) return 0;
@@ -224,6 +240,8 @@ static PyObject *Reader_scan(Reader *self, PyObject *args) {
         for (Py_ssize_t i = 0; i < length; i++) self->payload[i] = src[i] ^ mask[i & 3];
         int duration = packet_duration(self->payload, length);
         if (duration < 0) break;
+        int flagged = fec_flag(self->payload, length);
+        if (flagged && fec_free(self)) break;   /* an FEC flag this stream never sets: Python decides */
         int expected = (int)((long long)duration * self->rate / 48000);
         int count = self->decode(self->state, self->payload, (int32_t)length, self->pcm + self->samples,
                                  self->max_samples, 0);
@@ -235,6 +253,7 @@ static PyObject *Reader_scan(Reader *self, PyObject *args) {
             self->first_samples = count;
         }
         if (now < 0) now = monotonic_now();
+        self->fec_seen += flagged;
         self->samples += count;
         self->messages += 1;
         self->decoded += 1;
@@ -291,6 +310,24 @@ static PyObject *Reader_leave_next(Reader *self, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
+/* decoded_here(packet): the Python path decoded this packet (counts towards the FEC flag's rule). */
+static PyObject *Reader_decoded_here(Reader *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    self->python_decoded += 1;
+    self->fec_seen += fec_flag(view.buf, view.len);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Reader_fec_free(Reader *self, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(fec_free(self));
+}
+
+static PyObject *Reader_packets(Reader *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(self->decoded + self->python_decoded);
+}
+
 static PyObject *Reader_pending(Reader *self, void *Py_UNUSED(closure)) {
     return PyLong_FromSsize_t(self->samples);
 }
@@ -316,6 +353,7 @@ static PyMethodDef Reader_methods[] = {
     {"close", (PyCFunction)Reader_close, METH_NOARGS, "decode nothing more; release the decoder"},
     {"allow", (PyCFunction)Reader_allow, METH_O, "allow(toc): decode packets with this TOC byte here"},
     {"leave_next", (PyCFunction)Reader_leave_next, METH_NOARGS, "leave the next audio frame to the Python path"},
+    {"decoded_here", (PyCFunction)Reader_decoded_here, METH_O, "decoded_here(packet): the Python path decoded it"},
     {NULL},
 };
 
@@ -323,6 +361,9 @@ static PyGetSetDef Reader_getset[] = {
     {"pending", (getter)Reader_pending, NULL, "samples decoded and not yet taken", NULL},
     {"closed", (getter)Reader_closed, NULL, "True once close() was called", NULL},
     {"decoded", (getter)Reader_decoded, NULL, "packets decoded by this reader so far", NULL},
+    {"packets", (getter)Reader_packets, NULL, "packets decoded here and by the Python path", NULL},
+    {"fec_free", (getter)Reader_fec_free, NULL,
+     "True once FEC_LEARN packets were decoded and none had the in-band FEC flag set", NULL},
     {"first_packet", (getter)Reader_first_packet, NULL,
      "(TOC, samples) of the stream's first packet when this reader decoded it, else None", NULL},
     {NULL},
