@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 from uuid import uuid4
 
+from harken.conversations.model import MAX_TIME_SECONDS   # client times past it are refused
 from harken.stt.base import SENTENCE_ENDERS, Word
 
 
@@ -43,7 +44,6 @@ _PUNCTUATION_NEEDING_NO_SPACE = ",.?!;:"
 # one segment forever, and each append copies the whole text (quadratic in the conversation).
 MAX_SEGMENT_CHARS = 4000
 MAX_SUGGESTED_PER_MESSAGE = 64
-MAX_TIME_SECONDS = 1e7               # 115 days: any conversation time beyond is nonsense
 MAX_SPEAKER_ID = 1000
 MAX_ID_CHARS = 128
 MAX_PROVIDER_CHARS = 64
