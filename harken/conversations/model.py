@@ -129,15 +129,20 @@ def readable_conversation(conversation: Conversation) -> Conversation:
     return replace(conversation, started_at=started, finished_at=finished)
 
 
-def _conversation_time(value: Any) -> float | None:
-    """A stored time within 0..MAX_TIME_SECONDS, else None (NaN fails every comparison)."""
+def time_within(value: Any, low: float, high: float) -> float | None:
+    """A JSON number (a client's or a stored time) as a float within low..high, else None: not a
+    number, a bool, NaN (it fails every comparison), infinite, or an int too large for a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
         number = float(value)
-    except OverflowError:               # an int too large for a float
+    except OverflowError:
         return None
-    return number if 0.0 <= number <= MAX_TIME_SECONDS else None
+    return number if low <= number <= high else None
+
+
+def _conversation_time(value: Any) -> float | None:
+    return time_within(value, 0.0, MAX_TIME_SECONDS)
 
 
 def _wall_time(value: Any, latest: float) -> bool:

@@ -20,13 +20,12 @@ The rules follow Omi's ``combine_segments`` (reference/omi-listen-behaviour.md Â
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 from uuid import uuid4
 
-from harken.conversations.model import MAX_TIME_SECONDS   # client times past it are refused
+from harken.conversations.model import MAX_TIME_SECONDS, time_within   # client times past it are refused
 from harken.stt.base import SENTENCE_ENDERS, Word
 
 
@@ -693,10 +692,4 @@ def _raw_segments(pieces: list[_Piece]) -> list[Segment]:
 
 def _finite(value: Any) -> float | None:
     """A client's time in seconds: a finite number within Â±MAX_TIME_SECONDS, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:               # an int too large for a float
-        return None
-    return number if math.isfinite(number) and abs(number) <= MAX_TIME_SECONDS else None
+    return time_within(value, -MAX_TIME_SECONDS, MAX_TIME_SECONDS)
