@@ -18,7 +18,16 @@ For each phase it prints the honest streams' connect → ready (p50, p95), stead
 (p50, p95) and the server's CPU seconds (its own, from /proc: the figure other engineers' load
 disturbs least), each as a ratio to the neighbouring baselines; the goal is ≤ 1.2×.
 
-    python bench/bench_fairness.py [--seconds 15] [--streams 20] [--phases huge-headers,slowloris]
+Connect → ready of a burst of connects is what a loaded shared machine disturbs most (the
+baselines of one run spanned 20–340 ms), so each phase also opens a separate burst of
+``--streams`` connects (spaced as the honest streams' ramp), each closed at ``ready``, and
+reports the server's CPU per connect: its CPU time over the burst (to the nanosecond, from
+/proc/PID/task/*/schedstat) less what the abuser alone cost it in the 2 s before (its
+background rate). Other people's load moves wall times by several times; it moves CPU per
+connect far less. ``--repeat N`` runs the whole sequence N times and the summary gives each
+abuser's median ratio over the repetitions.
+
+    python bench/bench_fairness.py [--seconds 15] [--streams 20] [--phases huge-headers,slowloris] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -211,11 +221,54 @@ async def honest_run(port: int, data_dir: Path, streams: int, seconds: float, ph
             "errors": float(sum(report.errors.values()))}
 
 
+async def connect_burst(port: int, data_dir: Path, streams: int, phase: str) -> list[float]:
+    """``streams`` connects spaced as run_load's ramp, each closed at ``ready``: connect → ready
+    seconds of each, as the honest streams measure it."""
+    import websockets
+
+    from harken.config import Settings
+    from harken.gateway.auth import mint_local_token
+
+    settings = Settings(data_dir=data_dir)
+    run = f"burst-{phase}-{time.monotonic_ns()}"
+    tokens = [mint_local_token(settings, f"{run}-{i}", 600) for i in range(streams)]
+    url = f"ws://127.0.0.1:{port}/v4/listen?codec=opus&sample_rate=16000&stt_service=null"
+    spacing = min(10.0, 0.02 * streams) / max(1, streams)
+
+    async def one(index: int) -> float:
+        await asyncio.sleep(index * spacing)
+        began = time.monotonic()
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {tokens[index]}"},
+                                      compression=None, open_timeout=30) as ws:
+            async with asyncio.timeout(30):
+                async for message in ws:
+                    if isinstance(message, str) and json.loads(message).get("status") == "ready":
+                        return time.monotonic() - began
+        return float("nan")
+
+    return list(await asyncio.gather(*(one(i) for i in range(streams))))
+
+
+def burst_figures(pid: int, port: int, data_dir: Path, streams: int, phase: str) -> dict[str, float]:
+    """The connect burst's wall times and the server's CPU per connect, less the background."""
+    import numpy as np
+
+    before, at = task_cpu_seconds(pid), time.monotonic()
+    time.sleep(2.0)
+    background = (task_cpu_seconds(pid) - before) / (time.monotonic() - at)
+    before, at = task_cpu_seconds(pid), time.monotonic()
+    ready = np.array(asyncio.run(connect_burst(port, data_dir, streams, phase)))
+    spent = task_cpu_seconds(pid) - before - background * (time.monotonic() - at)
+    return {"burst_p50": float(np.nanpercentile(ready, 50)), "burst_p95": float(np.nanpercentile(ready, 95)),
+            "cpu_per_connect": spent / streams, "background_cpu": background}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0, help="audio seconds each honest stream sends per phase")
     parser.add_argument("--streams", type=int, default=20)
     parser.add_argument("--phases", default=",".join(ABUSERS))
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole sequence this many times")
     parser.add_argument("--abuse", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
@@ -225,8 +278,9 @@ def main() -> int:
         return 0
 
     phases = ["baseline"]
-    for abuser in (p for p in args.phases.split(",") if p):
-        phases += [abuser, "baseline"]
+    for _ in range(max(1, args.repeat)):
+        for abuser in (p for p in args.phases.split(",") if p):
+            phases += [abuser, "baseline"]
     with tempfile.TemporaryDirectory(prefix="harken-fairness-") as tmp:
         data_dir, port = Path(tmp), free_port()
         server = start_server(port, data_dir)
@@ -239,9 +293,11 @@ def main() -> int:
                         [sys.executable, __file__, "--abuse", phase, "--port", str(port), "--data-dir", tmp,
                          "--seconds", str(args.seconds + 8)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
                     time.sleep(3.0)            # the abuse is under way before the honest streams connect
+                burst = burst_figures(server.pid, port, data_dir, args.streams, phase)
                 cpu_before = cpu_seconds(server.pid)
                 figures = asyncio.run(honest_run(port, data_dir, args.streams, args.seconds, phase))
                 figures["server_cpu"] = cpu_seconds(server.pid) - cpu_before
+                figures.update(burst)
                 if abuser is not None:
                     try:
                         abuser.wait(timeout=30)
@@ -249,7 +305,7 @@ def main() -> int:
                         abuser.kill()
                         abuser.wait()
                 results.append((phase, figures))
-                print(f"{phase:17s} done: {figures}", file=sys.stderr, flush=True)
+                print(f"{phase:17s} done: {figures} load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
                 time.sleep(2.0)
         finally:
             server.terminate()
@@ -266,23 +322,56 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def task_cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` in nanoseconds' resolution (/proc/stat counts 10 ms
+    ticks, too coarse for a burst of 20 connects); threads that ended meanwhile are not counted."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
+
+
+NAMES = ("ready_p50", "ready_p95", "latency_p50", "latency_p95", "server_cpu", "burst_p50", "burst_p95",
+         "cpu_per_connect")
+
+
 def print_table(results: list[tuple[str, dict[str, float]]], args) -> None:
-    names = ("ready_p50", "ready_p95", "latency_p50", "latency_p95", "server_cpu")
     print(f"\n{args.streams} honest opus streams x {args.seconds:g} s per phase, null provider; each "
           f"abuser's ratios against the mean of the baselines just before and after it (goal <= {GOAL}x). "
-          f"Shared machine: the baselines' spread shows its noise.")
-    print(f"{'phase':17s} " + " ".join(f"{n:>20s}" for n in names) + "  errors")
+          f"burst_*: a separate burst of {args.streams} connects closed at ready; cpu_per_connect: the "
+          f"server's CPU per connect of that burst less the abuser's background (in brackets: its share "
+          f"of a core). Shared machine: the baselines' spread shows its noise.")
+    print(f"{'phase':17s} " + " ".join(f"{n:>18s}" for n in NAMES) + "  background errors")
+    ratios: dict[str, dict[str, list[float]]] = {}
     for index, (phase, figures) in enumerate(results):
         if phase == "baseline":
-            cells = [_cell(figures[n], None, n) for n in names]
+            cells = [_cell(figures[n], None, n) for n in NAMES]
         else:
             around = [results[index - 1][1], results[index + 1][1]]
-            cells = [_cell(figures[n], sum(b[n] for b in around) / 2, n) for n in names]
-        print(f"{phase:17s} " + " ".join(f"{c:>20s}" for c in cells) + f"  {figures['errors']:.0f}")
+            bases = {n: sum(b[n] for b in around) / 2 for n in NAMES}
+            cells = [_cell(figures[n], bases[n], n) for n in NAMES]
+            for n in NAMES:
+                ratios.setdefault(phase, {}).setdefault(n, []).append(figures[n] / bases[n] if bases[n] else float("nan"))
+        print(f"{phase:17s} " + " ".join(f"{c:>18s}" for c in cells)
+              + f"  {figures['background_cpu'] * 100:7.1f} % {figures['errors']:5.0f}")
+    if args.repeat > 1:
+        print(f"\nmedian ratio over {args.repeat} repetitions (min-max):")
+        print(f"{'abuser':17s} " + " ".join(f"{n:>18s}" for n in NAMES))
+        for phase, by_name in ratios.items():
+            print(f"{phase:17s} " + " ".join(
+                f"{statistics.median(v):5.2f}x ({min(v):.2f}-{max(v):.2f})".rjust(18) for v in by_name.values()))
 
 
 def _cell(value: float, base: float | None, name: str) -> str:
-    shown = f"{value:5.1f} s" if name == "server_cpu" else f"{value * 1000:5.0f} ms"
+    if name == "server_cpu":
+        shown = f"{value:5.1f} s"
+    elif name == "cpu_per_connect":
+        shown = f"{value * 1000:5.2f} ms"
+    else:
+        shown = f"{value * 1000:5.0f} ms"
     return shown + (f" ({value / base:4.2f}x)" if base else "        ")
 
 

@@ -266,6 +266,71 @@ async def test_absurd_times_and_malformed_speaker_ids_neither_poison_the_account
     assert [s["text"] for s in listed.json()[0]["transcript_segments"]] == ["fine words."]
 
 
+async def test_an_account_poisoned_before_times_were_bounded_is_read_resumed_and_processed(make_gateway):
+    """Rows as the code before the fix stored them (reproduced against it): a first suggestion at
+    ``start: 1e300`` anchored the conversation's start there (every ``GET /v1/conversations``
+    then answered 500: the start has no date, and processing failed each lease), and later ones
+    stored segments at 1e18 and 1e300 s. They are written here through the store, as that code
+    wrote them; the account must list, resume and process, with every word kept."""
+    from harken.conversations.model import Conversation
+
+    server = start(make_gateway)
+    uid = f"user-{uuid.uuid4().hex[:8]}"
+    created = time.time() - 60
+    poisoned = Conversation(id=uuid.uuid4().hex, uid=uid, status="in_progress", language="en", source="omi",
+                            created_at=created, started_at=created + 1e300, finished_at=created + 1, timeout_s=120)
+    stored = [{"id": sid, "text": text, "speaker": "SPEAKER_00", "speakerId": 0, "speaker_id": 0, "is_user": False,
+               "person_id": None, "start": start, "end": end, "stt_provider": "custom",
+               "speech_profile_processed": True, "translations": []}
+              for sid, text, start, end in (("s1", "fine words here.", 0.5, 1.0), ("s2", "huge.", 1e18, 1e18),
+                                            ("s3", "absurd.", 1e300, 1e300))]
+
+    async def write_as_the_old_code_did() -> None:
+        store = server.gateway.store
+        await store.create_conversation(poisoned)
+        assert await store.save_batch(poisoned, stored, [], now=created + 1, live_until=created + 1, realtime=None)
+
+    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(write_as_the_old_code_did(), server.loop))
+    headers = bearer(server, uid)
+    async with httpx.AsyncClient(base_url=server.http, headers=headers) as client:
+        listed = await client.get("/v1/conversations")
+        one = await client.get(f"/v1/conversations/{poisoned.id}")
+    assert listed.status_code == 200 and one.status_code == 200, listed.text
+    shown = one.json()
+    assert shown["started_at"] == listed.json()[0]["started_at"]
+    assert shown["started_at"].startswith(time.strftime("%Y-", time.gmtime(created)))
+    segments = shown["transcript_segments"]
+    assert [s["text"] for s in segments] == ["fine words here.", "huge.", "absurd."]
+    assert [(s["start"], s["end"]) for s in segments] == [(0.5, 1.0), (1.0, 1.0), (1.0, 1.0)]
+
+    # A session of the user resumes the conversation and adds to it at sane times.
+    async with websockets.connect(f"{server.base}/v4/listen?{PCM_QUERY}&custom_stt=enabled",
+                                  additional_headers=headers) as ws:
+        await until_ready(ws)
+        await ws.send(json.dumps({"type": "suggested_transcript",
+                                  "segments": [{"text": "and more words now.", "start": 0.2, "end": 0.9}]}))
+        sent: list[dict] = []
+        async with asyncio.timeout(5):
+            while not any(s["text"].endswith("and more words now.") for s in sent):
+                reply = await ws.recv()
+                if reply.startswith("["):
+                    sent = json.loads(reply)
+        assert all(0 <= s["start"] <= s["end"] < 10 ** 7 for s in sent)
+        await ws.close()
+    assert ws.close_code == 1000
+
+    async with httpx.AsyncClient(base_url=server.http, headers=headers, timeout=30) as client:
+        processed = await client.post("/v1/conversations", content="{}")
+        listed = await client.get("/v1/conversations")
+    assert processed.status_code == 200, processed.text
+    memory = processed.json()["conversation"]
+    assert memory["id"] == poisoned.id and memory["status"] == "completed"
+    words = " ".join(s["text"] for s in memory["transcript_segments"])
+    for text in ("fine words here.", "huge.", "absurd.", "and more words now."):
+        assert text in words
+    assert listed.status_code == 200 and listed.json()[0]["status"] == "completed"
+
+
 # --- 2: the local token endpoint ----------------------------------------------------------------
 
 async def test_local_token_needs_the_printed_pairing_secret(make_gateway):
@@ -312,6 +377,32 @@ async def test_auth_none_refuses_foreign_pages_and_rebinding_hosts(make_gateway)
             pass
     async with websockets.connect(f"{server.base}/v4/listen?{PCM_QUERY}&uid=alice") as ws:
         await until_ready(ws)
+
+
+async def test_metrics_without_a_token_are_not_readable_by_a_rebinding_page(make_gateway):
+    """auth=local on loopback, no metrics_token: a page whose name was rebound to 127.0.0.1 sends
+    its own name as Host and must not read /metrics; Prometheus scraping 127.0.0.1 still does."""
+    server = start(make_gateway)
+    port = server.settings.port
+    async with httpx.AsyncClient(base_url=server.http) as client:
+        scraped = await client.get("/metrics")
+        by_name = await client.get("/metrics", headers={"Host": f"localhost:{port}"})
+        rebound = await client.get("/metrics", headers={"Host": f"evil.example:{port}"})
+        rebound_slash = await client.get("/metrics/", headers={"Host": f"evil.example:{port}"})
+        foreign = await client.get("/metrics", headers={"Origin": "http://evil.example"})
+    assert scraped.status_code == by_name.status_code == 200
+    assert "harken_active_sessions" in scraped.text and "harken_active_sessions" in by_name.text
+    for refused in (rebound, rebound_slash, foreign):
+        assert refused.status_code == 403 and "harken_" not in refused.text
+
+    # With a token the token is the proof, whatever the Host (as documented).
+    guarded = start(make_gateway, metrics_token="scrape-secret")
+    async with httpx.AsyncClient(base_url=guarded.http) as client:
+        rebound_bare = await client.get("/metrics", headers={"Host": f"evil.example:{guarded.settings.port}"})
+        with_token = await client.get("/metrics", headers={"Authorization": "Bearer scrape-secret",
+                                                           "Host": f"harken.internal:{guarded.settings.port}"})
+    assert rebound_bare.status_code == 401
+    assert with_token.status_code == 200 and "harken_active_sessions" in with_token.text
 
 
 # --- 8: secrets in logs --------------------------------------------------------------------------

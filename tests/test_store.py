@@ -18,7 +18,8 @@ import pytest
 import sqlalchemy as sa
 
 from harken.conversations import migrations
-from harken.conversations.model import COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting
+from harken.conversations.model import (COMPLETED, IN_PROGRESS, PROCESSING, Conversation, Usage, WebhookSetting,
+                                        readable_conversation, readable_segments)
 from harken.conversations.schema import metadata
 from harken.conversations.store import (BatchRequest, LeaseLost, OpenRequest, OutboxMessage, ProcessingClaim,
                                        PersonRow, ProcessingDone, Settlement, Store)
@@ -86,6 +87,24 @@ def segment(sid: str, text: str, start: float, end: float) -> dict:
     return {"id": sid, "text": text, "speaker": "SPEAKER_00", "speakerId": 0, "speaker_id": 0, "is_user": True,
             "person_id": None, "start": start, "end": end, "stt_provider": "local",
             "speech_profile_processed": True, "translations": []}
+
+
+def test_stored_times_no_reader_can_use_are_read_as_the_previous_end_and_good_rows_stay_as_they_are():
+    good = [segment("a", "one", 0.5, 1.0), segment("b", "two", 1.2, 2.0)]
+    assert readable_segments([dict(s) for s in good]) == good
+    bad = good + [segment("c", "huge", 1e18, 1e18), segment("d", "absurd", 1e300, float("inf")),
+                  segment("e", "nan", float("nan"), 3.0), {**segment("f", "null", 0, 0), "start": None},
+                  segment("g", "int", 10 ** 400, 10 ** 400), segment("h", "end only", 2.5, 1e300)]
+    read = readable_segments(bad)
+    assert [s["text"] for s in read] == ["one", "two", "huge", "absurd", "nan", "null", "int", "end only"]
+    assert [(s["start"], s["end"]) for s in read[2:]] == [(2.0, 2.0)] * 2 + [(2.0, 3.0)] + [(3.0, 3.0)] * 2 + [(2.5, 2.5)]
+
+    now = 1_790_000_000.0
+    fine = Conversation("c", "u", IN_PROGRESS, "en", "omi", now, now - 30, now + 5, 120)
+    assert readable_conversation(fine) is fine
+    for started in (now + 1e300, float("nan"), float("inf"), -1.0, now + 2e7):
+        read = readable_conversation(Conversation("c", "u", IN_PROGRESS, "en", "omi", now, started, now + 5, 120))
+        assert (read.started_at, read.finished_at) == (now, now + 5)
 
 
 # --- migrations -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ imports the gateway, so everything here works on those dicts.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
@@ -24,6 +24,10 @@ CONVERSATION_SEGMENT_KEYS = ("id", "text", "speaker", "speakerId", "speaker_id",
 REALTIME_SEGMENT_KEYS = ("text", "speaker", "speakerId", "is_user", "start", "end", "id")
 
 _SPEAKER_NUMBER = re.compile(r"(\d+)\s*$")
+
+# Conversation time (seconds from a conversation's start) beyond this is nonsense: 115 days. The
+# gateway refuses client times past it; readers repair stored times past it (``readable_segments``).
+MAX_TIME_SECONDS = 1e7
 
 
 @dataclass
@@ -88,6 +92,61 @@ class StoredSegments:
         if not self.items:
             return 0.0
         return max(float(s.get("end", 0.0)) for s in self.items) - min(float(s.get("start", 0.0)) for s in self.items)
+
+
+def readable_segments(items: list[dict]) -> list[dict]:
+    """Stored segments (in time order) as readers may use them.
+
+    Before client times were bounded, a ``suggested_transcript`` with ``start: 1e300`` was
+    stored as it came, and such rows are still in old databases. A time that is not a finite
+    number within 0..MAX_TIME_SECONDS is read as the previous segment's end (0 for the first;
+    an end, as its segment's start): the text stays, in order, and nothing downstream (JSON,
+    resumed sessions, processing) meets a number it cannot handle. Good rows are returned as
+    they are."""
+    previous_end = 0.0
+    for index, item in enumerate(items):
+        start, end = _conversation_time(item.get("start")), _conversation_time(item.get("end"))
+        if start is None or end is None:
+            start = previous_end if start is None else start
+            item = items[index] = {**item, "start": start, "end": start if end is None else max(start, end)}
+        previous_end = max(previous_end, item["end"])
+    return items
+
+
+def readable_conversation(conversation: Conversation) -> Conversation:
+    """The conversation with wall times that can be shown (``iso``) and computed with.
+
+    ``created_at`` is the server's clock; ``started_at`` was the session's clock plus the first
+    word's time, which an old Harken took from the client unbounded (``1e300`` made every read
+    of the account fail). A start or finish that is not finite, before 1970 or more than
+    MAX_TIME_SECONDS after the creation is read as the creation time."""
+    latest = conversation.created_at + MAX_TIME_SECONDS
+    started, finished = conversation.started_at, conversation.finished_at
+    if _wall_time(started, latest) and _wall_time(finished, latest):
+        return conversation
+    started = started if _wall_time(started, latest) else conversation.created_at
+    finished = finished if _wall_time(finished, latest) else max(conversation.created_at, started)
+    return replace(conversation, started_at=started, finished_at=finished)
+
+
+def time_within(value: Any, low: float, high: float) -> float | None:
+    """A JSON number (a client's or a stored time) as a float within low..high, else None: not a
+    number, a bool, NaN (it fails every comparison), infinite, or an int too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if low <= number <= high else None
+
+
+def _conversation_time(value: Any) -> float | None:
+    return time_within(value, 0.0, MAX_TIME_SECONDS)
+
+
+def _wall_time(value: Any, latest: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= latest
 
 
 def word_count(text: Any) -> int:

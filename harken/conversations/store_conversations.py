@@ -16,6 +16,8 @@ from .model import (
     PROCESSING,
     Conversation,
     WebhookSetting,
+    readable_conversation,
+    readable_segments,
     word_count,
 )
 from .schema import conversations, segments
@@ -130,7 +132,7 @@ class ConversationRecords(StoreBase):
             rows = await conn.execute(_SEGMENTS_OF, {"ids": list(by_id)})
             for conversation_id, data in rows:
                 by_id[conversation_id].append(orjson.loads(data))
-        return by_id
+        return {cid: readable_segments(items) for cid, items in by_id.items()}
 
     async def list_conversations(self, uid: str, *, limit: int, offset: int = 0,
                                  include_discarded: bool = True) -> list[tuple[Conversation, list[dict]]]:
@@ -452,11 +454,11 @@ _SEGMENTS_OF = (
 
 
 def _conversation(row: Any) -> Conversation:
-    return Conversation(
+    return readable_conversation(Conversation(
         id=row["id"], uid=row["uid"], status=row["status"], language=row["language"], source=row["source"],
         created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
         timeout_s=row["timeout_s"], structured=orjson.loads(row["structured"]) if row["structured"] else None,
-        discarded=bool(row["discarded"]))
+        discarded=bool(row["discarded"])))
 
 
 def _conversation_row(conversation: Conversation) -> dict[str, Any]:

@@ -2,25 +2,40 @@
 
 One ``Gateway`` per server process, built in the app's lifespan and handed to each session, so
 nothing lives in module globals and tests can run several gateways in one process.
+
+Imports flow one way: ``session.py`` and ``metrics.py`` know nothing of each other, and this
+module knows neither's insides: a live session is seen through ``LiveSession`` (what the
+holders of ``Gateway.sessions`` use of one), and the metrics get what they read as
+``MetricsSources``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import Settings
 from ..stt.base import Provider
-from .metrics import GatewayMetrics
+from .metrics import GatewayMetrics, MetricsSources
 
 if TYPE_CHECKING:
     from ..conversations import ConversationService, Store
     from .auth import Authenticator
-    from .session import Session
 
 
 FLUSH_SLOTS = 6          # phases of the 600 ms flush: one group commit per 100 ms
+
+
+class LiveSession(Protocol):
+    """A session as the gateway's other parts see it (``session.Session`` is one): the drain
+    tells each that the node drains and asks it to end; metrics and health only count them."""
+
+    id: str
+
+    async def send_json(self, payload: dict) -> None: ...
+
+    def request_end(self, code: int, reason: str) -> None: ...
 
 
 @dataclass
@@ -30,7 +45,7 @@ class Gateway:
     providers: dict[str, Provider]          # name → provider, e.g. {"local": WhisperProvider}
     conversations: "ConversationService | None" = None
     store: "Store | None" = None
-    sessions: set["Session"] = field(default_factory=set)
+    sessions: set[LiveSession] = field(default_factory=set)
     connections_held: int = 0               # accepted /v4/listen connections, sessions or still being set up
     draining: bool = False
     drain_deadline: float | None = None     # monotonic; set when a graceful drain starts (drain.py)
@@ -39,7 +54,11 @@ class Gateway:
     _flush_slots_given: int = 0
 
     def __post_init__(self) -> None:
-        self.metrics = GatewayMetrics(self)
+        self.metrics = GatewayMetrics(MetricsSources(
+            session_limit=self.settings.max_sessions,
+            open_sessions=lambda: len(self.sessions),
+            store=lambda: self.store,
+            deliverer=lambda: getattr(self.conversations, "deliverer", None)))
 
     def flush_phase(self) -> float:
         """Where in the flush interval a new session flushes (seconds past a multiple of it).

@@ -22,8 +22,8 @@ import logging
 import time
 
 from . import events
-from .context import Gateway
-from .session import EndSession, Session
+from .context import Gateway, LiveSession
+from .session import EndSession
 
 log = logging.getLogger("harken.drain")
 
@@ -49,7 +49,7 @@ async def end_sessions(gateway: Gateway) -> int:
     gateway.draining = True
     deadline = drain_deadline(gateway)
     sessions_deadline = deadline - SHUTDOWN_SHARE * gateway.settings.drain_timeout
-    asked: set[Session] = set()
+    asked: set[LiveSession] = set()
     pending: set[asyncio.Task] = set()
     log.info("draining: ending %d session(s) with %d", len(gateway.sessions), DRAIN_CLOSE_CODE)
     while gateway.sessions and time.monotonic() < sessions_deadline:
@@ -76,7 +76,7 @@ def shutdown_graces(gateway: Gateway) -> dict[str, float]:
     return {"processing_grace": processing, "delivery_grace": max(0.0, left - processing - 1.0)}
 
 
-async def _notify_and_end(session: Session) -> None:
+async def _notify_and_end(session: LiveSession) -> None:
     try:
         await session.send_json(events.service_status("draining"))
     except EndSession:

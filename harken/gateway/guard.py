@@ -7,10 +7,12 @@ to remember.
 - JSON nested past the parser's depth: ``parse_json`` (orjson, depth 1024) answers 400; a
   handler that parses with something that raises ``RecursionError`` still gets 400, not 500.
 - Browsers: where the caller proves nothing (``auth=none`` trusts a uid parameter; the local
-  token endpoint is token-less), a request is refused unless its ``Host`` names this machine
-  (a DNS-rebinding page sends its own host name) and any ``Origin`` it carries is this server's
-  own loopback origin (a foreign page's ``fetch``, form post or WebSocket always carries its
-  origin). Clients that are not browsers send no ``Origin`` and are unaffected.
+  token endpoint is token-less; ``/metrics`` without a ``metrics_token`` on a loopback bind),
+  a request is refused unless its ``Host`` names this machine (a DNS-rebinding page sends its
+  own host name) and any ``Origin`` it carries is this server's own loopback origin (a foreign
+  page's ``fetch``, form post or WebSocket always carries its origin). Clients that are not
+  browsers (a Prometheus scraping ``127.0.0.1``) send a loopback ``Host`` and no ``Origin`` and
+  are unaffected.
 - Every response says ``X-Content-Type-Options: nosniff``.
 """
 
@@ -24,6 +26,7 @@ import orjson
 from ..config import Settings, is_loopback
 
 LOCAL_TOKEN_PATH = "/v1/local/token"
+METRICS_PATH = "/metrics"
 NESTING_REFUSAL = "the JSON body is nested too deeply"
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
 
@@ -73,7 +76,7 @@ class GuardMiddleware:
 
     # -- browsers -------------------------------------------------------------------------
     def _browser_refusal(self, scope) -> str | None:
-        if self.settings.auth != "none" and scope["path"] != LOCAL_TOKEN_PATH:
+        if self.settings.auth != "none" and not self._token_less(scope["path"]):
             return None
         headers = _headers(scope)
         if not is_loopback(host_name(headers.get("host", ""))):
@@ -82,6 +85,16 @@ class GuardMiddleware:
         if origin is not None and not _own_origin(origin, headers.get("host", "")):
             return "requests from other web pages are refused"
         return None
+
+    def _token_less(self, path: str) -> bool:
+        """A route that a caller reaches without proving anything, on a server only this
+        machine should reach. ``/metrics`` without a token on a non-loopback bind is open to
+        whoever reaches the port (as the start-up warning says): Prometheus there scrapes by
+        whatever name the network gives the node, so its Host cannot be checked."""
+        if path == LOCAL_TOKEN_PATH:
+            return True
+        return (path.rstrip("/") == METRICS_PATH and not self.settings.metrics_token
+                and is_loopback(self.settings.host))
 
     # -- bodies ---------------------------------------------------------------------------
     def _limit(self, path: str) -> int:

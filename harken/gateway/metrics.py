@@ -22,6 +22,9 @@ which can only be read asynchronously: the ``/metrics`` handler refreshes them b
 results are read from the conversation service's deliverer at scrape time, and
 ``harken_store_lock_waits_total`` from the store's counter, so the conversations layer knows
 nothing of this module.
+
+This module knows nothing of the ``Gateway`` that owns it (``context.py`` imports this module,
+not the other way round): the owner hands over what the metrics read, as ``MetricsSources``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import collections
 import hmac
 import logging
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -45,7 +49,7 @@ from .auth import bearer_token
 from .worker_metrics import SiblingMetrics, WorkerSlot
 
 if TYPE_CHECKING:
-    from .context import Gateway
+    from ..conversations import Store
     from .segments import Segment
 
 log = logging.getLogger("harken.metrics")
@@ -62,17 +66,28 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+@dataclass(frozen=True)
+class MetricsSources:
+    """What the metrics read from their owner, each when a scrape asks: the owner's parts (the
+    store, the conversation service) are built after the metrics, in the app's lifespan."""
+
+    session_limit: int                          # max_sessions (0 = no limit)
+    open_sessions: Callable[[], int]
+    store: Callable[[], "Store | None"]         # outbox counts, lock waits
+    deliverer: Callable[[], Any]                # the webhook deliverer (its counters), or None
+
+
 class GatewayMetrics:
     """The gateway's metrics, the loop-lag probe, and the values read at scrape time."""
 
-    def __init__(self, gateway: "Gateway") -> None:
-        self._gateway = gateway
+    def __init__(self, sources: MetricsSources) -> None:
+        self._sources = sources
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.active_sessions = Gauge("harken_active_sessions", "WebSocket sessions now open", registry=registry)
-        self.active_sessions.set_function(lambda: len(gateway.sessions))
+        self.active_sessions.set_function(sources.open_sessions)
         self.session_limit = Gauge("harken_session_limit", "max_sessions of this process (0 = no limit)",
                                    registry=registry)
-        self.session_limit.set(gateway.settings.max_sessions)
+        self.session_limit.set(sources.session_limit)
         self.capacity_refusals = Counter("harken_capacity_refusals",
                                          "connections refused with 1013 because max_sessions were held",
                                          registry=registry)
@@ -102,8 +117,8 @@ class GatewayMetrics:
                                   buckets=LAG_BUCKETS, registry=registry)
         self.connections = Counter("harken_connections", "WebSocket connections ended, by close code",
                                    ["code"], registry=registry)
-        registry.register(_DeliveryCollector(gateway))
-        registry.register(_StoreLockCollector(gateway))
+        registry.register(_DeliveryCollector(sources.deliverer))
+        registry.register(_StoreLockCollector(sources.store))
         self._lag_task: asyncio.Task | None = None
         self._siblings: SiblingMetrics | None = None
         # Other parts' gauges read from the store at each scrape (the sync backlog), and their names.
@@ -164,7 +179,7 @@ class GatewayMetrics:
         return await self._siblings.page(own, self._shared_families)
 
     async def _refresh_outbox(self) -> None:
-        store = self._gateway.store
+        store = self._sources.store()
         if store is None:
             return
         try:
@@ -278,8 +293,8 @@ class AudioArrivals:
 class _DeliveryCollector:
     """``harken_webhook_deliveries_total{result}`` read from the deliverer's own counters."""
 
-    def __init__(self, gateway: "Gateway") -> None:
-        self._gateway = gateway
+    def __init__(self, deliverer: Callable[[], Any]) -> None:
+        self._deliverer = deliverer
 
     def describe(self):
         return [CounterMetricFamily("harken_webhook_deliveries", "webhook delivery attempts, by result",
@@ -288,7 +303,7 @@ class _DeliveryCollector:
     def collect(self):
         family = CounterMetricFamily("harken_webhook_deliveries", "webhook delivery attempts, by result",
                                      labels=["result"])
-        deliverer = getattr(self._gateway.conversations, "deliverer", None)
+        deliverer = self._deliverer()
         if deliverer is not None:
             family.add_metric(["delivered"], deliverer.delivered)
             family.add_metric(["failed"], deliverer.failed_attempts)     # retried later
@@ -301,14 +316,14 @@ class _StoreLockCollector:
 
     HELP = "SQLite write transactions that found another process holding the write lock and waited in a thread"
 
-    def __init__(self, gateway: "Gateway") -> None:
-        self._gateway = gateway
+    def __init__(self, store: Callable[[], "Store | None"]) -> None:
+        self._store = store
 
     def describe(self):
         return [CounterMetricFamily("harken_store_lock_waits", self.HELP)]
 
     def collect(self):
-        store = self._gateway.store
+        store = self._store()
         yield CounterMetricFamily("harken_store_lock_waits", self.HELP, value=store.lock_waits if store else 0)
 
 

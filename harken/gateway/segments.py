@@ -20,12 +20,12 @@ The rules follow Omi's ``combine_segments`` (reference/omi-listen-behaviour.md Â
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from uuid import uuid4
 
+from harken.conversations.model import MAX_TIME_SECONDS, time_within   # client times past it are refused
 from harken.stt.base import SENTENCE_ENDERS, Word
 
 
@@ -43,7 +43,6 @@ _PUNCTUATION_NEEDING_NO_SPACE = ",.?!;:"
 # one segment forever, and each append copies the whole text (quadratic in the conversation).
 MAX_SEGMENT_CHARS = 4000
 MAX_SUGGESTED_PER_MESSAGE = 64
-MAX_TIME_SECONDS = 1e7               # 115 days: any conversation time beyond is nonsense
 MAX_SPEAKER_ID = 1000
 MAX_ID_CHARS = 128
 MAX_PROVIDER_CHARS = 64
@@ -743,10 +742,4 @@ def _raw_segments(pieces: list[_Piece]) -> list[Segment]:
 
 def _finite(value: Any) -> float | None:
     """A client's time in seconds: a finite number within Â±MAX_TIME_SECONDS, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:               # an int too large for a float
-        return None
-    return number if math.isfinite(number) and abs(number) <= MAX_TIME_SECONDS else None
+    return time_within(value, -MAX_TIME_SECONDS, MAX_TIME_SECONDS)
