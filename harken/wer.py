@@ -10,6 +10,7 @@ Levenshtein edits (substitutions + deletions + insertions), summed over files be
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Iterable
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -87,10 +88,27 @@ _NOT_WORD = re.compile(r"[^\w\s]|_")
 
 
 def multilingual_errors(reference: str, hypothesis: str, language: str) -> tuple[int, int]:
-    """(edits, reference units) for any language: words after lower-casing and dropping
-    punctuation (any script), or characters for ``CHARACTER_LANGUAGES``. Numbers are compared as
-    written: no language's number words are spelled out, so "3" against "tres" is an error."""
+    """(edits, reference units) for any language: words (any script) after lower-casing, dropping
+    punctuation and folding Latin diacritics, or characters for ``CHARACTER_LANGUAGES`` (not
+    folded: that would split a kana from its voicing mark). Numbers are compared as written: no
+    language's number words are spelled out, so "3" against "tres" is an error.
+
+    Diacritics are folded because published transcripts often leave them out (the Asterisk
+    Spanish prompts are written in ASCII: "numero", "buzon") while Whisper writes them; an
+    accent alone then costs nothing, on every path alike."""
     ref, hyp = (_NOT_WORD.sub(" ", t.lower()) for t in (reference, hypothesis))
     if language.split("-")[0].lower() in CHARACTER_LANGUAGES:
         return edit_distance(list(ref.replace(" ", "")), list(hyp.replace(" ", ""))), len(ref.replace(" ", ""))
+    ref, hyp = _fold_diacritics(ref), _fold_diacritics(hyp)
     return edit_distance(ref.split(), hyp.split()), len(ref.split())
+
+
+def _fold_diacritics(text: str) -> str:
+    """``número`` → ``numero`` (Latin letters lose their marks) and ``ё`` → ``е`` (Russian
+    writing mostly omits its dots); other scripts' marks are letters of their own (``й``)."""
+    return "".join(_latin_base(c) for c in text).replace("ё", "е")
+
+
+def _latin_base(char: str) -> str:
+    base = unicodedata.normalize("NFKD", char)[:1]
+    return base if base.isascii() and base.isalpha() else char
