@@ -81,8 +81,10 @@ def session_messages(pcms: list[np.ndarray], gap: float) -> list[bytes]:
 
 async def through_gateway(server: GatewayServer, messages: list[bytes], language: str) -> list[dict]:
     url = listen_url(server.base, codec="pcm16", sample_rate=16000, language=language)
+    load = server.gateway.providers["local"].load_state
     result = await stream_messages(url, messages, 0.1, token=mint_local_token(server.settings, "bench", 3600),
-                                   realtime=False, settle_seconds=20.0, max_wait=900)
+                                   realtime=False, settle_seconds=3.0, max_wait=1800,
+                                   busy=lambda: load.in_flight > 0)
     if result.close_code not in (None, 1000):
         raise RuntimeError(f"{language}: the session closed {result.close_code} {result.close_reason}")
     return result.ordered()
@@ -178,21 +180,23 @@ def print_table(results: dict[str, LanguageResult], english_only: bool) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--audio", type=Path, default=REAL_SPEECH)
-    parser.add_argument("--languages", default="", help="comma-separated codes (default: every language listed)")
+    parser.add_argument("--languages", default="",
+                        help="comma-separated codes, run in that order (default: every language listed)")
     parser.add_argument("--gap", type=float, default=2.0, help="seconds of silence after each clip")
     parser.add_argument("--english-only", action="store_true",
                         help="also stream language=xx to a server without the multilingual model (the old engine)")
     args = parser.parse_args()
-    wanted = {code for code in args.languages.split(",") if code}
-    by_language: dict[str, list[Clip]] = defaultdict(list)
+    wanted = [code for code in args.languages.split(",") if code]
+    by_language: dict[str, list[Clip]] = {code: [] for code in wanted}
     for row in clips(args.audio):
         if not wanted or row.language in wanted:
-            by_language[row.language].append(row)
+            by_language.setdefault(row.language, []).append(row)
     print(f"cpus {sorted(os.sched_getaffinity(0))}, load average {os.getloadavg()} (shared machine)")
     timing = [0.0, 0.0]          # offline decode seconds, audio seconds
     results: dict[str, LanguageResult] = {}
     with tempfile.TemporaryDirectory() as data:
-        base = Settings(data_dir=Path(data), port=0, log_level="warning", audio_realtime_factor=0)
+        base = Settings(data_dir=Path(data), port=0, log_level="warning", audio_realtime_factor=0,
+                        idle_timeout=3600)     # the clips arrive faster than they are decoded
         server = GatewayServer(base).start()
         old = GatewayServer(base.replace(data_dir=Path(data) / "old", whisper_multilingual_model="")).start() \
             if args.english_only else None
@@ -200,6 +204,8 @@ async def main() -> None:
             for language, rows in by_language.items():
                 print(f"{language}: {len(rows)} clips", flush=True)
                 results[language] = await bench_language(server, old, language, rows, args.audio, args.gap, timing)
+                print_table({language: results[language]}, args.english_only)     # in case the run is cut short
+                print(f"load average {os.getloadavg()}\n", flush=True)
         finally:
             server.stop()
             if old is not None:

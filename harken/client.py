@@ -127,12 +127,16 @@ async def stream_messages(
     on_update: Callable[[StreamResult, dict], None] | None = None,
     on_event: Callable[[StreamResult, dict], None] | None = None,
     open_timeout: float = 15.0,
+    busy: Callable[[], bool] | None = None,
 ) -> StreamResult:
     """Send ``messages`` and collect what comes back, then close with 1000.
 
     After the last message the client keeps the connection open until no segment has changed for
     ``settle_seconds`` (the engine's last utterance needs a moment), at most ``max_wait`` seconds.
     ``on_update`` is called with each segment version, ``on_event`` with each event (a dict).
+    ``busy`` (for a server in the same process) says the server is still working on the audio:
+    while it returns True the settle countdown starts again, so a loaded engine's queued
+    utterances are waited for however long they take (up to ``max_wait``).
     """
     headers = {"Authorization": f"Bearer {token}"} if token else None
     result = StreamResult(started_at=time.monotonic())
@@ -183,6 +187,8 @@ async def stream_messages(
             last_change = time.monotonic()
             deadline = time.monotonic() + max_wait
             while not receiver.done() and time.monotonic() < deadline:
+                if busy is not None and busy():
+                    last_change = time.monotonic()
                 if time.monotonic() - last_change >= settle_seconds:
                     break
                 await asyncio.sleep(0.05)
