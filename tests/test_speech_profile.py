@@ -9,6 +9,7 @@ conversation does.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import uuid
@@ -24,6 +25,7 @@ from harken.audio.vad import speech_spans
 from harken.client import listen_url, read_wav_16k, stream_messages
 from harken.conversations.store import PersonRow
 from harken.gateway.auth import mint_local_token
+from harken.audio.speaker_models import model_named
 from harken.gateway.profiles import MAX_AUDIO_BYTES, from_bytes, to_bytes
 
 from .conftest import DATA
@@ -33,6 +35,7 @@ SPEAKERS = DATA / "speakers"
 RATE = 16000
 OWNER, PERSON, STRANGER = "1998", "3080", "2033"     # F, F, M
 PAUSE_S = 1.0
+MODEL_ID = model_named().model_id       # the test servers' speaker model (the default)
 
 
 def utterance(speaker: str, index: int) -> np.ndarray:
@@ -80,29 +83,29 @@ async def test_profiles_and_people_are_stored_per_user(backend, tmp_path):
     async with opened_store(backend, tmp_path) as store:
         assert await store.get_speech_profile("alice") is None
         assert await store.load_voices("alice") == (None, [])
-        await store.set_speech_profile("alice", to_bytes(a), speech_seconds=12.5, now=100.0)
-        await store.set_speech_profile("alice", to_bytes(b), speech_seconds=20.0, now=200.0)   # replaces
+        await store.set_speech_profile("alice", to_bytes(a, MODEL_ID), speech_seconds=12.5, now=100.0)
+        await store.set_speech_profile("alice", to_bytes(b, MODEL_ID), speech_seconds=20.0, now=200.0)   # replaces
         profile = await store.get_speech_profile("alice")
         assert (profile.speech_seconds, profile.created_at, profile.updated_at) == (20.0, 100.0, 200.0)
-        assert np.array_equal(from_bytes(profile.embedding), b)
+        assert np.array_equal(from_bytes(profile.embedding, MODEL_ID), b)
 
         await store.add_person(PersonRow("p1", "alice", "Bea", None, 0, 0.0, 300.0))
-        await store.add_person(PersonRow("p2", "alice", "Cy", to_bytes(c), 1, 6.0, 301.0))
-        await store.add_person(PersonRow("p3", "bob", "Dee", to_bytes(a), 1, 6.0, 302.0))
+        await store.add_person(PersonRow("p2", "alice", "Cy", to_bytes(c, MODEL_ID), 1, 6.0, 301.0))
+        await store.add_person(PersonRow("p3", "bob", "Dee", to_bytes(a, MODEL_ID), 1, 6.0, 302.0))
         assert [p.id for p in await store.list_people("alice")] == ["p1", "p2"]
         assert await store.get_person("bob", "p1") is None           # not bob's
         owner, named = await store.load_voices("alice")
-        assert np.array_equal(from_bytes(owner), b)
+        assert np.array_equal(from_bytes(owner, MODEL_ID), b)
         assert [(pid, name) for pid, name, _ in named] == [("p2", "Cy")]   # p1 has no voice yet
 
         # A voice is written only over the sample count it was averaged from.
-        assert await store.set_person_voice("alice", "p1", to_bytes(a), samples=1, speech_seconds=5.0,
+        assert await store.set_person_voice("alice", "p1", to_bytes(a, MODEL_ID), samples=1, speech_seconds=5.0,
                                             expected_samples=0)
-        assert not await store.set_person_voice("alice", "p1", to_bytes(b), samples=1, speech_seconds=5.0,
+        assert not await store.set_person_voice("alice", "p1", to_bytes(b, MODEL_ID), samples=1, speech_seconds=5.0,
                                                 expected_samples=0)
-        assert not await store.set_person_voice("bob", "p1", to_bytes(b), samples=2, speech_seconds=5.0,
+        assert not await store.set_person_voice("bob", "p1", to_bytes(b, MODEL_ID), samples=2, speech_seconds=5.0,
                                                 expected_samples=1)
-        assert np.array_equal(from_bytes((await store.get_person("alice", "p1")).embedding), a)
+        assert np.array_equal(from_bytes((await store.get_person("alice", "p1")).embedding, MODEL_ID), a)
         assert [pid for pid, _, _ in (await store.load_voices("alice"))[1]] == ["p1", "p2"]
 
         assert not await store.delete_person("bob", "p2")
@@ -338,3 +341,42 @@ async def test_without_include_speech_profile_nobody_is_recognised(gateway):
     assert not any(s["is_user"] for s in off.segments.values())
     assert not any(e.get("type") == "speaker_label_suggestion" for e in off.events)
     assert any(s["is_user"] for s in on.segments.values())      # the same audio is the owner's
+
+
+@pytest.mark.timeout(300)
+async def test_a_voice_enrolled_with_another_speaker_model_is_ignored_until_enrolled_again(make_gateway, tmp_path):
+    # The owner enrols on a server with the d-vector model; the operator then switches the model
+    # (HARKEN_SPEAKER_MODEL). The stored voice names its model, so the new one never compares
+    # it with its own embeddings: the app is told there is no profile (it asks the user to
+    # enrol again), and until then nobody is the owner.
+    shared = tmp_path / "data"
+    before = make_gateway(data_dir=shared, speaker_model="dvector")
+    _, auth = user(before, "switch")
+    async with client(before) as http:
+        put = await http.put("/v1/users/speech-profile", headers=auth, content=wav_bytes(enrolment(OWNER, (0, 1, 2))))
+        assert put.status_code == 200, put.text
+        assert (await http.get("/v3/speech-profile", headers=auth)).json() == {"has_profile": True}
+    before.stop()
+
+    after = make_gateway(data_dir=shared, speaker_model="resemblyzer")
+    audio = np.concatenate((silence(LEAD_S), utterance(OWNER, 3), silence(PAUSE_S), utterance(OWNER, 4), silence(2.0)))
+    messages = [audio[i:i + 1600].tobytes() for i in range(0, audio.size, 1600)]
+    token = auth["Authorization"].split()[1]
+    url = listen_url(after.base, codec="pcm16", sample_rate=16000, include_speech_profile="true",
+                     conversation_timeout=2)
+    async with client(after) as http:
+        assert (await http.get("/v3/speech-profile", headers=auth)).json() == {"has_profile": False}
+        profile = (await http.get("/v1/users/speech-profile", headers=auth)).json()
+        assert profile["exists"] is False and profile["model"] == model_named("dvector").model_id
+        ignored = await stream_messages(url, messages, 0.1, token=token, realtime=False, settle_seconds=6.0,
+                                        max_wait=120)
+        put = await http.put("/v1/users/speech-profile", headers=auth, content=wav_bytes(enrolment(OWNER, (0, 1, 2))))
+        assert put.status_code == 200, put.text
+        assert (await http.get("/v3/speech-profile", headers=auth)).json() == {"has_profile": True}
+        assert (await http.get("/v1/users/speech-profile", headers=auth)).json()["model"] == \
+            model_named("resemblyzer").model_id
+        await asyncio.sleep(3.0)            # a new conversation
+        recognised = await stream_messages(url, messages, 0.1, token=token, realtime=False, settle_seconds=6.0,
+                                           max_wait=120)
+    assert ignored.segments and not any(s["is_user"] for s in ignored.segments.values())
+    assert recognised.segments and all(s["is_user"] for s in recognised.segments.values())

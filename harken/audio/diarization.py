@@ -149,6 +149,10 @@ MIN_SPEAKER_SECONDS = 1.5
 # A stretch (consecutive chunks of one utterance with one label) is a known voice (the owner,
 # an enrolled person) when its own mean embedding is at least this similar to the enrolment.
 KNOWN_VOICE_SIMILARITY = 0.60
+# An enrolled voice's stretches are decided again against the conversation's own voices (see
+# ``ConversationDiarizer._adapted``) this many times, once each side has this many stretches.
+ADAPT_ROUNDS = 2
+ADAPT_MIN_CHUNKS = 3
 # Re-cluster with every utterance while the conversation has at most this many chunks (4 min of
 # speech; clustering 300 chunks takes a few ms); past it, after every RECLUSTER_SECONDS of new
 # speech, and in between new chunks go to the nearest speaker.
@@ -179,8 +183,9 @@ class ConversationDiarizer:
                  known_threshold: float = KNOWN_VOICE_SIMILARITY, min_speaker_seconds: float = MIN_SPEAKER_SECONDS,
                  recluster_seconds: float = RECLUSTER_SECONDS, max_chunks: int = MAX_RECLUSTER_CHUNKS,
                  window_seconds: float = WINDOW_SECONDS, hop_seconds: float = WINDOW_HOP_SECONDS,
-                 chunk_windows: int = CHUNK_WINDOWS, chunk_stride: int = CHUNK_STRIDE):
+                 chunk_windows: int = CHUNK_WINDOWS, chunk_stride: int = CHUNK_STRIDE, adapt_known: bool = True):
         self.threshold = threshold
+        self.adapt_known = adapt_known
         self.known_threshold = known_threshold
         self.min_speaker_seconds = min_speaker_seconds
         self.recluster_seconds = recluster_seconds
@@ -190,7 +195,7 @@ class ConversationDiarizer:
         self.window_seconds, self.hop_seconds = window_seconds, hop_seconds
         self.chunk_windows, self.chunk_stride = chunk_windows, chunk_stride
         self.known = None if known is None or len(known) == 0 else _unit_matrix(known)
-        self._vectors = np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        self._vectors: np.ndarray | None = None          # (chunks, dim) once the first arrives
         self._starts: list[float] = []
         self._ends: list[float] = []
         self._utterance: list[int] = []
@@ -202,6 +207,16 @@ class ConversationDiarizer:
         self._new_speech = 0.0
         self._cached_times: tuple[np.ndarray, np.ndarray] | None = None
         self.reclusters = 0
+
+    @classmethod
+    def for_model(cls, model, *, known: np.ndarray | None = None, **overrides) -> "ConversationDiarizer":
+        """A diarizer with the window grid and similarity bars of ``model``
+        (``speaker_models.SpeakerModel``)."""
+        settings = dict(threshold=model.cluster_similarity, known_threshold=model.known_similarity,
+                        window_seconds=model.window_seconds, hop_seconds=model.hop_seconds,
+                        chunk_windows=model.chunk_windows, chunk_stride=model.chunk_stride)
+        settings.update(overrides)
+        return cls(known=known, **settings)
 
     # -- what is known -------------------------------------------------------------------
     @property
@@ -216,6 +231,15 @@ class ConversationDiarizer:
     def known_label(self, label: int) -> int | None:
         """The row of ``known`` that ``label`` stands for, if any."""
         return self._known_of_label.get(label)
+
+    def voice(self, label: int) -> tuple[np.ndarray, float] | None:
+        """``(unit mean embedding, seconds of speech)`` of ``label``'s stretches, or None if it
+        has none: that speaker's voice as this conversation heard it."""
+        rows = [i for i, l in enumerate(self._labels) if l == label]
+        if not rows:
+            return None
+        seconds = sum(b - a for a, b, l in self.turns() if l == label)
+        return _unit_matrix(self._vectors[rows].mean(axis=0, keepdims=True))[0], seconds
 
     def label_at(self, t: float) -> int | None:
         """The label of the chunk whose centre is nearest ``t`` (None before any speech)."""
@@ -285,7 +309,8 @@ class ConversationDiarizer:
             self._starts.append(a)
             self._ends.append(max(b, a + 0.01))
             self._utterance.append(self._utterances)
-            self._vectors = np.vstack((self._vectors, _unit_matrix(group.mean(axis=0, keepdims=True))))
+            vector = _unit_matrix(group.mean(axis=0, keepdims=True))
+            self._vectors = vector if self._vectors is None else np.vstack((self._vectors, vector))
             self._labels.append(-1)
         self._utterances += 1
         self._new_speech += end - start
@@ -457,20 +482,41 @@ class ConversationDiarizer:
         scores = vectors @ self.known.T                                  # (chunks, known)
         bars = self._known_bars(scores, np.asarray(out))
         base = max(out) + 1
+        best = np.argmax(scores, axis=1)
+        matched = scores[np.arange(len(out)), best] >= bars[best]
         known_of_cluster: dict[int, int] = {}
-        k = 0
-        while k < len(out):
-            j = k
-            run = _unit_matrix(vectors[k : j + 1].mean(axis=0, keepdims=True))[0]
-            similarity = self.known @ run
-            best = int(np.argmax(similarity))
-            if similarity[best] >= bars[best]:
-                for m in range(k, j + 1):
-                    out[m] = base + best
-                known_of_cluster[base + best] = best
-            k = j + 1
+        taken = np.zeros(len(out), dtype=bool)          # the owner (row 0) first, then people
+        for row in range(scores.shape[1]):
+            mine = matched & (best == row)
+            if self.adapt_known:
+                mine = self._adapted(vectors, scores[:, row], mine, np.asarray(clusters))
+            mine &= ~taken
+            taken |= mine
+            for m in np.flatnonzero(mine):
+                out[m] = base + row
+            if mine.any():
+                known_of_cluster[base + row] = row
         # Decided per 1.6 s stretch; a lone stretch inside an utterance follows its neighbours.
         return self._smoothed(out, lo), known_of_cluster
+
+    def _adapted(self, vectors: np.ndarray, scores: np.ndarray, mine: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+        """The stretches of one enrolled voice, decided again against this conversation's own
+        voices: the enrolment was recorded elsewhere (another microphone, another day), while the
+        stretches found to match it carry this conversation's channel. So each stretch is the
+        voice's when it is closer to those stretches' mean than to every other voice heard here
+        (each cluster less the voice's stretches), and still clears ``known_threshold`` against
+        the enrolment itself: its own audio decides, the conversation only sharpens the bar.
+        Two rounds (the second from the first's answer)."""
+        for _ in range(ADAPT_ROUNDS):
+            if mine.sum() < ADAPT_MIN_CHUNKS or (~mine).sum() < ADAPT_MIN_CHUNKS:
+                return mine
+            voice = _unit_matrix(vectors[mine].mean(axis=0, keepdims=True))[0]
+            others = [vectors[(clusters == c) & ~mine] for c in np.unique(clusters[~mine])]
+            others = _unit_matrix(np.asarray([v.mean(axis=0) for v in others if len(v) >= ADAPT_MIN_CHUNKS]
+                                             or [vectors[~mine].mean(axis=0)]))
+            closest_other = (vectors @ others.T).max(axis=1)
+            mine = (vectors @ voice > closest_other) & (scores >= self.known_threshold)
+        return mine
 
     def _known_bars(self, scores: np.ndarray, clusters: np.ndarray) -> np.ndarray:
         """Per enrolled voice: the similarity a stretch needs (see ``_anchor_known``)."""
@@ -509,7 +555,8 @@ def _two_groups(values: np.ndarray, min_share: float = 0.2, min_gap: float = 0.0
 
 
 def _unit_matrix(vectors: np.ndarray) -> np.ndarray:
-    matrix = np.asarray(vectors, dtype=np.float32).reshape(-1, EMBEDDING_DIM)
+    matrix = np.asarray(vectors, dtype=np.float32)
+    matrix = matrix.reshape(-1, matrix.shape[-1] if matrix.ndim else EMBEDDING_DIM)
     return matrix / (np.linalg.norm(matrix, axis=1, keepdims=True) + 1e-12)
 
 

@@ -125,10 +125,11 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return np.where(mel >= min_log_mel, min_log_hz * np.exp(log_step * (mel - min_log_mel)), f_sp * mel)
 
 
-def _mel_filterbank() -> np.ndarray:
-    """(n_fft // 2 + 1, 40) Slaney-normalised triangular filters from 0 Hz to Nyquist."""
-    fft_freqs = np.fft.rfftfreq(_N_FFT, 1.0 / SAMPLE_RATE)
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(SAMPLE_RATE / 2), _N_MELS + 2))
+def mel_filterbank(n_fft: int = _N_FFT, n_mels: int = _N_MELS, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """(n_fft // 2 + 1, n_mels) Slaney-normalised triangular filters from 0 Hz to Nyquist
+    (librosa's ``filters.mel`` defaults; both speaker models' front ends use them)."""
+    fft_freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2), n_mels + 2))
     widths = np.diff(edges)
     ramps = edges[:, None] - fft_freqs[None, :]
     lower = -ramps[:-2] / widths[:-1, None]
@@ -148,7 +149,7 @@ def _analysis_window() -> np.ndarray:
     return padded
 
 
-_MEL_BASIS = _mel_filterbank()
+_MEL_BASIS = mel_filterbank()
 _WINDOW = _analysis_window()
 _WINDOW_ENERGY = float((_WINDOW.astype(np.float64) ** 2).sum())
 
@@ -219,7 +220,44 @@ def mean_embedding(embeddings: list[np.ndarray] | np.ndarray) -> np.ndarray:
 # --- the model ----------------------------------------------------------------------------
 
 
-class SpeakerEmbedder(SharedModel):
+class ExecutorModel(SharedModel):
+    """A process-wide model whose async methods run on one executor: by default a thread of its
+    own, so that embedding (CPU-bound) by all sessions together takes at most one core away from
+    the speech engine. ``on(executor)`` is the same loaded model run by another executor: the
+    batch transcription of uploads passes its low-priority pool (``stt.batch``), so its speaker
+    work waits for live decodes as its speech decodes do."""
+
+    _executor: concurrent.futures.Executor | None = None
+    _executor_lock = threading.Lock()
+
+    def on(self, executor: concurrent.futures.Executor):
+        """This model (its weights shared, not loaded again) run by ``executor``."""
+        twin = copy.copy(self)
+        twin._executor = executor
+        twin._executor_lock = threading.Lock()
+        return twin
+
+    def embed(self, pcm: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    async def run_async(self, function, *args):
+        """``function(*args)`` on the model's executor: speaker work that goes with an embedding
+        (clustering it) stays off the event loop and in the same single thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker(), function, *args)
+
+    async def embed_async(self, pcm: np.ndarray) -> np.ndarray:
+        """``embed`` on the model's executor, so the event loop keeps running."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker(), self.embed, pcm)
+
+    def _worker(self) -> concurrent.futures.Executor:
+        if self._executor is None:
+            with self._executor_lock:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="speaker-embed")
+        return self._executor
+
+
+class SpeakerEmbedder(ExecutorModel):
     """The d-vector ONNX model in one single-threaded onnxruntime session.
 
     ``SpeakerEmbedder.shared()`` is the process-wide instance, loaded on first use. The session
@@ -240,13 +278,6 @@ class SpeakerEmbedder(SharedModel):
         self._input = self._session.get_inputs()[0].name
         self._executor = executor
         self._executor_lock = threading.Lock()
-
-    def on(self, executor: concurrent.futures.Executor) -> "SpeakerEmbedder":
-        """This model (its thread-safe session shared, not loaded again) run by ``executor``."""
-        twin = copy.copy(self)
-        twin._executor = executor
-        twin._executor_lock = threading.Lock()
-        return twin
 
     def _check_metadata(self) -> None:
         import json
@@ -283,20 +314,3 @@ class SpeakerEmbedder(SharedModel):
         windows = model_windows(log_mel(np.asarray(pcm, dtype=np.int16).reshape(-1)))
         per_window = self._session.run(None, {self._input: windows})[0]
         return (per_window / (np.linalg.norm(per_window, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
-
-    async def run_async(self, function, *args):
-        """``function(*args)`` on the embedder's worker thread: speaker work that goes with an
-        embedding (clustering it) stays off the event loop and in the same single thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker(), function, *args)
-
-    async def embed_async(self, pcm: np.ndarray) -> np.ndarray:
-        """``embed`` on the embedder's worker thread, so the event loop keeps running."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker(), self.embed, pcm)
-
-    def _worker(self) -> concurrent.futures.Executor:
-        if self._executor is None:
-            with self._executor_lock:
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="speaker-embed")
-        return self._executor
-

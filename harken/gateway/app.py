@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from .. import native
+from ..audio.speaker_models import SpeakerModel, model_named
 from ..config import Settings
 from ..data_dir import make_private
 from ..conversations import ConversationService, Store
@@ -52,7 +53,7 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
         with _startup_step(f"speech engine (faster-whisper {settings.whisper_model})"):
             await whisper.load()
         providers = {**build_providers(settings), whisper.name: whisper}
-        optional = _optional_models(whisper)
+        optional = _optional_models(whisper, model_named(settings.speaker_model))
         gateway = Gateway(settings=settings, authenticator=authenticator, providers=providers,
                           conversations=conversations, store=store)
         app.state.gateway = gateway
@@ -87,7 +88,8 @@ def create_app(settings: Settings, worker: WorkerSlot | None = None) -> Starlett
             *web_routes(settings),          # GET /, /static/*, POST /v1/local/token
             *build_rest_routes(lambda: app.state.gateway.conversations,
                                lambda: app.state.gateway.authenticator),
-            *build_profile_routes(lambda: app.state.gateway.store, lambda: app.state.gateway.authenticator),
+            *build_profile_routes(lambda: app.state.gateway.store, lambda: app.state.gateway.authenticator,
+                                  model_named(settings.speaker_model)),
             *build_sync_routes(lambda: settings, lambda: getattr(app.state, "sync_worker", None),
                                lambda: app.state.gateway.authenticator),
             *build_vocabulary_routes(lambda: app.state.gateway.store, lambda: app.state.gateway.authenticator),
@@ -117,13 +119,11 @@ def _log_audio_path(settings: Settings) -> None:
         log.info("opus: native reader")
 
 
-def _optional_models(whisper: WhisperProvider) -> dict[str, str]:
+def _optional_models(whisper: WhisperProvider, speaker_model: SpeakerModel) -> dict[str, str]:
     """The optional models and whether they are there, said once at start-up (and in /readyz):
     a missing one turns its feature off, it never fails a session."""
-    from ..audio.embedding import speaker_model_problem
-
     status = {}
-    speaker = speaker_model_problem()
+    speaker = speaker_model.problem()
     status["speaker_model"] = f"missing: {speaker}" if speaker else "ok"
     if speaker:
         log.warning("speaker model missing (%s): sessions transcribe without speaker labels, "

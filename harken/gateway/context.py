@@ -15,6 +15,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ..audio.speaker_models import SpeakerModel, model_named
 from ..config import Settings
 from ..stt.base import Provider
 from .metrics import GatewayMetrics, MetricsSources
@@ -59,6 +60,11 @@ class Gateway:
             open_sessions=lambda: len(self.sessions),
             store=lambda: self.store,
             deliverer=lambda: getattr(self.conversations, "deliverer", None)))
+
+    @property
+    def speaker_model(self) -> "SpeakerModel":
+        """The speaker-embedding model of ``settings.speaker_model`` (loaded on first use)."""
+        return model_named(self.settings.speaker_model)
 
     def flush_phase(self) -> float:
         """Where in the flush interval a new session flushes (seconds past a multiple of it).

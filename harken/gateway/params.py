@@ -2,8 +2,11 @@
 
 Every bad value raises ``ParamError`` naming the parameter and what is allowed; the endpoint turns
 it into an ``error`` event and a 1008 close. Unknown parameters are ignored, as Omi's app sends
-some that mean nothing here (``onboarding``, ``speaker_auto_assign``, ``create_speakers``,
-``call_id``, ``client_conversation_id``, ``speech_profile_redo``). Values the real app sends are
+some that mean nothing here (``onboarding``, ``call_id``, ``client_conversation_id``,
+``speech_profile_redo``). ``create_speakers`` (default true, as upstream) and
+``speaker_auto_assign`` (enabled/disabled, default disabled) say what a self-introduction does
+(see session.py ``_introductions``); values the app never sends are read leniently (a
+speaker_auto_assign of true/1 is enabled). Values the real app sends are
 never refused: the app reconnects forever after any close it does not expect
 (reference/omi-app-client.md), so strictness is kept for what would really hurt.
 """
@@ -52,6 +55,8 @@ class ListenParams:
     source: str = "omi"
     uid: str | None = None
     vad_gate: str | None = None       # off | active; None: the server setting decides
+    create_speakers: bool = True      # a speaker who says "my name is X" makes person X
+    speaker_auto_assign: bool = False  # suggestions name the person's id, and their segments get it
 
 
 def parse_listen_params(query: Mapping[str, str], *, null_provider: bool = False) -> ListenParams:
@@ -72,7 +77,20 @@ def parse_listen_params(query: Mapping[str, str], *, null_provider: bool = False
         source=_source(query.get("source") or "omi"),     # an empty source= is the default
         uid=query.get("uid") or None,
         vad_gate=_vad_gate(query.get("vad_gate")),
+        create_speakers=_lenient_bool(query.get("create_speakers"), True),
+        speaker_auto_assign=_lenient_bool(query.get("speaker_auto_assign"), False),
     )
+
+
+def _lenient_bool(raw: str | None, default: bool) -> bool:
+    """enabled/true/1 or disabled/false/0; anything else is the default (never a refusal: these
+    come from app versions whose spellings vary)."""
+    lowered = (raw or "").strip().lower()
+    if lowered in ("enabled", "true", "1", "yes", "on"):
+        return True
+    if lowered in ("disabled", "false", "0", "no", "off"):
+        return False
+    return default
 
 
 def _language(raw: str) -> str:

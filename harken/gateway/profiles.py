@@ -51,7 +51,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..audio.embedding import EMBEDDING_DIM, SAMPLE_RATE, SpeakerEmbedder, speaker_model_problem
+from ..audio.embedding import SAMPLE_RATE
+from ..audio.speaker_models import SpeakerModel, model_named
 from ..audio.vad import speech_spans
 from ..codecs import DecodeError, UnsupportedFormat
 from ..codecs.pcm import PCM16Decoder
@@ -94,7 +95,7 @@ class UploadError(Exception):
 
 @dataclass(frozen=True)
 class Voice:
-    embedding: np.ndarray          # (EMBEDDING_DIM,) float32, unit length
+    embedding: np.ndarray          # (dimension of the model,) float32, unit length
     speech_seconds: float
 
 
@@ -133,15 +134,15 @@ def speech_only(pcm: np.ndarray) -> np.ndarray:
     return np.concatenate([pcm[a:b] for a, b in spans]) if spans else pcm[:0]
 
 
-async def voice_from_upload(body: bytes, content_type: str, sample_rate: int | None, *,
+async def voice_from_upload(body: bytes, content_type: str, sample_rate: int | None, *, model: SpeakerModel,
                             min_seconds: float, max_seconds: float = MAX_PROFILE_SPEECH_SECONDS,
                             keep_first: bool = False) -> Voice:
     """Decode, trim to speech and embed an upload; ``UploadError`` (422) if the speech found is
     outside ``[min_seconds, max_seconds]`` (``keep_first``: longer speech is cut to its first
     ``max_seconds`` instead). The CPU work runs off the event loop. 503 without the (optional)
-    speaker model."""
-    if speaker_model_problem():
-        raise UploadError(503, f"voice enrolment is off on this server: {speaker_model_problem()}")
+    speaker model (``model``)."""
+    if model.problem():
+        raise UploadError(503, f"voice enrolment is off on this server: {model.problem()}")
 
     def trimmed() -> np.ndarray:
         return speech_only(decode_upload(body, content_type, sample_rate))
@@ -153,7 +154,7 @@ async def voice_from_upload(body: bytes, content_type: str, sample_rate: int | N
     if not min_seconds <= seconds <= max_seconds:
         raise UploadError(422, f"found {seconds:.1f} s of speech; {min_seconds:g}–{max_seconds:g} s are needed "
                                "(silence does not count)")
-    embedder = await asyncio.to_thread(SpeakerEmbedder.shared)     # the first use loads the model
+    embedder = await asyncio.to_thread(model.load)     # the first use loads the model
     return Voice(await embedder.embed_async(speech), seconds)
 
 
@@ -164,21 +165,48 @@ def combine(voices: list[Voice]) -> Voice:
     return Voice((mean / (np.linalg.norm(mean) + 1e-12)).astype(np.float32), seconds)
 
 
-def to_bytes(embedding: np.ndarray) -> bytes:
-    return np.asarray(embedding, dtype="<f4").reshape(-1).tobytes()
+# A stored voice names the model that embedded it: embeddings of two models are not comparable,
+# and a voice of a model other than the configured one is ignored (its owner enrols again).
+# Layout: VOICE_MAGIC, one byte n, n bytes of ASCII model id, then the float32 little-endian
+# embedding. Voices stored before models had ids are the bare 256 floats of the d-vector model.
+VOICE_MAGIC = b"HKV1"
+_LEGACY_VOICE_BYTES = 256 * 4
 
 
-def from_bytes(blob: bytes) -> np.ndarray | None:
-    """The stored embedding, or None if it is not one of this model's (another dimension)."""
-    if len(blob) != EMBEDDING_DIM * 4:
+def to_bytes(embedding: np.ndarray, model_id: str) -> bytes:
+    """A voice as stored: tagged with the id of the model that made it."""
+    tag = model_id.encode("ascii")
+    return VOICE_MAGIC + bytes([len(tag)]) + tag + np.asarray(embedding, dtype="<f4").reshape(-1).tobytes()
+
+
+def voice_model(blob: bytes) -> str | None:
+    """The id of the model that made a stored voice (None if the bytes are no voice)."""
+    if blob[:4] == VOICE_MAGIC and len(blob) > 5:
+        return blob[5 : 5 + blob[4]].decode("ascii", "replace")
+    return model_named("dvector").model_id if len(blob) == _LEGACY_VOICE_BYTES else None
+
+
+def from_bytes(blob: bytes, model_id: str) -> np.ndarray | None:
+    """The stored embedding if ``model_id`` made it, else None (never compared across models)."""
+    if voice_model(blob) != model_id:
         return None
-    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    payload = blob[5 + blob[4]:] if blob[:4] == VOICE_MAGIC else blob
+    if not payload or len(payload) % 4:
+        return None
+    return np.frombuffer(payload, dtype="<f4").astype(np.float32)
+
+
+def current_voice(blob: bytes | None, model_id: str) -> bool:
+    """True if a stored voice was made by ``model_id`` (so it is used)."""
+    return blob is not None and from_bytes(blob, model_id) is not None
 
 
 # --- sessions ---------------------------------------------------------------------------------
 
-async def load_voices(store: Store | None, uid: str) -> tuple[np.ndarray | None, dict[str, tuple[str, np.ndarray]]]:
-    """``(owner embedding or None, {person_id: (name, embedding)})`` for a ``SpeakerIdentifier``.
+async def load_voices(store: Store | None, uid: str,
+                      model_id: str) -> tuple[np.ndarray | None, dict[str, tuple[str, np.ndarray]]]:
+    """``(owner embedding or None, {person_id: (name, embedding)})`` for a ``SpeakerIdentifier``:
+    the voices ``model_id`` made (others are ignored until enrolled again).
 
     A storage failure is logged and yields no voices: the session still transcribes, it only
     cannot tell who speaks.
@@ -190,25 +218,31 @@ async def load_voices(store: Store | None, uid: str) -> tuple[np.ndarray | None,
     except Exception:
         log.exception("could not load the voices of uid=%s; speakers will not be identified", uid)
         return None, {}
-    return voices_from_stored(uid, stored)
+    return voices_from_stored(uid, stored, model_id)
 
 
-def voices_from_stored(uid: str, stored: Voices) -> tuple[np.ndarray | None, dict[str, tuple[str, np.ndarray]]]:
+def voices_from_stored(uid: str, stored: Voices,
+                       model_id: str) -> tuple[np.ndarray | None, dict[str, tuple[str, np.ndarray]]]:
     """``load_voices``' result from the store's rows (``Store.load_voices``, or the voices a
     session's ``connect`` read with its conversation)."""
     owner_blob, named = stored
-    owner = from_bytes(owner_blob) if owner_blob is not None else None
-    people = {pid: (name, e) for pid, name, blob in named if (e := from_bytes(blob)) is not None}
+    owner = from_bytes(owner_blob, model_id) if owner_blob is not None else None
+    people = {pid: (name, e) for pid, name, blob in named if (e := from_bytes(blob, model_id)) is not None}
     if (owner_blob is not None and owner is None) or len(people) < len(named):
-        log.warning("uid=%s has voices of another embedding model: re-enrol them", uid)
+        log.warning("uid=%s has voices of another speaker model than %s: they are ignored until enrolled again",
+                    uid, model_id)
     return owner, people
 
 
 # --- REST -------------------------------------------------------------------------------------
 
 def build_profile_routes(store: Store | Callable[[], Store],
-                         authenticator: Authenticator | Callable[[], Authenticator]) -> list[Route]:
-    """The speech-profile and people routes. Either argument may be a function returning it."""
+                         authenticator: Authenticator | Callable[[], Authenticator],
+                         model: SpeakerModel | None = None) -> list[Route]:
+    """The speech-profile and people routes, enrolling with ``model`` (default: the default
+    speaker model). The store and authenticator may be functions returning them."""
+    model = model or model_named()
+    model_id = model.model_id
     get_store = store if callable(store) else (lambda: store)
     authenticated = authentication(authenticator)
 
@@ -225,17 +259,20 @@ def build_profile_routes(store: Store | Callable[[], Store],
         if request.method == "PUT":
             voice = await voice_from_upload(await _read_body(request, MAX_AUDIO_BYTES),
                                             request.headers.get("content-type", ""), _sample_rate(request),
-                                            min_seconds=MIN_PROFILE_SPEECH_SECONDS)
-            await store.set_speech_profile(uid, to_bytes(voice.embedding), speech_seconds=voice.speech_seconds,
+                                            model=model, min_seconds=MIN_PROFILE_SPEECH_SECONDS)
+            await store.set_speech_profile(uid, to_bytes(voice.embedding, model_id), speech_seconds=voice.speech_seconds,
                                            now=time.time())
         elif request.method == "DELETE":
             await store.delete_speech_profile(uid)
             return Response(status_code=204)
         profile = await store.get_speech_profile(uid)
-        if profile is None:
-            return JSONResponse({"exists": False, "speech_seconds": None, "created_at": None, "updated_at": None})
+        if profile is None or not current_voice(profile.embedding, model_id):
+            # A profile of another speaker model is not used: the caller should enrol again.
+            return JSONResponse({"exists": False, "speech_seconds": None, "created_at": None, "updated_at": None,
+                                 "model": voice_model(profile.embedding) if profile else None})
         return JSONResponse({"exists": True, "speech_seconds": round(profile.speech_seconds, 2),
-                             "created_at": iso(profile.created_at), "updated_at": iso(profile.updated_at)})
+                             "created_at": iso(profile.created_at), "updated_at": iso(profile.updated_at),
+                             "model": voice_model(profile.embedding)})
 
     async def app_upload_audio(request: Request, uid: str) -> Response:
         """``POST /v3/upload-audio``, the app's enrolment: multipart, the recording in ``file``
@@ -248,17 +285,19 @@ def build_profile_routes(store: Store | Callable[[], Store],
             # The app records up to 150 s while the question prompts run: beyond the profile's
             # 60 s of speech, the first 60 s are used rather than the enrolment failing (the
             # app ignores a failed upload and believes it has a profile).
-            voice = await voice_from_upload(part, part_type, _sample_rate(request),
+            voice = await voice_from_upload(part, part_type, _sample_rate(request), model=model,
                                             min_seconds=MIN_PROFILE_SPEECH_SECONDS, keep_first=True)
         except UploadError as exc:
             return _error(413 if exc.status == 413 else 400, exc.detail)
-        await get_store().set_speech_profile(uid, to_bytes(voice.embedding), speech_seconds=voice.speech_seconds,
+        await get_store().set_speech_profile(uid, to_bytes(voice.embedding, model_id), speech_seconds=voice.speech_seconds,
                                              now=time.time())
         # Upstream answers with the stored recording's URL; Harken keeps only the embedding.
         return JSONResponse({"url": "", "speech_seconds": round(voice.speech_seconds, 2)})
 
     async def app_has_profile(request: Request, uid: str) -> Response:
-        return JSONResponse({"has_profile": await get_store().get_speech_profile(uid) is not None})
+        # False for a profile of another speaker model: the app then asks its user to enrol again.
+        profile = await get_store().get_speech_profile(uid)
+        return JSONResponse({"has_profile": profile is not None and current_voice(profile.embedding, model_id)})
 
     async def app_profile_url(request: Request, uid: str) -> Response:
         # The enrolment audio is never kept, so there is nothing to play back.
@@ -267,24 +306,24 @@ def build_profile_routes(store: Store | Callable[[], Store],
     async def people_collection(request: Request, uid: str) -> Response:
         store = get_store()
         if request.method == "GET":
-            return JSONResponse([_person_api(p) for p in await store.list_people(uid)])
+            return JSONResponse([_person_api(p, model_id) for p in await store.list_people(uid)])
         name, samples = _person_request(await _read_body(request, MAX_JSON_BYTES))
         if len(await store.list_people(uid)) >= MAX_PEOPLE:
             return _error(422, f"a user may name at most {MAX_PEOPLE} people: delete one first")
         voices = []
         for index, sample in enumerate(samples):
             try:
-                voices.append(await voice_from_upload(sample, "", None, min_seconds=MIN_SAMPLE_SPEECH_SECONDS))
+                voices.append(await voice_from_upload(sample, "", None, model=model, min_seconds=MIN_SAMPLE_SPEECH_SECONDS))
             except UploadError as exc:
                 raise UploadError(exc.status, f"samples[{index}]: {exc.detail}") from None
         voice = combine(voices) if voices else None
         person = PersonRow(id=uuid.uuid4().hex, uid=uid, name=name,
-                           embedding=to_bytes(voice.embedding) if voice else None, samples=len(voices),
+                           embedding=to_bytes(voice.embedding, model_id) if voice else None, samples=len(voices),
                            speech_seconds=voice.speech_seconds if voice else 0.0, created_at=time.time())
         await store.add_person(person)
         # The app's path answers 200 as upstream does (the app reads the person only then).
         created = 200 if request.url.path.startswith(APP_PEOPLE) else 201
-        return JSONResponse(_person_api(person), status_code=created)
+        return JSONResponse(_person_api(person, model_id), status_code=created)
 
     async def person(request: Request, uid: str) -> Response:
         store, person_id = get_store(), request.path_params["person_id"]
@@ -293,7 +332,7 @@ def build_profile_routes(store: Store | Callable[[], Store],
                 return _error(404, "person not found")
             return Response(status_code=204)
         found = await store.get_person(uid, person_id)
-        return JSONResponse(_person_api(found)) if found else _error(404, "person not found")
+        return JSONResponse(_person_api(found, model_id)) if found else _error(404, "person not found")
 
     async def person_samples(request: Request, uid: str) -> Response:
         store, person_id = get_store(), request.path_params["person_id"]
@@ -301,19 +340,20 @@ def build_profile_routes(store: Store | Callable[[], Store],
             return _error(404, "person not found")
         sample = await voice_from_upload(await _read_body(request, MAX_AUDIO_BYTES),
                                          request.headers.get("content-type", ""), _sample_rate(request),
-                                         min_seconds=MIN_SAMPLE_SPEECH_SECONDS)
+                                         model=model, min_seconds=MIN_SAMPLE_SPEECH_SECONDS)
         # Average with the stored voice and write it back only if no other sample landed
         # meanwhile (compare-and-set on the sample count); else re-read and average again.
         for _ in range(_VOICE_WRITE_TRIES):
             current = await store.get_person(uid, person_id)
             if current is None:
                 return _error(404, "person not found")
-            old = from_bytes(current.embedding) if current.embedding is not None else None
+            # A voice of another speaker model is replaced, never averaged with this one.
+            old = from_bytes(current.embedding, model_id) if current.embedding is not None else None
             voice = combine([Voice(old, current.speech_seconds), sample]) if old is not None else sample
-            if await store.set_person_voice(uid, person_id, to_bytes(voice.embedding), samples=current.samples + 1,
+            if await store.set_person_voice(uid, person_id, to_bytes(voice.embedding, model_id), samples=current.samples + 1,
                                             speech_seconds=voice.speech_seconds,
                                             expected_samples=current.samples):
-                return JSONResponse(_person_api(await store.get_person(uid, person_id) or current))
+                return JSONResponse(_person_api(await store.get_person(uid, person_id) or current, model_id))
         return _error(409, "the person changed while the sample was added: try again")
 
     async def rename_person(request: Request, uid: str) -> Response:
@@ -403,10 +443,10 @@ def _person_request(body: bytes) -> tuple[str, list[bytes]]:
     return name.strip(), decoded
 
 
-def _person_api(person: PersonRow) -> dict:
+def _person_api(person: PersonRow, model_id: str) -> dict:
     """Upstream's ``Person`` (the app requires created_at and updated_at) and Harken's voice
     facts. No sample audio is kept, so ``speech_samples`` (upstream: their URLs) is empty."""
     return {"id": person.id, "name": person.name, "created_at": iso(person.created_at),
             "updated_at": iso(person.created_at), "speech_samples": [], "speech_samples_version": 3,
-            "has_voice": person.embedding is not None, "samples": person.samples,
+            "has_voice": current_voice(person.embedding, model_id), "samples": person.samples,
             "speech_seconds": round(person.speech_seconds, 2)}

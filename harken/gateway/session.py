@@ -38,6 +38,7 @@ from .segments import (MAX_PROVIDER_CHARS, Batch, Segment, SegmentBuilder, speak
                        suggested_segments)
 from .session_photos import SessionPhotos
 from .profiles import load_voices, voices_from_stored
+from .naming import SpeakerNaming
 from .speakers import SpeakerIdentifier
 from .vocabulary import load_vocabulary
 from .ws_protocol import binary_sink
@@ -97,8 +98,13 @@ class Session:
         self.decoder: codecs.Decoder | None = None
         self.stream: STTStream | None = None
         self.ring = AudioRing(RING_SECONDS)
-        self.speakers = SpeakerIdentifier(self.ring)
-        self._undiarized: list[Word] = []    # embedded-engine words waiting for a speaker label
+        self.speakers = SpeakerIdentifier(self.ring, model=gateway.speaker_model)
+        self.naming: SpeakerNaming | None = None     # self-introductions (create_speakers), set by _open
+        # Words waiting for a speaker label by voice, with their provider: every engine's words
+        # when the speaker model is there (a cloud engine's own labels only mark where its turns
+        # change), else the embedded engine's alone.
+        self._undiarized: list[tuple[Word, str]] = []
+        self._voice_labelled: set[str] = set()      # providers whose words were labelled by voice
         self.provider_name: str | None = None
         self.stt_reason: str | None = None   # which language and engine serve it (ready's reason)
         self.time_offset = 0.0            # conversation time of this session's audio-clock zero
@@ -181,10 +187,12 @@ class Session:
             # The owner's and named people's voices, before any audio flows: read with the
             # conversation if there is a conversation service.
             if self.live is not None and self.live.voices is not None:
-                owner, people = voices_from_stored(self.uid, self.live.voices)
+                owner, people = voices_from_stored(self.uid, self.live.voices, self.gateway.speaker_model.model_id)
             else:
-                owner, people = await load_voices(self.gateway.store, self.uid)
-            self.speakers = SpeakerIdentifier(self.ring, owner=owner, people=people)
+                owner, people = await load_voices(self.gateway.store, self.uid, self.gateway.speaker_model.model_id)
+            self.speakers = SpeakerIdentifier(self.ring, owner=owner, people=people, model=self.gateway.speaker_model)
+        self.naming = SpeakerNaming(self.uid, self.gateway.store, self.speakers, create=self.params.create_speakers,
+                                    auto_assign=self.params.speaker_auto_assign, language=self.params.language)
         if self.params.custom_stt:
             self.provider_name = "custom"
         else:
@@ -547,12 +555,26 @@ class Session:
             segment_id = next((s.id for s in batch.changed if s.speaker_id == match.speaker_id), None)
             await self.send_json(events.speaker_label_suggestion(
                 match.speaker_id, match.person_id, match.person_name, segment_id))
+        if self.naming is not None:
+            await self._introductions(batch.changed)
         for segment in batch.changed:
-            if segment.stt_provider == EMBEDDED_PROVIDER:
+            if segment.stt_provider in self._voice_labelled:
                 continue      # identified per stretch of speech by the local diarization
             # Speaker identification works on the audio clock, segments are on conversation time.
             self.speakers.observe(segment.speaker_id, segment.start - self.time_offset,
                                   segment.end - self.time_offset, segment.id)
+
+    async def _introductions(self, segments: list[Segment]) -> None:
+        """Speakers who said their name: suggested as that person (created if need be, see
+        naming.py); with speaker_auto_assign their segments are labelled with the person too."""
+        for named in await self.naming.on_segments(segments):
+            auto = self.params.speaker_auto_assign and named.person_id is not None
+            await self.send_json(events.speaker_label_suggestion(
+                named.speaker_id, named.person_id if auto else "", named.name, named.segment_id))
+            if auto:
+                self.speakers.name(named.speaker_id, named.person_id, named.name)
+                await self._send_batch(await self._uninterrupted(self._store_relabel(
+                    self.speakers.mapping(named.speaker_id))))
 
     async def _speaker_loop(self) -> None:
         """Apply voice matches as they come: relabel the speaker's segments, suggest the label."""
@@ -561,13 +583,18 @@ class Session:
 
     async def _store_next_batch(self) -> Batch:
         if self._undiarized:
-            words, self._undiarized = self._undiarized, []
-            words = await self.speakers.diarize_words(words)
-            self._add_words(words, EMBEDDED_PROVIDER)
+            pending, self._undiarized = self._undiarized, []
+            # All at once: an utterance is embedded whole, even across a change of provider.
+            labelled = await self.speakers.diarize_words([word for word, _ in pending])
+            start = 0
+            for end in range(1, len(pending) + 1):      # runs of one provider, in arrival order
+                if end == len(pending) or pending[end][1] != pending[start][1]:
+                    self._add_words(labelled[start:end], pending[start][1])
+                    start = end
         batch = self.builder.flush()
         # Re-clustering may have moved earlier segments to another speaker: re-sent by id.
-        changes = self.speakers.reclustered and await self.speakers.speaker_changes(self.builder.segments,
-                                                                                     self.time_offset)
+        changes = self.speakers.reclustered and await self.speakers.speaker_changes(
+            self.builder.segments, self.time_offset, providers=self._voice_labelled)
         if changes:
             batch = batch.then(self.builder.respeak(changes))
         return await self._persist(batch)          # stored before sent: nothing the client saw is lost
@@ -678,11 +705,22 @@ class Session:
             return
         self.stats.words += 1
         self.metrics.word(provider, word.end)
-        if provider == EMBEDDED_PROVIDER and self.channels is None:   # no diarization of its own
-            self._undiarized.append(word)      # labelled by voice at the next flush
+        if self._labels_by_voice(provider):
+            self._undiarized.append((word, provider))      # labelled by voice at the next flush
+            self._voice_labelled.add(provider)
             self._words_ready.set()
         else:
             self._add_words([word], provider)
+
+    def _labels_by_voice(self, provider: str) -> bool:
+        """Whether ``provider``'s words get their speaker from the local diarization: the embedded
+        engine's always (it has no diarization), a cloud engine's when the speaker model is
+        there, so that owner and people are found per stretch of speech and the labels stay the
+        same when the session fails over to another provider (whose numbering starts afresh).
+        A phone call's channels say who speaks; a custom_stt client labels its own segments."""
+        if self.channels is not None:
+            return False
+        return provider == EMBEDDED_PROVIDER or self.speakers.model.problem() is None
 
     def _add_words(self, words: list[Word], provider: str) -> None:
         if not words:
@@ -816,6 +854,11 @@ class Session:
             await self._flush()
         except EndSession:
             pass
+        if self.naming is not None:
+            try:
+                await self.naming.learn_voices()
+            except Exception:
+                log.exception("learning the voices of named speakers failed sid=%s", self.id)
         await self.photos.close()
         if self.live is not None:
             try:

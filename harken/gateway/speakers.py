@@ -14,9 +14,11 @@ One ``SpeakerIdentifier`` per session (reference/omi-listen-behaviour.md §5, do
 - A client's ``speaker_assigned`` goes through ``assign``; it wins over automatic matches, before
   or after them, for the rest of the session.
 
-For the embedded engine, which has no diarization, ``diarize_words`` labels the words from
-their voice with a ``ConversationDiarizer`` (cloud engines bring their own labels): each
-utterance's audio is embedded once as 0.8 s windows, so a speaker change inside an utterance
+``diarize_words`` labels words from their voice with a ``ConversationDiarizer``: the embedded
+engine's (it has no diarization) and, when the speaker model is installed, a cloud engine's too
+(its own speaker changes only split utterances, so labels stay the same across a failover to a
+provider whose numbering restarts, and the owner is found per stretch of speech): each
+utterance's audio is embedded once as windows of the speaker model, so a speaker change inside an utterance
 splits its words; the conversation is re-clustered as it grows, and ``speaker_changes`` then says
 which earlier segments now belong to another speaker (the session re-sends them by id). The
 owner's and known people's voices anchor that clustering per stretch of speech: a stretch is
@@ -28,12 +30,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Mapping, Sequence
+from typing import AsyncIterator, Collection, Mapping, Sequence
 
 import numpy as np
 
 from ..audio.diarization import ConversationDiarizer
-from ..audio.embedding import OWNER_SIMILARITY_THRESHOLD, SpeakerEmbedder, speaker_model_problem
+from ..audio.speaker_models import SpeakerModel, model_named
 from ..audio.ring import AudioRing
 from ..stt.base import EMBEDDED_PROVIDER, Word
 
@@ -101,7 +103,8 @@ class SpeakerIdentifier:
     """Speaker identification and local diarization for one session. Use from one event loop.
 
     ``owner`` is the owner's enrolled embedding (or None), ``people`` maps person ids to
-    ``(name, embedding)``. Embeddings must come from the same ``SpeakerEmbedder`` model.
+    ``(name, embedding)``. Embeddings must come from ``model`` (default: the configured speaker
+    model by default), which also sets the similarity bars.
     """
 
     def __init__(
@@ -110,8 +113,9 @@ class SpeakerIdentifier:
         *,
         owner: np.ndarray | None = None,
         people: Mapping[str, tuple[str, np.ndarray]] | None = None,
-        embedder: SpeakerEmbedder | None = None,
-        threshold: float = OWNER_SIMILARITY_THRESHOLD,
+        embedder=None,
+        model: SpeakerModel | None = None,
+        threshold: float | None = None,
         min_speech_s: float = MIN_SPEECH_SECONDS,
         max_clip_s: float = MAX_CLIP_SECONDS,
         max_queued: int = MAX_QUEUED_JOBS,
@@ -119,7 +123,8 @@ class SpeakerIdentifier:
         diarizer: ConversationDiarizer | None = None,
     ):
         self.ring = ring
-        self.threshold = threshold
+        self.model = model or model_named()
+        self.threshold = self.model.known_similarity if threshold is None else threshold
         self.min_speech_s = min_speech_s
         self.max_clip_s = max_clip_s
         self.max_attempts = max_attempts
@@ -136,7 +141,8 @@ class SpeakerIdentifier:
             vectors.append(embedding)
         self._candidates = ids
         self._matrix = _unit_rows(vectors) if vectors else None
-        self.diarizer = diarizer or ConversationDiarizer(known=self._matrix, known_threshold=threshold)
+        self.diarizer = diarizer or ConversationDiarizer.for_model(self.model, known=self._matrix,
+                                                                   known_threshold=self.threshold)
         self._reclustered = False
         self._finished = False
         self._suggested: list[SpeakerMatch] = []     # known voices found by local diarization
@@ -203,6 +209,15 @@ class SpeakerIdentifier:
                              segment_id=None, similarity=None)
         self._mappings[speaker_id] = match
         return match
+
+    def name(self, speaker_id: int, person_id: str, person_name: str) -> SpeakerMatch:
+        """The speaker said who they are (a self-introduction, ``naming.py``): like ``assign``, it
+        holds for the rest of the session over voice matching."""
+        return self.assign(speaker_id, person_id, person_name)
+
+    def voice_of(self, speaker_id: int) -> tuple[np.ndarray, float] | None:
+        """``(embedding, seconds of speech)`` of a locally diarized speaker, or None."""
+        return self.diarizer.voice(speaker_id)
 
     def close(self) -> None:
         """No more jobs; ``matches()`` ends once the queued ones are done."""
@@ -272,9 +287,9 @@ class SpeakerIdentifier:
         those of one 600 ms flush) so each utterance is embedded once, whole. A word takes the
         label of the stretch around its middle, so an utterance with a speaker change inside is
         split there. An utterance too short (or no longer in the ring) to embed keeps the last
-        speaker.
+        speaker. The words come back in the order given.
         """
-        out: list[Word] = []
+        labelled: dict[int, Word] = {}
         for run in _utterances(words):
             start = run[0].start + clock_offset - UTTERANCE_PAD_SECONDS
             end = max(w.end for w in run) + clock_offset + UTTERANCE_PAD_SECONDS
@@ -289,8 +304,8 @@ class SpeakerIdentifier:
                 label = self.diarizer.label_at((w.start + w.end) / 2 + clock_offset)
                 if label is not None:
                     self._last_speaker = label
-                out.append(Word(w.text, w.start, w.end, self._last_speaker, w.confidence, w.language))
-        return out
+                labelled[id(w)] = Word(w.text, w.start, w.end, self._last_speaker, w.confidence, w.language)
+        return [labelled[id(w)] for w in words]
 
     def _place(self, clip: np.ndarray, start: float, end: float) -> bool:
         """Embed an utterance's windows and label it (on the embedder's thread: re-clustering
@@ -319,11 +334,13 @@ class SpeakerIdentifier:
         out, self._suggested = self._suggested, []
         return out
 
-    async def speaker_changes(self, segments: Sequence, time_offset: float = 0.0) -> dict[str, tuple[int, bool, str | None]]:
+    async def speaker_changes(self, segments: Sequence, time_offset: float = 0.0,
+                              providers: Collection[str] = (EMBEDDED_PROVIDER,)) -> dict[str, tuple[int, bool, str | None]]:
         """After a re-clustering: ``{segment id: (speaker_id, is_user, person_id)}`` for the
-        locally diarized ``segments`` (conversation time = audio clock + ``time_offset``) whose
-        speech now belongs to another label. Empty if nothing was re-clustered since the last call.
-        Once ``close`` was called, the final re-clustering runs first (see ``finish``)."""
+        locally diarized ``segments`` (those of ``providers``; conversation time = audio clock +
+        ``time_offset``) whose speech now belongs to another label. Empty if nothing was
+        re-clustered since the last call. Once ``close`` was called, the final re-clustering runs
+        first (see ``finish``)."""
         if self._closed:
             await self.finish()
         if not self._reclustered:
@@ -335,7 +352,7 @@ class SpeakerIdentifier:
             if segment.end < horizon:
                 continue
             mapping = self._mappings.get(segment.speaker_id)
-            if segment.stt_provider != EMBEDDED_PROVIDER or (mapping is not None and mapping.assigned):
+            if segment.stt_provider not in providers or (mapping is not None and mapping.assigned):
                 continue          # another engine's labels, or the client said who this is
             label = self.diarizer.label_between(segment.start - time_offset, segment.end - time_offset)
             if label is None:
@@ -361,10 +378,10 @@ class SpeakerIdentifier:
 
     async def _run_model(self, method: str, *args):
         if self._embedder is None:
-            if speaker_model_problem():     # optional model not installed: no labels, no crash
+            if self.model.problem():     # optional model not installed: no labels, no crash
                 return None
             # The first use in the process loads the model (~0.2 s): not on the event loop.
-            self._embedder = await asyncio.to_thread(SpeakerEmbedder.shared)
+            self._embedder = await asyncio.to_thread(self.model.load)
         try:
             embedding = await getattr(self._embedder, method)(*args)
         except Exception:
@@ -376,10 +393,12 @@ class SpeakerIdentifier:
 
 
 def _utterances(words: Sequence[Word]) -> list[list[Word]]:
+    """Runs of words without a pause of ``UTTERANCE_GAP_SECONDS`` and, for an engine with
+    diarization of its own, without a change of its speaker (its turn boundaries are kept)."""
     runs: list[list[Word]] = []
     run_end = 0.0
     for word in sorted(words, key=lambda w: w.start):
-        if runs and word.start - run_end < UTTERANCE_GAP_SECONDS:
+        if runs and word.start - run_end < UTTERANCE_GAP_SECONDS and word.speaker == runs[-1][-1].speaker:
             runs[-1].append(word)
             run_end = max(run_end, word.end)
         else:

@@ -39,7 +39,8 @@ import numpy as np
 import orjson
 
 from .. import codecs
-from ..audio.embedding import SpeakerEmbedder, speaker_model_problem
+from ..audio.embedding import ExecutorModel
+from ..audio.speaker_models import model_named
 from ..audio.ring import AudioRing
 from ..codecs.wal import FrameStats, parse_sync_filename, read_frames
 from ..conversations.sync_jobs import ClaimedJob, ClaimLost, FileCommit, PendingFile, SyncJobs
@@ -149,7 +150,8 @@ class SyncWorker:
                  transcriber: BatchTranscriber, *, recorded: RecordedChain | None = None, node_id: str | None = None):
         self.settings = settings
         self.recorded = recorded or RecordedChain(settings, {})
-        self._pool_embedder: SpeakerEmbedder | None = None
+        self._pool_embedder: ExecutorModel | None = None
+        self.speaker_model = model_named(settings.speaker_model)
         self.upload_dir = Path(settings.data_dir) / "sync"
         self.jobs = SyncJobs(store, origin=folder_identity(self.upload_dir))
         self.store = store
@@ -255,7 +257,7 @@ class SyncWorker:
         log.info("sync job %s: %d file(s) for uid=%s", job.id, len(job.files), job.uid)
         renewer = asyncio.create_task(self._renew(job.id))
         try:
-            owner, people = await load_voices(self.store, job.uid)
+            owner, people = await load_voices(self.store, job.uid, self.speaker_model.model_id)
             for file in job.files:
                 await self._process_file(job, file, owner, people)
                 self._check(renewer)
@@ -321,14 +323,14 @@ class SyncWorker:
             language = "en"
         return await self._transcribe_locally(file, stats, owner, people, language)
 
-    async def _embedder(self) -> SpeakerEmbedder | None:
+    async def _embedder(self) -> ExecutorModel | None:
         """The speaker model run by the batch pool (after live decodes, at low priority), not by
         the embedder's own thread that live sessions share; None when it is not installed."""
-        if speaker_model_problem():
+        if self.speaker_model.problem():
             return None
         if self._pool_embedder is None:
             pool = self.transcriber.pool
-            self._pool_embedder = (await pool.run(SpeakerEmbedder.shared)).on(pool.executor)
+            self._pool_embedder = (await pool.run(self.speaker_model.load)).on(pool.executor)
         return self._pool_embedder
 
     @contextlib.asynccontextmanager
@@ -357,7 +359,8 @@ class SyncWorker:
                                   language: str) -> list[dict]:
         pool = self.transcriber.pool
         ring = AudioRing(RING_SECONDS)
-        identifier = SpeakerIdentifier(ring, owner=owner, people=people, embedder=await self._embedder())
+        identifier = SpeakerIdentifier(ring, owner=owner, people=people, model=self.speaker_model,
+                                       embedder=await self._embedder())
         builder = self._builder(file)
         decoding_options, model = await self.transcriber.decoding_for(language)
         last_end = 0.0
@@ -399,7 +402,8 @@ class SyncWorker:
         while the clip's audio is still in the ring. Raises ``CloudUnavailable``."""
         pool = self.transcriber.pool
         ring = AudioRing(CLOUD_CLIP_SECONDS + RING_SECONDS)
-        identifier = SpeakerIdentifier(ring, owner=owner, people=people, embedder=await self._embedder())
+        identifier = SpeakerIdentifier(ring, owner=owner, people=people, model=self.speaker_model,
+                                       embedder=await self._embedder())
         builder = self._builder(file)
         matches: list = []
 

@@ -8,6 +8,10 @@ once, the word being heard is sent as a non-final tail that the next response re
 follows a word after an endpoint pause; ``finalize`` makes everything heard final and adds
 ``<fin>``; an empty frame (text or binary) ends the stream with ``finished: true`` and a close.
 The provider's own mid-stream failure is a 503 error response followed by a close.
+
+Given ``recording`` (real speech, see ``recording.RecordingListener``), the fake hears it instead
+of timecode, as ``FakeDeepgram`` does (then it sends no non-final tail: the tail is placed by
+timecode position).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 
 from websockets.asyncio.server import ServerConnection
 
+from .recording import RecordingListener
 from .script import Connection, FakeServer, ScriptWord, idle_recv
 
 ENDPOINT_PAUSE = 0.5
@@ -26,6 +31,10 @@ class FakeSoniox(FakeServer):
     name = "soniox"
     path = "/transcribe-websocket"
 
+    def __init__(self, *args, recording=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recording = recording          # int16 samples the audio is cut from, or None: timecode
+
     async def session(self, ws: ServerConnection, connection: Connection) -> None:
         config = json.loads(await ws.recv())
         connection.config = config
@@ -35,6 +44,8 @@ class FakeSoniox(FakeServer):
                                       "error_type": "invalid_request"}))
             await ws.close()
             return
+        if self.recording is not None:
+            connection.listener = RecordingListener(self.recording, self.script, self.delay)
         listener = connection.listener
         state = {"first": True, "reported": 0.0, "end_after": None}
         while True:
@@ -88,6 +99,8 @@ class FakeSoniox(FakeServer):
 
     def heard_in_part(self, listener, first: bool) -> list[dict]:
         """The non-final tail: the first piece of a word being spoken now (it may change)."""
+        if self.recording is not None:
+            return []
         for word in self.script:
             start, end = word.start - listener.offset, word.end - listener.offset
             if start >= 0 and start < listener.now < end + listener.delay:
