@@ -27,7 +27,11 @@ from the first word; see ``clock_offset``). Prints per recording and on average:
 (ended by 0.5 s of silence, as the embedded engine ends them) labelled by the conversation
 diarizer (``harken.audio.diarization.ConversationDiarizer``, what the gateway uses) and, for
 comparison in the same run, by the utterance-level ``OnlineDiarizer`` the gateway used before.
-Deterministic and independent of how busy the machine is, so it is the one to tune with. It also
+Deterministic and independent of how busy the machine is, so it is the one to tune with
+(``--model``, ``--cluster``, ``--known``). Its ``is_user`` figure takes every speaker with 10 s of
+solo speech to enrol after a split (three quarters, else 0.6 or half of the recording) as the
+owner in turn, and compares the utterance-level path, the stretch-level path before the enrolled
+voice was decided against the conversation's voices, and the current one. It also
 prints the speaker path's CPU per audio second (model windows + clustering, thread CPU time) at 1
 stream and at 12 streams sharing the one embedding thread, as the gateway does, beside the
 embedded engine's own CPU per audio second on the same recordings.
@@ -64,6 +68,7 @@ from bench_gateway import free_port, start_server  # noqa: E402  (a harken serve
 RATE = 16000
 MESSAGE_SECONDS = 0.1
 ENROL_MAX_SECONDS = 30.0
+OWNER_SPLITS = (0.75, 0.6, 0.5)
 
 
 def recordings(paths: list[str]) -> list[Path]:
@@ -278,15 +283,24 @@ def new_labels(embedder, utterances, known=None):
     return diarizer
 
 
-def owner_split(pcm: np.ndarray, reference):
-    """The owner (most reference speech), their enrolment (solo turns of the last quarter, at most
-    30 s) and the part to stream (the first three quarters); None if under 10 s to enrol."""
-    owner = owner_of(reference)
-    split = 0.75 * len(pcm) / RATE
-    spans = solo_turns(reference, owner, split, len(pcm) / RATE)
-    enrol = np.concatenate([pcm[int(a * RATE):int(b * RATE)] for a, b in spans] or [pcm[:0]])
-    enrol = enrol[: int(ENROL_MAX_SECONDS * RATE)]
-    return (owner, enrol, split) if enrol.size >= 10 * RATE else None
+def owner_split(pcm: np.ndarray, reference, owner: str | None = None):
+    """The owner (default: most reference speech), their enrolment (solo turns after the split,
+    at most 30 s, VAD-trimmed as the profile route trims) and the split: the recording before it is
+    streamed. The split is at three quarters, else at 0.6 or half of the recording if the owner
+    speaks too little after it; None if no split leaves 10 s to enrol."""
+    from harken.audio.vad import speech_spans
+
+    owner = owner or owner_of(reference)
+    for fraction in OWNER_SPLITS:
+        split = fraction * len(pcm) / RATE
+        spans = solo_turns(reference, owner, split, len(pcm) / RATE)
+        enrol = np.concatenate([pcm[int(a * RATE):int(b * RATE)] for a, b in spans] or [pcm[:0]])
+        enrol = enrol[: int(ENROL_MAX_SECONDS * RATE)]
+        speech = speech_spans(enrol) if enrol.size else []
+        enrol = np.concatenate([enrol[a:b] for a, b in speech]) if speech else enrol[:0]
+        if enrol.size >= 10 * RATE:
+            return owner, enrol, split
+    return None
 
 
 def is_user_time(turns, is_user, reference, owner: str, until: float) -> tuple[float, float]:
@@ -321,23 +335,37 @@ def old_owner_labels(embedder, utterances, owner_vector) -> set[int]:
     return owners
 
 
-def owner_offline(baseline, embedder, pcm, reference, utterances):
-    split_at = owner_split(pcm, reference)
-    if split_at is None:
-        return None
-    owner, enrol, split = split_at
-    from harken.audio.vad import speech_spans
+def owner_offline(baseline, embedder, pcm, reference, utterances) -> list:
+    """Every speaker of the recording with 10 s to enrol after a split (``owner_split``) as the
+    owner in turn: ``(speaker, old, previous, new)`` right/total seconds of ``is_user``, where old
+    is the utterance-level path, previous the stretch-level path as it was before the enrolled
+    voice was decided again against the conversation's voices (d-vector, ``adapt_known=False``)
+    and new the model under test with the current rules."""
+    from harken.audio.diarization import ConversationDiarizer
+    from harken.audio.speaker_models import model_named
 
-    enrol = np.concatenate([enrol[a:b] for a, b in speech_spans(enrol)])     # as the profile route trims
-    streamed = [u for u in utterances if u[1] <= split]
-    old_vector = baseline.embed(enrol)
-    old_turns = old_labels(baseline, streamed)
-    owners = old_owner_labels(baseline, streamed, old_vector)
-    vector = embedder.embed(enrol)
-    before = is_user_time(old_turns, lambda label: label in owners, reference, owner, split)
-    diarizer = new_labels(embedder, streamed, known=vector[None, :])
-    after = is_user_time(diarizer.turns(), lambda label: diarizer.known_label(label) == 0, reference, owner, split)
-    return before, after
+    out = []
+    for owner in sorted({who for *_, who in reference}):
+        split_at = owner_split(pcm, reference, owner)
+        if split_at is None:
+            continue
+        _, enrol, split = split_at
+        streamed = [u for u in utterances if u[1] <= split]
+        old_vector = baseline.embed(enrol)
+        owners = old_owner_labels(baseline, streamed, old_vector)
+        old = is_user_time(old_labels(baseline, streamed), lambda label: label in owners, reference, owner, split)
+        previous = ConversationDiarizer.for_model(model_named("dvector"), known=old_vector[None, :],
+                                                  adapt_known=False, known_mean_threshold=0.0)
+        for a, b, clip in streamed:
+            previous.add_utterance(a, b, baseline.embed_windows(clip))
+        previous.finish()
+        before = is_user_time(previous.turns(), lambda label: previous.known_label(label) == 0, reference, owner,
+                              split)
+        diarizer = new_labels(embedder, streamed, known=embedder.embed(enrol)[None, :])
+        after = is_user_time(diarizer.turns(), lambda label: diarizer.known_label(label) == 0, reference, owner,
+                             split)
+        out.append((owner, old, before, after))
+    return out
 
 
 def speaker_path_cpu(embedder, utterances, streams: int) -> float:
@@ -384,11 +412,10 @@ def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test
         before = diarization_error(reference, old_labels(baseline, utterances), uem=uem)
         diarizer = new_labels(embedder, utterances)
         after = diarization_error(reference, diarizer.turns(), uem=uem)
-        owned = owner_offline(baseline, embedder, pcm, reference, utterances) if owner_test else None
-        if owned:
-            (rb, tb), (ra, ta) = owned
-            print(f"{path.stem:22s} is_user right on {rb / tb:6.1%} (old) -> {ra / ta:6.1%} (new) of {ta:.0f} s "
-                  f"of single-speaker speech, owner enrolled from the last quarter", flush=True)
+        owned = owner_offline(baseline, embedder, pcm, reference, utterances) if owner_test else []
+        for owner, (ro, to), (rb, tb), (ra, ta) in owned:
+            print(f"{path.stem:22s} owner {owner}: is_user right on {ro / to:6.1%} (old) {rb / tb:6.1%} "
+                  f"(previous) -> {ra / ta:6.1%} (new) of {ta:.0f} s of single-speaker speech", flush=True)
         seconds = len(pcm) / RATE
         cpu = {n: speaker_path_cpu(embedder, utterances, n) / (n * seconds) for n in streams}
         cpu["engine"] = engine_cpu(utterances) / seconds if with_engine else float("nan")
@@ -407,12 +434,12 @@ def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test
         engine = sum(r[4]["engine"] * r[1] for r in rows) / total
         print(f"speaker path at {n} stream(s): {path_cpu * 1000:.1f} ms CPU per audio second per stream "
               f"({path_cpu / engine:.1%} of the engine's {engine * 1000:.0f} ms)")
-    owned = [r[5] for r in rows if r[5]]
+    owned = [o for r in rows for o in r[5]]
     if owned:
-        for label, k in (("old", 0), ("new", 1)):
+        for label, k in (("old", 1), ("previous", 2), ("new", 3)):
             right, total = sum(o[k][0] for o in owned), sum(o[k][1] for o in owned)
-            print(f"{label}: is_user right on {right / total:.1%} of {total:.0f} s of single-speaker speech "
-                  f"(worst recording {min(o[k][0] / o[k][1] for o in owned):.1%})")
+            print(f"{label}: is_user right on {right / total:.1%} of {total:.0f} s of single-speaker speech, "
+                  f"{len(owned)} owners (worst {min(o[k][0] / o[k][1] for o in owned):.1%})")
     for label, index in (("old", 2), ("new", 3)):
         scores = [r[index] for r in rows]
         two = [x.der for x in scores if x.reference_speakers == 2]

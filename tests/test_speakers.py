@@ -10,6 +10,7 @@ import pytest
 
 from harken.audio.embedding import SAMPLE_RATE
 from harken.audio.ring import AudioRing
+from harken.audio.speaker_models import model_named
 from harken.gateway.speakers import USER_PERSON_ID, SpeakerIdentifier, SpeakerMatch
 from harken.stt.base import Word
 
@@ -17,6 +18,7 @@ from .test_diarization import labelling_accuracy
 from .test_embedding import enrolment, speakers
 
 GAP = np.zeros(int(0.7 * SAMPLE_RATE), dtype=np.int16)
+DVECTOR = model_named("dvector")          # the model test_embedding's enrolments come from
 
 
 class Conversation:
@@ -52,7 +54,7 @@ async def test_owner_and_known_person_found_on_true_segments():
         order = [(person, 0), (owner, 3), (stranger, 4), (person, 1), (owner, 5), (stranger, 5)]
         ring = AudioRing(60)
         identifier = SpeakerIdentifier(
-            ring, owner=enrolment(owner), people={"p-1": ("Person One", enrolment(person, (3, 4, 5)))}
+            ring, model=DVECTOR, owner=enrolment(owner), people={"p-1": ("Person One", enrolment(person, (3, 4, 5)))}
         )
         worker = asyncio.create_task(collect(identifier))
         conversation = Conversation(ring)
@@ -87,7 +89,7 @@ async def test_owner_and_known_person_found_on_true_segments():
 async def test_a_diarized_speaker_is_identified_once_and_unknowns_give_up():
     voices = speakers()
     ring = AudioRing(60)
-    identifier = SpeakerIdentifier(ring, owner=enrolment("1998"), people={"p-9": ("Nine", enrolment("2033"))},
+    identifier = SpeakerIdentifier(ring, model=DVECTOR, owner=enrolment("1998"), people={"p-9": ("Nine", enrolment("2033"))},
                                    max_attempts=2)
     worker = asyncio.create_task(collect(identifier))
     conversation = Conversation(ring)
@@ -113,7 +115,7 @@ async def test_a_diarized_speaker_is_identified_once_and_unknowns_give_up():
 async def test_client_assignments_win_over_voice_matches():
     voices = speakers()
     ring = AudioRing(60)
-    identifier = SpeakerIdentifier(ring, owner=enrolment("2414"))
+    identifier = SpeakerIdentifier(ring, model=DVECTOR, owner=enrolment("2414"))
     conversation = Conversation(ring)
     owner_turn = conversation.say(voices["2414"][4])
     other_turn = conversation.say(voices["3331"][4])
@@ -130,7 +132,7 @@ async def test_client_assignments_win_over_voice_matches():
     assert identifier.mapping(0).assigned and identifier.stats.embedded == 0
 
     # After an automatic match, a client assignment replaces it for good.
-    identifier = SpeakerIdentifier(ring, owner=enrolment("2414"))
+    identifier = SpeakerIdentifier(ring, model=DVECTOR, owner=enrolment("2414"))
     worker = asyncio.create_task(collect(identifier))
     identifier.observe(0, *owner_turn)
     await asyncio.wait_for(identifier.wait_idle(), 30)
@@ -146,12 +148,12 @@ async def test_client_assignments_win_over_voice_matches():
 async def test_queue_is_bounded_and_extras_are_counted():
     ring = AudioRing(60)
     ring.append(np.zeros(10 * SAMPLE_RATE, dtype=np.int16))
-    identifier = SpeakerIdentifier(ring, owner=enrolment("1688"), max_queued=2)
+    identifier = SpeakerIdentifier(ring, model=DVECTOR, owner=enrolment("1688"), max_queued=2)
     results = [identifier.observe(speaker_id, 0.0, 3.0) for speaker_id in range(5)]
     assert results == [True, True, False, False, False]
     assert identifier.stats.queued == 2 and identifier.stats.dropped == 3
     # Too short a segment, or nothing to match against, is not work at all.
-    assert not SpeakerIdentifier(ring, owner=enrolment("1688")).observe(0, 0.0, 1.9)
+    assert not SpeakerIdentifier(ring, model=DVECTOR, owner=enrolment("1688")).observe(0, 0.0, 1.9)
     assert not SpeakerIdentifier(ring).observe(0, 0.0, 5.0)
 
 
@@ -161,7 +163,7 @@ async def test_audio_gone_from_the_ring_expires_the_job():
     conversation = Conversation(ring)
     turn = conversation.say(speakers()["1688"][3])          # 5 s
     ring.append(np.zeros(8 * SAMPLE_RATE, dtype=np.int16))  # the turn has left the 5 s ring
-    identifier = SpeakerIdentifier(ring, owner=enrolment("1688"))
+    identifier = SpeakerIdentifier(ring, model=DVECTOR, owner=enrolment("1688"))
     assert identifier.observe(0, *turn)
     identifier.close()
     assert await asyncio.wait_for(collect(identifier), 30) == []

@@ -39,7 +39,7 @@ from .segments import (MAX_PROVIDER_CHARS, Batch, Segment, SegmentBuilder, speak
 from .session_photos import SessionPhotos
 from .profiles import load_voices, voices_from_stored
 from .naming import SpeakerNaming
-from .speakers import SpeakerIdentifier
+from .speakers import SpeakerIdentifier, continues
 from .vocabulary import load_vocabulary
 from .ws_protocol import binary_sink
 
@@ -51,6 +51,10 @@ APP_MESSAGES_NOT_ACTED_ON = frozenset(("client_state", "start_onboarding", "skip
 STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits for the engine's last words
 MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
 RING_SECONDS = 60                 # recent audio kept for speaker identification (as Omi)
+# A cloud engine's utterance still being spoken waits this long after its last word (or until it
+# is this long) before it is labelled by voice (``Session._take_undiarized``).
+OPEN_RUN_HOLD_SECONDS = 1.5
+OPEN_RUN_MAX_SECONDS = 8.0
 # Decoded audio goes on to the clock, ring, webhook chunker and speech stream in pieces of this
 # size rather than per message: a device's 10 ms packets would otherwise cost four trips through
 # that path per piece. It delays the audio by less than one piece (30 ms at 10 ms packets).
@@ -105,6 +109,7 @@ class Session:
         # change), else the embedded engine's alone.
         self._undiarized: list[tuple[Word, str]] = []
         self._voice_labelled: set[str] = set()      # providers whose words were labelled by voice
+        self._last_word_at = 0.0                    # monotonic time the newest of them arrived
         self.provider_name: str | None = None
         self.stt_reason: str | None = None   # which language and engine serve it (ready's reason)
         self.time_offset = 0.0            # conversation time of this session's audio-clock zero
@@ -544,10 +549,11 @@ class Session:
             await self._push_pending()
             await self._flush()
 
-    async def _flush(self) -> None:
-        """The 600 ms step: label the embedded engine's words by voice, merge, store, send, observe."""
+    async def _flush(self, final: bool = False) -> None:
+        """The 600 ms step: label words by voice, merge, store, send, observe (``final``: the
+        session's last, which holds nothing back)."""
         self.metrics.audio_through(self.clock.samples)
-        batch = await self._uninterrupted(self._store_next_batch())
+        batch = await self._uninterrupted(self._store_next_batch(final))
         await self._send_batch(batch)
         if not self._client_gone:
             self.metrics.batch_sent(batch.changed, self.time_offset)
@@ -581,9 +587,32 @@ class Session:
         async for match in self.speakers.matches():
             await self._apply_match(match)
 
-    async def _store_next_batch(self) -> Batch:
-        if self._undiarized:
-            pending, self._undiarized = self._undiarized, []
+    def _take_undiarized(self, final: bool) -> list[tuple[Word, str]]:
+        """The words to label by voice now. A cloud engine's words come while their utterance
+        goes on: its newest run (no pause, the engine's speaker unchanged) is kept back until
+        ``OPEN_RUN_HOLD_SECONDS`` of audio passed its last word, or as long went by with no new
+        word (a client that stopped sending), or it is ``OPEN_RUN_MAX_SECONDS`` long, so that an
+        utterance is embedded whole, as the embedded engine's are."""
+        pending, self._undiarized = self._undiarized, []
+        if final or not pending:
+            return pending
+        order = sorted(range(len(pending)), key=lambda i: pending[i][0].start)
+        first = len(order) - 1
+        while first > 0 and continues(pending[order[first - 1]][0], pending[order[first]][0]):
+            first -= 1
+        run = order[first:]
+        start, end = pending[run[0]][0].start, max(pending[i][0].end for i in run)
+        if (pending[run[0]][1] == EMBEDDED_PROVIDER or self.clock.seconds - end >= OPEN_RUN_HOLD_SECONDS
+                or time.monotonic() - self._last_word_at >= OPEN_RUN_HOLD_SECONDS
+                or end - start >= OPEN_RUN_MAX_SECONDS):
+            return pending
+        held = set(run)
+        self._undiarized = [p for i, p in enumerate(pending) if i in held]
+        return [p for i, p in enumerate(pending) if i not in held]
+
+    async def _store_next_batch(self, final: bool = False) -> Batch:
+        pending = self._take_undiarized(final)
+        if pending:
             # All at once: an utterance is embedded whole, even across a change of provider.
             labelled = await self.speakers.diarize_words([word for word, _ in pending])
             start = 0
@@ -706,9 +735,11 @@ class Session:
         self.stats.words += 1
         self.metrics.word(provider, word.end)
         if self._labels_by_voice(provider):
-            self._undiarized.append((word, provider))      # labelled by voice at the next flush
+            self._undiarized.append((word, provider))      # labelled by voice at a flush
+            self._last_word_at = time.monotonic()
             self._voice_labelled.add(provider)
-            self._words_ready.set()
+            if provider == EMBEDDED_PROVIDER:
+                self._words_ready.set()        # a whole utterance at once: out without waiting
         else:
             self._add_words([word], provider)
 
@@ -851,7 +882,7 @@ class Session:
             self.decoder.close()
         self.speakers.close()
         try:
-            await self._flush()
+            await self._flush(final=True)
         except EndSession:
             pass
         if self.naming is not None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Collection, Mapping, Sequence
 
 import numpy as np
@@ -392,13 +392,18 @@ class SpeakerIdentifier:
         return embedding
 
 
+def continues(before: Word, word: Word) -> bool:
+    """Whether ``word`` goes on the utterance that ``before`` is in: no pause of
+    ``UTTERANCE_GAP_SECONDS`` and, for an engine with diarization of its own, the same speaker
+    (its turn boundaries are kept)."""
+    return word.start - before.end < UTTERANCE_GAP_SECONDS and word.speaker == before.speaker
+
+
 def _utterances(words: Sequence[Word]) -> list[list[Word]]:
-    """Runs of words without a pause of ``UTTERANCE_GAP_SECONDS`` and, for an engine with
-    diarization of its own, without a change of its speaker (its turn boundaries are kept)."""
     runs: list[list[Word]] = []
     run_end = 0.0
     for word in sorted(words, key=lambda w: w.start):
-        if runs and word.start - run_end < UTTERANCE_GAP_SECONDS and word.speaker == runs[-1][-1].speaker:
+        if runs and continues(replace(runs[-1][-1], end=run_end), word):
             runs[-1].append(word)
             run_end = max(run_end, word.end)
         else:
