@@ -157,7 +157,6 @@ async def test_a_speaker_who_says_their_name_becomes_a_person_known_next_time(ma
         suggestions = [e for e in named.events if e.get("type") == "speaker_label_suggestion"]
         assert [(e["person_id"], e["person_name"]) for e in suggestions] == [(robert["id"], "Robert")]
         person_share, stranger_share = shares(named.ordered(), truth[:4], robert["id"])
-        print(f"\nfirst: {[(s['speaker_id'], s['person_id'], s['start'], s['text'][:30]) for s in named.ordered()]} {truth[:4]}")
         assert person_share >= 0.9 and stranger_share <= 0.1, (person_share, stranger_share)
 
         await asyncio.sleep(3.0)        # the first conversation times out: the next is a new one
@@ -188,7 +187,6 @@ async def test_what_an_introduction_does_follows_the_apps_parameters(make_gatewa
             people = (await http.get("/v1/users/people", headers={"Authorization": f"Bearer {token}"})).json()
     suggestions = [(e["person_id"], e["person_name"]) for e in result.events
                    if e.get("type") == "speaker_label_suggestion"]
-    print(f"\nsegments: {[(s['speaker_id'], s['person_id'], s['text']) for s in result.ordered()]}")
     # Upstream: the name is always suggested; a person is created only with create_speakers, and
     # the suggestion (and the segments) carry the person only with speaker_auto_assign.
     assert suggestions == [("", "Robert")]

@@ -125,12 +125,14 @@ async def test_speech_profile_round_trip(gateway):
     async with client(gateway) as http:
         assert (await http.get("/v1/users/speech-profile")).status_code == 401
         empty = (await http.get("/v1/users/speech-profile", headers=auth)).json()
-        assert empty == {"exists": False, "speech_seconds": None, "created_at": None, "updated_at": None}
+        assert empty == {"exists": False, "speech_seconds": None, "created_at": None, "updated_at": None,
+                         "model": None}
 
         put = await http.put("/v1/users/speech-profile", headers=auth, content=wav_bytes(speech))
         assert put.status_code == 200, put.text
         first = put.json()
         assert first["exists"] and 12.0 < first["speech_seconds"] <= speech.size / RATE
+        assert first["model"] == MODEL_ID
         assert (await http.get("/v1/users/speech-profile", headers=auth)).json() == first
         assert "embedding" not in first and "audio" not in first
 
@@ -368,7 +370,7 @@ async def test_a_voice_enrolled_with_another_speaker_model_is_ignored_until_enro
         assert (await http.get("/v3/speech-profile", headers=auth)).json() == {"has_profile": False}
         profile = (await http.get("/v1/users/speech-profile", headers=auth)).json()
         assert profile["exists"] is False and profile["model"] == model_named("dvector").model_id
-        ignored = await stream_messages(url, messages, 0.1, token=token, realtime=False, settle_seconds=6.0,
+        ignored = await stream_messages(url, messages, 0.1, token=token, realtime=False, settle_seconds=12.0,
                                         max_wait=120)
         put = await http.put("/v1/users/speech-profile", headers=auth, content=wav_bytes(enrolment(OWNER, (0, 1, 2))))
         assert put.status_code == 200, put.text
@@ -376,7 +378,7 @@ async def test_a_voice_enrolled_with_another_speaker_model_is_ignored_until_enro
         assert (await http.get("/v1/users/speech-profile", headers=auth)).json()["model"] == \
             model_named("resemblyzer").model_id
         await asyncio.sleep(3.0)            # a new conversation
-        recognised = await stream_messages(url, messages, 0.1, token=token, realtime=False, settle_seconds=6.0,
+        recognised = await stream_messages(url, messages, 0.1, token=token, realtime=False, settle_seconds=12.0,
                                            max_wait=120)
     assert ignored.segments and not any(s["is_user"] for s in ignored.segments.values())
     assert recognised.segments and all(s["is_user"] for s in recognised.segments.values())

@@ -544,8 +544,11 @@ class ConversationDiarizer:
             if len(top) >= 2:
                 bars[row] = max(bars[row], (top[0] + top[1]) / 2)
             # Voices the clustering could not tell apart: split the scores themselves where
-            # they fall into two groups (Otsu's threshold), if both groups are substantial.
-            split = _two_groups(scores[:, row])
+            # they fall into two groups (Otsu's threshold), if both groups are substantial. Not
+            # when the stretches are decided again against the conversation's voices
+            # (``_adapted``), which tells such voices apart better; and the split cut a
+            # conversation of the owner alone in two, half of it "someone else".
+            split = None if self.adapt_known else _two_groups(scores[:, row])
             if split is not None:
                 bars[row] = max(bars[row], split)
         return bars
