@@ -51,9 +51,12 @@ APP_MESSAGES_NOT_ACTED_ON = frozenset(("client_state", "start_onboarding", "skip
 STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits for the engine's last words
 MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
 RING_SECONDS = 60                 # recent audio kept for speaker identification (as Omi)
-# A cloud engine's utterance still being spoken waits this long after its last word (or until it
-# is this long) before it is labelled by voice (``Session._take_undiarized``).
-OPEN_RUN_HOLD_SECONDS = 1.5
+# A cloud engine's utterance still being spoken waits until this much audio followed its last
+# word, or this long went by without a new word, or it is this long, before it is labelled by
+# voice (``Session._take_undiarized``): the price of embedding an utterance whole is up to about
+# a second more before its last words are shown.
+OPEN_RUN_HOLD_SECONDS = 1.0
+OPEN_RUN_IDLE_SECONDS = 0.8
 OPEN_RUN_MAX_SECONDS = 8.0
 # Decoded audio goes on to the clock, ring, webhook chunker and speech stream in pieces of this
 # size rather than per message: a device's 10 ms packets would otherwise cost four trips through
@@ -590,9 +593,9 @@ class Session:
     def _take_undiarized(self, final: bool) -> list[tuple[Word, str]]:
         """The words to label by voice now. A cloud engine's words come while their utterance
         goes on: its newest run (no pause, the engine's speaker unchanged) is kept back until
-        ``OPEN_RUN_HOLD_SECONDS`` of audio passed its last word, or as long went by with no new
-        word (a client that stopped sending), or it is ``OPEN_RUN_MAX_SECONDS`` long, so that an
-        utterance is embedded whole, as the embedded engine's are."""
+        ``OPEN_RUN_HOLD_SECONDS`` of audio passed its last word, or ``OPEN_RUN_IDLE_SECONDS`` went
+        by with no new word (a client that stopped sending), or it is ``OPEN_RUN_MAX_SECONDS``
+        long, so that an utterance is embedded whole, as the embedded engine's are."""
         pending, self._undiarized = self._undiarized, []
         if final or not pending:
             return pending
@@ -603,7 +606,7 @@ class Session:
         run = order[first:]
         start, end = pending[run[0]][0].start, max(pending[i][0].end for i in run)
         if (pending[run[0]][1] == EMBEDDED_PROVIDER or self.clock.seconds - end >= OPEN_RUN_HOLD_SECONDS
-                or time.monotonic() - self._last_word_at >= OPEN_RUN_HOLD_SECONDS
+                or time.monotonic() - self._last_word_at >= OPEN_RUN_IDLE_SECONDS
                 or end - start >= OPEN_RUN_MAX_SECONDS):
             return pending
         held = set(run)
