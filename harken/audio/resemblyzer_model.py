@@ -25,17 +25,17 @@ matrix product per LSTM step for all of an utterance's partials.
 
 from __future__ import annotations
 
+import base64
 import collections
 import functools
 import hashlib
-import importlib.util
-import os
+import importlib.metadata
 import pickle
 import struct
 
 import numpy as np
 
-from .embedding import SAMPLE_RATE, ExecutorModel, SpeakerModelMissing, mel_filterbank
+from .embedding import SAMPLE_RATE, ExecutorModel, file_problem, mel_filterbank, packaged_file
 
 EMBEDDING_DIM = 256
 MIN_SECONDS = 0.5
@@ -52,30 +52,37 @@ _MIN_TAIL_FRAMES = 80
 _TARGET_DBFS = -30.0
 WINDOW_SECONDS = _PARTIAL_FRAMES * _HOP / SAMPLE_RATE
 WINDOW_HOP_SECONDS = _PARTIAL_STRIDE * _HOP / SAMPLE_RATE
-# sha256 of the weights file of resemblyzer 0.1.4, checked at load (the wheel itself is pinned by
-# hash in requirements-models.txt; this catches a different file put in its place).
-WEIGHTS_SHA256 = "39373b86598fa3da9fcddee6142382efe09777e8d37dc9c0561f41f0070f134e"
+# The weights must be resemblyzer 0.1.4's (the wheel is pinned by hash in requirements-models.txt):
+# checked at load against the sha256 that the installed wheel's RECORD gives for the file, which
+# catches a different file put in its place without a digest copied into the source.
+WEIGHTS_VERSION = "0.1.4"
 
 
 def _weights_path() -> str:
     # Located without importing resemblyzer: its __init__ imports torch.
-    spec = importlib.util.find_spec("resemblyzer")
-    if spec is None or not spec.submodule_search_locations:
-        raise SpeakerModelMissing(
-            "the resemblyzer speaker model ships with resemblyzer: "
-            "pip install --no-deps --require-hashes -r requirements-models.txt"
-        )
-    return os.path.join(next(iter(spec.submodule_search_locations)), "pretrained.pt")
+    return packaged_file("resemblyzer", "resemblyzer", "pretrained.pt")
+
+
+def _check_weights(path: str) -> None:
+    """Raise unless ``path`` is the weights file the installed resemblyzer 0.1.4 wheel recorded."""
+    distribution = importlib.metadata.distribution("resemblyzer")
+    if distribution.version != WEIGHTS_VERSION:
+        raise RuntimeError(f"resemblyzer {distribution.version} is installed; the speaker model needs "
+                           f"{WEIGHTS_VERSION} (requirements-models.txt)")
+    recorded = next((f.hash for f in distribution.files or () if f.name == "pretrained.pt" and f.hash), None)
+    if recorded is None or recorded.mode != "sha256":
+        raise RuntimeError("the installed resemblyzer records no sha256 for pretrained.pt: reinstall it "
+                           "from requirements-models.txt")
+    with open(path, "rb") as f:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(f.read()).digest()).rstrip(b"=").decode()
+    if digest != recorded.value:
+        raise RuntimeError(f"{path} is not resemblyzer {WEIGHTS_VERSION}'s weights file")
 
 
 @functools.lru_cache(maxsize=1)
 def resemblyzer_problem() -> str | None:
     """Why the Resemblyzer weights cannot be used (not installed), or None."""
-    try:
-        path = _weights_path()
-    except SpeakerModelMissing as exc:
-        return str(exc)
-    return None if os.path.exists(path) else f"{path} is missing"
+    return file_problem(_weights_path)
 
 
 # --- reading the weights without torch ------------------------------------------------------
@@ -209,10 +216,7 @@ class ResemblyzerEmbedder(ExecutorModel):
     def __init__(self, weights_path: str | None = None):
         if weights_path is None:
             weights_path = _weights_path()
-            with open(weights_path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            if digest != WEIGHTS_SHA256:
-                raise RuntimeError(f"{weights_path} is not resemblyzer 0.1.4's weights file (sha256 {digest})")
+            _check_weights(weights_path)
         state = read_torch_legacy(weights_path)
         weights = state.get("model_state", state)
         self._layers = []
