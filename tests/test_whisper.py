@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jiwer
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from harken.audio import SAMPLE_RATE, Utterance, speech_spans
+from harken.client import read_wav_16k
 from harken.config import Settings
 from harken.stt.base import StreamConfig, STTError, Word
 from harken.stt.decoding import Decoding, implausible
@@ -314,6 +316,70 @@ async def test_finalize_emits_the_open_utterance_and_close_ends_iteration(provid
         await asyncio.wait_for(iterator.__anext__(), 10)
     with pytest.raises(STTError):
         await stream.send(speech[:CHUNK])
+
+
+PROMPTS = Path(__file__).parent / "data" / "prompts_en"
+
+
+@pytest.mark.timeout(60)
+async def test_an_utterance_whose_onset_the_vad_caught_late_keeps_its_first_words(provider):
+    # A person's soft onset ("Asterisk is an open source…"): the endpointer's utterance begins
+    # inside the first word, and decoded as cut, Whisper skipped the first seven words ("The BX
+    # and IVR platform…", 39 % WER against 4 % for the file decoded whole).
+    pcm = read_wav_16k(PROMPTS / "demo-moreinfo.wav")
+    reference = "asterisk is an open source full featured pbx and ivr platform that runs on the linux " \
+                "operating system for more information visit www asterisk org"
+    whole, _ = provider.transcribe_clip(pcm, "en")
+    words, _ = await transcribe_stream(provider, np.concatenate([
+        np.zeros(SAMPLE_RATE, np.int16), pcm, np.zeros(2 * SAMPLE_RATE, np.int16)]))
+    streamed_errors, n = word_errors(reference, text(words))
+    whole_errors, _ = word_errors(reference, "".join(w[0] for w in whole))
+    assert "is an open source full featured" in " ".join(normalize(text(words)))
+    assert streamed_errors <= whole_errors + 1, (text(words), n)
+
+
+class _SlowExecutor(ThreadPoolExecutor):
+    """A pool whose every job first sleeps: a server far behind real time, made deterministic."""
+
+    def __init__(self, delay: float):
+        super().__init__(max_workers=1)
+        self.delay = delay
+
+    def submit(self, fn, /, *args, **kwargs):
+        def slow():
+            time.sleep(self.delay)
+            return fn(*args, **kwargs)
+        return super().submit(slow)
+
+
+@pytest.mark.timeout(60)
+async def test_a_client_that_hangs_up_behind_a_slow_engine_still_gets_every_queued_utterance():
+    # Six utterances queue faster than the engine decodes them (0.5 s per decode here); the
+    # stream is closed with a 1.5 s stall limit. Every decode finishes within the limit, the
+    # whole queue does not: a fixed total timeout cut the last utterances off with an error.
+    names = [name for name, _ in transcripts("real")][:6]
+    pcm, _ = join_with_gaps(names, 1.5)
+    engine = WhisperProvider(Settings(), executor=_SlowExecutor(0.5))
+    await engine.load()
+    try:
+        stream = await engine.open(StreamConfig())
+        words: list[Word] = []
+
+        async def collect():
+            async for word in stream:
+                words.append(word)
+
+        collector = asyncio.create_task(collect())
+        for position in range(0, pcm.size, CHUNK):
+            await stream.send(pcm[position : position + CHUNK])
+        assert stream.pending_decodes >= 3          # the engine is behind when the client leaves
+        await stream.close(timeout=1.5)
+        await asyncio.wait_for(collector, 10)       # ends cleanly: no STTError
+        assert stream.stats.decodes == len(names)
+        references = " ".join(reference for _, reference in transcripts("real")[:6])
+        assert wer([(references, text(words))]) <= 0.2
+    finally:
+        await engine.aclose()
 
 
 @pytest.mark.timeout(30)

@@ -48,7 +48,7 @@ log = logging.getLogger("harken.session")
 # What newer apps send that Harken has nothing to do with (no onboarding questions, the app's
 # screen state): accepted silently, like unknown types, but named so that a log reader knows.
 APP_MESSAGES_NOT_ACTED_ON = frozenset(("client_state", "start_onboarding", "skip_question"))
-STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits for the engine's last words
+STREAM_CLOSE_TIMEOUT = 15.0       # seconds teardown waits with no progress for the engine's last words
 MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
 RING_SECONDS = 60                 # recent audio kept for speaker identification (as Omi)
 # A cloud engine's utterance still being spoken waits until this much audio followed its last
@@ -913,21 +913,42 @@ class Session:
     async def _finish_stream(self) -> None:
         """Close the engine stream and collect the words it still had (the last utterance)."""
         stream = self.stream
+        received = 0
 
         async def drain() -> None:
+            nonlocal received
             try:
                 async for word in stream:
+                    received += 1
                     self._on_word(word)
             except STTError as exc:
                 log.warning("stt failed while closing sid=%s: %s", self.id, exc)
 
+        def progress() -> tuple[int, int | None]:
+            # Words that came, and decodes still queued (an embedded engine far behind real time
+            # may owe many utterances): either changing means the engine is still delivering.
+            return received, getattr(stream, "pending_decodes", None)
+
+        closing = asyncio.ensure_future(asyncio.gather(stream.close(), drain()))
         try:
-            # asyncio.timeout rather than wait_for: on 3.11 wait_for can swallow a cancellation
-            # that arrives just as its inner task finishes, and teardown must stay cancellable.
-            async with asyncio.timeout(STREAM_CLOSE_TIMEOUT):
-                await asyncio.gather(stream.close(), drain())
-        except TimeoutError:
-            log.warning("stt stream of sid=%s did not close within %ss", self.id, STREAM_CLOSE_TIMEOUT)
+            # A client that hung up is still owed every word of what it sent: wait while the
+            # engine makes progress, give up only after STREAM_CLOSE_TIMEOUT s with none.
+            seen = progress()
+            while True:
+                done, _ = await asyncio.wait({closing}, timeout=STREAM_CLOSE_TIMEOUT)
+                if done:
+                    closing.result()
+                    break
+                if progress() == seen:
+                    closing.cancel()
+                    await asyncio.gather(closing, return_exceptions=True)
+                    log.warning("stt stream of sid=%s made no progress for %ss while closing", self.id,
+                                STREAM_CLOSE_TIMEOUT)
+                    break
+                seen = progress()
+        except asyncio.CancelledError:
+            closing.cancel()
+            raise
         except Exception:
             log.exception("closing stt stream of sid=%s failed", self.id)
 

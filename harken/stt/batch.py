@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from ..audio import Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import EMBEDDED_PROVIDER, Word
-from .decoding import Decoding
+from .decoding import Decoding, utterance_lead
 from .priority import LiveFirstExecutor, LiveFirstGate
 from .whisper import MIN_SPEECH_SECONDS, PREROLL_MS, WhisperProvider, place_words
 
@@ -114,7 +114,7 @@ class BatchTranscriber:
         code = None if language == "multi" else language.split("-")[0].lower()   # pt-BR → pt, as live
         # The same encoder window as a live stream's utterances (a third of the CPU of Whisper's 30 s).
         return Decoding(code, self.engine.allowed_languages if code is None else (),
-                        window_s=self.settings.whisper_window_s), model
+                        window_s=self.settings.whisper_window_s, lead_s=utterance_lead(model)), model
 
     def decode(self, utterances: Iterable[Utterance], decoding: Decoding, model: "WhisperModel",
                not_before: float = 0.0) -> tuple[list[Word], float, float]:

@@ -46,7 +46,7 @@ import numpy as np
 from ..audio import WINDOW_SECONDS, Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import (EMBEDDED_PROVIDER, SAMPLE_RATE, SENTENCE_ENDERS, Partial, Provider, StreamConfig, STTError,
                    STTStream, Word)
-from .decoding import Decoding, RawWord, decode
+from .decoding import Decoding, RawWord, decode, utterance_lead
 from .models import EMBEDDED_BASE, ModelError, load_whisper_model, resolve_model, resolve_multilingual, whisper_languages
 from .priority import LiveFirstGate
 
@@ -259,7 +259,7 @@ class WhisperProvider(Provider):
         assert self._vad is not None
         language = None if config.language == "multi" else _base_language(config.language)
         decoding = Decoding(language, self.allowed_languages if language is None else (), tuple(config.vocabulary),
-                            window_s=self.settings.whisper_window_s)
+                            window_s=self.settings.whisper_window_s, lead_s=utterance_lead(model))
         return WhisperStream(self, config, decoding, StreamingVAD(self._vad), model)
 
     async def aclose(self) -> None:
@@ -466,22 +466,32 @@ class WhisperStream(STTStream):
             self._ended(utterance)
 
     async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Finalize, wait (at most ``timeout`` s) for the queued decodes, then end the iteration."""
+        """Finalize, wait for the queued decodes, then end the iteration.
+
+        The wait ends early only when no decode finished for ``timeout`` s (the engine is stuck):
+        a server far behind real time still owes a client that hung up every queued utterance,
+        and the queue is bounded (``MAX_PENDING_UTTERANCES``), so the wait is too."""
         if not self._closing:
             utterance = self._endpointer.flush()
             if utterance is not None:
                 self._ended(utterance)
             self._closing = True
             self._wakeup.set()
+        progress = self.stats.decodes, len(self._pending)
         try:
-            done, _ = await asyncio.wait({self._worker}, timeout=timeout)
+            while True:
+                done, _ = await asyncio.wait({self._worker}, timeout=timeout)
+                if done:
+                    return
+                if (self.stats.decodes, len(self._pending)) == progress:
+                    break
+                progress = self.stats.decodes, len(self._pending)
         except asyncio.CancelledError:
             self._worker.cancel()
             raise
-        if not done:
-            self._worker.cancel()
-            self._finish(STTError(f"local decoding did not finish within {timeout:g} s of close "
-                                  f"({len(self._pending)} utterances still queued)"))
+        self._worker.cancel()
+        self._finish(STTError(f"local decoding made no progress for {timeout:g} s after close "
+                              f"({len(self._pending)} utterances still queued)"))
 
     async def __aiter__(self) -> AsyncIterator[Word | Partial]:
         while True:
