@@ -590,7 +590,22 @@ async def test_workers_are_processes_that_share_one_port(tmp_path, speech_frames
 
         # Whichever worker answers /metrics, the page holds both workers' figures, so the one
         # open session and its audio are counted once in every scrape.
-        audio: set[float] = set()                       # the client sends no more audio meanwhile
+        async def audio_total(http: httpx.AsyncClient) -> float:
+            page = await http.get(f"http://127.0.0.1:{port}/metrics", headers={"Connection": "close"})
+            families = {f.name: f for f in text_string_to_metric_families(page.text)}
+            return sum(s.value for s in families["harken_audio_seconds"].samples if s.name.endswith("_total"))
+
+        async with httpx.AsyncClient() as http:
+            # The client sends no more audio, but what it sent last may still be in the server's
+            # pipeline (read at real-time pace): wait until the total stops moving.
+            previous = None
+            for _ in range(20):
+                total = await audio_total(http)
+                if total == previous:
+                    break
+                previous = total
+                await asyncio.sleep(0.5)
+        audio: set[float] = set()
         async with httpx.AsyncClient() as http:
             for _ in range(8):
                 page = await http.get(f"http://127.0.0.1:{port}/metrics", headers={"Connection": "close"})
