@@ -197,6 +197,31 @@ async def test_a_windowed_decode_gives_the_full_windows_words_at_a_fraction_of_t
     assert [w[0] for w in short] == [w[0] for w in full]
 
 
+async def test_multi_identifies_the_language_in_the_decodes_short_window(provider, monkeypatch):
+    # Language identification used to encode Whisper's full 30 s window before every windowed
+    # decode of a `multi` utterance: two encoder passes, the first at full price.
+    from faster_whisper import WhisperModel
+
+    from .speech_clips import clips as real_clips
+
+    seen: list[int] = []
+    encode = WhisperModel.encode
+
+    def spy(self, features):
+        result = encode(self, features)
+        seen.append(result.shape[1])
+        return result
+
+    monkeypatch.setattr(WhisperModel, "encode", spy)
+    model = await provider.model_for("multi")
+    for clip in [c for c in real_clips() if c.language in ("fr", "ru")][:2]:
+        seen.clear()
+        words, _, language = await asyncio.to_thread(provider.decode_clip, clip.pcm(), Decoding(None, window_s=10.0),
+                                                     model)
+        assert language == clip.language and words
+        assert seen and max(seen) <= 700, seen       # ≤ 14 s of mel frames (clip + pad), never 1,500
+
+
 async def test_a_window_too_short_for_whisper_is_caught_and_decoded_again_in_full(provider):
     """tiny.en on "ten of clubs" with an 8 s window goes wrong (measured: the phrase repeated 18
     times, or "10 of close" after Whisper's temperature fallback): the decode is done again with
