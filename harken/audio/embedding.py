@@ -273,14 +273,7 @@ class SpeakerEmbedder(ExecutorModel):
 
     ``SpeakerEmbedder.shared()`` is the process-wide instance, loaded on first use. The session
     carries no state between calls and ``InferenceSession.run`` is thread-safe, so any number of
-    callers share it. ``embed_async`` runs the work on one worker thread owned by the embedder:
-    embedding is CPU-bound (about 13 ms per 2 s clip), and one thread keeps all sessions together
-    from taking more than one core away from the speech engine.
-
-    ``executor`` runs the async methods' work instead of that thread: the batch transcription
-    of uploads passes its low-priority pool (``stt.batch``), so its speaker work waits for live
-    decodes as its speech decodes do. ``on(executor)`` is the same model (one ONNX session) with
-    another executor.
+    callers share it (about 13 ms per 2 s clip). ``executor`` and ``on`` are ``ExecutorModel``'s.
     """
 
     def __init__(self, model_path: str | None = None, *, executor: concurrent.futures.Executor | None = None):
