@@ -36,6 +36,12 @@ def development_set():
     return pcm, " ".join(r["reference"] for r in rows)
 
 
+def vad_silence_ms() -> int:
+    from harken.config import Settings
+
+    return Settings().endpoint_silence_ms
+
+
 def fresh_token(server, prefix: str) -> str:
     """A token for a new user, so that no run resumes (and merges into) another's conversation."""
     return mint_local_token(server.settings, f"{prefix}-{uuid.uuid4().hex[:8]}", 600)
@@ -69,7 +75,11 @@ async def transcribe_with(server, pcm, codec, rate):
 
 
 @pytest.mark.slow
-async def test_every_codec_transcribes_within_4_points_of_pcm16(gateway, development_set):
+async def test_every_codec_transcribes_within_4_points_of_pcm16(make_gateway, development_set):
+    # Utterances end only by the VAD's silence (no pause decodes, no provisional text): those
+    # depend on how busy the engine is at that moment, so on a loaded machine the same audio was
+    # cut differently from run to run, and pcm16 itself moved between 7.5 and 10.1 % WER.
+    gateway = make_gateway(endpoint_pause_ms=vad_silence_ms(), partial_interval=0)
     pcm, reference = development_set
     words = len(reference.split())
     wers = {}
@@ -88,6 +98,8 @@ async def test_every_codec_transcribes_within_4_points_of_pcm16(gateway, develop
         # errors and AAC at 32 kbps 20 (3.8 points), run after run, with av 15-18, ctranslate2
         # 4.8.4-4.8.5, onnxruntime 1.30-1.31 and CT2_FORCE_CPU_ISA=AVX2 alike: all are held within
         # 4 points (6 words), which a broken codec path (tens of points) still fails by far.
+        # With utterances cut by silence only (above), the figures repeat exactly under load:
+        # pcm16 14 errors, Omi's 16 kHz Opus 20 (3.8 points; all on the synthetic espeak clips).
         baseline = wers[("pcm16", 8000)] if rate == 8000 else wers[("pcm16", 16000)]
         margin = 0.04
         assert wer <= baseline + margin, ((codec, rate), wer, baseline)
