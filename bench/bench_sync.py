@@ -2,7 +2,8 @@
 fast is the batch?
 
     .venv/bin/python bench/bench_sync.py                          # modest: 5 min upload, 3 streams, 30 s
-    .venv/bin/python bench/bench_sync.py --upload-minutes 60 --streams 10 --live-seconds 60   # the full run
+    .venv/bin/python bench/bench_sync.py --full                   # the run: 1-hour upload, 10 streams, 60 s
+    .venv/bin/python bench/bench_sync.py --streams 0              # batch throughput alone (no live phases)
     .venv/bin/python bench/bench_sync.py --live-engine null --streams 10   # live through the gateway alone
     .venv/bin/python bench/bench_sync.py --no-live-first          # batch decodes not waiting for live ones
 
@@ -119,7 +120,10 @@ def describe(label: str, latencies: list[float]) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=3)
+    parser.add_argument("--full", action="store_true",
+                        help="the issue's run: a 1-hour upload beside 10 live streams of 60 s "
+                             "(= --upload-minutes 60 --streams 10 --live-seconds 60)")
+    parser.add_argument("--streams", type=int, default=3, help="live streams (0: measure the batch alone)")
     parser.add_argument("--live-seconds", type=float, default=30.0)
     parser.add_argument("--live-engine", choices=("local", "null"), default="local")
     parser.add_argument("--job-timeout", type=float, default=3600.0, help="seconds to wait for the batch to finish")
@@ -130,6 +134,9 @@ async def main() -> None:
     parser.add_argument("--no-live-first", action="store_true",
                         help="the server's --no-sync-live-first: batch decodes do not wait for live ones")
     args = parser.parse_args()
+    if args.full:
+        args.upload_minutes, args.streams, args.live_seconds = 60.0, 10, 60.0
+    began = time.perf_counter()
 
     print(f"cpus {os.cpu_count()}, affinity {sorted(os.sched_getaffinity(0))}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine may be shared: compare ratios)")
@@ -168,26 +175,34 @@ async def main() -> None:
             print(f"upload: {len(files)} Opus WAL file(s), {audio_seconds / 60:.0f} min of audio, "
                   f"{sum(len(d) for _, d in files) / 2**20:.1f} MiB (encoded in {time.perf_counter() - started:.0f} s)")
 
-            baseline = await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir, args.live_engine,
-                                      "alone")
-            print(describe(f"live alone ({args.streams} streams to the {args.live_engine} engine, "
-                           f"{args.live_seconds:.0f} s)", baseline))
+            live = args.streams > 0
 
-            token = mint_local_token(settings, "bench-uploader", 3600)
+            async def phase(name: str) -> list[float]:
+                if not live:
+                    return []
+                return await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir,
+                                      args.live_engine, name)
+
+            baseline = await phase("alone")
+            if live:
+                print(describe(f"live alone ({args.streams} streams to the {args.live_engine} engine, "
+                               f"{args.live_seconds:.0f} s)", baseline))
+
+            token = mint_local_token(settings, "bench-uploader", int(args.job_timeout) + 3600)
             cpu_before = batch_cpu_seconds(server.pid, args.nice)
             upload_started = time.perf_counter()
             answer = await client.post(f"{http}/v1/sync-local-files", headers={"Authorization": f"Bearer {token}"},
                                        files=[("files", (n, d, "application/octet-stream")) for n, d in files])
             answer.raise_for_status()
             job_id = answer.json()["job_id"]
-            with_batch = await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir, args.live_engine,
-                                        "with-batch")
+            with_batch = await phase("with-batch")
             status = (await client.get(f"{http}/v1/sync-local-files/{job_id}",
                                        headers={"Authorization": f"Bearer {token}"})).json()
-            print(describe("live with the batch running", with_batch))
-            print(f"  (the batch had done {status['audio_seconds']:.0f} s of audio by the end of the live run "
-                  f"(counted per finished file); job {status['status']}; batch work waited for live decodes "
-                  f"{await live_waits(client, http)} times)")
+            if live:
+                print(describe("live with the batch running", with_batch))
+                print(f"  (the batch had done {status['audio_seconds']:.0f} s of audio by the end of the live run "
+                      f"(counted per finished file); job {status['status']}; batch work waited for live decodes "
+                      f"{await live_waits(client, http)} times)")
             job_deadline = time.monotonic() + args.job_timeout
             while status["status"] not in ("completed", "failed") and time.monotonic() < job_deadline:
                 await asyncio.sleep(2.0)
@@ -202,8 +217,9 @@ async def main() -> None:
                   f"{len(status.get('result', {}).get('new_memories', []))} conversations")
             # Live alone again, after the batch: the machine's load drifts, so the baseline is
             # taken on both sides of the batch run and pooled.
-            after = await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir, args.live_engine,
-                                   "alone-after")
+            if not live:
+                return
+            after = await phase("alone-after")
             print(describe("live alone again, after the batch", after))
             alone = baseline + after
             for q in (0.5, 0.95):
@@ -217,8 +233,8 @@ async def main() -> None:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-        print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; server log: "
-              f"{data_dir / 'serve.log'}")
+        print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; the run took "
+              f"{(time.perf_counter() - began) / 60:.1f} min; server log: {data_dir / 'serve.log'}")
 
 
 if __name__ == "__main__":
