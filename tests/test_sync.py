@@ -419,10 +419,10 @@ async def test_an_upload_is_decoded_with_the_users_vocabulary_as_a_live_stream_i
     # (tests/test_vocabulary.py shows the same on a live stream). Uploaded as pcm16, the exact
     # samples: after an Opus round trip the model happens to hear it right without the term too.
     server = make_gateway()
-    pcm = np.concatenate([np.zeros(8000, np.int16), load_audio("ss_0880.wav"), np.zeros(16000, np.int16)])
     texts = {}
     async with httpx.AsyncClient(timeout=60) as client:
-        for uid, terms in (("plain-uploader", []), ("austen-uploader", ["ill-disposed"])):
+        for uid, terms, lead in (("plain-uploader", [], 8000), ("austen-uploader", ["ill-disposed"], 12000)):
+            pcm = np.concatenate([np.zeros(lead, np.int16), load_audio("ss_0880.wav"), np.zeros(16000, np.int16)])
             saved = await client.patch(f"{server.http}/v1/users/transcription-preferences",
                                        headers=headers(server, uid), json={"vocabulary": terms})
             assert saved.status_code == 200, saved.text
