@@ -51,8 +51,9 @@ class SpeakerModel:
 # there: the one-to-one pairing of a clip's speakers does, and the bar only decides whether a
 # voice is new. Resemblyzer: 0.75 linked every clip of the three test conversations right at clip
 # lengths of 10-240 s (0.80 split a speaker in two with 10 s clips) and joined a new person to an
-# absent one in 0.3 % of clip speakers (0.70: 3.6 %) in random 4-person recordings of the
-# LibriSpeech speakers; d-vector: 0.60, every conversation clip right up to 0.70, 0.1 % (0.55: 1.4 %).
+# absent one in 0.1 % of clip speakers (0.70: 3.9 %) in random 4-person recordings of the
+# LibriSpeech speakers; d-vector: 0.60, every conversation clip right from 0.50 to 0.65, 0.0 %
+# (0.55: 1.8 %).
 CLIP_LINK_DVECTOR = 0.60
 CLIP_LINK_RESEMBLYZER = 0.75
 
