@@ -195,6 +195,9 @@ class Settings:
     sync_cloud_timeout: float = _setting(
         1800.0, "seconds a cloud provider may take over one clip of an upload before it is retried or the next "
                   "provider is tried")
+    sync_cloud_clip_seconds: float = _setting(
+        240.0, "seconds of a recording (at most) whose speech goes to a cloud provider in one request; a longer "
+               "upload makes several, their speakers linked by voice")
     sync_language: str = _setting(
         "en", "language of uploaded recordings (they carry none): a Whisper code, or multi to identify it "
               "per utterance with the multilingual model")
@@ -238,6 +241,8 @@ class Settings:
             raise ValueError(f"whisper_window_s must be between 1 and 30 seconds, not {self.whisper_window_s}")
         if self.drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be positive, not {self.drain_timeout}")
+        if self.sync_cloud_clip_seconds < 1:
+            raise ValueError(f"sync_cloud_clip_seconds must be at least 1, not {self.sync_cloud_clip_seconds}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if self.auth not in AUTH_MODES:

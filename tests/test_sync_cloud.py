@@ -9,19 +9,25 @@ report the words of the stretches they got, timed on the clip, as a real engine 
 
 from __future__ import annotations
 
+import collections
 import functools
 import re
 import time
 import uuid
+from pathlib import Path
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
 
+from harken.audio.diarization import labelling_accuracy
+from harken.client import read_wav_16k
 from harken.wer import wer
 
 from .conftest import load_audio, transcripts
 from .fakes.recorded import FakeDeepgramRecorded, FakeSonioxRecorded, FakeSpeechmaticsRecorded, RecordedEar
-from .fakes.recording import Joined, speech_with_pauses
+from .fakes.recording import Joined, dithered, speech_with_pauses
+from .fakes.script import ScriptWord
 from .test_sync import conversations, headers, upload, wait_done, wal_file, wall
 
 pytestmark = pytest.mark.timeout(300)
@@ -67,7 +73,9 @@ async def sync_one(server, uid: str, pcm, timestamp: int) -> tuple[dict, dict]:
         answer = await upload(client, server, uid, [wal_file(pcm, "pcm16", 16000, timestamp)])
         assert answer.status_code == 200, answer.text
         status = await wait_done(client, server, uid, answer.json()["job_id"], timeout=240)
-        (conversation,) = await conversations(client, server, uid)
+        listed = await conversations(client, server, uid)
+        assert len(listed) == 1, (status, listed)
+        (conversation,) = listed
     return status, conversation
 
 
@@ -196,3 +204,97 @@ async def test_the_owner_is_recognised_in_a_cloud_transcribed_upload_as_in_a_liv
     assert len(owner) == 3 and len(other) == 2, [s["text"] for s in segments]
     assert all(s["is_user"] for s in owner), owner
     assert not any(s["is_user"] for s in other), other
+
+
+TERMS = ["Zyxelia", "Harken gateway", "Omi"]
+
+
+@pytest.mark.parametrize("name", ["deepgram", "soniox", "speechmatics"])
+async def test_an_upload_is_transcribed_with_the_users_vocabulary_as_a_live_stream_is(make_gateway, name):
+    """The terms of ``/v1/users/transcription-preferences`` reach each pre-recorded API under its own
+    name (Deepgram ``keyterm`` on nova-3, Soniox ``context.terms``, Speechmatics
+    ``additional_vocab``), as they reach the live streams; a user without terms sends none."""
+    joined = recording()
+    ear = RecordedEar(joined.recording, joined.script)
+    fake = await fake_for(name, ear).start()
+    try:
+        server = make_gateway(stt_chain=f"{CHAIN_ENTRY[name]},local", **settings_for(name, fake), **FAST)
+        uid = f"terms-{uuid.uuid4().hex[:6]}"
+        async with httpx.AsyncClient(timeout=60) as client:
+            saved = await client.patch(f"{server.http}/v1/users/transcription-preferences",
+                                       headers=headers(server, uid), json={"vocabulary": TERMS})
+            assert saved.status_code == 200, saved.text
+        status, _ = await sync_one(server, uid, joined.recording, int(time.time()) - DAY)
+        assert status["status"] == "completed" and status["transcribed_by"] == [name], status
+        await sync_one(server, f"plain-{uuid.uuid4().hex[:6]}", joined.recording[16000:], int(time.time()) - DAY)
+    finally:
+        await fake.stop()
+    if name == "deepgram":
+        with_terms, without = (parse_qs(r.raw_query) for r in fake.requests if r.path == "/v1/listen")
+        assert with_terms["keyterm"] == TERMS and with_terms["model"] == ["nova-3"]
+        assert "keyterm" not in without and "keywords" not in without
+    elif name == "soniox":
+        with_terms, without = fake.configs
+        assert with_terms["context"] == {"terms": TERMS}
+        assert not without.get("context")
+    else:
+        with_terms, without = (c["transcription_config"] for c in fake.configs)
+        assert with_terms["additional_vocab"] == [{"content": term} for term in TERMS]
+        assert "additional_vocab" not in without
+
+
+def conversation_recording(name: str) -> Joined:
+    """A real two-person call (tests/data/conversations, see its SOURCES.md), dithered so the fakes
+    can place what they are sent, and a script of one word ("w0", "w1", ...) per 0.4 s of each
+    speaker's turns in its reference (RTTM), under that speaker's number (in order of first turn); a
+    turn's last word ends a sentence."""
+    folder = Path(__file__).parent / "data" / "conversations"
+    turns = [(float(f[3]), float(f[3]) + float(f[4]), f[7])
+             for f in (line.split() for line in (folder / f"{name}.rttm").read_text().splitlines() if line.strip())]
+    speakers: dict[str, int] = {}
+    timed = []
+    for start, end, who in turns:
+        speaker = speakers.setdefault(who, len(speakers))
+        count = max(1, int((end - start) / 0.4))
+        step = (end - start) / count
+        timed += [(start + k * step, start + (k + 1) * step - 0.05, speaker, k == count - 1) for k in range(count)]
+    timed.sort()
+    # A turn ends a sentence, so that the segment rules end its segment there.
+    script = [ScriptWord(f"w{n}" + ("." if last else ""), round(a, 3), round(b, 3), speaker)
+              for n, (a, b, speaker, last) in enumerate(timed)]
+    return Joined(dithered(read_wav_16k(folder / f"{name}.wav")), script, [(a, b) for a, b, _ in turns])
+
+
+async def test_speakers_keep_their_numbers_across_the_clips_of_an_upload(make_gateway):
+    """A two-person call of 160 s (real audio) sent to Deepgram in clips of ~30 s of recording: the
+    fake, as a real provider, numbers the speakers of every request afresh in the order they speak.
+    The server links each clip's speakers to the recording's by voice: the conversation has two
+    speakers, and its words are under the right one as often as when the whole call goes in one
+    request (the segment rules put some words of overlapping speech under the other speaker
+    either way)."""
+    joined = conversation_recording("call_autorepair_b")
+    truth = {words_of(word.text)[0]: word.speaker for word in joined.script}
+    results = {}
+    for clip_seconds in (600, 30):
+        ear = RecordedEar(joined.recording, joined.script)
+        deepgram = await FakeDeepgramRecorded(ear, KEY).start()
+        try:
+            server = make_gateway(stt_chain="dg-nova-3,local", sync_cloud_clip_seconds=clip_seconds,
+                                  **settings_for("deepgram", deepgram), **FAST)
+            status, conversation = await sync_one(server, f"clips-{uuid.uuid4().hex[:6]}", joined.recording,
+                                                  int(time.time()) - DAY)
+        finally:
+            await deepgram.stop()
+        assert status["status"] == "completed" and status["transcribed_by"] == ["deepgram"], status
+        said = [(w, s["speaker_id"]) for s in conversation["transcript_segments"] for w in words_of(s["text"])]
+        assert len(said) > 200
+        labels = [label for _, label in said]
+        results[clip_seconds] = (deepgram.transcriptions, len(set(labels)),
+                                 labelling_accuracy(labels, [truth[w] for w, _ in said]), ear.numberings)
+    (whole_requests, whole_speakers, whole_accuracy, _), (requests, speakers, accuracy, numberings) = results.values()
+    assert whole_requests == 1 and whole_speakers == 2
+    assert requests >= 4
+    # The provider's numbers did restart: in some clip the caller (not the agent) was speaker 0.
+    assert any(numbering.get(1) == 0 for numbering in numberings), numberings
+    assert speakers == 2, results
+    assert accuracy >= whole_accuracy - 0.02, results

@@ -40,6 +40,22 @@ class SpeakerModel:
     known_similarity: float        # a stretch is an enrolled voice's at least this similar
     known_mean_similarity: float   # ... and the voice's stretches together at least this on average
     min_speaker_seconds: float     # a cluster with less speech folds into the nearest one
+    clip_link_similarity: float    # two clips' speakers (voices of many seconds each) are one person at least this similar
+
+
+# A speaker of one clip of an upload and a speaker of the recording so far are the same person
+# at least this similar (``clip_speakers.ClipSpeakerLinker``; ``bench/bench_clip_speakers.py``).
+# Voices are means over many windows, so one person scores high across clips: 0.93-0.98 (d-vector
+# 0.89-0.97) on tests/data/speakers, where two people score at most 0.75 (0.60). On one telephone
+# line two people's means score up to 0.90 (both models), so the bar cannot tell them apart
+# there: the one-to-one pairing of a clip's speakers does, and the bar only decides whether a
+# voice is new. Resemblyzer: 0.75 linked every clip of the three test conversations right at clip
+# lengths of 10-240 s (0.80 split a speaker in two with 10 s clips) and joined a new person to an
+# absent one in 0.1 % of clip speakers (0.70: 3.9 %) in random 4-person recordings of the
+# LibriSpeech speakers; d-vector: 0.60, every conversation clip right from 0.50 to 0.65, 0.0 %
+# (0.55: 1.8 %).
+CLIP_LINK_DVECTOR = 0.60
+CLIP_LINK_RESEMBLYZER = 0.75
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,7 +91,7 @@ def _dvector() -> SpeakerModel:
     return SpeakerModel("dvector", "ovl-dvector-int8-0.2.0", _loader(SpeakerEmbedder.shared), speaker_model_problem,
                         WINDOW_SECONDS, WINDOW_HOP_SECONDS, chunk_windows=3, chunk_stride=2,
                         cluster_similarity=0.55, known_similarity=OWNER_SIMILARITY_THRESHOLD,
-                        known_mean_similarity=0.65, min_speaker_seconds=1.5)
+                        known_mean_similarity=0.65, min_speaker_seconds=1.5, clip_link_similarity=CLIP_LINK_DVECTOR)
 
 
 def _resemblyzer() -> SpeakerModel:
@@ -89,7 +105,7 @@ def _resemblyzer() -> SpeakerModel:
     return SpeakerModel("resemblyzer", "resemblyzer-0.1.4", _loader(ResemblyzerEmbedder.shared), resemblyzer_problem,
                         WINDOW_SECONDS, WINDOW_HOP_SECONDS, chunk_windows=1, chunk_stride=1,
                         cluster_similarity=0.63, known_similarity=0.70, known_mean_similarity=0.75,
-                        min_speaker_seconds=4.0)
+                        min_speaker_seconds=4.0, clip_link_similarity=CLIP_LINK_RESEMBLYZER)
 
 
 MODELS: dict[str, Callable[[], SpeakerModel]] = {"dvector": _dvector, "resemblyzer": _resemblyzer}

@@ -13,7 +13,8 @@ Guarantees, on SQLite and PostgreSQL alike:
 - **A file is transcribed into conversations exactly once.** Its segments, the conversations
   they join or create, and the file's ``done`` are one transaction, guarded by the claim: a
   crash before the commit leaves nothing, a crash after it leaves the file done. The segment
-  ids derive from the file's SHA-256, and ids already stored are skipped, as a second safety net.
+  ids derive from the user and the file's SHA-256, and ids already stored are skipped, as a
+  second safety net.
 - **The same file twice** (the app retries an upload) is recognised by its SHA-256 at upload
   and marked ``duplicate``: not transcribed again.
 - **Conversations by wall-clock time**: a file's segments are grouped where they are more than

@@ -54,6 +54,9 @@ MIN_DIARIZE_SECONDS = 0.5
 # Audio taken on each side of an utterance's words: word times from the engine are a little
 # tight, and a window needs the voice's onset.
 UTTERANCE_PAD_SECONDS = 0.1
+# A clip speaker's voice (``clip_voices``) is embedded from at most this much of its audio: more
+# hardly moves a mean of hundreds of windows, and costs CPU per clip.
+MAX_VOICE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,40 @@ class SpeakerIdentifier:
                     self._last_speaker = label
                 labelled[id(w)] = Word(w.text, w.start, w.end, self._last_speaker, w.confidence, w.language)
         return [labelled[id(w)] for w in words]
+
+    async def clip_voices(self, words: Sequence[Word], max_seconds: float = MAX_VOICE_SECONDS,
+                          ) -> dict[int, tuple[np.ndarray | None, float]]:
+        """Each speaker of ``words`` (one clip's, a cloud provider's numbering): ``(voice,
+        seconds)``, the unit mean of the speaker model's windows over its words' audio (from the
+        ring) and how many seconds that audio holds; ``(None, 0.0)`` when none of it is in the
+        ring or the model is missing. The voices of ``audio.clip_speakers.ClipSpeakerLinker``.
+        At most ``max_seconds`` of a speaker is embedded, its longest stretches first."""
+        pieces: dict[int, list[np.ndarray]] = {}
+        for run in sorted(_utterances(words), key=lambda run: run[0].start - max(w.end for w in run)):
+            have = pieces.setdefault(run[0].speaker, [])
+            if sum(p.size for p in have) >= max_seconds * self.ring.sample_rate:
+                continue
+            clip = self.ring.slice(run[0].start - UTTERANCE_PAD_SECONDS, max(w.end for w in run) + UTTERANCE_PAD_SECONDS)
+            if clip.size:
+                have.append(clip)
+        voices = await self._in_worker(self._voices, pieces) if any(pieces.values()) else None
+        rate = self.ring.sample_rate
+        return {speaker: ((voices or {}).get(speaker), sum(p.size for p in clips) / rate if voices else 0.0)
+                for speaker, clips in pieces.items()}
+
+    def _voices(self, pieces: dict[int, list[np.ndarray]]) -> dict[int, np.ndarray]:
+        """On the embedder's thread: each speaker's windows over its stretches, averaged. Stretches
+        too short to embed alone are embedded joined (a speaker who only said "yes" and "right"
+        still gets a voice, a faint one: ``ClipSpeakerLinker`` trusts it less)."""
+        out = {}
+        shortest = int(MIN_DIARIZE_SECONDS * self.ring.sample_rate)
+        for speaker, clips in pieces.items():
+            short = [c for c in clips if c.size < shortest]
+            clips = [c for c in clips if c.size >= shortest] + ([np.concatenate(short)] if short else [])
+            windows = [self._embedder.embed_windows(c) for c in clips if c.size >= shortest // 2]
+            if windows:
+                out[speaker] = _unit_rows([np.concatenate(windows).mean(axis=0)])[0]
+        return out
 
     def _place(self, clip: np.ndarray, start: float, end: float) -> bool:
         """Embed an utterance's windows and label it (on the embedder's thread: re-clustering

@@ -6,14 +6,16 @@ nodes never take one job), renews the claim while it works, and for each file, i
 1. reads the length-prefixed frames (``codecs.wal``) and decodes them with the codec plugin live
    audio uses; a frame that fails to decode is skipped and counted, a truncated tail ends the file;
 2. cuts speech regions with the same VAD endpointing as live audio and transcribes them by the
-   configured chain: a cloud provider's pre-recorded API where one is configured for the language
-   (``stt.prerecorded``: retries, failover, and the embedded engine when every one failed), else
-   the embedded engine, after live decodes and at low CPU priority (``stt.batch``);
+   configured chain, with the user's custom vocabulary as a live session has it: a cloud
+   provider's pre-recorded API where one is configured for the language (``stt.prerecorded``:
+   retries, failover, and the embedded engine when every one failed), else the embedded engine,
+   after live decodes and at low CPU priority (``stt.batch``);
 3. labels speakers as live audio from the same engine is: the embedded engine's words by voice
    (``SpeakerIdentifier.diarize_words``, owner and known people per stretch of speech), a cloud
-   provider's by its own diarization with each speaker matched to the owner and known people by
-   voice (``observe`` / ``matches``); then merges words into segments with the live
-   ``SegmentBuilder``;
+   provider's by its own diarization, each clip's speakers linked to the recording's by voice
+   (``audio.clip_speakers``: the provider numbers every request afresh) and each speaker matched
+   to the owner and known people by voice (``observe`` / ``matches``); then merges words into
+   segments with the live ``SegmentBuilder``;
 4. stores the segments into conversations by wall-clock time and marks the file done, in one
    transaction (``SyncJobs.commit_file``); only then is the uploaded file deleted.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -39,6 +42,7 @@ import numpy as np
 import orjson
 
 from .. import codecs
+from ..audio.clip_speakers import ClipSpeakerLinker
 from ..audio.embedding import ExecutorModel
 from ..audio.speaker_models import model_named
 from ..audio.ring import AudioRing
@@ -53,6 +57,7 @@ from ..stt.whisper import MIN_SPEECH_SECONDS
 from .profiles import load_voices
 from .segments import SegmentBuilder
 from .speakers import SpeakerIdentifier
+from .vocabulary import load_vocabulary
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -62,12 +67,20 @@ log = logging.getLogger("harken.sync")
 
 CHUNK_FRAMES = 1500            # frames decoded per trip to the pool (15 s of 10 ms Opus frames)
 RING_SECONDS = 120.0           # recent audio kept for speaker embeddings (a chunk + the longest utterance)
-# A cloud request carries the speech of at most this much of the recording (its audio stays in the
-# ring until its speakers are matched: ~11 MB with RING_SECONDS); a longer file makes several.
-CLOUD_CLIP_SECONDS = 240.0
 IDLE_POLL_SECONDS = 5.0        # how often an idle worker looks for jobs (and for expired claims)
 CONVERSATION_TIMEOUT = 120.0   # Omi's default conversation_timeout, for conversations a sync makes
 LEFTOVER_AGE_SECONDS = 3600.0  # an upload file untouched this long with no job waiting for it is removed
+
+
+@dataclass(frozen=True)
+class JobUser:
+    """What a job's transcription needs of its user, read once per job: the enrolled voices (owner,
+    known people) and the custom vocabulary (every engine gets it, as a live session's do)."""
+
+    uid: str
+    owner: np.ndarray | None
+    people: dict
+    vocabulary: tuple[str, ...] = ()
 
 
 @dataclass
@@ -258,8 +271,9 @@ class SyncWorker:
         renewer = asyncio.create_task(self._renew(job.id))
         try:
             owner, people = await load_voices(self.store, job.uid, self.speaker_model.model_id)
+            user = JobUser(job.uid, owner, people, await load_vocabulary(self.store, job.uid))
             for file in job.files:
-                await self._process_file(job, file, owner, people)
+                await self._process_file(job, file, user)
                 self._check(renewer)
             # From every file's stats, so a job resumed after a crash processes what its earlier
             # files stored too (processing is at most once per conversation anyway).
@@ -284,10 +298,10 @@ class SyncWorker:
         if renewer.done() and not renewer.cancelled() and renewer.exception() is not None:
             raise renewer.exception()
 
-    async def _process_file(self, job: ClaimedJob, file: PendingFile, owner, people) -> None:
+    async def _process_file(self, job: ClaimedJob, file: PendingFile, user: JobUser) -> None:
         stats = FileStats()
         try:
-            segments = await self._transcribe(file, stats, owner, people)
+            segments = await self._transcribe(file, stats, user)
         except (OSError, codecs.UnsupportedFormat, ValueError) as exc:
             stats.error = f"{type(exc).__name__}: {exc}"
             log.warning("sync job %s: file %s cannot be read: %s", job.id, file.name, stats.error)
@@ -307,21 +321,21 @@ class SyncWorker:
                  ", truncated" if stats.truncated else "", len(segments), len(result.new_ids),
                  len(result.updated_ids))
 
-    async def _transcribe(self, file: PendingFile, stats: FileStats, owner, people) -> list[dict]:
+    async def _transcribe(self, file: PendingFile, stats: FileStats, user: JobUser) -> list[dict]:
         """The file's segments: through the chain's cloud providers where one is configured for
         the language (their pre-recorded APIs), else, or when every one of them failed, with the
         embedded engine."""
         language = self.transcriber.settings.sync_language
         if self.recorded.links(language):
             try:
-                return await self._transcribe_in_cloud(file, stats, owner, people, language)
+                return await self._transcribe_in_cloud(file, stats, user, language)
             except CloudUnavailable as exc:
                 log.warning("sync: %s: no cloud provider transcribed it (%s); decoding it with the embedded engine",
                             file.name, exc)
                 stats.__dict__.update(asdict(FileStats()))
         if not self.transcriber.supports(language):
             language = "en"
-        return await self._transcribe_locally(file, stats, owner, people, language)
+        return await self._transcribe_locally(file, stats, user, language)
 
     async def _embedder(self) -> ExecutorModel | None:
         """The speaker model run by the batch pool (after live decodes, at low priority), not by
@@ -351,18 +365,22 @@ class SyncWorker:
         stats.audio_seconds = round(decoding.samples / codecs.TARGET_RATE, 3)
 
     @staticmethod
-    def _builder(file: PendingFile) -> SegmentBuilder:
+    def _builder(uid: str, file: PendingFile) -> SegmentBuilder:
+        """Segment ids that are the same each time this user's file is transcribed (a resumed job
+        skips those stored), and another user's for the same bytes: ids are unique across users,
+        so ids from the file alone made a second user's upload of it store nothing."""
         counter = iter(range(1, 10**9))
-        return SegmentBuilder(id_factory=lambda: f"sync-{file.sha256[:24]}-{next(counter)}")
+        key = hashlib.sha256(f"{uid}\n{file.sha256}".encode()).hexdigest()[:24]
+        return SegmentBuilder(id_factory=lambda: f"sync-{key}-{next(counter)}")
 
-    async def _transcribe_locally(self, file: PendingFile, stats: FileStats, owner, people,
+    async def _transcribe_locally(self, file: PendingFile, stats: FileStats, user: JobUser,
                                   language: str) -> list[dict]:
         pool = self.transcriber.pool
         ring = AudioRing(RING_SECONDS)
-        identifier = SpeakerIdentifier(ring, owner=owner, people=people, model=self.speaker_model,
+        identifier = SpeakerIdentifier(ring, owner=user.owner, people=user.people, model=self.speaker_model,
                                        embedder=await self._embedder())
-        builder = self._builder(file)
-        decoding_options, model = await self.transcriber.decoding_for(language)
+        builder = self._builder(user.uid, file)
+        decoding_options, model = await self.transcriber.decoding_for(language, user.vocabulary)
         last_end = 0.0
         try:
             async with self._decoded(file, stats) as decoding:
@@ -393,18 +411,23 @@ class SyncWorker:
         stats.engine = EMBEDDED_PROVIDER
         return [segment.to_stored() for segment in builder.segments]
 
-    async def _transcribe_in_cloud(self, file: PendingFile, stats: FileStats, owner, people,
+    async def _transcribe_in_cloud(self, file: PendingFile, stats: FileStats, user: JobUser,
                                    language: str) -> list[dict]:
-        """Speech regions sent as clips of at most ``CLOUD_CLIP_SECONDS`` of the recording to the
-        chain's cloud providers; speakers as the provider diarized them (numbered afresh for each
-        clip: providers number each request's speakers from scratch), and matched to the owner and
-        known people by voice as a live session on a cloud provider does (``observe``/``matches``)
-        while the clip's audio is still in the ring. Raises ``CloudUnavailable``."""
+        """Speech regions sent as clips of at most ``sync_cloud_clip_seconds`` of the recording to
+        the chain's cloud providers, with the user's vocabulary. Speakers are the provider's
+        diarization within a clip; providers number each request's speakers from scratch, so each
+        clip's speakers are given the recording's numbers by voice (``ClipSpeakerLinker``, while
+        the clip's audio is still in the ring), and matched to the owner and known people by
+        voice as a live session on a cloud provider does (``observe``/``matches``). Without the
+        speaker model, each clip's speakers get numbers of their own. Raises ``CloudUnavailable``."""
         pool = self.transcriber.pool
-        ring = AudioRing(CLOUD_CLIP_SECONDS + RING_SECONDS)
-        identifier = SpeakerIdentifier(ring, owner=owner, people=people, model=self.speaker_model,
+        clip_seconds = self.settings.sync_cloud_clip_seconds
+        ring = AudioRing(clip_seconds + RING_SECONDS)
+        identifier = SpeakerIdentifier(ring, owner=user.owner, people=user.people, model=self.speaker_model,
                                        embedder=await self._embedder())
-        builder = self._builder(file)
+        linker = ClipSpeakerLinker(self.speaker_model.clip_link_similarity, self.speaker_model.min_speaker_seconds)
+        by_voice = self.speaker_model.problem() is None
+        builder = self._builder(user.uid, file)
         matches: list = []
 
         async def collect() -> None:
@@ -412,19 +435,19 @@ class SyncWorker:
                 matches.append(match)
 
         collector = asyncio.create_task(collect(), name="harken-sync-speakers")
-        numbers: dict[tuple[int, int], int] = {}
         clip: list = []
-        clips = 0
 
         async def send(clip: list) -> None:
-            nonlocal clips
             spliced = SplicedClip(clip)
-            result = await self.recorded.transcribe(spliced, language, reference=file.sha256[:12])
+            result = await self.recorded.transcribe(spliced, language, reference=file.sha256[:12],
+                                                    vocabulary=user.vocabulary)
             stats.engine = result.provider
             stats.speech_seconds += sum(u.speech_seconds for u in clip)
-            words = [Word(w.text, w.start, w.end, numbers.setdefault((clips, w.speaker), len(numbers)),
-                          w.confidence, w.language) for w in result.words]
-            clips += 1
+            voices = (await identifier.clip_voices(result.words) if by_voice
+                      else dict.fromkeys({w.speaker for w in result.words}, (None, 0.0)))
+            numbers = linker.link(voices)
+            words = [Word(w.text, w.start, w.end, numbers[w.speaker], w.confidence, w.language)
+                     for w in result.words]
             stats.words += len(words)
             builder.add_words(words, provider=result.provider, speaker_labels=identifier.labels)
             for segment in builder.flush().changed:
@@ -441,7 +464,7 @@ class SyncWorker:
                     pcm, utterances = await pool.run(decoding.next_chunk)
                     ring.append(pcm)
                     clip += [u for u in utterances if u.speech_seconds >= MIN_SPEECH_SECONDS]
-                    if clip and ring.end_seconds - clip[0].start_seconds >= CLOUD_CLIP_SECONDS:
+                    if clip and ring.end_seconds - clip[0].start_seconds >= clip_seconds:
                         await send(clip)
                         clip = []
                 if clip:

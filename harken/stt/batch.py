@@ -26,7 +26,7 @@ import asyncio
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
 from ..audio import Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import EMBEDDED_PROVIDER, Word
@@ -107,13 +107,14 @@ class BatchTranscriber:
                           silence_ms=settings.endpoint_silence_ms, max_utterance_s=settings.max_utterance_s,
                           preroll_ms=PREROLL_MS)
 
-    async def decoding_for(self, language: str) -> tuple[Decoding, "WhisperModel"]:
-        """How to decode recordings in ``language`` (a code or ``multi``), and the model that
-        serves it (the multilingual one is loaded on first use)."""
+    async def decoding_for(self, language: str, vocabulary: Sequence[str] = ()) -> tuple[Decoding, "WhisperModel"]:
+        """How to decode recordings in ``language`` (a code or ``multi``) with the user's
+        ``vocabulary`` (hotwords, as a live stream's), and the model that serves it (the
+        multilingual one is loaded on first use)."""
         model = await self.engine.model_for(language)
         code = None if language == "multi" else language.split("-")[0].lower()   # pt-BR → pt, as live
         # The same encoder window as a live stream's utterances (a third of the CPU of Whisper's 30 s).
-        return Decoding(code, self.engine.allowed_languages if code is None else (),
+        return Decoding(code, self.engine.allowed_languages if code is None else (), tuple(vocabulary),
                         window_s=self.settings.whisper_window_s, lead_s=utterance_lead(model)), model
 
     def decode(self, utterances: Iterable[Utterance], decoding: Decoding, model: "WhisperModel",

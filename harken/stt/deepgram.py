@@ -43,10 +43,17 @@ def connect_options(config: StreamConfig) -> dict[str, Any]:
         endpointing=ENDPOINTING_MS, interim_results="false", profanity_filter="false",
         request_options={"additional_query_parameters": {"no_delay": "true", "filler_words": "false"}},
     )
-    if config.vocabulary:
-        # As Omi: keyterm (one query parameter per term) on nova-3, the older keywords elsewhere.
-        options["keyterm" if model.startswith("nova-3") else "keywords"] = list(config.vocabulary)
+    options.update(vocabulary_options(model, config.vocabulary))
     return options
+
+
+def vocabulary_options(model: str, vocabulary) -> dict[str, list[str]]:
+    """The user's terms as Deepgram takes them, live and pre-recorded alike: as Omi, ``keyterm``
+    (one query parameter per term) on nova-3, the older ``keywords`` on other models; none
+    without terms."""
+    if not vocabulary:
+        return {}
+    return {"keyterm" if model.startswith("nova-3") else "keywords": list(vocabulary)}
 
 
 def parse_message(message: Any) -> tuple[list[Word], float | None]:

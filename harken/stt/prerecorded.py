@@ -56,6 +56,7 @@ class RecordedRequest:
     language: str                   # normalised code, or "multi"
     model: str | None = None        # the chain entry's model (Deepgram: nova-3 or nova-2 by language)
     reference: str = ""             # for the provider's own logs (no user data)
+    vocabulary: tuple[str, ...] = ()  # the user's terms (names, jargon), as a live stream's StreamConfig has them
 
 
 class RecordedProvider(abc.ABC):
@@ -166,16 +167,18 @@ class RecordedChain:
             links.append((link.provider, link.overrides.get("extra", {}).get("model")))
         return links
 
-    async def transcribe(self, clip: SplicedClip, language: str, reference: str = "") -> CloudWords:
-        """The clip's words in recording time from the first link that transcribes it; raises
-        ``CloudUnavailable`` when none did (or none is configured for the language)."""
+    async def transcribe(self, clip: SplicedClip, language: str, reference: str = "",
+                         vocabulary: Sequence[str] = ()) -> CloudWords:
+        """The clip's words in recording time from the first link that transcribes it (each
+        given the user's ``vocabulary``); raises ``CloudUnavailable`` when none did (or none is
+        configured for the language)."""
         links = self.links(language)
         if not links:
             raise CloudUnavailable(f"no cloud provider for {language}")
         wav = clip.wav()
         problems = []
         for provider, model in links:
-            request = RecordedRequest(wav, clip.seconds, language, model, reference)
+            request = RecordedRequest(wav, clip.seconds, language, model, reference, tuple(vocabulary))
             for attempt in range(self.policy.retry_attempts):
                 try:
                     words = await provider.transcribe(request)

@@ -2,7 +2,9 @@
 
 Each takes one 16 kHz mono WAV and gives its words (seconds of the clip, speakers numbered from
 0) or raises ``STTError``, retryable as the failure is. Options follow the live streams' (Omi's):
-punctuation, diarization, the language (``multi`` where the provider has code-switching).
+punctuation, diarization, the language (``multi`` where the provider has code-switching), and
+the user's vocabulary under each API's own name (Deepgram ``keyterm`` on nova-3, ``keywords``
+on older models; Soniox ``context.terms``; Speechmatics ``additional_vocab``).
 
 - **Deepgram**: ``POST /v1/listen`` with the audio as the body (``deepgram-sdk``'s
   ``listen.v1.media.transcribe_file``); the answer holds the words. The SDK's own retries are off:
@@ -87,13 +89,15 @@ class DeepgramRecorded(RecordedProvider):
     async def transcribe(self, request: RecordedRequest) -> list[Word]:
         from deepgram.core.api_error import ApiError
 
-        from .deepgram import deepgram_model
+        from .deepgram import deepgram_model, vocabulary_options
 
         language = normalize_language(request.language)
+        model = deepgram_model(language, request.model)
         try:
             response = await self._client.listen.v1.media.transcribe_file(
-                request=request.wav, model=deepgram_model(language, request.model), language=language,
+                request=request.wav, model=model, language=language,
                 punctuate=True, smart_format=True, diarize=True, filler_words=False, profanity_filter=False,
+                **vocabulary_options(model, request.vocabulary),
                 request_options={"max_retries": 0, "timeout": UPLOAD_TIMEOUT_SECONDS})
         except ApiError as exc:
             raise _http_failure("deepgram", exc.status_code or 0, str(exc.body)) from None
@@ -140,7 +144,8 @@ class SonioxRecorded(RecordedProvider):
         language = normalize_language(request.language)
         config = CreateTranscriptionConfig(
             language_hints=None if language == "multi" else [primary_language(language)],
-            enable_speaker_diarization=True, enable_language_identification=language == "multi")
+            enable_speaker_diarization=True, enable_language_identification=language == "multi",
+            context={"terms": list(request.vocabulary)} if request.vocabulary else None)
         stt = self._client.stt
         file_id = transcription_id = None
         try:
@@ -208,6 +213,9 @@ class SpeechmaticsRecorded(RecordedProvider):
                   "transcription_config": {"language": speechmatics_language(request.language), "model": "enhanced",
                                            "diarization": "speaker",
                                            "speaker_diarization_config": {"max_speakers": MAX_SPEAKERS}}}
+        if request.vocabulary:
+            # The custom dictionary, as the live stream sends it.
+            config["transcription_config"]["additional_vocab"] = [{"content": term} for term in request.vocabulary]
         job_id = None
         try:
             submitted = await self._http.post("/jobs", data={"config": json.dumps(config)},

@@ -36,6 +36,7 @@ import json
 import re
 import uuid
 import wave
+from dataclasses import replace
 
 import numpy as np
 
@@ -49,11 +50,15 @@ CREATED = "2026-01-01T00:00:00Z"
 
 
 class RecordedEar:
-    """Hears a WAV clip cut from ``recording``: the script's words in it, on the clip's time line."""
+    """Hears a WAV clip cut from ``recording``: the script's words in it, on the clip's time line,
+    with the speakers numbered as a real pre-recorded API numbers them: afresh in every request,
+    from 0 in the order they first speak in it (``numberings`` keeps, per request, which script
+    speaker got which number)."""
 
     def __init__(self, recording: np.ndarray, script: list[ScriptWord]):
         self.recording, self.script = recording, script
         self.seconds_heard = 0.0          # audio received, every clip
+        self.numberings: list[dict[int, int]] = []
 
     def words(self, wav: bytes) -> list[ScriptWord]:
         with wave.open(io.BytesIO(wav)) as reader:
@@ -65,7 +70,13 @@ class RecordedEar:
         # In pieces of one probe: silence between stretches is dropped without taking speech with it.
         for i in range(0, pcm.size, MATCH_SAMPLES):
             listener.hear(pcm[i:i + MATCH_SAMPLES].tobytes())
-        return listener.due(flush=True)
+        words = listener.due(flush=True)
+        numbers: dict[int, int] = {}
+        for word in sorted(words, key=lambda w: w.start):
+            if word.speaker >= 0:                      # -1: a speaker it could not tell stays so
+                numbers.setdefault(word.speaker, len(numbers))
+        self.numberings.append(numbers)
+        return [replace(word, speaker=numbers.get(word.speaker, word.speaker)) for word in words]
 
 
 def multipart_fields(request: Request) -> dict[str, bytes]:

@@ -24,6 +24,7 @@ class Request:
     headers: dict[str, str]          # lower-case names
     body: bytes
     received_at: float
+    raw_query: str = ""              # as sent: a parameter may repeat (Deepgram's keyterm)
 
 
 class LoopbackHTTPServer:
@@ -79,7 +80,8 @@ class LoopbackHTTPServer:
                         headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 parts = urlsplit(target)
-                request = Request(method, parts.path, dict(parse_qsl(parts.query)), headers, body, time.monotonic())
+                request = Request(method, parts.path, dict(parse_qsl(parts.query)), headers, body, time.monotonic(),
+                                  parts.query)
                 status, out_headers, out_body = await self.handle(request)
                 head_lines = [f"HTTP/1.1 {status} X", f"Content-Length: {len(out_body)}"]
                 head_lines += [f"{k}: {v}" for k, v in out_headers.items()]
