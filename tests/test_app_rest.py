@@ -382,10 +382,15 @@ class SessionStub:
     def __init__(self, unsaved: list[dict]):
         self.unsaved = unsaved
         self.new_conversations = 0
+        self.taken: list[dict] = []
+        self.refused: list[dict] = []
 
     def take_unsaved(self) -> tuple[list[dict], list[str]]:
-        taken, self.unsaved = self.unsaved, []
-        return taken, []
+        self.taken, self.unsaved = self.unsaved, []
+        return self.taken, []
+
+    def unsaved_refused(self) -> None:
+        self.refused += self.taken          # a session goes on alone with them (_continue_alone)
 
     async def assign(self, segment_ids, *, is_user, person_id):
         raise AssertionError("not used here")
@@ -421,3 +426,45 @@ async def test_process_now_stores_the_sessions_unflushed_words_in_the_conversati
         assert await service.process_now("bob") is None
         await live.close()
         await service.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_process_now_racing_a_takeover_from_another_node_finishes_the_conversation(backend, tmp_path):
+    """``POST /v1/conversations`` reaches the node of the user's older connection just after the
+    phone reconnected through another node (a same-source takeover the older handle has not
+    learnt of yet): its save of the session's unflushed words is refused (``LeaseLost``). That
+    was an HTTP 500; the conversation is finished all the same (processed from the store: the
+    newer connection goes on in a new one at its next save), and the refused words go back to
+    the session, which stores them in a conversation of its own."""
+    settings = Settings(auth="local", data_dir=tmp_path)
+    authenticator = build_authenticator(settings)
+    async with opened_store(backend, tmp_path) as store:
+        clock = Clock()
+        here = ConversationService(settings, store, clock=clock, check_interval=3600, node_id="here")
+        there = ConversationService(settings, store, clock=clock, check_interval=3600, node_id="there")
+        stub = SessionStub([segment("s2", "words the older session had not stored", 4.0, 7.0)])
+        older = await here.connect("alice", conversation_timeout=120, hooks=stub,
+                                   on_new_conversation=stub.on_new_conversation)
+        older.time_offset(clock())
+        first = older.conversation_id
+        await older.save_batch([segment("s1", "the first words of the talk", 0.0, 3.5)])
+        clock.advance(2.0)
+        newer = await there.connect("alice", conversation_timeout=120)
+        assert newer.conversation_id == first and not older.fenced        # not learnt yet
+        app = Starlette(routes=build_rest_routes(here, authenticator))
+        async with ServedApp(app) as served, httpx.AsyncClient(base_url=served.base_url, timeout=60) as client:
+            answer = await client.post("/v1/conversations", headers=bearer(settings, "alice"), content="{}")
+        assert answer.status_code == 200, answer.text
+        finished = answer.json()["conversation"]
+        assert finished["id"] == first and finished["status"] == "completed"
+        assert [s["id"] for s in finished["transcript_segments"]] == ["s1"]
+        assert [s["id"] for s in stub.refused] == ["s2"]        # not stored there: the session keeps them
+        await newer.save_batch([segment("n1", "the newer connection goes on", 0.0, 2.0)])
+        assert newer.conversation_id != first                   # in a new conversation, nothing lost
+        assert [s["id"] for s in (await AppQueries(store).get("alice", newer.conversation_id)).segments] == ["n1"]
+        await older.close()
+        await newer.close()
+        await here.stop()
+        await there.stop()
+        await authenticator.aclose()

@@ -255,3 +255,55 @@ async def test_a_client_closing_while_its_words_are_being_stored_loses_none_of_t
     stored = (await rest(server, token, "GET", f"/v1/conversations/{conversations[0]['id']}")).json()
     text = " ".join(s["text"] for s in stored["transcript_segments"]).lower()
     assert "forward" in text and "meters" in text, text
+
+
+async def test_words_waiting_for_a_flush_when_the_conversation_times_out_land_in_the_next_one(make_gateway):
+    """The conversation times out (``conversation_timeout`` after its last stored words) while
+    words that came after the last flush wait in the session's segment builder: the first words
+    of the next talk. The rollover replaced the builder and those words were in no conversation,
+    never sent; they now start the next conversation (times from its start, as Omi's do).
+    custom_stt places the words exactly: the phone sends them, and a 4 s flush interval keeps
+    them waiting past the 2 s timeout."""
+    server = make_gateway(conversation_check_interval=0.2, flush_interval=4.0)
+    uid = f"seam-{uuid.uuid4().hex[:6]}"
+    token = mint_local_token(server.settings, uid, 600)
+    url = listen_url(server.base, codec="pcm16", sample_rate=16000, custom_stt="enabled", conversation_timeout=2)
+    received: dict[str, dict] = {}
+    kinds: list[str] = []
+
+    async def until(done, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not done() and loop.time() < deadline:
+            try:
+                raw = await asyncio.wait_for(ws.recv(), 0.5)
+            except TimeoutError:
+                continue
+            if raw == "ping":
+                continue
+            payload = json.loads(raw)
+            if isinstance(payload, list):
+                received.update({s["id"]: s for s in payload})
+            else:
+                kinds.append(payload.get("type"))
+        assert done(), (received, kinds)
+
+    def texts() -> set[str]:
+        return {s["text"] for s in received.values()}
+
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        await ws.send(json.dumps({"type": "suggested_transcript", "stt_provider": "on-device", "segments": [
+            {"text": "Lunch is at noon.", "start": 0.4, "end": 1.6, "speaker": "SPEAKER_00"}]}))
+        await until(lambda: "Lunch is at noon." in texts(), 15)
+        # Just after that flush: the next words wait ~4 s for theirs, the timeout comes at ~2 s.
+        await ws.send(json.dumps({"type": "suggested_transcript", "stt_provider": "on-device", "segments": [
+            {"text": "The table is booked.", "start": 3.0, "end": 4.2, "speaker": "SPEAKER_00"}]}))
+        await until(lambda: "The table is booked." in texts() and "memory_created" in kinds, 20)
+
+    conversations = (await rest(server, token, "GET", "/v1/conversations")).json()
+    by_status = {c["status"]: c for c in conversations}
+    assert sorted(by_status) == ["completed", "in_progress"], conversations
+    assert [s["text"] for s in by_status["completed"]["transcript_segments"]] == ["Lunch is at noon."]
+    (carried,) = by_status["in_progress"]["transcript_segments"]
+    assert carried["text"] == "The table is booked." and carried["id"] in received
+    assert carried["start"] == 0.0 and abs(carried["end"] - 1.2) < 1e-6

@@ -51,6 +51,22 @@ def test_a_bad_file_name_says_what_is_wrong(name, reason):
         parse_sync_filename(name, now=NOW)
 
 
+@pytest.mark.parametrize("channels", range(3, 9))
+def test_a_file_of_a_multi_leg_call_is_refused_with_the_reason_and_what_to_do(channels):
+    """The live socket takes 3–8 channels as channel-prefixed legs; a sync file cannot carry them
+    (upstream's files are a device's frames without channel ids, decoded as mono): the refusal
+    says so and points to the live socket, instead of only "1 or 2"."""
+    name = f"audio_omi_pcm16_16000_{channels}_fs160_1764900000.bin"
+    with pytest.raises(BadSyncFile, match=r"without a channel id.*stream such a call live on /v4/listen"):
+        parse_sync_filename(name, now=NOW)
+
+
+@pytest.mark.parametrize("channels", [0, 9])
+def test_a_channel_count_no_stream_has_is_refused(channels):
+    with pytest.raises(BadSyncFile, match="1 or 2"):
+        parse_sync_filename(f"audio_omi_opus_16000_{channels}_fs160_1764900000.bin", now=NOW)
+
+
 def test_frames_are_read_back_and_a_truncated_tail_is_reported():
     frames = [bytes([i]) * (i + 1) for i in range(20)]
     data = wal_bytes(frames)

@@ -7,6 +7,16 @@ the timestamp in Unix seconds, or milliseconds from some writers) and holds the 
 one after the other, each prefixed with its length as a little-endian uint32. Upstream's backend
 also takes any ``…_{timestamp}.bin`` (then Opus, 16 kHz, mono): so does this module.
 
+Channels. A file holds 1 channel, or 2 interleaved as in a live stereo stream. Not 3–8, which
+the live socket takes as channel-prefixed legs of a call (``channels.py``): upstream's format
+cannot carry them. What upstream does (BasedHardware/omi ``backend/routers/sync.py``, read
+Dec 2026): a file is the device's BLE frames as the app received them (``_flushToDisk``: a uint32
+length, then the frame), with no channel id; ``decode_opus_file_to_wav`` decodes every Opus file
+with ``Decoder(16000, 1)`` and ``decode_pcm_file_to_wav`` every PCM file as mono, whatever the
+name's channel count (``decode_files_to_wav`` reads only the codec, ``_fs``, a PCM file's rate and
+the timestamp from the name), and the app writes only device streams to WAL files, never a call. So such a name is refused with
+the reason (400), rather than guessing a framing no writer uses.
+
 Pure logic, no I/O beyond a readable binary file object: name parsing, the frame reader used by
 the sync worker, a counter fed chunk by chunk while an upload streams to disk, and the writer
 tests and tools use to build files as the app does.
@@ -18,6 +28,8 @@ import re
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
+
+from .channels import MAX_CHANNELS
 
 # Frames longer than this are not audio frames of any codec the app writes (the longest, an AAC
 # frame of a stereo 48 kHz stream, is a few KiB): the length prefix is corrupt, the rest of the
@@ -82,7 +94,11 @@ def parse_sync_filename(name: str, *, now: float) -> SyncFileName:
         info = SyncFileName(codec="opus", sample_rate=16000, channels=1, frame_size=160,
                             timestamp=_seconds(minimal["timestamp"]))
     if info.channels not in (1, 2):
-        raise BadSyncFile(f"invalid file name {base!r}: channels must be 1 or 2")
+        raise BadSyncFile(f"invalid file name {base!r}: {info.channels} channels: " + (
+            "a sync file holds one device's frames, each without a channel id, so the legs of a "
+            f"{info.channels}-channel call cannot be told apart in it (upstream reads every file as one "
+            "mono stream); stream such a call live on /v4/listen, whose messages carry the channel id"
+            if 3 <= info.channels <= MAX_CHANNELS else "a sync file has 1 or 2 (interleaved) channels"))
     if not EARLIEST_TIMESTAMP <= info.timestamp <= now + 300:
         raise BadSyncFile(f"invalid file name {base!r}: timestamp {info.timestamp:.0f} is not a recording time "
                           "(before 2024 or in the future)")

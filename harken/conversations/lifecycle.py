@@ -61,6 +61,10 @@ class SessionHooks(Protocol):
         """Flush the session's segments now, synchronously: ``(changed stored dicts, deleted
         ids)`` to store in the conversation that is about to end (the session sends them)."""
 
+    def unsaved_refused(self) -> None:
+        """The store refused what ``take_unsaved`` gave (a newer connection took the conversation
+        over): the session must store those words elsewhere (its own new conversation)."""
+
     async def assign(self, segment_ids: Sequence[str], *, is_user: bool, person_id: str | None) -> list[dict]:
         """Label the given segments as the owner's or a person's: stored (with the realtime
         webhook) and sent, as a ``speaker_assigned`` message would. ``UnknownSegments`` if an id
@@ -233,14 +237,30 @@ class ConversationService:
         """
         live = self._newest_live(uid)
         if live is not None:
-            conversation_id = await live.finish_now()
-            events = live.emit
+            conversation_id, events = await self._finish_live(live)
         else:
             ids = await AppQueries(self.store).in_progress_ids(uid)
             conversation_id, events = (ids[0] if ids else None), None
         if conversation_id is None:
             return None
         return await self._spawn_processing(conversation_id, events)
+
+    async def _finish_live(self, live: "LiveConversation") -> tuple[str | None, EventSink | None]:
+        """``finish_now`` on ``live``; if a newer connection took its conversation over meanwhile
+        (a same-source takeover racing the request), the conversation is finished by whoever
+        holds it: the newer connection's handle if it is here, else it is processed from the
+        store (the holder, on another node, learns at its next save and goes on in a new one)."""
+        for _ in range(4):                  # each takeover hands the conversation to a newer handle
+            try:
+                return await live.finish_now(), live.emit
+            except LeaseLost as lost:
+                conversation_id = lost.args[0] if lost.args else live.conversation_id
+            holder = next((h for h in self._live if h.conversation_id == conversation_id and h is not live
+                           and not h.fenced and not h._closed), None)
+            if holder is None:
+                return conversation_id, None
+            live = holder
+        return None, None
 
     async def assign_segments(self, uid: str, conversation_id: str, segment_ids: Sequence[str], *,
                               is_user: bool, person_id: str | None) -> bool:
@@ -549,6 +569,12 @@ class LiveConversation:
         log.warning("conversation %s was taken over by a newer connection of uid=%s source=%s; sid=%s goes on in %s",
                     lost, self.uid, self._conversation.source, self.session_id, self._conversation.id)
 
+    def anchor_at(self, started_at: float) -> None:
+        """Fix the conversation's time 0 (wall time) now, for words a session moves into it with
+        their times (a rollover carrying words that came after the last flush)."""
+        self._conversation.started_at = started_at
+        self._anchored = True
+
     def add_audio(self, pcm: Any) -> None:
         """Feed decoded PCM16 16 kHz audio for the audio-bytes webhook. Never blocks: complete
         chunks are queued for the outbox and written by a background task."""
@@ -634,7 +660,12 @@ class LiveConversation:
         Under the lock that orders this handle's saves, the session's unsaved segments are
         stored in the ending conversation first, so nothing transcribed before the call lands
         in the next one or nowhere. Returns the ended conversation's id (for the caller to
-        process); None if it has no words (it is kept) or the handle no longer writes."""
+        process); None if it has no words (it is kept) or the handle no longer writes.
+
+        Raises ``LeaseLost`` if a newer connection of the user and source took the conversation
+        over before this handle learnt of it (its save is refused): the newer connection holds
+        the conversation now, so the caller finishes it there (``ConversationService.process_now``).
+        The session is told (``unsaved_refused``) and goes on alone with the words it gave."""
         if self._closed or self.fenced:
             return None
         service = self._service
@@ -646,8 +677,12 @@ class LiveConversation:
                 if changed or deleted_ids:
                     if changed:
                         self._last_activity = service.clock()
-                    if await self._save_locked(changed, deleted_ids):
-                        service.deliverer.notify()
+                    try:
+                        if await self._save_locked(changed, deleted_ids):
+                            service.deliverer.notify()
+                    except LeaseLost:
+                        self.hooks.unsaved_refused()
+                        raise
             if not self._has_words:
                 return None
             old = await self._roll_over_locked(service.clock())

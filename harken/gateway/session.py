@@ -124,6 +124,14 @@ class Session:
         # id → (text, end) of each segment as the store holds it: what moves on if a newer
         # connection takes the conversation over (_continue_alone).
         self._stored: dict[str, tuple[str, float]] = {}
+        # The same of the batches being saved right now (_persist): they land in whichever
+        # conversation is current when their save runs, so a rollover does not move them.
+        self._saving: dict[str, tuple[str, float]] = {}
+        # Words a rollover carried into the new conversation, stored and sent by the next flush.
+        self._carried = Batch()
+        self._handing_over = False     # _continue_alone moves the words itself
+        # What take_unsaved gave a REST call to store, and what ``_stored`` said of it before.
+        self._taken: tuple[Batch, dict[str, tuple[str, float] | None]] | None = None
         self.last_activity = time.monotonic()
         self._client_gone = False
         self._first_bad_frame_at: float | None = None
@@ -257,11 +265,29 @@ class Session:
             self.live.conversation_id, resumed=bool(self.live.existing_segments), source=self.params.source))
 
     def _on_new_conversation(self, live) -> None:
-        """The conversation timed out and was processed while the client stayed, or a newer
-        connection took it over (``_continue_alone``): start afresh."""
-        self.builder = SegmentBuilder()
+        """The conversation timed out or was ended on request (``POST /v1/conversations``) and is
+        processed while the client stays, or a newer connection took it over (``_continue_alone``,
+        which moves the words itself): go on in the new one.
+
+        The builder may still hold words the store does not have: words that came after the
+        last flush (the first words after the silence that timed the conversation out, or those
+        that came while a REST call stored the rest). They move to the new conversation (a fresh
+        builder would drop them: they would be in no conversation), with times rebased to its
+        start, and are stored and sent by the next flush. Segments being saved right now are not
+        moved: their save lands in the new conversation."""
+        if self._handing_over:
+            carried, shift = Batch(), None
+        else:
+            carried, shift = self.builder.hand_over({**self._stored, **self._saving})
+        if shift is None:
+            self.builder = SegmentBuilder()
+            self._offset_known = False
+        else:
+            # The new conversation's time 0 is the wall time of its earliest carried word.
+            live.anchor_at(self.clock_origin - self.time_offset + shift)
+            self.time_offset -= shift
+        self._carried = carried
         self._stored = {}
-        self._offset_known = False
         # Newer apps follow which conversation the socket writes (sent from here without waiting).
         event = events.conversation_session(live.conversation_id, resumed=False, source=self.params.source)
         task = asyncio.get_running_loop().create_task(self._send_quietly(event))
@@ -278,11 +304,39 @@ class Session:
     def take_unsaved(self) -> tuple[list[dict], list[str]]:
         """The conversation is processed on request: flush the builder now (synchronously, so
         the words go to the conversation that ends) and send the batch after."""
-        batch = self.builder.flush()
+        batch, self._carried = self._carried.then(self.builder.flush()), Batch()
+        self._taken = None
         if batch:
             self._spawn_in_flight(self._send_batch(batch))
+            ids = [s.id for s in batch.changed] + list(batch.deleted_ids)
+            self._taken = (batch, {segment_id: self._stored.get(segment_id) for segment_id in ids})
             self._remember_stored(batch)     # the caller stores it, under the lock of our saves
         return [s.to_stored() for s in batch.changed], list(batch.deleted_ids)
+
+    def unsaved_refused(self) -> None:
+        """The store refused what ``take_unsaved`` gave: a newer connection of the user and source
+        took the conversation over. Those words are not stored: forget that they were, and go on
+        in a new conversation of our own with them (``_continue_alone``), now rather than at the
+        next save, which may never come (no more words)."""
+        if self._taken is not None:
+            _, before = self._taken
+            for segment_id, kept in before.items():
+                if kept is None:
+                    self._stored.pop(segment_id, None)
+                else:
+                    self._stored[segment_id] = kept
+            self._taken = None
+        lost = self.live.conversation_id
+
+        async def go_on_alone() -> None:
+            if self.live.fenced and self.live.conversation_id == lost:   # no other step moved on yet
+                batch = await self._uninterrupted(self._continue_alone())
+                try:
+                    await self._send_batch(batch)
+                except EndSession:
+                    pass                  # the client left; what it had is stored
+
+        self._spawn_in_flight(go_on_alone())
 
     async def assign(self, segment_ids, *, is_user: bool, person_id: str | None) -> list[dict]:
         """``PATCH …/segments/assign-bulk`` on the live conversation: relabel those segments in
@@ -625,7 +679,7 @@ class Session:
                 if end == len(pending) or pending[end][1] != pending[start][1]:
                     self._add_words(labelled[start:end], pending[start][1])
                     start = end
-        batch = self.builder.flush()
+        batch, self._carried = self._carried.then(self.builder.flush()), Batch()
         # Re-clustering may have moved earlier segments to another speaker: re-sent by id.
         changes = self.speakers.reclustered and await self.speakers.speaker_changes(
             self.builder.segments, self.time_offset, providers=self._voice_labelled)
@@ -776,6 +830,8 @@ class Session:
         if self.live is None or not batch:
             return batch
         conversation_id = self.live.conversation_id
+        saving = {segment.id: (segment.text, segment.end) for segment in batch.changed}
+        self._saving.update(saving)
         try:
             await self.live.save_batch([s.to_stored() for s in batch.changed], batch.deleted_ids)
         except LeaseLost:
@@ -786,6 +842,10 @@ class Session:
             # The client still gets its words; the store's own retries/alerts are its business.
             log.exception("could not store a segment batch sid=%s", self.id)
             return batch
+        finally:
+            for segment_id, kept in saving.items():
+                if self._saving.get(segment_id) == kept:
+                    del self._saving[segment_id]
         self._remember_stored(batch)     # where it went: a rollover meanwhile stores it in the new conversation
         return batch
 
@@ -804,9 +864,14 @@ class Session:
         It goes on in a new conversation of its own, which gets what the store did not have of
         its words, with their times; the client is told with ``conversation_session``."""
         batch, shift = self.builder.hand_over(self._stored)
+        self._carried = Batch()       # words a rollover carried are still the builder's: moved with the rest
         builder = self.builder
         started_at = None if shift is None else self.live.started_at + shift
-        self.live.continue_alone(started_at)     # → _on_new_conversation: announced, a fresh builder
+        self._handing_over = True
+        try:
+            self.live.continue_alone(started_at)     # → _on_new_conversation: announced, a fresh builder
+        finally:
+            self._handing_over = False
         self.builder = builder                   # this one carries the words over
         if shift is not None:
             self.time_offset -= shift
