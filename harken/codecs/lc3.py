@@ -184,25 +184,33 @@ class LC3Decoder(Decoder):
                     if lsb_mode_flag(frame[channel * frame_bytes:(channel + 1) * frame_bytes], self.sample_rate):
                         raise DecodeError(f"LC3 frame of {frame_bytes} bytes with LSB mode, which only "
                                           "longer frames use")
-        first, last = self._gains(frames[0], frame_bytes), self._gains(frames[-1], frame_bytes)
+        # The gain rule (GAIN_JUMP): a frame whose gain jumps from the frame before it must be
+        # confirmed by the frame after it, close to its own gain, or far from the gain before
+        # the jump too (loudness changing in steps). A jump that comes straight back is random
+        # bytes' gain, not sound. Inside a message the next frame is there; for a message's last
+        # frame it is the next message's first, so such a message is held back until then.
+        gains = [self._gains(frame, frame_bytes) for frame in frames]
         held, self._held = self._held, None
-        if held is not None and (self._close(first, held[1]) or not self._close(first, self._last_gains)):
-            # The message held back is confirmed by this one (a real change of loudness), or this
-            # one is far from the stream's loudness before it too (a change in steps): decoded,
-            # then this one, in order (the held one cannot fail: it was checked when it came).
-            # Only a jump that comes straight back (random bytes' gain) stays dropped.
-            before = self._decode_frames(held[0])
-            self._last_gains = held[1]
-            try:
-                return np.concatenate([before, self.decode(message)])
-            except DecodeError:
-                return before
+        if held is not None:
+            held_frames, held_gains, before_jump = held
+            if self._close(gains[0], held_gains[-1]) or not self._close(gains[0], before_jump):
+                # Confirmed: decoded, then this one, in order (the held one cannot fail: it was
+                # checked when it came, from the same state).
+                before = self._decode_frames(held_frames)
+                self._last_gains = held_gains[-1]
+                try:
+                    return np.concatenate([before, self.decode(message)])
+                except DecodeError:
+                    return before
         try:
-            if self._last_gains is not None and not self._close(first, self._last_gains):
-                # Its gain jumped: decoded only if the next message confirms the new loudness. It
-                # is checked now (and undone), so that a corrupt one is not held.
-                self._decode_frames(frames, keep=False)
-                self._held = (frames, last)
+            chain = ([self._last_gains] if self._last_gains is not None else []) + gains
+            for k in range(max(1, len(chain) - len(gains)), len(chain) - 1):
+                if (not self._close(chain[k], chain[k - 1]) and not self._close(chain[k + 1], chain[k])
+                        and self._close(chain[k + 1], chain[k - 1])):
+                    raise DecodeError("LC3 frame whose global gain jumps and comes straight back (random bytes)")
+            if len(chain) > 1 and not self._close(chain[-1], chain[-2]):
+                self._decode_frames(frames, keep=False)     # checked now, so that a corrupt one is not held
+                self._held = (frames, gains, chain[-2])
                 raise DecodeError("LC3 message whose global gain jumps from the stream's: held back until the "
                                   "next message confirms it")
             out = self._decode_frames(frames)
@@ -210,7 +218,7 @@ class LC3Decoder(Decoder):
             if self._held is None:
                 self._held = held       # garbage in between neither confirms nor refutes it
             raise
-        self._last_gains = last
+        self._last_gains = gains[-1]
         return out
 
     def _gains(self, frame: bytes, frame_bytes: int) -> list[int]:
