@@ -24,6 +24,7 @@ import ctypes.util
 import functools
 import glob
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +39,8 @@ LC3_RATES = (8000, 16000, 24000, 32000, 48000)
 _BANDWIDTH_BITS = {8000: 0, 16000: 1, 24000: 2, 32000: 2, 48000: 3}
 _LAST_NONZERO_BITS = {8000: 6, 16000: 7, 24000: 7, 32000: 8, 48000: 8}
 _RATE_INDEX = {8000: 0, 16000: 1, 24000: 2, 32000: 3, 48000: 4}
+_SUPER_WIDEBAND = 3    # bandwidth index from which a 10 ms frame has two TNS filters
+_SNS_BITS = 38         # the spectral envelope's fields
 
 
 def lsb_mode_possible(frame_bytes: int, sample_rate: int) -> bool:
@@ -53,22 +56,41 @@ def lsb_mode_flag(frame: bytes, sample_rate: int) -> bool:
     return bool(frame[len(frame) - 1 - position // 8] >> (position % 8) & 1)
 
 
+class SideInfo(NamedTuple):
+    gain: int             # the global gain index: the quantiser's step, 28 steps a decade
+    pitch: bool           # a pitch was found (the LTPF fields follow)
+    ltpf_active: bool     # the long-term postfilter is on
+
+
+def side_info(frame: bytes, sample_rate: int) -> SideInfo:
+    """The fields of one channel's frame that the rules in ``LC3Decoder.decode`` read, in the
+    order of the LC3 spec's bitstream (3.4.2, liblc3's ``decode``): from the frame's last byte
+    backwards, least significant bit first: bandwidth, last non-zero line, LSB mode, global
+    gain (8 bits), one TNS activation bit per filter (two from super wideband up), the pitch
+    flag, the spectral envelope (38 bits), then, with a pitch, the LTPF activation bit."""
+    bits = int.from_bytes(frame[::-1][:12], "little")    # bit k: the k-th read from the end
+    bandwidth_bits, position = _BANDWIDTH_BITS[sample_rate], _BANDWIDTH_BITS[sample_rate]
+    bandwidth = bits & ((1 << bandwidth_bits) - 1)
+    position += _LAST_NONZERO_BITS[sample_rate] + 1
+    gain = bits >> position & 0xFF
+    position += 8 + 1 + (bandwidth >= _SUPER_WIDEBAND)
+    pitch = bool(bits >> position & 1)
+    return SideInfo(gain, pitch, pitch and bool(bits >> (position + 1 + _SNS_BITS) & 1))
+
+
 def global_gain(frame: bytes, sample_rate: int) -> int:
-    """The global gain index (8 bits, after the LSB-mode flag) of one channel's frame: the
-    quantiser's step, 28 steps a decade, so it follows the loudness of the sound."""
-    position = _BANDWIDTH_BITS[sample_rate] + _LAST_NONZERO_BITS[sample_rate] + 1
-    # Read backwards from the last byte, least significant bit first: the frame's last two
-    # bytes as one little-endian number whose bits are in reading order from the end.
-    end = len(frame) - 1 - position // 8
-    window = frame[end] | frame[end - 1] << 8 if end > 0 else frame[end]
-    return window >> (position % 8) & 0xFF
+    """The global gain index of one channel's frame (see ``side_info``)."""
+    return side_info(frame, sample_rate).gain
 
 
-def probe_position(frame_bytes: int) -> int:
-    """The byte that ``LC3Decoder`` clears to see whether the decoder uses it (see there): in the
-    middle of what an encoder leaves unused, and random bytes leave unread, most often (measured
-    on the development set: byte 18 of 40, 12 of 30)."""
-    return max(0, 3 * frame_bytes // 5 - 6)
+def probe_positions(frame_bytes: int) -> tuple[int, ...]:
+    """The bytes that ``LC3Decoder`` clears to see whether the decoder reads them (see there): in
+    the middle of what an encoder leaves unused, and random bytes leave unread, most often
+    (measured on the development set: byte 18 of 40, 12 of 30)."""
+    return PROBES(frame_bytes)
+
+
+PROBES = lambda n: (max(0, 3 * n // 5 - 6),)
 
 
 # A jump of the global gain this large (64 steps: 46 dB) from the previous frame and back at
@@ -146,11 +168,14 @@ class LC3Decoder(Decoder):
         # liblc3's corrupt-frame report below catches most random bytes of the right length.
         self._signature = Signature()
         self._before_frame = ctypes.create_string_buffer(size)    # for the probe (see _decode_frames)
+        self._after_frame = ctypes.create_string_buffer(size)
         self._probe_pcm = np.empty(self._frame_samples, dtype=np.int16)
-        # Each channel's global gain at the end of the last message decoded (None: none yet), and
-        # a message held back because its gain jumped, with its gains (see decode).
-        self._last_gains: list[int] | None = None
-        self._held: tuple[list[bytes], list[int]] | None = None
+        # Each channel's side information of the last frame decoded (None: none yet), a message
+        # held back because its gain jumped (see decode), and audio decoded but not returned yet.
+        self._last: list[SideInfo] | None = None
+        self._before_last: list[list[SideInfo]] = []      # the frame before that, if any
+        self._held: tuple[list[bytes], list[list[SideInfo]], list[int]] | None = None
+        self._ready: list[np.ndarray] = []
 
     def _frames(self, message: bytes) -> list[bytes]:
         """Split a message into per-frame blocks (all channels of one frame); DecodeError if it cannot."""
@@ -189,28 +214,39 @@ class LC3Decoder(Decoder):
         # the jump too (loudness changing in steps). A jump that comes straight back is random
         # bytes' gain, not sound. Inside a message the next frame is there; for a message's last
         # frame it is the next message's first, so such a message is held back until then.
-        gains = [self._gains(frame, frame_bytes) for frame in frames]
+        sides = [[side_info(frame[c * frame_bytes:(c + 1) * frame_bytes], self.sample_rate)
+                  for c in range(self.channels)] for frame in frames]
+        gains = [[side.gain for side in frame] for frame in sides]
         held, self._held = self._held, None
         if held is not None:
-            held_frames, held_gains, before_jump = held
-            if self._close(gains[0], held_gains[-1]) or not self._close(gains[0], before_jump):
+            held_frames, held_sides, before_jump = held
+            if self._close(gains[0], [side.gain for side in held_sides[-1]]) or not self._close(gains[0], before_jump):
                 # Confirmed: decoded, then this one, in order (the held one cannot fail: it was
-                # checked when it came, from the same state).
-                before = self._decode_frames(held_frames)
-                self._last_gains = held_gains[-1]
-                try:
-                    return np.concatenate([before, self.decode(message)])
-                except DecodeError:
-                    return before
+                # checked when it came, from the same state). If this one is refused, the held
+                # one's audio comes with the next message.
+                self._ready.append(self._decode_frames(held_frames))
+                self._before_last = (([self._last] if self._last is not None else []) + held_sides[:-1])[-1:]
+                self._last = held_sides[-1]
+                return self.decode(message)
         try:
-            chain = ([self._last_gains] if self._last_gains is not None else []) + gains
-            for k in range(max(1, len(chain) - len(gains)), len(chain) - 1):
+            previous = [self._last] if self._last is not None else []
+            history = self._before_last + previous + sides
+            for k, side in enumerate(sides, start=len(history) - len(sides)):
+                # LTPF switches on only after a frame with a pitch (the encoder needs the previous
+                # frame's pitch correlation above 0.94: the LC3 spec's LTPF activation, liblc3's
+                # lc3_ltpf_analyse); random bytes set the flags at random. The frame before that
+                # one counts too: the previous frame decoded may be random bytes let through.
+                if k >= 2 and any(s.ltpf_active and not a.pitch and not b.pitch
+                                  for a, b, s in zip(history[k - 2], history[k - 1], side)):
+                    raise DecodeError("LC3 frame with LTPF on after frames without a pitch (random bytes)")
+            chain = [[side.gain for side in frame] for frame in previous] + gains
+            for k in range(max(1, len(previous)), len(chain) - 1):
                 if (not self._close(chain[k], chain[k - 1]) and not self._close(chain[k + 1], chain[k])
                         and self._close(chain[k + 1], chain[k - 1])):
                     raise DecodeError("LC3 frame whose global gain jumps and comes straight back (random bytes)")
             if len(chain) > 1 and not self._close(chain[-1], chain[-2]):
                 self._decode_frames(frames, keep=False)     # checked now, so that a corrupt one is not held
-                self._held = (frames, gains, chain[-2])
+                self._held = (frames, sides, chain[-2])
                 raise DecodeError("LC3 message whose global gain jumps from the stream's: held back until the "
                                   "next message confirms it")
             out = self._decode_frames(frames)
@@ -218,12 +254,12 @@ class LC3Decoder(Decoder):
             if self._held is None:
                 self._held = held       # garbage in between neither confirms nor refutes it
             raise
-        self._last_gains = gains[-1]
+        self._before_last = ([self._last] if self._last is not None else []) + sides[:-1]
+        self._before_last = self._before_last[-1:]
+        self._last = sides[-1]
+        if self._ready:
+            out, self._ready = np.concatenate([*self._ready, out]), []
         return out
-
-    def _gains(self, frame: bytes, frame_bytes: int) -> list[int]:
-        return [global_gain(frame[c * frame_bytes:(c + 1) * frame_bytes], self.sample_rate)
-                for c in range(self.channels)]
 
     @staticmethod
     def _close(gains: list[int], reference: list[int]) -> bool:
@@ -240,7 +276,7 @@ class LC3Decoder(Decoder):
         bit of a real frame is read: clearing it changes the decoded audio (except in a few
         side-information fields, far from the probe). Random bytes that liblc3 takes for a frame
         (about a quarter of them, at 40 bytes) mostly leave bits in the middle unread, and those
-        are random. So the byte at ``probe_position`` is cleared, if it has set bits, and the
+        are random. So the byte at each of ``probe_positions`` is cleared, if it has set bits, and the
         frame decoded again from the same state: the same audio means a set bit the decoder
         never read, random bytes. Measured (tests/data/audio): 0 of 7,525 real 40-byte frames and
         0 of 7,525 30-byte ones flagged; 76 % of the random 40-byte frames that liblc3 accepts
@@ -251,36 +287,22 @@ class LC3Decoder(Decoder):
         block = self._frame_samples * channels  # interleaved samples of one frame
         out = np.empty(len(frames) * block, dtype=np.int16)
         address = out.ctypes.data
-        probe_address = self._probe_pcm.ctypes.data
         corrupt = random = 0
         for index, frame in enumerate(frames):
             per_channel = len(frame) // channels
-            at = probe_position(per_channel)
+            positions = probe_positions(per_channel)
             for channel, handle in enumerate(self._handles):
                 data = frame[channel * per_channel:(channel + 1) * per_channel] if channels > 1 else frame
                 pcm = address + 2 * (index * block + channel)  # liblc3 writes every channels-th sample
-                probed = data[at] != 0
-                if probed:
-                    memory = self._memory[channel]
-                    ctypes.memmove(self._before_frame, memory, self._state_bytes)
-                    cleared = data[:at] + b"\0" + data[at + 1:]
-                    decode_frame(handle, cleared, per_channel, _PCM_S16, probe_address, 1)
-                    ctypes.memmove(memory, self._before_frame, self._state_bytes)
+                ctypes.memmove(self._before_frame, self._memory[channel], self._state_bytes)
                 status = decode_frame(handle, data, per_channel, _PCM_S16, pcm, channels)
                 if status < 0:
                     self._restore_state()
                     raise DecodeError(f"liblc3 rejected a {per_channel}-byte frame")
                 corrupt += status == _PLC
-                if probed and status == 0:
-                    start = index * block + channel
-                    same = (ctypes.string_at(probe_address, 2 * block) == ctypes.string_at(pcm, 2 * block)
-                            if channels == 1 else
-                            np.array_equal(self._probe_pcm[:self._frame_samples], out[start:start + block:channels]))
-                    # The same 16-bit audio may only mean that the frame adds too little to
-                    # survive the rounding (a frame fading into silence): then compare liblc3's
-                    # float output, before rounding, which any bit the decoder reads changes.
-                    if same and self._same_unrounded(channel, handle, data, cleared):
-                        random += 1
+                if status == 0:
+                    frame_out = out[index * block + channel:(index + 1) * block:channels]
+                    random += any(data[at] and self._unread(channel, handle, data, at, frame_out) for at in positions)
         if corrupt or random or not keep:
             # The message is reported whole: a real device's frames arrive intact (BLE checks
             # them), so a corrupt frame means the message is garbage, and passing its other frames
@@ -294,6 +316,23 @@ class LC3Decoder(Decoder):
                 raise DecodeError(f"{random} LC3 frame(s) with set bits the decoder never reads (random bytes: an "
                                   "encoder leaves unused bits zero)")
         return self._resampler.process(mix_to_mono(out, channels)) if keep else no_samples()
+
+    def _unread(self, channel: int, handle: int, frame: bytes, at: int, decoded: np.ndarray) -> bool:
+        """Whether ``frame``, just decoded to ``decoded`` from the state in ``_before_frame``,
+        decodes to the same audio with its byte ``at`` cleared (see ``_decode_frames``); the
+        channel's state is left as after ``frame``."""
+        decode_frame, memory, size = _liblc3().lc3_decode, self._memory[channel], self._state_bytes
+        ctypes.memmove(self._after_frame, memory, size)
+        ctypes.memmove(memory, self._before_frame, size)
+        cleared = frame[:at] + b"\0" + frame[at + 1:]
+        decode_frame(handle, cleared, len(frame), _PCM_S16, self._probe_pcm.ctypes.data, 1)
+        ctypes.memmove(memory, self._after_frame, size)
+        if self._probe_pcm.tobytes() != decoded.tobytes():
+            return False
+        # The same 16-bit audio may only mean that the frame adds too little to survive the
+        # rounding (a frame fading into silence): then compare liblc3's float output, before
+        # rounding, which any bit the decoder reads changes.
+        return self._same_unrounded(channel, handle, frame, cleared)
 
     def _same_unrounded(self, channel: int, handle: int, frame: bytes, cleared: bytes) -> bool:
         """Whether ``frame`` and ``cleared`` decode to the same float samples from the state the
@@ -319,7 +358,8 @@ class LC3Decoder(Decoder):
             ctypes.memmove(memory, saved, self._state_bytes)
 
     def flush(self) -> np.ndarray:
-        return self._resampler.flush()
+        ready, self._ready = self._ready, []
+        return np.concatenate([*ready, self._resampler.flush()])
 
     def close(self) -> None:
         # The handles point into the memory buffers: drop both together.
