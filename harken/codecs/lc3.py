@@ -83,6 +83,18 @@ def global_gain(frame: bytes, sample_rate: int) -> int:
     return side_info(frame, sample_rate).gain
 
 
+PROBE_WINDOW = 16
+
+
+def probe_bit(frame: bytes, start: int, window: int = PROBE_WINDOW) -> int | None:
+    """The first set bit of ``frame`` from bit ``start`` (byte ``start // 8``, least significant
+    bit first) within ``window`` bits, or None."""
+    end = min(start + window, 8 * len(frame))
+    span = int.from_bytes(frame[start // 8:(end + 7) // 8], "little") >> (start % 8)
+    span &= (1 << (end - start)) - 1
+    return start + (span & -span).bit_length() - 1 if span else None
+
+
 def probe_positions(frame_bytes: int) -> tuple[int, ...]:
     """The bytes that ``LC3Decoder`` clears to see whether the decoder reads them (see there): in
     the middle of what an encoder leaves unused, and random bytes leave unread, most often
@@ -90,7 +102,7 @@ def probe_positions(frame_bytes: int) -> tuple[int, ...]:
     return PROBES(frame_bytes)
 
 
-PROBES = lambda n: (max(0, 3 * n // 5 - 6),)
+PROBES = lambda n: (8 * max(0, 3 * n // 5 - 6),)
 
 
 # A jump of the global gain this large (64 steps: 46 dB) from the previous frame and back at
@@ -302,7 +314,15 @@ class LC3Decoder(Decoder):
                 corrupt += status == _PLC
                 if status == 0:
                     frame_out = out[index * block + channel:(index + 1) * block:channels]
-                    random += any(data[at] and self._unread(channel, handle, data, at, frame_out) for at in positions)
+                    for start in positions:
+                        # Two set bits, each unread: one alone may be the last bits of the
+                        # arithmetic code, which its decoder does not need (rare, but seen).
+                        first = probe_bit(data, start)
+                        second = None if first is None else probe_bit(data, first + 1, start + PROBE_WINDOW - first - 1)
+                        if (second is not None and self._unread(channel, handle, data, first, frame_out)
+                                and self._unread(channel, handle, data, second, frame_out)):
+                            random += 1
+                            break
         if corrupt or random or not keep:
             # The message is reported whole: a real device's frames arrive intact (BLE checks
             # them), so a corrupt frame means the message is garbage, and passing its other frames
@@ -324,7 +344,8 @@ class LC3Decoder(Decoder):
         decode_frame, memory, size = _liblc3().lc3_decode, self._memory[channel], self._state_bytes
         ctypes.memmove(self._after_frame, memory, size)
         ctypes.memmove(memory, self._before_frame, size)
-        cleared = frame[:at] + b"\0" + frame[at + 1:]
+        byte = at // 8
+        cleared = frame[:byte] + bytes([frame[byte] & ~(1 << at % 8)]) + frame[byte + 1:]
         decode_frame(handle, cleared, len(frame), _PCM_S16, self._probe_pcm.ctypes.data, 1)
         ctypes.memmove(memory, self._after_frame, size)
         if self._probe_pcm.tobytes() != decoded.tobytes():
