@@ -25,7 +25,9 @@ does not depend on load (the server decodes everything it received before it clo
 
 ``--decode-only`` skips the server and the engine: each codec's decoder (the Python path) takes
 the clean and the garbage stream message by message, and the line per codec and seed counts the
-garbage messages it decoded, the real messages it refused, and the seconds of the clean decode's
+garbage messages it decoded, the real messages it refused (an LC3 message held back until the
+next one confirms its loudness counts here too, though its audio comes with the next), and the
+seconds of the clean decode's
 audio that the garbage run does not reproduce exactly (a decoded garbage packet inserts noise
 and may derail a predictive decoder for the packets after it). Where that is 0 the engine hears
 exactly the clean audio, so the WER cannot differ; it takes seconds, so filters can be compared

@@ -22,8 +22,9 @@ Rules (measured on tests/data/audio, bench/bench_garbage.py):
   never add up over a long session.
 
 Opus has two rules of its own (``ConfirmedKinds``: a new TOC must be confirmed by the next packet;
-``SteadyFlag``: the in-band FEC flag of a stream that never sets it); LC3 one in ``lc3.py`` (a frame
-too short for LSB mode must not have that flag), and a refused LC3 message is undone in the decoder.
+``SteadyFlag``: the in-band FEC flag of a stream that never sets it); LC3 has its own in ``lc3.py``
+(the LSB-mode flag, bits the decoder never reads, LTPF activation, gain jumps), and a refused LC3
+message is undone in the decoder.
 """
 
 from __future__ import annotations
