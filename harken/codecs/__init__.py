@@ -17,7 +17,7 @@ from functools import partial
 from typing import Callable
 
 from .aac import AACDecoder
-from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono
+from .base import TARGET_RATE, Decoder, DecodeError, HeldBack, UnsupportedFormat, mix_to_mono
 from .channels import MAX_CHANNELS, ChannelDemuxDecoder, channel_layout, uses_channel_prefix
 from .lc3 import LC3Decoder
 from .opus import OpusDecoder
@@ -84,7 +84,7 @@ async def open_decoder(codec: str, sample_rate: int, channels: int = 1, source: 
 
 
 __all__ = [
-    "TARGET_RATE", "Decoder", "DecodeError", "UnsupportedFormat", "decoder_for", "open_decoder",
+    "TARGET_RATE", "Decoder", "DecodeError", "HeldBack", "UnsupportedFormat", "decoder_for", "open_decoder",
     "codec_names", "default_rate", "register", "mix_to_mono", "SAMPLE_RATES", "REGISTRY",
     "ChannelDemuxDecoder", "channel_layout", "uses_channel_prefix", "MAX_CHANNELS",
 ]

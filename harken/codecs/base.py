@@ -19,6 +19,12 @@ class DecodeError(Exception):
     """One message could not be decoded. The caller drops it, counts it, and goes on."""
 
 
+class HeldBack(DecodeError):
+    """A message held back until the next one confirms it (an Opus TOC the stream has not sent,
+    an LC3 jump in loudness): no audio now; if confirmed, its audio comes with the next
+    message's, else it is dropped then. Not a corrupt frame (yet)."""
+
+
 class UnsupportedFormat(ValueError):
     """The codec/rate/channels combination cannot be decoded (a bad connection parameter)."""
 

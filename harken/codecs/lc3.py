@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono, no_samples
+from .base import TARGET_RATE, Decoder, DecodeError, HeldBack, UnsupportedFormat, mix_to_mono, no_samples
 from .resample import StreamResampler
 from .signature import Signature
 
@@ -260,8 +260,8 @@ class LC3Decoder(Decoder):
             if len(chain) > 1 and not self._close(chain[-1], chain[-2]):
                 self._decode_frames(frames, keep=False)     # checked now, so that a corrupt one is not held
                 self._held = (frames, sides, chain[-2])
-                raise DecodeError("LC3 message whose global gain jumps from the stream's: held back until the "
-                                  "next message confirms it")
+                raise HeldBack("LC3 message whose global gain jumps from the stream's: held back until the "
+                               "next message confirms it")
             out = self._decode_frames(frames)
         except DecodeError:
             if self._held is None:

@@ -42,7 +42,7 @@ import ctypes
 import numpy as np
 
 from .. import native
-from .base import TARGET_RATE, Decoder, DecodeError, UnsupportedFormat, mix_to_mono, no_samples
+from .base import TARGET_RATE, Decoder, DecodeError, HeldBack, UnsupportedFormat, mix_to_mono, no_samples
 from .resample import StreamResampler
 from .signature import ConfirmedKinds, SteadyFlag
 
@@ -189,8 +189,8 @@ class OpusDecoder(Decoder):
         if not packets:
             if reader is not None:
                 reader.leave_next()   # the next packet must come here to confirm this one
-            raise DecodeError(f"opus packet with TOC {packet[0]:#04x}, not this stream's: held back until the "
-                              "next packet confirms it")
+            raise HeldBack(f"opus packet with TOC {packet[0]:#04x}, not this stream's: held back until the "
+                           "next packet confirms it")
         if not self._fec.admits(packets[-1]):
             raise DecodeError("opus packet with the in-band FEC flag, which this stream never sets")
         outputs = [self._decode_packet(p, opus_packet_duration(p) * self._rate // 48000) for p in packets]

@@ -304,7 +304,7 @@ class Session:
     def take_unsaved(self) -> tuple[list[dict], list[str]]:
         """The conversation is processed on request: flush the builder now (synchronously, so
         the words go to the conversation that ends) and send the batch after."""
-        batch, self._carried = self._carried.then(self.builder.flush()), Batch()
+        batch = self._with_carried(self.builder.flush())
         self._taken = None
         if batch:
             self._spawn_in_flight(self._send_batch(batch))
@@ -312,6 +312,17 @@ class Session:
             self._taken = (batch, {segment_id: self._stored.get(segment_id) for segment_id in ids})
             self._remember_stored(batch)     # the caller stores it, under the lock of our saves
         return [s.to_stored() for s in batch.changed], list(batch.deleted_ids)
+
+    def _with_carried(self, batch: Batch) -> Batch:
+        """``batch`` after the words a rollover carried over (if any): those first."""
+        if not self._carried:
+            return batch
+        carried, self._carried = self._carried, Batch()
+        joined = carried.then(batch)
+        joined.withdrawn_ids = batch.withdrawn_ids
+        if batch.shown is not None:          # provisional words shown: the carried ones are too
+            joined.shown = sorted(carried.changed + batch.shown, key=lambda s: (s.start, s.end))
+        return joined
 
     def unsaved_refused(self) -> None:
         """The store refused what ``take_unsaved`` gave: a newer connection of the user and source
@@ -679,7 +690,7 @@ class Session:
                 if end == len(pending) or pending[end][1] != pending[start][1]:
                     self._add_words(labelled[start:end], pending[start][1])
                     start = end
-        batch, self._carried = self._carried.then(self.builder.flush()), Batch()
+        batch = self._with_carried(self.builder.flush())
         # Re-clustering may have moved earlier segments to another speaker: re-sent by id.
         changes = self.speakers.reclustered and await self.speakers.speaker_changes(
             self.builder.segments, self.time_offset, providers=self._voice_labelled)

@@ -137,6 +137,8 @@ class _Decoding:
                 break
             try:
                 pcm = self.decoder.decode(frame)
+            except codecs.HeldBack:       # its audio comes with the next frame's, if that confirms it
+                continue
             except Exception:             # DecodeError, or a codec library's own: drop and count
                 self.bad_frames += 1
                 continue
