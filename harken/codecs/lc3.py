@@ -106,15 +106,26 @@ def probe_bit(frame: bytes, start: int, window: int = PROBE_WINDOW) -> int | Non
     return start + (span & -span).bit_length() - 1 if span else None
 
 
-# A jump of the global gain this large (64 steps: 46 dB) from the previous frame and back at
-# the next never happens in a device's stream (none in the development set's 7,525 frames; its
-# largest such spike is 48), while random bytes carry a uniformly random gain.
+# A jump of the global gain this large (64 steps up: 46 dB louder; 128 down) from the previous
+# frame and back at the next does not happen in a device's stream (liblc3's encoder on the
+# development set and the codec reference, 20 to 400-byte frames: none), while random bytes carry
+# a uniformly random gain. Down needs more: a device's gain can dip far for 10 ms (a near-silent
+# frame inside speech: 111 steps in the reference, 20 and 60-byte frames; up, at most 59).
 GAIN_JUMP = 64
+GAIN_DIP = 128
 FRAME_US = 10000  # the protocol's only LC3 frame duration
 MIN_FRAME_BYTES, MAX_FRAME_BYTES = 20, 400  # LC3_MIN_FRAME_BYTES / LC3_MAX_FRAME_BYTES in lc3.h
 _PCM_S16 = 0  # enum lc3_pcm_format: LC3_PCM_FORMAT_S16
 _PCM_FLOAT = 3  # LC3_PCM_FORMAT_FLOAT: the synthesis before rounding, times 2^-15
 _PLC = 1  # lc3_decode's return value when the frame was corrupt and got concealed
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None)
+    libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    libc.memcmp.restype = ctypes.c_int
+    return libc
 
 
 @functools.cache
@@ -183,6 +194,7 @@ class LC3Decoder(Decoder):
         self._before_frame = ctypes.create_string_buffer(size)    # for the probe (see _decode_frames)
         self._after_frame = ctypes.create_string_buffer(size)
         self._probe_pcm = np.empty(self._frame_samples, dtype=np.int16)
+        self._probe_address = self._probe_pcm.__array_interface__["data"][0]
         # Each channel's side information of the last frame decoded (None: none yet), a message
         # held back because its gain jumped (see decode), and audio decoded but not returned yet.
         self._last: list[SideInfo] | None = None
@@ -222,9 +234,9 @@ class LC3Decoder(Decoder):
                     if lsb_mode_flag(frame[channel * frame_bytes:(channel + 1) * frame_bytes], self.sample_rate):
                         raise DecodeError(f"LC3 frame of {frame_bytes} bytes with LSB mode, which only "
                                           "longer frames use")
-        # The gain rule (GAIN_JUMP): a frame whose gain jumps from the frame before it must be
-        # confirmed by the frame after it, close to its own gain, or far from the gain before
-        # the jump too (loudness changing in steps). A jump that comes straight back is random
+        # The gain rule (GAIN_JUMP, GAIN_DIP): a frame whose gain jumps from the frame before it
+        # must be confirmed by the frame after it, close to its own gain, or jumping from the gain
+        # before too (loudness changing in steps). A jump that comes straight back is random
         # bytes' gain, not sound. Inside a message the next frame is there; for a message's last
         # frame it is the next message's first, so such a message is held back until then.
         sides = [[side_info(frame[c * frame_bytes:(c + 1) * frame_bytes], self.sample_rate)
@@ -233,7 +245,7 @@ class LC3Decoder(Decoder):
         held, self._held = self._held, None
         if held is not None:
             held_frames, held_sides, before_jump = held
-            if self._close(gains[0], [side.gain for side in held_sides[-1]]) or not self._close(gains[0], before_jump):
+            if self._close(gains[0], [side.gain for side in held_sides[-1]]) or self._above(gains[0], before_jump):
                 # Confirmed: decoded, then this one, in order (the held one cannot fail: it was
                 # checked when it came, from the same state). If this one is refused, the held
                 # one's audio comes with the next message.
@@ -254,10 +266,10 @@ class LC3Decoder(Decoder):
                     raise DecodeError("LC3 frame with LTPF on after frames without a pitch (random bytes)")
             chain = [[side.gain for side in frame] for frame in previous] + gains
             for k in range(max(1, len(previous)), len(chain) - 1):
-                if (not self._close(chain[k], chain[k - 1]) and not self._close(chain[k + 1], chain[k])
+                if (self._above(chain[k], chain[k - 1]) and self._above(chain[k], chain[k + 1])
                         and self._close(chain[k + 1], chain[k - 1])):
                     raise DecodeError("LC3 frame whose global gain jumps and comes straight back (random bytes)")
-            if len(chain) > 1 and not self._close(chain[-1], chain[-2]):
+            if len(chain) > 1 and self._above(chain[-1], chain[-2]):
                 self._decode_frames(frames, keep=False)     # checked now, so that a corrupt one is not held
                 self._held = (frames, sides, chain[-2])
                 raise HeldBack("LC3 message whose global gain jumps from the stream's: held back until the "
@@ -275,8 +287,17 @@ class LC3Decoder(Decoder):
         return out
 
     @staticmethod
+    def _above(gains: list[int], reference: list[int]) -> bool:
+        """Louder than ``reference`` by more than GAIN_JUMP, or quieter by more than GAIN_DIP,
+        on some channel: a jump."""
+        return any(a - b > GAIN_JUMP or b - a > GAIN_DIP for a, b in zip(gains, reference))
+
+    @staticmethod
     def _close(gains: list[int], reference: list[int]) -> bool:
-        return all(abs(a - b) <= GAIN_JUMP for a, b in zip(gains, reference))
+        for a, b in zip(gains, reference):
+            if a - b > GAIN_JUMP or b - a > GAIN_JUMP:
+                return False
+        return True
 
     def _decode_frames(self, frames: list[bytes], keep: bool = True) -> np.ndarray:
         """Decode one message's frames; DecodeError (the decoder's state restored, as if the
@@ -303,11 +324,12 @@ class LC3Decoder(Decoder):
         channels = self.channels
         block = self._frame_samples * channels  # interleaved samples of one frame
         out = np.empty(len(frames) * block, dtype=np.int16)
-        address = out.ctypes.data
+        address = out.__array_interface__["data"][0]    # (``out.ctypes`` costs a few µs a call)
         corrupt = random = 0
         for index, frame in enumerate(frames):
             per_channel = len(frame) // channels
             start = probe_start(per_channel)
+            lsb_possible = lsb_mode_possible(per_channel, self.sample_rate)
             for channel, handle in enumerate(self._handles):
                 data = frame[channel * per_channel:(channel + 1) * per_channel] if channels > 1 else frame
                 pcm = address + 2 * (index * block + channel)  # liblc3 writes every channels-th sample
@@ -317,8 +339,11 @@ class LC3Decoder(Decoder):
                     self._restore_state()
                     raise DecodeError(f"liblc3 rejected a {per_channel}-byte frame")
                 corrupt += status == _PLC
-                if status == 0:
-                    frame_out = out[index * block + channel:(index + 1) * block:channels]
+                if status == 0 and not (lsb_possible and lsb_mode_flag(data, self.sample_rate)):
+                    # (A frame in LSB mode is not probed: one of 3,762 real 80-byte frames at
+                    # 16 kHz, the shortest with LSB mode, left two set bits there unread.)
+                    # Mono: the frame's samples, where liblc3 wrote them; else a copy of the channel's.
+                    frame_out = pcm if channels == 1 else out[index * block + channel:(index + 1) * block:channels].copy()
                     # Two set bits, each unread: one alone may be among the last bits of the
                     # arithmetic code, which its decoder does not need (rare, but seen).
                     first = probe_bit(data, start)
@@ -339,18 +364,22 @@ class LC3Decoder(Decoder):
                                   "encoder leaves unused bits zero)")
         return self._resampler.process(mix_to_mono(out, channels)) if keep else no_samples()
 
-    def _unread(self, channel: int, handle: int, frame: bytes, at: int, decoded: np.ndarray) -> bool:
-        """Whether ``frame``, just decoded to ``decoded`` from the state in ``_before_frame``,
-        decodes to the same audio with its byte ``at`` cleared (see ``_decode_frames``); the
-        channel's state is left as after ``frame``."""
+    def _unread(self, channel: int, handle: int, frame: bytes, at: int, decoded: int | np.ndarray) -> bool:
+        """Whether ``frame``, just decoded to ``decoded`` (its samples, or their address) from the
+        state in ``_before_frame``, decodes to the same audio with its bit ``at`` cleared (see
+        ``_decode_frames``); the channel's state is left as after ``frame``."""
         decode_frame, memory, size = _liblc3().lc3_decode, self._memory[channel], self._state_bytes
         ctypes.memmove(self._after_frame, memory, size)
         ctypes.memmove(memory, self._before_frame, size)
         byte = at // 8
         cleared = frame[:byte] + bytes([frame[byte] & ~(1 << at % 8)]) + frame[byte + 1:]
-        decode_frame(handle, cleared, len(frame), _PCM_S16, self._probe_pcm.ctypes.data, 1)
+        decode_frame(handle, cleared, len(frame), _PCM_S16, self._probe_address, 1)
         ctypes.memmove(memory, self._after_frame, size)
-        if self._probe_pcm.tobytes() != decoded.tobytes():
+        samples = self._frame_samples
+        if isinstance(decoded, int):
+            if _libc().memcmp(self._probe_address, decoded, 2 * samples):
+                return False
+        elif not np.array_equal(self._probe_pcm, decoded):
             return False
         # The same 16-bit audio may only mean that the frame adds too little to survive the
         # rounding (a frame fading into silence): then compare liblc3's float output, before
@@ -381,6 +410,11 @@ class LC3Decoder(Decoder):
             ctypes.memmove(memory, saved, self._state_bytes)
 
     def flush(self) -> np.ndarray:
+        if self._held is not None:
+            # The stream ended on a message held back for a jump in loudness: nothing can refute
+            # it now (a device's last frame may well fade out), so it is decoded.
+            held, self._held = self._held, None
+            self._ready.append(self._decode_frames(held[0]))
         ready, self._ready = self._ready, []
         return np.concatenate([*ready, self._resampler.flush()])
 
