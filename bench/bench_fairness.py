@@ -25,7 +25,14 @@ reports the server's CPU per connect: its CPU time over the burst (to the nanose
 /proc/PID/task/*/schedstat) less what the abuser alone cost it in the 2 s before (its
 background rate). Other people's load moves wall times by several times; it moves CPU per
 connect far less. ``--repeat N`` runs the whole sequence N times and the summary gives each
-abuser's median ratio over the repetitions.
+abuser's median ratio over the repetitions. Each row ends with the load average when the phase
+ended.
+
+``--server-cpus 0 --contend 2`` runs the server on CPU 0 beside two busy loops there: a loaded
+machine on demand. Wall times then swing by several times from burst to burst with or without
+an abuser (and 20 honest streams no longer keep real time on a third of a core, so their rows
+count errors); it is for seeing where connects wait (there, before the vocabulary was read with
+the conversation: in the store's driver threads), not for ratios.
 
     python bench/bench_fairness.py [--seconds 15] [--streams 20] [--phases huge-headers,slowloris] [--repeat 3]
 """
@@ -179,12 +186,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, data_dir: Path) -> subprocess.Popen:
+def start_server(port: int, data_dir: Path, cpus: str | None = None) -> subprocess.Popen:
     # BENCH_SERVER_ROOT: serve another checkout's code (e.g. the code before a change), same clients.
     server_root = os.environ.get("BENCH_SERVER_ROOT", str(ROOT))
     env = dict(os.environ, HARKEN_DATA_DIR=str(data_dir), HARKEN_PORT=str(port), HARKEN_LOG_LEVEL="warning",
                HARKEN_NULL_PROVIDER="true", PYTHONPATH=server_root)
-    process = subprocess.Popen([sys.executable, "-m", "harken", "serve"], cwd=server_root, env=env,
+    pinned = ["taskset", "-c", cpus] if cpus else []
+    process = subprocess.Popen([*pinned, sys.executable, "-m", "harken", "serve"], cwd=server_root, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -269,6 +277,10 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=20)
     parser.add_argument("--phases", default=",".join(ABUSERS))
     parser.add_argument("--repeat", type=int, default=1, help="run the whole sequence this many times")
+    parser.add_argument("--server-cpus", help="run the server on these CPUs only (taskset -c), e.g. 0: on a "
+                        "shared machine its threads then queue for that core as on a busy one")
+    parser.add_argument("--contend", type=int, default=0, help="with --server-cpus: this many busy-looping "
+                        "processes on the same CPUs for the whole run (a loaded machine, reproducibly)")
     parser.add_argument("--abuse", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
@@ -283,7 +295,9 @@ def main() -> int:
             phases += [abuser, "baseline"]
     with tempfile.TemporaryDirectory(prefix="harken-fairness-") as tmp:
         data_dir, port = Path(tmp), free_port()
-        server = start_server(port, data_dir)
+        server = start_server(port, data_dir, args.server_cpus)
+        burners = [subprocess.Popen(["taskset", "-c", args.server_cpus, sys.executable, "-c", "while True: pass"])
+                   for _ in range(args.contend if args.server_cpus else 0)]
         results: list[tuple[str, dict[str, float]]] = []
         try:
             for phase in phases:
@@ -304,10 +318,14 @@ def main() -> int:
                     except subprocess.TimeoutExpired:
                         abuser.kill()
                         abuser.wait()
+                figures["load"] = os.getloadavg()[0]
                 results.append((phase, figures))
-                print(f"{phase:17s} done: {figures} load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+                print(f"{phase:17s} done: {figures}", file=sys.stderr, flush=True)
                 time.sleep(2.0)
         finally:
+            for burner in burners:
+                burner.kill()
+                burner.wait()
             server.terminate()
             try:
                 server.wait(timeout=40)
@@ -344,7 +362,7 @@ def print_table(results: list[tuple[str, dict[str, float]]], args) -> None:
           f"burst_*: a separate burst of {args.streams} connects closed at ready; cpu_per_connect: the "
           f"server's CPU per connect of that burst less the abuser's background (in brackets: its share "
           f"of a core). Shared machine: the baselines' spread shows its noise.")
-    print(f"{'phase':17s} " + " ".join(f"{n:>18s}" for n in NAMES) + "  background errors")
+    print(f"{'phase':17s} " + " ".join(f"{n:>18s}" for n in NAMES) + "  background errors  load")
     ratios: dict[str, dict[str, list[float]]] = {}
     for index, (phase, figures) in enumerate(results):
         if phase == "baseline":
@@ -356,7 +374,9 @@ def print_table(results: list[tuple[str, dict[str, float]]], args) -> None:
             for n in NAMES:
                 ratios.setdefault(phase, {}).setdefault(n, []).append(figures[n] / bases[n] if bases[n] else float("nan"))
         print(f"{phase:17s} " + " ".join(f"{c:>18s}" for c in cells)
-              + f"  {figures['background_cpu'] * 100:7.1f} % {figures['errors']:5.0f}")
+              + f"  {figures['background_cpu'] * 100:7.1f} % {figures['errors']:5.0f} {figures['load']:5.1f}")
+    loads = [figures["load"] for _, figures in results]
+    print(f"load average (1 min) over the run: {min(loads):.1f}-{max(loads):.1f}, median {statistics.median(loads):.1f}")
     if args.repeat > 1:
         print(f"\nmedian ratio over {args.repeat} repetitions (min-max):")
         print(f"{'abuser':17s} " + " ".join(f"{n:>18s}" for n in NAMES))

@@ -14,7 +14,7 @@ from harken.stt import StreamConfig, Word
 from harken.stt import deepgram as deepgram_module
 from harken.stt import soniox as soniox_module
 from harken.stt.deepgram import DeepgramProvider, parse_message
-from harken.stt.fallback import StreamFailure, retryable_status
+from harken.stt.word_queue import StreamFailure, retryable_status
 from harken.stt.soniox import SonioxProvider, TokenJoiner
 from harken.stt.speechmatics import UNKNOWN_SPEAKER, SpeechmaticsProvider, parse_transcript
 

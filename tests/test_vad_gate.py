@@ -19,7 +19,7 @@ from harken.audio import SAMPLE_RATE, StreamingVAD, speech_spans
 from harken.stt.base import StreamConfig, STTStream, Word
 from harken.stt.fallback import FallbackPolicy, FallbackStream
 from harken.stt.gating import gate_wanted, gated
-from harken.stt.selection import Link
+from harken.stt.base import Link
 from harken.stt.vad_gate import VadGatedStream
 
 from .test_vad import read_wav, transcripts

@@ -8,6 +8,7 @@ the usage record are checked here too, for the embedded engine and a cloud one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
@@ -101,6 +102,55 @@ async def test_terms_reach_deepgram_soniox_and_speechmatics_on_the_wire(make_gat
     # A cloud engine's usage counts speech from its words' spans.
     totals = usage_totals(server, uid)
     assert 0 < totals.speech_seconds <= totals.audio_seconds
+
+
+@contextlib.asynccontextmanager
+async def every_reader_connection_held(server):
+    """Every connection of the store's threaded engine checked out until the block ends, as a
+    burst of REST reads (or reads slowed by a busy machine) would hold them: a read meanwhile waits."""
+    test_loop = asyncio.get_running_loop()
+    held = asyncio.Event()               # set on this loop once the server's loop holds them
+    release = None                       # the server loop's event that ends the hold
+
+    async def hold() -> None:
+        nonlocal release
+        release = asyncio.Event()
+        engine = server.gateway.store.engine
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(engine.pool.size() + max(0, getattr(engine.pool, "_max_overflow", 0))):
+                await stack.enter_async_context(engine.connect())
+            test_loop.call_soon_threadsafe(held.set)
+            await release.wait()
+
+    holding = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(hold(), server.loop))
+    await asyncio.wait({holding, asyncio.ensure_future(held.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if holding.done():
+        holding.result()                 # it failed: say why
+    try:
+        yield
+    finally:
+        server.loop.call_soon_threadsafe(release.set)
+        await holding
+
+
+async def test_a_connect_reads_the_terms_with_its_conversation_not_from_a_reader_connection(make_gateway):
+    """The terms are read in the transaction that opens the session's conversation (on the event
+    loop, shared by the connects of a ramp), so a connect never waits for a connection of the
+    store's threaded engine: with all of them busy, the session still opens, and the engine is
+    given the terms. A read of their own made each connect queue for those connections, and each
+    read took ~10 trips to a driver thread: on a busy machine 20 connects took 0.3-1 s each
+    instead of ~40 ms (bench/bench_fairness.py), and with the connections taken the terms were
+    lost after the pool's 30 s timeout."""
+    terms = ["Zyxelia", "Harken gateway"]
+    script = make_script(seed=3, duration=2.0)
+    async with FakeDeepgram(script, key=KEY) as deepgram:
+        server = make_gateway(deepgram_api_key=KEY, deepgram_url=deepgram.url, stt_chain="dg-nova-3,local")
+        uid = f"vocab-{uuid.uuid4().hex[:6]}"
+        assert (await set_terms(server, uid, terms)).status_code == 200
+        async with every_reader_connection_held(server):
+            result = await stream(server, uid, timecode(0, 2 * 16000), stt_service="deepgram")
+        assert result.close_code == 1000 and result.segments
+    assert parse_qs(urlsplit(deepgram.accepted[0].request.path).query)["keyterm"] == terms
 
 
 async def test_a_rare_word_is_right_with_the_term_and_misheard_without_it(make_gateway):

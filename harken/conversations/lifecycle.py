@@ -199,7 +199,7 @@ class ConversationService:
         live = LiveConversation(self, opened.conversation, opened.segments, session_id=session_id or str(uuid.uuid4()),
                                 events=events, on_new_conversation=on_new_conversation,
                                 last_memory_id=opened.last_memory_id, audio=opened.webhooks.get(AUDIO_BYTES),
-                                holder=holder, voices=opened.voices)
+                                holder=holder, voices=opened.voices, vocabulary=opened.vocabulary)
         live.hooks = hooks
         self._live.add(live)
         for stale in opened.stale_ids:
@@ -455,7 +455,7 @@ class LiveConversation:
                  session_id: str, events: EventSink | None,
                  on_new_conversation: Callable[["LiveConversation"], None] | None,
                  last_memory_id: str | None, audio: WebhookSetting | None, holder: str | None = None,
-                 voices: Voices | None = None) -> None:
+                 voices: Voices | None = None, vocabulary: tuple[str, ...] = ()) -> None:
         self._service = service
         self.holder = holder               # our id on the conversation's live lease
         self.fenced = False                # a newer connection of the user took the conversation
@@ -464,6 +464,7 @@ class LiveConversation:
         self.session_id = session_id
         self.last_memory_id = last_memory_id
         self.voices = voices               # the user's voices, if ``connect`` was asked for them
+        self.vocabulary = vocabulary       # the user's terms as the session opened
         self.hooks: SessionHooks | None = None     # the session's, for REST calls that reach it
         self.existing_segments: list[dict] = segments
         self.generation = 0

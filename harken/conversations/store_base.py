@@ -43,6 +43,11 @@ _ORDERED_ADVISORY_LOCKS = sa.text(
 
 # SQLite waits this long for another writer (another worker process) before "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Connections of the threaded SQLite engine (reads, checkpoints, writes that meet another process's
+# lock), each with a driver thread of its own, all kept open. SQLAlchemy's default for aiosqlite
+# (5, and up to 10 more) closed the extra ones as soon as they were returned: a burst of reads
+# paid a new thread, a file open and three PRAGMAs for each one past five. As many at most.
+SQLITE_READERS = 15
 
 
 def database_url(settings: Settings) -> str:
@@ -109,9 +114,11 @@ class StoreBase:
     def _create_engine(self) -> AsyncEngine:
         if self.dialect == "sqlite":
             database = self.url.database
+            pooling: dict[str, Any] = {}
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_async_engine(self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+                pooling = {"pool_size": SQLITE_READERS, "max_overflow": 0}
+            engine = create_async_engine(self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pooling)
             take_over_sqlite_transactions(engine.sync_engine, busy_timeout_ms=SQLITE_BUSY_TIMEOUT_MS)
             if database and database != ":memory:":      # (each :memory: connection is its own database)
                 self._loop_writer = LoopWriter(self.url, self._checkpoint)

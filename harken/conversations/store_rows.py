@@ -33,6 +33,7 @@ class OpenResult:
     webhooks: dict[str, WebhookSetting] = field(default_factory=dict)   # the user's settings by kind
     last_memory_id: str | None = None             # as ``last_completed_id``
     voices: Voices | None = None                  # as ``load_voices``, if the request asked
+    vocabulary: tuple[str, ...] = ()              # the user's terms (``get_vocabulary``)
 
 
 @dataclass

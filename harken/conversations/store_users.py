@@ -1,15 +1,17 @@
 """A user's own settings and records: webhook settings, the owner's speech profile, people and
-their voices, usage (``UserRecords``, part of ``Store``)."""
+their voices, usage (``UserRecords``, part of ``Store``); the statements that read them for many
+users at once (``Store.open_conversations``)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .model import Usage, WebhookSetting
-from .schema import people, speech_profiles, usage, webhooks
+from .schema import people, speech_profiles, usage, user_vocabulary, webhooks
 from .store_base import StoreBase
 from .store_rows import PersonRow, SessionEnd, SpeechProfileRow, Voices
 
@@ -133,6 +135,14 @@ _INSERT_USAGE = sa.insert(usage)
 
 
 _WEBHOOKS_OF_USERS = sa.select(webhooks).where(webhooks.c.uid.in_(sa.bindparam("uids", expanding=True)))
+# Their custom vocabularies (the rest of the vocabulary's queries: vocabulary.py).
+_VOCABULARIES_OF_USERS = sa.select(user_vocabulary.c.uid, user_vocabulary.c.terms).where(
+    user_vocabulary.c.uid.in_(sa.bindparam("uids", expanding=True)))
+
+
+def stored_terms(raw: str | None) -> list[str]:
+    """The terms of a stored ``user_vocabulary.terms`` value (None: the user has none)."""
+    return list(json.loads(raw)) if raw else []
 
 
 def _webhook_setting(row: Any) -> WebhookSetting:

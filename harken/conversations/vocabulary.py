@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Iterable
 import sqlalchemy as sa
 
 from .schema import user_vocabulary
+from .store_users import stored_terms
 
 if TYPE_CHECKING:
     from .store import Store
@@ -60,7 +61,7 @@ async def get_vocabulary(store: "Store", uid: str) -> list[str]:
     v = user_vocabulary
     async with store._read() as conn:
         raw = (await conn.execute(sa.select(v.c.terms).where(v.c.uid == uid))).scalar()
-    return list(json.loads(raw)) if raw else []
+    return stored_terms(raw)
 
 
 async def set_vocabulary(store: "Store", uid: str, terms: list[str]) -> None:

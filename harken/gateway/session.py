@@ -415,7 +415,10 @@ class Session:
             await self.send_json(events.error(1008, str(exc), "language"))
             raise EndSession(1008, str(exc)) from None
         chain, self.stt_reason = choice.chain, choice.reason
-        vocabulary = await load_vocabulary(self.gateway.store, self.uid)
+        # Read with the conversation (one shared transaction on the loop): a read of its own here
+        # made every connect wait on the store's driver threads (conversations.store_conversations).
+        vocabulary = (self.live.vocabulary if self.live is not None
+                      else await load_vocabulary(self.gateway.store, self.uid))
         config = StreamConfig(language=choice.language, session_id=self.id, vocabulary=vocabulary)
         stream = FallbackStream(chain, config,
                                 on_status=self._send_stt_status, policy=FallbackPolicy.from_settings(self.settings),

@@ -5,8 +5,9 @@ Omi's shape (the app reads ``{"vocabulary": [...]}`` and saves with a PATCH of t
 other preferences upstream stores there (``single_language_mode``) change nothing here, and are
 answered with their upstream default so the app's parser finds them.
 
-A session reads the vocabulary when it opens (``load_vocabulary``) and hands it to the speech
-engines in its ``StreamConfig``; a change applies to sessions opened after it.
+A session reads the vocabulary when it opens, in the transaction that opens its conversation
+(``LiveConversation.vocabulary``; ``load_vocabulary`` without a conversation service), and hands
+it to the speech engines in its ``StreamConfig``; a change applies to sessions opened after it.
 """
 
 from __future__ import annotations

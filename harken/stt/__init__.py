@@ -1,10 +1,11 @@
 """Speech-to-text: providers behind one interface, their selection by language, and failover.
 
-- ``base``: ``Word``, ``StreamConfig``, ``STTStream``, ``Provider``, ``STTError``.
+- ``base``: ``Word``, ``StreamConfig``, ``STTStream``, ``Provider``, ``STTError``, ``Link`` (a step of a chain).
 - ``selection``: ``build_providers(settings)`` (cloud providers with keys) and
   ``select_chain(language, stt_service, providers, settings)`` → ordered ``Link``s, or
   ``NoProviderError``.
 - ``fallback``: ``FallbackStream(links, config, on_status, policy=FallbackPolicy.from_settings(s))``.
+- ``word_queue``: ``WordQueue`` and ``StreamFailure``, what every provider stream reports through.
 - providers: ``WhisperProvider`` (embedded, ``local``), ``DeepgramProvider``, ``SonioxProvider``,
   ``SpeechmaticsProvider``. They are imported on first use (``harken.stt.DeepgramProvider``), so
   importing this package loads no SDK and no model.
@@ -15,10 +16,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import SAMPLE_RATE, Provider, StreamConfig, STTError, STTStream, Word
-from .fallback import FallbackPolicy, FallbackStream, StreamFailure, retryable_status
+from .base import SAMPLE_RATE, Link, Provider, StreamConfig, STTError, STTStream, Word
+from .fallback import FallbackPolicy, FallbackStream
+from .word_queue import StreamFailure, WordQueue, retryable_status
 from ..audio.replay import ReplayBuffer
-from .selection import Link, NoProviderError, build_providers, normalize_language, select_chain
+from .selection import NoProviderError, build_providers, normalize_language, select_chain
 
 _LAZY = {
     "WhisperProvider": ".whisper",
@@ -40,7 +42,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "SAMPLE_RATE", "Word", "StreamConfig", "STTStream", "Provider", "STTError",
-    "FallbackStream", "FallbackPolicy", "StreamFailure", "retryable_status", "ReplayBuffer",
+    "FallbackStream", "FallbackPolicy", "StreamFailure", "WordQueue", "retryable_status", "ReplayBuffer",
     "Link", "NoProviderError", "build_providers", "select_chain", "normalize_language",
     *_LAZY,
 ]

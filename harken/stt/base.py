@@ -9,8 +9,9 @@ after a failover starts at a later clock position).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -115,6 +116,22 @@ class Provider(abc.ABC):
 
     async def aclose(self) -> None:
         """Release shared resources (models, thread pools) at server shutdown."""
+
+
+class Link(NamedTuple):
+    """One step of a fallback chain: a provider and how to open it for this language."""
+
+    provider: Provider
+    overrides: Mapping[str, Any]   # StreamConfig fields to replace; "extra" is merged, not replaced
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    def stream_config(self, base: StreamConfig) -> StreamConfig:
+        changes = dict(self.overrides)
+        changes["extra"] = {**base.extra, **changes.get("extra", {})}
+        return dataclasses.replace(base, **changes)
 
 
 def speech_seconds(stream: STTStream | None) -> float:

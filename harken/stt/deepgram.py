@@ -22,7 +22,7 @@ from deepgram.core.api_error import ApiError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from .base import Provider, StreamConfig, Word
-from .fallback import StreamFailure, status_failure
+from .word_queue import StreamFailure, status_failure
 from .queued import QueuedStream
 from .languages import DEEPGRAM_NOVA2, DEEPGRAM_NOVA3, N2, N2M, N3, N3M, normalize_language
 

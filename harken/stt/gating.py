@@ -24,8 +24,7 @@ import asyncio
 from typing import Sequence
 
 from ..audio.vad import SileroVAD, StreamingVAD
-from .base import EMBEDDED_PROVIDER, STTStream
-from .selection import Link
+from .base import EMBEDDED_PROVIDER, Link, STTStream
 from .vad_gate import VadGatedStream
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 import numpy as np
 
 from .base import SAMPLE_RATE, Provider, StreamConfig, STTStream, Word
-from .fallback import WordQueue
+from .word_queue import WordQueue
 
 if TYPE_CHECKING:
     from ..config import Settings

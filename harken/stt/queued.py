@@ -9,7 +9,7 @@ import contextlib
 from typing import AsyncIterator, Awaitable, Callable
 
 from .base import STTStream, Word
-from .fallback import StreamFailure, WordQueue
+from .word_queue import StreamFailure, WordQueue
 
 CLOSE_SECONDS = 10.0     # how long a provider may take to send its last words after end-of-audio
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from .base import STTError, Word
-from .fallback import retryable_status
+from .word_queue import retryable_status
 from .languages import SONIOX, normalize_language, primary_language
 from .prerecorded import RecordedChain, RecordedProvider, RecordedRequest
 

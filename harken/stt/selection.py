@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .base import Provider, StreamConfig
+from .base import Link, Provider
 from .languages import (DEEPGRAM_NOVA2, DEEPGRAM_NOVA3, N2, N2M, N3, N3M, SONIOX, SPEECHMATICS,  # noqa: F401
                         normalize_language, primary_language)
 
@@ -52,22 +52,6 @@ class NoProviderError(LookupError):
     def __init__(self, language: str):
         super().__init__(f"The language is not supported: {language}")
         self.language = language
-
-
-class Link(NamedTuple):
-    """One step of a fallback chain: a provider and how to open it for this language."""
-
-    provider: Provider
-    overrides: Mapping[str, Any]   # StreamConfig fields to replace; "extra" is merged, not replaced
-
-    @property
-    def name(self) -> str:
-        return self.provider.name
-
-    def stream_config(self, base: StreamConfig) -> StreamConfig:
-        changes = dict(self.overrides)
-        changes["extra"] = {**base.extra, **changes.get("extra", {})}
-        return dataclasses.replace(base, **changes)
 
 
 def parse_chain(text: str) -> list[str]:

@@ -28,7 +28,7 @@ from soniox.errors import SonioxRealtimeError
 from soniox.types.realtime import RealtimeSTTConfig
 
 from .base import Provider, StreamConfig, Word
-from .fallback import StreamFailure, retryable_status, status_failure
+from .word_queue import StreamFailure, retryable_status, status_failure
 from .queued import QueuedStream
 from .languages import SONIOX, normalize_language, primary_language
 

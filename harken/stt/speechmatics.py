@@ -26,7 +26,7 @@ from speechmatics.rt import (AsyncClient, AudioEncoding, AudioFormat, Connection
                              SpeakerDiarizationConfig, TranscriptionConfig)
 
 from .base import Provider, StreamConfig, Word
-from .fallback import StreamFailure, status_failure
+from .word_queue import StreamFailure, status_failure
 from .queued import CLOSE_SECONDS, QueuedStream
 from .languages import SPEECHMATICS, normalize_language, primary_language
 
