@@ -192,3 +192,52 @@ async def test_what_an_introduction_does_follows_the_apps_parameters(make_gatewa
     assert suggestions == [("", "Robert")]
     assert [p["name"] for p in people] == ([] if create == "false" else ["Robert"])
     assert not any(s["person_id"] for s in result.segments.values())
+
+
+async def test_cloud_words_are_shown_before_the_voice_decides_and_relabelled_by_id_after(make_gateway):
+    """A cloud engine's words reach the client at once, under the voice its engine's speaker had
+    last; when the voice has decided, the segments it changed are re-sent by id, and the store
+    holds only the voice's labels. Here the engine hears one speaker (number 0) all along, so
+    the other voice's words are first shown as the owner's, then moved to their own speaker."""
+    markers = ("Zulu", "Yankee")           # each other-voice turn starts with a word of its own
+    turns = [(OWNER, 3, FILLER), (STRANGER, 0, "zulu " + FILLER), (OWNER, 4, FILLER),
+             (STRANGER, 2, "yankee " + FILLER), (OWNER, 5, FILLER)]
+    joined, _ = recording(turns)
+    one_speaker = relabelled(joined.script, {0: 0, 1: 0})
+    async with FakeDeepgram(one_speaker, key=KEY, recording=joined.recording) as deepgram:
+        server = make_gateway(deepgram_api_key=KEY, deepgram_url=deepgram.url, stt_chain="dg-nova-3")
+        _, token = user(server, "shown-first")
+        auth = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=server.http, timeout=60) as http:
+            put = await http.put("/v1/users/speech-profile", headers=auth,
+                                 content=wav_bytes(enrolment(OWNER, (0, 1, 2))))
+            assert put.status_code == 200, put.text
+            # Real-time pace, as a device sends: the engine's words come while the turns go on.
+            url = listen_url(server.base, codec="pcm16", sample_rate=16000)
+            messages = [joined.recording[i:i + 1600].tobytes() for i in range(0, joined.recording.size, 1600)]
+            result = await stream_messages(url, messages, 0.1, token=token, realtime=True, settle_seconds=6.0,
+                                           max_wait=120)
+            conversation = next(e["conversation_id"] for e in result.events if e.get("type") == "conversation_session")
+            stored = (await http.get(f"/v1/conversations/{conversation}", headers=auth)).json()["transcript_segments"]
+
+    def holding(segments, marker):
+        return [s for s in segments if marker in s["text"].split()]
+
+    final = result.ordered()
+    print("\n" + "\n".join(f"{s['speaker_id']} {s['is_user']!s:5s} {s['start']:6.2f}-{s['end']:6.2f} {s['text'][:40]}"
+                           for s in final))
+    owner_label = Counter(s["speaker_id"] for s in final if s["is_user"]).most_common(1)[0][0]
+    for marker in markers:
+        versions = [(k, u.segment) for k, u in enumerate(result.updates) if marker in u.segment["text"].split()]
+        first_at, first = versions[0]
+        # Shown before the voice decided: under the engine's one speaker, i.e. as the owner.
+        assert first["is_user"] and first["speaker_id"] == owner_label, (marker, first)
+        # Then the voice's answer, re-sent by id; it is what the client and the store end with.
+        [now] = holding(final, marker)
+        assert not now["is_user"] and now["speaker_id"] != owner_label, (marker, now)
+        assert any(k > first_at and segment["id"] == now["id"] and not segment["is_user"]
+                   for k, segment in versions), marker
+        [kept] = holding(stored, marker)
+        assert (kept["id"], kept["speaker_id"], kept["is_user"]) == (now["id"], now["speaker_id"], False)
+    # Every word reached the client once in the end: nothing shown provisionally was left over.
+    assert " ".join(s["text"] for s in final).split() == " ".join(w.text for w in joined.script).split()

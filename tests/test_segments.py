@@ -645,3 +645,90 @@ def test_final_words_of_another_engine_drop_the_provisional_ones():
     add(builder, words(("Hello.", 0.0, 0.4)), provider="deepgram")
     batches.append(builder.flush())
     assert client_view(batches) == {batches[-1].changed[0].id: "Hello."}
+
+
+# ---------------------------------------------------------------- a cloud engine's words before their voice
+
+
+def shown_first(builder, ws, provider="deepgram"):
+    builder.set_provisional([(w, provider) for w in ws], speaker_labels=lambda s: (s == 0, None))
+
+
+def wire_view(batches, view=None):
+    """Apply batches as the app does: id → (text, speaker_id, is_user)."""
+    view = {} if view is None else view
+    for batch in batches:
+        for segment_id in batch.client_deleted_ids:
+            view.pop(segment_id, None)
+        for segment in batch.client_segments:
+            view[segment.id] = (segment.text, segment.speaker_id, segment.is_user)
+    return view
+
+
+def test_words_shown_before_the_voice_decides_are_moved_by_id_when_it_does():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    builder.add_words(words(("Hello", 0.0, 0.4), ("there.", 0.5, 0.9)), provider="deepgram",
+                      speaker_labels=lambda s: (s == 0, None))
+    batches = [builder.flush()]
+    # The engine heard the same speaker go on: shown on the owner's segment, stored nowhere.
+    shown_first(builder, words(("How", 1.5, 1.7), ("are", 1.8, 2.0), ("you?", 2.1, 2.4)))
+    batches.append(builder.shown())
+    assert wire_view(batches) == {"seg-0": ("Hello there. How are you?", 0, True)}
+    assert batches[-1].changed == [] and [s.text for s in builder.segments] == ["Hello there."]
+    # The voice says it was someone else: the owner's segment goes back to what it was, the
+    # words get a segment and a speaker of their own, and only that reaches the store.
+    builder.add_words(words(("How", 1.5, 1.7), ("are", 1.8, 2.0), ("you?", 2.1, 2.4), speaker=1),
+                      provider="deepgram", speaker_labels=lambda s: (s == 0, None))
+    shown_first(builder, [])
+    batches.append(builder.flush())
+    assert [(s.text, s.speaker_id, s.is_user) for s in batches[-1].changed] == [("How are you?", 1, False)]
+    assert wire_view(batches) == {"seg-0": ("Hello there.", 0, True), "seg-1": ("How are you?", 1, False)}
+    assert not builder.flush()
+
+
+def test_words_of_several_speakers_shown_at_once_keep_their_ids_when_final():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    first, second = words(("Yes.", 0.0, 0.4)), words(("No", 0.6, 0.9), ("way.", 1.0, 1.3), speaker=1)
+    shown_first(builder, first + second)
+    batches = [builder.shown()]
+    shown_ids = [s.id for s in batches[0].client_segments]
+    assert [(s.text, s.speaker_id) for s in batches[0].client_segments] == [("Yes.", 0), ("No way.", 1)]
+    # The voice agrees about the first, the second is still undecided.
+    builder.add_words(first, provider="deepgram")
+    shown_first(builder, second)
+    batches.append(builder.flush())
+    assert [s.id for s in batches[-1].changed] == shown_ids[:1]
+    builder.add_words(second, provider="deepgram")
+    shown_first(builder, [])
+    batches.append(builder.flush())
+    assert [s.id for s in batches[-1].changed] == shown_ids[1:] and not batches[-1].client_deleted_ids
+    assert wire_view(batches) == {shown_ids[0]: ("Yes.", 0, False), shown_ids[1]: ("No way.", 1, False)}
+
+
+def test_a_takeover_withdraws_what_was_shown_before_the_voice_decided():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    builder.add_words(words(("Hello.", 0.0, 0.4)), provider="deepgram")
+    batches = [builder.flush()]
+    stored = {"seg-0": ("Hello.", 0.4)}
+    shown_first(builder, words(("Next", 10.0, 10.3)))              # a segment of its own
+    batches.append(builder.shown())
+    assert len(wire_view(batches)) == 2
+    moved, _ = builder.hand_over(stored)
+    batches.append(moved)
+    assert wire_view(batches) == {"seg-0": ("Hello.", 0, False)}
+
+
+def test_a_flush_followed_by_a_relabel_still_shows_the_provisional_words():
+    # The session sends a flush and the re-clustering's relabel after it as one batch (Batch.then):
+    # what the flush had for the client only (provisional words, a withdrawal) must not be lost.
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("Hello.", 0.0, 0.4)))
+    batches = [builder.flush()]
+    shown_first(builder, words(("Next", 10.0, 10.3), speaker=1))
+    flushed = builder.flush()
+    relabel = builder.respeak({"seg-0": (2, False, None)})
+    batches.append(flushed.then(relabel))
+    assert wire_view(batches) == {"seg-0": ("Hello.", 2, False), "seg-1": ("Next", 1, False)}
+    shown_first(builder, [])
+    batches.append(builder.flush().then(builder.respeak({"seg-0": (3, False, None)})))
+    assert wire_view(batches) == {"seg-0": ("Hello.", 3, False)}

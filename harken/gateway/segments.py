@@ -253,7 +253,16 @@ class Batch:
         newer = {s.id for s in later.changed}
         changed = [s for s in self.changed if s.id not in newer and s.id not in gone] + later.changed
         changed.sort(key=lambda s: (s.start, s.end))
-        return Batch(changed=changed, deleted_ids=self.deleted_ids + later.deleted_ids)
+        both = Batch(changed=changed, deleted_ids=self.deleted_ids + later.deleted_ids)
+        if self.shown is not None or later.shown is not None or self.withdrawn_ids or later.withdrawn_ids:
+            # The client's view differs (provisional words): its part is combined the same way.
+            gone = set(later.client_deleted_ids)
+            newer = {s.id for s in later.client_segments}
+            both.shown = [s for s in self.client_segments if s.id not in newer and s.id not in gone]
+            both.shown += later.client_segments
+            both.shown.sort(key=lambda s: (s.start, s.end))
+            both.withdrawn_ids = self.withdrawn_ids + later.withdrawn_ids
+        return both
 
 
 @dataclass
@@ -363,12 +372,14 @@ class SegmentBuilder:
         # Segments whose speaker a person named (speaker_assigned, assign-bulk): what the person
         # said wins over the voice matching and re-clustering that run after it.
         self._pinned: set[str] = set()
-        # Provisional words (set_partial), and what the client was shown where that differs from
-        # _sent: the tail with provisional words appended, or a segment made of them alone, whose
-        # id (_partial_id) the next new final segment takes, so the client's text changes in place.
+        # Provisional words (set_partial, set_provisional), and what the client was shown where
+        # that differs from _sent: the tail with provisional words appended, or segments made of
+        # them alone, whose ids (_partial_ids, in time order) the next new final segments take,
+        # so the client's text changes in place.
         self._partial: list[_Piece] = []
         self._partial_changed = False
-        self._partial_id: str | None = None
+        self._partial_ids: list[str] = []
+        self._partial_managed = False      # set_provisional's: the caller replaces them itself
         self._client_overrides: dict[str, dict] = {}
 
     @property
@@ -442,6 +453,46 @@ class SegmentBuilder:
         if pieces or self._partial:
             self._partial = pieces
             self._partial_changed = True
+            self._partial_managed = False
+
+    def set_provisional(
+        self,
+        words: Iterable[tuple[Word, str]],
+        *,
+        time_offset: float = 0.0,
+        speaker_labels: Callable[[int], Labels] | None = None,
+    ) -> None:
+        """Show ``(word, provider)`` pairs, final words of a cloud engine whose speaker the voice
+        has not decided yet, each under the speaker it carries (the caller's best guess), until
+        the next call replaces them (an empty one withdraws them).
+
+        As with :meth:`set_partial` they reach the client only, folded onto the tail by the same
+        rules; when the voice has decided, the caller adds them with :meth:`add_words` and calls
+        this again without them: the final segments take the ids the client saw them under, and
+        whatever the voice changed (a speaker, a segment split off) is re-sent by id. Unlike
+        provisional words of the embedded engine, these are not dropped when final words of
+        another provider come (at a failover seam both can be waiting at once)."""
+        pieces: list[_Piece] = []
+        labels: dict[int, Labels] = {}
+        for word, provider in words:
+            text = normalise_text(word.text)
+            if not text:
+                continue
+            if word.speaker not in labels:
+                labels[word.speaker] = speaker_labels(word.speaker) if speaker_labels else (False, None)
+            is_user, person_id = labels[word.speaker]
+            pieces.append(_Piece(text, word.start + time_offset, word.end + time_offset, word.speaker, is_user,
+                                 person_id, provider, True, True, word.language))
+        pieces.sort(key=lambda p: p.start)
+        if pieces or self._partial:
+            self._partial = pieces
+            self._partial_changed = True
+            self._partial_managed = True
+
+    def shown(self) -> Batch:
+        """What the client must be sent for the provisional words as they are now, with no final
+        word taken in (those wait for :meth:`flush`): nothing to store."""
+        return self._batch(set(), absorbed=[]) if self._partial_changed else Batch()
 
     def add_suggested(self, segments: Iterable[dict], *, provider: str, time_offset: float = 0.0) -> None:
         """Buffer ``custom_stt`` segments ``{text, start, end, speaker?, is_user?, person_id?}``.
@@ -485,7 +536,8 @@ class SegmentBuilder:
         # start restores speech order (ties keep arrival order).
         pieces = sorted(self._pending, key=lambda p: p.start)
         self._pending = []
-        if self._partial and any(p.provider != self._partial[0].provider for p in pieces):
+        if (self._partial and not self._partial_managed
+                and any(p.provider != self._partial[0].provider for p in pieces)):
             self._partial, self._partial_changed = [], True      # another engine took over
         touched: set[str] = set()
         for raw in _raw_segments(pieces):
@@ -499,8 +551,8 @@ class SegmentBuilder:
                     _absorb(tail, raw)
                     touched.add(tail.id)
                     continue
-            # The first new segment takes the id the client saw its provisional words under.
-            raw.id, self._partial_id = self._partial_id or self._new_id(), None
+            # New segments take the ids the client saw provisional words under, in time order.
+            raw.id = self._partial_ids.pop(0) if self._partial_ids else self._new_id()
             self._segments.append(raw)
             touched.add(raw.id)
         return self._batch(touched, absorbed=[])
@@ -586,7 +638,9 @@ class SegmentBuilder:
         grows by appending; a stored neighbour it absorbed since is stripped from that growth,
         its own row still holds it). Relabels of stored segments stay behind (the conversation is
         the other writer's now). Buffered words come along; provisional words are dropped (the
-        engine's next decode shows them again).
+        engine's next decode, or the session's next showing of words whose voice is undecided,
+        shows them again): the client sees a segment made only of them withdrawn, and one they
+        were shown on the end of as it was last final.
 
         Times are rebased so that the new conversation starts at its earliest word. Returns the
         batch to store and send (the moved segments) and the shift in seconds (new time = old
@@ -619,12 +673,19 @@ class SegmentBuilder:
             for item in (*moved, *self._pending):
                 item.start -= shift
                 item.end -= shift
+        withdrawn = [segment_id for segment_id in self._client_overrides if segment_id not in self._sent]
+        restored = [Segment.from_stored(self._sent[segment_id]) for segment_id in self._client_overrides
+                    if segment_id in self._sent]
         self._segments = moved
         self._sent = {segment.id: segment.to_wire() for segment in moved}
         self._pinned = set()
-        self._partial, self._partial_changed, self._partial_id = [], False, None
+        self._partial, self._partial_changed, self._partial_ids = [], False, []
         self._client_overrides = {}
-        return Batch(changed=[segment._copy() for segment in moved]), shift
+        batch = Batch(changed=[segment._copy() for segment in moved])
+        if withdrawn or restored:
+            batch.shown = restored + [segment._copy() for segment in moved]
+            batch.withdrawn_ids = withdrawn
+        return batch, shift
 
     def _batch(self, touched: set[str], absorbed: list[str]) -> Batch:
         """Report the touched segments whose wire form differs from what the client last saw,
@@ -669,8 +730,8 @@ class SegmentBuilder:
             if segment is None:                           # a provisional-only segment, withdrawn
                 self._client_overrides.pop(segment_id, None)
                 batch.withdrawn_ids.append(segment_id)
-                if self._partial_id == segment_id:
-                    self._partial_id = None
+                if segment_id in self._partial_ids:
+                    self._partial_ids.remove(segment_id)
                 continue
             wire = segment.to_wire()
             if wire == self._sent.get(segment_id):
@@ -684,25 +745,29 @@ class SegmentBuilder:
         return batch
 
     def _provisional_view(self) -> list[Segment]:
-        """The provisional words as the client should see them: folded onto a copy of the tail,
-        or as a segment of their own (under ``_partial_id``)."""
+        """The provisional words as the client should see them: folded onto a copy of the tail
+        and onto each other as final words would be, the rest as segments of their own (under
+        ``_partial_ids``, in order). The embedded engine's words (``set_partial``) all carry one
+        speaker and labels: one run, one piece."""
         if not self._partial:
             return []
-        runs = _raw_segments(self._partial)
-        provisional = runs[0]
-        for run in runs[1:]:                              # one utterance: shown as one piece
-            _absorb(provisional, run)
-        tail = self._segments[-1] if self._segments else None
-        if tail is not None:
-            tail = tail._copy()
-            _clamp_after(provisional, tail)
-            if _can_merge(tail, provisional):
-                _absorb(tail, provisional)
-                return [tail]
-        if self._partial_id is None:
-            self._partial_id = self._new_id()
-        provisional.id = self._partial_id
-        return [provisional]
+        tail = self._segments[-1]._copy() if self._segments else None
+        grew_tail = False
+        view: list[Segment] = []
+        for run in _raw_segments(self._partial):
+            left = view[-1] if view else tail
+            if left is not None:
+                _clamp_after(run, left)
+                if _can_merge(left, run):
+                    _absorb(left, run)
+                    grew_tail |= left is tail
+                    continue
+            view.append(run)
+        while len(self._partial_ids) < len(view):
+            self._partial_ids.append(self._new_id())
+        for segment, segment_id in zip(view, self._partial_ids):
+            segment.id = segment_id
+        return ([tail] if grew_tail else []) + view
 
     def _final_segment(self, segment_id: str) -> Segment | None:
         for segment in reversed(self._segments):

@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import orjson
@@ -53,10 +53,12 @@ MAX_CLOSE_REASON_BYTES = 123      # RFC 6455 limit for a close frame's reason
 RING_SECONDS = 60                 # recent audio kept for speaker identification (as Omi)
 # A cloud engine's utterance still being spoken waits until this much audio followed its last
 # word, or this long went by without a new word, or it is this long, before it is labelled by
-# voice (``Session._take_undiarized``): the price of embedding an utterance whole is up to about
-# a second more before its last words are shown. The longest run held is one diarizer stretch
-# (1.6 s): with 8 s, words of someone talking without a pause waited up to 8 s (the null
-# provider's 5-stream load test: word → client p50 3.4 s; with 1.6 s: 1.16 s, 0.3 s unheld).
+# voice (``Session._take_undiarized``), so that it is embedded whole. Its words are shown at once
+# meanwhile (provisional, under the voice their engine's speaker had last), and the store and
+# webhooks get them when the voice has decided. The longest run held is one diarizer stretch
+# (1.6 s): when the client saw nothing before the voice decided, with 8 s words of someone
+# talking without a pause waited up to 8 s (the null provider's 5-stream load test: word →
+# client p50 3.4 s; with 1.6 s: 1.16 s; shown at once: see _show_undiarized).
 OPEN_RUN_HOLD_SECONDS = 1.0
 OPEN_RUN_IDLE_SECONDS = 0.8
 OPEN_RUN_MAX_SECONDS = 1.6
@@ -115,6 +117,11 @@ class Session:
         self._undiarized: list[tuple[Word, str]] = []
         self._voice_labelled: set[str] = set()      # providers whose words were labelled by voice
         self._last_word_at = 0.0                    # monotonic time the newest of them arrived
+        # A cloud engine's words are shown before the voice decides (_show_undiarized): the voice
+        # label each (provider, engine speaker) was given last is the best guess for its next words.
+        self._voice_of: dict[tuple[str, int], int] = {}
+        self._unshown = False                       # cloud words came since they were last shown
+        self._showing = False                       # some are shown provisionally now
         self.provider_name: str | None = None
         self.stt_reason: str | None = None   # which language and engine serve it (ready's reason)
         self.time_offset = 0.0            # conversation time of this session's audio-clock zero
@@ -287,6 +294,7 @@ class Session:
             live.anchor_at(self.clock_origin - self.time_offset + shift)
             self.time_offset -= shift
         self._carried = carried
+        self._unshown = True        # words whose voice is undecided are shown again, in the new one
         self._stored = {}
         # Newer apps follow which conversation the socket writes (sent from here without waiting).
         event = events.conversation_session(live.conversation_id, resumed=False, source=self.params.source)
@@ -318,11 +326,7 @@ class Session:
         if not self._carried:
             return batch
         carried, self._carried = self._carried, Batch()
-        joined = carried.then(batch)
-        joined.withdrawn_ids = batch.withdrawn_ids
-        if batch.shown is not None:          # provisional words shown: the carried ones are too
-            joined.shown = sorted(carried.changed + batch.shown, key=lambda s: (s.start, s.end))
-        return joined
+        return carried.then(batch)           # what either shows the client (provisional words) too
 
     def unsaved_refused(self) -> None:
         """The store refused what ``take_unsaved`` gave: a newer connection of the user and source
@@ -626,6 +630,11 @@ class Session:
         """The 600 ms step: label words by voice, merge, store, send, observe (``final``: the
         session's last, which holds nothing back)."""
         self.metrics.audio_through(self.clock.samples)
+        if not final and self._unshown:
+            # A cloud engine's new words go out now, before the voice decides their speaker
+            # (which waits for the embedding thread): re-sent by id below if the voice disagrees.
+            self._show_undiarized()
+            await self._send_batch(self.builder.shown())
         batch = await self._uninterrupted(self._store_next_batch(final))
         await self._send_batch(batch)
         if not self._client_gone:
@@ -683,16 +692,47 @@ class Session:
         self._undiarized = [p for i, p in enumerate(pending) if i in held]
         return [p for i, p in enumerate(pending) if i not in held]
 
+    def _show_undiarized(self) -> None:
+        """Show the cloud engine's words that wait for their voice (provisional: the client sees
+        them, the store does not), each under the voice label its engine's speaker was given
+        last; when the voice decides, the segments it changes are re-sent by id."""
+        self._unshown = False
+        waiting = [(word, provider) for word, provider in self._undiarized if provider != EMBEDDED_PROVIDER]
+        if not waiting and not self._showing:
+            return
+        self._showing = bool(waiting)
+        if waiting:
+            self._anchor(min(word.start for word, _ in waiting))
+        guessed = [(replace(word, speaker=self._guessed_label(provider, word.speaker)), provider)
+                   for word, provider in waiting]
+        self.builder.set_provisional(guessed, time_offset=self.time_offset, speaker_labels=self.speakers.labels)
+
+    def _guessed_label(self, provider: str, speaker: int) -> int:
+        """The voice label most likely for ``provider``'s ``speaker``: the one its words got
+        last; for a speaker that engine has not numbered before, a new label if the engine has
+        numbered others (a new voice), else the last label (an engine just switched to, whose
+        numbering says nothing yet)."""
+        label = self._voice_of.get((provider, speaker))
+        if label is not None:
+            return label
+        if any(known == provider for known, _ in self._voice_of):
+            return max({*self._voice_of.values(), *self.speakers.diarizer.labels}) + 1
+        return self.speakers.last_label
+
     async def _store_next_batch(self, final: bool = False) -> Batch:
         pending = self._take_undiarized(final)
         if pending:
             # All at once: an utterance is embedded whole, even across a change of provider.
             labelled = await self.speakers.diarize_words([word for word, _ in pending])
+            for (word, provider), voiced in zip(pending, labelled):
+                self._voice_of[(provider, word.speaker)] = voiced.speaker
             start = 0
             for end in range(1, len(pending) + 1):      # runs of one provider, in arrival order
                 if end == len(pending) or pending[end][1] != pending[start][1]:
                     self._add_words(labelled[start:end], pending[start][1])
                     start = end
+        if self._showing:
+            self._show_undiarized()        # those still held; the ones labelled now are final
         batch = self._with_carried(self.builder.flush())
         # Re-clustering may have moved earlier segments to another speaker: re-sent by id.
         changes = self.speakers.reclustered and await self.speakers.speaker_changes(
@@ -813,6 +853,8 @@ class Session:
             self._voice_labelled.add(provider)
             if provider == EMBEDDED_PROVIDER:
                 self._words_ready.set()        # a whole utterance at once: out without waiting
+            else:
+                self._unshown = True           # shown at the next flush, before the voice decides
         else:
             self._add_words([word], provider)
 
@@ -879,6 +921,7 @@ class Session:
         its words, with their times; the client is told with ``conversation_session``."""
         batch, shift = self.builder.hand_over(self._stored)
         self._carried = Batch()       # words a rollover carried are still the builder's: moved with the rest
+        self._unshown = True          # words whose voice is undecided are shown again, in the new one
         builder = self.builder
         started_at = None if shift is None else self.live.started_at + shift
         self._handing_over = True

@@ -218,6 +218,11 @@ class SpeakerIdentifier:
         holds for the rest of the session over voice matching."""
         return self.assign(speaker_id, person_id, person_name)
 
+    @property
+    def last_label(self) -> int:
+        """The label the newest words labelled by voice got (0 before any)."""
+        return self._last_speaker
+
     def voice_of(self, speaker_id: int) -> tuple[np.ndarray, float] | None:
         """``(embedding, seconds of speech)`` of a locally diarized speaker, or None."""
         return self.diarizer.voice(speaker_id)
