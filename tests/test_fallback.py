@@ -128,6 +128,28 @@ async def test_seam_duplicates_are_caught_by_text_when_timings_differ():
     assert_transcript(played.words, script)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", range(6))
+async def test_a_word_the_new_provider_re_hears_and_times_later_is_not_doubled(seed):
+    """The replay overlaps the last words already emitted (``replay_preroll``), and the new engine
+    may place a word it re-hears later than the old one did, past that word's end when the word
+    is short (Soniox re-reported "next." at a failover seam this way): the same text starting
+    within the preroll of the emitted word's end is that word again, not a new one."""
+    script = make_script(seed, duration=30.0)
+    # In the middle of a sentence, so that the replay re-hears the words just before the failure.
+    k = next(k for k, w in enumerate(script) if w.start > 15.0 and not w.text[-1] in ".?!,"
+             and not script[k - 1].text[-1] in ".?!,")
+    async with rig(script) as r:
+        r.fakes["deepgram"].plans = [Plan(fail_at=script[k].start + 0.1, kind="close")]
+        r.fakes["soniox"].plans = [Plan(time_shift=0.25)]
+        played = await play(r.stream(["deepgram", "soniox"], replay_preroll=1.0), 30.0, speed=60)
+    replay = r.fakes["soniox"].accepted[0].listener
+    emitted_until = max(w.end for w, p in zip(played.words, played.providers) if p == "deepgram")
+    heard_twice = [w for w in script if replay.offset <= w.start and w.end <= emitted_until]
+    assert heard_twice, "the replay should re-hear words already emitted"
+    assert_transcript(played.words, script, tolerance=0.3)
+
+
 # --- connecting ---------------------------------------------------------------------------------
 
 @pytest.mark.timeout(10)

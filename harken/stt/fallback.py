@@ -13,7 +13,8 @@
   buffered audio from the replay point: the later of the last word's end and the point up to
   which the failed provider had reported everything final, minus ``replay_preroll`` so the new
   provider hears whole words. At the seam, words the new provider reports that end before the
-  last emitted word's end plus ``seam_tolerance``, or repeat an overlapping emitted word, are
+  last emitted word's end plus ``seam_tolerance``, or repeat an emitted word that they overlap or
+  start less than ``replay_preroll`` after (engines time a re-heard word differently), are
   dropped. Word times are mapped onto this stream's own time (seconds since the first sample
   given to it), whichever provider spoke and however often it was replayed.
 - **Recover**: a link that failed retryably and ranks above the active one is probed in the
@@ -135,6 +136,7 @@ class _Active:
     origin: int            # our sample index that is the provider stream's time 0
     sent: int              # our sample index up to which audio was handed to the provider
     seam: bool             # still checking words for duplicates of what was already emitted
+    unmatched: list[Word] = field(default_factory=list)   # emitted words it has not re-reported
     close_requested: bool = False
     last_sent_at: float = 0.0      # time.monotonic() of the last send
     resumed_at: float = 0.0        # when audio started flowing again after a pause
@@ -403,9 +405,12 @@ class FallbackStream(STTStream):
             log.warning("replay buffer no longer holds %.1fs of audio before the failover point; "
                         "words in it are lost", lost)
             origin = self._buffer.start
-        # words already emitted that the new provider may hear again: check its first ones
-        seam = bool(self._recent) and self._last_word_end > origin / SAMPLE_RATE - self.policy.seam_tolerance
-        self._active = _Active(index, self._links[index], stream, origin, origin, seam)
+        # words already emitted that the new provider may hear again (within the pre-roll of the
+        # replay point, as another engine times them): check its first ones
+        seam = bool(self._recent) and (self._last_word_end > origin / SAMPLE_RATE - self.policy.replay_preroll
+                                       - self.policy.seam_tolerance)
+        self._active = _Active(index, self._links[index], stream, origin, origin, seam,
+                               unmatched=list(self._recent) if seam else [])
         self._recovered.discard(index)
         return self._active
 
@@ -554,7 +559,7 @@ class FallbackStream(STTStream):
             active.after_cut.append(word)
             return False
         if active.seam:
-            if self._duplicate(word):
+            if self._duplicate(active, word):
                 log.debug("dropped %r at the seam after failover to %s", word.text, active.name)
                 return False
             active.seam = False
@@ -566,12 +571,21 @@ class FallbackStream(STTStream):
         self._out.put((word, active.name))
         return True
 
-    def _duplicate(self, word: Word) -> bool:
-        if word.end <= self._last_word_end + self.policy.seam_tolerance:
-            return True
+    def _duplicate(self, active: _Active, word: Word) -> bool:
+        """A word the new provider reports at the seam that was emitted already: it ends before
+        the last emitted word does, or it has the text of a recent emitted word and starts before
+        that word's end plus the replay's pre-roll. Engines time words differently, and one that
+        re-hears a short word in the replay may place it just past the end the other gave it
+        (Soniox after Deepgram: "next." twice, the second starting 0.07 s after the first's end).
+        Each emitted word is re-heard once: a word it matched is not matched again, so that
+        someone saying the same word twice ("no, no") keeps both."""
         text = _normalized(word.text)
-        return any(word.start < old.end and old.start < word.end and _normalized(old.text) == text
-                   for old in self._recent)
+        reach = self.policy.replay_preroll + self.policy.seam_tolerance
+        same = [old for old in active.unmatched
+                if _normalized(old.text) == text and old.start < word.end and word.start < old.end + reach]
+        if same:
+            active.unmatched.remove(min(same, key=lambda old: abs(old.start - word.start)))
+        return bool(same) or word.end <= self._last_word_end + self.policy.seam_tolerance
 
     async def _watch(self, active: _Active) -> _Outcome:
         """Stall detection and switch-back; returns an outcome or raises a stall."""
