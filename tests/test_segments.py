@@ -724,11 +724,11 @@ def test_a_flush_followed_by_a_relabel_still_shows_the_provisional_words():
     builder = SegmentBuilder(id_factory=counter_ids())
     add(builder, words(("Hello.", 0.0, 0.4)))
     batches = [builder.flush()]
-    shown_first(builder, words(("Next", 10.0, 10.3), speaker=1))
+    partial(builder, words(("Next", 10.0, 10.3)))            # 3 s past the tail: a segment of its own
     flushed = builder.flush()
     relabel = builder.respeak({"seg-0": (2, False, None)})
     batches.append(flushed.then(relabel))
-    assert wire_view(batches) == {"seg-0": ("Hello.", 2, False), "seg-1": ("Next", 1, False)}
-    shown_first(builder, [])
+    assert wire_view(batches) == {"seg-0": ("Hello.", 2, False), "seg-1": ("Next", 0, False)}
+    partial(builder, [])
     batches.append(builder.flush().then(builder.respeak({"seg-0": (3, False, None)})))
     assert wire_view(batches) == {"seg-0": ("Hello.", 3, False)}
