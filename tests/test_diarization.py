@@ -146,14 +146,16 @@ def test_real_conversations_are_diarized_with_the_right_number_of_speakers(model
 def test_a_two_party_call_with_similar_voices_is_not_one_speaker():
     # The old utterance-level clustering heard this call's agent and caller as one voice (DER
     # 45.9 %, 1 speaker of 2); re-clustering the d-vector's 1.6 s stretches finds two (44.4 %),
-    # Resemblyzer's partials separate them far better (21 %, though the caller's laughs and
-    # backchannels make two small extra speakers).
+    # Resemblyzer's partials separate them far better (20.8 %, though the caller's laughs and
+    # backchannels made two small extra speakers; since utterances under 1.2 s no longer found
+    # speakers, 17.3 % with 2 of 2). Not held out for that rule: this call is the one it was
+    # made for (MIN_CLUSTER_UTTERANCE_SECONDS; the other recordings did not change).
     reference, diarizer = diarize_recording("call_autorepair_b", "dvector")
     score = diarization_error(reference, diarizer.turns())
     assert score.hypothesis_speakers == 2, score
     reference, diarizer = diarize_recording("call_autorepair_b", "resemblyzer")
     score = diarization_error(reference, diarizer.turns())
-    assert 2 <= score.hypothesis_speakers <= 4 and score.der <= 0.30, score
+    assert score.hypothesis_speakers == 2 and score.der <= 0.22, score
 
 
 def test_a_speaker_change_inside_one_utterance_splits_it():
@@ -164,6 +166,25 @@ def test_a_speaker_change_inside_one_utterance_splits_it():
     diarizer.add_utterance(10.0, 10.0 + 11 * 0.4 + 0.8, windows)
     assert diarizer.label_at(10.5) != diarizer.label_at(14.8)
     assert diarizer.speakers == 2
+
+
+def test_short_sounds_do_not_found_a_speaker_of_their_own():
+    # Two voices in long utterances, and between them four short sounds (a laugh, "mm-hmm": one
+    # window each) that embed like neither voice. They join the closest voice rather than make
+    # a third speaker (on the call with many backchannels they made two extra speakers).
+    a, b, odd = unit(1, 0, 0), unit(0, 1, 0), unit(0.6, 0.5, 0.6)
+    diarizer = ConversationDiarizer(threshold=0.8, min_speaker_seconds=1.0, window_seconds=1.6, hop_seconds=0.8,
+                                    chunk_windows=1, chunk_stride=1)
+    diarizer.add_utterance(0.0, 4.0, np.stack([a] * 4))
+    diarizer.add_utterance(5.0, 9.0, np.stack([b] * 4))
+    for start in (10.0, 11.0, 12.0, 13.0):
+        diarizer.add_utterance(start, start + 0.6, odd[None, :])
+    diarizer.add_utterance(14.0, 18.0, np.stack([a] * 4))
+    diarizer.add_utterance(19.0, 23.0, np.stack([b] * 4))
+    diarizer.finish()
+    assert diarizer.speakers == 2
+    assert diarizer.label_at(10.3) == diarizer.label_at(2.0)          # odd is closer to a than to b
+    assert diarizer.label_at(2.0) != diarizer.label_at(7.0)
 
 
 def test_reclustering_relabels_earlier_speech_only_when_two_runs_agree():
