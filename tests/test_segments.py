@@ -732,3 +732,21 @@ def test_a_flush_followed_by_a_relabel_still_shows_the_provisional_words():
     partial(builder, [])
     batches.append(builder.flush().then(builder.respeak({"seg-0": (3, False, None)})))
     assert wire_view(batches) == {"seg-0": ("Hello.", 3, False)}
+
+
+def test_a_takeover_withdraws_a_shown_segment_whose_final_words_were_not_stored():
+    # The voice decided and the final words took the id the client saw them under, but the store
+    # refused that batch (another connection took the conversation over): in the new
+    # conversation they are under a new id, and the one the client saw, stored nowhere, is gone.
+    builder = SegmentBuilder(id_factory=counter_ids())
+    builder.add_words(words(("Hello.", 0.0, 0.4)), provider="deepgram")
+    batches = [builder.flush()]
+    shown_first(builder, words(("Next", 10.0, 10.3)))
+    batches.append(builder.shown())
+    builder.add_words(words(("Next", 10.0, 10.3)), provider="deepgram")
+    shown_first(builder, [])
+    assert [s.id for s in builder.flush().changed] == ["seg-1"]            # refused by the store: not sent
+    moved, _ = builder.hand_over({"seg-0": ("Hello.", 0.4)})
+    batches.append(moved)
+    assert [(s.id, s.text) for s in moved.changed] == [("seg-2", "Next")]
+    assert wire_view(batches) == {"seg-0": ("Hello.", 0, False), "seg-2": ("Next", 0, False)}

@@ -640,7 +640,7 @@ class SegmentBuilder:
         the other writer's now). Buffered words come along; provisional words are dropped (the
         engine's next decode, or the session's next showing of words whose voice is undecided,
         shows them again): the client sees a segment made only of them withdrawn, and one they
-        were shown on the end of as it was last final.
+        were shown on the end of as the store holds it.
 
         Times are rebased so that the new conversation starts at its earliest word. Returns the
         batch to store and send (the moved segments) and the shift in seconds (new time = old
@@ -673,9 +673,18 @@ class SegmentBuilder:
             for item in (*moved, *self._pending):
                 item.start -= shift
                 item.end -= shift
-        withdrawn = [segment_id for segment_id in self._client_overrides if segment_id not in self._sent]
-        restored = [Segment.from_stored(self._sent[segment_id]) for segment_id in self._client_overrides
-                    if segment_id in self._sent]
+        # What the client was shown that the other writer's conversation does not hold as shown:
+        # an id it never stored is withdrawn (its words, if final, move under a new id; the
+        # client saw it if it was shown provisionally before the refused batch took it over), a
+        # stored one is shown as stored.
+        withdrawn = [segment_id for segment_id in dict.fromkeys((*self._sent, *self._client_overrides))
+                     if segment_id not in stored]
+        restored = []
+        for segment_id in self._client_overrides:
+            if segment_id in stored and segment_id in self._sent:
+                segment = Segment.from_stored(self._sent[segment_id])
+                segment.text, segment.end = stored[segment_id]
+                restored.append(segment)
         self._segments = moved
         self._sent = {segment.id: segment.to_wire() for segment in moved}
         self._pinned = set()
