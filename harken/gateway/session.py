@@ -58,7 +58,9 @@ RING_SECONDS = 60                 # recent audio kept for speaker identification
 # webhooks get them when the voice has decided. The longest run held is one diarizer stretch
 # (1.6 s): when the client saw nothing before the voice decided, with 8 s words of someone
 # talking without a pause waited up to 8 s (the null provider's 5-stream load test: word →
-# client p50 3.4 s; with 1.6 s: 1.16 s; shown at once: see _show_undiarized).
+# client p50 3.4 s; with 1.6 s: 1.16 s). Shown at once (_show_undiarized), the same test gives
+# p50 0.29-0.33 s against 0.94-1.03 s held, p95 0.54-0.58 s against 1.74-1.80 s, for about three
+# times the segment versions sent (the store's batches are unchanged).
 OPEN_RUN_HOLD_SECONDS = 1.0
 OPEN_RUN_IDLE_SECONDS = 0.8
 OPEN_RUN_MAX_SECONDS = 1.6
