@@ -20,7 +20,8 @@ One ``harken serve`` process (embedded engine, its own data folder) on loopback.
 3. the batch finishes alone.
 
 Prints the live segment latency (seconds from the audio holding a segment's end being sent to the
-segment arriving, every version of every segment) p50/p95/max for phases 1 and 2 and their ratio,
+segment arriving) over every version of every segment (relabels of old segments included) and over
+each segment's final text only, p50/p95/max for phases 1 and 2 and their ratios,
 and the batch throughput: audio hours per CPU hour of the batch threads (the server's threads at
 the batch nice value, read from /proc), and audio seconds per wall second, with the batch
 transcript's WER against the clips' references (tests/data/audio/transcripts.tsv) to show that
@@ -106,8 +107,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def live_run(base: str, settings: Settings, streams: int, seconds: float, audio_dir: Path,
-                   engine: str, phase: str) -> list[float]:
-    async def one(i: int) -> list[float]:
+                   engine: str, phase: str) -> tuple[list[float], list[float]]:
+    """Latencies of every segment version, and of each segment's final text (relabels left out)."""
+    async def one(i: int) -> tuple[list[float], list[float]]:
         pcm = speech(audio_dir, seconds, offset=i * 3)
         messages, message_seconds = device_messages(pcm, "opus", 16000)
         url = listen_url(base, codec="opus", sample_rate=16000, language="en", include_speech_profile="false",
@@ -115,10 +117,11 @@ async def live_run(base: str, settings: Settings, streams: int, seconds: float, 
         await asyncio.sleep(i * 0.3)              # a short ramp
         result = await stream_messages(url, messages, message_seconds, realtime=True, settle_seconds=5.0,
                                        token=mint_local_token(settings, f"bench-{phase}-{i}", 3600))
-        return result.latencies()      # a fresh user per phase: a resumed conversation's times are not comparable
+        # A fresh user per phase: a resumed conversation's times are not comparable.
+        return result.latencies(), result.text_latencies()
 
     results = await asyncio.gather(*(one(i) for i in range(streams)))
-    return [x for r in results for x in r]
+    return [x for r in results for x in r[0]], [x for r in results for x in r[1]]
 
 
 async def live_waits(client: httpx.AsyncClient, http: str) -> str:
@@ -129,11 +132,14 @@ async def live_waits(client: httpx.AsyncClient, http: str) -> str:
     return "-"
 
 
-def describe(label: str, latencies: list[float]) -> str:
-    if not latencies:
+def describe(label: str, latencies: tuple[list[float], list[float]]) -> str:
+    versions, texts = latencies
+    if not versions:
         return f"{label}: no segment came back (the machine is too loaded for the live engine)"
-    return (f"{label}: {len(latencies)} segment versions, latency p50 {percentile(latencies, 0.5):.2f} s, "
-            f"p95 {percentile(latencies, 0.95):.2f} s, max {max(latencies, default=float('nan')):.2f} s")
+    return (f"{label}: {len(versions)} segment versions, latency p50 {percentile(versions, 0.5):.2f} s, "
+            f"p95 {percentile(versions, 0.95):.2f} s, max {max(versions, default=float('nan')):.2f} s; "
+            f"final text of {len(texts)} segments p50 {percentile(texts, 0.5):.2f} s, "
+            f"p95 {percentile(texts, 0.95):.2f} s")
 
 
 async def main() -> None:
@@ -200,9 +206,9 @@ async def main() -> None:
 
             live = args.streams > 0
 
-            async def phase(name: str) -> list[float]:
+            async def phase(name: str) -> tuple[list[float], list[float]]:
                 if not live:
-                    return []
+                    return [], []
                 return await live_run(ws, settings, args.streams, args.live_seconds, args.audio_dir,
                                       args.live_engine, name)
 
@@ -253,11 +259,12 @@ async def main() -> None:
                 return
             after = await phase("alone-after")
             print(describe("live alone again, after the batch", after))
-            alone = baseline + after
-            for q in (0.5, 0.95):
-                print(f"latency ratio p{int(q * 100)} with the batch / alone (before and after pooled): "
-                      f"{percentile(with_batch, q) / percentile(alone, q):.2f} "
-                      f"(before only: {percentile(with_batch, q) / percentile(baseline, q):.2f})")
+            for kind, k in (("segment versions", 0), ("final text", 1)):
+                alone = baseline[k] + after[k]
+                for q in (0.5, 0.95):
+                    print(f"latency ratio ({kind}) p{int(q * 100)} with the batch / alone (before and after pooled): "
+                          f"{percentile(with_batch[k], q) / percentile(alone, q):.2f} "
+                          f"(before only: {percentile(with_batch[k], q) / percentile(baseline[k], q):.2f})")
     finally:
         server.terminate()
         try:

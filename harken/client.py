@@ -59,6 +59,18 @@ class StreamResult:
         out = [u.received_at - (self.sending_started_at + u.segment["end"]) for u in self.updates]
         return [x for x in out if x >= 0]
 
+    def text_latencies(self) -> list[float]:
+        """Per segment: seconds from the end of its last word in the audio to the arrival of the
+        first version holding its final text. Later versions that only relabel the speaker (a
+        re-clustering re-sends old segments by id) do not count, unlike ``latencies``."""
+        out = []
+        for segment_id, final in self.segments.items():
+            first = next((u for u in self.updates if u.segment["id"] == segment_id and u.segment["text"] == final["text"]),
+                         None)
+            if first is not None:
+                out.append(first.received_at - (self.sending_started_at + first.segment["end"]))
+        return [x for x in out if x >= 0]
+
     def providers(self) -> list[str]:
         """The speech providers that produced the segments, in order of first appearance."""
         seen: dict[str, None] = {}
