@@ -76,7 +76,8 @@ class AdtsFramer:
 
     def push(self, message: bytes) -> tuple[list[bytes], int]:
         skipped = 0
-        if self._carry and len(message) >= HEADER_BYTES and adts_frame_length(message):
+        if (self._carry and len(message) >= HEADER_BYTES and adts_frame_length(message)
+                and not self._completed_by(message)):
             # A message that starts with a header starts a frame: whatever was waiting for
             # more bytes was a truncated frame or a false sync in garbage, not a split frame.
             skipped, self._carry = len(self._carry), b""
@@ -105,6 +106,21 @@ class AdtsFramer:
             frames.append(data[pos:pos + length])
             pos += length
         return frames, skipped
+
+    def _completed_by(self, message: bytes) -> bool:
+        """Whether ``message`` holds the rest of the carried frame, ending where the message ends
+        or where a header of the same stream follows. A split frame's remaining bytes can look
+        like an ADTS header themselves (a random cut of a real stream found one); they are not
+        taken for a new frame when the carried one completes cleanly with them."""
+        if len(self._carry) < HEADER_BYTES:
+            return False
+        need = adts_frame_length(self._carry) - len(self._carry)
+        if need <= 0 or need > len(message):
+            return False
+        if need == len(message):
+            return True
+        return (len(message) - need >= HEADER_BYTES and bool(adts_frame_length(message, need))
+                and fixed_header(message[need:]) == fixed_header(self._carry))
 
     @property
     def pending(self) -> int:
