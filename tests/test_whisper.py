@@ -25,7 +25,7 @@ from harken.client import read_wav_16k
 from harken.config import Settings
 from harken.stt.base import StreamConfig, STTError, Word
 from harken.stt.decoding import Decoding, implausible
-from harken.stt.models import EMBEDDED_MODEL_SHA256, ModelError, load_whisper_model, resolve_model, verify_sha256
+from harken.stt.models import ModelError, embedded_model_sha256, load_whisper_model, resolve_model, verify_sha256
 from harken.stt.whisper import StreamStats, WhisperProvider, place_words, transcribe_offline
 from harken.wer import edit_distance, normalize, wer, word_errors
 
@@ -107,13 +107,13 @@ def test_edit_distance_agrees_with_jiwer():
 def test_embedded_model_resolves_to_the_wheel_and_its_hash_is_checked(tmp_path):
     source = resolve_model("embedded")
     assert source.is_folder and source.english_only
-    verify_sha256(Path(source.location) / "model.bin", EMBEDDED_MODEL_SHA256)      # the shipped file passes
+    verify_sha256(Path(source.location) / "model.bin", embedded_model_sha256())      # the shipped file passes
     with pytest.raises(ModelError, match="missing"):
-        verify_sha256(tmp_path / "absent.bin", EMBEDDED_MODEL_SHA256)
+        verify_sha256(tmp_path / "absent.bin", embedded_model_sha256())
     tampered = tmp_path / "model.bin"
     tampered.write_bytes(b"not the weights")
     with pytest.raises(ModelError, match="sha256") as err:
-        verify_sha256(tampered, EMBEDDED_MODEL_SHA256)
+        verify_sha256(tampered, embedded_model_sha256())
     assert hashlib.sha256(b"not the weights").hexdigest() in str(err.value)
     assert not err.value.retryable
 

