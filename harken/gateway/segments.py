@@ -293,6 +293,24 @@ class _Piece:
         )
 
 
+def _word_pieces(words: Iterable[tuple[Word, str]], time_offset: float,
+                 speaker_labels: Callable[[int], Labels] | None, speech_profile_processed: bool) -> list[_Piece]:
+    """``(word, provider)`` pairs as pieces in conversation time, each speaker's labels asked once;
+    words with no text are skipped."""
+    labels: dict[int, Labels] = {}
+    pieces = []
+    for word, provider in words:
+        text = normalise_text(word.text)
+        if not text:
+            continue
+        if word.speaker not in labels:
+            labels[word.speaker] = speaker_labels(word.speaker) if speaker_labels else (False, None)
+        is_user, person_id = labels[word.speaker]
+        pieces.append(_Piece(text, word.start + time_offset, word.end + time_offset, word.speaker, is_user,
+                             person_id, provider, speech_profile_processed, True, word.language))
+    return pieces
+
+
 def _can_merge(first: Segment, second: Segment) -> bool:
     """Omi's combine rule for two neighbouring segments (``first`` directly before ``second``)."""
     # Text from different engines never merges: each keeps its own stt_provider label.
@@ -402,28 +420,8 @@ class SegmentBuilder:
         gives ``(is_user, person_id)`` as known now: a later identification is applied with
         :meth:`relabel`, not retroactively by this call. Words with no text are skipped.
         """
-        labels: dict[int, Labels] = {}
-        for word in words:
-            text = normalise_text(word.text)
-            if not text:
-                continue
-            if word.speaker not in labels:
-                labels[word.speaker] = speaker_labels(word.speaker) if speaker_labels else (False, None)
-            is_user, person_id = labels[word.speaker]
-            self._pending.append(
-                _Piece(
-                    text=text,
-                    start=word.start + time_offset,
-                    end=word.end + time_offset,
-                    speaker_id=word.speaker,
-                    is_user=is_user,
-                    person_id=person_id,
-                    provider=provider,
-                    speech_profile_processed=speech_profile_processed,
-                    is_word=True,
-                    language=word.language,
-                )
-            )
+        self._pending.extend(_word_pieces(((word, provider) for word in words), time_offset, speaker_labels,
+                                          speech_profile_processed))
 
     def set_partial(
         self,
@@ -472,17 +470,7 @@ class SegmentBuilder:
         whatever the voice changed (a speaker, a segment split off) is re-sent by id. Unlike
         provisional words of the embedded engine, these are not dropped when final words of
         another provider come (at a failover seam both can be waiting at once)."""
-        pieces: list[_Piece] = []
-        labels: dict[int, Labels] = {}
-        for word, provider in words:
-            text = normalise_text(word.text)
-            if not text:
-                continue
-            if word.speaker not in labels:
-                labels[word.speaker] = speaker_labels(word.speaker) if speaker_labels else (False, None)
-            is_user, person_id = labels[word.speaker]
-            pieces.append(_Piece(text, word.start + time_offset, word.end + time_offset, word.speaker, is_user,
-                                 person_id, provider, True, True, word.language))
+        pieces = _word_pieces(words, time_offset, speaker_labels, True)
         pieces.sort(key=lambda p: p.start)
         if pieces or self._partial:
             self._partial = pieces
