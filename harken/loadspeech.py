@@ -189,22 +189,26 @@ async def run_speakers(url: str, clips: Sequence[Clip], streams: int, *, utteran
                        codec: str = "pcm16", sample_rate: int = 16000, language: str = "en",
                        uid_prefix: str = "", tokens: Callable[[int], str | None] | None = None,
                        open_timeout: float = 60.0) -> SpeechReport:
-    """``streams`` users at once, each reading ``utterances`` recordings with ``pause`` s between."""
+    """``streams`` users at once, each reading ``utterances`` recordings with ``pause`` s between.
+
+    The streams start at recordings spread evenly over ``clips`` (not at neighbouring ones), so
+    a level's WER is measured over as many different recordings as it reads."""
     started = time.monotonic()
     outcomes = await asyncio.gather(*(
         _speak(i, url, clips, utterances, pause, codec, sample_rate, language, uid_prefix,
-               tokens(i) if tokens else None, open_timeout, start_delay=pause * i / streams)
+               tokens(i) if tokens else None, open_timeout, start_delay=pause * i / streams,
+               first_clip=i * len(clips) // streams)
         for i in range(streams)))
     for outcome in outcomes:
         outcome.analyse()
     return SpeechReport(streams, list(outcomes), time.monotonic() - started)
 
 
-def _schedule(index: int, clips: Sequence[Clip], utterances: int, pause: float) -> tuple[np.ndarray, list[Utterance]]:
+def _schedule(first: int, clips: Sequence[Clip], utterances: int, pause: float) -> tuple[np.ndarray, list[Utterance]]:
     silence = np.zeros(int(pause * SAMPLE_RATE), np.int16)
     parts, plan, at = [silence[: SAMPLE_RATE // 2]], [], 0.5
     for k in range(utterances):
-        clip = clips[(index + k) % len(clips)]
+        clip = clips[(first + k) % len(clips)]
         plan.append(Utterance(clip, at, at + clip.speech[0], at + clip.speech[1]))
         parts += [clip.pcm, silence]
         at += clip.pcm.size / SAMPLE_RATE + pause
@@ -213,8 +217,8 @@ def _schedule(index: int, clips: Sequence[Clip], utterances: int, pause: float) 
 
 async def _speak(index: int, url: str, clips: Sequence[Clip], utterances: int, pause: float, codec: str,
                  sample_rate: int, language: str, uid_prefix: str, token: str | None, open_timeout: float,
-                 start_delay: float) -> SpeakerOutcome:
-    pcm, plan = _schedule(index, clips, utterances, pause)
+                 start_delay: float, first_clip: int) -> SpeakerOutcome:
+    pcm, plan = _schedule(first_clip, clips, utterances, pause)
     messages, seconds = device_messages(pcm, codec, sample_rate)
     outcome = SpeakerOutcome(index, plan, message_seconds=seconds, frame_sent_at=np.full(len(messages), np.nan))
     await asyncio.sleep(start_delay)
@@ -249,7 +253,7 @@ async def _speak(index: int, url: str, clips: Sequence[Clip], utterances: int, p
 
     try:
         async with websockets.connect(full_url, additional_headers=headers, max_size=None, compression=None,
-                                      open_timeout=open_timeout, ping_interval=None) as ws:
+                                      open_timeout=open_timeout, ping_interval=None, close_timeout=MAX_WAIT) as ws:
             receiver = asyncio.create_task(receive(ws))
             await asyncio.wait_for(ready.wait(), open_timeout)
             start = time.monotonic()
@@ -261,12 +265,22 @@ async def _speak(index: int, url: str, clips: Sequence[Clip], utterances: int, p
                 outcome.frame_sent_at[i] = time.monotonic()
             expected = SETTLE_WORDS * sum(len(normalize(u.clip.reference)) for u in plan)
             done_at = time.monotonic()
+            # The last utterance's final comes after its speech ended: until some text came after
+            # that, a quiet spell only means the engine is behind (a loaded server), not done.
+            last_spoken = start + plan[-1].speech_end
             while not receiver.done() and time.monotonic() - done_at < MAX_WAIT:
                 last = outcome.views[-1] if outcome.views else (done_at, [])
-                if len(last[1]) >= expected and time.monotonic() - max(last[0], done_at) >= SETTLE:
+                if (len(last[1]) >= expected and last[0] > last_spoken
+                        and time.monotonic() - max(last[0], done_at) >= SETTLE):
                     break
                 await asyncio.sleep(0.2)
+            # A hang-up still gets the utterances the server had queued (it sends them before its
+            # close frame): keep reading until the closing handshake ends, not just until we sent ours.
             await ws.close(1000, "done")
+            try:
+                await asyncio.wait_for(asyncio.shield(receiver), MAX_WAIT)
+            except (asyncio.TimeoutError, websockets.ConnectionClosed):
+                pass
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
     except Exception as exc:
