@@ -41,6 +41,8 @@ LATE_GRACE = 0.3          # seconds after the next utterance's start that a fina
 SETTLE = 2.0              # after its last frame, the client closes once nothing changed for this long
 SETTLE_WORDS = 0.7        # ... and it holds this share of the references' words (late finals count
 MAX_WAIT = 30.0           # for WER), or at the latest this many seconds after its last frame
+ALL_WORDS = 0.9           # the share of the references' words that says every utterance is back:
+LONG_SETTLE = 12.0        # with fewer, the client waits this long for nothing to change
 SAMPLE_RATE = 16000
 
 
@@ -253,7 +255,7 @@ async def _speak(index: int, url: str, clips: Sequence[Clip], utterances: int, p
 
     try:
         async with websockets.connect(full_url, additional_headers=headers, max_size=None, compression=None,
-                                      open_timeout=open_timeout, ping_interval=None, close_timeout=MAX_WAIT) as ws:
+                                      open_timeout=open_timeout, ping_interval=None) as ws:
             receiver = asyncio.create_task(receive(ws))
             await asyncio.wait_for(ready.wait(), open_timeout)
             start = time.monotonic()
@@ -265,22 +267,19 @@ async def _speak(index: int, url: str, clips: Sequence[Clip], utterances: int, p
                 outcome.frame_sent_at[i] = time.monotonic()
             expected = SETTLE_WORDS * sum(len(normalize(u.clip.reference)) for u in plan)
             done_at = time.monotonic()
-            # The last utterance's final comes after its speech ended: until some text came after
-            # that, a quiet spell only means the engine is behind (a loaded server), not done.
-            last_spoken = start + plan[-1].speech_end
+            # A quiet spell is the end only once (nearly) every word is in: a loaded server's finals
+            # come seconds late (the last utterance's after the one before it), and what the server
+            # still had queued is lost when the client hangs up. A stream that stays short of that
+            # closes after a longer quiet spell.
+            all_words = sum(len(normalize(u.clip.reference)) for u in plan)
             while not receiver.done() and time.monotonic() - done_at < MAX_WAIT:
                 last = outcome.views[-1] if outcome.views else (done_at, [])
-                if (len(last[1]) >= expected and last[0] > last_spoken
-                        and time.monotonic() - max(last[0], done_at) >= SETTLE):
+                quiet = time.monotonic() - max(last[0], done_at)
+                if ((len(last[1]) >= ALL_WORDS * all_words and quiet >= SETTLE)
+                        or (len(last[1]) >= expected and quiet >= LONG_SETTLE)):
                     break
                 await asyncio.sleep(0.2)
-            # A hang-up still gets the utterances the server had queued (it sends them before its
-            # close frame): keep reading until the closing handshake ends, not just until we sent ours.
             await ws.close(1000, "done")
-            try:
-                await asyncio.wait_for(asyncio.shield(receiver), MAX_WAIT)
-            except (asyncio.TimeoutError, websockets.ConnectionClosed):
-                pass
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
     except Exception as exc:

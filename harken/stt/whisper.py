@@ -549,6 +549,7 @@ class WhisperStream(STTStream):
                 continue
             job = self._pending.popleft()
             utterance = job.utterance
+            reused = job.decode is not None          # a pause decode serves as the final
             try:
                 if job.decode is None:
                     job.decode = self._submit(utterance)
@@ -567,6 +568,11 @@ class WhisperStream(STTStream):
                 self._finals_outstanding -= 1
             self.stats.decodes += 1
             words = place_words(raw_words, utterance, self._last_end, language)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("local STT %s: utterance %d %.3f-%.3f s (%d speech windows%s): %s", self._config.session_id,
+                          utterance.number, utterance.start_seconds, utterance.start_seconds + utterance.duration,
+                          utterance.speech_windows, ", pause decode" if reused else "",
+                          " ".join(w.text for w in words))
             for word in words:
                 self._last_end = word.end
                 self.stats.words += 1
