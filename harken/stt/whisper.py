@@ -569,10 +569,11 @@ class WhisperStream(STTStream):
             self.stats.decodes += 1
             words = place_words(raw_words, utterance, self._last_end, language)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("local STT %s: utterance %d %.3f-%.3f s (%d speech windows%s): %s", self._config.session_id,
-                          utterance.number, utterance.start_seconds, utterance.start_seconds + utterance.duration,
-                          utterance.speech_windows, ", pause decode" if reused else "",
-                          " ".join(w.text for w in words))
+                # Where the stream cut (a late cut drops a first word); the words stay out of logs.
+                log.debug("local STT %s: utterance %d %.3f-%.3f s, %d speech windows%s: %d words",
+                          self._config.session_id, utterance.number, utterance.start_seconds,
+                          utterance.start_seconds + utterance.duration, utterance.speech_windows,
+                          ", pause decode" if reused else "", len(words))
             for word in words:
                 self._last_end = word.end
                 self.stats.words += 1
