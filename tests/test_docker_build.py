@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from harken.client import listen_url, read_wav_16k, stream_messages
-from tests.test_install import SPEAKERS, free_port
+from tests.test_install import free_port, two_voices
 
 ROOT = Path(__file__).resolve().parent.parent
 MULTILINGUAL = Path(__file__).parent / "data" / "multilingual"
@@ -149,13 +149,6 @@ def image(tmp_path_factory) -> Image:
                if line.strip() and not line.startswith("#")]
     shutil.copytree(ROOT, context, ignore=shutil.ignore_patterns(*ignored, "build"))
     return build(ROOT / "Dockerfile", context, base)
-
-
-def two_voices() -> np.ndarray:
-    pause = np.zeros(24000, dtype=np.int16)
-    a0, a1 = (read_wav_16k(SPEAKERS / "1688" / f"1688-142285-000{i}.wav") for i in (0, 1))
-    b0 = read_wav_16k(sorted((SPEAKERS / "1998").glob("*.wav"))[0])
-    return np.concatenate([a0, pause, b0, pause, a1, pause])
 
 
 async def stream(port: int, token: str, pcm: np.ndarray, language: str):
