@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,10 @@ def session_messages(pcms: list[np.ndarray], gap: float) -> list[bytes]:
 async def through_gateway(server: GatewayServer, messages: list[bytes], language: str) -> list[dict]:
     url = listen_url(server.base, codec="pcm16", sample_rate=16000, language=language)
     load = server.gateway.providers["local"].load_state
-    result = await stream_messages(url, messages, 0.1, token=mint_local_token(server.settings, "bench", 3600),
+    # A user of its own per session: the same user's next session would continue this conversation
+    # (the app's behaviour), and its segments would be read as the next session's words.
+    uid = f"bench-{language}-{uuid.uuid4().hex[:8]}"
+    result = await stream_messages(url, messages, 0.1, token=mint_local_token(server.settings, uid, 3600),
                                    realtime=False, settle_seconds=3.0, max_wait=1800,
                                    busy=lambda: load.in_flight > 0)
     if result.close_code not in (None, 1000):
