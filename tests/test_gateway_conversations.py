@@ -71,6 +71,26 @@ async def test_reconnect_resumes_the_conversation_and_times_continue(gateway):
     assert (await rest(gateway, None, "GET", "/v1/conversations")).status_code == 401
 
 
+async def test_times_continue_after_a_connection_that_sent_faster_than_real_time(gateway):
+    # A file streamed at full speed leaves segment times past the wall clock; the next connection
+    # of the conversation must not place its words back inside them (they came out with zero
+    # length, clamped against the earlier segments).
+    uid = f"fast-resumer-{uuid.uuid4().hex[:6]}"
+    token = mint_local_token(gateway.settings, uid, 600)
+    url = listen_url(gateway.base, codec="pcm16", sample_rate=16000, conversation_timeout=120)
+    long_file = np.concatenate([speech(name, tail=1.5) for name in ("ss_0870.wav", "ss_0880.wav", "ss_0890.wav",
+                                                                      "ss_0920.wav", "ss_0930.wav")])
+    first = await stream_messages(url, pcm_messages(long_file), 0.1, token=token, realtime=False,
+                                  settle_seconds=SETTLE)
+    first_end = max(s["end"] for s in first.segments.values())
+    second = await stream_messages(url, pcm_messages(speech("goforward.wav")), 0.1, token=token,
+                                   realtime=False, settle_seconds=SETTLE)
+    later = [s for s in second.segments.values() if "forward" in s["text"].lower()]
+    assert later, second.ordered()
+    # "Go forward ten meters" lasts about 2 s, and the second connection came after the first.
+    assert later[0]["end"] - first_end >= 1.0, (first_end, [(s["start"], s["end"], s["text"]) for s in later])
+
+
 async def test_silence_past_the_timeout_processes_the_conversation_live(make_gateway):
     server = make_gateway(conversation_check_interval=0.3)
     uid = f"quiet-{uuid.uuid4().hex[:6]}"

@@ -499,7 +499,13 @@ class LiveConversation:
         if not self._anchored:
             self._conversation.started_at = clock_origin + session_time
             self._anchored = True
-        return clock_origin - self._conversation.started_at
+        offset = clock_origin - self._conversation.started_at
+        # A connection that sent faster than real time (a file at full speed) left segment times
+        # past the wall clock: the new words go after them, not back inside them.
+        ends = [float(s.get("end") or 0.0) for s in self.existing_segments]
+        if ends:
+            offset = max(offset, max(ends) - session_time)
+        return offset
 
     async def save_batch(self, changed: Sequence[dict], deleted_ids: Sequence[str] = ()) -> None:
         """Persist one 600 ms batch (stored segment dicts) and its realtime webhook row, in one
