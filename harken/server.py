@@ -22,7 +22,7 @@ import uvicorn
 from .config import Settings, is_loopback
 from .data_dir import make_private
 from .gateway.drain import HARD_STOP_MARGIN, drain_deadline, end_sessions
-from .gateway.edge import BoundedHttpToolsProtocol
+from .gateway.edge import AdmissionGate
 from .gateway.worker_metrics import WorkerSlot
 from .gateway.ws_protocol import SinkingWebSocketProtocol
 from .logs import install_redaction
@@ -51,7 +51,7 @@ def uvicorn_config(settings: Settings, app=None) -> uvicorn.Config:
         # Opus does not compress anyway.
         ws_per_message_deflate=False,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http=BoundedHttpToolsProtocol,   # httptools with a bounded, timed request head (edge.py)
+        http=AdmissionGate,     # admission, then httptools with a bounded, timed request head (edge.py)
         lifespan="on",
         ws_max_size=max(settings.max_message_bytes * PROTOCOL_MAX_SIZE_FACTOR, 1 << 20),
         ws_ping_interval=20.0,

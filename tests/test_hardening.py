@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import select
@@ -531,6 +532,65 @@ async def test_delivery_connects_to_the_address_the_resolver_gave_not_a_second_l
         await hook.stop()
     assert "pinned.invalid" in lookups
     assert request.headers["host"] == f"pinned.invalid:{port}"       # Host (and SNI) keep the name
+
+
+async def test_a_webhook_name_that_rebinds_to_loopback_after_its_check_gets_no_post(tmp_path, monkeypatch):
+    """Finding 4 as an attacker plays it, through the system resolver: their DNS answers a
+    public address to the first two lookups (the check when the webhook is set, the check when
+    it is sent) and 127.0.0.1 after that. The machine's network is faked as loopback-only (a
+    connection to a public address fails at once): nothing may reach the receiver on loopback."""
+    import httpcore
+
+    from harken.conversations import ConversationService, OutboxDeliverer
+    from tests.fakes.webhook_receiver import WebhookReceiver
+    from tests.test_store import opened_store
+
+    real_getaddrinfo = socket.getaddrinfo
+    answers: list[str] = []
+
+    def rebinding_dns(host, port, *args, **kwargs):
+        if host in ("rebind.example", b"rebind.example"):
+            answers.append("1.2.3.4" if len(answers) < 2 else "127.0.0.1")
+            return real_getaddrinfo(answers[-1], port, *args, **kwargs)
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    real_connect = httpcore.AnyIOBackend.connect_tcp
+    dialled: list[str] = []
+
+    async def loopback_only_network(self, host, port, *args, **kwargs):
+        dialled.append(host)
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host).is_global:
+                raise httpcore.ConnectError(f"{host}: network unreachable (test network)")
+        return await real_connect(self, host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", loopback_only_network)
+    hook = await WebhookReceiver().start()
+    try:
+        async with opened_store("sqlite", tmp_path) as store:
+            deliverer = OutboxDeliverer(store, node_id="t", timeout=5, base_backoff=0.05, max_backoff=0.2,
+                                        poll_interval=0.05)
+            service = ConversationService(Settings(data_dir=tmp_path), store, deliverer=deliverer,
+                                          check_interval=3600)
+            await service.start()
+            try:
+                port = hook.url().split(":")[2].split("/")[0]
+                await service.set_webhook("alice", "realtime_transcript", f"http://rebind.example:{port}/hook")
+                live = await service.connect("alice", session_id="s1")
+                await live.save_batch([{"id": "a", "text": "hi", "speaker": "SPEAKER_00", "speaker_id": 0,
+                                        "is_user": True, "start": 0.0, "end": 1.0}], [])
+                async with asyncio.timeout(15):
+                    while deliverer.failed_attempts < 2 and hook.attempts == 0:
+                        await asyncio.sleep(0.05)
+                await live.close()
+            finally:
+                await service.stop()
+    finally:
+        await hook.stop()
+    assert answers[:2] == ["1.2.3.4", "1.2.3.4"]
+    assert hook.attempts == 0, f"a POST reached loopback (dialled {dialled})"
+    assert "1.2.3.4" in dialled
 
 
 async def test_static_files_say_nosniff(make_gateway):
