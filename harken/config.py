@@ -108,6 +108,10 @@ class Settings:
     idle_timeout: float = _setting(90.0, "close 1001 after this many seconds without a message")
     max_message_bytes: int = _setting(65536, "largest client message; larger closes 1009")
     web_auth_timeout: float = _setting(5.0, "seconds a /v4/web/listen client has to send its auth message")
+    keepalive_interval: float = _setting(20.0, "seconds between WebSocket ping frames (the transport's keepalive)")
+    keepalive_timeout: float = _setting(
+        20.0, "seconds a WebSocket may leave a ping unanswered before it is closed 1011; time in which the server "
+              "itself is not reading that socket (pacing, a backlog it works through) does not count")
     audio_realtime_factor: float = _setting(
         1.0, "audio a session is read at, in seconds of audio per second (after its burst); a faster client "
              "is slowed (its socket is read later), not dropped; 0 = no pacing (load tests, batch tools)"
@@ -234,6 +238,8 @@ class Settings:
         for name in ("max_connections", "max_connections_per_client", "audio_realtime_factor", "audio_burst_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if self.keepalive_interval <= 0 or self.keepalive_timeout <= 0:
+            raise ValueError("keepalive_interval and keepalive_timeout must be positive")
         if self.max_request_head_bytes < 1024 or self.request_head_timeout <= 0 or self.max_body_bytes < 1024:
             raise ValueError("max_request_head_bytes and max_body_bytes must be at least 1024, "
                              "request_head_timeout positive")

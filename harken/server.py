@@ -54,8 +54,8 @@ def uvicorn_config(settings: Settings, app=None) -> uvicorn.Config:
         http=AdmissionGate,     # admission, then httptools with a bounded, timed request head (edge.py)
         lifespan="on",
         ws_max_size=max(settings.max_message_bytes * PROTOCOL_MAX_SIZE_FACTOR, 1 << 20),
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
+        ws_ping_interval=settings.keepalive_interval,
+        ws_ping_timeout=settings.keepalive_timeout,
         log_level=settings.log_level,
         # json: uvicorn's own records go through our root handler too, instead of its text one
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,

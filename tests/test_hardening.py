@@ -210,6 +210,108 @@ async def _send_all(ws, messages) -> None:
         await ws.send(message)
 
 
+# --- the keepalive under the server's own back-pressure -------------------------------------------
+
+KEEPALIVE = {"keepalive_interval": 0.5, "keepalive_timeout": 0.5}
+
+
+async def _drain(ws) -> None:
+    """Read everything the server sends, so the client library keeps answering its pings."""
+    with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+        async for _ in ws:
+            pass
+
+
+async def test_a_client_whose_backlog_the_server_works_through_slowly_is_not_dropped_by_the_keepalive(make_gateway):
+    """A device that reconnects with a backlog: everything it sends is in the socket at once, and
+    past its burst the server reads it at real time. Its pong to a server ping waits in the socket
+    behind seconds of audio the server has not read yet: that is the server's doing, not a dead
+    peer, so the keepalive must not close it (it did, 1011, one timeout after the first ping)."""
+    server = start(make_gateway, audio_realtime_factor=1.0, audio_burst_seconds=1.0, **KEEPALIVE)
+    message = np.zeros(1600, dtype=np.int16).tobytes()            # 100 ms
+    total = 50                                                     # 5 s: 4 s past the burst
+    async with websockets.connect(f"{server.base}/v4/listen?{PCM_QUERY}&custom_stt=enabled",
+                                  additional_headers=bearer(server), ping_interval=None) as ws:
+        await until_ready(ws)
+        reading = asyncio.create_task(_drain(ws))
+        await _send_all(ws, [message] * total)
+        async with asyncio.timeout(20):
+            while session_audio_seconds(server) < total * 0.1 - 0.05:
+                assert ws.state is websockets.protocol.State.OPEN, (ws.close_code, ws.close_reason)
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)              # idle and answering: kept through a few more pings
+        assert ws.state is websockets.protocol.State.OPEN, (ws.close_code, ws.close_reason)
+        await ws.close()
+        reading.cancel()
+    assert ws.close_code == 1000
+
+
+def _raw_websocket(server, path: str) -> socket.socket:
+    """A WebSocket opened by hand: it sends what the test writes and answers nothing (no pongs)."""
+    sock = socket.create_connection(("127.0.0.1", server.settings.port), timeout=10)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.settings.port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token_for(server)}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head[:80]
+    return sock
+
+
+def _text_frame(text: str) -> bytes:
+    payload = text.encode()
+    mask = os.urandom(4)
+    length = len(payload)
+    head = bytes([0x81]) + (bytes([0x80 | length]) if length < 126 else
+                            bytes([0x80 | 126]) + length.to_bytes(2, "big") if length < 65536 else
+                            bytes([0x80 | 127]) + length.to_bytes(8, "big"))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_peer_that_stops_answering_pings_while_the_server_reads_it_is_still_closed(make_gateway):
+    """The keepalive still finds a dead peer: a socket the server is free to read, with no pong."""
+    server = start(make_gateway, **KEEPALIVE)
+    with _raw_websocket(server, f"/v4/listen?{PCM_QUERY}") as sock:
+        started = time.monotonic()
+        assert seconds_until_closed(sock, 10.0) < 0.5 + 0.5 + 2.0
+    assert time.monotonic() - started >= 0.5
+
+
+def test_a_suggestion_flood_that_never_answers_pings_is_held_by_tcp_not_read_into_memory(make_gateway):
+    """The other side of not counting the server's own pauses: a flooding client that answers no
+    ping is not closed while the server paces it, so what bounds it must be the pacing. Whatever
+    it sends, the server holds at most one socket read of it unprocessed, and others are served."""
+    from harken.gateway.ws_protocol import SinkingWebSocketProtocol
+
+    server = start(make_gateway, **KEEPALIVE)
+    words = ("lorem ipsum dolor sit amet " * 30).strip()
+    frame = _text_frame(json.dumps({"type": "suggested_transcript", "segments": [
+        {"text": words, "start": i * 0.01, "end": i * 0.01 + 0.01} for i in range(60)]}))
+
+    def held_unread() -> int:
+        held = 0
+        for protocol in list(server.server.server_state.connections):
+            if isinstance(protocol, SinkingWebSocketProtocol):
+                held += sum(len(m.get("text") or m.get("bytes") or b"") for m in list(protocol.queue._queue))
+                held += len(protocol._partial or b"")
+        return held
+
+    with _raw_websocket(server, f"/v4/listen?{PCM_QUERY}&custom_stt=enabled") as sock:
+        sock.setblocking(False)
+        sent, most, deadline = 0, 0, time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                sent += sock.send(frame)
+            most = max(most, server.call(held_unread))
+            time.sleep(0.01)
+        assert asyncio.run(connect_to_ready(server)) < 2.0
+    assert sent > 4 * 512 * 1024                 # it sent far more than the server holds
+    assert most <= 512 * 1024, (most, sent)
+
+
 # --- 3, 11: suggested transcripts and client numbers ----------------------------------------------
 
 async def test_a_suggestion_flood_is_capped_merged_in_bounded_segments_and_others_are_served(make_gateway):

@@ -28,6 +28,16 @@ frames, unmasks and decodes the common frames itself: at each frame boundary ``r
 takes every frame it can and returns the offset of the first it leaves, which this protocol then
 handles as above (to the sink, or to websockets). The reader's audio reaches its owner through
 the reader's own callback, in pieces, without a Python call per packet.
+
+Keepalive. uvicorn closes a connection 1011 when a ping's pong has not come back within
+``ws_ping_timeout``. But the server stops reading a socket of its own accord: a client past its
+burst is paced to real time, a text message waits until the session takes it, a backlog waits
+for the pump. A pong the client sent in time then sits behind data the server has not read, and
+an honest device reconnecting with a backlog was closed 1011 (a paced suggestion flood after
+~40 s). Here the deadline counts only the time the server was reading the socket: a dead peer
+is still found one timeout of reading after a ping, and a client held back by the server is not
+mistaken for one. What bounds such a client is the pacing and TCP's flow control (the server
+holds at most one socket read of it unprocessed), as for any other.
 """
 
 from __future__ import annotations
@@ -91,6 +101,53 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
         self._partial: bytearray | None = None
         self._framing_done = False      # never (again) frame here: websockets parses the rest
         self._fragmented = False        # websockets holds an unfinished fragmented message
+
+    # -- keepalive: the pong deadline counts only time the server was reading --------------
+    # ``read_paused`` (uvicorn's: a message waits for the app) and ``_sink_paused`` (pacing, a
+    # backlog) are the two reasons the transport is paused; each change of either is noted.
+    _uv_read_paused = False
+    _sink_paused = False                # (uvicorn's __init__ sets read_paused before ours runs)
+    _unread_since: float | None = None  # loop time the server stopped reading (None: it reads)
+    _unread_total = 0.0                 # seconds it did not read, over the connection
+    _unread_at_ping = 0.0               # _unread_total when the pending ping was sent
+
+    @property
+    def read_paused(self) -> bool:
+        return self._uv_read_paused
+
+    @read_paused.setter
+    def read_paused(self, value: bool) -> None:
+        self._uv_read_paused = value
+        self._note_reading()
+
+    def _note_reading(self) -> None:
+        paused = self._uv_read_paused or self._sink_paused
+        if paused == (self._unread_since is not None):
+            return
+        now = self.loop.time()
+        if paused:
+            self._unread_since = now
+        else:
+            self._unread_total += now - self._unread_since
+            self._unread_since = None
+
+    def _unread_seconds(self, now: float) -> float:
+        return self._unread_total + (now - self._unread_since if self._unread_since is not None else 0.0)
+
+    def send_keepalive_ping(self) -> None:
+        self._unread_at_ping = self._unread_seconds(self.loop.time())
+        super().send_keepalive_ping()
+
+    def keepalive_timeout(self) -> None:
+        if self.pending_ping_payload is not None and not self.close_sent:
+            now = self.loop.time()
+            reading = now - self.ping_sent_at - (self._unread_seconds(now) - self._unread_at_ping)
+            if reading < self.ping_timeout:
+                # Not yet a timeout's worth of reading: look again when there could be one
+                # (a timer rather than a hook on resume keeps uvicorn's pong handling as it is).
+                self.pong_timer = self.loop.call_later(self.ping_timeout - reading, self.keepalive_timeout)
+                return
+        super().keepalive_timeout()
 
     # -- the connection ledger (edge.py): an upgraded connection still counts --------------
     def connection_made(self, transport) -> None:
@@ -216,12 +273,14 @@ class SinkingWebSocketProtocol(WebSocketsSansIOProtocol):
     def pause_sink_reading(self) -> None:
         if not self._sink_paused:
             self._sink_paused = True
+            self._note_reading()
             if not self.read_paused:
                 self.transport.pause_reading()
 
     def resume_sink_reading(self) -> None:
         if self._sink_paused:
             self._sink_paused = False
+            self._note_reading()
             if not self.read_paused:
                 self.transport.resume_reading()
             if self._partial:
