@@ -449,3 +449,35 @@ async def test_a_save_cancelled_mid_transaction_is_not_stored_and_its_group_is(s
     for i, live in enumerate(lives):
         expected = [] if i == 1 else [f"words of {i}"]
         assert [s["text"] for s in await store.load_segments(live.conversation_id)] == expected
+
+
+@pytest.mark.timeout(60)
+async def test_a_connect_on_a_quiet_node_does_not_wait_for_the_gather_pause_and_a_ramp_still_shares(
+        store, tmp_path, monkeypatch):
+    """Connects one after another on a quiet node each start their transaction at once (the
+    gather pause, made 1 s here so that it cannot hide in the noise, was most of a connect →
+    ready: up to 30 ms of ~18); a ramp faster than the pause still shares transactions once the
+    burst credit is spent."""
+    from harken.conversations import group_commit
+
+    monkeypatch.setattr(group_commit, "GATHER_SECONDS", 1.0)
+    sizes = record_group_sizes(monkeypatch, store, "open_conversations")
+    loop = asyncio.get_running_loop()
+    clock = Clock()
+    async with service_on(store, tmp_path, clock) as service:
+        waits = []
+        for i in range(4):
+            began = loop.time()
+            await service.connect(f"quiet{i}", conversation_timeout=TIMEOUT)
+            waits.append(loop.time() - began)
+        assert max(waits) < 0.5, waits                  # before: 1 s for each after the first
+        opened_alone = len(sizes)
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(i * 0.005)
+            await service.connect(f"ramp{i}", conversation_timeout=TIMEOUT)
+
+        await asyncio.gather(*(one(i) for i in range(60)))   # 60 connects over 0.3 s
+    ramp = sizes[opened_alone:]
+    assert sum(ramp) == 60
+    assert len(ramp) <= 20, ramp                          # not one transaction per connect

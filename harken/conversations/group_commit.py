@@ -43,13 +43,17 @@ class GroupCommitter(Generic[Request]):
     ended mid-save never has a batch stored that its client was not sent."""
 
     def __init__(self, write: Callable[[Sequence[Request]], Awaitable[list]],
-                 key: Callable[[Request], Hashable], name: str) -> None:
+                 key: Callable[[Request], Hashable], name: str, burst: int = 1) -> None:
         self._write, self._key, self._name = write, key, name
         self._pending: list[Item] = []
         self._in_flight: list[Item] = []
         self._transaction: asyncio.Task | None = None
         self._flusher: asyncio.Task | None = None
-        self._last_start = float("-inf")     # loop time the latest transaction started
+        # Transactions start at most one per GATHER_SECONDS on average, and up to ``burst`` of
+        # them at once after a quiet spell (a token bucket; 1 = a pause after every transaction).
+        self._burst = float(max(1, burst))
+        self._credit = self._burst
+        self._credit_at = float("-inf")      # loop time the credit was counted
 
     async def save(self, request: Request) -> Any:
         done = asyncio.get_running_loop().create_future()
@@ -77,16 +81,20 @@ class GroupCommitter(Generic[Request]):
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                wait = self._last_start + GATHER_SECONDS - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                self._last_start = loop.time()
+                credit = self._credit_now(loop.time())
+                if credit < 1:
+                    await asyncio.sleep((1 - credit) * GATHER_SECONDS)
+                now = loop.time()
+                self._credit, self._credit_at = self._credit_now(now) - 1, now
                 await self._commit(self._next_group())
         except asyncio.CancelledError:        # the loop is shutting down: nobody waits forever
             for _, done in self._in_flight + self._pending:
                 done.cancel()
             self._pending = []
             raise
+
+    def _credit_now(self, now: float) -> float:
+        return min(self._burst, self._credit + (now - self._credit_at) / GATHER_SECONDS)
 
     def _next_group(self) -> list[Item]:
         group, later, seen = [], [], set()

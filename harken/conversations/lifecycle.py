@@ -80,6 +80,9 @@ MAX_PARALLEL_OFFLINE_PROCESSING = 16
 AUDIO_QUEUE_LIMIT = 64 * 1024 * 1024  # bytes of audio chunks waiting for the store, all sessions
 AUDIO_BATCH = 32                     # chunks written per transaction
 CLOSE_FLUSH_TIMEOUT = 10.0
+# Conversation opens that may start a transaction each, back to back, after a quiet spell
+# (GroupCommitter burst): a ramp of 20 connects 20 ms apart never waits for the gather pause.
+OPEN_BURST = 16
 
 
 def _node_id() -> str:
@@ -112,7 +115,11 @@ class ConversationService:
             max_backoff=settings.webhook_max_backoff, allow_private=settings.webhook_allow_private, clock=clock)
         self._live: set[LiveConversation] = set()
         # The sessions' openings, batches and ends (lease release, usage), many per transaction.
-        self._opens = GroupCommitter(store.open_conversations, key=lambda r: r.new.uid, name="conversation opens")
+        # Opens may start OPEN_BURST transactions back to back: a connect on a quiet node (or in a
+        # small ramp) does not wait out the gather pause, which was most of its connect → ready;
+        # a ramp of hundreds still shares transactions once that credit is spent.
+        self._opens = GroupCommitter(store.open_conversations, key=lambda r: r.new.uid, name="conversation opens",
+                                     burst=OPEN_BURST)
         self._batches = GroupCommitter(store.save_batches, key=lambda r: r.conversation.id, name="batches")
         self._ends = GroupCommitter(store.end_sessions, key=lambda e: e.conversation_id, name="session ends")
         # Processing's claims and completions, many per transaction: a sweep that finds many
