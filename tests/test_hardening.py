@@ -600,38 +600,47 @@ async def test_ipv6_forms_of_loopback_and_private_addresses_are_refused_as_webho
     assert answer.status_code == 422 and "private" in answer.json()["detail"]
 
 
-async def test_delivery_connects_to_the_address_the_resolver_gave_not_a_second_lookup(tmp_path):
+@contextlib.asynccontextmanager
+async def one_webhook_delivery(tmp_path, host: str, *, allow_private: bool, resolver=None):
+    """A receiver on loopback, and a service on SQLite (quick retries) that has one batch of
+    alice's to deliver to ``http://<host>:<receiver's port>/hook``; yields (receiver, deliverer)."""
     from harken.conversations import ConversationService, OutboxDeliverer
     from tests.fakes.webhook_receiver import WebhookReceiver
     from tests.test_store import opened_store
 
+    hook = await WebhookReceiver().start()
+    try:
+        async with opened_store("sqlite", tmp_path) as store:
+            deliverer = OutboxDeliverer(store, node_id="t", timeout=5, base_backoff=0.05, max_backoff=0.2,
+                                        allow_private=allow_private, poll_interval=0.05, resolver=resolver)
+            settings = Settings(data_dir=tmp_path, webhook_allow_private=allow_private)
+            service = ConversationService(settings, store, deliverer=deliverer, check_interval=3600)
+            await service.start()
+            try:
+                port = hook.url().split(":")[2].split("/")[0]
+                await service.set_webhook("alice", "realtime_transcript", f"http://{host}:{port}/hook")
+                live = await service.connect("alice", session_id="s1")
+                await live.save_batch([{"id": "a", "text": "hi", "speaker": "SPEAKER_00", "speaker_id": 0,
+                                        "is_user": True, "start": 0.0, "end": 1.0}], [])
+                yield hook, deliverer
+                await live.close()
+            finally:
+                await service.stop()
+    finally:
+        await hook.stop()
+
+
+async def test_delivery_connects_to_the_address_the_resolver_gave_not_a_second_lookup(tmp_path):
     lookups = []
 
     async def resolver(host, port):
         lookups.append(host)
         return ["127.0.0.1"]
 
-    hook = await WebhookReceiver().start()
-    try:
-        async with opened_store("sqlite", tmp_path) as store:
-            deliverer = OutboxDeliverer(store, node_id="t", timeout=5, base_backoff=0.05, max_backoff=0.2,
-                                        allow_private=True, poll_interval=0.05, resolver=resolver)
-            settings = Settings(data_dir=tmp_path, webhook_allow_private=True)
-            service = ConversationService(settings, store, deliverer=deliverer, check_interval=3600)
-            await service.start()
-            try:
-                port = hook.url().split(":")[2].split("/")[0]
-                # .invalid never resolves through the system: only the resolver's answer reaches it.
-                await service.set_webhook("alice", "realtime_transcript", f"http://pinned.invalid:{port}/hook")
-                live = await service.connect("alice", session_id="s1")
-                await live.save_batch([{"id": "a", "text": "hi", "speaker": "SPEAKER_00", "speaker_id": 0,
-                                        "is_user": True, "start": 0.0, "end": 1.0}], [])
-                (request,) = await hook.wait_for(1, timeout=10)
-                await live.close()
-            finally:
-                await service.stop()
-    finally:
-        await hook.stop()
+    # .invalid never resolves through the system: only the resolver's answer reaches the receiver.
+    async with one_webhook_delivery(tmp_path, "pinned.invalid", allow_private=True, resolver=resolver) as (hook, _):
+        (request,) = await hook.wait_for(1, timeout=10)
+        port = hook.url().split(":")[2].split("/")[0]
     assert "pinned.invalid" in lookups
     assert request.headers["host"] == f"pinned.invalid:{port}"       # Host (and SNI) keep the name
 
@@ -642,10 +651,6 @@ async def test_a_webhook_name_that_rebinds_to_loopback_after_its_check_gets_no_p
     it is sent) and 127.0.0.1 after that. The machine's network is faked as loopback-only (a
     connection to a public address fails at once): nothing may reach the receiver on loopback."""
     import httpcore
-
-    from harken.conversations import ConversationService, OutboxDeliverer
-    from tests.fakes.webhook_receiver import WebhookReceiver
-    from tests.test_store import opened_store
 
     real_getaddrinfo = socket.getaddrinfo
     answers: list[str] = []
@@ -668,28 +673,10 @@ async def test_a_webhook_name_that_rebinds_to_loopback_after_its_check_gets_no_p
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
     monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", loopback_only_network)
-    hook = await WebhookReceiver().start()
-    try:
-        async with opened_store("sqlite", tmp_path) as store:
-            deliverer = OutboxDeliverer(store, node_id="t", timeout=5, base_backoff=0.05, max_backoff=0.2,
-                                        poll_interval=0.05)
-            service = ConversationService(Settings(data_dir=tmp_path), store, deliverer=deliverer,
-                                          check_interval=3600)
-            await service.start()
-            try:
-                port = hook.url().split(":")[2].split("/")[0]
-                await service.set_webhook("alice", "realtime_transcript", f"http://rebind.example:{port}/hook")
-                live = await service.connect("alice", session_id="s1")
-                await live.save_batch([{"id": "a", "text": "hi", "speaker": "SPEAKER_00", "speaker_id": 0,
-                                        "is_user": True, "start": 0.0, "end": 1.0}], [])
-                async with asyncio.timeout(15):
-                    while deliverer.failed_attempts < 2 and hook.attempts == 0:
-                        await asyncio.sleep(0.05)
-                await live.close()
-            finally:
-                await service.stop()
-    finally:
-        await hook.stop()
+    async with one_webhook_delivery(tmp_path, "rebind.example", allow_private=False) as (hook, deliverer):
+        async with asyncio.timeout(15):
+            while deliverer.failed_attempts < 2 and hook.attempts == 0:
+                await asyncio.sleep(0.05)
     assert answers[:2] == ["1.2.3.4", "1.2.3.4"]
     assert hook.attempts == 0, f"a POST reached loopback (dialled {dialled})"
     assert "1.2.3.4" in dialled
