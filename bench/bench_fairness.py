@@ -354,6 +354,7 @@ def task_cpu_seconds(pid: int) -> float:
 
 NAMES = ("ready_p50", "ready_p95", "latency_p50", "latency_p95", "server_cpu", "burst_p50", "burst_p95",
          "cpu_per_connect")
+WALL = ("ready_p50", "ready_p95", "latency_p95", "burst_p50", "burst_p95")
 
 
 def print_table(results: list[tuple[str, dict[str, float]]], args) -> None:
@@ -364,6 +365,7 @@ def print_table(results: list[tuple[str, dict[str, float]]], args) -> None:
           f"of a core). Shared machine: the baselines' spread shows its noise.")
     print(f"{'phase':17s} " + " ".join(f"{n:>18s}" for n in NAMES) + "  background errors  load")
     ratios: dict[str, dict[str, list[float]]] = {}
+    differences: dict[str, dict[str, list[float]]] = {}     # abuser's figure less the baselines'
     for index, (phase, figures) in enumerate(results):
         if phase == "baseline":
             cells = [_cell(figures[n], None, n) for n in NAMES]
@@ -373,6 +375,7 @@ def print_table(results: list[tuple[str, dict[str, float]]], args) -> None:
             cells = [_cell(figures[n], bases[n], n) for n in NAMES]
             for n in NAMES:
                 ratios.setdefault(phase, {}).setdefault(n, []).append(figures[n] / bases[n] if bases[n] else float("nan"))
+                differences.setdefault(phase, {}).setdefault(n, []).append(figures[n] - bases[n])
         print(f"{phase:17s} " + " ".join(f"{c:>18s}" for c in cells)
               + f"  {figures['background_cpu'] * 100:7.1f} % {figures['errors']:5.0f} {figures['load']:5.1f}")
     loads = [figures["load"] for _, figures in results]
@@ -383,6 +386,14 @@ def print_table(results: list[tuple[str, dict[str, float]]], args) -> None:
         for phase, by_name in ratios.items():
             print(f"{phase:17s} " + " ".join(
                 f"{statistics.median(v):5.2f}x ({min(v):.2f}-{max(v):.2f})".rjust(18) for v in by_name.values()))
+        # With connects of a few ms, a ratio moves by 0.2 for a millisecond: the difference says
+        # how much time the abuser costs an honest connect.
+        print(f"\nmedian difference to the baselines over {args.repeat} repetitions, ms (min to max):")
+        print(f"{'abuser':17s} " + " ".join(f"{n:>18s}" for n in WALL))
+        for phase, by_name in differences.items():
+            print(f"{phase:17s} " + " ".join(
+                f"{statistics.median(by_name[n]) * 1000:+6.1f} ({min(by_name[n]) * 1000:+.0f} to "
+                f"{max(by_name[n]) * 1000:+.0f})".rjust(18) for n in WALL))
 
 
 def _cell(value: float, base: float | None, name: str) -> str:
