@@ -282,3 +282,34 @@ def test_random_bytes_at_ten_percent_are_dropped_and_every_real_message_is_kept(
     # lc3: one 40-byte frame per message, of the device's length: liblc3's corrupt-frame report,
     # the LSB-mode rule, the probe for unread bits and the gain rule leave about 3 % (2.5 % here).
     assert len(passed_levels) <= 0.06 * len(garbage), (len(passed_levels), len(garbage))
+
+
+def test_random_bytes_let_through_cost_a_pitched_stretch_after_them_one_frame_at_most():
+    """The LTPF rule refuses a frame with LTPF on after two frames without a pitch. Two copies of
+    one random frame (the fuzzer's: the first held for its gain, the second, close to it, confirms
+    it) put two pitchless frames in the decoder's history; the device's frames after them are a
+    pitched stretch with LTPF on, and each was refused against that history, 50 ms in a row
+    here. A frame refused by the rule with a pitch now counts as the pitched frame before the
+    next, so the stretch loses one frame."""
+    from .codec_samples import encoded_messages
+
+    garbage = bytes.fromhex("1020001000000080000080002000000000000000110000000040000000000000"
+                            "0a093e52a3400001")
+    messages = encoded_messages("lc3", 16000)
+    half = len(messages) // 2
+    decoder = decoder_for("lc3", 16000)
+    for message in messages[:half]:
+        _step(decoder, message)
+    for _ in range(2):
+        try:
+            decoder.decode(garbage)
+        except DecodeError:
+            pass
+    refused = []
+    for index, message in enumerate(messages[half:half + 20]):
+        try:
+            decoder.decode(message)
+        except DecodeError as exc:
+            if "held back" not in str(exc):
+                refused.append(index)
+    assert refused == [0], refused

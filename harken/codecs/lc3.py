@@ -222,6 +222,7 @@ class LC3Decoder(Decoder):
         self._before_last: list[list[SideInfo]] = []      # the frame before that, if any
         self._held: tuple[list[bytes], list[list[SideInfo]], list[int]] | None = None
         self._ready: list[np.ndarray] = []
+        self._ltpf_refused: list[SideInfo] | None = None    # the last message, refused by the LTPF rule
         self._dropped = 0      # held messages the next one refuted (held_dropped)
 
     def _frames(self, message: bytes) -> list[bytes]:
@@ -283,9 +284,14 @@ class LC3Decoder(Decoder):
                 # frame's pitch correlation above 0.94: the LC3 spec's LTPF activation, liblc3's
                 # lc3_ltpf_analyse); random bytes set the flags at random. The frame before that
                 # one counts too: the previous frame decoded may be random bytes let through.
-                if k >= 2 and any(s.ltpf_active and not a.pitch and not b.pitch
-                                  for a, b, s in zip(history[k - 2], history[k - 1], side)):
+                # But a frame refused by this rule just before, with a pitch, counts as one: random
+                # bytes let through would otherwise refuse every frame of a pitched stretch after them.
+                pitched = self._ltpf_refused if k == len(history) - len(sides) else None
+                if k >= 2 and any(s.ltpf_active and not a.pitch and not b.pitch and not (pitched and pitched[c].pitch)
+                                  for c, (a, b, s) in enumerate(zip(history[k - 2], history[k - 1], side))):
+                    self._ltpf_refused = side
                     raise DecodeError("LC3 frame with LTPF on after frames without a pitch (random bytes)")
+            self._ltpf_refused = None
             chain = [[side.gain for side in frame] for frame in previous] + gains
             for k in range(max(1, len(previous)), len(chain) - 1):
                 if (self._jumps(chain[k], chain[k - 1]) and self._jumps(chain[k], chain[k + 1])
