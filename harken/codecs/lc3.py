@@ -214,8 +214,8 @@ class LC3Decoder(Decoder):
         self._signature = Signature()
         self._before_frame = ctypes.create_string_buffer(size)    # for the probe (see _decode_frames)
         self._after_frame = ctypes.create_string_buffer(size)
-        self._probe_pcm = np.empty(self._frame_samples, dtype=np.int16)
-        self._probe_address = self._probe_pcm.__array_interface__["data"][0]
+        self._probe_pcm = [np.empty(self._frame_samples, dtype=np.int16) for _ in range(2)]
+        self._probe_addresses = [pcm.__array_interface__["data"][0] for pcm in self._probe_pcm]
         # Each channel's side information of the last frame decoded (None: none yet), a message
         # held back because its gain jumped (see decode), and audio decoded but not returned yet.
         self._last: list[SideInfo] | None = None
@@ -361,40 +361,59 @@ class LC3Decoder(Decoder):
         frames sounds the same (nor any frame of it encoded by liblc3 at 8 to 48 kHz, 20 to 400
         bytes), while 127 of the 276 random 40-byte frames that got through the other rules on
         ten seeds do (leaks per seed of 752: 22-33 before, 10-18 with it)."""
-        decode_frame = _liblc3().lc3_decode
+        decode_frame, memmove, memcmp = _liblc3().lc3_decode, ctypes.memmove, _libc().memcmp
         self._save_state()
-        channels = self.channels
-        block = self._frame_samples * channels  # interleaved samples of one frame
+        channels, rate, size = self.channels, self.sample_rate, self._state_bytes
+        samples = self._frame_samples
+        block = samples * channels  # interleaved samples of one frame
         out = np.empty(len(frames) * block, dtype=np.int16)
         address = out.__array_interface__["data"][0]    # (``out.ctypes`` costs a few µs a call)
+        probe_first, probe_last = self._probe_addresses
         corrupt = random = 0
         for index, frame in enumerate(frames):
             per_channel = len(frame) // channels
             start = probe_start(per_channel)
-            lsb_possible = lsb_mode_possible(per_channel, self.sample_rate)
+            lsb_possible = lsb_mode_possible(per_channel, rate)
             for channel, handle in enumerate(self._handles):
                 data = frame[channel * per_channel:(channel + 1) * per_channel] if channels > 1 else frame
                 pcm = address + 2 * (index * block + channel)  # liblc3 writes every channels-th sample
-                ctypes.memmove(self._before_frame, self._memory[channel], self._state_bytes)
+                memory = self._memory[channel]
+                # The state before the frame: the message's saved copy for its first frame.
+                before = self._saved[channel] if index == 0 else self._before_frame
+                if index:
+                    memmove(before, memory, size)
+                first = second = lowered = None
+                if not (lsb_possible and lsb_mode_flag(data, rate)):
+                    # (A frame in LSB mode is not probed: one of 3,762 real 80-byte frames at
+                    # 16 kHz, the shortest with LSB mode, left two set bits there unread.)
+                    # Two set bits, each unread: one alone may be among the last bits of the
+                    # arithmetic code, which its decoder does not need (rare, but seen).
+                    first = probe_bit(data, start)
+                    second = None if first is None else probe_bit(data, first + 1, start + PROBE_WINDOW - first - 1)
+                    lowered = last_pair_dropped(data, rate)      # a device's last pair is never zero
+                # The changed frames are decoded first, from the state before the frame, each
+                # undone at once (one state copy each; after the frame's own decode it took three).
+                if second is not None:
+                    first_cleared = cleared(data, first)
+                    decode_frame(handle, first_cleared, per_channel, _PCM_S16, probe_first, 1)
+                    memmove(memory, before, size)
+                if lowered is not None:
+                    decode_frame(handle, lowered, per_channel, _PCM_S16, probe_last, 1)
+                    memmove(memory, before, size)
                 status = decode_frame(handle, data, per_channel, _PCM_S16, pcm, channels)
                 if status < 0:
                     self._restore_state()
                     raise DecodeError(f"liblc3 rejected a {per_channel}-byte frame")
                 corrupt += status == _PLC
-                if status == 0 and not (lsb_possible and lsb_mode_flag(data, self.sample_rate)):
-                    # (A frame in LSB mode is not probed: one of 3,762 real 80-byte frames at
-                    # 16 kHz, the shortest with LSB mode, left two set bits there unread.)
-                    # Mono: the frame's samples, where liblc3 wrote them; else a copy of the channel's.
-                    frame_out = pcm if channels == 1 else out[index * block + channel:(index + 1) * block:channels].copy()
-                    # Two set bits, each unread: one alone may be among the last bits of the
-                    # arithmetic code, which its decoder does not need (rare, but seen).
-                    first = probe_bit(data, start)
-                    second = None if first is None else probe_bit(data, first + 1, start + PROBE_WINDOW - first - 1)
-                    random += (second is not None and self._same_audio(channel, handle, data, cleared(data, first), frame_out)
-                               and self._same_audio(channel, handle, data, cleared(data, second), frame_out))
-                    # The last pair of lines: a device's is never zero (see last_pair_dropped).
-                    lowered = None if random else last_pair_dropped(data, self.sample_rate)
-                    random += lowered is not None and self._same_audio(channel, handle, data, lowered, frame_out)
+                if status or (second is None and lowered is None):
+                    continue
+                # Mono: the frame's samples, where liblc3 wrote them; else a copy of the channel's.
+                frame_out = pcm if channels == 1 else out[index * block + channel:(index + 1) * block:channels].copy()
+                random += ((second is not None and self._same(probe_first, frame_out, channel, handle, data,
+                                                              first_cleared, before)
+                            and self._same_audio(channel, handle, data, cleared(data, second), frame_out, before))
+                           or (lowered is not None and self._same(probe_last, frame_out, channel, handle, data,
+                                                                  lowered, before)))
         if corrupt or random or not keep:
             # The message is reported whole: a real device's frames arrive intact (BLE checks
             # them), so a corrupt frame means the message is garbage, and passing its other frames
@@ -409,36 +428,42 @@ class LC3Decoder(Decoder):
                                   "encoder leaves unused bits zero)")
         return self._resampler.process(mix_to_mono(out, channels)) if keep else no_samples()
 
-    def _same_audio(self, channel: int, handle: int, frame: bytes, changed: bytes, decoded: int | np.ndarray) -> bool:
+    def _same_audio(self, channel: int, handle: int, frame: bytes, changed: bytes, decoded: int | np.ndarray,
+                    before) -> bool:
         """Whether ``frame``, just decoded to ``decoded`` (its samples, or their address) from the
-        state in ``_before_frame``, decodes to the same audio as ``changed`` (the frame with a bit
+        state in ``before``, decodes to the same audio as ``changed`` (the frame with a bit
         cleared or a field lowered: see ``_decode_frames``); the channel's state is left as after
         ``frame``."""
         decode_frame, memory, size = _liblc3().lc3_decode, self._memory[channel], self._state_bytes
         ctypes.memmove(self._after_frame, memory, size)
-        ctypes.memmove(memory, self._before_frame, size)
-        decode_frame(handle, changed, len(frame), _PCM_S16, self._probe_address, 1)
+        ctypes.memmove(memory, before, size)
+        decode_frame(handle, changed, len(frame), _PCM_S16, self._probe_addresses[0], 1)
         ctypes.memmove(memory, self._after_frame, size)
-        samples = self._frame_samples
+        return self._same(self._probe_addresses[0], decoded, channel, handle, frame, changed, before)
+
+    def _same(self, probe: int, decoded: int | np.ndarray, channel: int, handle: int, frame: bytes,
+              changed: bytes, before) -> bool:
+        """Whether ``changed``'s samples, decoded at the address ``probe``, are ``frame``'s
+        (``decoded``: their address, or a copy) and stay the same before rounding."""
         if isinstance(decoded, int):
-            if _libc().memcmp(self._probe_address, decoded, 2 * samples):
+            if _libc().memcmp(probe, decoded, 2 * self._frame_samples):
                 return False
-        elif not np.array_equal(self._probe_pcm, decoded):
+        elif not np.array_equal(self._probe_pcm[self._probe_addresses.index(probe)], decoded):
             return False
         # The same 16-bit audio may only mean that the frame adds too little to survive the
         # rounding (a frame fading into silence): then compare liblc3's float output, before
         # rounding, which any bit the decoder reads changes.
-        return self._same_unrounded(channel, handle, frame, changed)
+        return self._same_unrounded(channel, handle, frame, changed, before)
 
-    def _same_unrounded(self, channel: int, handle: int, frame: bytes, changed: bytes) -> bool:
+    def _same_unrounded(self, channel: int, handle: int, frame: bytes, changed: bytes, before) -> bool:
         """Whether ``frame`` and ``changed`` decode to the same float samples from the state the
-        frame was decoded from (``_before_frame``); the channel's state is left as after ``frame``."""
+        frame was decoded from (``before``); the channel's state is left as after ``frame``."""
         decode_frame, memory, size = _liblc3().lc3_decode, self._memory[channel], self._state_bytes
         after = ctypes.create_string_buffer(size)
         ctypes.memmove(after, memory, size)
         results = []
         for data in (frame, changed):
-            ctypes.memmove(memory, self._before_frame, size)
+            ctypes.memmove(memory, before, size)
             samples = np.empty(self._frame_samples, dtype=np.float32)
             decode_frame(handle, data, len(data), _PCM_FLOAT, samples.ctypes.data, 1)
             results.append(samples)
