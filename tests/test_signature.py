@@ -313,3 +313,30 @@ def test_random_bytes_let_through_cost_a_pitched_stretch_after_them_one_frame_at
             if "held back" not in str(exc):
                 refused.append(index)
     assert refused == [0], refused
+
+
+@pytest.mark.parametrize("codec, rate", [("lc3", 16000), ("lc3_fs1030", 16000), ("lc3", 48000)])
+def test_the_native_probe_decodes_and_refuses_exactly_as_the_python_path(codec, rate):
+    """Mono LC3 frames take the probe in one native call (harken/native/lc3_probe.c) when it is
+    built; the Python path, for builds without it, must give the same audio and the same
+    refusals: a device's frames with random bytes before every tenth message."""
+    from harken import native
+
+    if native.lc3_probe is None:
+        pytest.skip("harken.native not built (python -m harken.native.build)")
+    speech = np.concatenate([np.zeros(3200, np.int16), np.tile(reference_pcm(), 3), np.zeros(3200, np.int16)])
+    mixed, garbage = _with_garbage(encode_for_device(speech, codec, rate), codec + "native")
+    in_c, in_python = decoder_for(codec, rate), decoder_for(codec, rate)
+    assert in_c._native[0] is not None
+    in_python._native = (None, None)
+    outcomes = {"c": [], "python": []}
+    for decoder, seen in ((in_c, outcomes["c"]), (in_python, outcomes["python"])):
+        for message in mixed:
+            try:
+                seen.append(decoder.decode(message).tobytes())
+            except DecodeError as exc:
+                seen.append(str(exc))
+        seen.append(decoder.flush().tobytes())
+    assert outcomes["c"] == outcomes["python"]
+    refused = [i for i, o in enumerate(outcomes["c"][:-1]) if isinstance(o, str) and "held back" not in o]
+    assert set(refused) <= garbage and len(refused) >= 0.9 * len(garbage)
