@@ -114,12 +114,40 @@ def library_wrappers(audio: np.ndarray, seconds: float, repeats: int) -> None:
     for _ in range(20):
         lc3.Decoder(10000, 16000)
     lc3py_new = (time.perf_counter() - start) / 20 * 1e6
+    print("\nliblc3 itself (lc3_decode through ctypes, no checks, no resampling) against harken's lc3 decoder,"
+          " same audio, same measure:")
+    for rate in (16000, 48000):
+        frames = encode_for_device(audio, "lc3", rate)
+        plain = cpu_per_audio_second(plain_liblc3(rate), frames, seconds, repeats)
+        checked = cpu_per_audio_second(harken_decoder("lc3", rate, 1), frames, seconds, repeats)
+        print(f"  lc3 {rate // 1000} kHz {len(frames[0])} B: liblc3 {plain:.0f} µs/audio s, harken {checked:.0f} "
+              f"({checked / plain:.1f}×, {(checked - plain) / 1000:.2f} ms more per audio s)")
     print("\nlibrary wrappers bypassed by harken (same audio, same measure):")
     print(f"  opuslib Decoder.decode, opus 16 kHz 10 ms: "
           f"{cpu_per_audio_second(opuslib_stream, opus_packets, seconds, repeats):.0f} µs/audio s")
     print(f"  lc3py Decoder.decode, lc3 16 kHz 40 B:    "
           f"{cpu_per_audio_second(lc3py_stream, lc3_frames, seconds, repeats):.0f} µs/audio s;"
           f" lc3.Decoder() {lc3py_new:.0f} µs (forks ldconfig), never freed")
+
+
+def plain_liblc3(rate: int):
+    """liblc3's decode alone, into one reused buffer: the floor under harken's LC3 decoder, whose
+    checks (codecs/lc3.py: the probe and the last-pair decode, the gain and LTPF rules) and
+    resampling come on top."""
+    import ctypes
+
+    from harken.codecs.lc3 import FRAME_US, _liblc3
+
+    lib = _liblc3()
+
+    def open_stream():
+        memory = ctypes.create_string_buffer(lib.lc3_decoder_size(FRAME_US, rate))
+        handle = lib.lc3_setup_decoder(FRAME_US, rate, rate, memory)
+        pcm = np.empty(rate // 100, dtype=np.int16)
+        address = pcm.ctypes.data
+        return (lambda frame: (memory, lib.lc3_decode(handle, frame, len(frame), 0, address, 1))), (lambda: None)
+
+    return open_stream
 
 
 def per_message_percentiles(codec: str, rate: int, channels: int, messages) -> tuple[float, float]:

@@ -143,7 +143,7 @@ def decode_errors(server: GatewayServer) -> int:
 
 
 async def run(server: GatewayServer, messages: list[bytes], real: list[bytes], seconds: float, codec: str,
-              rate: int, reference: str, realtime: bool) -> tuple[float, int]:
+              rate: int, reference: str, realtime: bool, dump: Path | None = None) -> tuple[float, int]:
     token = mint_local_token(server.settings, f"bench-{uuid.uuid4().hex[:8]}", 3600)
     before = decode_errors(server)
     url = listen_url(server.base, codec=codec, sample_rate=rate)
@@ -153,6 +153,8 @@ async def run(server: GatewayServer, messages: list[bytes], real: list[bytes], s
         print(f"   {codec}: closed {result.close_code} {result.close_reason}")
     transcript = await stored_transcript(server, token, wait=CLOSE_WAIT)
     errors, words = word_errors(reference, transcript)
+    if dump is not None:
+        dump.write_text(transcript + "\n")
     return errors / words, decode_errors(server) - before
 
 
@@ -181,12 +183,17 @@ async def main_async(args) -> None:
                 rate = CODECS[codec]
                 messages, seconds = device_messages(pcm, codec, rate)
                 realtime = args.realtime
+                dumps = Path(args.dump) if args.dump else None
+                if dumps is not None:
+                    dumps.mkdir(parents=True, exist_ok=True)
+                    (dumps / "reference.txt").write_text(reference + "\n")
                 clean_wer, clean_dropped = await run(server, messages, messages, seconds, codec, rate, reference,
-                                                     realtime)
+                                                     realtime, dumps and dumps / f"{codec}-clean.txt")
                 for seed in args.seeds.split(","):     # the clean stream is the same for every seed
                     started = time.monotonic()
                     dirty = with_garbage(messages, args.every, f"{codec}{seed}")
-                    dirty_wer, dropped = await run(server, dirty, messages, seconds, codec, rate, reference, realtime)
+                    dirty_wer, dropped = await run(server, dirty, messages, seconds, codec, rate, reference, realtime,
+                                                   dumps and dumps / f"{codec}-garbage-{seed or '-'}.txt")
                     print(f"{codec:<12}{seed or '-':>6}{clean_wer:>10.3f}{dirty_wer:>13.3f}"
                           f"{100 * (dirty_wer - clean_wer):>8.1f}{clean_dropped:>8}/{dropped:<6}"
                           f"{len(dirty) - len(messages):>8}   ({time.monotonic() - started:.0f} s, "
@@ -202,6 +209,7 @@ def main() -> None:
     parser.add_argument("--realtime", action="store_true", help="pace the messages as a device does")
     parser.add_argument("--audio", default=str(DEFAULT_AUDIO), help="a folder with transcripts.tsv and its WAVs")
     parser.add_argument("--decode-only", action="store_true", help="count leaked/dropped/disturbed packets, no server")
+    parser.add_argument("--dump", help="write each run's stored transcript (and the reference) into this folder")
     parser.add_argument("--seeds", default="", help="seeds of the random bytes, comma-separated (to see the spread): "
                         "'' is the default; --decode-only runs ',1,2,3,4' unless told")
     asyncio.run(main_async(parser.parse_args()))

@@ -209,8 +209,9 @@ class Node:
     """One ``harken serve`` process (or a ``--workers`` supervisor) on a loopback port."""
 
     def __init__(self, name: str, port: int, data_dir: Path, log_dir: Path, *, database_url: str = "",
-                 workers: int = 1) -> None:
+                 workers: int = 1, extra: tuple[str, ...] = ()) -> None:
         self.name, self.port, self.data_dir, self.database_url, self.workers = name, port, data_dir, database_url, workers
+        self.extra = extra
         self.log = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -220,6 +221,7 @@ class Node:
                 "--drain-timeout", str(DRAIN_TIMEOUT), "--workers", str(self.workers), "--log-level", "info"]
         if self.database_url:
             args += ["--database-url", self.database_url]
+        args += self.extra
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), cwd=REPO)
         return self
@@ -389,8 +391,9 @@ class Client:
         self.reader: asyncio.Task | None = None
         self.close_code: int | None = None
 
-    async def connect(self, base: str, token: str, attempts: int = 40) -> "Client":
-        url = listen_url(base, codec="opus", sample_rate=16000, language="en", stt_service="null")
+    async def connect(self, base: str, token: str, attempts: int = 40, **params) -> "Client":
+        url = listen_url(base, **{"codec": "opus", "sample_rate": 16000, "language": "en", "stt_service": "null",
+                                  **params})
         for attempt in range(attempts):
             try:
                 self.ws = await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
@@ -668,3 +671,85 @@ async def test_workers_are_processes_that_share_one_port(tmp_path, speech_frames
                 child.kill()
             except psutil.Error:
                 pass
+
+
+async def _final_words(node: Node) -> float:
+    """Final words the null provider gave this node's sessions (its provider-latency count)."""
+    page = (await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{node.port}/metrics", timeout=5)).text
+    return sum(sample.value for family in text_string_to_metric_families(page) for sample in family.samples
+               if sample.name == "harken_stt_provider_latency_seconds_count" and sample.labels.get("provider") == "null")
+
+
+@pytest.mark.timeout(240)
+async def test_process_now_on_the_older_node_racing_a_takeover_through_another_finishes_the_conversation(
+        cluster_database, tmp_path, speech_frames):
+    """Two real nodes sharing PostgreSQL. A phone call's older connection is on node 1, whose
+    session holds words it has not stored yet (its flush interval is an hour; a call's legs say
+    who speaks, so its words wait for no voice) and which has not learnt (no lease check for an
+    hour) that the call reconnected through node 2, which took the conversation over and stores
+    its words there. ``POST /v1/conversations`` then reaches node 1: its save of the older
+    session's words is refused (``LeaseLost``). The request still finishes the conversation
+    (from the store: node 2's words), and the older session stores its refused words in a
+    conversation of its own. (The same race through a stub session:
+    test_app_rest.py::test_process_now_racing_a_takeover_from_another_node_finishes_the_conversation.)"""
+    from tests.test_channels import prefixed
+
+    pcm = np.concatenate([load_audio(name) for name in SPEECH_FILES] * 4)
+    frames = [m for i in range(0, len(pcm) - 159, 160) for m in (prefixed(1, pcm[i:i + 160]),
+                                                                  prefixed(2, np.zeros(160, np.int16)))]
+    seconds = 0.005                               # two messages (the legs) per 10 ms
+    call = {"codec": "pcm", "channels": 2, "source": "phone_call"}
+    data_dir, logs = tmp_path / "data", tmp_path / "logs"
+    logs.mkdir()
+    uid = f"race-{uuid.uuid4().hex[:6]}"
+    token = mint_local_token(Settings(data_dir=data_dir), uid, 3600)      # the nodes' shared signing key
+    older_node = Node("older", free_port(), data_dir, logs, database_url=cluster_database,
+                      extra=("--flush-interval", "3600", "--conversation-check-interval", "3600"))
+    newer_node = Node("newer", free_port(), data_dir, logs, database_url=cluster_database)
+    nodes = [older_node.start(), newer_node.start()]
+    try:
+        for node in nodes:
+            await asyncio.to_thread(node.wait_ready)
+        older = await Client().connect(f"ws://127.0.0.1:{older_node.port}", token, **call)
+        index = 0
+        for _ in range(30):                       # until the older session holds a few words
+            index = await older.stream(frames, seconds, start=index, timeout=0.5)
+            if await _final_words(older_node) >= 5:
+                break
+        assert await _final_words(older_node) >= 5, _tail(older_node.log)
+        (opened,) = await stored_conversations(cluster_database, uid)
+        first = opened["id"]
+        assert opened["segments"] == {} and older.updates == 0      # nothing stored nor sent yet
+
+        newer = await Client().connect(f"ws://127.0.0.1:{newer_node.port}", token, **call)     # the takeover
+        at = index
+        for _ in range(30):
+            at = await newer.stream(frames, seconds, start=at, timeout=0.5)
+            stored = {c["id"]: c for c in await stored_conversations(cluster_database, uid)}
+            if newer.updates >= 3 and stored[first]["segments"]:
+                break
+        taken = stored[first]["segments"]
+        assert taken and set(taken) <= set(newer.view), _tail(newer_node.log)
+
+        async with httpx.AsyncClient(timeout=60) as http:
+            answer = await http.post(f"http://127.0.0.1:{older_node.port}/v1/conversations",
+                                     headers={"Authorization": f"Bearer {token}"}, content="{}")
+        assert answer.status_code == 200, (answer.text, _tail(older_node.log))
+        finished = answer.json()["conversation"]
+        assert finished["id"] == first and finished["status"] == "completed"
+        assert {s["id"] for s in finished["transcript_segments"]} >= set(taken)
+
+        async def refused_words_stored_apart() -> dict:
+            conversations = await stored_conversations(cluster_database, uid)
+            own = [c for c in conversations if c["id"] != first and c["segments"]
+                   and not set(c["segments"]) & set(newer.view)]
+            assert own, f"the older session's words are not stored: {conversations}"
+            return own[0]
+
+        own = await eventually(refused_words_stored_apart, timeout=30)
+        assert not set(own["segments"]) & set(taken)
+        await older.close()
+        await newer.close()
+    finally:
+        for node in nodes:
+            node.stop()

@@ -450,3 +450,56 @@ async def test_audio_seconds_catch_up_while_a_session_streams_not_only_at_its_en
         return abs(now - 3.0) < 1e-6
 
     assert await wait_until(all_counted)
+
+
+async def test_lc3_messages_held_back_count_apart_and_only_the_refuted_one_as_a_decode_error(make_gateway, json_log):
+    """An LC3 message whose loudness jumps is held until the next one confirms it (codecs/lc3.py):
+    speech starting from silence holds its first frame, and its audio comes with the next. Those
+    are not bad frames: the session counts them in harken_held_back, and only a held message the
+    next one refutes (a silent frame amid speech, as random bytes' gain mostly is) in
+    harken_decode_errors. Every real message's 10 ms reaches the stream."""
+    from harken.codecs import HeldBack, decoder_for, encode
+    from harken.codecs.lc3 import global_gain
+
+    from .codec_samples import reference_pcm
+
+    server = make_gateway(null_provider=True)
+    pcm = np.concatenate([np.zeros(3200, np.int16), reference_pcm(), np.zeros(3200, np.int16), reference_pcm(),
+                          np.zeros(3200, np.int16)])
+    messages = encode.encode_for_device(pcm, "lc3", 16000)
+    silent = messages[5]
+    loud = next(i for i, m in enumerate(messages) if global_gain(m, 16000) > 150) + 30
+    assert global_gain(silent, 16000) == 0 and global_gain(messages[loud], 16000) > 100
+    sent = messages[:loud] + [silent] + messages[loud:]
+    held = 0
+    decoder = decoder_for("lc3", 16000)      # how many the decoder holds: the onsets and the silent frame
+    for message in sent:
+        try:
+            decoder.decode(message)
+        except HeldBack:
+            held += 1
+    assert held >= 3 and decoder.held_dropped() == 1
+
+    before = await scrape(server)
+    url = listen_url(server.base, codec="lc3", sample_rate=16000, stt_service="null")
+    uid = f"held-{uuid.uuid4().hex[:6]}"
+    result = await stream_messages(url, sent, 0.01, token=token_for(server, uid), realtime=False, settle_seconds=0.5)
+    assert result.close_code == 1000
+
+    async def ended() -> bool:
+        samples = await scrape(server)
+        return value(samples, "harken_active_sessions") == 0 and value(samples, "harken_connections_total",
+                                                                      code="1000") == 1
+
+    assert await wait_until(ended)
+    after = await scrape(server)
+
+    def delta(name: str) -> float:
+        return value(after, name, codec="lc3") - value(before, name, codec="lc3")
+
+    assert delta("harken_decode_errors_total") == 1
+    assert delta("harken_held_back_total") == held
+    assert delta("harken_audio_seconds_total") == pytest.approx(len(messages) / 100, abs=0.5 / 16000)
+    closed = [json.loads(line)["message"] for line in json_log.getvalue().splitlines() if uid in line]
+    closed = [m for m in closed if m.startswith("session closed")]
+    assert len(closed) == 1 and "decode_errors=1 " in closed[0] and f"held_back={held} " in closed[0], closed

@@ -282,3 +282,61 @@ def test_random_bytes_at_ten_percent_are_dropped_and_every_real_message_is_kept(
     # lc3: one 40-byte frame per message, of the device's length: liblc3's corrupt-frame report,
     # the LSB-mode rule, the probe for unread bits and the gain rule leave about 3 % (2.5 % here).
     assert len(passed_levels) <= 0.06 * len(garbage), (len(passed_levels), len(garbage))
+
+
+def test_random_bytes_let_through_cost_a_pitched_stretch_after_them_one_frame_at_most():
+    """The LTPF rule refuses a frame with LTPF on after two frames without a pitch. Two copies of
+    one random frame (the fuzzer's: the first held for its gain, the second, close to it, confirms
+    it) put two pitchless frames in the decoder's history; the device's frames after them are a
+    pitched stretch with LTPF on, and each was refused against that history, 50 ms in a row
+    here. A frame refused by the rule with a pitch now counts as the pitched frame before the
+    next, so the stretch loses one frame."""
+    from .codec_samples import encoded_messages
+
+    garbage = bytes.fromhex("1020001000000080000080002000000000000000110000000040000000000000"
+                            "0a093e52a3400001")
+    messages = encoded_messages("lc3", 16000)
+    half = len(messages) // 2
+    decoder = decoder_for("lc3", 16000)
+    for message in messages[:half]:
+        _step(decoder, message)
+    for _ in range(2):
+        try:
+            decoder.decode(garbage)
+        except DecodeError:
+            pass
+    refused = []
+    for index, message in enumerate(messages[half:half + 20]):
+        try:
+            decoder.decode(message)
+        except DecodeError as exc:
+            if "held back" not in str(exc):
+                refused.append(index)
+    assert refused == [0], refused
+
+
+@pytest.mark.parametrize("codec, rate", [("lc3", 16000), ("lc3_fs1030", 16000), ("lc3", 48000)])
+def test_the_native_probe_decodes_and_refuses_exactly_as_the_python_path(codec, rate):
+    """Mono LC3 frames take the probe in one native call (harken/native/lc3_probe.c) when it is
+    built; the Python path, for builds without it, must give the same audio and the same
+    refusals: a device's frames with random bytes before every tenth message."""
+    from harken import native
+
+    if native.lc3_probe is None:
+        pytest.skip("harken.native not built (python -m harken.native.build)")
+    speech = np.concatenate([np.zeros(3200, np.int16), np.tile(reference_pcm(), 3), np.zeros(3200, np.int16)])
+    mixed, garbage = _with_garbage(encode_for_device(speech, codec, rate), codec + "native")
+    in_c, in_python = decoder_for(codec, rate), decoder_for(codec, rate)
+    assert in_c._native[0] is not None
+    in_python._native = (None, None)
+    outcomes = {"c": [], "python": []}
+    for decoder, seen in ((in_c, outcomes["c"]), (in_python, outcomes["python"])):
+        for message in mixed:
+            try:
+                seen.append(decoder.decode(message).tobytes())
+            except DecodeError as exc:
+                seen.append(str(exc))
+        seen.append(decoder.flush().tobytes())
+    assert outcomes["c"] == outcomes["python"]
+    refused = [i for i, o in enumerate(outcomes["c"][:-1]) if isinstance(o, str) and "held back" not in o]
+    assert set(refused) <= garbage and len(refused) >= 0.9 * len(garbage)

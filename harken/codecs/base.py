@@ -54,6 +54,12 @@ class Decoder(abc.ABC):
         """Samples still held back (resampler tail); called once when the stream ends."""
         return no_samples()
 
+    def held_dropped(self) -> int:
+        """How many messages this decoder has held back (``HeldBack``) and then dropped because
+        the next one did not confirm them, so far: bad frames found late. A held message that is
+        confirmed is decoded (its audio comes with the next) and is not counted here."""
+        return 0
+
     def native_reader(self, piece_samples: int, max_message: int, on_piece: Callable[[], None]):
         """A native reader that decodes this stream's frames straight off the socket
         (native/opus_reader.c), sharing this decoder's state, or None when this codec and

@@ -198,6 +198,9 @@ class OpusDecoder(Decoder):
             self._fec.note(p)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
+    def held_dropped(self) -> int:
+        return self._kinds.dropped
+
     def _decode_packet(self, packet: bytes, expected: int) -> np.ndarray:
         count = _libopus.libopus_decode(
             self._state.decoder_state, packet, len(packet), self._pcm_ptr, self._max_samples, 0

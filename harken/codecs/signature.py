@@ -109,6 +109,7 @@ class ConfirmedKinds:
         self.known: set[Hashable] = set()
         self.on_admit = on_admit
         self._held: tuple[Hashable, bytes, object, Hashable] | None = None
+        self.dropped = 0        # held packets the next one did not confirm (Decoder.held_dropped)
 
     def admit(self, kind: Hashable) -> None:
         self.known.add(kind)
@@ -121,6 +122,7 @@ class ConfirmedKinds:
             self.admit(kind)
             return [packet]
         confirmed = held is not None and held[3] == family and held[2] == mark
+        self.dropped += held is not None and not confirmed
         if confirmed:
             self.admit(held[0])
         if kind in self.known:

@@ -96,6 +96,9 @@ class GatewayMetrics:
                                      ["codec"], registry=registry)
         self.decode_errors = Counter("harken_decode_errors", "audio messages that could not be decoded",
                                      ["codec"], registry=registry)
+        self.held_back = Counter("harken_held_back", "audio messages held until the next one confirmed or refuted "
+                                 "them (a refuted one is counted in harken_decode_errors too, when refuted)",
+                                 ["codec"], registry=registry)
         self.provider_latency = Histogram(
             "harken_stt_provider_latency_seconds",
             "arrival of the audio holding a final word's end to the word's arrival from the provider",
@@ -195,7 +198,7 @@ class GatewayMetrics:
 class SessionMetrics:
     """One session's view: label children bound once, and when each piece of audio arrived."""
 
-    __slots__ = ("_metrics", "_audio", "_audio_counted", "_decode_errors", "_arrivals", "_measured_until",
+    __slots__ = ("_metrics", "_audio", "_audio_counted", "_decode_errors", "_held_back", "_arrivals", "_measured_until",
                  "_provider_latency")
 
     def __init__(self, metrics: GatewayMetrics, codec: str) -> None:
@@ -203,6 +206,7 @@ class SessionMetrics:
         self._audio = metrics.audio_seconds.labels(codec)
         self._audio_counted = 0          # audio-clock samples already in the audio counter
         self._decode_errors = metrics.decode_errors.labels(codec)
+        self._held_back = metrics.held_back.labels(codec)
         self._arrivals = AudioArrivals()
         self._measured_until = 0.0       # audio-clock end of the latest segment end measured
         self._provider_latency: dict = {}   # provider -> its histogram child (labels() locks per call)
@@ -223,6 +227,9 @@ class SessionMetrics:
 
     def decode_error(self) -> None:
         self._decode_errors.inc()
+
+    def held_back(self) -> None:
+        self._held_back.inc()
 
     def word(self, provider: str, end: float) -> None:
         """A final word ending at ``end`` (audio-clock seconds) came from ``provider``."""

@@ -91,7 +91,8 @@ class SessionStats:
     messages: int = 0
     audio_bytes: int = 0
     keepalives: int = 0
-    decode_errors: int = 0
+    decode_errors: int = 0      # messages dropped: undecodable, or held back and then refuted
+    held_back: int = 0          # messages held until the next confirmed them (or not: then a decode error too)
     words: int = 0
     segments_sent: int = 0
 
@@ -144,6 +145,7 @@ class Session:
         self.last_activity = time.monotonic()
         self._client_gone = False
         self._first_bad_frame_at: float | None = None
+        self._held_dropped = 0         # the decoder's held_dropped() already counted as decode errors
         self._decode_warning_sent = False
         self._end_requested: EndSession | None = None   # set by request_end (e.g. a draining node)
         self._end_wake = asyncio.Event()
@@ -492,15 +494,25 @@ class Session:
             stats.keepalives += 1
             return
         stats.audio_bytes += size
+        decoder = self.decoder
         try:
-            pcm = self.decoder.decode(data)
+            pcm = decoder.decode(data)
+        except codecs.HeldBack:
+            # Not a bad frame (yet): its audio comes with the next message's if that confirms it.
+            stats.held_back += 1
+            self.metrics.held_back()
+            self._count_refuted(now)
+            return
         except codecs.DecodeError as exc:
+            self._count_refuted(now)
             self._on_decode_error(exc, now)
             return
         except Exception:
             log.exception("decoder failed sid=%s codec=%s", self.id, self.params.codec)
             self._on_decode_error(codecs.DecodeError("decoder failed"), now)
             return
+        if decoder.held_dropped() != self._held_dropped:
+            self._count_refuted(now)
         self._first_bad_frame_at = None
         if len(pcm) == 0:
             return
@@ -784,6 +796,13 @@ class Session:
             await asyncio.sleep(timeout - idle)
 
     # -- inbound -------------------------------------------------------------------------
+    def _count_refuted(self, now: float) -> None:
+        """Messages the decoder held back and has since dropped, unconfirmed: decode errors now."""
+        dropped = self.decoder.held_dropped()
+        for _ in range(dropped - self._held_dropped):
+            self._on_decode_error(codecs.DecodeError("a held-back message the next one did not confirm"), now)
+        self._held_dropped = dropped
+
     def _on_decode_error(self, exc: Exception, now: float) -> None:
         self.stats.decode_errors += 1
         self.metrics.decode_error()
@@ -1080,9 +1099,10 @@ class Session:
         usage = self.usage()
         log.info(
             "session closed sid=%s uid=%s code=%s audio_s=%.2f speech_s=%.2f words=%d provider=%s "
-            "segments_sent=%d decode_errors=%d keepalives=%d",
+            "segments_sent=%d decode_errors=%d held_back=%d keepalives=%d",
             self.id, self.uid, end.code, usage["audio_seconds"], usage["speech_seconds"], usage["words"],
-            usage["provider"], self.stats.segments_sent, self.stats.decode_errors, self.stats.keepalives,
+            usage["provider"], self.stats.segments_sent, self.stats.decode_errors, self.stats.held_back,
+            self.stats.keepalives,
         )
 
     def usage(self) -> dict:

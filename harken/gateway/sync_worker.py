@@ -363,7 +363,7 @@ class SyncWorker:
             await pool.run(decoding.close)
         stats.frames = decoding.frame_stats.frames
         stats.truncated = decoding.frame_stats.truncated or decoding.frame_stats.corrupt_length
-        stats.bad_frames = decoding.bad_frames
+        stats.bad_frames = decoding.bad_frames + decoding.decoder.held_dropped()   # held, then refuted: bad too
         stats.audio_seconds = round(decoding.samples / codecs.TARGET_RATE, 3)
 
     @staticmethod

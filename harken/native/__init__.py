@@ -10,3 +10,8 @@ try:
     from . import _opus_reader as opus_reader
 except ImportError:
     opus_reader = None
+
+try:
+    from . import _lc3_probe as lc3_probe
+except ImportError:
+    lc3_probe = None

@@ -16,7 +16,7 @@ import sysconfig
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODULES = {"_opus_reader": "opus_reader.c"}
+MODULES = {"_opus_reader": "opus_reader.c", "_lc3_probe": "lc3_probe.c"}
 
 
 def target(name: str) -> Path:
