@@ -1,8 +1,8 @@
 # Harken gateway image: `docker build -t harken .`, then `docker run -p 8000:8000 -v harken:/data harken`
 # (or `docker compose up` for nginx + two gateways + PostgreSQL). Settings come from HARKEN_*
 # environment variables or flags after the image name (`docker run harken --workers 2`).
-# The native Opus reader (harken/native/opus_reader.c) is compiled in a throwaway stage, so the
-# image carries the .so but no compiler.
+# The native modules (harken/native: the Opus reader, the LC3 frame probe) are compiled in a throwaway
+# stage, so the image carries the .so files but no compiler.
 FROM python:3.11-slim AS native
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -52,7 +52,7 @@ PY
 }
 
 build_native() {
-  # The native Opus reader (harken/native): compiled in place, again whenever its source changes.
+  # The native modules (harken/native: Opus reader, LC3 probe): compiled in place, again whenever a source changes.
   # It needs a C compiler and the Python headers, not libopus's (it calls the libopus opuslib loads).
   local stamp="$VENV/.harken-native" want include
   want=$(cat harken/native/*.c harken/native/build.py | sha256sum | cut -d' ' -f1)
