@@ -50,8 +50,10 @@ def percentile(values, q):
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def start_server(data_dir: Path, port: int) -> subprocess.Popen:
+def start_server(data_dir: Path, port: int, **settings: object) -> subprocess.Popen:
+    """A ``harken serve`` subprocess on loopback; ``settings`` as ``HARKEN_<NAME>`` variables."""
     env = dict(os.environ, HARKEN_DATA_DIR=str(data_dir), HARKEN_PORT=str(port), HARKEN_LOG_LEVEL="warning")
+    env.update({f"HARKEN_{name.upper()}": str(value) for name, value in settings.items()})
     proc = subprocess.Popen([sys.executable, "-m", "harken", "serve"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
