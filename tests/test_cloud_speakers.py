@@ -241,3 +241,43 @@ async def test_cloud_words_are_shown_before_the_voice_decides_and_relabelled_by_
         assert (kept["id"], kept["speaker_id"], kept["is_user"]) == (now["id"], now["speaker_id"], False)
     # Every word reached the client once in the end: nothing shown provisionally was left over.
     assert " ".join(s["text"] for s in final).split() == " ".join(w.text for w in joined.script).split()
+
+
+async def test_words_shown_before_the_voice_decides_keep_the_conversation_from_timing_out(make_gateway):
+    """The speaker pauses 1.4 s, under the 2 s conversation timeout. The engine's next words are
+    shown at once but stored only when their voice has decided (~1.6 s of the run later), so the
+    store heard nothing for longer than the timeout. The words shown are activity: the talk stays
+    one conversation. Before, the silence check ended the conversation under them, withdrew them
+    from it and showed them again in a new one."""
+    from harken.client import listen_url, stream_messages
+
+    from .fakes.recording import speech_span
+
+    first, second = utterance(OWNER, 3), utterance(STRANGER, 0)
+    # The pause between the speech of the two turns is 1.4 s, whatever silence the clips hold.
+    trailing = (first.size - speech_span(first)[1]) / 16000
+    leading = speech_span(second)[0] / 16000
+    joined = speech_with_pauses([(first, FILLER), (second, "zulu " + FILLER)], 1.4 - trailing - leading)
+    (a, b), (c, _) = joined.speech
+    assert abs(c - b - 1.4) < 0.05
+    async with FakeDeepgram(joined.script, key=KEY, recording=joined.recording) as deepgram:
+        server = make_gateway(deepgram_api_key=KEY, deepgram_url=deepgram.url, stt_chain="dg-nova-3",
+                              conversation_check_interval=0.2)
+        _, token = user(server, "shown-timeout")
+        url = listen_url(server.base, codec="pcm16", sample_rate=16000, conversation_timeout=2)
+        messages = [joined.recording[i:i + 1600].tobytes() for i in range(0, joined.recording.size, 1600)]
+        result = await stream_messages(url, messages, 0.1, token=token, realtime=True, settle_seconds=6.0,
+                                       max_wait=120)
+        async with httpx.AsyncClient(base_url=server.http, timeout=60) as http:
+            conversations = (await http.get("/v1/conversations", headers={"Authorization": f"Bearer {token}"})).json()
+    sessions = [e["conversation_id"] for e in result.events if e.get("type") == "conversation_session"]
+    withdrawn = [e for e in result.events if e.get("type") == "segments_deleted"]
+    print(f"\nconversations {[(c['status'], len(c['transcript_segments'])) for c in conversations]}; "
+          f"sessions {sessions}; withdrawn {withdrawn}")
+    # One conversation holds the talk (the stream stays open past the timeout after it, so an
+    # empty one follows), and nothing the client was shown was taken back.
+    talked = [c for c in conversations if c["transcript_segments"]]
+    assert len(talked) == 1, conversations
+    stored = " ".join(s["text"] for s in talked[0]["transcript_segments"]).split()
+    assert stored == " ".join(w.text for w in joined.script).split()
+    assert not withdrawn, withdrawn

@@ -583,6 +583,14 @@ class LiveConversation:
         log.warning("conversation %s was taken over by a newer connection of uid=%s source=%s; sid=%s goes on in %s",
                     lost, self.uid, self._conversation.source, self.session_id, self._conversation.id)
 
+    def words_shown(self) -> None:
+        """The client is being shown words that are not stored yet (a cloud engine's words wait
+        for their voice, up to ~1.6 s): the conversation is not silent. Without this the silence
+        check could end it under those words, and they were withdrawn from it and shown again
+        in the next conversation, where they do not belong."""
+        if not self._closed:
+            self._last_activity = self._service.clock()
+
     def anchor_at(self, started_at: float) -> None:
         """Fix the conversation's time 0 (wall time) now, for words a session moves into it with
         their times (a rollover carrying words that came after the last flush)."""

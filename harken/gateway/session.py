@@ -717,6 +717,8 @@ class Session:
         self._showing = bool(waiting)
         if waiting:
             self._anchor(min(word.start for word, _ in waiting))
+            if self.live is not None:
+                self.live.words_shown()
         guessed = [(replace(word, speaker=self._guessed_label(provider, word.speaker)), provider)
                    for word, provider in waiting]
         self.builder.set_provisional(guessed, time_offset=self.time_offset, speaker_labels=self.speakers.labels)
