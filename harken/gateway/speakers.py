@@ -28,7 +28,6 @@ theirs only when its own audio matches (``labels`` answers for the words).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Collection, Mapping, Sequence
@@ -159,9 +158,6 @@ class SpeakerIdentifier:
         self._max_queued = max_queued
         self._closed = False
         self._last_speaker = 0
-        # The engine's utterances placed lately: words of one utterance that reach two flushes
-        # must not embed it twice.
-        self._placed_spans: collections.deque[tuple[float, float]] = collections.deque(maxlen=8)
 
     # -- what is known -------------------------------------------------------------------
     def mapping(self, speaker_id: int) -> SpeakerMatch | None:
@@ -303,17 +299,9 @@ class SpeakerIdentifier:
         """
         labelled: dict[int, Word] = {}
         for run in _utterances(words):
-            span = run[0].utterance
-            if span is not None:          # the engine's own cut (VAD), as bench --offline embeds
-                start, end = span[0] + clock_offset, span[1] + clock_offset
-            else:
-                start = run[0].start + clock_offset - UTTERANCE_PAD_SECONDS
-                end = max(w.end for w in run) + clock_offset + UTTERANCE_PAD_SECONDS
+            start = run[0].start + clock_offset - UTTERANCE_PAD_SECONDS
+            end = max(w.end for w in run) + clock_offset + UTTERANCE_PAD_SECONDS
             clip = self.ring.slice(start, end)
-            if span is not None and (start, end) in self._placed_spans:
-                clip = clip[:0]           # its first words were placed at an earlier flush
-            elif span is not None:
-                self._placed_spans.append((start, end))
             if clip.size >= MIN_DIARIZE_SECONDS * self.ring.sample_rate:
                 known_before = self._known_labels()
                 start = end - clip.size / self.ring.sample_rate   # the ring may have cut its head
@@ -447,11 +435,9 @@ class SpeakerIdentifier:
 
 
 def continues(before: Word, word: Word) -> bool:
-    """Whether ``word`` goes on the utterance that ``before`` is in: the same utterance when the
-    engine says which (``Word.utterance``), else no pause of ``UTTERANCE_GAP_SECONDS`` and, for
-    an engine with diarization of its own, the same speaker (its turn boundaries are kept)."""
-    if word.utterance is not None or before.utterance is not None:
-        return word.utterance == before.utterance
+    """Whether ``word`` goes on the utterance that ``before`` is in: no pause of
+    ``UTTERANCE_GAP_SECONDS`` and, for an engine with diarization of its own, the same speaker
+    (its turn boundaries are kept)."""
     return word.start - before.end < UTTERANCE_GAP_SECONDS and word.speaker == before.speaker
 
 

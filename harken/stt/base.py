@@ -30,16 +30,9 @@ class Word:
     speaker: int = 0    # diarized speaker index; 0 when the engine has no diarization
     confidence: float = 1.0
     language: str | None = None   # the language the engine heard, when it identifies one (multi)
-    # (start, end) in stream time of the utterance the engine cut by voice activity and decoded
-    # this word in (the embedded engine; None for engines that do not say). The speaker path
-    # embeds that span whole: word times cut tighter clips, and split an utterance at every gap
-    # between two words' times, which found extra speakers (bench_diarization.py, gateway).
-    utterance: tuple[float, float] | None = None
 
     def shifted(self, offset: float) -> "Word":
-        span = self.utterance and (self.utterance[0] + offset, self.utterance[1] + offset)
-        return Word(self.text, self.start + offset, self.end + offset, self.speaker, self.confidence, self.language,
-                    span)
+        return Word(self.text, self.start + offset, self.end + offset, self.speaker, self.confidence, self.language)
 
 
 @dataclass(frozen=True, slots=True)

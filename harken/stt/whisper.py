@@ -704,7 +704,6 @@ def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: floa
     spaces), so it is glued to it rather than becoming a word that segments would space apart.
     """
     offset, duration = utterance.start_seconds, utterance.duration
-    span = (round(offset, 3), round(offset + duration, 3))
     placed: list[Word] = []
     for raw_text, start, end, probability in raw_words:
         text = raw_text.strip()
@@ -715,9 +714,9 @@ def place_words(raw_words: list[RawWord], utterance: Utterance, not_before: floa
         if placed and not raw_text[:1].isspace():
             previous = placed[-1]
             placed[-1] = Word(previous.text + text, previous.start, round(end, 3), 0,
-                              min(previous.confidence, probability), language, span)
+                              min(previous.confidence, probability), language)
         else:
-            placed.append(Word(text, round(start, 3), round(end, 3), 0, probability, language, span))
+            placed.append(Word(text, round(start, 3), round(end, 3), 0, probability, language))
         not_before = end
     return placed
 
