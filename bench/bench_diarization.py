@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import sys
 import tempfile
 import time
@@ -155,6 +156,7 @@ class Outcome:
     der: object
     cpu: float
     owner: tuple[int, int] | None = None
+    stored: object = None        # DER of the stored conversation
 
 
 async def stream(port: int, token: str, pcm: np.ndarray, speed: float, **params):
@@ -167,6 +169,21 @@ async def stream(port: int, token: str, pcm: np.ndarray, speed: float, **params)
         # Not a figure to trust: the session ended before the whole recording was heard.
         print(f"  (the stream closed {result.close_code} {result.close_reason!r}, not 1000)", flush=True)
     return result
+
+
+def stored_segments(port: int, token: str, result) -> list[dict]:
+    """The stored conversation's segments: what the app reads once the session has ended (the
+    session's last re-clustering, which the client closing first never sees, included)."""
+    conversation = next((e["conversation_id"] for e in result.events if e.get("type") == "conversation_session"), None)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/conversations/{conversation}",
+                                     headers={"Authorization": f"Bearer {token}"})
+    for _ in range(100):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return json.loads(r.read())["transcript_segments"]
+        except urllib.error.HTTPError:
+            time.sleep(0.1)
+    return []
 
 
 def put_profile(port: int, token: str, pcm: np.ndarray) -> None:
@@ -203,6 +220,9 @@ async def run(files: list[Path], speed: float, owner_test: bool) -> None:
                 score = diarization_error(reference, hypothesis_turns(result.segments.values(), clock_offset(reference)),
                                    uem=uem)
                 outcome = Outcome(path.stem, len(pcm) / RATE, score, cpu)
+                await asyncio.sleep(1.0)        # the session's teardown stores its last flush
+                outcome.stored = diarization_error(
+                    reference, hypothesis_turns(stored_segments(port, token, result), clock_offset(reference)), uem=uem)
                 if owner_test and score.reference_speakers >= 2:
                     owner = owner_of(reference)
                     split = 0.75 * len(pcm) / RATE
@@ -233,7 +253,9 @@ def report(o: Outcome) -> None:
     owner = (f"  is_user {o.owner[0] / max(o.owner[1], 1):6.1%} of {o.owner[1]} words" if o.owner else "")
     print(f"{o.name:22s} {o.seconds:6.1f} s  DER {d.der:6.1%} (miss {d.missed / d.reference:5.1%} "
           f"fa {d.false_alarm / d.reference:5.1%} conf {d.confusion / d.reference:5.1%})  speakers "
-          f"{d.hypothesis_speakers}/{d.reference_speakers}  cpu {o.cpu / o.seconds:.3f} s/s{owner}", flush=True)
+          f"{d.hypothesis_speakers}/{d.reference_speakers}  stored: DER {o.stored.der:6.1%} "
+          f"{o.stored.hypothesis_speakers}/{o.stored.reference_speakers}  cpu {o.cpu / o.seconds:.3f} s/s{owner}",
+          flush=True)
 
 
 def summary(outcomes: list[Outcome], speed: float) -> None:
@@ -246,7 +268,12 @@ def summary(outcomes: list[Outcome], speed: float) -> None:
     print(f"\npace: {speed:g}x real time; {len(outcomes)} recordings, "
           f"{sum(o.seconds for o in outcomes):.0f} s")
     print(f"mean DER {np.mean(ders):.1%}; two-party mean {np.mean(two) if two else float('nan'):.1%}; "
-          f"speaker count within one: {within}/{len(outcomes)}")
+          f"speaker count within one: {within}/{len(outcomes)} (what the client saw last)")
+    stored = [o.stored for o in outcomes]
+    print(f"stored: mean DER {np.mean([x.der for x in stored]):.1%}; two-party mean "
+          f"{np.mean([x.der for x in stored if x.reference_speakers == 2]) if two else float('nan'):.1%}; "
+          f"speaker count within one: {sum(abs(x.hypothesis_speakers - x.reference_speakers) <= 1 for x in stored)}"
+          f"/{len(stored)}, exact {sum(x.hypothesis_speakers == x.reference_speakers for x in stored)}/{len(stored)}")
     owned = [o.owner for o in outcomes if o.owner]
     if owned:
         right, total = sum(r for r, _ in owned), sum(t for _, t in owned)
@@ -467,14 +494,15 @@ def main() -> None:
     parser.add_argument("--offline", action="store_true", help="the speaker path alone, in process (see above)")
     parser.add_argument("--streams", default="1,12", help="--offline: stream counts for the CPU figure")
     parser.add_argument("--no-engine", action="store_true", help="--offline: skip the engine's CPU figure")
-    parser.add_argument("--model", default="dvector", help="--offline: speaker model (harken.audio.speaker_models)")
+    parser.add_argument("--model", default=None,
+                        help="--offline: speaker model (harken.audio.speaker_models; default: the gateway's)")
     parser.add_argument("--cluster", type=float, help="--offline: clustering similarity instead of the model's")
     parser.add_argument("--known", type=float, help="--offline: enrolled-voice similarity instead of the model's")
     args = parser.parse_args()
     global MODEL
     from harken.audio.speaker_models import model_named
 
-    MODEL = model_named(args.model)
+    MODEL = model_named(args.model) if args.model else model_named()
     if args.cluster is not None:
         OVERRIDES["threshold"] = args.cluster
     if args.known is not None:
