@@ -282,7 +282,27 @@ def summary(outcomes: list[Outcome], speed: float) -> None:
 
 
 # --- offline: the speaker path alone ----------------------------------------------------------
+CUTS = "vad"           # --cuts: how --offline cuts a recording into utterances
+
+
 def vad_utterances(pcm: np.ndarray) -> list[tuple[float, float, np.ndarray]]:
+    """``--cuts vad``: Silero speech spans ended by 0.5 s of silence, padded 0.1 s, ≥ 0.5 s.
+    ``--cuts engine``: the embedded engine's own endpointer with the server's settings (0.7 s of
+    silence, 0.3 s preroll, 15 s at most; the cuts it makes at a sentence-ending 0.3 s pause
+    depend on decode timing and are left out), whose utterances keep softer speech and short
+    replies that the spans drop (call_autorepair_b: 18.9 s of one-speaker reference speech outside
+    every span, with words the engine hears in most of it)."""
+    if CUTS == "engine":
+        from harken.audio.vad import Endpointer, StreamingVAD
+        from harken.stt.whisper import PREROLL_MS
+
+        settings = Settings()
+        endpointer = Endpointer(StreamingVAD(), threshold=settings.vad_threshold,
+                                silence_ms=settings.endpoint_silence_ms, max_utterance_s=settings.max_utterance_s,
+                                preroll_ms=PREROLL_MS)
+        cut = [u for i in range(0, pcm.size, 1600) for u in endpointer.feed(pcm[i:i + 1600])]
+        cut += [u for u in [endpointer.flush()] if u is not None]
+        return [(u.start_seconds, u.start_seconds + u.duration, u.pcm) for u in cut if u.duration >= 0.5]
     from harken.audio.vad import speech_spans
 
     return [(a / RATE, b / RATE, pcm[a:b]) for a, b in speech_spans(pcm, min_silence_ms=500, pad_ms=100)
@@ -496,10 +516,13 @@ def main() -> None:
     parser.add_argument("--no-engine", action="store_true", help="--offline: skip the engine's CPU figure")
     parser.add_argument("--model", default=None,
                         help="--offline: speaker model (harken.audio.speaker_models; default: the gateway's)")
+    parser.add_argument("--cuts", choices=("vad", "engine"), default="vad",
+                        help="--offline: utterances from Silero spans (default) or the engine's endpointer")
     parser.add_argument("--cluster", type=float, help="--offline: clustering similarity instead of the model's")
     parser.add_argument("--known", type=float, help="--offline: enrolled-voice similarity instead of the model's")
     args = parser.parse_args()
-    global MODEL
+    global MODEL, CUTS
+    CUTS = args.cuts
     from harken.audio.speaker_models import model_named
 
     MODEL = model_named(args.model) if args.model else model_named()
