@@ -135,26 +135,6 @@ def test_respeak_moves_sent_segments_and_merges_neighbours():
     assert batch.deleted_ids == ["seg-1", "seg-2"]
 
 
-def test_respeak_splits_a_segment_whose_words_two_voices_spoke():
-    # One flush labelled "Okay, I'm here." and the reply after it with the one voice known then;
-    # a later re-clustering hears two voices in that segment's words: it is split between them,
-    # the first part keeps its id, the second is a new segment that joins its voice's next one.
-    builder = SegmentBuilder(id_factory=counter_ids())
-    add(builder, words(("Okay,", 0.0, 0.3), ("I'm", 0.4, 0.6), ("here.", 0.6, 0.9), ("Hi,", 2.3, 2.5),
-                       ("I'd", 2.6, 2.8), ("like", 2.8, 3.0), ("one.", 3.0, 3.3), speaker=0))
-    add(builder, words(("Which", 4.0, 4.3), ("colour?", 4.3, 4.8), speaker=1))
-    assert [(s.id, s.text) for s in builder.flush().changed] == [("seg-0", "Okay, I'm here. Hi, I'd like one."),
-                                                                ("seg-1", "Which colour?")]
-    batch = builder.respeak({"seg-0": [(3, (1, False, None)), (4, (0, True, None))]})
-    assert [(s.id, s.text, s.speaker_id, s.is_user, s.start, s.end) for s in batch.changed] == [
-        ("seg-0", "Okay, I'm here.", 1, False, 0.0, 0.9), ("seg-2", "Hi, I'd like one.", 0, True, 2.3, 3.3)]
-    # A split whose runs do not cover the segment's words changes nothing.
-    assert not builder.respeak({"seg-2": [(1, (1, False, None)), (1, (0, True, None))]})
-    # Words the builder did not make the segment of (stored before a reconnect) are not known:
-    resumed = SegmentBuilder([Segment.from_stored(s.to_stored()) for s in builder.segments])
-    assert not resumed.respeak({"seg-0": [(2, (0, True, None)), (1, (1, False, None))]})
-
-
 def test_a_speaker_a_person_named_survives_voice_matching_and_reclustering():
     """assign-bulk / speaker_assigned pin the segments: later automatic labels leave them alone."""
     builder = SegmentBuilder(id_factory=counter_ids())

@@ -97,10 +97,6 @@ class Segment:
     translations: list = field(default_factory=list)  # [{"lang": ..., "text": ...}]
     # The language the engine identified (language=multi sessions); None when it was not asked to.
     language: str | None = None
-    # Its words as ``(text, start, end)`` in conversation time, while this builder made all of
-    # it from words (not on the wire, not stored): a re-clustering that hears two voices in one
-    # segment splits it between words (``SegmentBuilder.respeak``). Empty when unknown.
-    words: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def speaker(self) -> str:
@@ -167,7 +163,7 @@ class Segment:
         )
 
     def _copy(self) -> "Segment":
-        return replace(self, translations=[dict(t) for t in self.translations], words=list(self.words))
+        return replace(self, translations=[dict(t) for t in self.translations])
 
 
 def parse_speaker(value: Any) -> int:
@@ -352,8 +348,6 @@ def _absorb(first: Segment, second: Segment) -> None:
     else:
         first.text += " " + second.text
     first.end = max(first.end, second.end)
-    # Both made of words: the words of both; else which words make it is no longer known.
-    first.words = first.words + second.words if first.words and second.words else []
     # A translation of only one side would describe part of the text: keep languages both have.
     theirs = {t.get("lang"): t.get("text", "") for t in second.translations}
     first.translations = [
@@ -588,49 +582,19 @@ class SegmentBuilder:
                     piece.is_user, piece.person_id = is_user, person_id
         return self._merge_relabelled(relabelled)
 
-    def respeak(self, changes: Mapping[str, tuple[int, bool, str | None] | list]) -> Batch:
+    def respeak(self, changes: dict[str, tuple[int, bool, str | None]]) -> Batch:
         """Local diarization changed its mind: give the segments ``changes`` names (by id) a new
-        ``(speaker_id, is_user, person_id)``, or split one whose words it now hears as several
-        voices: a list of ``(word count, (speaker_id, is_user, person_id))`` runs over its words
-        in order (the first run keeps the segment's id, the others become new segments after
-        it). Neighbours that the change makes mergeable are merged, as in :meth:`relabel`."""
+        ``(speaker_id, is_user, person_id)``. Neighbours that the change makes mergeable are
+        merged, as in :meth:`relabel`."""
         relabelled: set[str] = set()
-        segments: list[Segment] = []
         for segment in self._segments:
-            segments.append(segment)
             change = changes.get(segment.id)
-            if change is None or segment.id in self._pinned:
+            if segment.id in self._pinned:
                 continue
-            if isinstance(change, list):
-                parts = self._split(segment, change)
-                segments += parts[1:]
-                relabelled.update(part.id for part in parts)
-            elif (segment.speaker_id, segment.is_user, segment.person_id) != change:
+            if change is not None and (segment.speaker_id, segment.is_user, segment.person_id) != change:
                 segment.speaker_id, segment.is_user, segment.person_id = change
                 relabelled.add(segment.id)
-        self._segments = segments
         return self._merge_relabelled(relabelled)
-
-    def _split(self, segment: Segment, runs: list) -> list[Segment]:
-        """``segment`` cut between its words into ``runs`` (see :meth:`respeak`), in place for the
-        first part; the parts in order. Runs that do not add up to its words change nothing."""
-        if sum(count for count, _ in runs) != len(segment.words) or len(runs) < 2:
-            return [segment]
-        whole, parts, at = segment._copy(), [], 0
-        for count, labels in runs:
-            words = whole.words[at:at + count]
-            at += count
-            part = segment if not parts else whole._copy()
-            if parts:
-                part.id = self._new_id()
-            part.speaker_id, part.is_user, part.person_id = labels
-            part.text = normalise_text(" ".join(text for text, _, _ in words))
-            part.start = max(words[0][1], parts[-1].end if parts else whole.start)
-            part.end = max(part.start, max(end for _, _, end in words))
-            part.words = list(words)
-            part.translations = []          # a translation described the whole text
-            parts.append(part)
-        return parts
 
     def _merge_relabelled(self, relabelled: set[str]) -> Batch:
         # Only pairs with a relabelled side can have become mergeable: every other pair was
@@ -688,7 +652,6 @@ class SegmentBuilder:
                 if not rest:
                     continue
                 part.text, part.translations = rest, []     # a translation described the whole text
-                part.words = []
                 part.start = min(max(segment.start, end), segment.end)
             part.id = self._new_id()
             moved.append(part)
@@ -834,7 +797,6 @@ def _raw_segments(pieces: list[_Piece]) -> list[Segment]:
                 speech_profile_processed=first.speech_profile_processed,
                 stt_provider=first.provider,
                 language=first.language,
-                words=[(p.text, p.start, p.end) for p in run] if first.is_word else [],
             )
         )
     return segments

@@ -377,12 +377,10 @@ class SpeakerIdentifier:
         return out
 
     async def speaker_changes(self, segments: Sequence, time_offset: float = 0.0,
-                              providers: Collection[str] = (EMBEDDED_PROVIDER,)) -> dict[str, tuple | list]:
+                              providers: Collection[str] = (EMBEDDED_PROVIDER,)) -> dict[str, tuple[int, bool, str | None]]:
         """After a re-clustering: ``{segment id: (speaker_id, is_user, person_id)}`` for the
         locally diarized ``segments`` (those of ``providers``; conversation time = audio clock +
-        ``time_offset``) whose speech now belongs to another label, or a list of ``(word count,
-        (speaker_id, is_user, person_id))`` runs for one whose words now belong to several
-        (``SegmentBuilder.respeak`` splits it). Empty if nothing was
+        ``time_offset``) whose speech now belongs to another label. Empty if nothing was
         re-clustered since the last call. Once ``close`` was called, the final re-clustering runs
         first (see ``finish``)."""
         if self._closed:
@@ -398,12 +396,6 @@ class SpeakerIdentifier:
             mapping = self._mappings.get(segment.speaker_id)
             if segment.stt_provider not in providers or (mapping is not None and mapping.assigned):
                 continue          # another engine's labels, or the client said who this is
-            runs = self._word_runs(segment.words, time_offset)
-            if len(runs) > 1:
-                # Its words now belong to several voices (a turn inside one utterance that was
-                # labelled before the conversation showed both voices): split between them.
-                changes[segment.id] = [(count, (label, *self.labels(label))) for count, label in runs]
-                continue
             label = self.diarizer.label_between(segment.start - time_offset, segment.end - time_offset)
             if label is None:
                 continue
@@ -411,20 +403,6 @@ class SpeakerIdentifier:
             if (label, is_user, person_id) != (segment.speaker_id, segment.is_user, segment.person_id):
                 changes[segment.id] = (label, is_user, person_id)
         return changes
-
-    def _word_runs(self, words: Sequence[tuple[str, float, float]], time_offset: float) -> list[tuple[int, int]]:
-        """``(word count, label)`` runs of ``words`` (conversation time) by the label at each
-        word's middle; one run when they share a label or a word has none."""
-        runs: list[list[int]] = []
-        for _, start, end in words:
-            label = self.diarizer.label_at((start + end) / 2 - time_offset)
-            if label is None:
-                return []
-            if runs and runs[-1][1] == label:
-                runs[-1][0] += 1
-            else:
-                runs.append([1, label])
-        return [(count, label) for count, label in runs]
 
     # -- shared helpers ------------------------------------------------------------------
     def _centred_clip(self, start: float, end: float) -> np.ndarray:
