@@ -265,13 +265,13 @@ async def _speak(index: int, url: str, clips: Sequence[Clip], utterances: int, p
                     await asyncio.sleep(delay)
                 await ws.send(message)
                 outcome.frame_sent_at[i] = time.monotonic()
-            expected = SETTLE_WORDS * sum(len(normalize(u.clip.reference)) for u in plan)
+            all_words = sum(len(normalize(u.clip.reference)) for u in plan)
+            expected = SETTLE_WORDS * all_words
             done_at = time.monotonic()
             # A quiet spell is the end only once (nearly) every word is in: a loaded server's finals
             # come seconds late (the last utterance's after the one before it), and what the server
             # still had queued is lost when the client hangs up. A stream that stays short of that
             # closes after a longer quiet spell.
-            all_words = sum(len(normalize(u.clip.reference)) for u in plan)
             while not receiver.done() and time.monotonic() - done_at < MAX_WAIT:
                 last = outcome.views[-1] if outcome.views else (done_at, [])
                 quiet = time.monotonic() - max(last[0], done_at)
