@@ -201,5 +201,7 @@ async def test_a_three_leg_call_gives_each_leg_its_own_speaker(gateway):
         said.setdefault(segment["speaker"], set()).update(normalize(segment["text"]))
     assert set(said) == {"SPEAKER_00", "SPEAKER_01", "SPEAKER_02"}, said
     assert {"young", "man"} <= said["SPEAKER_00"] and "forward" in said["SPEAKER_01"], said
-    assert {"kitchen", "lights"} <= said["SPEAKER_02"], said
+    # The third leg is a synthetic voice; Whisper hears "lights" or "light" depending on the
+    # silence around it, and either names the leg.
+    assert "kitchen" in said["SPEAKER_02"] and said["SPEAKER_02"] & {"light", "lights"}, said
     assert not said["SPEAKER_02"] & {"young", "forward"} and not said["SPEAKER_00"] & {"kitchen", "forward"}

@@ -113,14 +113,31 @@ def test_a_long_finished_segment_stops_growing(first, merged):
     assert texts == ([f"{first} Next."] if merged else [first, "Next."])
 
 
-def test_lowercase_continuation_joins_across_speakers_and_long_pauses():
+def test_lowercase_continuation_joins_across_speakers_at_a_short_pause():
     builder = SegmentBuilder(id_factory=counter_ids())
     add(builder, words(("I", 0.0, 0.2), ("went", 0.3, 0.5), ("to", 0.6, 0.7), ("the", 0.8, 0.9), speaker=0)
-        + words(("store", 10.0, 10.4), ("yesterday.", 10.5, 11.0), speaker=1))
+        + words(("store", 1.5, 1.9), ("yesterday.", 2.0, 2.5), speaker=1))
     batch = builder.flush()
     assert [(s.id, s.text, s.speaker_id, s.end) for s in batch.changed] == [
-        ("seg-0", "I went to the store yesterday.", 0, 11.0)
+        ("seg-0", "I went to the store yesterday.", 0, 2.5)
     ]
+
+
+def test_lowercase_continuation_joins_one_speaker_across_a_long_pause():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("I", 0.0, 0.2), ("went", 0.3, 0.5), ("to", 0.6, 0.7), ("the", 0.8, 0.9), speaker=0)
+        + words(("store", 10.0, 10.4), ("yesterday.", 10.5, 11.0), speaker=0))
+    assert flush_texts(builder) == ["I went to the store yesterday."]
+
+
+def test_another_voice_after_a_pause_is_a_turn_even_in_lowercase():
+    """Two voices 1.7 s apart: the second is a reply (or a fragment decoded without its context),
+    and joining would put the first speaker's words under the second's label."""
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("the", 0.0, 0.2), ("medical", 0.3, 0.6), ("man", 0.7, 1.0), speaker=0)
+        + words(("reply", 2.7, 3.0), ("sheet", 3.1, 3.5), speaker=1))
+    batch = builder.flush()
+    assert [(s.text, s.speaker_id) for s in batch.changed] == [("the medical man", 0), ("reply sheet", 1)]
 
 
 def test_respeak_moves_sent_segments_and_merges_neighbours():
@@ -223,7 +240,7 @@ def test_a_stored_conversation_is_merged_forward_across_reconnects():
         Segment("old-2", "and so", 1, False, None, 50.0, 51.0, stt_provider="local"),
     ]
     builder = SegmentBuilder(stored, id_factory=counter_ids())
-    add(builder, words(("on", 52.0, 52.3)))
+    add(builder, words(("on", 51.5, 52.3)))
     batch = builder.flush()
     assert [(s.id, s.text, s.end) for s in batch.changed] == [("old-2", "and so on", 52.3)]
     assert stored[1].text == "and so"  # the caller's objects are not mutated
@@ -465,7 +482,8 @@ def spec_mergeable(a: dict, b: dict) -> bool:
     if same and b["start"] - a["end"] < 3 and (len(a["text"]) < 125 or not ended):
         return True
     letters = [c for c in b["text"] if c.isalpha()]
-    return not ended and bool(letters) and letters[0].islower()
+    continues = not ended and bool(letters) and letters[0].islower()
+    return continues and (same or b["start"] - a["end"] < 1.0)    # another voice: a short pause only
 
 
 class Driver:

@@ -367,6 +367,26 @@ async def test_an_utterance_whose_onset_the_vad_caught_late_keeps_its_first_word
     assert streamed_errors <= whole_errors + 1, (text(words), n)
 
 
+@pytest.mark.parametrize("name, opening", [("vm-enter-num-to-call.wav", "please enter the number"),
+                                           ("conf-getchannel.wav", "please enter the channel")])
+async def test_a_soft_first_word_after_a_pause_is_kept_whatever_silence_ends_the_utterance(provider, name, opening):
+    # "Please" starts 0.15 s into these recordings and the VAD fires about 0.45 s in: a 300 ms
+    # pre-roll cut inside the word, and Whisper heard "Season to…", "Be sent to…" or "He's into…"
+    # depending on how much silence the decoded utterance ended with (a pause decode: 0.3 s; a
+    # final after the endpoint silence: more). Closing the stream ends the utterance where the
+    # audio ends, so each tail here is decoded as the stream cut it.
+    # The VAD fires that late only after earlier speech (its state carries over): another
+    # prompt comes first, as in a stream, then 4 s of silence.
+    before = np.concatenate([np.zeros(SAMPLE_RATE // 2, np.int16), read_wav_16k(PROMPTS / "demo-moreinfo.wav"),
+                             np.zeros(4 * SAMPLE_RATE, np.int16)])
+    pcm = read_wav_16k(PROMPTS / name)
+    for tail in (0.3, 0.6, 1.0):
+        words, _ = await transcribe_stream(provider, np.concatenate([
+            before, pcm, np.zeros(int(tail * SAMPLE_RATE), np.int16)]))
+        later = [w for w in words if w.start >= before.size / SAMPLE_RATE - 0.5]
+        assert " ".join(normalize(text(later))).startswith(opening), (tail, text(later))
+
+
 class _SlowExecutor(ThreadPoolExecutor):
     """A pool whose every job first sleeps: a server far behind real time, made deterministic."""
 

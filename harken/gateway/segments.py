@@ -33,6 +33,9 @@ from harken.stt.base import SENTENCE_ENDERS, Word
 # that already holds a whole long sentence does not grow further.
 MAX_SAME_SPEAKER_GAP = 3.0
 LONG_SEGMENT_CHARS = 125
+# Rule (b) limit: a lowercase continuation joins another speaker's unfinished sentence only
+# across a pause shorter than this.
+MAX_CROSS_SPEAKER_CONTINUATION_GAP = 1.0
 
 # Engines (Speechmatics, Whisper) emit punctuation as separate tokens; joining tokens with spaces
 # would give "Hello , world ." — the space before these marks is removed.
@@ -335,8 +338,14 @@ def _can_merge(first: Segment, second: Segment) -> bool:
     ):
         return True
     # (b) A sentence cut in the middle: the first has no sentence ender and the second goes on in
-    # lowercase. This joins across speakers (diarization often switches mid-sentence) and gaps.
-    return not ends_sentence(first.text) and starts_lowercase(second.text)
+    # lowercase. Upstream joins across speakers (a provider's diarization often switches
+    # mid-sentence) at any pause. Across two voices Harken asks for a short pause too: after a
+    # second of silence a different voice starting in lowercase is a reply (or a fragment the
+    # engine decoded without its context), not the same sentence, and joining would show one
+    # speaker's words under the other's label (two LibriSpeech readers 1.7 s apart were merged).
+    if not ends_sentence(first.text) and starts_lowercase(second.text):
+        return same_voice or second.start - first.end < MAX_CROSS_SPEAKER_CONTINUATION_GAP
+    return False
 
 
 def _absorb(first: Segment, second: Segment) -> None:

@@ -46,17 +46,17 @@ MIN_SECONDS_FOR_WORDS = 1.0          # a clip this long that came back empty is 
 MIN_LAST_WORD_PROBABILITY = 0.05
 MAX_TOKENS_PER_SECOND = 12.0         # text and timestamp tokens; fast speech needs about 6
 
-# Silence put in front of a VAD-cut utterance before it is decoded. The VAD fires a little after
-# a soft onset, so even with the endpointer's 300 ms preroll an utterance can begin inside its
-# first word, and Whisper, trained on clips that start before the speech, then often skips the
-# utterance's first seconds ("Asterisk is an open source full featured PBX…" came back as "The BX
-# and IVR platform…"). Measured on 104 real read clips streamed through the endpointer (1,344
-# words; bench notes in whisper.py): decoding the cut utterances as they are, 5.13 % WER; with
-# 0.15 / 0.3 / 0.5 s of digital silence in front 4.09 / 3.94 / 4.17 %; a 600 ms preroll of real
-# audio instead 4.02 %; the same clips decoded whole 3.72 %. Only for English-only models: the
-# multilingual base model lost accuracy with it (69 real clips in 7 languages, cut the same way:
-# 9.2 → 10.4 % errors, Swedish 28 → 41 %; English unchanged at 3.0 %).
-UTTERANCE_LEAD_S = 0.3
+# Silence that can be put in front of a VAD-cut utterance before it is decoded; now none. The VAD
+# fires a little after a soft onset, and an utterance that begins inside its first word makes
+# Whisper skip or mishear its first words ("Asterisk is an open source…" → "The BX and IVR…").
+# 0.3 s of silence here helped with a 300 ms preroll (104 real clips, each alone: 5.13 → 3.94 %),
+# but clips read one after another, as a stream reads them (the VAD's state after earlier speech
+# makes it fire later), showed the cut itself was the problem: whisper.PREROLL_MS 450 ms with no
+# silence added gives 3.29 % on 89 Asterisk prompts (1,185 words) and 2.87 % on 96 held-out short
+# prompts (488 words, the same as each decoded whole), against 5.65 / 4.92 % for 300 ms + 0.3 s,
+# 3.88 / 3.28 % for 450 ms + 0.3 s and 4.56 / 3.48 % for 450 ms + 0.15 s. The multilingual model
+# never took it (69 real clips in 7 languages: 9.2 → 10.4 % with it).
+UTTERANCE_LEAD_S = 0.0
 
 
 def utterance_lead(model: "WhisperModel") -> float:
