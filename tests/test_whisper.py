@@ -46,14 +46,16 @@ async def transcribe_stream(
     engine: WhisperProvider, pcm: np.ndarray, *, pace: float = 0.0, close_timeout: float | None = None,
     before_close=None,
 ) -> tuple[list[Word], StreamStats]:
-    """Send ``pcm`` in 100 ms chunks, close, and return all words and the stream's stats.
+    """Send ``pcm`` in 100 ms chunks, close, and return all final words and the stream's stats
+    (provisional text, which a stream paced near real time may show, is test_partial_text's).
     ``before_close(stream)`` runs after the last chunk; ``close_timeout`` is passed to ``close``."""
     stream = await engine.open(StreamConfig(language="en"))
     words: list[Word] = []
 
     async def collect():
         async for word in stream:
-            words.append(word)
+            if isinstance(word, Word):
+                words.append(word)
 
     collector = asyncio.create_task(collect())
     for position in range(0, pcm.size, CHUNK):
