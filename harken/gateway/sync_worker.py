@@ -350,13 +350,15 @@ class SyncWorker:
         return self._pool_embedder
 
     @contextlib.asynccontextmanager
-    async def _decoded(self, file: PendingFile, stats: FileStats):
+    async def _decoded(self, file: PendingFile, stats: FileStats, model=None):
         """The file's frames decoded in the pool: yields a ``_Decoding`` whose ``next_chunk``
-        gives (pcm, utterances); its counts go into ``stats`` at the end."""
+        gives (pcm, utterances), cut as a live stream decoded by ``model`` is (the embedded
+        engine's model; None for a cloud provider's speech regions); its counts go into
+        ``stats`` at the end."""
         info = parse_sync_filename(file.name, now=math.inf)
         pool = self.transcriber.pool
         decoding = await pool.run(_Decoding, file.path, info.codec, info.sample_rate, info.channels,
-                                  self.transcriber.endpointer())
+                                  self.transcriber.endpointer(model))
         try:
             yield decoding
         finally:
@@ -385,7 +387,7 @@ class SyncWorker:
         decoding_options, model = await self.transcriber.decoding_for(language, user.vocabulary)
         last_end = 0.0
         try:
-            async with self._decoded(file, stats) as decoding:
+            async with self._decoded(file, stats, model) as decoding:
                 while not decoding.done:
                     pcm, utterances = await pool.run(decoding.next_chunk)
                     ring.append(pcm)

@@ -32,7 +32,7 @@ from ..audio import Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import EMBEDDED_PROVIDER, Word
 from .decoding import Decoding, utterance_lead
 from .priority import LiveFirstExecutor, LiveFirstGate
-from .whisper import MIN_SPEECH_SECONDS, PREROLL_MS, WhisperProvider, place_words
+from .whisper import MIN_SPEECH_SECONDS, WhisperProvider, place_words, preroll_ms
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -99,13 +99,14 @@ class BatchTranscriber:
     def supports(self, language: str) -> bool:
         return self.engine.supports(language)
 
-    def endpointer(self) -> Endpointer:
-        """Speech regions of one recording, cut as live audio is (same VAD, same settings)."""
+    def endpointer(self, model: "WhisperModel | None" = None) -> Endpointer:
+        """Speech regions of one recording, cut as live audio for ``model`` is (same VAD, same
+        settings)."""
         assert self._vad is not None, "BatchTranscriber.load() was not awaited"
         settings = self.settings
         return Endpointer(StreamingVAD(self._vad), threshold=settings.vad_threshold,
                           silence_ms=settings.endpoint_silence_ms, max_utterance_s=settings.max_utterance_s,
-                          preroll_ms=PREROLL_MS)
+                          preroll_ms=preroll_ms(model))
 
     async def decoding_for(self, language: str, vocabulary: Sequence[str] = ()) -> tuple[Decoding, "WhisperModel"]:
         """How to decode recordings in ``language`` (a code or ``multi``) with the user's

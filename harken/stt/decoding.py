@@ -59,10 +59,14 @@ MAX_TOKENS_PER_SECOND = 12.0         # text and timestamp tokens; fast speech ne
 UTTERANCE_LEAD_S = 0.0
 
 
+def is_multilingual(model: "WhisperModel | None") -> bool:
+    """Whether ``model`` is a multilingual Whisper (unknown models count as multilingual)."""
+    return bool(getattr(getattr(model, "model", None), "is_multilingual", True))
+
+
 def utterance_lead(model: "WhisperModel") -> float:
     """The silence to put in front of a cut utterance for ``model`` (see UTTERANCE_LEAD_S)."""
-    multilingual = getattr(getattr(model, "model", None), "is_multilingual", True)
-    return 0.0 if multilingual else UTTERANCE_LEAD_S
+    return 0.0 if is_multilingual(model) else UTTERANCE_LEAD_S
 
 _window = threading.local()          # the frames the encoder may see in this thread's decode
 
