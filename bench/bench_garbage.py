@@ -25,9 +25,9 @@ does not depend on load (the server decodes everything it received before it clo
 
 ``--decode-only`` skips the server and the engine: each codec's decoder (the Python path) takes
 the clean and the garbage stream message by message, and the line per codec and seed counts the
-garbage messages it decoded, the real messages it refused (an LC3 message held back until the
-next one confirms its loudness counts here too, though its audio comes with the next), and the
-seconds of the clean decode's
+garbage messages it decoded (a message held back until the next one confirms it counts as
+decoded when the next one did: its audio comes with the next), the real messages it refused, and
+the seconds of the clean decode's
 audio that the garbage run does not reproduce exactly (a decoded garbage packet inserts noise
 and may derail a predictive decoder for the packets after it). Where that is 0 the engine hears
 exactly the clean audio, so the WER cannot differ; it takes seconds, so filters can be compared
@@ -101,18 +101,29 @@ def with_garbage(messages: list[bytes], every: int, seed: str) -> list[bytes]:
 def decode_only(codec: str, rate: int, messages: list[bytes], every: int, seed: str) -> tuple[int, int, int, float]:
     """(garbage inserted, garbage decoded, real messages refused, seconds of audio that differ) for
     one codec and seed (see above)."""
-    from harken.codecs import DecodeError, decoder_for
+    from harken.codecs import DecodeError, HeldBack, decoder_for
 
     def outputs(stream: list[bytes]) -> tuple[np.ndarray, list[bool]]:
         decoder = decoder_for(codec, rate)
         decoded, refused = [], []
+        pending = None           # the index of a message held back, and held_dropped() then
         for message in stream:
             try:
                 decoded.append(decoder.decode(message))
                 refused.append(False)
+            except HeldBack:
+                refused.append(True)
             except DecodeError:
                 refused.append(True)
+                continue         # garbage in between neither confirms nor refutes a held one
+            if pending is not None:  # decided by this message: dropped, or its audio came now
+                refused[pending[0]] = decoder.held_dropped() > pending[1]
+                pending = None
+            if refused[-1]:      # held back
+                pending = (len(refused) - 1, decoder.held_dropped())
         decoded.append(decoder.flush())
+        if pending is not None:  # the stream ended on it: flush decoded it
+            refused[pending[0]] = False
         return np.concatenate(decoded), refused
 
     clean, _ = outputs(messages)
