@@ -268,11 +268,12 @@ class LC3Decoder(Decoder):
                     if lsb_mode_flag(frame[channel * frame_bytes:(channel + 1) * frame_bytes], self.sample_rate):
                         raise DecodeError(f"LC3 frame of {frame_bytes} bytes with LSB mode, which only "
                                           "longer frames use")
-        # The gain rule (GAIN_JUMP, GAIN_DIP): a frame whose gain jumps from the frame before it
-        # must be confirmed by the frame after it, close to its own gain, or jumping from the gain
-        # before too (loudness changing in steps). A jump that comes straight back is random
-        # bytes' gain, not sound. Inside a message the next frame is there; for a message's last
-        # frame it is the next message's first, so such a message is held back until then.
+        # The gain rule (GAIN_JUMP, GAIN_DIP, _spike): a frame whose gain jumps from the frame
+        # before it is refused when the frame after it comes straight back (the jumping frame
+        # sticks out of the stream: random bytes' gain, not sound); a step that the next frame
+        # keeps or continues is loudness changing. Inside a message the next frame is there; for
+        # a message's last frame it is the next message's first, so such a message is held back
+        # until then.
         sides = [[side_info(frame[c * frame_bytes:(c + 1) * frame_bytes], self.sample_rate)
                   for c in range(self.channels)] for frame in frames]
         gains = [[side.gain for side in frame] for frame in sides]
