@@ -385,6 +385,10 @@ class SessionStub:
         self.taken: list[dict] = []
         self.refused: list[dict] = []
 
+    @contextlib.asynccontextmanager
+    async def settled(self, timeout: float):
+        yield                               # no words wait for a step of the session's own here
+
     def take_unsaved(self) -> tuple[list[dict], list[str]]:
         self.taken, self.unsaved = self.unsaved, []
         return self.taken, []

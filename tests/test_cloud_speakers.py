@@ -281,3 +281,36 @@ async def test_words_shown_before_the_voice_decides_keep_the_conversation_from_t
     stored = " ".join(s["text"] for s in talked[0]["transcript_segments"]).split()
     assert stored == " ".join(w.text for w in joined.script).split()
     assert not withdrawn, withdrawn
+
+
+async def test_words_waiting_for_their_voice_are_in_the_conversation_processed_now(make_gateway, monkeypatch):
+    """The app ends the conversation (``POST /v1/conversations``) while the session's last words
+    still wait for their voice label: they are in the conversation it ends, and not again in the
+    next one. A cloud engine's newest run waits until it ends (session.OPEN_RUN_*: about a
+    second); here it waits until the session ends, so that the request surely comes meanwhile.
+    Before, those words were missing from it (they landed in the next conversation), and a
+    conversation whose words all waited gave 404."""
+    from harken.gateway import session as session_module
+
+    from .test_app_live import LiveSession
+
+    for name in ("OPEN_RUN_HOLD_SECONDS", "OPEN_RUN_IDLE_SECONDS", "OPEN_RUN_MAX_SECONDS"):
+        monkeypatch.setattr(session_module, name, 3600.0)
+    joined, _ = recording([(OWNER, 3, FILLER)])
+    async with FakeDeepgram(joined.script, key=KEY, recording=joined.recording) as deepgram:
+        server = make_gateway(deepgram_api_key=KEY, deepgram_url=deepgram.url, stt_chain="dg-nova-3")
+        _, token = user(server, "process-now")
+        auth = {"Authorization": f"Bearer {token}"}
+        spoken = " ".join(w.text for w in joined.script).split()
+        url = listen_url(server.base, codec="pcm16", sample_rate=16000)
+        async with LiveSession(url, token) as live, httpx.AsyncClient(base_url=server.http, timeout=60) as http:
+            await live.send(joined.recording)
+            await live.until(lambda: " ".join(s["text"] for s in live.segments.values()).split() == spoken, 60,
+                             "every word shown")
+            done = await http.post("/v1/conversations", headers=auth, content="{}")
+            assert done.status_code == 200, done.text
+            ended = done.json()["conversation"]
+            assert " ".join(s["text"] for s in ended["transcript_segments"]).split() == spoken
+            await asyncio.sleep(2.0)                     # a few of the session's store steps
+            listed = (await http.get("/v1/conversations", headers=auth)).json()
+    assert [c["id"] for c in listed if c["transcript_segments"]] == [ended["id"]], listed

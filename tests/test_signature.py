@@ -194,6 +194,35 @@ def test_an_lc3_frame_whose_loudness_jumps_and_comes_straight_back_is_dropped():
     assert len(refusals) == len(held) + 1 and any("held back" in r for r in refusals)
 
 
+def test_an_lc3_frame_louder_than_its_neighbours_by_more_than_a_device_ever_is_dropped():
+    """The harmful random bytes are the loud ones: a burst of noise at or above the speech around
+    it. A valid frame of the same stream, 40-60 steps (28-43 dB) louder than the frames around
+    the place it is put (a device's frame never stands out by more than 33 steps: see
+    GAIN_JUMP), is held back and dropped when the next frame comes back down, and the stream
+    decodes exactly as without it, at every such place."""
+    from harken.codecs.lc3 import side_info
+
+    quiet = (reference_pcm() * 0.05).astype(np.int16)           # 26 dB down: 36 steps quieter
+    speech = np.concatenate([np.zeros(3200, np.int16), quiet, reference_pcm(), np.zeros(3200, np.int16)])
+    messages = encode_for_device(speech, "lc3", 16000)
+    sides = [side_info(m, 16000) for m in messages]
+    clean, _ = _decoded(decoder_for("lc3", 16000), messages)
+    places = 0
+    for at in range(3, len(messages) - 1, 3):
+        around = [sides[k].gain for k in (at - 2, at - 1, at)]
+        if max(around) - min(around) > 10 or sides[at].ltpf_active or not sides[at - 1].pitch:
+            continue          # a steady stretch; the frame after the place needs no pitch before it
+        loud = next((m for m, side in zip(messages, sides) if 40 <= side.gain - max(around) <= 60
+                     and not side.ltpf_active), None)
+        if loud is None:
+            continue
+        dirty, refusals = _decoded(decoder_for("lc3", 16000), messages[:at] + [loud] + messages[at:])
+        assert np.array_equal(dirty, clean), at
+        assert any("held back" in r for r in refusals)
+        places += 1
+    assert places >= 5, places
+
+
 def test_an_opus_stream_without_fec_drops_packets_with_the_fec_flag_and_one_with_fec_keeps_them():
     flag = SteadyFlag()
     clean, flagged = bytes([0x40, 0x10, 1, 2]), bytes([0x40, 0x50, 1, 2])

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Any, AsyncContextManager, Awaitable, Callable, Mapping, Protocol, Sequence
 
 from ..config import Settings
 from .audio_chunks import AudioChunker
@@ -57,6 +58,11 @@ EventSink = Callable[[dict], Awaitable[Any]]
 class SessionHooks(Protocol):
     """What a live session lets REST calls do to it (``connect(hooks=…)``)."""
 
+    def settled(self, timeout: float) -> AsyncContextManager[None]:
+        """Entered before ``take_unsaved``: the session's words still waiting for a step of its
+        own (their voice label) are made ready for it, and it stores nothing itself until the
+        context ends; waits at most ``timeout`` seconds, then goes on without them."""
+
     def take_unsaved(self) -> tuple[list[dict], list[str]]:
         """Flush the session's segments now, synchronously: ``(changed stored dicts, deleted
         ids)`` to store in the conversation that is about to end (the session sends them)."""
@@ -80,6 +86,9 @@ MAX_PARALLEL_OFFLINE_PROCESSING = 16
 AUDIO_QUEUE_LIMIT = 64 * 1024 * 1024  # bytes of audio chunks waiting for the store, all sessions
 AUDIO_BATCH = 32                     # chunks written per transaction
 CLOSE_FLUSH_TIMEOUT = 10.0
+# Seconds a request to process the conversation now waits for the session's words that are
+# still being voice-labelled (SessionHooks.settled): normally well under one.
+SETTLE_TIMEOUT = 5.0
 # Conversation opens that may start a transaction each, back to back, after a quiet spell
 # (GroupCommitter burst): a ramp of 20 connects 20 ms apart never waits for the gather pause.
 OPEN_BURST = 16
@@ -691,7 +700,8 @@ class LiveConversation:
         if self._closed or self.fenced:
             return None
         service = self._service
-        async with self._lock:
+        settled = self.hooks.settled(SETTLE_TIMEOUT) if self.hooks is not None else contextlib.nullcontext()
+        async with settled, self._lock:
             if self._closed:
                 return None
             if self.hooks is not None:

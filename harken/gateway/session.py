@@ -10,11 +10,12 @@ still there), closes the socket and logs the connection's usage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -142,6 +143,10 @@ class Session:
         self._handing_over = False     # _continue_alone moves the words itself
         # What take_unsaved gave a REST call to store, and what ``_stored`` said of it before.
         self._taken: tuple[Batch, dict[str, tuple[str, float] | None]] | None = None
+        # Held by a store step from taking the words waiting for their voice to storing them,
+        # and by a REST call that ends the conversation (settled): so that words being labelled
+        # when the call comes land in the conversation it ends, not in the next one.
+        self._storing = asyncio.Lock()
         self.last_activity = time.monotonic()
         self._client_gone = False
         self._first_bad_frame_at: float | None = None
@@ -313,6 +318,37 @@ class Session:
             pass                       # the client left; nothing to tell
 
     # -- hooks for REST calls (conversations.lifecycle.SessionHooks) ------------------------
+    @contextlib.asynccontextmanager
+    async def settled(self, timeout: float) -> AsyncIterator[None]:
+        """The conversation is processed on request: its words still waiting for their voice
+        label (the store step labelling them now, those that came since) are labelled and in
+        the builder for ``take_unsaved``, and no store step starts until the caller is done.
+        Within ``timeout`` seconds (the embedding thread may be busy): past it the caller goes
+        on without them, and they land in the next conversation, as before."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self._storing.acquire()           # the store step under way finishes first
+        except TimeoutError:
+            log.warning("sid=%s: words being voice-labelled go to the next conversation (a store step "
+                        "outlasted %.1f s)", self.id, timeout)
+            yield
+            return
+        try:
+            pending = self._take_undiarized(final=True)
+            if pending:
+                # Its own task, so that the wait may end without cutting it in half (the words
+                # would be in no conversation); the teardown waits for it.
+                labelling = self._spawn_in_flight(self._label_words(pending))
+                await asyncio.wait([labelling], timeout=max(0.0, deadline - loop.time()))
+                if not labelling.done():
+                    log.warning("sid=%s: %d words still being voice-labelled after %.1f s go to the next "
+                                "conversation", self.id, len(pending), timeout)
+            yield
+        finally:
+            self._storing.release()
+
     def take_unsaved(self) -> tuple[list[dict], list[str]]:
         """The conversation is processed on request: flush the builder now (synchronously, so
         the words go to the conversation that ends) and send the batch after."""
@@ -736,7 +772,18 @@ class Session:
         return self.speakers.last_label
 
     async def _store_next_batch(self, final: bool = False) -> Batch:
-        pending = self._take_undiarized(final)
+        async with self._storing:
+            await self._label_words(self._take_undiarized(final))
+            batch = self._with_carried(self.builder.flush())
+            # Re-clustering may have moved earlier segments to another speaker: re-sent by id.
+            changes = self.speakers.reclustered and await self.speakers.speaker_changes(
+                self.builder.segments, self.time_offset, providers=self._voice_labelled)
+            if changes:
+                batch = batch.then(self.builder.respeak(changes))
+            return await self._persist(batch)          # stored before sent: nothing the client saw is lost
+
+    async def _label_words(self, pending: list[tuple[Word, str]]) -> None:
+        """Label ``pending`` words by voice and add them to the builder."""
         if pending:
             # All at once: an utterance is embedded whole, even across a change of provider.
             labelled = await self.speakers.diarize_words([word for word, _ in pending])
@@ -749,13 +796,6 @@ class Session:
                     start = end
         if self._showing:
             self._show_undiarized()        # those still held; the ones labelled now are final
-        batch = self._with_carried(self.builder.flush())
-        # Re-clustering may have moved earlier segments to another speaker: re-sent by id.
-        changes = self.speakers.reclustered and await self.speakers.speaker_changes(
-            self.builder.segments, self.time_offset, providers=self._voice_labelled)
-        if changes:
-            batch = batch.then(self.builder.respeak(changes))
-        return await self._persist(batch)          # stored before sent: nothing the client saw is lost
 
     async def _store_relabel(self, match) -> Batch:
         is_user, person_id = match.segment_labels
