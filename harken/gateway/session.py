@@ -65,6 +65,13 @@ RING_SECONDS = 60                 # recent audio kept for speaker identification
 OPEN_RUN_HOLD_SECONDS = 1.0
 OPEN_RUN_IDLE_SECONDS = 0.8
 OPEN_RUN_MAX_SECONDS = 1.6
+# After this long with no new word labelled by voice, the conversation is taken to have paused
+# and the speaker path runs the re-clustering the close would (``SpeakerIdentifier.settle``):
+# the client sees the labels the stored conversation will have, rather than only the store
+# getting them when the session ends. The embedded engine sends an utterance's words at once,
+# 0.7 s after its speech ends, so 2 s without a word is a pause (or a long utterance still
+# being spoken, whose speech is not yet placed: nothing to re-cluster then).
+SETTLE_AFTER_SECONDS = 2.0
 # Decoded audio goes on to the clock, ring, webhook chunker and speech stream in pieces of this
 # size rather than per message: a device's 10 ms packets would otherwise cost four trips through
 # that path per piece. It delays the audio by less than one piece (30 ms at 10 ms packets).
@@ -773,7 +780,11 @@ class Session:
 
     async def _store_next_batch(self, final: bool = False) -> Batch:
         async with self._storing:
-            await self._label_words(self._take_undiarized(final))
+            pending = self._take_undiarized(final)
+            await self._label_words(pending)
+            if (not pending and not self._showing and not self._undiarized and self._voice_labelled
+                    and time.monotonic() - self._last_word_at >= SETTLE_AFTER_SECONDS):
+                await self.speakers.settle()   # a pause: the close's re-clustering, shown now
             batch = self._with_carried(self.builder.flush())
             # Re-clustering may have moved earlier segments to another speaker: re-sent by id.
             changes = self.speakers.reclustered and await self.speakers.speaker_changes(

@@ -37,6 +37,7 @@ import numpy as np
 from ..audio.diarization import ConversationDiarizer
 from ..audio.speaker_models import SpeakerModel, model_named
 from ..audio.ring import AudioRing
+from ..audio.vad import speech_spans
 from ..stt.base import EMBEDDED_PROVIDER, Word
 
 log = logging.getLogger("harken.speakers")
@@ -51,6 +52,10 @@ MAX_ATTEMPTS_PER_SPEAKER = 3      # an unknown voice stays unknown: stop re-embe
 UTTERANCE_GAP_SECONDS = 0.5
 # Runs shorter than this are too short to place a voice: they keep the previous run's speaker.
 MIN_DIARIZE_SECONDS = 0.5
+# Pauses at least this long split the speech found under an utterance's words, for moving the
+# words' edges out of the pauses (``_inside_speech``). 300 and 500 ms gave the same DER on the
+# development calls (bench_diarization.py through the gateway's path).
+SPEECH_PAUSE_MS = 300
 # Audio taken on each side of an utterance's words: word times from the engine are a little
 # tight, and a window needs the voice's onset.
 UTTERANCE_PAD_SECONDS = 0.1
@@ -148,6 +153,7 @@ class SpeakerIdentifier:
                                                                    known_threshold=self.threshold)
         self._reclustered = False
         self._finished = False
+        self._unsettled = False        # speech placed since the last settle()
         self._suggested: list[SpeakerMatch] = []     # known voices found by local diarization
         self._mappings: dict[int, SpeakerMatch] = {}
         self._attempts: dict[int, int] = {}
@@ -302,17 +308,20 @@ class SpeakerIdentifier:
             start = run[0].start + clock_offset - UTTERANCE_PAD_SECONDS
             end = max(w.end for w in run) + clock_offset + UTTERANCE_PAD_SECONDS
             clip = self.ring.slice(start, end)
+            speech: list[tuple[float, float]] = []
             if clip.size >= MIN_DIARIZE_SECONDS * self.ring.sample_rate:
                 known_before = self._known_labels()
                 start = end - clip.size / self.ring.sample_rate   # the ring may have cut its head
-                if await self._in_worker(self._place, clip, start, end):
-                    for label in self._known_labels() - known_before:
-                        self._suggested.append(self._known_match(label))
+                speech = await self._in_worker(self._place, clip, start, end) or []
+                for label in self._known_labels() - known_before:
+                    self._suggested.append(self._known_match(label))
             for w in run:
-                label = self.diarizer.label_at((w.start + w.end) / 2 + clock_offset)
+                a, b = _inside_speech(w.start + clock_offset, w.end + clock_offset, speech)
+                label = self.diarizer.label_at((a + b) / 2)
                 if label is not None:
                     self._last_speaker = label
-                labelled[id(w)] = Word(w.text, w.start, w.end, self._last_speaker, w.confidence, w.language)
+                labelled[id(w)] = Word(w.text, a - clock_offset, b - clock_offset, self._last_speaker,
+                                       w.confidence, w.language)
         return [labelled[id(w)] for w in words]
 
     async def clip_voices(self, words: Sequence[Word], max_seconds: float = MAX_VOICE_SECONDS,
@@ -349,11 +358,14 @@ class SpeakerIdentifier:
                 out[speaker] = _unit_rows([np.concatenate(windows).mean(axis=0)])[0]
         return out
 
-    def _place(self, clip: np.ndarray, start: float, end: float) -> bool:
-        """Embed an utterance's windows and label it (on the embedder's thread: re-clustering
-        costs milliseconds that the event loop should not wait for)."""
+    def _place(self, clip: np.ndarray, start: float, end: float) -> list[tuple[float, float]]:
+        """Embed an utterance's windows and label it, and find the speech in it (on the embedder's
+        thread: the VAD and re-clustering cost milliseconds that the event loop should not wait
+        for). Returns the speech spans, on the audio clock."""
+        self._unsettled = True
         self._reclustered |= self.diarizer.add_utterance(start, end, self._embedder.embed_windows(clip))
-        return True
+        rate = self.ring.sample_rate
+        return [(start + a / rate, start + b / rate) for a, b in speech_spans(clip, min_silence_ms=SPEECH_PAUSE_MS)]
 
     def _known_labels(self) -> set[int]:
         return {label for label in set(self.diarizer.labels) if self.diarizer.known_label(label) is not None}
@@ -368,6 +380,17 @@ class SpeakerIdentifier:
         """The session is closing: the last re-clustering, whose changes apply at once."""
         if not self._finished and self.diarizer.labels:
             self._finished = True
+            self._unsettled = False
+            self._reclustered |= bool(await self._in_worker(self.diarizer.finish))
+
+    async def settle(self) -> None:
+        """The conversation paused: the re-clustering the close would run, now, with its changes
+        applied at once (``speaker_changes`` then says which segments to re-send). A client that
+        hangs up after the pause has already seen the labels the store keeps; the close's own
+        re-clustering finds nothing new to change. Runs once per pause: only after new speech was
+        placed since the last one."""
+        if self._unsettled and not self._finished and self.diarizer.labels:
+            self._unsettled = False
             self._reclustered |= bool(await self._in_worker(self.diarizer.finish))
 
     def take_suggestions(self) -> list[SpeakerMatch]:
@@ -452,6 +475,17 @@ def _utterances(words: Sequence[Word]) -> list[list[Word]]:
             runs.append([word])
             run_end = word.end
     return runs
+
+
+def _inside_speech(start: float, end: float, speech: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """A word's ``[start, end]`` with the edges that lie in a pause moved to the speech they
+    belong to. Whisper stretches a turn's first word back over the pre-roll and its last word
+    over the silence after it (by 0.3-1.0 s on the development calls), so segments claimed
+    pauses that nobody spoke in. A word with no speech under it keeps its times."""
+    inside = [(a, b) for a, b in speech if a < end and b > start]
+    if not inside:
+        return start, end
+    return max(start, inside[0][0]), min(end, inside[-1][1])
 
 
 def _unit_rows(vectors: Sequence[np.ndarray]) -> np.ndarray:
