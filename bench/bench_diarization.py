@@ -10,7 +10,8 @@ engine and the speaker path see the same audio on the same audio clock either wa
 not depend on the pace as long as the engine keeps up: the speaker path embeds from a 60 s ring
 of recent audio, and an engine far behind the socket would find its utterances gone. Unpaced
 sending does change the results for that reason). The final version of every segment is the
-hypothesis, shifted by the first reference turn's onset (the gateway counts conversation time
+hypothesis (the client waits until nothing more comes: the pause after the recording runs the
+session's last re-clustering, ``SpeakerIdentifier.settle``, whose relabels it sees), shifted by the first reference turn's onset (the gateway counts conversation time
 from the first word; see ``clock_offset``). Prints per recording and on average:
 
 - DER (``harken.audio.der``: pyannote.metrics' rules, ±0.25 s collar, overlap scored), with
@@ -431,6 +432,18 @@ def owner_offline(baseline, embedder, pcm, reference, utterances) -> list:
     return out
 
 
+def speaker_path(embedder, utterances):
+    """What the gateway's speaker path does with each utterance: its windows placed by the
+    conversation diarizer, and the speech in it found by the VAD (``SpeakerIdentifier._place``:
+    word edges in a pause move to the speech)."""
+    from harken.audio.vad import speech_spans
+    from harken.gateway.speakers import SPEECH_PAUSE_MS
+
+    for _, _, clip in utterances:
+        speech_spans(clip, min_silence_ms=SPEECH_PAUSE_MS)
+    return new_labels(embedder, utterances)
+
+
 def speaker_path_cpu(embedder, utterances, streams: int) -> float:
     """Process CPU seconds of the speaker path for ``streams`` conversations sharing one
     embedding thread (as the gateway's sessions share ``SpeakerEmbedder``'s worker)."""
@@ -438,7 +451,7 @@ def speaker_path_cpu(embedder, utterances, streams: int) -> float:
 
     started = time.process_time()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        for future in [pool.submit(new_labels, embedder, utterances) for _ in range(streams)]:
+        for future in [pool.submit(speaker_path, embedder, utterances) for _ in range(streams)]:
             future.result()
     return time.process_time() - started
 

@@ -352,3 +352,60 @@ async def test_a_reply_inside_one_engine_utterance_gets_its_own_speaker_through_
     # by its majority: his first 1.7 s went to her).
     assert label_at(second_at + 0.8) == man_label, seen
     assert label_at(second_end - 1.0) == man_label, seen
+
+
+@pytest.mark.timeout(300)
+async def test_the_client_sees_the_last_reclustering_as_relabels_by_id_before_it_hangs_up(gateway):
+    # Two people talk at length, then a third voice says a few words (1.5 s) and the
+    # conversation pauses. While it is the newest voice it keeps a label of its own; the
+    # re-clustering the close runs folds a voice heard this briefly into the nearest speaker
+    # (MIN_SPEAKER_SECONDS). The old session ran that re-clustering only when the connection
+    # closed, so only the store got it: the app kept showing a speaker the saved conversation
+    # does not have. Now the pause runs it, the segment is re-sent under its id with its new
+    # label, and what the client sees last is what the store keeps.
+    import httpx
+
+    from harken.client import listen_url, stream_messages
+
+    from .fakes.recording import speech_span
+    from .test_gateway import pcm_messages, token_for
+
+    def speech(speaker: str, index: int, seconds: float) -> np.ndarray:
+        pcm = read_wav_16k(sorted((Path(__file__).parent / "data" / "speakers" / speaker).glob("*.wav"))[index])
+        a, b = speech_span(pcm)
+        return pcm[a:b][: int(seconds * 16000)]
+
+    def quiet(seconds: float) -> np.ndarray:
+        return np.zeros(int(seconds * 16000), np.int16)
+
+    # Pauses of 3.5 s: the segment builder joins one speaker's words across pauses under 3 s.
+    pieces = [quiet(1.0), speech("2033", 0, 6.0), quiet(3.5), speech("1998", 0, 6.0), quiet(3.5),
+              speech("2033", 1, 6.0), quiet(3.5)]
+    brief_at = sum(p.size for p in pieces) / 16000
+    pieces += [speech("3331", 0, 1.5), quiet(3.0)]
+    url = listen_url(gateway.base, codec="pcm16", sample_rate=16000)
+    token = token_for(gateway)
+    result = await stream_messages(url, pcm_messages(np.concatenate(pieces)), 0.1, token=token,
+                                   realtime=False, settle_seconds=8.0, max_wait=180)
+    segments = result.ordered()
+    offset = 1.0 - segments[0]["start"]          # conversation time counts from the first word
+    seen = [(round(s["start"] + offset, 2), round(s["end"] + offset, 2), s["speaker_id"], s["text"][:40])
+            for s in segments]
+    print("\n" + "\n".join(map(str, seen)))
+    brief = segments[-1]
+    assert brief["start"] + offset >= brief_at - 0.5, seen
+    versions = [u.segment["speaker_id"] for u in result.updates if u.segment["id"] == brief["id"]]
+    print("the brief voice's segment as sent:", versions)
+    # It was shown under a label of its own, and re-sent under the same id with a speaker's.
+    assert versions[0] not in {s["speaker_id"] for s in segments[:-1]}, (versions, seen)
+    assert brief["speaker_id"] in {s["speaker_id"] for s in segments[:-1]}, (versions, seen)
+    # The client's last view is the stored conversation's.
+    conversation = next(e["conversation_id"] for e in result.events if e.get("type") == "conversation_session")
+    async with httpx.AsyncClient(base_url=gateway.http) as http:
+        for _ in range(50):
+            response = await http.get(f"/v1/conversations/{conversation}", headers={"Authorization": f"Bearer {token}"})
+            if response.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+    stored = {s["id"]: s["speaker_id"] for s in response.json()["transcript_segments"]}
+    assert stored == {s["id"]: s["speaker_id"] for s in segments}, (stored, seen)
