@@ -782,7 +782,12 @@ class Session:
         async with self._storing:
             pending = self._take_undiarized(final)
             await self._label_words(pending)
-            if (not pending and not self._showing and not self._undiarized and self._voice_labelled
+            # The embedded engine's sessions only: with a cloud engine (whose words are shown
+            # before the voice decides) it made test_cloud_speakers' provisional-words test fail
+            # (another voice's first shown words were no longer under the owner's label); the
+            # cause is not looked into yet.
+            if (not pending and not self._showing and not self._undiarized
+                    and self._voice_labelled == {EMBEDDED_PROVIDER}
                     and time.monotonic() - self._last_word_at >= SETTLE_AFTER_SECONDS):
                 await self.speakers.settle()   # a pause: the close's re-clustering, shown now
             batch = self._with_carried(self.builder.flush())
