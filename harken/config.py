@@ -98,7 +98,7 @@ class Settings:
     endpoint_pause_ms: int = _setting(
         300, "a pause after which the open utterance is decoded; it ends there if the decode ends a sentence")
     partial_interval: float = _setting(
-        0.5, "seconds of speech between provisional decodes of an open utterance (text shown while "
+        1.0, "seconds of speech between provisional decodes of an open utterance (text shown while "
         "someone speaks; fewer, then none, under load); 0 = final text only")
     max_utterance_s: float = _setting(15.0, "longest utterance before it is decoded anyway")
 
