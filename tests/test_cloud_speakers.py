@@ -227,7 +227,7 @@ async def test_cloud_words_are_shown_before_the_voice_decides_and_relabelled_by_
     print("\n" + "\n".join(f"{s['speaker_id']} {s['is_user']!s:5s} {s['start']:6.2f}-{s['end']:6.2f} {s['text'][:40]}"
                            for s in final))
     owner_label = Counter(s["speaker_id"] for s in final if s["is_user"]).most_common(1)[0][0]
-    relabelled = 0
+    moved_by_id = 0
     for marker in markers:
         versions = [(k, u.segment) for k, u in enumerate(result.updates) if marker in u.segment["text"].split()]
         first_at, first = versions[0]
@@ -239,7 +239,7 @@ async def test_cloud_words_are_shown_before_the_voice_decides_and_relabelled_by_
             assert first["speaker_id"] == owner_label, (marker, first)
             assert any(k > first_at and segment["id"] == now["id"] and not segment["is_user"]
                        for k, segment in versions), marker
-            relabelled += 1
+            moved_by_id += 1
         else:
             # The voice had decided before the words went out (how far the speaker step is
             # behind the engine varies from run to run): shown under the right speaker at once.
@@ -251,7 +251,7 @@ async def test_cloud_words_are_shown_before_the_voice_decides_and_relabelled_by_
     assert " ".join(s["text"] for s in final).split() == " ".join(w.text for w in joined.script).split()
     # The path this test is for was taken at least once: words shown before their voice decided,
     # then moved by id.
-    assert relabelled >= 1, "no other-voice turn was shown before its voice decided"
+    assert moved_by_id >= 1, "no other-voice turn was shown before its voice decided"
 
 
 async def test_words_shown_before_the_voice_decides_keep_the_conversation_from_timing_out(make_gateway):
