@@ -802,7 +802,10 @@ class Session:
         """Label ``pending`` words by voice and add them to the builder."""
         if pending:
             # All at once: an utterance is embedded whole, even across a change of provider.
-            labelled = await self.speakers.diarize_words([word for word, _ in pending])
+            # Only Whisper stretches word edges over pauses; a cloud engine's times are kept.
+            labelled = await self.speakers.diarize_words(
+                [word for word, _ in pending],
+                keep_times=any(provider != EMBEDDED_PROVIDER for _, provider in pending))
             for (word, provider), voiced in zip(pending, labelled):
                 self._voice_of[(provider, word.speaker)] = voiced.speaker
             start = 0

@@ -292,7 +292,8 @@ class SpeakerIdentifier:
         return (self._candidates[best] if similarity >= self.threshold else None), similarity
 
     # -- local diarization ---------------------------------------------------------------
-    async def diarize_words(self, words: Sequence[Word], *, clock_offset: float = 0.0) -> list[Word]:
+    async def diarize_words(self, words: Sequence[Word], *, clock_offset: float = 0.0,
+                            keep_times: bool = False) -> list[Word]:
         """``words`` with ``speaker`` set from their voice.
 
         ``clock_offset`` is the audio-clock time of the words' time zero (0.0 when the engine's
@@ -301,7 +302,9 @@ class SpeakerIdentifier:
         those of one 600 ms flush) so each utterance is embedded once, whole. A word takes the
         label of the stretch around its middle, so an utterance with a speaker change inside is
         split there. An utterance too short (or no longer in the ring) to embed keeps the last
-        speaker. The words come back in the order given.
+        speaker. The words come back in the order given. Word edges that lie in a pause move
+        to the speech under them (Whisper stretches them over pauses), unless ``keep_times``
+        (a cloud engine's times are its own and stay as they came).
         """
         labelled: dict[int, Word] = {}
         for run in _utterances(words):
@@ -316,7 +319,9 @@ class SpeakerIdentifier:
                 for label in self._known_labels() - known_before:
                     self._suggested.append(self._known_match(label))
             for w in run:
-                a, b = _inside_speech(w.start + clock_offset, w.end + clock_offset, speech)
+                a, b = w.start + clock_offset, w.end + clock_offset
+                if not keep_times:
+                    a, b = _inside_speech(a, b, speech)
                 label = self.diarizer.label_at((a + b) / 2)
                 if label is not None:
                     self._last_speaker = label
