@@ -315,7 +315,7 @@ class SpeakerIdentifier:
             if clip.size >= MIN_DIARIZE_SECONDS * self.ring.sample_rate:
                 known_before = self._known_labels()
                 start = end - clip.size / self.ring.sample_rate   # the ring may have cut its head
-                speech = await self._in_worker(self._place, clip, start, end) or []
+                speech = await self._in_worker(self._place, clip, start, end, not keep_times) or []
                 for label in self._known_labels() - known_before:
                     self._suggested.append(self._known_match(label))
             for w in run:
@@ -363,12 +363,15 @@ class SpeakerIdentifier:
                 out[speaker] = _unit_rows([np.concatenate(windows).mean(axis=0)])[0]
         return out
 
-    def _place(self, clip: np.ndarray, start: float, end: float) -> list[tuple[float, float]]:
-        """Embed an utterance's windows and label it, and find the speech in it (on the embedder's
-        thread: the VAD and re-clustering cost milliseconds that the event loop should not wait
-        for). Returns the speech spans, on the audio clock."""
+    def _place(self, clip: np.ndarray, start: float, end: float, find_speech: bool) -> list[tuple[float, float]]:
+        """Embed an utterance's windows and label it, and with ``find_speech`` find the speech in
+        it (on the embedder's thread: the VAD and re-clustering cost milliseconds that the event
+        loop should not wait for). Returns the speech spans, on the audio clock (none without
+        ``find_speech``: words whose times are kept need no VAD pass)."""
         self._unsettled = True
         self._reclustered |= self.diarizer.add_utterance(start, end, self._embedder.embed_windows(clip))
+        if not find_speech:
+            return []
         rate = self.ring.sample_rate
         return [(start + a / rate, start + b / rate) for a, b in speech_spans(clip, min_silence_ms=SPEECH_PAUSE_MS)]
 
@@ -385,8 +388,7 @@ class SpeakerIdentifier:
         """The session is closing: the last re-clustering, whose changes apply at once."""
         if not self._finished and self.diarizer.labels:
             self._finished = True
-            self._unsettled = False
-            self._reclustered |= bool(await self._in_worker(self.diarizer.finish))
+            await self._recluster_all()
 
     async def settle(self) -> None:
         """The conversation paused: the re-clustering the close would run, now, with its changes
@@ -395,8 +397,12 @@ class SpeakerIdentifier:
         re-clustering finds nothing new to change. Runs once per pause: only after new speech was
         placed since the last one."""
         if self._unsettled and not self._finished and self.diarizer.labels:
-            self._unsettled = False
-            self._reclustered |= bool(await self._in_worker(self.diarizer.finish))
+            await self._recluster_all()
+
+    async def _recluster_all(self) -> None:
+        """The diarizer's whole-conversation re-clustering, its changes applied at once."""
+        self._unsettled = False
+        self._reclustered |= bool(await self._in_worker(self.diarizer.finish))
 
     def take_suggestions(self) -> list[SpeakerMatch]:
         """Known voices that local diarization found since the last call (for
