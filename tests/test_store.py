@@ -218,7 +218,10 @@ async def test_a_sqlite_write_waits_off_the_loop_while_another_process_holds_the
 async def test_sqlite_writes_on_the_loop_are_checkpointed_so_the_wal_stays_bounded(tmp_path):
     """The loop's connection never checkpoints (the fsyncs would stall it); the store checkpoints
     in a thread instead. Without that the WAL file grows with every write for as long as the
-    process runs: here 300 transactions of a 12 KB segment would leave it over 10 MB."""
+    process runs: here 300 transactions of a 12 KB segment would leave it over 10 MB. On a busy
+    machine (CI) a commit could land during every checkpoint, and the WAL grew to 5.6 MB before
+    the writes learnt to wait for a whole checkpoint once they are far behind (six busy loops on
+    two cores beside this test make that happen about once in three runs of the old code)."""
     async with opened_store("sqlite", tmp_path) as store:
         c = conversation()
         await store.open_conversation(c, now=1000, live_until=1030)

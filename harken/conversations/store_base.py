@@ -142,6 +142,8 @@ class StoreBase:
         # the transaction runs on the loop's thread (sqlite_loop.py) unless another process
         # holds the file's write lock.
         async with self._local_writer:
+            if self._loop_writer is not None:
+                await self._loop_writer.catch_up()
             conn = self._loop_writer.try_begin() if self._loop_writer is not None else None
             if conn is not None:
                 with self._loop_writer.transaction(conn) as on_the_loop:
