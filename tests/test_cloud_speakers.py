@@ -198,7 +198,8 @@ async def test_cloud_words_are_shown_before_the_voice_decides_and_relabelled_by_
     """A cloud engine's words reach the client at once, under the voice its engine's speaker had
     last; when the voice has decided, the segments it changed are re-sent by id, and the store
     holds only the voice's labels. Here the engine hears one speaker (number 0) all along, so
-    the other voice's words are first shown as the owner's, then moved to their own speaker."""
+    the other voice's words are first shown under the label its last words got (the owner's, as a
+    rule), then moved to their own speaker by id."""
     markers = ("Zulu", "Yankee")           # each other-voice turn starts with a word of its own
     turns = [(OWNER, 3, FILLER), (STRANGER, 0, "zulu " + FILLER), (OWNER, 4, FILLER),
              (STRANGER, 2, "yankee " + FILLER), (OWNER, 5, FILLER)]
@@ -226,6 +227,8 @@ async def test_cloud_words_are_shown_before_the_voice_decides_and_relabelled_by_
     final = result.ordered()
     print("\n" + "\n".join(f"{s['speaker_id']} {s['is_user']!s:5s} {s['start']:6.2f}-{s['end']:6.2f} {s['text'][:40]}"
                            for s in final))
+    print("as sent:\n" + "\n".join(f"{u.segment['id'][:8]} {u.segment['speaker_id']} {u.segment['is_user']!s:5s} "
+                                    f"{u.segment['text'][:30]}" for u in result.updates))
     owner_label = Counter(s["speaker_id"] for s in final if s["is_user"]).most_common(1)[0][0]
     moved_by_id = 0
     for marker in markers:
@@ -233,17 +236,18 @@ async def test_cloud_words_are_shown_before_the_voice_decides_and_relabelled_by_
         first_at, first = versions[0]
         [now] = holding(final, marker)
         assert not now["is_user"] and now["speaker_id"] != owner_label, (marker, now)
-        if first["is_user"]:
-            # Shown before the voice decided: under the engine's one speaker, i.e. as the owner;
+        if (first["speaker_id"], first["is_user"]) != (now["speaker_id"], now["is_user"]):
+            # Shown before the voice decided (under the label the engine's one speaker had last,
+            # which may be a label the voice gave only the last words of the owner's turn and the
+            # client never saw: seen in loaded runs, the first version under a label then new),
             # then the voice's answer, re-sent by id, is what the client ends with.
-            assert first["speaker_id"] == owner_label, (marker, first)
-            assert any(k > first_at and segment["id"] == now["id"] and not segment["is_user"]
+            assert any(k > first_at and segment["id"] == now["id"] and segment["speaker_id"] == now["speaker_id"]
                        for k, segment in versions), marker
             moved_by_id += 1
         else:
             # The voice had decided before the words went out (how far the speaker step is
             # behind the engine varies from run to run): shown under the right speaker at once.
-            assert (first["id"], first["speaker_id"]) == (now["id"], now["speaker_id"]), (marker, first, now)
+            assert first["id"] == now["id"], (marker, first, now)
         # What the client ends with is what the store holds.
         [kept] = holding(stored, marker)
         assert (kept["id"], kept["speaker_id"], kept["is_user"]) == (now["id"], now["speaker_id"], False)
