@@ -36,6 +36,18 @@ voice was decided against the conversation's voices, and the current one. It als
 prints the speaker path's CPU per audio second (model windows + clustering, thread CPU time) at 1
 stream and at 12 streams sharing the one embedding thread, as the gateway does, beside the
 embedded engine's own CPU per audio second on the same recordings.
+
+``--replica`` is the gateway's path offline and deterministic, to find where its error comes from
+and to try changes in seconds: each recording is decoded once as a stream of the gateway gets it
+(the embedded engine's endpointer with the server's settings, fed 40 ms pieces; the pause decode
+that ends an utterance at a finished sentence, back 0.2 s of audio later; ``place_words``),
+cached under the temporary folder (``harken-replica/``), and the words are fed at the times they
+would arrive to the session's own parts (``AudioRing``, ``SpeakerIdentifier.diarize_words``,
+``SegmentBuilder``, the pause's ``settle`` after 2 s of wall time without a word at ``--speed``
+(default 2), ``speaker_changes`` and ``respeak``, the close's ``finish``), in the order
+``Session._store_next_batch`` calls them. The segments the client saw last are scored as the
+bench scores them (aligned at the first reference turn) and on the audio clock, with missed
+speech, false alarm and confusion, beside the speaker path's CPU per audio second.
 """
 
 from __future__ import annotations
@@ -205,6 +217,7 @@ def put_profile(port: int, token: str, pcm: np.ndarray) -> None:
 
 
 async def run(files: list[Path], speed: float, owner_test: bool) -> None:
+    print(f"load average {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}", flush=True)
     outcomes: list[Outcome] = []
     for index, path in enumerate(files):
         # A fresh server per recording: a session that ended may still have audio in the engine's
@@ -264,7 +277,8 @@ def report(o: Outcome) -> None:
     print(f"{o.name:22s} {o.seconds:6.1f} s  DER {d.der:6.1%} (miss {d.missed / d.reference:5.1%} "
           f"fa {d.false_alarm / d.reference:5.1%} conf {d.confusion / d.reference:5.1%})  speakers "
           f"{d.hypothesis_speakers}/{d.reference_speakers}  stored: DER {o.stored.der:6.1%} "
-          f"{o.stored.hypothesis_speakers}/{o.stored.reference_speakers}  cpu {o.cpu / o.seconds:.3f} s/s{owner}",
+          f"{o.stored.hypothesis_speakers}/{o.stored.reference_speakers}  cpu {o.cpu / o.seconds:.3f} s/s{owner}  "
+          f"load {psutil.getloadavg()[0]:.1f}",
           flush=True)
 
 
@@ -276,7 +290,8 @@ def summary(outcomes: list[Outcome], speed: float) -> None:
     two = [o.der.der for o in outcomes if o.der.reference_speakers == 2]
     within = sum(abs(o.der.hypothesis_speakers - o.der.reference_speakers) <= 1 for o in outcomes)
     print(f"\npace: {speed:g}x real time; {len(outcomes)} recordings, "
-          f"{sum(o.seconds for o in outcomes):.0f} s")
+          f"{sum(o.seconds for o in outcomes):.0f} s; load average now "
+          f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())}")
     print(f"mean DER {np.mean(ders):.1%}; two-party mean {np.mean(two) if two else float('nan'):.1%}; "
           f"speaker count within one: {within}/{len(outcomes)} (what the client saw last)")
     stored = [o.stored for o in outcomes]
