@@ -40,7 +40,7 @@ embedded engine's own CPU per audio second on the same recordings.
 ``--replica`` is the gateway's path offline and deterministic, to find where its error comes from
 and to try changes in seconds: each recording is decoded once as a stream of the gateway gets it
 (the embedded engine's endpointer with the server's settings, fed 40 ms pieces; the pause decode
-that ends an utterance at a finished sentence, back 0.2 s of audio later; ``place_words``),
+that ends an utterance at a finished sentence, back ``--decode-seconds`` × the pace later; ``place_words``),
 cached under the temporary folder (``harken-replica/``), and the words are fed at the times they
 would arrive to the session's own parts (``AudioRing``, ``SpeakerIdentifier.diarize_words``,
 ``SegmentBuilder``, the pause's ``settle`` after 2 s of wall time without a word at ``--speed``
@@ -142,6 +142,16 @@ def clock_offset(reference) -> float:
     return min(start for start, _, _ in reference)
 
 
+def first_segment_offset(reference, segments) -> float:
+    """The other alignment: the first segment's start (its first word, whose edge the speaker
+    path moved to the speech under it) at the first reference turn's onset. Conversation time 0
+    is where the first words shown began: the embedded engine's provisional words, whose first
+    word Whisper stretches back over the pre-roll (0.3-1.0 s early), may set it, and every
+    segment then lands that much late under ``clock_offset``."""
+    starts = [s["start"] for s in segments if s["end"] > s["start"]]
+    return clock_offset(reference) - (min(starts) if starts else 0.0)
+
+
 def speaker_at(reference, t: float) -> set:
     return {who for a, b, who in reference if a <= t < b}
 
@@ -171,6 +181,7 @@ class Outcome:
     cpu: float
     owner: tuple[int, int] | None = None
     stored: object = None        # DER of the stored conversation
+    first_aligned: object = None  # DER with the first segment's start at the first reference turn
 
 
 # Silence streamed after a recording: interview_3spk and radio_phonein end mid-speech, and the
@@ -243,6 +254,10 @@ async def run(files: list[Path], speed: float, owner_test: bool) -> None:
                 score = diarization_error(reference, hypothesis_turns(result.segments.values(), clock_offset(reference)),
                                    uem=uem)
                 outcome = Outcome(path.stem, len(pcm) / RATE, score, cpu)
+                dump(path.stem, result.ordered())
+                outcome.first_aligned = diarization_error(
+                    reference, hypothesis_turns(result.segments.values(), first_segment_offset(reference, result.segments.values())),
+                    uem=uem)
                 await asyncio.sleep(1.0)        # the session's teardown stores its last flush
                 outcome.stored = diarization_error(
                     reference, hypothesis_turns(stored_segments(port, token, result), clock_offset(reference)), uem=uem)
@@ -271,13 +286,24 @@ async def run(files: list[Path], speed: float, owner_test: bool) -> None:
     summary(outcomes, speed)
 
 
+DUMP: Path | None = None      # --dump: the segments the client saw last, one JSON file per recording
+
+
+def dump(name: str, segments) -> None:
+    if DUMP is not None:
+        DUMP.mkdir(parents=True, exist_ok=True)
+        (DUMP / f"{name}.json").write_text(json.dumps(list(segments), indent=0))
+
+
 def report(o: Outcome) -> None:
     d = o.der
     owner = (f"  is_user {o.owner[0] / max(o.owner[1], 1):6.1%} of {o.owner[1]} words" if o.owner else "")
     print(f"{o.name:22s} {o.seconds:6.1f} s  DER {d.der:6.1%} (miss {d.missed / d.reference:5.1%} "
           f"fa {d.false_alarm / d.reference:5.1%} conf {d.confusion / d.reference:5.1%})  speakers "
           f"{d.hypothesis_speakers}/{d.reference_speakers}  stored: DER {o.stored.der:6.1%} "
-          f"{o.stored.hypothesis_speakers}/{o.stored.reference_speakers}  cpu {o.cpu / o.seconds:.3f} s/s{owner}  "
+          f"{o.stored.hypothesis_speakers}/{o.stored.reference_speakers}  first segment aligned: DER "
+          f"{o.first_aligned.der:6.1%} (miss {o.first_aligned.missed / d.reference:5.1%} fa "
+          f"{o.first_aligned.false_alarm / d.reference:5.1%} conf {o.first_aligned.confusion / d.reference:5.1%})  cpu {o.cpu / o.seconds:.3f} s/s{owner}  "
           f"load {psutil.getloadavg()[0]:.1f}",
           flush=True)
 
@@ -294,6 +320,9 @@ def summary(outcomes: list[Outcome], speed: float) -> None:
           f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())}")
     print(f"mean DER {np.mean(ders):.1%}; two-party mean {np.mean(two) if two else float('nan'):.1%}; "
           f"speaker count within one: {within}/{len(outcomes)} (what the client saw last)")
+    aligned = [o.first_aligned for o in outcomes]
+    print(f"first segment aligned: mean DER {np.mean([x.der for x in aligned]):.1%}; two-party mean "
+          f"{np.mean([x.der for x in aligned if x.reference_speakers == 2]) if two else float('nan'):.1%}")
     stored = [o.stored for o in outcomes]
     print(f"stored: mean DER {np.mean([x.der for x in stored]):.1%}; two-party mean "
           f"{np.mean([x.der for x in stored if x.reference_speakers == 2]) if two else float('nan'):.1%}; "
@@ -547,10 +576,11 @@ def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test
 # The embedded engine's decodes are cached here (per recording and engine setting): a rerun
 # spends its time on the speaker path only.
 REPLICA_CACHE = Path(tempfile.gettempdir()) / "harken-replica"
-# Audio-clock seconds a decode takes to come back in the replica (at 2x a 0.1 s decode is 0.2 s
-# of audio): a pause decode that ends a sentence ends its utterance only if no speech came back
-# meanwhile, as in ``WhisperStream._on_pause_decode``.
-REPLICA_DECODE_SECONDS = 0.2
+# Wall seconds a decode takes to come back in the replica (--decode-seconds), times the pace:
+# the audio that goes by meanwhile. A pause decode that ends a sentence ends its utterance only if
+# no speech came back meanwhile (``WhisperStream._on_pause_decode``), so at 2x the engine cuts at
+# fewer sentence ends than at real time, and its utterances hold more turns.
+REPLICA_DECODE_SECONDS = 0.3
 
 
 @dataclass
@@ -562,7 +592,7 @@ class EngineUtterance:
     words: list
 
 
-def engine_utterances(path: Path, pcm: np.ndarray) -> list[EngineUtterance]:
+def engine_utterances(path: Path, pcm: np.ndarray, latency: float) -> list[EngineUtterance]:
     """The embedded engine's final words for ``pcm`` as a stream of the gateway gets them: its
     own endpointer (``Endpointer`` with the server's settings, fed 40 ms pieces as the session
     feeds it), the pause decode that ends an utterance at a finished sentence, and
@@ -575,7 +605,7 @@ def engine_utterances(path: Path, pcm: np.ndarray) -> list[EngineUtterance]:
     settings = Settings()
     key = (f"{path.stem}-{path.stat().st_size}-{settings.whisper_model}-{settings.whisper_window_s}-"
            f"{settings.endpoint_silence_ms}-{settings.endpoint_pause_ms}-{settings.max_utterance_s}-"
-           f"{settings.vad_threshold}-{REPLICA_DECODE_SECONDS}")
+           f"{settings.vad_threshold}-{latency:g}")
     cache_file = REPLICA_CACHE / f"{key}.json"
     if cache_file.exists():
         from harken.stt.base import Word
@@ -603,7 +633,7 @@ def engine_utterances(path: Path, pcm: np.ndarray) -> list[EngineUtterance]:
         words = place_words(raw if raw is not None else decode(utterance), utterance, last_end)
         if words:
             last_end = words[-1].end
-            out.append(EngineUtterance(now + REPLICA_DECODE_SECONDS, words))
+            out.append(EngineUtterance(now + latency, words))
 
     piece = RATE * 40 // 1000
     for i in range(0, pcm.size, piece):
@@ -629,7 +659,7 @@ def engine_utterances(path: Path, pcm: np.ndarray) -> list[EngineUtterance]:
             if pause is None or (pause[0].number, pause[0].speech_windows) != (number, windows):
                 utterance = endpointer.open_audio()
                 if utterance is not None and utterance.speech_seconds >= MIN_SPEECH_SECONDS:
-                    pause = (utterance, decode(utterance), now + REPLICA_DECODE_SECONDS)
+                    pause = (utterance, decode(utterance), now + latency)
     ended = endpointer.flush()
     if ended is not None:
         final(ended, pcm.size / RATE)
@@ -701,7 +731,8 @@ async def replica_session(pcm: np.ndarray, utterances: list[EngineUtterance], sp
 
 def replica(files: list[Path], speed: float) -> None:
     """``--replica``: each recording through the gateway's path offline (see the module doc)."""
-    print(f"replica of the gateway's path: speaker model {MODEL.name}; {speed:g}x pace for the pauses; "
+    print(f"replica of the gateway's path: speaker model {MODEL.name}; {speed:g}x pace, decodes back after "
+          f"{REPLICA_DECODE_SECONDS:g} s; "
           f"load average {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}", flush=True)
     rows = []
     cpu_total = seconds_total = 0.0
@@ -711,7 +742,7 @@ def replica(files: list[Path], speed: float) -> None:
         reference = read_rttm(path.with_suffix(".rttm"))
         uem_path = path.with_suffix(".uem")
         uem = read_uem(uem_path) if uem_path.exists() else None
-        utterances = engine_utterances(path, pcm)
+        utterances = engine_utterances(path, pcm, REPLICA_DECODE_SECONDS * speed)
         started = time.process_time()
         shown, stored, zero = asyncio.run(replica_session(pcm, utterances, speed))
         cpu = time.process_time() - started
@@ -722,7 +753,9 @@ def replica(files: list[Path], speed: float) -> None:
         bench = diarization_error(reference, hypothesis_turns(shown, clock_offset(reference)), uem=uem)
         kept = diarization_error(reference, hypothesis_turns(stored, clock_offset(reference)), uem=uem)
         clock = diarization_error(reference, hypothesis_turns(shown, zero), uem=uem)
-        rows.append((path.stem, bench, kept, clock))
+        first = diarization_error(reference, hypothesis_turns(shown, first_segment_offset(reference, shown)), uem=uem)
+        rows.append((path.stem, bench, kept, clock, first))
+        dump(path.stem, shown)
         print(f"{path.stem:22s} {seconds:6.1f} s  DER {bench.der:6.1%} (miss {bench.missed / bench.reference:5.1%} "
               f"fa {bench.false_alarm / bench.reference:5.1%} conf {bench.confusion / bench.reference:5.1%}) "
               f"speakers {bench.hypothesis_speakers}/{bench.reference_speakers}  stored {kept.der:6.1%} "
@@ -732,7 +765,7 @@ def replica(files: list[Path], speed: float) -> None:
               f"speaker path {cpu / seconds * 1000:.1f} ms CPU per audio s", flush=True)
     if not rows:
         return
-    for label, index in (("shown", 1), ("stored", 2), ("audio clock", 3)):
+    for label, index in (("shown", 1), ("stored", 2), ("audio clock", 3), ("first segment aligned", 4)):
         scores = [r[index] for r in rows]
         two = [x.der for x in scores if x.reference_speakers == 2]
         many = [x.der for x in scores if x.reference_speakers > 2]
@@ -758,11 +791,16 @@ def main() -> None:
                         help="--offline: speaker model (harken.audio.speaker_models; default: the gateway's)")
     parser.add_argument("--cuts", choices=("vad", "engine"), default="vad",
                         help="--offline: utterances from Silero spans (default) or the engine's endpointer")
+    parser.add_argument("--decode-seconds", type=float, default=0.3,
+                        help="--replica: wall seconds a decode takes (times --speed: the audio that goes by)")
+    parser.add_argument("--dump", type=Path, help="write the segments the client saw last to DIR/NAME.json")
     parser.add_argument("--cluster", type=float, help="--offline: clustering similarity instead of the model's")
     parser.add_argument("--known", type=float, help="--offline: enrolled-voice similarity instead of the model's")
     args = parser.parse_args()
-    global MODEL, CUTS
+    global MODEL, CUTS, DUMP, REPLICA_DECODE_SECONDS
     CUTS = args.cuts
+    DUMP = args.dump
+    REPLICA_DECODE_SECONDS = args.decode_seconds
     from harken.audio.speaker_models import model_named
 
     MODEL = model_named(args.model) if args.model else model_named()
