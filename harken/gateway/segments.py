@@ -12,7 +12,8 @@ The rules follow Omi's ``combine_segments`` (reference/omi-listen-behaviour.md Â
 * Every new segment is folded onto the conversation's tail: the stored last segment is "merged
   forward" and re-sent with the *same id* as it grows; clients upsert by id.
 * Ids are stable: an id names one segment whose text only grows by appending, until the id is
-  reported deleted (absorbed into its left neighbour after a relabel); it never comes back.
+  reported deleted (absorbed into its left neighbour after a relabel, or split into parts under
+  new ids when local diarization hears several voices in it, ``respeak``); it never comes back.
 * Provisional words (``set_partial``: the embedded engine's words of an utterance still being
   spoken) are folded onto the tail for the client only (``Batch.shown``); the final words replace
   them under the same id, and only final text reaches ``Batch.changed`` (the store, webhooks).
