@@ -36,12 +36,25 @@ voice was decided against the conversation's voices, and the current one. It als
 prints the speaker path's CPU per audio second (model windows + clustering, thread CPU time) at 1
 stream and at 12 streams sharing the one embedding thread, as the gateway does, beside the
 embedded engine's own CPU per audio second on the same recordings.
+
+``--replica`` is the gateway's path offline and deterministic, to find where its error comes from
+and to try changes in seconds: each recording is decoded once as a stream of the gateway gets it
+(the embedded engine's endpointer with the server's settings, fed 40 ms pieces; the pause decode
+that ends an utterance at a finished sentence, back ``--decode-seconds`` × the pace later; ``place_words``),
+cached under the temporary folder (``harken-replica/``), and the words are fed at the times they
+would arrive to the session's own parts (``AudioRing``, ``SpeakerIdentifier.diarize_words``,
+``SegmentBuilder``, the pause's ``settle`` after 2 s of wall time without a word at ``--speed``
+(default 2), ``speaker_changes`` and ``respeak``, the close's ``finish``), in the order
+``Session._store_next_batch`` calls them. The segments the client saw last are scored as the
+bench scores them (aligned at the first reference turn) and on the audio clock, with missed
+speech, false alarm and confusion, beside the speaker path's CPU per audio second.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import json
 import sys
@@ -129,6 +142,16 @@ def clock_offset(reference) -> float:
     return min(start for start, _, _ in reference)
 
 
+def first_segment_offset(reference, segments) -> float:
+    """The other alignment: the first segment's start (its first word, whose edge the speaker
+    path moved to the speech under it) at the first reference turn's onset. Conversation time 0
+    is where the first words shown began: the embedded engine's provisional words, whose first
+    word Whisper stretches back over the pre-roll (0.3-1.0 s early), may set it, and every
+    segment then lands that much late under ``clock_offset``."""
+    starts = [s["start"] for s in segments if s["end"] > s["start"]]
+    return clock_offset(reference) - (min(starts) if starts else 0.0)
+
+
 def speaker_at(reference, t: float) -> set:
     return {who for a, b, who in reference if a <= t < b}
 
@@ -158,6 +181,7 @@ class Outcome:
     cpu: float
     owner: tuple[int, int] | None = None
     stored: object = None        # DER of the stored conversation
+    first_aligned: object = None  # DER with the first segment's start at the first reference turn
 
 
 # Silence streamed after a recording: interview_3spk and radio_phonein end mid-speech, and the
@@ -204,6 +228,7 @@ def put_profile(port: int, token: str, pcm: np.ndarray) -> None:
 
 
 async def run(files: list[Path], speed: float, owner_test: bool) -> None:
+    print(f"load average {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}", flush=True)
     outcomes: list[Outcome] = []
     for index, path in enumerate(files):
         # A fresh server per recording: a session that ended may still have audio in the engine's
@@ -229,6 +254,10 @@ async def run(files: list[Path], speed: float, owner_test: bool) -> None:
                 score = diarization_error(reference, hypothesis_turns(result.segments.values(), clock_offset(reference)),
                                    uem=uem)
                 outcome = Outcome(path.stem, len(pcm) / RATE, score, cpu)
+                dump(path.stem, result.ordered())
+                outcome.first_aligned = diarization_error(
+                    reference, hypothesis_turns(result.segments.values(), first_segment_offset(reference, result.segments.values())),
+                    uem=uem)
                 await asyncio.sleep(1.0)        # the session's teardown stores its last flush
                 outcome.stored = diarization_error(
                     reference, hypothesis_turns(stored_segments(port, token, result), clock_offset(reference)), uem=uem)
@@ -257,13 +286,25 @@ async def run(files: list[Path], speed: float, owner_test: bool) -> None:
     summary(outcomes, speed)
 
 
+DUMP: Path | None = None      # --dump: the segments the client saw last, one JSON file per recording
+
+
+def dump(name: str, segments) -> None:
+    if DUMP is not None:
+        DUMP.mkdir(parents=True, exist_ok=True)
+        (DUMP / f"{name}.json").write_text(json.dumps(list(segments), indent=0))
+
+
 def report(o: Outcome) -> None:
     d = o.der
     owner = (f"  is_user {o.owner[0] / max(o.owner[1], 1):6.1%} of {o.owner[1]} words" if o.owner else "")
     print(f"{o.name:22s} {o.seconds:6.1f} s  DER {d.der:6.1%} (miss {d.missed / d.reference:5.1%} "
           f"fa {d.false_alarm / d.reference:5.1%} conf {d.confusion / d.reference:5.1%})  speakers "
           f"{d.hypothesis_speakers}/{d.reference_speakers}  stored: DER {o.stored.der:6.1%} "
-          f"{o.stored.hypothesis_speakers}/{o.stored.reference_speakers}  cpu {o.cpu / o.seconds:.3f} s/s{owner}",
+          f"{o.stored.hypothesis_speakers}/{o.stored.reference_speakers}  first segment aligned: DER "
+          f"{o.first_aligned.der:6.1%} (miss {o.first_aligned.missed / d.reference:5.1%} fa "
+          f"{o.first_aligned.false_alarm / d.reference:5.1%} conf {o.first_aligned.confusion / d.reference:5.1%})  cpu {o.cpu / o.seconds:.3f} s/s{owner}  "
+          f"load {psutil.getloadavg()[0]:.1f}",
           flush=True)
 
 
@@ -275,9 +316,13 @@ def summary(outcomes: list[Outcome], speed: float) -> None:
     two = [o.der.der for o in outcomes if o.der.reference_speakers == 2]
     within = sum(abs(o.der.hypothesis_speakers - o.der.reference_speakers) <= 1 for o in outcomes)
     print(f"\npace: {speed:g}x real time; {len(outcomes)} recordings, "
-          f"{sum(o.seconds for o in outcomes):.0f} s")
+          f"{sum(o.seconds for o in outcomes):.0f} s; load average now "
+          f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())}")
     print(f"mean DER {np.mean(ders):.1%}; two-party mean {np.mean(two) if two else float('nan'):.1%}; "
           f"speaker count within one: {within}/{len(outcomes)} (what the client saw last)")
+    aligned = [o.first_aligned for o in outcomes]
+    print(f"first segment aligned: mean DER {np.mean([x.der for x in aligned]):.1%}; two-party mean "
+          f"{np.mean([x.der for x in aligned if x.reference_speakers == 2]) if two else float('nan'):.1%}")
     stored = [o.stored for o in outcomes]
     print(f"stored: mean DER {np.mean([x.der for x in stored]):.1%}; two-party mean "
           f"{np.mean([x.der for x in stored if x.reference_speakers == 2]) if two else float('nan'):.1%}; "
@@ -527,23 +572,235 @@ def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test
               f"within one {within}/{len(scores)}")
 
 
+# --- replica: the gateway's path, offline and deterministic ----------------------------------
+# The embedded engine's decodes are cached here (per recording and engine setting): a rerun
+# spends its time on the speaker path only.
+REPLICA_CACHE = Path(tempfile.gettempdir()) / "harken-replica"
+# Wall seconds a decode takes to come back in the replica (--decode-seconds), times the pace:
+# the audio that goes by meanwhile. A pause decode that ends a sentence ends its utterance only if
+# no speech came back meanwhile (``WhisperStream._on_pause_decode``), so at 2x the engine cuts at
+# fewer sentence ends than at real time, and its utterances hold more turns.
+REPLICA_DECODE_SECONDS = 0.3
+
+
+@dataclass
+class EngineUtterance:
+    """One final decode of the embedded engine: when its words reach the session (audio clock)
+    and the words, as ``WhisperStream`` yields them."""
+
+    arrival: float
+    words: list
+
+
+def engine_utterances(path: Path, pcm: np.ndarray, latency: float) -> list[EngineUtterance]:
+    """The embedded engine's final words for ``pcm`` as a stream of the gateway gets them: its
+    own endpointer (``Endpointer`` with the server's settings, fed 40 ms pieces as the session
+    feeds it), the pause decode that ends an utterance at a finished sentence, and
+    ``place_words``. Decodes are taken from the on-disk cache when there."""
+    from harken.audio.vad import Endpointer, StreamingVAD
+    from harken.stt.base import SENTENCE_ENDERS
+    from harken.stt.decoding import Decoding, utterance_lead
+    from harken.stt.whisper import MIN_SPEECH_SECONDS, WhisperProvider, place_words, preroll_ms
+
+    settings = Settings()
+    key = (f"{path.stem}-{path.stat().st_size}-{settings.whisper_model}-{settings.whisper_window_s}-"
+           f"{settings.endpoint_silence_ms}-{settings.endpoint_pause_ms}-{settings.max_utterance_s}-"
+           f"{settings.vad_threshold}-{latency:g}")
+    cache_file = REPLICA_CACHE / f"{key}.json"
+    if cache_file.exists():
+        from harken.stt.base import Word
+
+        return [EngineUtterance(u["arrival"], [Word(*w) for w in u["words"]])
+                for u in json.loads(cache_file.read_text())]
+    provider = WhisperProvider(settings)
+    asyncio.run(provider.load())
+    model = provider._model
+    decoding = Decoding("en", window_s=settings.whisper_window_s, lead_s=utterance_lead(model))
+    endpointer = Endpointer(StreamingVAD(), threshold=settings.vad_threshold, silence_ms=settings.endpoint_silence_ms,
+                            max_utterance_s=settings.max_utterance_s, preroll_ms=preroll_ms(model))
+    pause_s = settings.endpoint_pause_ms / 1000
+    out: list[EngineUtterance] = []
+    last_end = 0.0
+    pause = None                  # (utterance, raw words, seconds at which the decode is back)
+
+    def decode(utterance):
+        return provider.decode_clip(utterance.pcm, decoding, model)[0]
+
+    def final(utterance, now: float, raw=None) -> None:
+        nonlocal last_end
+        if utterance.speech_seconds < MIN_SPEECH_SECONDS:
+            return
+        words = place_words(raw if raw is not None else decode(utterance), utterance, last_end)
+        if words:
+            last_end = words[-1].end
+            out.append(EngineUtterance(now + latency, words))
+
+    piece = RATE * 40 // 1000
+    for i in range(0, pcm.size, piece):
+        now = (i + piece) / RATE
+        for utterance in endpointer.feed(pcm[i:i + piece]):
+            reuse = (pause is not None and pause[0].number == utterance.number
+                     and pause[0].speech_windows == utterance.speech_windows)
+            final(utterance, now, pause[1] if reuse else None)
+            if reuse:
+                pause = None
+        if pause is not None and now >= pause[2] and endpointer.in_utterance:
+            utterance, raw, _ = pause
+            same = (endpointer.utterance_number == utterance.number
+                    and endpointer.open_speech_windows == utterance.speech_windows)
+            last = next((w[0].strip() for w in reversed(raw) if w[0].strip()), "")
+            if same and last[-1:] in SENTENCE_ENDERS:
+                ended = endpointer.end_at(utterance.end)
+                if ended is not None:
+                    final(ended, now, raw)
+                    pause = None
+        if endpointer.in_utterance and endpointer.pause_seconds >= pause_s:
+            number, windows = endpointer.utterance_number, endpointer.open_speech_windows
+            if pause is None or (pause[0].number, pause[0].speech_windows) != (number, windows):
+                utterance = endpointer.open_audio()
+                if utterance is not None and utterance.speech_seconds >= MIN_SPEECH_SECONDS:
+                    pause = (utterance, decode(utterance), now + latency)
+    ended = endpointer.flush()
+    if ended is not None:
+        final(ended, pcm.size / RATE)
+    REPLICA_CACHE.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps([{"arrival": u.arrival, "words": [dataclasses.astuple(w) for w in u.words]}
+                                      for u in out]))
+    return out
+
+
+async def replica_session(pcm: np.ndarray, utterances: list[EngineUtterance], speed: float):
+    """The speaker path of a session with the embedded engine, fed ``utterances`` at their
+    arrival times: the session's own parts (``AudioRing``, ``SpeakerIdentifier``,
+    ``SegmentBuilder``) called in the order ``Session._store_next_batch`` calls them: the words
+    labelled by voice (``diarize_words``) and added, the pause's re-clustering (``settle``, after
+    ``SETTLE_AFTER_SECONDS`` of wall time without a word: ``speed`` times that of audio), the
+    flush, and the segments the re-clustering moved re-sent by id (``speaker_changes``,
+    ``respeak``). Returns the segments the client saw last (after the pause that follows the
+    recording) and the stored ones (after the close's last re-clustering), as wire dicts, and
+    the audio-clock time of conversation time 0."""
+    from harken.audio.ring import AudioRing
+    from harken.gateway.segments import SegmentBuilder
+    from harken.gateway.session import RING_SECONDS, SETTLE_AFTER_SECONDS
+    from harken.gateway.speakers import SpeakerIdentifier
+    from harken.stt.base import EMBEDDED_PROVIDER
+
+    ring = AudioRing(RING_SECONDS)
+    speakers = SpeakerIdentifier(ring, model=MODEL)
+    builder = SegmentBuilder()
+    offset: float | None = None
+    fed = 0
+    providers = {EMBEDDED_PROVIDER}
+
+    async def step(words, *, settle: bool = False, final: bool = False) -> None:
+        nonlocal offset
+        if words:
+            labelled = await speakers.diarize_words(words)
+            if offset is None:
+                offset = -min(w.start for w in labelled)       # Session._anchor: the first word is 0.0
+            builder.add_words(labelled, provider=EMBEDDED_PROVIDER, time_offset=offset,
+                              speaker_labels=speakers.labels)
+        elif settle:
+            await speakers.settle()
+        builder.flush()
+        if final:
+            speakers.close()
+        changes = speakers.reclustered and await speakers.speaker_changes(builder.segments, offset or 0.0,
+                                                                          providers=providers)
+        if changes:
+            builder.respeak(changes)
+
+    last_word = None
+    for utterance in utterances:
+        if last_word is not None and utterance.arrival - last_word >= SETTLE_AFTER_SECONDS * speed:
+            await step([], settle=True)
+        upto = min(pcm.size, int(utterance.arrival * RATE))
+        if upto > fed:
+            ring.append(pcm[fed:upto])
+            fed = upto
+        await step(utterance.words)
+        last_word = utterance.arrival
+    if fed < pcm.size:
+        ring.append(pcm[fed:])
+    await step([], settle=True)
+    shown = [s.to_wire() for s in builder.segments]
+    await step([], final=True)
+    stored = [s.to_wire() for s in builder.segments]
+    return shown, stored, -(offset or 0.0)
+
+
+def replica(files: list[Path], speed: float) -> None:
+    """``--replica``: each recording through the gateway's path offline (see the module doc)."""
+    print(f"replica of the gateway's path: speaker model {MODEL.name}; {speed:g}x pace, decodes back after "
+          f"{REPLICA_DECODE_SECONDS:g} s; "
+          f"load average {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}", flush=True)
+    rows = []
+    cpu_total = seconds_total = 0.0
+    for path in files:
+        pcm = read_wav_16k(path)
+        pcm = np.concatenate((pcm, np.zeros(int(TAIL_SECONDS * RATE), pcm.dtype)))
+        reference = read_rttm(path.with_suffix(".rttm"))
+        uem_path = path.with_suffix(".uem")
+        uem = read_uem(uem_path) if uem_path.exists() else None
+        utterances = engine_utterances(path, pcm, REPLICA_DECODE_SECONDS * speed)
+        started = time.process_time()
+        shown, stored, zero = asyncio.run(replica_session(pcm, utterances, speed))
+        cpu = time.process_time() - started
+        seconds = len(pcm) / RATE
+        cpu_total += cpu
+        seconds_total += seconds
+        # As the gateway bench aligns (the first reference onset), and on the audio clock.
+        bench = diarization_error(reference, hypothesis_turns(shown, clock_offset(reference)), uem=uem)
+        kept = diarization_error(reference, hypothesis_turns(stored, clock_offset(reference)), uem=uem)
+        clock = diarization_error(reference, hypothesis_turns(shown, zero), uem=uem)
+        first = diarization_error(reference, hypothesis_turns(shown, first_segment_offset(reference, shown)), uem=uem)
+        rows.append((path.stem, bench, kept, clock, first))
+        dump(path.stem, shown)
+        print(f"{path.stem:22s} {seconds:6.1f} s  DER {bench.der:6.1%} (miss {bench.missed / bench.reference:5.1%} "
+              f"fa {bench.false_alarm / bench.reference:5.1%} conf {bench.confusion / bench.reference:5.1%}) "
+              f"speakers {bench.hypothesis_speakers}/{bench.reference_speakers}  stored {kept.der:6.1%} "
+              f"{kept.hypothesis_speakers}/{kept.reference_speakers}  on the audio clock {clock.der:6.1%} "
+              f"(miss {clock.missed / clock.reference:5.1%} fa {clock.false_alarm / clock.reference:5.1%} "
+              f"conf {clock.confusion / clock.reference:5.1%})  {len(shown)} segments  "
+              f"speaker path {cpu / seconds * 1000:.1f} ms CPU per audio s", flush=True)
+    if not rows:
+        return
+    for label, index in (("shown", 1), ("stored", 2), ("audio clock", 3), ("first segment aligned", 4)):
+        scores = [r[index] for r in rows]
+        two = [x.der for x in scores if x.reference_speakers == 2]
+        many = [x.der for x in scores if x.reference_speakers > 2]
+        exact = sum(x.hypothesis_speakers == x.reference_speakers for x in scores)
+        print(f"{label}: mean DER {np.mean([x.der for x in scores]):.1%}; two-party {np.mean(two) if two else float('nan'):.1%}; "
+              f"3+ speakers {np.mean(many) if many else float('nan'):.1%}; speaker count exact {exact}/{len(scores)}")
+    print(f"speaker path (labels, re-clustering, segments; decodes cached): {cpu_total / seconds_total * 1000:.1f} ms "
+          f"CPU per audio second")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="WAV files or folders, each WAV with an RTTM beside it")
     parser.add_argument("--speed", type=float, default=1.0, help="pace: N times real time (default 1)")
     parser.add_argument("--no-owner", action="store_true", help="skip the enrolled-owner run")
     parser.add_argument("--offline", action="store_true", help="the speaker path alone, in process (see above)")
+    parser.add_argument("--replica", action="store_true",
+                        help="the gateway's path offline: the engine's cuts and words, then the session's speaker "
+                             "path and segments (see above)")
     parser.add_argument("--streams", default="1,12", help="--offline: stream counts for the CPU figure")
     parser.add_argument("--no-engine", action="store_true", help="--offline: skip the engine's CPU figure")
     parser.add_argument("--model", default=None,
                         help="--offline: speaker model (harken.audio.speaker_models; default: the gateway's)")
     parser.add_argument("--cuts", choices=("vad", "engine"), default="vad",
                         help="--offline: utterances from Silero spans (default) or the engine's endpointer")
+    parser.add_argument("--decode-seconds", type=float, default=0.3,
+                        help="--replica: wall seconds a decode takes (times --speed: the audio that goes by)")
+    parser.add_argument("--dump", type=Path, help="write the segments the client saw last to DIR/NAME.json")
     parser.add_argument("--cluster", type=float, help="--offline: clustering similarity instead of the model's")
     parser.add_argument("--known", type=float, help="--offline: enrolled-voice similarity instead of the model's")
     args = parser.parse_args()
-    global MODEL, CUTS
+    global MODEL, CUTS, DUMP, REPLICA_DECODE_SECONDS
     CUTS = args.cuts
+    DUMP = args.dump
+    REPLICA_DECODE_SECONDS = args.decode_seconds
     from harken.audio.speaker_models import model_named
 
     MODEL = model_named(args.model) if args.model else model_named()
@@ -551,7 +808,9 @@ def main() -> None:
         OVERRIDES["threshold"] = args.cluster
     if args.known is not None:
         OVERRIDES["known_threshold"] = args.known
-    if args.offline:
+    if args.replica:
+        replica(recordings(args.paths), args.speed if args.speed != 1.0 else 2.0)
+    elif args.offline:
         offline(recordings(args.paths), [int(n) for n in args.streams.split(",")], not args.no_engine,
                 not args.no_owner)
     else:

@@ -152,6 +152,41 @@ def test_respeak_moves_sent_segments_and_merges_neighbours():
     assert batch.deleted_ids == ["seg-1", "seg-2"]
 
 
+def test_respeak_splits_a_segment_whose_words_the_voice_gives_to_two_speakers():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    # Labelled as one voice when it came: one segment (and a lowercase reply would join another
+    # speaker's unfinished sentence anyway, rule (b)).
+    add(builder, words(("So I went to the", 0.0, 1.5), ("garage", 1.6, 2.0), ("and", 2.1, 2.3),
+                       ("oh", 2.9, 3.1), ("really", 3.2, 3.6), speaker=0))
+    assert [s.id for s in builder.flush().changed] == ["seg-0"]
+    # Re-clustering hears the last two words as another voice: the segment is reported deleted
+    # (an id's text only grows) and each part goes out under a new id, the reply not merged back.
+    batch = builder.respeak({"seg-0": [(3, 0, False, None), (2, 1, False, None)]})
+    assert batch.deleted_ids == ["seg-0"]
+    assert [(s.id, s.text, s.speaker_id, s.start, s.end) for s in batch.changed] == [
+        ("seg-1", "So I went to the garage and", 0, 0.0, 2.3), ("seg-2", "oh really", 1, 2.9, 3.6)]
+    assert [s.id for s in builder.segments] == ["seg-1", "seg-2"]
+    # The parts are segments like any other: the first voice's next words go on a new segment
+    # (another voice's is the tail), and a later re-clustering can join the parts again.
+    add(builder, words(("Yes.", 4.0, 4.4), speaker=1))
+    assert [(s.id, s.text) for s in builder.flush().changed] == [("seg-2", "oh really Yes.")]
+    batch = builder.respeak({"seg-2": (0, False, None)})
+    assert [(s.id, s.text, s.speaker_id) for s in batch.changed] == [
+        ("seg-1", "So I went to the garage and oh really Yes.", 0)]
+    assert batch.deleted_ids == ["seg-2"]
+
+
+def test_a_split_that_does_not_match_the_words_relabels_the_whole_segment():
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("One", 0.0, 0.4), ("two", 0.5, 0.9), ("three.", 1.0, 1.4), speaker=0))
+    builder.flush()
+    # Counts that do not add up to the segment's words (a stored segment has none): the part
+    # with the most words decides, as for a segment read back from the store.
+    batch = builder.respeak({"seg-0": [(1, 0, False, None), (3, 1, False, None)]})
+    assert [(s.id, s.speaker_id) for s in batch.changed] == [("seg-0", 1)]
+    assert not batch.deleted_ids
+
+
 def test_a_speaker_a_person_named_survives_voice_matching_and_reclustering():
     """assign-bulk / speaker_assigned pin the segments: later automatic labels leave them alone."""
     builder = SegmentBuilder(id_factory=counter_ids())

@@ -208,6 +208,42 @@ async def test_diarize_words_gives_stable_speaker_labels():
     assert short[0].speaker == labels[-1]
 
 
+@pytest.mark.timeout(60)
+async def test_a_segment_that_holds_two_voices_is_split_by_the_reclustering():
+    # Two voices take turns; the second's first words were joined onto the first voice's segment
+    # when they came (as a segment merged before the voices were told apart is). The close's
+    # re-clustering hears two voices in that segment: speaker_changes asks for it to be split
+    # along its words, and respeak sends the parts under new ids with the voices' labels.
+    from harken.gateway.segments import SegmentBuilder
+    from harken.stt.base import EMBEDDED_PROVIDER
+
+    voices = speakers()
+    ring = AudioRing(60)
+    identifier = SpeakerIdentifier(ring)
+    conversation = Conversation(ring)
+    turns = [(who, conversation.say(voices[who][k][: 5 * SAMPLE_RATE]))
+             for who, k in [("3005", 0), ("1998", 0), ("3005", 1), ("1998", 1)]]
+    labelled = []
+    for _, span in turns:
+        labelled += await identifier.diarize_words(as_words(*span))
+    first, second = labelled[0].speaker, next(w.speaker for w in labelled if w.start >= turns[1][1][0])
+    assert first != second
+    builder = SegmentBuilder(id_factory=iter(f"seg-{i}" for i in range(100)).__next__)
+    in_one = [w for w in labelled if w.start < turns[1][1][1]]           # the first two turns
+    builder.add_words([Word(w.text, w.start, w.end, first) for w in in_one], provider=EMBEDDED_PROVIDER)
+    builder.flush()
+    assert builder.segments[0].text.split() == [w.text for w in in_one]
+    identifier.close()
+    changes = await identifier.speaker_changes(builder.segments)
+    parts = changes[builder.segments[0].id]
+    assert [(n, label) for n, label, *_ in parts] == [
+        (sum(w.start < turns[1][1][0] for w in in_one), first), (sum(w.start >= turns[1][1][0] for w in in_one), second)]
+    batch = builder.respeak(changes)
+    assert "seg-0" in batch.deleted_ids
+    assert [s.speaker_id for s in builder.segments] == [first, second]
+    assert builder.segments[1].start >= turns[1][1][0] - 0.5
+
+
 def test_ring_returns_what_it_still_holds_by_clock_position():
     ring = AudioRing(1.0)                                   # 16000 samples
     stream = np.random.default_rng(5).integers(-32768, 32767, 60000).astype(np.int16)

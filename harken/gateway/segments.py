@@ -12,7 +12,8 @@ The rules follow Omi's ``combine_segments`` (reference/omi-listen-behaviour.md Â
 * Every new segment is folded onto the conversation's tail: the stored last segment is "merged
   forward" and re-sent with the *same id* as it grows; clients upsert by id.
 * Ids are stable: an id names one segment whose text only grows by appending, until the id is
-  reported deleted (absorbed into its left neighbour after a relabel); it never comes back.
+  reported deleted (absorbed into its left neighbour after a relabel, or split into parts under
+  new ids when local diarization hears several voices in it, ``respeak``); it never comes back.
 * Provisional words (``set_partial``: the embedded engine's words of an utterance still being
   spoken) are folded onto the tail for the client only (``Batch.shown``); the final words replace
   them under the same id, and only final text reaches ``Batch.changed`` (the store, webhooks).
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 from uuid import uuid4
 
 from harken.conversations.model import MAX_TIME_SECONDS, time_within   # client times past it are refused
@@ -55,6 +56,7 @@ _WHITESPACE_RUN = re.compile(r"\s+")
 _TRAILING_NUMBER = re.compile(r"(\d+)\s*$")
 
 Labels = tuple[bool, "str | None"]
+Voice = tuple[int, bool, "str | None"]          # (speaker_id, is_user, person_id)
 
 
 def clean_seconds(value: float) -> float:
@@ -100,6 +102,10 @@ class Segment:
     translations: list = field(default_factory=list)  # [{"lang": ..., "text": ...}]
     # The language the engine identified (language=multi sessions); None when it was not asked to.
     language: str | None = None
+    # The words (or suggested pieces) the text was joined from, as ``(text, start, end)`` in
+    # conversation time: what a split by voice (``SegmentBuilder.respeak``) cuts along. Never
+    # sent nor stored; empty for a segment read back from the store, which is not split.
+    words: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def speaker(self) -> str:
@@ -166,7 +172,7 @@ class Segment:
         )
 
     def _copy(self) -> "Segment":
-        return replace(self, translations=[dict(t) for t in self.translations])
+        return replace(self, translations=[dict(t) for t in self.translations], words=list(self.words))
 
 
 def parse_speaker(value: Any) -> int:
@@ -357,6 +363,7 @@ def _absorb(first: Segment, second: Segment) -> None:
     else:
         first.text += " " + second.text
     first.end = max(first.end, second.end)
+    first.words = first.words + second.words
     # A translation of only one side would describe part of the text: keep languages both have.
     theirs = {t.get("lang"): t.get("text", "") for t in second.translations}
     first.translations = [
@@ -591,30 +598,59 @@ class SegmentBuilder:
                     piece.is_user, piece.person_id = is_user, person_id
         return self._merge_relabelled(relabelled)
 
-    def respeak(self, changes: dict[str, tuple[int, bool, str | None]]) -> Batch:
+    def respeak(self, changes: Mapping[str, "Voice | Sequence[tuple[int, int, bool, str | None]]"]) -> Batch:
         """Local diarization changed its mind: give the segments ``changes`` names (by id) a new
         ``(speaker_id, is_user, person_id)``. Neighbours that the change makes mergeable are
-        merged, as in :meth:`relabel`."""
+        merged, as in :meth:`relabel`.
+
+        A change may instead be a list of parts ``(words, speaker_id, is_user, person_id)``, in
+        order, whose word counts add up to the segment's words: the voice now hears several
+        speakers in it. Such a segment is split along its words: it is reported deleted and each
+        part goes out under a new id (an id's text only grows, so no id is cut short). Parts are
+        not merged back together (rule (b) would join a lowercase reply onto the sentence it
+        answers); a part may merge with the neighbour outside the segment that shares its voice.
+        A segment whose words are not known (read back from the store) takes the part with the
+        most words."""
         relabelled: set[str] = set()
+        split_ids: list[str] = []
+        apart: set[tuple[str, str]] = set()
+        kept: list[Segment] = []
         for segment in self._segments:
             change = changes.get(segment.id)
-            if segment.id in self._pinned:
+            if change is None or segment.id in self._pinned:
+                kept.append(segment)
                 continue
-            if change is not None and (segment.speaker_id, segment.is_user, segment.person_id) != change:
+            if not isinstance(change, tuple):
+                parts = _split(segment, list(change))
+                if parts is not None:
+                    for part in parts:
+                        part.id = self._new_id()
+                        relabelled.add(part.id)
+                    apart.update((left.id, right.id) for left, right in zip(parts, parts[1:]))
+                    split_ids.append(segment.id)
+                    kept.extend(parts)
+                    continue
+                change = max(change, key=lambda part: part[0])[1:]
+            if (segment.speaker_id, segment.is_user, segment.person_id) != change:
                 segment.speaker_id, segment.is_user, segment.person_id = change
                 relabelled.add(segment.id)
-        return self._merge_relabelled(relabelled)
+            kept.append(segment)
+        self._segments = kept
+        return self._merge_relabelled(relabelled, split_ids, apart)
 
-    def _merge_relabelled(self, relabelled: set[str]) -> Batch:
+    def _merge_relabelled(self, relabelled: set[str], absorbed: Sequence[str] = (),
+                          apart: Collection[tuple[str, str]] = ()) -> Batch:
         # Only pairs with a relabelled side can have become mergeable: every other pair was
         # decided on the same labels, start and first letters when its right side was appended.
+        # ``apart``: pairs (left id, right id) that stay two segments (the parts of a split).
         kept: list[Segment] = []
-        absorbed: list[str] = []
+        absorbed = list(absorbed)
         for segment in self._segments:
             left = kept[-1] if kept else None
             if (
                 left is not None
                 and (left.id in relabelled or segment.id in relabelled)
+                and (left.id, segment.id) not in apart
                 and _can_merge(left, segment)
             ):
                 _absorb(left, segment)
@@ -661,6 +697,7 @@ class SegmentBuilder:
                 if not rest:
                     continue
                 part.text, part.translations = rest, []     # a translation described the whole text
+                part.words = []                             # its words no longer match its text
                 part.start = min(max(segment.start, end), segment.end)
             part.id = self._new_id()
             moved.append(part)
@@ -782,6 +819,28 @@ class SegmentBuilder:
         return None
 
 
+def _split(segment: Segment, parts: list[tuple[int, int, bool, str | None]]) -> list[Segment] | None:
+    """``segment`` cut along its words into ``parts`` (``(words, speaker_id, is_user,
+    person_id)`` in order), ids left empty; None when its words do not add up to it (a stored
+    segment, or counts that do not match) or the parts are all one voice."""
+    words = segment.words
+    if (len(parts) < 2 or sum(n for n, *_ in parts) != len(words) or any(n <= 0 for n, *_ in parts)
+            or normalise_text(" ".join(text for text, _, _ in words)) != segment.text
+            or len({tuple(voice) for _, *voice in parts}) < 2):
+        return None
+    out: list[Segment] = []
+    first = 0
+    for n, speaker_id, is_user, person_id in parts:
+        run = words[first:first + n]
+        first += n
+        start = segment.start if not out else max(run[0][1], out[-1].end)
+        out.append(replace(segment, id="", text=normalise_text(" ".join(text for text, _, _ in run)),
+                           speaker_id=speaker_id, is_user=is_user, person_id=person_id,
+                           start=start, end=max(start, max(end for _, _, end in run)),
+                           translations=[], words=list(run)))
+    return out
+
+
 def _raw_segments(pieces: list[_Piece]) -> list[Segment]:
     """Join runs of consecutive words that share speaker, provider and labels (ids come later)."""
     runs: list[list[_Piece]] = []
@@ -806,6 +865,7 @@ def _raw_segments(pieces: list[_Piece]) -> list[Segment]:
                 speech_profile_processed=first.speech_profile_processed,
                 stt_provider=first.provider,
                 language=first.language,
+                words=[(p.text, p.start, p.end) for p in run],
             )
         )
     return segments

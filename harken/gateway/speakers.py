@@ -411,18 +411,21 @@ class SpeakerIdentifier:
         return out
 
     async def speaker_changes(self, segments: Sequence, time_offset: float = 0.0,
-                              providers: Collection[str] = (EMBEDDED_PROVIDER,)) -> dict[str, tuple[int, bool, str | None]]:
-        """After a re-clustering: ``{segment id: (speaker_id, is_user, person_id)}`` for the
-        locally diarized ``segments`` (those of ``providers``; conversation time = audio clock +
-        ``time_offset``) whose speech now belongs to another label. Empty if nothing was
-        re-clustered since the last call. Once ``close`` was called, the final re-clustering runs
-        first (see ``finish``)."""
+                              providers: Collection[str] = (EMBEDDED_PROVIDER,)) -> dict[str, object]:
+        """After a re-clustering: ``{segment id: change}`` for the locally diarized ``segments``
+        (those of ``providers``; conversation time = audio clock + ``time_offset``) whose speech
+        now belongs to another label, in the form ``SegmentBuilder.respeak`` takes. A segment
+        whose words (``Segment.words``) now fall to several labels is to be split along them:
+        its change lists the parts, ``(words, speaker_id, is_user, person_id)``; else the change
+        is the one ``(speaker_id, is_user, person_id)``. Each word's label is the one a new word
+        there would get (``diarize_words``). Empty if nothing was re-clustered since the last
+        call. Once ``close`` was called, the final re-clustering runs first (see ``finish``)."""
         if self._closed:
             await self.finish()
         if not self._reclustered:
             return {}
         self._reclustered = False
-        changes: dict[str, tuple[int, bool, str | None]] = {}
+        changes: dict[str, object] = {}
         horizon = self.diarizer.recluster_start + time_offset
         for segment in segments:
             if segment.end < horizon:
@@ -430,13 +433,34 @@ class SpeakerIdentifier:
             mapping = self._mappings.get(segment.speaker_id)
             if segment.stt_provider not in providers or (mapping is not None and mapping.assigned):
                 continue          # another engine's labels, or the client said who this is
-            label = self.diarizer.label_between(segment.start - time_offset, segment.end - time_offset)
+            now = (segment.speaker_id, segment.is_user, segment.person_id)
+            parts = self._word_parts(getattr(segment, "words", None) or [], time_offset)
+            if len(parts) > 1:
+                changes[segment.id] = parts
+                continue
+            label = parts[0][1] if parts else self.diarizer.label_between(segment.start - time_offset,
+                                                                           segment.end - time_offset)
             if label is None:
                 continue
             is_user, person_id = self.labels(label)
-            if (label, is_user, person_id) != (segment.speaker_id, segment.is_user, segment.person_id):
+            if (label, is_user, person_id) != now:
                 changes[segment.id] = (label, is_user, person_id)
         return changes
+
+    def _word_parts(self, words: Sequence[tuple[str, float, float]], time_offset: float,
+                    ) -> list[tuple[int, int, bool, str | None]]:
+        """Runs of ``words`` (``(text, start, end)`` in conversation time) under one label, as
+        ``(words, label, is_user, person_id)``; [] when no label is known."""
+        parts: list[list] = []
+        for _, start, end in words:
+            label = self.diarizer.label_at((start + end) / 2 - time_offset)
+            if label is None:
+                return []
+            if parts and parts[-1][1] == label:
+                parts[-1][0] += 1
+            else:
+                parts.append([1, label])
+        return [(n, label, *self.labels(label)) for n, label in parts]
 
     # -- shared helpers ------------------------------------------------------------------
     def _centred_clip(self, start: float, end: float) -> np.ndarray:
