@@ -178,16 +178,21 @@ def as_words(start: float, end: float, word_s: float = 0.4) -> list[Word]:
     return [Word(f"w{i}", a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])) if b > a]
 
 
-@pytest.mark.timeout(60)
-async def test_diarize_words_gives_stable_speaker_labels():
+def turns_of(order: list[tuple[str, int]], seconds: int) -> tuple[SpeakerIdentifier, list[tuple[str, tuple[float, float]]]]:
+    """A speaker identifier on a ring into which each ``(voice, clip)`` of ``order`` was said in
+    turn (the clip's first ``seconds``), with each turn's ``(voice, (start, end))``."""
     voices = speakers()
     ring = AudioRing(60)
-    identifier = SpeakerIdentifier(ring)
     conversation = Conversation(ring)
-    order = [("3005", 0), ("1998", 1), ("3005", 1), ("2609", 0), ("1998", 2), ("2609", 1),
-             ("3005", 3), ("2609", 3), ("1998", 3)]
+    turns = [(who, conversation.say(voices[who][k][: seconds * SAMPLE_RATE])) for who, k in order]
+    return SpeakerIdentifier(ring), turns
+
+
+@pytest.mark.timeout(60)
+async def test_diarize_words_gives_stable_speaker_labels():
+    identifier, turns = turns_of([("3005", 0), ("1998", 1), ("3005", 1), ("2609", 0), ("1998", 2), ("2609", 1),
+                                  ("3005", 3), ("2609", 3), ("1998", 3)], seconds=6)
     labels, truth = [], []
-    turns = [(who, conversation.say(voices[who][k][: 6 * SAMPLE_RATE])) for who, k in order]
     # Words of two turns in one call (as one flush may hold): split at the pause between them.
     pending = as_words(*turns[0][1]) + as_words(*turns[1][1])
     batches = [pending] + [as_words(*span) for _, span in turns[2:]]
@@ -217,12 +222,7 @@ async def test_a_segment_that_holds_two_voices_is_split_by_the_reclustering():
     from harken.gateway.segments import SegmentBuilder
     from harken.stt.base import EMBEDDED_PROVIDER
 
-    voices = speakers()
-    ring = AudioRing(60)
-    identifier = SpeakerIdentifier(ring)
-    conversation = Conversation(ring)
-    turns = [(who, conversation.say(voices[who][k][: 5 * SAMPLE_RATE]))
-             for who, k in [("3005", 0), ("1998", 0), ("3005", 1), ("1998", 1)]]
+    identifier, turns = turns_of([("3005", 0), ("1998", 0), ("3005", 1), ("1998", 1)], seconds=5)
     labelled = []
     for _, span in turns:
         labelled += await identifier.diarize_words(as_words(*span))
