@@ -779,7 +779,8 @@ def replica(files: list[Path], speed: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="WAV files or folders, each WAV with an RTTM beside it")
-    parser.add_argument("--speed", type=float, default=1.0, help="pace: N times real time (default 1)")
+    parser.add_argument("--speed", type=float, default=None,
+                        help="pace: N times real time (default 1; --replica: 2)")
     parser.add_argument("--no-owner", action="store_true", help="skip the enrolled-owner run")
     parser.add_argument("--offline", action="store_true", help="the speaker path alone, in process (see above)")
     parser.add_argument("--replica", action="store_true",
@@ -809,12 +810,12 @@ def main() -> None:
     if args.known is not None:
         OVERRIDES["known_threshold"] = args.known
     if args.replica:
-        replica(recordings(args.paths), args.speed if args.speed != 1.0 else 2.0)
+        replica(recordings(args.paths), 2.0 if args.speed is None else args.speed)
     elif args.offline:
         offline(recordings(args.paths), [int(n) for n in args.streams.split(",")], not args.no_engine,
                 not args.no_owner)
     else:
-        asyncio.run(run(recordings(args.paths), args.speed, not args.no_owner))
+        asyncio.run(run(recordings(args.paths), 1.0 if args.speed is None else args.speed, not args.no_owner))
 
 
 if __name__ == "__main__":

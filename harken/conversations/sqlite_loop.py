@@ -98,8 +98,7 @@ class LoopWriter:
         if self.commits - self._commits_at_whole_checkpoint < COMMITS_BEFORE_WAITING:
             return
         if not self.checkpointing:
-            self._checkpointing = asyncio.get_running_loop().create_task(
-                self._checkpoints(), name="harken-sqlite-checkpoint")
+            self._start_checkpoints()
         # shielded: a cancelled write must not cancel the checkpoint (close() awaits it)
         await asyncio.shield(self._checkpointing)
 
@@ -129,12 +128,15 @@ class LoopWriter:
             conn.commit()
         self.commits += 1
         if self.commits - self._commits_at_checkpoint >= CHECKPOINT_EVERY and not self.checkpointing:
-            self._checkpointing = asyncio.get_running_loop().create_task(
-                self._checkpoints(), name="harken-sqlite-checkpoint")
+            self._start_checkpoints()
 
     @property
     def checkpointing(self) -> bool:
         return self._checkpointing is not None and not self._checkpointing.done()
+
+    def _start_checkpoints(self) -> None:
+        self._checkpointing = asyncio.get_running_loop().create_task(
+            self._checkpoints(), name="harken-sqlite-checkpoint")
 
     async def _checkpoints(self) -> None:
         """Checkpoint until one ran with no commit beside it. SQLite starts the WAL file over

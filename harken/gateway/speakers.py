@@ -434,7 +434,7 @@ class SpeakerIdentifier:
             if segment.stt_provider not in providers or (mapping is not None and mapping.assigned):
                 continue          # another engine's labels, or the client said who this is
             now = (segment.speaker_id, segment.is_user, segment.person_id)
-            parts = self._word_parts(getattr(segment, "words", None) or [], time_offset)
+            parts = self._word_parts(segment.words, time_offset)
             if len(parts) > 1:
                 changes[segment.id] = parts
                 continue
