@@ -11,8 +11,9 @@ not depend on the pace as long as the engine keeps up: the speaker path embeds f
 of recent audio, and an engine far behind the socket would find its utterances gone. Unpaced
 sending does change the results for that reason). The final version of every segment is the
 hypothesis (the client waits until nothing more comes: the pause after the recording runs the
-session's last re-clustering, ``SpeakerIdentifier.settle``, whose relabels it sees), shifted by the first reference turn's onset (the gateway counts conversation time
-from the first word; see ``clock_offset``). Prints per recording and on average:
+session's last re-clustering, ``SpeakerIdentifier.settle``, whose relabels it sees), placed on
+the recording by the server's own clock (``server_offset``: the conversation's ``started_at`` is
+the session's audio clock at the first word shown). Prints per recording and on average:
 
 - DER (``harken.audio.der``: pyannote.metrics' rules, ±0.25 s collar, overlap scored), with
   missed speech, false alarm and confusion; speakers found vs true;
@@ -45,9 +46,9 @@ cached under the temporary folder (``harken-replica/``), and the words are fed a
 would arrive to the session's own parts (``AudioRing``, ``SpeakerIdentifier.diarize_words``,
 ``SegmentBuilder``, the pause's ``settle`` after 2 s of wall time without a word at ``--speed``
 (default 2), ``speaker_changes`` and ``respeak``, the close's ``finish``), in the order
-``Session._store_next_batch`` calls them. The segments the client saw last are scored as the
-bench scores them (aligned at the first reference turn) and on the audio clock, with missed
-speech, false alarm and confusion, beside the speaker path's CPU per audio second.
+``Session._store_next_batch`` calls them. The segments the client saw last are scored on the
+audio clock (where the gateway bench's ``server_offset`` places them), with missed speech, false
+alarm and confusion, beside the speaker path's CPU per audio second.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ import urllib.error
 import urllib.request
 import wave
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -136,20 +138,22 @@ def hypothesis_turns(segments, offset: float) -> list[tuple[float, float, int]]:
 
 
 def clock_offset(reference) -> float:
-    """Where the gateway's conversation time 0 lies in the recording: it counts from the first
-    word, which the client is not told, so it is taken as the first reference turn's onset (as
-    tests/test_speech_profile.py does); old and new code get the same alignment."""
+    """The alignment the figures before session 19 used: conversation time 0 at the first
+    reference turn's onset (as tests/test_speech_profile.py does). Conversation time 0 is where
+    the first words shown began, and the embedded engine's provisional first word is often
+    stretched back over the pre-roll (0.3-1.0 s early), so every segment then lands that much
+    late and is scored as false alarm and missed speech it is not."""
     return min(start for start, _, _ in reference)
 
 
-def first_segment_offset(reference, segments) -> float:
-    """The other alignment: the first segment's start (its first word, whose edge the speaker
-    path moved to the speech under it) at the first reference turn's onset. Conversation time 0
-    is where the first words shown began: the embedded engine's provisional words, whose first
-    word Whisper stretches back over the pre-roll (0.3-1.0 s early), may set it, and every
-    segment then lands that much late under ``clock_offset``."""
-    starts = [s["start"] for s in segments if s["end"] > s["start"]]
-    return clock_offset(reference) - (min(starts) if starts else 0.0)
+def server_offset(conversation: dict, result) -> float:
+    """Where the server put conversation time 0 on the recording: the stored conversation's
+    ``started_at`` is the session's clock origin (the wall time its audio clock read 0, as the
+    socket opened) plus the first word's audio time, so ``started_at`` minus the wall time the
+    client's socket opened is that audio time, to within the handshake's few milliseconds, at
+    any pace."""
+    started = datetime.fromisoformat(conversation["started_at"]).timestamp()
+    return started - result.connected_wall
 
 
 def speaker_at(reference, t: float) -> set:
@@ -180,8 +184,9 @@ class Outcome:
     der: object
     cpu: float
     owner: tuple[int, int] | None = None
+    offset: float = 0.0          # conversation time 0 on the recording, by the server's clock
     stored: object = None        # DER of the stored conversation
-    first_aligned: object = None  # DER with the first segment's start at the first reference turn
+    reference_aligned: object = None  # DER with time 0 at the first reference turn (before session 19)
 
 
 # Silence streamed after a recording: interview_3spk and radio_phonein end mid-speech, and the
@@ -204,19 +209,19 @@ async def stream(port: int, token: str, pcm: np.ndarray, speed: float, **params)
     return result
 
 
-def stored_segments(port: int, token: str, result) -> list[dict]:
-    """The stored conversation's segments: what the app reads once the session has ended (the
-    session's last re-clustering, which the client closing first never sees, included)."""
+def stored_conversation(port: int, token: str, result) -> dict:
+    """The stored conversation: what the app reads once the session has ended (the session's
+    last re-clustering, which the client closing first never sees, included)."""
     conversation = next((e["conversation_id"] for e in result.events if e.get("type") == "conversation_session"), None)
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/conversations/{conversation}",
                                      headers={"Authorization": f"Bearer {token}"})
     for _ in range(100):
         try:
             with urllib.request.urlopen(request, timeout=30) as r:
-                return json.loads(r.read())["transcript_segments"]
+                return json.loads(r.read())
         except urllib.error.HTTPError:
             time.sleep(0.1)
-    return []
+    raise RuntimeError(f"conversation {conversation} was not stored")
 
 
 def put_profile(port: int, token: str, pcm: np.ndarray) -> None:
@@ -251,16 +256,16 @@ async def run(files: list[Path], speed: float, owner_test: bool) -> None:
                 before = sum(process.cpu_times()[:2])
                 result = await stream(port, token, pcm, speed, include_speech_profile="false")
                 cpu = sum(process.cpu_times()[:2]) - before
-                score = diarization_error(reference, hypothesis_turns(result.segments.values(), clock_offset(reference)),
-                                   uem=uem)
-                outcome = Outcome(path.stem, len(pcm) / RATE, score, cpu)
-                dump(path.stem, result.ordered())
-                outcome.first_aligned = diarization_error(
-                    reference, hypothesis_turns(result.segments.values(), first_segment_offset(reference, result.segments.values())),
-                    uem=uem)
                 await asyncio.sleep(1.0)        # the session's teardown stores its last flush
+                conversation = stored_conversation(port, token, result)
+                offset = server_offset(conversation, result)
+                score = diarization_error(reference, hypothesis_turns(result.segments.values(), offset), uem=uem)
+                outcome = Outcome(path.stem, len(pcm) / RATE, score, cpu, offset=offset)
+                dump(path.stem, result.ordered())
+                outcome.reference_aligned = diarization_error(
+                    reference, hypothesis_turns(result.segments.values(), clock_offset(reference)), uem=uem)
                 outcome.stored = diarization_error(
-                    reference, hypothesis_turns(stored_segments(port, token, result), clock_offset(reference)), uem=uem)
+                    reference, hypothesis_turns(conversation["transcript_segments"], offset), uem=uem)
                 if owner_test and score.reference_speakers >= 2:
                     owner = owner_of(reference)
                     split = 0.75 * len(pcm) / RATE
@@ -301,9 +306,9 @@ def report(o: Outcome) -> None:
     print(f"{o.name:22s} {o.seconds:6.1f} s  DER {d.der:6.1%} (miss {d.missed / d.reference:5.1%} "
           f"fa {d.false_alarm / d.reference:5.1%} conf {d.confusion / d.reference:5.1%})  speakers "
           f"{d.hypothesis_speakers}/{d.reference_speakers}  stored: DER {o.stored.der:6.1%} "
-          f"{o.stored.hypothesis_speakers}/{o.stored.reference_speakers}  first segment aligned: DER "
-          f"{o.first_aligned.der:6.1%} (miss {o.first_aligned.missed / d.reference:5.1%} fa "
-          f"{o.first_aligned.false_alarm / d.reference:5.1%} conf {o.first_aligned.confusion / d.reference:5.1%})  cpu {o.cpu / o.seconds:.3f} s/s{owner}  "
+          f"{o.stored.hypothesis_speakers}/{o.stored.reference_speakers}  time 0 at {o.offset:.2f} s; at the first "
+          f"reference turn: DER {o.reference_aligned.der:6.1%} (miss {o.reference_aligned.missed / d.reference:5.1%} fa "
+          f"{o.reference_aligned.false_alarm / d.reference:5.1%} conf {o.reference_aligned.confusion / d.reference:5.1%})  cpu {o.cpu / o.seconds:.3f} s/s{owner}  "
           f"load {psutil.getloadavg()[0]:.1f}",
           flush=True)
 
@@ -320,8 +325,8 @@ def summary(outcomes: list[Outcome], speed: float) -> None:
           f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())}")
     print(f"mean DER {np.mean(ders):.1%}; two-party mean {np.mean(two) if two else float('nan'):.1%}; "
           f"speaker count within one: {within}/{len(outcomes)} (what the client saw last)")
-    aligned = [o.first_aligned for o in outcomes]
-    print(f"first segment aligned: mean DER {np.mean([x.der for x in aligned]):.1%}; two-party mean "
+    aligned = [o.reference_aligned for o in outcomes]
+    print(f"time 0 at the first reference turn (figures before session 19): mean DER {np.mean([x.der for x in aligned]):.1%}; two-party mean "
           f"{np.mean([x.der for x in aligned if x.reference_speakers == 2]) if two else float('nan'):.1%}")
     stored = [o.stored for o in outcomes]
     print(f"stored: mean DER {np.mean([x.der for x in stored]):.1%}; two-party mean "
@@ -749,23 +754,22 @@ def replica(files: list[Path], speed: float) -> None:
         seconds = len(pcm) / RATE
         cpu_total += cpu
         seconds_total += seconds
-        # As the gateway bench aligns (the first reference onset), and on the audio clock.
-        bench = diarization_error(reference, hypothesis_turns(shown, clock_offset(reference)), uem=uem)
-        kept = diarization_error(reference, hypothesis_turns(stored, clock_offset(reference)), uem=uem)
+        # On the session's audio clock, as the gateway bench places them (``server_offset``), and
+        # with time 0 at the first reference turn, as the figures before session 19 did.
         clock = diarization_error(reference, hypothesis_turns(shown, zero), uem=uem)
-        first = diarization_error(reference, hypothesis_turns(shown, first_segment_offset(reference, shown)), uem=uem)
-        rows.append((path.stem, bench, kept, clock, first))
+        kept = diarization_error(reference, hypothesis_turns(stored, zero), uem=uem)
+        at_reference = diarization_error(reference, hypothesis_turns(shown, clock_offset(reference)), uem=uem)
+        rows.append((path.stem, clock, kept, at_reference))
         dump(path.stem, shown)
-        print(f"{path.stem:22s} {seconds:6.1f} s  DER {bench.der:6.1%} (miss {bench.missed / bench.reference:5.1%} "
-              f"fa {bench.false_alarm / bench.reference:5.1%} conf {bench.confusion / bench.reference:5.1%}) "
-              f"speakers {bench.hypothesis_speakers}/{bench.reference_speakers}  stored {kept.der:6.1%} "
-              f"{kept.hypothesis_speakers}/{kept.reference_speakers}  on the audio clock {clock.der:6.1%} "
-              f"(miss {clock.missed / clock.reference:5.1%} fa {clock.false_alarm / clock.reference:5.1%} "
-              f"conf {clock.confusion / clock.reference:5.1%})  {len(shown)} segments  "
+        print(f"{path.stem:22s} {seconds:6.1f} s  DER {clock.der:6.1%} (miss {clock.missed / clock.reference:5.1%} "
+              f"fa {clock.false_alarm / clock.reference:5.1%} conf {clock.confusion / clock.reference:5.1%}) "
+              f"speakers {clock.hypothesis_speakers}/{clock.reference_speakers}  stored {kept.der:6.1%} "
+              f"{kept.hypothesis_speakers}/{kept.reference_speakers}  time 0 at the first reference turn "
+              f"{at_reference.der:6.1%}  {len(shown)} segments  "
               f"speaker path {cpu / seconds * 1000:.1f} ms CPU per audio s", flush=True)
     if not rows:
         return
-    for label, index in (("shown", 1), ("stored", 2), ("audio clock", 3), ("first segment aligned", 4)):
+    for label, index in (("shown", 1), ("stored", 2), ("time 0 at the first reference turn", 3)):
         scores = [r[index] for r in rows]
         two = [x.der for x in scores if x.reference_speakers == 2]
         many = [x.der for x in scores if x.reference_speakers > 2]

@@ -39,6 +39,8 @@ class StreamResult:
     close_reason: str = ""
     started_at: float = 0.0
     sending_started_at: float = 0.0   # monotonic time of the first audio message (audio time 0)
+    connected_wall: float = 0.0       # wall time (time.time()) once the socket was open: the
+                                      # server's audio clock starts within milliseconds of it
 
     def ordered(self) -> list[dict]:
         return sorted(self.segments.values(), key=lambda s: (s["start"], s["end"]))
@@ -157,6 +159,7 @@ async def stream_messages(
 
     async with websockets.connect(url, additional_headers=headers, max_size=None,
                                   open_timeout=open_timeout, ping_interval=20) as ws:
+        result.connected_wall = time.time()
 
         async def receive() -> None:
             nonlocal last_change
