@@ -22,7 +22,8 @@ the session's audio clock at the first word shown). Prints per recording and on 
   /v1/users/speech-profile`` with their turns from the last quarter of the recording (at most
   30 s of it); the first three quarters are streamed. A word (segment text split evenly over the
   segment's time) is right if ``is_user`` says whether the reference speaker at its middle is the
-  owner;
+  owner (``--owner-each``: every speaker with 10 s of solo speech to enrol after a split, as
+  ``--offline`` picks them, in turn);
 - the server's CPU seconds per audio second for the whole session.
 
 ``--offline`` runs the speaker path alone, in this process, with no engine: Silero VAD utterances
@@ -160,9 +161,8 @@ def speaker_at(reference, t: float) -> set:
     return {who for a, b, who in reference if a <= t < b}
 
 
-def is_user_accuracy(segments, reference, owner: str, until: float) -> tuple[int, int]:
+def is_user_accuracy(segments, reference, owner: str, until: float, offset: float) -> tuple[int, int]:
     right = total = 0
-    offset = clock_offset(reference)
     for s in segments:
         words = s["text"].split()
         if not words or s["start"] + offset >= until:
@@ -184,6 +184,7 @@ class Outcome:
     der: object
     cpu: float
     owner: tuple[int, int] | None = None
+    owners: list = dataclasses.field(default_factory=list)   # --owner-each: (speaker, right, words)
     offset: float = 0.0          # conversation time 0 on the recording, by the server's clock
     stored: object = None        # DER of the stored conversation
     reference_aligned: object = None  # DER with time 0 at the first reference turn (before session 19)
@@ -232,7 +233,7 @@ def put_profile(port: int, token: str, pcm: np.ndarray) -> None:
         r.read()
 
 
-async def run(files: list[Path], speed: float, owner_test: bool) -> None:
+async def run(files: list[Path], speed: float, owner_test: bool, owner_each: bool = False) -> None:
     print(f"load average {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}", flush=True)
     outcomes: list[Outcome] = []
     for index, path in enumerate(files):
@@ -273,22 +274,39 @@ async def run(files: list[Path], speed: float, owner_test: bool) -> None:
                     enrol = np.concatenate([pcm[int(a * RATE):int(b * RATE)] for a, b in spans] or [pcm[:0]])
                     enrol = enrol[: int(ENROL_MAX_SECONDS * RATE)]
                     if enrol.size >= 5 * RATE:
-                        owner_token = mint_local_token(settings, f"owner{index}", 3600)
-                        try:
-                            put_profile(port, owner_token, enrol)
-                        except urllib.error.HTTPError as exc:
-                            print(f"{path.stem}: enrolment refused: {exc.code} {exc.read()[:200]!r}")
-                            outcomes.append(outcome)
-                            report(outcome)
-                            continue
-                        owned = await stream(port, owner_token, pcm[: int(split * RATE)], speed)
-                        outcome.owner = is_user_accuracy(owned.segments.values(), reference, owner, split)
+                        outcome.owner = await owner_accuracy(port, settings, f"owner{index}", pcm, reference, owner,
+                                                             enrol, split, speed)
+                if owner_each:
+                    for number, speaker in enumerate(sorted({who for *_, who in reference})):
+                        chosen = owner_split(pcm, reference, speaker)
+                        if chosen is not None:
+                            _, enrol, split = chosen
+                            accuracy = await owner_accuracy(port, settings, f"owner{index}-{number}", pcm, reference,
+                                                            speaker, enrol, split, speed)
+                            if accuracy is not None:
+                                outcome.owners.append((speaker, *accuracy))
                 outcomes.append(outcome)
                 report(outcome)
             finally:
                 server.terminate()
                 server.wait(30)
     summary(outcomes, speed)
+
+
+async def owner_accuracy(port: int, settings, user: str, pcm: np.ndarray, reference, owner: str,
+                         enrol: np.ndarray, split: float, speed: float) -> tuple[int, int] | None:
+    """``owner`` enrolled as a new user's speech profile from ``enrol``, then the recording up to
+    ``split`` streamed by that user: words whose ``is_user`` is right, and all words."""
+    token = mint_local_token(settings, user, 3600)
+    try:
+        put_profile(port, token, enrol)
+    except urllib.error.HTTPError as exc:
+        print(f"{user}: enrolment refused: {exc.code} {exc.read()[:200]!r}")
+        return None
+    owned = await stream(port, token, pcm[: int(split * RATE)], speed)
+    await asyncio.sleep(1.0)
+    offset = server_offset(stored_conversation(port, token, owned), owned)
+    return is_user_accuracy(owned.segments.values(), reference, owner, split, offset)
 
 
 DUMP: Path | None = None      # --dump: the segments the client saw last, one JSON file per recording
@@ -303,6 +321,7 @@ def dump(name: str, segments) -> None:
 def report(o: Outcome) -> None:
     d = o.der
     owner = (f"  is_user {o.owner[0] / max(o.owner[1], 1):6.1%} of {o.owner[1]} words" if o.owner else "")
+    owner += "".join(f"  {who} as owner: is_user {r / max(t, 1):6.1%} of {t} words" for who, r, t in o.owners)
     print(f"{o.name:22s} {o.seconds:6.1f} s  DER {d.der:6.1%} (miss {d.missed / d.reference:5.1%} "
           f"fa {d.false_alarm / d.reference:5.1%} conf {d.confusion / d.reference:5.1%})  speakers "
           f"{d.hypothesis_speakers}/{d.reference_speakers}  stored: DER {o.stored.der:6.1%} "
@@ -338,6 +357,12 @@ def summary(outcomes: list[Outcome], speed: float) -> None:
         right, total = sum(r for r, _ in owned), sum(t for _, t in owned)
         print(f"is_user right on {right / max(total, 1):.1%} of {total} words "
               f"(worst recording {min(r / max(t, 1) for r, t in owned):.1%})")
+    each = [(o.name, *x) for o in outcomes for x in o.owners]
+    if each:
+        right, total = sum(x[2] for x in each), sum(x[3] for x in each)
+        print(f"--owner-each: is_user right on {right / max(total, 1):.1%} of {total} words with each of "
+              f"{len(each)} speakers as the owner (worst: {min(x[2] / max(x[3], 1) for x in each):.1%}); "
+              + ", ".join(f"{name}/{who} {r / max(t, 1):.1%} of {t}" for name, who, r, t in each))
 
 
 # --- offline: the speaker path alone ----------------------------------------------------------
@@ -786,6 +811,9 @@ def main() -> None:
     parser.add_argument("--speed", type=float, default=None,
                         help="pace: N times real time (default 1; --replica: 2)")
     parser.add_argument("--no-owner", action="store_true", help="skip the enrolled-owner run")
+    parser.add_argument("--owner-each", action="store_true",
+                        help="also each speaker with 10 s of solo speech after a split (three quarters, else 0.6 "
+                             "or half) as the owner in turn, the recording before the split streamed")
     parser.add_argument("--offline", action="store_true", help="the speaker path alone, in process (see above)")
     parser.add_argument("--replica", action="store_true",
                         help="the gateway's path offline: the engine's cuts and words, then the session's speaker "
@@ -819,7 +847,8 @@ def main() -> None:
         offline(recordings(args.paths), [int(n) for n in args.streams.split(",")], not args.no_engine,
                 not args.no_owner)
     else:
-        asyncio.run(run(recordings(args.paths), 1.0 if args.speed is None else args.speed, not args.no_owner))
+        asyncio.run(run(recordings(args.paths), 1.0 if args.speed is None else args.speed, not args.no_owner,
+                        args.owner_each))
 
 
 if __name__ == "__main__":
