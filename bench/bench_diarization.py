@@ -41,9 +41,10 @@ embedded engine's own CPU per audio second on the same recordings.
 
 ``--replica`` is the gateway's path offline and deterministic, to find where its error comes from
 and to try changes in seconds: each recording is decoded once as a stream of the gateway gets it
-(the embedded engine's endpointer with the server's settings, fed 40 ms pieces; the pause decode
-that ends an utterance at a finished sentence, back ``--decode-seconds`` × the pace later; ``place_words``),
-cached under the temporary folder (``harken-replica/``), and the words are fed at the times they
+(the embedded stream's own cuts, ``harken.stt.cutting.UtteranceCutter`` with the server's settings,
+fed 40 ms pieces; the pause decode that ends an utterance at a finished sentence, back
+``--decode-seconds`` × the pace later; ``place_words``), cached under the temporary folder
+(``harken-replica/``, keyed by the settings and the cutting and decoding code), and the words are fed at the times they
 would arrive to the session's own parts (``AudioRing``, ``SpeakerIdentifier.diarize_words``,
 ``SegmentBuilder``, the pause's ``settle`` after 2 s of wall time without a word at ``--speed``
 (default 2), ``speaker_changes`` and ``respeak``, the close's ``finish``), in the order
@@ -57,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import hashlib
 import io
 import json
 import sys
@@ -377,13 +379,10 @@ def vad_utterances(pcm: np.ndarray) -> list[tuple[float, float, np.ndarray]]:
     replies that the spans drop (call_autorepair_b: 18.9 s of one-speaker reference speech outside
     every span, with words the engine hears in most of it)."""
     if CUTS == "engine":
-        from harken.audio.vad import Endpointer, StreamingVAD
-        from harken.stt.whisper import PREROLL_MS
+        from harken.audio.vad import StreamingVAD
+        from harken.stt.whisper import endpointer_for
 
-        settings = Settings()
-        endpointer = Endpointer(StreamingVAD(), threshold=settings.vad_threshold,
-                                silence_ms=settings.endpoint_silence_ms, max_utterance_s=settings.max_utterance_s,
-                                preroll_ms=PREROLL_MS)
+        endpointer = endpointer_for(Settings(), StreamingVAD(), None)      # tiny.en's pre-roll
         cut = [u for i in range(0, pcm.size, 1600) for u in endpointer.feed(pcm[i:i + 1600])]
         cut += [u for u in [endpointer.flush()] if u is not None]
         return [(u.start_seconds, u.start_seconds + u.duration, u.pcm) for u in cut if u.duration >= 0.5]
@@ -608,9 +607,22 @@ def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test
 REPLICA_CACHE = Path(tempfile.gettempdir()) / "harken-replica"
 # Wall seconds a decode takes to come back in the replica (--decode-seconds), times the pace:
 # the audio that goes by meanwhile. A pause decode that ends a sentence ends its utterance only if
-# no speech came back meanwhile (``WhisperStream._on_pause_decode``), so at 2x the engine cuts at
+# no speech came back meanwhile (``UtteranceCutter.pause_decode_back``), so at 2x the engine cuts at
 # fewer sentence ends than at real time, and its utterances hold more turns.
 REPLICA_DECODE_SECONDS = 0.3
+
+
+# The code whose change changes the replica's cuts or words: its text is part of the cache key.
+REPLICA_CODE = ("harken/audio/vad.py", "harken/stt/cutting.py", "harken/stt/decoding.py", "harken/stt/whisper.py")
+
+
+def replica_key(path: Path, settings: Settings, latency: float) -> str:
+    """The cache name of one recording's decodes: everything that changes where the engine cuts
+    or what it hears (the settings, the pause decode's latency, and the cutting and decoding code)."""
+    code = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in REPLICA_CODE)).hexdigest()[:12]
+    return (f"{path.stem}-{path.stat().st_size}-{settings.whisper_model}-{settings.whisper_window_s}-"
+            f"{settings.whisper_beam_size}-{settings.endpoint_silence_ms}-{settings.endpoint_pause_ms}-"
+            f"{settings.max_utterance_s}-{settings.vad_threshold}-{latency:g}-{code}")
 
 
 @dataclass
@@ -623,20 +635,17 @@ class EngineUtterance:
 
 
 def engine_utterances(path: Path, pcm: np.ndarray, latency: float) -> list[EngineUtterance]:
-    """The embedded engine's final words for ``pcm`` as a stream of the gateway gets them: its
-    own endpointer (``Endpointer`` with the server's settings, fed 40 ms pieces as the session
-    feeds it), the pause decode that ends an utterance at a finished sentence, and
-    ``place_words``. Decodes are taken from the on-disk cache when there."""
-    from harken.audio.vad import Endpointer, StreamingVAD
-    from harken.stt.base import SENTENCE_ENDERS
+    """The embedded engine's final words for ``pcm`` as a stream of the gateway gets them: the
+    stream's own cuts (``harken.stt.cutting.UtteranceCutter`` with the server's settings, fed 40 ms
+    pieces as the session feeds it; each pause decode it asks for is back ``latency`` s of audio
+    later, when it may end its utterance at a finished sentence) and ``place_words``. Decodes
+    are taken from the on-disk cache when there."""
+    from harken.audio.vad import StreamingVAD
     from harken.stt.decoding import Decoding, utterance_lead
-    from harken.stt.whisper import MIN_SPEECH_SECONDS, WhisperProvider, place_words, preroll_ms
+    from harken.stt.whisper import MIN_SPEECH_SECONDS, WhisperProvider, place_words, utterance_cutter
 
     settings = Settings()
-    key = (f"{path.stem}-{path.stat().st_size}-{settings.whisper_model}-{settings.whisper_window_s}-"
-           f"{settings.endpoint_silence_ms}-{settings.endpoint_pause_ms}-{settings.max_utterance_s}-"
-           f"{settings.vad_threshold}-{latency:g}")
-    cache_file = REPLICA_CACHE / f"{key}.json"
+    cache_file = REPLICA_CACHE / f"{replica_key(path, settings, latency)}.json"
     if cache_file.exists():
         from harken.stt.base import Word
 
@@ -646,21 +655,20 @@ def engine_utterances(path: Path, pcm: np.ndarray, latency: float) -> list[Engin
     asyncio.run(provider.load())
     model = provider._model
     decoding = Decoding("en", window_s=settings.whisper_window_s, lead_s=utterance_lead(model))
-    endpointer = Endpointer(StreamingVAD(), threshold=settings.vad_threshold, silence_ms=settings.endpoint_silence_ms,
-                            max_utterance_s=settings.max_utterance_s, preroll_ms=preroll_ms(model))
-    pause_s = settings.endpoint_pause_ms / 1000
+    # A pause decode's handle: its words, and the audio second at which it is back.
+    cutter = utterance_cutter(settings, StreamingVAD(), model)
     out: list[EngineUtterance] = []
     last_end = 0.0
-    pause = None                  # (utterance, raw words, seconds at which the decode is back)
 
     def decode(utterance):
         return provider.decode_clip(utterance.pcm, decoding, model)[0]
 
-    def final(utterance, now: float, raw=None) -> None:
+    def final(ended, now: float) -> None:
         nonlocal last_end
+        utterance = ended.utterance
         if utterance.speech_seconds < MIN_SPEECH_SECONDS:
             return
-        words = place_words(raw if raw is not None else decode(utterance), utterance, last_end)
+        words = place_words(ended.decode[0] if ended.decode is not None else decode(utterance), utterance, last_end)
         if words:
             last_end = words[-1].end
             out.append(EngineUtterance(now + latency, words))
@@ -668,29 +676,17 @@ def engine_utterances(path: Path, pcm: np.ndarray, latency: float) -> list[Engin
     piece = RATE * 40 // 1000
     for i in range(0, pcm.size, piece):
         now = (i + piece) / RATE
-        for utterance in endpointer.feed(pcm[i:i + piece]):
-            reuse = (pause is not None and pause[0].number == utterance.number
-                     and pause[0].speech_windows == utterance.speech_windows)
-            final(utterance, now, pause[1] if reuse else None)
-            if reuse:
-                pause = None
-        if pause is not None and now >= pause[2] and endpointer.in_utterance:
-            utterance, raw, _ = pause
-            same = (endpointer.utterance_number == utterance.number
-                    and endpointer.open_speech_windows == utterance.speech_windows)
-            last = next((w[0].strip() for w in reversed(raw) if w[0].strip()), "")
-            if same and last[-1:] in SENTENCE_ENDERS:
-                ended = endpointer.end_at(utterance.end)
-                if ended is not None:
-                    final(ended, now, raw)
-                    pause = None
-        if endpointer.in_utterance and endpointer.pause_seconds >= pause_s:
-            number, windows = endpointer.utterance_number, endpointer.open_speech_windows
-            if pause is None or (pause[0].number, pause[0].speech_windows) != (number, windows):
-                utterance = endpointer.open_audio()
-                if utterance is not None and utterance.speech_seconds >= MIN_SPEECH_SECONDS:
-                    pause = (utterance, decode(utterance), now + latency)
-    ended = endpointer.flush()
+        for ended in cutter.feed(pcm[i:i + piece]):
+            final(ended, now)
+        pause = cutter.pause
+        if pause is not None and now >= pause.decode[1]:
+            ended = cutter.pause_decode_back(pause.utterance, pause.decode[0])
+            if ended is not None:
+                final(ended, now)
+        utterance = cutter.pause_to_decode()
+        if utterance is not None:
+            cutter.pause_decode_started(utterance, (decode(utterance), now + latency))
+    ended = cutter.flush()
     if ended is not None:
         final(ended, pcm.size / RATE)
     REPLICA_CACHE.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from ..audio import Endpointer, SileroVAD, StreamingVAD, Utterance
 from .base import EMBEDDED_PROVIDER, Word
 from .decoding import Decoding, utterance_lead
 from .priority import LiveFirstExecutor, LiveFirstGate
-from .whisper import MIN_SPEECH_SECONDS, WhisperProvider, place_words, preroll_ms
+from .whisper import MIN_SPEECH_SECONDS, WhisperProvider, endpointer_for, place_words
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -103,10 +103,7 @@ class BatchTranscriber:
         """Speech regions of one recording, cut as live audio for ``model`` is (same VAD, same
         settings)."""
         assert self._vad is not None, "BatchTranscriber.load() was not awaited"
-        settings = self.settings
-        return Endpointer(StreamingVAD(self._vad), threshold=settings.vad_threshold,
-                          silence_ms=settings.endpoint_silence_ms, max_utterance_s=settings.max_utterance_s,
-                          preroll_ms=preroll_ms(model))
+        return endpointer_for(self.settings, StreamingVAD(self._vad), model)
 
     async def decoding_for(self, language: str, vocabulary: Sequence[str] = ()) -> tuple[Decoding, "WhisperModel"]:
         """How to decode recordings in ``language`` (a code or ``multi``) with the user's

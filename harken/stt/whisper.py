@@ -4,8 +4,9 @@ Whisper is not a streaming model: every call decodes a (padded) window, costing 
 one core for tiny.en whatever the clip length with the full 30 s window (``reference/local-stt-engines.md``
 §3); a stream's decodes give the encoder a 10 s window instead (``decoding.py``: a third of the
 CPU, same WER on the dev clips), so a decode of an utterance costs ~0.1 s. A
-stream cuts its audio into utterances with the Silero VAD (``harken.audio.Endpointer``) and
-decodes each utterance in a thread pool shared by all streams. ``send`` only runs the VAD (about
+stream cuts its audio into utterances with the Silero VAD (``harken.audio.Endpointer``, driven by
+``cutting.UtteranceCutter``, which the diarization bench's replica drives too) and decodes each
+utterance in a thread pool shared by all streams. ``send`` only runs the VAD (about
 60 µs per 32 ms window) and starts decodes, so it never waits for the engine.
 
 How an utterance becomes words (one stream):
@@ -44,8 +45,8 @@ from typing import TYPE_CHECKING, AsyncIterator
 import numpy as np
 
 from ..audio import WINDOW_SECONDS, Endpointer, SileroVAD, StreamingVAD, Utterance
-from .base import (EMBEDDED_PROVIDER, SAMPLE_RATE, SENTENCE_ENDERS, Partial, Provider, StreamConfig, STTError,
-                   STTStream, Word)
+from .base import EMBEDDED_PROVIDER, SAMPLE_RATE, Partial, Provider, StreamConfig, STTError, STTStream, Word
+from .cutting import MIN_SPEECH_SECONDS, Ended, UtteranceCutter
 from .decoding import Decoding, RawWord, decode, is_multilingual, utterance_lead
 from .models import EMBEDDED_BASE, ModelError, load_whisper_model, resolve_model, resolve_multilingual, whisper_languages
 from .priority import LiveFirstGate
@@ -57,9 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Whisper readily "transcribes" breaths, clicks and near-silence into stock phrases ("Thank you.",
-# "you"); an utterance with less VAD-judged speech than this is not decoded at all.
-MIN_SPEECH_SECONDS = 0.2
 # Utterances waiting for a decode, per stream. Past this the server is far behind real time;
 # the oldest are dropped (and counted) rather than letting memory grow without bound.
 MAX_PENDING_UTTERANCES = 32
@@ -80,13 +78,25 @@ MULTILINGUAL_PREROLL_MS = 300
 def preroll_ms(model: "WhisperModel | None") -> int:
     """The audio an utterance of ``model`` keeps before the VAD's first speech window."""
     return MULTILINGUAL_PREROLL_MS if model is not None and is_multilingual(model) else PREROLL_MS
+
+
+def endpointer_for(settings: "Settings", vad: StreamingVAD, model: "WhisperModel | None") -> Endpointer:
+    """The endpointer of a stream decoded by ``model``, with the server's settings (live streams,
+    uploads and the benches cut alike)."""
+    return Endpointer(vad, threshold=settings.vad_threshold, silence_ms=settings.endpoint_silence_ms,
+                      max_utterance_s=settings.max_utterance_s, preroll_ms=preroll_ms(model))
+
+
+def utterance_cutter(settings: "Settings", vad: StreamingVAD, model: "WhisperModel | None") -> UtteranceCutter:
+    """A live stream's cuts (``cutting.py``): its endpointer and the sentence-end pause."""
+    return UtteranceCutter(endpointer_for(settings, vad, model), pause_ms=settings.endpoint_pause_ms)
+
+
 # Provisional work gives way to finals: the engine's busy share (decode seconds over worker
 # seconds, last LOAD_WINDOW_S) above which provisional decodes stop, and pause decodes stop.
 LOAD_WINDOW_S = 5.0
 PARTIAL_MAX_LOAD = 0.5
 PAUSE_DECODE_MAX_LOAD = 0.85
-# A provisional decode needs this much open speech (shorter ones are mostly wrong).
-PARTIAL_MIN_SECONDS = 0.8
 # Audio sent faster than real time (a file, a client catching up) by more than this many seconds
 # gets no provisional decodes: its finals come sooner than any provisional text could.
 AHEAD_OF_REAL_TIME_S = 1.0
@@ -404,12 +414,6 @@ class _Job:
     decode: asyncio.Future | None = None
 
 
-@dataclass
-class _PauseDecode:
-    utterance: Utterance             # the open utterance up to the pause
-    future: asyncio.Future
-
-
 _END = object()
 
 
@@ -426,14 +430,8 @@ class WhisperStream(STTStream):
         self._config = config
         self._decoding = decoding
         self._model = model
-        self._endpointer = Endpointer(
-            vad,
-            threshold=settings.vad_threshold,
-            silence_ms=settings.endpoint_silence_ms,
-            max_utterance_s=settings.max_utterance_s,
-            preroll_ms=preroll_ms(model),
-        )
-        self._pause_s = settings.endpoint_pause_ms / 1000
+        # Where utterances end, and which open audio to decode when; its pause decodes are futures.
+        self._cutter: UtteranceCutter[asyncio.Future] = utterance_cutter(settings, vad, model)
         self._partial_interval = settings.partial_interval
         self.stats = StreamStats()
         self._pending: collections.deque[_Job] = collections.deque()
@@ -443,11 +441,9 @@ class WhisperStream(STTStream):
         self._closing = False
         self._error: STTError | None = None
         self._last_end = 0.0
-        # The open utterance's provisional work.
-        self._pause: _PauseDecode | None = None
+        # The open utterance's provisional work (its pause decode is the cutter's).
         self._partial: asyncio.Future | None = None
         self._partial_number = 0          # utterance the agreement belongs to
-        self._partial_from = 0            # open speech windows at the last provisional decode
         self._agreement = LocalAgreement()
         self._shown_number = 0            # utterance whose Partial the consumer holds (0 = none)
         self._opened_at = time.monotonic()
@@ -464,9 +460,9 @@ class WhisperStream(STTStream):
             raise STTError("send() on a closed local stream", retryable=False)
         pcm = np.asarray(pcm, dtype=np.int16).reshape(-1)
         self.stats.audio_seconds += pcm.size / SAMPLE_RATE
-        for utterance in self._endpointer.feed(pcm):
-            self._ended(utterance)
-        self.stats.speech_seconds = self._endpointer.speech_windows * WINDOW_SECONDS
+        for ended in self._cutter.feed(pcm):
+            self._ended(ended)
+        self.stats.speech_seconds = self._cutter.endpointer.speech_windows * WINDOW_SECONDS
         try:
             self._provisional_work()
         except RuntimeError:               # the pool is shut down: the final decode will report it
@@ -476,9 +472,9 @@ class WhisperStream(STTStream):
         """End the open utterance now and queue its decode; its words follow through iteration."""
         if self._error is not None:
             raise self._error
-        utterance = self._endpointer.flush()
-        if utterance is not None:
-            self._ended(utterance)
+        ended = self._cutter.flush()
+        if ended is not None:
+            self._ended(ended)
 
     async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Finalize, wait for the queued decodes, then end the iteration.
@@ -487,9 +483,9 @@ class WhisperStream(STTStream):
         a server far behind real time still owes a client that hung up every queued utterance,
         and the queue is bounded (``MAX_PENDING_UTTERANCES``), so the wait is too."""
         if not self._closing:
-            utterance = self._endpointer.flush()
-            if utterance is not None:
-                self._ended(utterance)
+            ended = self._cutter.flush()
+            if ended is not None:
+                self._ended(ended)
             self._closing = True
             self._wakeup.set()
         progress = self.stats.decodes, len(self._pending)
@@ -523,17 +519,12 @@ class WhisperStream(STTStream):
         return len(self._pending)
 
     # --- internals: finals --------------------------------------------------------------
-    def _ended(self, utterance: Utterance) -> None:
-        """The endpointer closed an utterance: its final decode, reusing a pause decode that
-        covered all of its speech (only silence came after it)."""
-        pause = self._pause
-        if pause is not None and pause.utterance.number == utterance.number:
-            self._pause = None
-            if pause.utterance.speech_windows == utterance.speech_windows:
-                self.stats.pause_finals += 1
-                self._queue(_Job(pause.utterance, pause.future))
-                return
-        self._queue(_Job(utterance))
+    def _ended(self, ended: Ended[asyncio.Future]) -> None:
+        """The cutter closed an utterance: its final decode, or the pause decode that covered all
+        of its speech (only silence came after it)."""
+        if ended.decode is not None:
+            self.stats.pause_finals += 1
+        self._queue(_Job(ended.utterance, ended.decode))
 
     def _queue(self, job: _Job) -> None:
         self.stats.utterances += 1
@@ -619,25 +610,21 @@ class WhisperStream(STTStream):
     # --- internals: provisional decodes -------------------------------------------------
     def _provisional_work(self) -> None:
         """After new audio: a pause decode when a pause began, else maybe a provisional decode."""
-        endpointer = self._endpointer
-        if not endpointer.in_utterance or self._closing:
+        cutter = self._cutter
+        if not cutter.in_utterance or self._closing:
             return
-        number = endpointer.utterance_number
+        number = cutter.utterance_number
         if number != self._partial_number:
-            self._partial_number, self._partial_from = number, 0
+            self._partial_number = number
             self._agreement = LocalAgreement()
         load = self._provider.load_state
         if self._finals_outstanding or not load.idle_worker:
             return                         # finals first; nothing provisional queues behind them
         busy = load.busy_share()
-        if endpointer.pause_seconds >= self._pause_s:
-            pause = self._pause
-            if (pause is not None and pause.utterance.number == number
-                    and pause.utterance.speech_windows == endpointer.open_speech_windows):
-                return                     # this pause is being (or was) decoded
+        if cutter.paused:
             if busy <= PAUSE_DECODE_MAX_LOAD and self._partial is None:
-                utterance = endpointer.open_audio()
-                if utterance is not None and utterance.speech_seconds >= MIN_SPEECH_SECONDS:
+                utterance = cutter.pause_to_decode()      # None once this pause has its decode
+                if utterance is not None:
                     self._start_pause_decode(utterance)
             return
         if not self._partial_interval or self._partial is not None or busy > PARTIAL_MAX_LOAD:
@@ -646,25 +633,19 @@ class WhisperStream(STTStream):
             return
         if load.typical_decode > PARTIAL_MAX_DECODE_INTERVALS * self._partial_interval:
             return
-        if self._pause is not None and not self._pause.future.done():
+        if cutter.pause is not None and not cutter.pause.decode.done():
             return
         # Fewer provisional decodes as the engine gets busier.
-        interval = self._partial_interval * (1 + 4 * busy)
-        open_speech = endpointer.open_speech_windows
-        if (open_speech - self._partial_from) * WINDOW_SECONDS < interval or open_speech * WINDOW_SECONDS < PARTIAL_MIN_SECONDS:
-            return
-        utterance = endpointer.open_audio()
+        utterance = cutter.provisional_to_decode(self._partial_interval * (1 + 4 * busy))
         if utterance is None:
             return
-        self._partial_from = open_speech
         self.stats.partial_decodes += 1
         self._partial = self._submit(utterance)
         self._partial.add_done_callback(lambda f: self._on_partial_decode(utterance, f))
 
     def _start_pause_decode(self, utterance: Utterance) -> None:
         future = self._submit(utterance)
-        self._pause = _PauseDecode(utterance, future)
-        self._partial_from = utterance.speech_windows
+        self._cutter.pause_decode_started(utterance, future)
         self.stats.pause_decodes += 1
         future.add_done_callback(lambda f: self._on_pause_decode(utterance, f))
 
@@ -674,18 +655,13 @@ class WhisperStream(STTStream):
 
     def _on_pause_decode(self, utterance: Utterance, future: asyncio.Future) -> None:
         """A pause decode is back. If the utterance is still open in the same pause and the text
-        ends a sentence, end the utterance there: this decode is its final."""
-        endpointer = self._endpointer
-        same_pause = (endpointer.in_utterance and endpointer.utterance_number == utterance.number
-                      and endpointer.open_speech_windows == utterance.speech_windows)
+        ends a sentence, the cutter ends the utterance there: this decode is its final."""
+        same_pause = self._cutter.in_pause_of(utterance)
         if same_pause and not future.cancelled() and future.exception() is None and not self._closing:
-            raw_words = future.result()[0]
-            last = next((w[0].strip() for w in reversed(raw_words) if w[0].strip()), "")
-            if last[-1:] in SENTENCE_ENDERS:
-                ended = endpointer.end_at(utterance.end)
-                if ended is not None:
-                    self._ended(ended)
-                    return
+            ended = self._cutter.pause_decode_back(utterance, future.result()[0])
+            if ended is not None:
+                self._ended(ended)
+                return
         if not same_pause:
             self._take_provisional(utterance, future)
 
@@ -694,8 +670,7 @@ class WhisperStream(STTStream):
         if future.cancelled() or future.exception() is not None or self._closing:
             return
         raw_words, _seconds, language = future.result()
-        endpointer = self._endpointer
-        if not endpointer.in_utterance or endpointer.utterance_number != utterance.number:
+        if not self._cutter.is_open(utterance):
             return                          # the utterance ended meanwhile: its final takes over
         if utterance.number != self._partial_number:
             return
