@@ -41,10 +41,9 @@ embedded engine's own CPU per audio second on the same recordings.
 
 ``--replica`` is the gateway's path offline and deterministic, to find where its error comes from
 and to try changes in seconds: each recording is decoded once as a stream of the gateway gets it
-(the embedded stream's own cuts, ``harken.stt.cutting.UtteranceCutter`` with the server's settings,
-fed 40 ms pieces; the pause decode that ends an utterance at a finished sentence, back
-``--decode-seconds`` × the pace later; ``place_words``), cached under the temporary folder
-(``harken-replica/``, keyed by the settings and the cutting and decoding code), and the words are fed at the times they
+(``engine_replica.py``: the embedded stream's own cuts and decode scheduling on a simulated clock,
+each decode taking ``--decode-seconds`` of wall time, ``place_words``), cached under the
+temporary folder (``harken-replica/``, keyed by the settings, the pace and the code), and the words are fed at the times they
 would arrive to the session's own parts (``AudioRing``, ``SpeakerIdentifier.diarize_words``,
 ``SegmentBuilder``, the pause's ``settle`` after 2 s of wall time without a word at ``--speed``
 (default 2), ``speaker_changes`` and ``respeak``, the close's ``finish``), in the order
@@ -58,7 +57,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import hashlib
 import io
 import json
 import sys
@@ -84,6 +82,7 @@ from harken.gateway.auth import mint_local_token  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import free_port, start_server  # noqa: E402  (a harken serve subprocess on loopback)
+from engine_replica import EngineUtterance, engine_utterances  # noqa: E402  (the engine's words, offline)
 
 RATE = 16000
 MESSAGE_SECONDS = 0.1
@@ -602,97 +601,11 @@ def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test
 
 
 # --- replica: the gateway's path, offline and deterministic ----------------------------------
-# The embedded engine's decodes are cached here (per recording and engine setting): a rerun
-# spends its time on the speaker path only.
-REPLICA_CACHE = Path(tempfile.gettempdir()) / "harken-replica"
-# Wall seconds a decode takes to come back in the replica (--decode-seconds), times the pace:
-# the audio that goes by meanwhile. A pause decode that ends a sentence ends its utterance only if
-# no speech came back meanwhile (``UtteranceCutter.pause_decode_back``), so at 2x the engine cuts at
-# fewer sentence ends than at real time, and its utterances hold more turns.
+# Wall seconds a decode takes in the replica (--decode-seconds), times the pace: the audio that
+# goes by meanwhile. A pause decode that ends a sentence ends its utterance only if no speech came
+# back meanwhile (``UtteranceCutter.pause_decode_back``), so at 2x the engine cuts at fewer
+# sentence ends than at real time, and its utterances hold more turns.
 REPLICA_DECODE_SECONDS = 0.3
-
-
-# The code whose change changes the replica's cuts or words: its text is part of the cache key.
-REPLICA_CODE = ("harken/audio/vad.py", "harken/stt/cutting.py", "harken/stt/decoding.py", "harken/stt/whisper.py")
-
-
-def replica_key(path: Path, settings: Settings, latency: float) -> str:
-    """The cache name of one recording's decodes: everything that changes where the engine cuts
-    or what it hears (the settings, the pause decode's latency, and the cutting and decoding code)."""
-    code = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in REPLICA_CODE)).hexdigest()[:12]
-    return (f"{path.stem}-{path.stat().st_size}-{settings.whisper_model}-{settings.whisper_window_s}-"
-            f"{settings.whisper_beam_size}-{settings.endpoint_silence_ms}-{settings.endpoint_pause_ms}-"
-            f"{settings.max_utterance_s}-{settings.vad_threshold}-{latency:g}-{code}")
-
-
-@dataclass
-class EngineUtterance:
-    """One final decode of the embedded engine: when its words reach the session (audio clock)
-    and the words, as ``WhisperStream`` yields them."""
-
-    arrival: float
-    words: list
-
-
-def engine_utterances(path: Path, pcm: np.ndarray, latency: float) -> list[EngineUtterance]:
-    """The embedded engine's final words for ``pcm`` as a stream of the gateway gets them: the
-    stream's own cuts (``harken.stt.cutting.UtteranceCutter`` with the server's settings, fed 40 ms
-    pieces as the session feeds it; each pause decode it asks for is back ``latency`` s of audio
-    later, when it may end its utterance at a finished sentence) and ``place_words``. Decodes
-    are taken from the on-disk cache when there."""
-    from harken.audio.vad import StreamingVAD
-    from harken.stt.decoding import Decoding, utterance_lead
-    from harken.stt.whisper import MIN_SPEECH_SECONDS, WhisperProvider, place_words, utterance_cutter
-
-    settings = Settings()
-    cache_file = REPLICA_CACHE / f"{replica_key(path, settings, latency)}.json"
-    if cache_file.exists():
-        from harken.stt.base import Word
-
-        return [EngineUtterance(u["arrival"], [Word(*w) for w in u["words"]])
-                for u in json.loads(cache_file.read_text())]
-    provider = WhisperProvider(settings)
-    asyncio.run(provider.load())
-    model = provider._model
-    decoding = Decoding("en", window_s=settings.whisper_window_s, lead_s=utterance_lead(model))
-    # A pause decode's handle: its words, and the audio second at which it is back.
-    cutter = utterance_cutter(settings, StreamingVAD(), model)
-    out: list[EngineUtterance] = []
-    last_end = 0.0
-
-    def decode(utterance):
-        return provider.decode_clip(utterance.pcm, decoding, model)[0]
-
-    def final(ended, now: float) -> None:
-        nonlocal last_end
-        utterance = ended.utterance
-        if utterance.speech_seconds < MIN_SPEECH_SECONDS:
-            return
-        words = place_words(ended.decode[0] if ended.decode is not None else decode(utterance), utterance, last_end)
-        if words:
-            last_end = words[-1].end
-            out.append(EngineUtterance(now + latency, words))
-
-    piece = RATE * 40 // 1000
-    for i in range(0, pcm.size, piece):
-        now = (i + piece) / RATE
-        for ended in cutter.feed(pcm[i:i + piece]):
-            final(ended, now)
-        pause = cutter.pause
-        if pause is not None and now >= pause.decode[1]:
-            ended = cutter.pause_decode_back(pause.utterance, pause.decode[0])
-            if ended is not None:
-                final(ended, now)
-        utterance = cutter.pause_to_decode()
-        if utterance is not None:
-            cutter.pause_decode_started(utterance, (decode(utterance), now + latency))
-    ended = cutter.flush()
-    if ended is not None:
-        final(ended, pcm.size / RATE)
-    REPLICA_CACHE.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps([{"arrival": u.arrival, "words": [dataclasses.astuple(w) for w in u.words]}
-                                      for u in out]))
-    return out
 
 
 async def replica_session(pcm: np.ndarray, utterances: list[EngineUtterance], speed: float):
@@ -768,7 +681,7 @@ def replica(files: list[Path], speed: float) -> None:
         reference = read_rttm(path.with_suffix(".rttm"))
         uem_path = path.with_suffix(".uem")
         uem = read_uem(uem_path) if uem_path.exists() else None
-        utterances = engine_utterances(path, pcm, REPLICA_DECODE_SECONDS * speed)
+        utterances = engine_utterances(path, pcm, REPLICA_DECODE_SECONDS, speed)
         started = time.process_time()
         shown, stored, zero = asyncio.run(replica_session(pcm, utterances, speed))
         cpu = time.process_time() - started

@@ -65,6 +65,16 @@ def pause_decode(feeder: Feeder, handle: str):
     return utterance
 
 
+def two_sentences_and_a_pause_decode():
+    """Two sentences 0.5 s apart (long enough a pause for a pause decode, too short to end the
+    utterance), fed until the first pause's decode started."""
+    cutter = make_cutter()
+    pcm = np.concatenate([silence(0.5), speech_of("ss_0930.wav"), silence(0.5), speech_of("goforward.wav"),
+                          silence(2.0)])
+    feeder = Feeder(cutter, pcm)
+    return cutter, feeder, pause_decode(feeder, "pause-1")
+
+
 def test_a_pause_decode_that_ends_a_sentence_ends_the_utterance_in_its_pause():
     cutter = make_cutter()
     feeder = Feeder(cutter, np.concatenate([silence(0.5), speech_of("goforward.wav"), silence(2.0)]))
@@ -101,12 +111,7 @@ def test_a_pause_decode_without_a_sentence_end_waits_for_the_silence_and_is_the_
 
 
 def test_speech_that_comes_back_during_the_pause_decode_keeps_the_utterance_open():
-    cutter = make_cutter()
-    # A 0.5 s pause: long enough for a pause decode, too short to end the utterance.
-    pcm = np.concatenate([silence(0.5), speech_of("ss_0930.wav"), silence(0.5), speech_of("goforward.wav"),
-                          silence(2.0)])
-    feeder = Feeder(cutter, pcm)
-    first = pause_decode(feeder, "pause-1")
+    cutter, feeder, first = two_sentences_and_a_pause_decode()
     assert feeder.until(lambda: not cutter.in_pause_of(first))    # the second sentence starts
     assert cutter.is_open(first) and cutter.utterance_number == first.number
 
@@ -125,11 +130,7 @@ def test_speech_that_comes_back_during_the_pause_decode_keeps_the_utterance_open
 
 
 def test_an_utterance_with_speech_after_its_pause_decode_is_decoded_afresh():
-    cutter = make_cutter()
-    pcm = np.concatenate([silence(0.5), speech_of("ss_0930.wav"), silence(0.5), speech_of("goforward.wav"),
-                          silence(2.0)])
-    feeder = Feeder(cutter, pcm)
-    first = pause_decode(feeder, "pause-1")
+    cutter, feeder, first = two_sentences_and_a_pause_decode()
     # The driver starts no decode at the second pause (say the engine is busy).
     feeder.rest()
     [ended] = feeder.ended

@@ -138,6 +138,39 @@ class EngineLoad:
         return self.in_flight < self.workers
 
 
+PAUSE_DECODE, PROVISIONAL_DECODE = "pause", "provisional"
+
+
+def decode_due(cutter: UtteranceCutter, load: EngineLoad, *, now: float, finals_outstanding: int,
+               partial_running: bool, pause_running: bool, partial_interval: float,
+               audio_ahead_s: float) -> tuple[str, Utterance] | None:
+    """Which decode of a stream's open utterance to start after new audio, given the engine's
+    load: ``(PAUSE_DECODE, audio)`` when a pause began, else maybe ``(PROVISIONAL_DECODE,
+    audio)``; None. ``now`` is ``load``'s clock; ``audio_ahead_s`` how far the audio received is
+    ahead of the time since the stream opened. ``WhisperStream`` asks after every piece of audio;
+    the diarization bench's replica asks the same on its simulated clock."""
+    if finals_outstanding or not load.idle_worker:
+        return None                        # finals first; nothing provisional queues behind them
+    busy = load.busy_share(now)
+    if cutter.paused:
+        if busy <= PAUSE_DECODE_MAX_LOAD and not partial_running:
+            utterance = cutter.pause_to_decode()      # None once this pause has its decode
+            if utterance is not None:
+                return PAUSE_DECODE, utterance
+        return None
+    if not partial_interval or partial_running or busy > PARTIAL_MAX_LOAD:
+        return None
+    if audio_ahead_s > AHEAD_OF_REAL_TIME_S:
+        return None
+    if load.typical_decode > PARTIAL_MAX_DECODE_INTERVALS * partial_interval:
+        return None
+    if pause_running:
+        return None
+    # Fewer provisional decodes as the engine gets busier.
+    utterance = cutter.provisional_to_decode(partial_interval * (1 + 4 * busy))
+    return (PROVISIONAL_DECODE, utterance) if utterance is not None else None
+
+
 class WhisperProvider(Provider):
     """The local engine. ``await load()`` once at start-up (it is also done by the first ``open``)."""
 
@@ -617,27 +650,18 @@ class WhisperStream(STTStream):
         if number != self._partial_number:
             self._partial_number = number
             self._agreement = LocalAgreement()
-        load = self._provider.load_state
-        if self._finals_outstanding or not load.idle_worker:
-            return                         # finals first; nothing provisional queues behind them
-        busy = load.busy_share()
-        if cutter.paused:
-            if busy <= PAUSE_DECODE_MAX_LOAD and self._partial is None:
-                utterance = cutter.pause_to_decode()      # None once this pause has its decode
-                if utterance is not None:
-                    self._start_pause_decode(utterance)
+        now = time.monotonic()
+        pause = cutter.pause
+        due = decode_due(cutter, self._provider.load_state, now=now, finals_outstanding=self._finals_outstanding,
+                         partial_running=self._partial is not None,
+                         pause_running=pause is not None and not pause.decode.done(),
+                         partial_interval=self._partial_interval,
+                         audio_ahead_s=self.stats.audio_seconds - (now - self._opened_at))
+        if due is None:
             return
-        if not self._partial_interval or self._partial is not None or busy > PARTIAL_MAX_LOAD:
-            return
-        if self.stats.audio_seconds > time.monotonic() - self._opened_at + AHEAD_OF_REAL_TIME_S:
-            return
-        if load.typical_decode > PARTIAL_MAX_DECODE_INTERVALS * self._partial_interval:
-            return
-        if cutter.pause is not None and not cutter.pause.decode.done():
-            return
-        # Fewer provisional decodes as the engine gets busier.
-        utterance = cutter.provisional_to_decode(self._partial_interval * (1 + 4 * busy))
-        if utterance is None:
+        kind, utterance = due
+        if kind is PAUSE_DECODE:
+            self._start_pause_decode(utterance)
             return
         self.stats.partial_decodes += 1
         self._partial = self._submit(utterance)
