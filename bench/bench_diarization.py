@@ -681,7 +681,7 @@ def replica(files: list[Path], speed: float) -> None:
         reference = read_rttm(path.with_suffix(".rttm"))
         uem_path = path.with_suffix(".uem")
         uem = read_uem(uem_path) if uem_path.exists() else None
-        utterances = engine_utterances(path, pcm, REPLICA_DECODE_SECONDS, speed)
+        utterances = engine_utterances(path, pcm, REPLICA_DECODE_SECONDS, speed, MESSAGE_SECONDS)
         started = time.process_time()
         shown, stored, zero = asyncio.run(replica_session(pcm, utterances, speed))
         cpu = time.process_time() - started

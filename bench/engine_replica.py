@@ -2,7 +2,7 @@
 
 ``engine_utterances`` replays a recording through the stream's own parts on a simulated clock:
 its cuts (``harken.stt.cutting.UtteranceCutter`` with the server's settings, fed 40 ms pieces
-as the session feeds it), which decode it starts when (``harken.stt.whisper.decode_due``, with
+as the session passes each message of the client on), which decode it starts when (``harken.stt.whisper.decode_due``, with
 an ``EngineLoad`` on the simulated wall clock), a pool of ``whisper_workers`` whose every decode
 takes ``decode_seconds`` of wall time (the recording goes by at ``speed`` times that), the
 finals decoded one at a time in order, a pause decode that ends its utterance at a finished
@@ -211,16 +211,19 @@ class _Replay:
             self.out.append(EngineUtterance(self.now, words))
 
 
-def engine_utterances(path: Path, pcm: np.ndarray, decode_seconds: float, speed: float) -> list[EngineUtterance]:
+def engine_utterances(path: Path, pcm: np.ndarray, decode_seconds: float, speed: float,
+                      message_seconds: float) -> list[EngineUtterance]:
     """The embedded engine's final words for ``pcm`` as a stream of the gateway gets them, each
-    decode taking ``decode_seconds`` of wall time at ``speed`` times real time (see the module
-    doc). Taken from the on-disk cache when there."""
+    decode taking ``decode_seconds`` of wall time at ``speed`` times real time, the audio sent
+    in messages of ``message_seconds`` (the session passes a message's 40 ms pieces on as it
+    comes, so the stream hears each piece when the message holding its end arrives; see the
+    module doc). Taken from the on-disk cache when there."""
     from harken.stt.base import Word
     from harken.stt.decoding import Decoding, utterance_lead
     from harken.stt.whisper import WhisperProvider
 
     settings = Settings()
-    cache_file = REPLICA_CACHE / f"{replica_key(path, settings, decode_seconds, speed)}.json"
+    cache_file = REPLICA_CACHE / f"{replica_key(path, settings, decode_seconds, speed)}-{message_seconds:g}m.json"
     if cache_file.exists():
         return [EngineUtterance(u["arrival"], [Word(*w) for w in u["words"]])
                 for u in json.loads(cache_file.read_text())]
@@ -229,8 +232,9 @@ def engine_utterances(path: Path, pcm: np.ndarray, decode_seconds: float, speed:
     model = provider._model
     decoding = Decoding("en", window_s=settings.whisper_window_s, lead_s=utterance_lead(model))
     replay = _Replay(provider, decoding, model, settings, decode_seconds, speed)
+    message = int(round(message_seconds * RATE))
     for i in range(0, pcm.size, PIECE):
-        replay.run_until((i + PIECE) / RATE)
+        replay.run_until(-(-min(i + PIECE, pcm.size) // message) * message / RATE)
         replay.send(pcm[i:i + PIECE])
     ended = replay.cutter.flush()
     if ended is not None:
