@@ -158,3 +158,34 @@ def test_provisional_decodes_come_once_per_interval_of_new_speech():
     heard = cutter.pause_to_decode()
     cutter.pause_decode_started(heard, "pause-1")
     assert cutter.provisional_to_decode(0.1) is None
+
+
+def test_the_stream_starts_a_pause_decode_only_when_no_final_or_provisional_decode_is_in_the_way():
+    """``decode_due``, what WhisperStream (and the bench's replica) asks after each piece."""
+    from harken.stt.whisper import PAUSE_DECODE, PROVISIONAL_DECODE, EngineLoad, decode_due
+
+    cutter = make_cutter()
+    feeder = Feeder(cutter, np.concatenate([silence(0.5), speech_of("ss_0870.wav"), silence(2.0)]))
+    load = EngineLoad(workers=2)
+
+    def due(**engine):
+        facts = dict(finals_outstanding=0, partial_running=False, pause_running=False, partial_interval=1.0,
+                     audio_ahead_s=0.0)
+        return decode_due(cutter, load, now=0.0, **{**facts, **engine})
+
+    # While someone speaks: a provisional decode, unless the engine is busy or the audio is ahead.
+    assert feeder.until(lambda: cutter.endpointer.open_speech_windows * WINDOW_SECONDS >= 1.5)
+    assert due(partial_running=True) is None and due(finals_outstanding=1) is None
+    assert due(audio_ahead_s=2.0) is None and due(pause_running=True) is None
+    kind, heard = due()
+    assert kind == PROVISIONAL_DECODE and heard.end == feeder.position
+    assert due() is None                         # the next one waits for another interval of speech
+
+    assert feeder.until(lambda: cutter.paused)
+    # The pause decode waits for the provisional decode in flight and for outstanding finals...
+    assert due(partial_running=True) is None and due(finals_outstanding=1) is None
+    load.started(), load.started()               # ...and for a free worker
+    assert due() is None
+    load.finished(0.3, now=0.0), load.finished(0.3, now=0.0)
+    kind, heard = due()
+    assert kind == PAUSE_DECODE and cutter.in_pause_of(heard)
