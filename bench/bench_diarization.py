@@ -604,7 +604,10 @@ def offline(files: list[Path], streams: list[int], with_engine: bool, owner_test
 # Wall seconds a decode takes in the replica (--decode-seconds), times the pace: the audio that
 # goes by meanwhile. A pause decode that ends a sentence ends its utterance only if no speech came
 # back meanwhile (``UtteranceCutter.pause_decode_back``), so at 2x the engine cuts at fewer
-# sentence ends than at real time, and its utterances hold more turns.
+# sentence ends than at real time, and its utterances hold more turns. At 1x a decode longer than
+# endpoint_silence_ms - endpoint_pause_ms (0.4 s) comes back after the silence ended the utterance:
+# no sentence cuts at all (call_autorepair_a at 1x: 0.1 s 35 cuts, 0.3 s 22, 0.5 s none; a
+# Whisper decode of these utterances took 0.2-1.0 s on the shared 2-core machine).
 REPLICA_DECODE_SECONDS = 0.3
 
 
