@@ -180,6 +180,9 @@ def test_a_short_window_decode_that_loops_or_loses_its_words_is_implausible():
     assert implausible(words, [_Segment(compression_ratio=3.1)], 1.1)    # repetition
     assert implausible(words, [_Segment(temperature=0.2)], 1.1)          # Whisper's own fallback
     assert implausible([], [], 2.0) and not implausible([], [], 0.5)     # lost words vs a breath
+    # Words that stop 1.5 s before the clip's end left speech out (an utterance ends after 0.7 s
+    # of silence); 1.3 s is the most a good decode of the dev recordings left.
+    assert implausible(words, [_Segment()], 2.3) and not implausible(words, [_Segment()], 2.1)
 
 
 async def test_a_windowed_decode_gives_the_full_windows_words_at_a_fraction_of_the_encoder(provider, monkeypatch):
