@@ -165,8 +165,8 @@ ADAPT_MIN_CHUNKS = 3
 # the d-vector 14.0 -> 13.9 % mean). 1.0 s left one extra speaker there; 2.0 s cost the
 # interview and the phone-in 4 points each (their short turns are real speakers).
 MIN_CLUSTER_UTTERANCE_SECONDS = 1.2
-# A cluster at least half of whose speech comes from utterances shorter than this (one or two
-# model windows, the first and often only one a full 1.6 s partial) is a voice heard only in short
+# A cluster at least half of whose speech comes from utterances shorter than this (at most one
+# full 1.6 s window of Resemblyzer, often only a shorter one) is a voice heard mostly in short
 # replies ("Sure.", "Okay.", "That's fine."). Such replies embed apart from the same person's
 # longer speech: on the development call call_autorepair_a the caller's replies made a third
 # cluster (12 chunks, 79 % of them from utterances under 2 s) whose centroid scores 0.87-0.89
