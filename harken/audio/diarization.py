@@ -165,20 +165,21 @@ ADAPT_MIN_CHUNKS = 3
 # the d-vector 14.0 -> 13.9 % mean). 1.0 s left one extra speaker there; 2.0 s cost the
 # interview and the phone-in 4 points each (their short turns are real speakers).
 MIN_CLUSTER_UTTERANCE_SECONDS = 1.2
-# A cluster at least half of whose speech comes from utterances shorter than this (at most one
-# full 1.6 s window of Resemblyzer, often only a shorter one) is a voice heard mostly in short
+# A cluster at least a third of whose speech comes from utterances shorter than this (at most one
+# full 1.6 s window of Resemblyzer, often only a shorter one) is a voice heard much in short
 # replies ("Sure.", "Okay.", "That's fine."). Such replies embed apart from the same person's
 # longer speech: on the development call call_autorepair_a the caller's replies made a third
-# cluster (12 chunks, 79 % of them from utterances under 2 s) whose centroid scores 0.87-0.89
-# against the caller's own cluster, where the two voices score 0.74 against each other. So such a
-# cluster joins its most similar cluster of longer speech when its centroid scores at least the
-# model's ``short_cluster_similarity`` against it: a real speaker whose turns are all short keeps
-# a voice of their own unless it is that close (meeting_katie_steve: Steve, every turn under
-# 1.4 s, scores 0.73 against Katie). Clusters of longer speech are never folded this way: two
-# voices on one telephone line score up to 0.89 (call_autorepair_b), so closeness alone is no
-# sign of one voice.
+# cluster (48-81 % of its speech from utterances under 2 s, depending on where the engine cut)
+# whose centroid scores 0.85-0.89 against the caller's own cluster, where the two voices score
+# 0.74 against each other. So such a cluster joins its most similar cluster of longer speech when
+# its centroid scores at least the model's ``short_cluster_similarity`` against it: a real speaker
+# whose turns are all short keeps a voice of their own unless it is that close
+# (meeting_katie_steve: Steve, every turn under 1.4 s, scores 0.73 against Katie). Clusters of
+# mostly longer speech are never folded this way: two voices on one telephone line score up to
+# 0.89 (call_autorepair_b, whose clusters have 6-19 % of their speech in short utterances), so
+# closeness alone is no sign of one voice.
 SHORT_UTTERANCE_SECONDS = 2.0
-SHORT_CLUSTER_SHARE = 0.5
+SHORT_CLUSTER_SHARE = 1 / 3
 # Re-cluster with every utterance while the conversation has at most this many chunks (4 min of
 # speech; clustering 300 chunks takes a few ms); past it, after every RECLUSTER_SECONDS of new
 # speech, and in between new chunks go to the nearest speaker.
