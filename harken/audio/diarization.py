@@ -165,6 +165,21 @@ ADAPT_MIN_CHUNKS = 3
 # the d-vector 14.0 -> 13.9 % mean). 1.0 s left one extra speaker there; 2.0 s cost the
 # interview and the phone-in 4 points each (their short turns are real speakers).
 MIN_CLUSTER_UTTERANCE_SECONDS = 1.2
+# A cluster at least a third of whose speech comes from utterances shorter than this (at most one
+# full 1.6 s window of Resemblyzer, often only a shorter one) is a voice heard much in short
+# replies ("Sure.", "Okay.", "That's fine."). Such replies embed apart from the same person's
+# longer speech: on the development call call_autorepair_a the caller's replies made a third
+# cluster (48-81 % of its speech from utterances under 2 s, depending on where the engine cut)
+# whose centroid scores 0.85-0.89 against the caller's own cluster, where the two voices score
+# 0.74 against each other. So such a cluster joins its most similar cluster of longer speech when
+# its centroid scores at least the model's ``short_cluster_similarity`` against it: a real speaker
+# whose turns are all short keeps a voice of their own unless it is that close
+# (meeting_katie_steve: Steve, every turn under 1.4 s, scores 0.73 against Katie). Clusters of
+# mostly longer speech are never folded this way: two voices on one telephone line score up to
+# 0.89 (call_autorepair_b, whose clusters have 6-19 % of their speech in short utterances), so
+# closeness alone is no sign of one voice.
+SHORT_UTTERANCE_SECONDS = 2.0
+SHORT_CLUSTER_SHARE = 1 / 3
 # Re-cluster with every utterance while the conversation has at most this many chunks (4 min of
 # speech; clustering 300 chunks takes a few ms); past it, after every RECLUSTER_SECONDS of new
 # speech, and in between new chunks go to the nearest speaker.
@@ -197,8 +212,11 @@ class ConversationDiarizer:
                  window_seconds: float = WINDOW_SECONDS, hop_seconds: float = WINDOW_HOP_SECONDS,
                  chunk_windows: int = CHUNK_WINDOWS, chunk_stride: int = CHUNK_STRIDE, adapt_known: bool = True,
                  known_mean_threshold: float = KNOWN_VOICE_MEAN_SIMILARITY,
-                 min_cluster_utterance_seconds: float = MIN_CLUSTER_UTTERANCE_SECONDS):
+                 min_cluster_utterance_seconds: float = MIN_CLUSTER_UTTERANCE_SECONDS,
+                 short_cluster_similarity: float | None = None):
         self.threshold = threshold
+        # None: clusters of short replies are not folded (see SHORT_UTTERANCE_SECONDS).
+        self.short_cluster_similarity = short_cluster_similarity
         self.min_cluster_utterance_seconds = min_cluster_utterance_seconds
         self.adapt_known = adapt_known
         self.known_mean_threshold = known_mean_threshold
@@ -232,6 +250,7 @@ class ConversationDiarizer:
         settings = dict(threshold=model.cluster_similarity, known_threshold=model.known_similarity,
                         known_mean_threshold=model.known_mean_similarity,
                         min_speaker_seconds=model.min_speaker_seconds,
+                        short_cluster_similarity=model.short_cluster_similarity,
                         window_seconds=model.window_seconds, hop_seconds=model.hop_seconds,
                         chunk_windows=model.chunk_windows, chunk_stride=model.chunk_stride)
         settings.update(overrides)
@@ -395,6 +414,10 @@ class ConversationDiarizer:
         # segment they cannot be split out again. The last re-clustering (``finish``) folds it.
         newest = {c for c, u in zip(clusters, self._utterance[lo:]) if u == self._utterances - 1} if confirm else set()
         clusters = _fold_small(clusters, vectors, weights, self.min_speaker_seconds, keep=newest)
+        if self.short_cluster_similarity is not None:
+            seconds = np.asarray(self._utterance_seconds)[self._utterance[lo:]]
+            clusters = _fold_short_replies(clusters, vectors, weights, seconds < SHORT_UTTERANCE_SECONDS,
+                                           self.short_cluster_similarity, keep=newest)
         clusters = self._smoothed(clusters, lo)
         clusters, known_of_cluster = self._anchor_known(clusters, lo)
         label_of = self._stable_labels(clusters, known_of_cluster, lo, weights)
@@ -651,4 +674,28 @@ def _fold_small(clusters: list[int], vectors: np.ndarray, weights: np.ndarray, m
         rows = labels == c
         target = big[int(np.argmax(centroids @ _unit_matrix(vectors[rows].mean(axis=0, keepdims=True))[0]))]
         out[rows] = target
+    return [int(x) for x in out]
+
+
+def _fold_short_replies(clusters: list[int], vectors: np.ndarray, weights: np.ndarray, short: np.ndarray,
+                        similarity: float, keep: set[int] = frozenset()) -> list[int]:
+    """Clusters (not in ``keep``) with at least ``SHORT_CLUSTER_SHARE`` of their speech in ``short``
+    chunks (of utterances under ``SHORT_UTTERANCE_SECONDS``) join the most similar cluster of
+    longer speech if their centroids score at least ``similarity`` (see SHORT_UTTERANCE_SECONDS)."""
+    labels = np.asarray(clusters)
+    ids = sorted(set(clusters))
+    if len(ids) < 2:
+        return clusters
+    share = {c: float(weights[(labels == c) & short].sum() / max(weights[labels == c].sum(), 1e-9)) for c in ids}
+    replies = [c for c in ids if share[c] >= SHORT_CLUSTER_SHARE and c not in keep]
+    longer = [c for c in ids if share[c] < SHORT_CLUSTER_SHARE]
+    if not replies or not longer:
+        return clusters
+    centroids = _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in longer]))
+    out = labels.copy()
+    for c in replies:
+        scores = centroids @ _unit_matrix(vectors[labels == c].mean(axis=0, keepdims=True))[0]
+        best = int(np.argmax(scores))
+        if scores[best] >= similarity:
+            out[labels == c] = longer[best]
     return [int(x) for x in out]

@@ -41,6 +41,9 @@ class SpeakerModel:
     known_mean_similarity: float   # ... and the voice's stretches together at least this on average
     min_speaker_seconds: float     # a cluster with less speech folds into the nearest one
     clip_link_similarity: float    # two clips' speakers (voices of many seconds each) are one person at least this similar
+    # a cluster of short replies joins a cluster of longer speech at least this similar (None: never;
+    # ``diarization.SHORT_UTTERANCE_SECONDS``)
+    short_cluster_similarity: float | None = None
 
 
 # A speaker of one clip of an upload and a speaker of the recording so far are the same person
@@ -56,6 +59,14 @@ class SpeakerModel:
 # (0.55: 1.8 %).
 CLIP_LINK_DVECTOR = 0.60
 CLIP_LINK_RESEMBLYZER = 0.75
+# A cluster of short replies and a cluster of longer speech are one voice at least this similar
+# (``diarization.SHORT_UTTERANCE_SECONDS``). Resemblyzer, development recordings: one voice's
+# replies and longer speech 0.87-0.89 (call_autorepair_a's caller); two people, one of whom spoke
+# only in short turns, 0.72-0.73 (meeting_katie_steve). bench_diarization.py --replica at 1x, pause
+# decodes back after 0.1 and 0.5 s, all 6 recordings: 0.75-0.85 give the same figures; 0.70 joined
+# Steve to Katie (2.0 -> 21.6 % DER), 0.88 left the caller's third label with the 0.5 s decodes.
+# The d-vector is not measured: off.
+SHORT_CLUSTER_RESEMBLYZER = 0.80
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,7 +116,8 @@ def _resemblyzer() -> SpeakerModel:
     return SpeakerModel("resemblyzer", "resemblyzer-0.1.4", _loader(ResemblyzerEmbedder.shared), resemblyzer_problem,
                         WINDOW_SECONDS, WINDOW_HOP_SECONDS, chunk_windows=1, chunk_stride=1,
                         cluster_similarity=0.63, known_similarity=0.70, known_mean_similarity=0.75,
-                        min_speaker_seconds=4.0, clip_link_similarity=CLIP_LINK_RESEMBLYZER)
+                        min_speaker_seconds=4.0, clip_link_similarity=CLIP_LINK_RESEMBLYZER,
+                        short_cluster_similarity=SHORT_CLUSTER_RESEMBLYZER)
 
 
 MODELS: dict[str, Callable[[], SpeakerModel]] = {"dvector": _dvector, "resemblyzer": _resemblyzer}
