@@ -189,6 +189,25 @@ def test_short_sounds_do_not_found_a_speaker_of_their_own():
     assert diarizer.label_at(2.0) != diarizer.label_at(7.0)
 
 
+def test_a_label_given_and_dropped_is_not_given_again_and_next_label_names_the_next_voice():
+    # A voice heard briefly keeps a label of its own while it is the newest, then folds into the
+    # nearest speaker. Its label is not given again: a new voice gets ``next_label``, which is
+    # what the session shows a cloud engine's new speaker under before the voice decides (one
+    # past the labels in use named the dropped label, and the words moved by id when it decided).
+    a, brief, c = unit(1, 0, 0), unit(0.3, 1, 0), unit(0, 0, 1)
+    diarizer = ConversationDiarizer(threshold=0.8, min_speaker_seconds=2.0, window_seconds=1.6, hop_seconds=0.8,
+                                    chunk_windows=1, chunk_stride=1)
+    diarizer.add_utterance(0.0, 4.0, np.stack([a] * 4))
+    diarizer.add_utterance(5.0, 6.4, brief[None, :])
+    assert diarizer.label_at(5.7) == 1 and diarizer.next_label == 2        # the newest voice: its own
+    for start in (6.0, 11.0):
+        diarizer.add_utterance(start, start + 4.0, np.stack([a] * 4))
+    assert diarizer.label_at(5.7) == diarizer.label_at(2.0) == 0          # folded (two runs agreed)
+    assert set(diarizer.labels) == {0} and diarizer.next_label == 2
+    diarizer.add_utterance(16.0, 20.0, np.stack([c] * 4))
+    assert diarizer.label_at(18.0) == 2
+
+
 def test_reclustering_relabels_earlier_speech_only_when_two_runs_agree():
     a, b = unit(1, 0, 0), unit(0.6, 0.8, 0)        # similarity 0.6
     diarizer = ConversationDiarizer(threshold=0.5, min_speaker_seconds=0.0, recluster_seconds=0.0)

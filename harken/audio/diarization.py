@@ -266,6 +266,11 @@ class ConversationDiarizer:
         """How many labels are in use now."""
         return len(set(self._labels))
 
+    @property
+    def next_label(self) -> int:
+        """The label a voice heard for the first time gets next (labels are never reused)."""
+        return self._next_label
+
     def known_label(self, label: int) -> int | None:
         """The row of ``known`` that ``label`` stands for, if any."""
         return self._known_of_label.get(label)
