@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harken.gateway.segments import Batch, Segment, SegmentBuilder
+from harken.gateway.segments import Batch, Segment, SegmentBuilder, Split
 from harken.stt.base import Word
 
 pytestmark = pytest.mark.timeout(60)
@@ -161,7 +161,7 @@ def test_respeak_splits_a_segment_whose_words_the_voice_gives_to_two_speakers():
     assert [s.id for s in builder.flush().changed] == ["seg-0"]
     # Re-clustering hears the last two words as another voice: the segment is reported deleted
     # (an id's text only grows) and each part goes out under a new id, the reply not merged back.
-    batch = builder.respeak({"seg-0": [(3, 0, False, None), (2, 1, False, None)]})
+    batch = builder.respeak({"seg-0": Split(((3, 0, False, None), (2, 1, False, None)))})
     assert batch.deleted_ids == ["seg-0"]
     assert [(s.id, s.text, s.speaker_id, s.start, s.end) for s in batch.changed] == [
         ("seg-1", "So I went to the garage and", 0, 0.0, 2.3), ("seg-2", "oh really", 1, 2.9, 3.6)]
@@ -182,7 +182,7 @@ def test_a_split_that_does_not_match_the_words_relabels_the_whole_segment():
     builder.flush()
     # Counts that do not add up to the segment's words (a stored segment has none): the part
     # with the most words decides, as for a segment read back from the store.
-    batch = builder.respeak({"seg-0": [(1, 0, False, None), (3, 1, False, None)]})
+    batch = builder.respeak({"seg-0": Split(((1, 0, False, None), (3, 1, False, None)))})
     assert [(s.id, s.speaker_id) for s in batch.changed] == [("seg-0", 1)]
     assert not batch.deleted_ids
 

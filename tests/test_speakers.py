@@ -235,7 +235,7 @@ async def test_a_segment_that_holds_two_voices_is_split_by_the_reclustering():
     assert builder.segments[0].text.split() == [w.text for w in in_one]
     identifier.close()
     changes = await identifier.speaker_changes(builder.segments)
-    parts = changes[builder.segments[0].id]
+    parts = changes[builder.segments[0].id].parts
     assert [(n, label) for n, label, *_ in parts] == [
         (sum(w.start < turns[1][1][0] for w in in_one), first), (sum(w.start >= turns[1][1][0] for w in in_one), second)]
     batch = builder.respeak(changes)

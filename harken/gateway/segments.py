@@ -59,6 +59,15 @@ Labels = tuple[bool, "str | None"]
 Voice = tuple[int, bool, "str | None"]          # (speaker_id, is_user, person_id)
 
 
+@dataclass(frozen=True)
+class Split:
+    """A change for ``SegmentBuilder.respeak``: the voice now hears several speakers in one
+    segment. ``parts`` are its words' runs in order, each ``(words, speaker_id, is_user,
+    person_id)``, their word counts adding up to the segment's words."""
+
+    parts: tuple[tuple[int, int, bool, "str | None"], ...]
+
+
 def clean_seconds(value: float) -> float:
     """A time as clients and the store get it: a float rounded to the millisecond, never
     negative (float arithmetic on the clocks left a first segment at -2e-08 s; the app's Dart
@@ -598,14 +607,13 @@ class SegmentBuilder:
                     piece.is_user, piece.person_id = is_user, person_id
         return self._merge_relabelled(relabelled)
 
-    def respeak(self, changes: Mapping[str, "Voice | Sequence[tuple[int, int, bool, str | None]]"]) -> Batch:
+    def respeak(self, changes: Mapping[str, "Voice | Split"]) -> Batch:
         """Local diarization changed its mind: give the segments ``changes`` names (by id) a new
         ``(speaker_id, is_user, person_id)``. Neighbours that the change makes mergeable are
         merged, as in :meth:`relabel`.
 
-        A change may instead be a list of parts ``(words, speaker_id, is_user, person_id)``, in
-        order, whose word counts add up to the segment's words: the voice now hears several
-        speakers in it. Such a segment is split along its words: it is reported deleted and each
+        A change may instead be a ``Split``: the voice now hears several speakers in the segment.
+        Such a segment is split along its words: it is reported deleted and each
         part goes out under a new id (an id's text only grows, so no id is cut short). Parts are
         not merged back together (rule (b) would join a lowercase reply onto the sentence it
         answers); a part may merge with the neighbour outside the segment that shares its voice.
@@ -620,8 +628,8 @@ class SegmentBuilder:
             if change is None or segment.id in self._pinned:
                 kept.append(segment)
                 continue
-            if not isinstance(change, tuple):
-                parts = _split(segment, list(change))
+            if isinstance(change, Split):
+                parts = _split(segment, change.parts)
                 if parts is not None:
                     for part in parts:
                         part.id = self._new_id()
@@ -630,7 +638,7 @@ class SegmentBuilder:
                     split_ids.append(segment.id)
                     kept.extend(parts)
                     continue
-                change = max(change, key=lambda part: part[0])[1:]
+                change = max(change.parts, key=lambda part: part[0])[1:]
             if (segment.speaker_id, segment.is_user, segment.person_id) != change:
                 segment.speaker_id, segment.is_user, segment.person_id = change
                 relabelled.add(segment.id)
@@ -819,7 +827,7 @@ class SegmentBuilder:
         return None
 
 
-def _split(segment: Segment, parts: list[tuple[int, int, bool, str | None]]) -> list[Segment] | None:
+def _split(segment: Segment, parts: Sequence[tuple[int, int, bool, str | None]]) -> list[Segment] | None:
     """``segment`` cut along its words into ``parts`` (``(words, speaker_id, is_user,
     person_id)`` in order), ids left empty; None when its words do not add up to it (a stored
     segment, or counts that do not match) or the parts are all one voice."""

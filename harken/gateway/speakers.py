@@ -39,6 +39,7 @@ from ..audio.speaker_models import SpeakerModel, model_named
 from ..audio.ring import AudioRing
 from ..audio.vad import speech_spans
 from ..stt.base import EMBEDDED_PROVIDER, Word
+from .segments import Split
 
 log = logging.getLogger("harken.speakers")
 
@@ -415,9 +416,9 @@ class SpeakerIdentifier:
         """After a re-clustering: ``{segment id: change}`` for the locally diarized ``segments``
         (those of ``providers``; conversation time = audio clock + ``time_offset``) whose speech
         now belongs to another label, in the form ``SegmentBuilder.respeak`` takes. A segment
-        whose words (``Segment.words``) now fall to several labels is to be split along them:
-        its change lists the parts, ``(words, speaker_id, is_user, person_id)``; else the change
-        is the one ``(speaker_id, is_user, person_id)``. Each word's label is the one a new word
+        whose words (``Segment.words``) now fall to several labels is to be split along them
+        (a ``Split`` of its words' runs); else the change is the one ``(speaker_id, is_user,
+        person_id)``. Each word's label is the one a new word
         there would get (``diarize_words``). Empty if nothing was re-clustered since the last
         call. Once ``close`` was called, the final re-clustering runs first (see ``finish``)."""
         if self._closed:
@@ -436,7 +437,7 @@ class SpeakerIdentifier:
             now = (segment.speaker_id, segment.is_user, segment.person_id)
             parts = self._word_parts(segment.words, time_offset)
             if len(parts) > 1:
-                changes[segment.id] = parts
+                changes[segment.id] = Split(tuple(parts))
                 continue
             label = parts[0][1] if parts else self.diarizer.label_between(segment.start - time_offset,
                                                                            segment.end - time_offset)
