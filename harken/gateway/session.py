@@ -67,8 +67,9 @@ RING_SECONDS = 60                 # recent audio kept for speaker identification
 # speech the re-clustering gave them a label of their own (a newest voice keeps its label):
 # the client saw a label the conversation does not keep, moved by id seconds later
 # (test_cloud_speakers, a known voice's next turn shown under a label of its own first: 12 of
-# 21 turns; held 3.2 s: 0 of 14). An utterance of several stretches lets the diarizer take a lone odd stretch into its
-# neighbours. The store and webhooks get a long turn's words up to 1.6 s later.
+# 21 turns; held 3.2 s: 0 of 16). An utterance of several stretches lets the diarizer take a
+# lone odd stretch into its neighbours. The store and webhooks get a long turn's words up to
+# 1.6 s later.
 OPEN_RUN_HOLD_SECONDS = 1.0
 OPEN_RUN_IDLE_SECONDS = 0.8
 OPEN_RUN_MAX_SECONDS = 3.2
