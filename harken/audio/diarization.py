@@ -665,21 +665,10 @@ def _fold_small(clusters: list[int], vectors: np.ndarray, weights: np.ndarray, m
                 keep: set[int] = frozenset()) -> list[int]:
     """Clusters with less than ``min_seconds`` of speech (and not in ``keep``) join the most
     similar larger cluster."""
-    ids = sorted(set(clusters))
     labels = np.asarray(clusters)
-    totals = {c: float(weights[labels == c].sum()) for c in ids}
-    big = [c for c in ids if totals[c] >= min_seconds or c in keep]
-    if not big or len(big) == len(ids):
-        return clusters
-    centroids = _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in big]))
-    out = labels.copy()
-    for c in ids:
-        if c in big:
-            continue
-        rows = labels == c
-        target = big[int(np.argmax(centroids @ _unit_matrix(vectors[rows].mean(axis=0, keepdims=True))[0]))]
-        out[rows] = target
-    return [int(x) for x in out]
+    ids = sorted(set(clusters))
+    big = [c for c in ids if float(weights[labels == c].sum()) >= min_seconds or c in keep]
+    return _fold_into(labels, vectors, [c for c in ids if c not in big], big)
 
 
 def _fold_short_replies(clusters: list[int], vectors: np.ndarray, weights: np.ndarray, short: np.ndarray,
@@ -689,18 +678,24 @@ def _fold_short_replies(clusters: list[int], vectors: np.ndarray, weights: np.nd
     longer speech if their centroids score at least ``similarity`` (see SHORT_UTTERANCE_SECONDS)."""
     labels = np.asarray(clusters)
     ids = sorted(set(clusters))
-    if len(ids) < 2:
-        return clusters
     share = {c: float(weights[(labels == c) & short].sum() / max(weights[labels == c].sum(), 1e-9)) for c in ids}
     replies = [c for c in ids if share[c] >= SHORT_CLUSTER_SHARE and c not in keep]
     longer = [c for c in ids if share[c] < SHORT_CLUSTER_SHARE]
-    if not replies or not longer:
-        return clusters
-    centroids = _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in longer]))
+    return _fold_into(labels, vectors, replies, longer, similarity)
+
+
+def _fold_into(labels: np.ndarray, vectors: np.ndarray, sources: list[int], targets: list[int],
+               min_similarity: float = -np.inf) -> list[int]:
+    """Each cluster of ``sources`` joins the cluster of ``targets`` whose centroid its centroid
+    is most similar to, if that similarity is at least ``min_similarity``."""
+    if not sources or not targets:
+        return [int(x) for x in labels]
+    centroids = _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in targets]))
     out = labels.copy()
-    for c in replies:
-        scores = centroids @ _unit_matrix(vectors[labels == c].mean(axis=0, keepdims=True))[0]
+    for c in sources:
+        rows = labels == c
+        scores = centroids @ _unit_matrix(vectors[rows].mean(axis=0, keepdims=True))[0]
         best = int(np.argmax(scores))
-        if scores[best] >= similarity:
-            out[labels == c] = longer[best]
+        if scores[best] >= min_similarity:
+            out[rows] = targets[best]
     return [int(x) for x in out]
