@@ -66,7 +66,6 @@ import urllib.error
 import urllib.request
 import wave
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -154,8 +153,7 @@ def server_offset(conversation: dict, result) -> float:
     socket opened) plus the first word's audio time, so ``started_at`` minus the wall time the
     client's socket opened is that audio time, to within the handshake's few milliseconds, at
     any pace."""
-    started = datetime.fromisoformat(conversation["started_at"]).timestamp()
-    return started - result.connected_wall
+    return result.audio_time_at(conversation["started_at"])
 
 
 def speaker_at(reference, t: float) -> set:

@@ -11,6 +11,7 @@ import asyncio
 import time
 import wave
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -41,6 +42,13 @@ class StreamResult:
     sending_started_at: float = 0.0   # monotonic time of the first audio message (audio time 0)
     connected_wall: float = 0.0       # wall time (time.time()) once the socket was open: the
                                       # server's audio clock starts within milliseconds of it
+
+    def audio_time_at(self, server_time: str) -> float:
+        """Seconds of the audio sent at which the server's ISO wall time ``server_time`` fell, on
+        the session's audio clock (which read 0 as the socket opened, give or take the
+        handshake): for the stored conversation's ``started_at``, where its time 0 lies in the
+        audio, at any pace."""
+        return datetime.fromisoformat(server_time).timestamp() - self.connected_wall
 
     def ordered(self) -> list[dict]:
         return sorted(self.segments.values(), key=lambda s: (s["start"], s["end"]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -469,8 +468,7 @@ async def test_segments_of_a_real_conversation_follow_the_voices_through_the_gat
                                    settle_seconds=8.0, max_wait=180)
     # Conversation time 0 on the recording, by the server's clock: the stored conversation's
     # start is the session's audio clock at its first word (the bench's server_offset).
-    started = datetime.fromisoformat((await stored_conversation(gateway, token, result))["started_at"]).timestamp()
-    offset = started - result.connected_wall
+    offset = result.audio_time_at((await stored_conversation(gateway, token, result))["started_at"])
     turns = [(s["start"] + offset, s["end"] + offset, s["speaker_id"]) for s in result.ordered() if s["end"] > s["start"]]
     score = diarization_error(reference, turns)
     print(f"\n{name}: DER {score.der:.1%} (missed {score.missed:.1f} s, false alarm {score.false_alarm:.1f} s, "
