@@ -29,6 +29,7 @@ from .fakes.deepgram import FakeDeepgram
 from .fakes.recording import Joined, dithered, speech_span, speech_with_pauses
 from .fakes.script import Plan
 from .fakes.soniox import FakeSoniox
+from .test_diarization import stored_conversation
 from .test_speech_profile import enrolment, wav_bytes
 
 pytestmark = pytest.mark.timeout(300)
@@ -366,10 +367,7 @@ async def test_a_pause_re_sends_by_id_what_the_re_clustering_moved_before_the_se
             if not server.call(lambda: len(server.gateway.sessions)):
                 break
             await asyncio.sleep(0.1)
-        conversation = next(e["conversation_id"] for e in result.events if e.get("type") == "conversation_session")
-        async with httpx.AsyncClient(base_url=server.http, timeout=60) as http:
-            stored = (await http.get(f"/v1/conversations/{conversation}",
-                                     headers={"Authorization": f"Bearer {token}"})).json()["transcript_segments"]
+        stored = (await stored_conversation(server, token, result))["transcript_segments"]
     final = result.ordered()
     labels = {s["id"]: [u.segment["speaker_id"] for u in result.updates if u.segment["id"] == s["id"]] for s in final}
     print("\n" + "\n".join(f"{s['id'][:8]} {labels[s['id']]} {s['start']:6.2f}-{s['end']:6.2f} {s['text'][:40]}"
