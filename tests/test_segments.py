@@ -86,11 +86,15 @@ def test_empty_flush_sends_nothing():
 # ---------------------------------------------------------------- combine rules
 
 
+@pytest.mark.parametrize("one_flush", [False, True], ids=["two flushes", "one flush"])
 @pytest.mark.parametrize("gap, merged", [(2.9, True), (3.1, False)])
-def test_same_speaker_merges_only_when_the_pause_is_under_three_seconds(gap, merged):
+def test_same_speaker_merges_only_when_the_pause_is_under_three_seconds(gap, merged, one_flush):
+    # However the words arrive: a client streaming faster than real time gets several utterances'
+    # words in one flush, and they are cut the same as at real-time pace.
     builder = SegmentBuilder()
     add(builder, words(("Hello.", 0.0, 1.0)))
-    builder.flush()
+    if not one_flush:
+        builder.flush()
     add(builder, words(("Again.", 1.0 + gap, 2.0 + gap)))
     texts = flush_texts(builder)
     assert texts == (["Hello. Again."] if merged else ["Hello.", "Again."])
@@ -285,7 +289,7 @@ def test_relabel_merges_owner_segments_and_reports_the_absorbed_id():
     owner = {0: (True, None)}
     builder = SegmentBuilder(id_factory=counter_ids())
     add(builder, words(("Hi.", 0.0, 0.5), speaker=0) + words(("Bye.", 1.0, 1.5), speaker=1)
-        + words(("Later.", 20.0, 21.0), speaker=1), labels=lambda s: owner.get(s, (False, None)))
+        + words(("Later.", 3.0, 4.0), speaker=1), labels=lambda s: owner.get(s, (False, None)))
     builder.flush()
     assert [(s.id, s.text) for s in builder.segments] == [("seg-0", "Hi."), ("seg-1", "Bye. Later.")]
 

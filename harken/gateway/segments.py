@@ -850,10 +850,15 @@ def _split(segment: Segment, parts: Sequence[tuple[int, int, bool, str | None]])
 
 
 def _raw_segments(pieces: list[_Piece]) -> list[Segment]:
-    """Join runs of consecutive words that share speaker, provider and labels (ids come later)."""
+    """Join runs of consecutive words that share speaker, provider and labels (ids come later).
+
+    A pause of MAX_SAME_SPEAKER_GAP or more also ends a run, and the fold then applies the
+    combine rules across it, as it does between flushes: otherwise how a transcript is cut would
+    depend on how fast its words arrived (a client streaming faster than real time got 50 s of
+    speech with 8 s pauses as one segment, at real-time pace one segment per utterance)."""
     runs: list[list[_Piece]] = []
     for piece in pieces:
-        if runs and runs[-1][-1].joins(piece):
+        if runs and runs[-1][-1].joins(piece) and piece.start - runs[-1][-1].end < MAX_SAME_SPEAKER_GAP:
             runs[-1].append(piece)
         else:
             runs.append([piece])
