@@ -501,8 +501,22 @@ async def test_a_client_whose_node_is_killed_continues_the_same_conversation_on_
     await asyncio.to_thread(cluster.ensure_running)
     client = await Client().connect(cluster.url, cluster.token(uid))
     first = await cluster.node_of_session()
-    sent = await client.stream(frames, seconds, until=lambda: client.updates >= 3)
-    assert client.updates >= 3, f"no segments from {first.name}:\n{_tail(first.log)}"
+    # The node shows words at once and stores them once their speaker is decided (up to
+    # OPEN_RUN_MAX_SECONDS of audio later): it is killed once it has stored some, so that what it
+    # kept can be looked for after the failover.
+    stored_some = asyncio.Event()
+
+    async def watch_store() -> None:
+        while not any((await stored_conversations(cluster.database_url, uid) or [{"segments": {}}])[0]["segments"]):
+            await asyncio.sleep(0.1)
+        stored_some.set()
+
+    watcher = asyncio.create_task(watch_store())
+    try:
+        sent = await client.stream(frames, seconds, until=lambda: client.updates >= 3 and stored_some.is_set())
+    finally:
+        watcher.cancel()
+    assert client.updates >= 3 and stored_some.is_set(), f"nothing stored by {first.name}:\n{_tail(first.log)}"
     before, updates_before = dict(client.view), client.updates
 
     first.proc.send_signal(signal.SIGKILL)
