@@ -222,7 +222,7 @@ def engine_utterances(path: Path, pcm: np.ndarray, decode_seconds: float, speed:
     from harken.stt.decoding import Decoding, utterance_lead
     from harken.stt.whisper import WhisperProvider
 
-    settings = Settings()
+    settings = Settings.from_env()      # HARKEN_* as the gateway reads them (HARKEN_VAD_THRESHOLD, ...)
     cache_file = REPLICA_CACHE / f"{replica_key(path, settings, decode_seconds, speed)}-{message_seconds:g}m.json"
     if cache_file.exists():
         return [EngineUtterance(u["arrival"], [Word(*w) for w in u["words"]])
