@@ -507,7 +507,7 @@ async def test_a_client_whose_node_is_killed_continues_the_same_conversation_on_
     stored_some = asyncio.Event()
 
     async def watch_store() -> None:
-        while not any((await stored_conversations(cluster.database_url, uid) or [{"segments": {}}])[0]["segments"]):
+        while not any(c["segments"] for c in await stored_conversations(cluster.database_url, uid)):
             await asyncio.sleep(0.1)
         stored_some.set()
 
