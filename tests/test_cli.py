@@ -87,6 +87,16 @@ def test_serve_refuses_unsafe_settings(tmp_path):
     assert out.returncode == 2 and "FIREBASE_AUTH_EMULATOR_HOST" in out.stderr
 
 
+@pytest.mark.parametrize("setting, value, says", [
+    ("HARKEN_VAD_ONSET_THRESHOLD", "0.6", "vad_onset_threshold must be 0 (off) or below vad_threshold"),
+    ("HARKEN_VAD_THRESHOLD", "1.5", "vad_threshold must be between 0 and 1"),
+    ("HARKEN_VAD_ONSET_MS", "10", "vad_onset_ms must be at least 32"),
+])
+def test_serve_refuses_vad_settings_that_cannot_work(tmp_path, setting, value, says):
+    out = harken("serve", env=dict(os.environ, HARKEN_DATA_DIR=str(tmp_path), **{setting: value}))
+    assert out.returncode == 2 and says in out.stderr, out.stderr
+
+
 def test_python_dash_m_and_console_script_agree():
     out = harken("--help")
     assert out.returncode == 0 and "serve" in out.stdout and "stream" in out.stdout

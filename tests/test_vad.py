@@ -244,3 +244,62 @@ def test_endpointer_ends_an_utterance_inside_its_pause_on_request():
     assert not endpointer.in_utterance and endpointer.pause_seconds == 0
     assert endpointer.feed(pcm[position:]) == []                  # the rest of the silence: nothing
     assert endpointer.feed(read_wav("goforward.wav")) == [] and endpointer.utterance_number == 2
+
+
+def _utterance_spans(endpointer: Endpointer, pcm: np.ndarray, chunk: int = 640) -> list[tuple[float, float]]:
+    utterances = []
+    for position in range(0, pcm.size, chunk):
+        utterances += endpointer.feed(pcm[position : position + chunk])
+    last = endpointer.flush()
+    utterances += [last] if last else []
+    assert all(a.end <= b.start for a, b in zip(utterances, utterances[1:]))
+    return [(u.start / SAMPLE_RATE, u.end / SAMPLE_RATE) for u in utterances]
+
+
+@pytest.mark.timeout(30)
+def test_endpointer_starts_on_a_telephone_callers_weak_but_sustained_speech():
+    """call_autorepair_b's caller, on a phone line, scores 0.25–0.47 through whole words (42 % of
+    their speech windows are under 0.5, against 14 % of the agent's): with the strong threshold
+    alone, utterances miss an eighth of the caller's speech and those words are never decoded. A
+    run of weak windows starts an utterance there; the agent's coverage does not get worse."""
+    folder = Path(__file__).parent / "data" / "conversations"
+    with wave.open(str(folder / "call_autorepair_b.wav")) as f:
+        pcm = np.frombuffer(f.readframes(f.getnframes()), dtype=np.int16)
+    centis = np.arange(pcm.size // 160) / 100 + 0.005
+    turns: dict[str, np.ndarray] = {}
+    for line in (folder / "call_autorepair_b.rttm").read_text().splitlines():
+        fields = line.split()
+        start, length, speaker = float(fields[3]), float(fields[4]), fields[7]
+        turns.setdefault(speaker, np.zeros(centis.size, bool))[(centis >= start) & (centis < start + length)] = True
+    alone = {speaker: mask & ~np.any([m for s, m in turns.items() if s != speaker], axis=0)
+             for speaker, mask in turns.items()}
+
+    def missed(onset_threshold):
+        endpointer = Endpointer(StreamingVAD(), silence_ms=700, preroll_ms=450, onset_threshold=onset_threshold)
+        covered = np.zeros(centis.size, bool)
+        for start, end in _utterance_spans(endpointer, pcm):
+            covered[(centis >= start) & (centis < end)] = True
+        return {speaker: float((~covered[mask]).mean()) for speaker, mask in alone.items()}
+
+    strong_only, with_onset = missed(None), missed(0.25)
+    assert strong_only["caller"] > 0.10, strong_only
+    assert with_onset["caller"] < 0.75 * strong_only["caller"], (strong_only, with_onset)
+    assert with_onset["agent"] <= strong_only["agent"], (strong_only, with_onset)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["digital silence", "white noise -40 dBFS", "white noise -30 dBFS"])
+def test_endpointer_weak_onset_starts_nothing_in_silence_or_noise(kind):
+    pcm = np.zeros(10 * SAMPLE_RATE, np.int16) if kind == "digital silence" else white_noise(10, float(kind.split()[2]))
+    endpointer = Endpointer(StreamingVAD(), silence_ms=700, preroll_ms=450, onset_threshold=0.25, onset_windows=6)
+    assert _utterance_spans(endpointer, pcm) == []
+
+
+@pytest.mark.timeout(20)
+def test_endpointer_weak_onset_changes_nothing_where_the_strong_threshold_starts():
+    """Read speech with pauses: the weak onset adds no utterance and moves no cut."""
+    pcm, _ = join_with_gaps([name for name, _ in transcripts("real")], 1.0)
+    plain = _utterance_spans(Endpointer(StreamingVAD(), silence_ms=500, preroll_ms=300), pcm)
+    onset = _utterance_spans(Endpointer(StreamingVAD(), silence_ms=500, preroll_ms=300,
+                                        onset_threshold=0.25, onset_windows=6), pcm)
+    assert onset == plain

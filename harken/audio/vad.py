@@ -238,6 +238,12 @@ class Endpointer:
     - An utterance starts at the first window whose probability reaches ``threshold``, with
       ``preroll_ms`` of audio in front (the VAD fires a little after a soft onset), but never
       reaching back into the previous utterance.
+    - It also starts after ``onset_windows`` windows in a row at ``onset_threshold`` or more, from
+      the first of them. Silero scores band-limited telephone speech low: a caller on a phone line
+      scores 0.25–0.47 through whole words, so with ``threshold`` alone no utterance starts and
+      their words are never decoded. A run of such windows is rare in silence and noise (one
+      window of a noise burst or a breath is not a run), and once started the utterance ends as
+      any other (``silence_ms`` below the hysteresis).
     - It ends once ``silence_ms`` of non-speech followed it (the silence is kept: Whisper needs
       no trimming and the word times stay exact).
     - It is cut after ``max_utterance_s`` so a monologue without pauses is still decoded while it
@@ -256,9 +262,19 @@ class Endpointer:
         max_utterance_s: float = 15.0,
         preroll_ms: int = 300,
         cut_search_s: float = 3.0,
+        onset_threshold: float | None = None,
+        onset_windows: int = 6,
     ):
         self._vad = vad
         self._threshold = threshold
+        # None (or not below ``threshold``): only ``threshold`` starts an utterance.
+        self._onset_threshold = onset_threshold if onset_threshold is not None and onset_threshold < threshold else None
+        self._onset_windows = max(1, onset_windows)
+        self._weak_run: list[float] = []     # between utterances: the latest windows at onset_threshold or more
+        # What counts as speech inside an utterance (``Utterance.speech_windows``: an utterance with
+        # too little is not decoded): with a weak onset, its windows too, or an utterance it
+        # started would hold almost none. The silence that ends an utterance is unchanged.
+        self._speech_floor = self._onset_threshold if self._onset_threshold is not None else threshold
         self._silence_threshold = max(threshold - _HYSTERESIS, 0.01)
         self._silence_windows = max(1, int(np.ceil(silence_ms / 1000 / WINDOW_SECONDS)))
         self._max_samples = max(int(max_utterance_s * SAMPLE_RATE), 2 * WINDOW_SAMPLES)
@@ -326,8 +342,9 @@ class Endpointer:
             if utterance is not None:
                 done.append(utterance)
         if not self._active:
-            # Keep only what a future utterance's pre-roll may need.
-            self._buffer.drop_before(max(self._floor, self._vad.windows_processed * WINDOW_SAMPLES - self._preroll))
+            # Keep only what a future utterance's pre-roll may need (from the first window of a weak run).
+            first_kept = (self._vad.windows_processed - len(self._weak_run)) * WINDOW_SAMPLES - self._preroll
+            self._buffer.drop_before(max(self._floor, first_kept))
         return done
 
     def flush(self) -> Utterance | None:
@@ -344,18 +361,25 @@ class Endpointer:
         if is_speech:
             self.speech_windows += 1
         if not self._active:
-            if is_speech:
+            weak = self._onset_threshold is not None and prob >= self._onset_threshold
+            self._weak_run = self._weak_run + [prob] if weak else []
+            if is_speech or len(self._weak_run) >= self._onset_windows:
+                # A weak onset starts at the run's first window: its pre-roll reaches back from there.
+                probs = self._weak_run if self._weak_run and not is_speech else [prob]
+                first = index - len(probs) + 1
                 self._active = True
                 self.utterance_number += 1
-                self._start = max(self._floor, index * WINDOW_SAMPLES - self._preroll, self._buffer.start)
-                self._first_window = index
-                self._probs = [prob]
-                self._open_speech = 1
+                self._start = max(self._floor, first * WINDOW_SAMPLES - self._preroll, self._buffer.start)
+                self._first_window = first
+                self._probs = list(probs)
+                self._open_speech = self._count_speech(probs)
                 self._silence_run = 0
+                self._weak_run = []
             return None
         self._probs.append(prob)
-        if is_speech:
+        if prob >= self._speech_floor:
             self._open_speech += 1
+        if is_speech:
             self._silence_run = 0
         elif prob < self._silence_threshold or self._silence_run:
             self._silence_run += 1
@@ -379,14 +403,17 @@ class Endpointer:
         # The windows after the cut start the next utterance (still inside speech).
         self._start = cut
         self._probs = self._probs[quietest + 1 :]
-        self._open_speech = sum(1 for p in self._probs if p >= self._threshold)
+        self._open_speech = self._count_speech(self._probs)
         self._first_window += quietest + 1
         self.utterance_number += 1
         return utterance
 
+    def _count_speech(self, probs: list[float]) -> int:
+        return sum(1 for p in probs if p >= self._speech_floor)
+
     def _emit(self, end: int, probs: list[float]) -> Utterance:
-        speech = sum(1 for p in probs if p >= self._threshold)
-        utterance = Utterance(self._start, self._buffer.slice(self._start, end), speech, self.utterance_number)
+        utterance = Utterance(self._start, self._buffer.slice(self._start, end), self._count_speech(probs),
+                              self.utterance_number)
         self._floor = end
         self._buffer.drop_before(end)
         return utterance

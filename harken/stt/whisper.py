@@ -84,7 +84,9 @@ def endpointer_for(settings: "Settings", vad: StreamingVAD, model: "WhisperModel
     """The endpointer of a stream decoded by ``model``, with the server's settings (live streams,
     uploads and the benches cut alike)."""
     return Endpointer(vad, threshold=settings.vad_threshold, silence_ms=settings.endpoint_silence_ms,
-                      max_utterance_s=settings.max_utterance_s, preroll_ms=preroll_ms(model))
+                      max_utterance_s=settings.max_utterance_s, preroll_ms=preroll_ms(model),
+                      onset_threshold=settings.vad_onset_threshold or None,
+                      onset_windows=round(settings.vad_onset_ms / 1000 / WINDOW_SECONDS))
 
 
 def utterance_cutter(settings: "Settings", vad: StreamingVAD, model: "WhisperModel | None") -> UtteranceCutter:
