@@ -180,6 +180,32 @@ def test_respeak_splits_a_segment_whose_words_the_voice_gives_to_two_speakers():
     assert batch.deleted_ids == ["seg-2"]
 
 
+def test_a_split_part_does_not_fold_into_another_voices_unfinished_sentence():
+    """radio_phonein through the gateway: Whisper wrote three speakers' 23 s without punctuation.
+    A re-clustering split the segment along its voices, and rule (b) (an unfinished sentence, a
+    lowercase continuation, under 1 s apart) folded each new part back into the segment before
+    it, under that segment's label: the voices' words never showed under their own labels."""
+    builder = SegmentBuilder(id_factory=counter_ids())
+    add(builder, words(("they", 18.0, 18.3), ("get", 18.4, 18.6), ("cold", 18.7, 19.0), ("weather", 19.1, 19.6),
+                       ("and", 19.8, 20.0), ("you", 20.1, 20.3), ("said", 20.4, 20.7), ("here", 20.8, 21.2),
+                       ("i", 21.5, 21.7), ("mean", 21.8, 22.1), ("so", 22.2, 22.4), ("this", 22.5, 22.8),
+                       speaker=2))
+    assert [s.id for s in builder.flush().changed] == ["seg-0"]
+    # The first re-clustering hears a second voice from "and" on: two parts, kept apart.
+    builder.respeak({"seg-0": Split(((4, 2, False, None), (8, 1, False, None)))})
+    assert [(s.id, s.speaker_id) for s in builder.segments] == [("seg-1", 2), ("seg-2", 1)]
+    # The next one hears a third voice from "i" on: the second part is split again, and neither
+    # of its parts joins the first voice's unfinished sentence.
+    batch = builder.respeak({"seg-2": Split(((4, 1, False, None), (4, 3, False, None)))})
+    assert batch.deleted_ids == ["seg-2"]
+    assert [(s.text, s.speaker_id) for s in builder.segments] == [
+        ("they get cold weather", 2), ("and you said here", 1), ("i mean so this", 3)]
+    # A relabel that makes one voice of two neighbours still merges them (rule (a)).
+    batch = builder.respeak({builder.segments[2].id: (1, False, None)})
+    assert [(s.text, s.speaker_id) for s in builder.segments] == [
+        ("they get cold weather", 2), ("and you said here i mean so this", 1)]
+
+
 def test_a_split_that_does_not_match_the_words_relabels_the_whole_segment():
     builder = SegmentBuilder(id_factory=counter_ids())
     add(builder, words(("One", 0.0, 0.4), ("two", 0.5, 0.9), ("three.", 1.0, 1.4), speaker=0))
