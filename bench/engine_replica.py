@@ -56,7 +56,8 @@ def replica_key(path: Path, settings: Settings, decode_seconds: float, speed: fl
     code = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in REPLICA_CODE)).hexdigest()[:12]
     return (f"{path.stem}-{path.stat().st_size}-{settings.whisper_model}-{settings.whisper_window_s}-"
             f"{settings.whisper_beam_size}-{settings.endpoint_silence_ms}-{settings.endpoint_pause_ms}-"
-            f"{settings.max_utterance_s}-{settings.vad_threshold}-{settings.vad_onset_threshold}-{settings.vad_onset_ms}-{settings.partial_interval}-"
+            f"{settings.max_utterance_s}-{settings.vad_threshold}-{settings.vad_onset_threshold}-"
+            f"{settings.vad_onset_ms}-{settings.partial_interval}-"
             f"{settings.whisper_workers}w-{decode_seconds:g}s-{speed:g}x-{code}")
 
 

@@ -20,6 +20,7 @@ from harken.audio import (
     speech_spans,
     spans_from_probabilities,
 )
+from harken.audio.der import read_rttm
 
 AUDIO = Path(__file__).parent / "data" / "audio"
 
@@ -267,10 +268,8 @@ def test_endpointer_starts_on_a_telephone_callers_weak_but_sustained_speech():
         pcm = np.frombuffer(f.readframes(f.getnframes()), dtype=np.int16)
     centis = np.arange(pcm.size // 160) / 100 + 0.005
     turns: dict[str, np.ndarray] = {}
-    for line in (folder / "call_autorepair_b.rttm").read_text().splitlines():
-        fields = line.split()
-        start, length, speaker = float(fields[3]), float(fields[4]), fields[7]
-        turns.setdefault(speaker, np.zeros(centis.size, bool))[(centis >= start) & (centis < start + length)] = True
+    for start, end, speaker in read_rttm(folder / "call_autorepair_b.rttm"):
+        turns.setdefault(speaker, np.zeros(centis.size, bool))[(centis >= start) & (centis < end)] = True
     alone = {speaker: mask & ~np.any([m for s, m in turns.items() if s != speaker], axis=0)
              for speaker, mask in turns.items()}
 

@@ -361,8 +361,10 @@ class Endpointer:
         if is_speech:
             self.speech_windows += 1
         if not self._active:
-            weak = self._onset_threshold is not None and prob >= self._onset_threshold
-            self._weak_run = self._weak_run + [prob] if weak else []
+            if self._onset_threshold is not None and prob >= self._onset_threshold:
+                self._weak_run.append(prob)
+            elif self._weak_run:
+                self._weak_run.clear()
             if is_speech or len(self._weak_run) >= self._onset_windows:
                 # A weak onset starts at the run's first window: its pre-roll reaches back from there.
                 probs = self._weak_run if self._weak_run and not is_speech else [prob]
@@ -374,7 +376,7 @@ class Endpointer:
                 self._probs = list(probs)
                 self._open_speech = self._count_speech(probs)
                 self._silence_run = 0
-                self._weak_run = []
+                self._weak_run.clear()
             return None
         self._probs.append(prob)
         if prob >= self._speech_floor:
