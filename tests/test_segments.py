@@ -127,11 +127,20 @@ def test_lowercase_continuation_joins_across_speakers_at_a_short_pause():
     ]
 
 
-def test_lowercase_continuation_joins_one_speaker_across_a_long_pause():
+@pytest.mark.parametrize("pause, joined", [(2.9, True), (3.0, False), (9.1, False)])
+def test_lowercase_continuation_joins_one_speaker_only_across_a_pause_under_3_s(pause, joined):
+    """Upstream joins a lowercase continuation at any pause. The embedded engine decodes each
+    utterance alone and leaves one a pause cut unpunctuated, so every later lowercase start
+    joined it and the segment claimed the silence between as its speaker's speech: rule (b)
+    within one voice keeps rule (a)'s 3 s bound."""
     builder = SegmentBuilder(id_factory=counter_ids())
-    add(builder, words(("I", 0.0, 0.2), ("went", 0.3, 0.5), ("to", 0.6, 0.7), ("the", 0.8, 0.9), speaker=0)
-        + words(("store", 10.0, 10.4), ("yesterday.", 10.5, 11.0), speaker=0))
-    assert flush_texts(builder) == ["I went to the store yesterday."]
+    add(builder, words(("I", 0.0, 0.2), ("went", 0.3, 0.5), ("to", 0.6, 0.7), ("the", 0.8, 0.9), speaker=0))
+    builder.flush()
+    later = 0.9 + pause
+    add(builder, words(("store", later, later + 0.4), ("yesterday.", later + 0.5, later + 1.0), speaker=0))
+    builder.flush()
+    texts = [s.text for s in builder.segments]
+    assert texts == (["I went to the store yesterday."] if joined else ["I went to the", "store yesterday."])
 
 
 def test_another_voice_after_a_pause_is_a_turn_even_in_lowercase():
@@ -548,7 +557,7 @@ def spec_mergeable(a: dict, b: dict) -> bool:
         return True
     letters = [c for c in b["text"] if c.isalpha()]
     continues = not ended and bool(letters) and letters[0].islower()
-    return continues and (same or b["start"] - a["end"] < 1.0)    # another voice: a short pause only
+    return continues and b["start"] - a["end"] < 1.0     # one voice past 3 s, or another voice: no
 
 
 class Driver:

@@ -30,8 +30,8 @@ from harken.conversations.model import MAX_TIME_SECONDS, time_within   # client 
 from harken.stt.base import SENTENCE_ENDERS, Word
 
 
-# Rule (a) limits: same-speaker segments further apart than this stay separate, and a segment
-# that already holds a whole long sentence does not grow further.
+# Rule (a) limits: same-speaker segments further apart than this stay separate (rule (b) too),
+# and a segment that already holds a whole long sentence does not grow further.
 MAX_SAME_SPEAKER_GAP = 3.0
 LONG_SEGMENT_CHARS = 125
 # Rule (b) limit: a lowercase continuation joins another speaker's unfinished sentence only
@@ -357,13 +357,18 @@ def _can_merge(first: Segment, second: Segment) -> bool:
     ):
         return True
     # (b) A sentence cut in the middle: the first has no sentence ender and the second goes on in
-    # lowercase. Upstream joins across speakers (a provider's diarization often switches
-    # mid-sentence) at any pause. Across two voices Harken asks for a short pause too: after a
-    # second of silence a different voice starting in lowercase is a reply (or a fragment the
-    # engine decoded without its context), not the same sentence, and joining would show one
-    # speaker's words under the other's label (two LibriSpeech readers 1.7 s apart were merged).
+    # lowercase. Upstream joins at any pause, across speakers too (a provider's diarization often
+    # switches mid-sentence). Harken asks for a pause under 1 s:
+    # - across two voices: after a second of silence a different voice starting in lowercase is
+    #   a reply (or a fragment the engine decoded without its context), and joining showed one
+    #   speaker's words under the other's label (two LibriSpeech readers 1.7 s apart);
+    # - within one voice rule (a) already joins an unfinished sentence across any pause under
+    #   3 s, and past that no longer: the embedded engine decodes each utterance alone and leaves
+    #   one a pause cut unpunctuated ("…a 2018"), so every later lowercase start joined it, and
+    #   the segment's times claimed the silence between as speech (call_autorepair_a: a 3.8 s
+    #   pause inside one segment, 2.5 % of the call's DER).
     if not ends_sentence(first.text) and starts_lowercase(second.text):
-        return same_voice or second.start - first.end < MAX_CROSS_SPEAKER_CONTINUATION_GAP
+        return second.start - first.end < MAX_CROSS_SPEAKER_CONTINUATION_GAP
     return False
 
 
