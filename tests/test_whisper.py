@@ -185,6 +185,22 @@ def test_a_short_window_decode_that_loops_or_loses_its_words_is_implausible():
     assert implausible(words, [_Segment()], 2.3) and not implausible(words, [_Segment()], 2.1)
 
 
+def test_a_word_stretched_over_seconds_after_the_first_is_implausible():
+    # call_chromecast, a 5.5 s utterance in the 10 s window: "Would you like the new Conc", its
+    # "the" over 2.3 s where "new Chromecast Ultra model or the regular" was said. The full
+    # window has every word, so such a decode is done again.
+    lost = [("Okay,", 0.0, 0.92, 0.5), ("great.", 1.1, 1.22, 0.98), ("Would", 1.66, 1.66, 0.99),
+            ("you", 1.66, 1.94, 0.99), ("like", 1.94, 2.24, 0.99), ("the", 2.24, 4.54, 0.98),
+            ("new", 4.54, 4.56, 0.98), ("Conc", 4.56, 4.68, 0.18)]
+    assert implausible(lost, [_Segment()], 5.54)
+    # A first word that takes in the pre-roll and a soft onset (1.7 s on the same call) is fine,
+    # and so is a word that takes in a pause under the 0.7 s that would have ended the utterance.
+    soft_start = [("regular", 0.0, 1.7, 0.41), ("Chromecast", 1.7, 2.3, 0.82), ("design.", 2.3, 2.84, 0.56)]
+    assert not implausible(soft_start, [_Segment()], 3.09)
+    pause = [("So", 0.0, 0.2, 0.9), ("well", 0.2, 1.6, 0.9), ("yes.", 1.6, 1.9, 0.9)]
+    assert not implausible(pause, [_Segment()], 2.5)
+
+
 async def test_a_windowed_decode_gives_the_full_windows_words_at_a_fraction_of_the_encoder(provider, monkeypatch):
     from faster_whisper import WhisperModel
 

@@ -37,7 +37,8 @@ FULL_WINDOW_S = 30.0
 WINDOW_PAD_S = 2.0
 FRAMES_PER_SECOND = 100
 # Signs of a decode gone wrong in a short window: gzip compression ratio above Whisper's own
-# threshold (repetition), a temperature fallback, or more words per second than people say.
+# threshold (repetition), a temperature fallback, more words per second than people say, or a
+# word stretched over seconds (below).
 MAX_COMPRESSION_RATIO = 2.4
 MAX_WORDS_PER_SECOND = 6.0
 MIN_SECONDS_FOR_WORDS = 1.0          # a clip this long that came back empty is retried in full
@@ -54,6 +55,13 @@ MAX_TOKENS_PER_SECOND = 12.0         # text and timestamp tokens; fast speech ne
 # good decodes end at most 1.31 s before the clip's end; the four above 1.4 s (1.55-2.16 s) each
 # lost words that the full window found.
 MAX_UNDECODED_TAIL_S = 1.4
+# A word after the first that lasts this long: Whisper's timing jumped over speech it left out.
+# On call_chromecast the 10 s window gave "Okay, great. Would you like the new Conc" for a 5.5 s
+# utterance, its "the" stretched over 2.3 s where "new Chromecast Ultra model or the regular"
+# was said; the full window has every word. Inside an utterance a pause ends it after 0.7 s, so a
+# word with the pause Whisper joins to it stays well under this (the first word is left out: it
+# takes in the pre-roll and a soft onset, 1.7 s on the same call).
+MAX_WORD_SECONDS = 2.0
 
 # Silence that can be put in front of a VAD-cut utterance before it is decoded; now none. The VAD
 # fires a little after a soft onset, and an utterance that begins inside its first word makes
@@ -166,6 +174,8 @@ def implausible(words: list[RawWord], segments: Sequence, seconds: float) -> boo
     if len(words) > MAX_WORDS_PER_SECOND * max(seconds, 1.0):
         return True
     if words[-1][3] < MIN_LAST_WORD_PROBABILITY or seconds - words[-1][2] > MAX_UNDECODED_TAIL_S:
+        return True
+    if any(end - start > MAX_WORD_SECONDS for _, start, end, _ in words[1:]):
         return True
     return any(s.compression_ratio > MAX_COMPRESSION_RATIO or s.temperature > 0 for s in segments) or (
         len(words) > MAX_WORDS_PER_SECOND / 2 * max(seconds, 1.0) and _repeats(words))
