@@ -631,6 +631,16 @@ async def replica_session(pcm: np.ndarray, utterances: list[EngineUtterance], sp
     offset: float | None = None
     fed = 0
     providers = {EMBEDDED_PROVIDER}
+    # Flicker: every label each word had in the client's view, in order (a word is known by its
+    # start; splits and merges keep word times).
+    history: dict[float, list[int]] = {}
+
+    def watch() -> None:
+        for segment in builder.segments:
+            for _, start, _ in segment.words:
+                labels = history.setdefault(round(start, 3), [])
+                if not labels or labels[-1] != segment.speaker_id:
+                    labels.append(segment.speaker_id)
 
     async def step(words, *, settle: bool = False, final: bool = False) -> None:
         nonlocal offset
@@ -649,6 +659,7 @@ async def replica_session(pcm: np.ndarray, utterances: list[EngineUtterance], sp
                                                                           providers=providers)
         if changes:
             builder.respeak(changes)
+        watch()
 
     last_word = None
     for utterance in utterances:
@@ -666,7 +677,27 @@ async def replica_session(pcm: np.ndarray, utterances: list[EngineUtterance], sp
     shown = [s.to_wire() for s in builder.segments]
     await step([], final=True)
     stored = [s.to_wire() for s in builder.segments]
-    return shown, stored, -(offset or 0.0)
+    return shown, stored, -(offset or 0.0), Flicker.of(history.values())
+
+
+@dataclass
+class Flicker:
+    """How often the words the client was shown changed speaker."""
+
+    words: int
+    relabelled: int       # words whose label changed at least once
+    changes: int          # label changes, all words
+    back: int             # words that went back to a label they had left
+
+    @classmethod
+    def of(cls, histories) -> "Flicker":
+        histories = list(histories)
+        return cls(len(histories), sum(len(h) > 1 for h in histories), sum(len(h) - 1 for h in histories),
+                   sum(len(h) > len(set(h)) for h in histories))
+
+    def __str__(self) -> str:
+        return (f"relabels: {self.relabelled}/{self.words} words changed speaker ({self.changes} changes), "
+                f"{self.back} went back")
 
 
 def replica(files: list[Path], speed: float) -> None:
@@ -684,7 +715,7 @@ def replica(files: list[Path], speed: float) -> None:
         uem = read_uem(uem_path) if uem_path.exists() else None
         utterances = engine_utterances(path, pcm, REPLICA_DECODE_SECONDS, speed, MESSAGE_SECONDS)
         started = time.process_time()
-        shown, stored, zero = asyncio.run(replica_session(pcm, utterances, speed))
+        shown, stored, zero, flicker = asyncio.run(replica_session(pcm, utterances, speed))
         cpu = time.process_time() - started
         seconds = len(pcm) / RATE
         cpu_total += cpu
@@ -701,7 +732,7 @@ def replica(files: list[Path], speed: float) -> None:
               f"speakers {clock.hypothesis_speakers}/{clock.reference_speakers}  stored {kept.der:6.1%} "
               f"{kept.hypothesis_speakers}/{kept.reference_speakers}  time 0 at the first reference turn "
               f"{at_reference.der:6.1%}  {len(shown)} segments  "
-              f"speaker path {cpu / seconds * 1000:.1f} ms CPU per audio s", flush=True)
+              f"speaker path {cpu / seconds * 1000:.1f} ms CPU per audio s; {flicker}", flush=True)
     if not rows:
         return
     for label, index in (("shown", 1), ("stored", 2), ("time 0 at the first reference turn", 3)):
