@@ -246,6 +246,9 @@ def test_der_scorer_agrees_with_pyannote_metrics():
     overlapping = [(0, 5, "A"), (4, 10, "B")]
     score = diarization_error(overlapping, [(0, 6, 0), (6, 10, 1)], collar=0)
     assert (score.missed, score.confusion, score.reference) == pytest.approx((1.0, 1.0, 11.0))
+    # Overlap left out (pyannote's skip_overlap=True): 4-5 s is not scored, 5-6 s is confused.
+    score = diarization_error(overlapping, [(0, 6, 0), (6, 10, 1)], collar=0, skip_overlap=True)
+    assert (score.missed, score.confusion, score.reference) == pytest.approx((0.0, 1.0, 9.0))
     # Labels are mapped one-to-one: a hypothesis with one label for two voices is half wrong.
     assert diarization_error(reference, [(0, 10, 7)], collar=0).der == pytest.approx(0.5)
 

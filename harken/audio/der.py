@@ -4,8 +4,8 @@ DER = (missed speech + false alarm + speaker confusion) / reference speech, with
 
 - a collar: ``collar`` seconds in all (half before, half after) around every reference turn's
   start and end are not scored (pyannote's ``collar=0.5`` is the "±0.25 s" of NIST's md-eval);
-- overlap scored (``skip_overlap=False``): a frame where two people speak counts twice in the
-  reference and needs two hypothesis speakers to be right;
+- overlap scored (``skip_overlap=False``, the default): a frame where two people speak counts
+  twice in the reference and needs two hypothesis speakers to be right;
 - hypothesis labels mapped one-to-one onto reference speakers to maximise the time they share
   (the Hungarian algorithm on the co-occurrence matrix), as pyannote does.
 
@@ -137,12 +137,18 @@ def best_mapping(cooccurrence: np.ndarray) -> list[tuple[int, int]]:
 
 
 def diarization_error(reference: Sequence[Turn], hypothesis: Sequence[Turn], *, collar: float = 0.5,
-                      uem: Iterable[tuple[float, float]] | None = None) -> DiarizationScore:
-    """Score ``hypothesis`` turns against ``reference`` turns (see the module docstring)."""
+                      uem: Iterable[tuple[float, float]] | None = None,
+                      skip_overlap: bool = False) -> DiarizationScore:
+    """Score ``hypothesis`` turns against ``reference`` turns (see the module docstring).
+    ``skip_overlap``: frames where the reference has two or more speakers are not scored
+    (pyannote's ``skip_overlap=True``), which is what a hypothesis of one speaker at a time, as
+    Omi's sequential segments are, can be judged on."""
     end = max([t[1] for t in reference] + [t[1] for t in hypothesis] + [0.0])
     frames = int(np.ceil(end / STEP)) + 1
     scored = _scored_frames(reference, frames, collar, uem)
     ref, ref_names = _activity(reference, frames)
+    if skip_overlap:
+        scored &= ref.sum(axis=0) < 2
     hyp, hyp_names = _activity(hypothesis, frames)
     ref, hyp = ref[:, scored], hyp[:, scored]
     n_ref, n_hyp = ref.sum(axis=0), hyp.sum(axis=0)
