@@ -262,13 +262,13 @@ async def run(files: list[Path], speed: float, owner_test: bool, owner_each: boo
                 await asyncio.sleep(1.0)        # the session's teardown stores its last flush
                 conversation = stored_conversation(port, token, result)
                 offset = server_offset(conversation, result)
-                score = diarization_error(reference, hypothesis_turns(result.segments.values(), offset), uem=uem)
+                turns = hypothesis_turns(result.segments.values(), offset)
+                score = diarization_error(reference, turns, uem=uem)
                 outcome = Outcome(path.stem, len(pcm) / RATE, score, cpu, offset=offset)
                 dump(path.stem, result.ordered())
                 outcome.reference_aligned = diarization_error(
                     reference, hypothesis_turns(result.segments.values(), clock_offset(reference)), uem=uem)
-                outcome.no_overlap = diarization_error(
-                    reference, hypothesis_turns(result.segments.values(), offset), uem=uem, skip_overlap=True)
+                outcome.no_overlap = diarization_error(reference, turns, uem=uem, skip_overlap=True)
                 outcome.stored = diarization_error(
                     reference, hypothesis_turns(conversation["transcript_segments"], offset), uem=uem)
                 if owner_test and score.reference_speakers >= 2:
