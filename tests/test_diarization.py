@@ -154,9 +154,27 @@ def test_a_two_party_call_with_similar_voices_is_not_one_speaker():
     reference, diarizer = diarize_recording("call_autorepair_b", "dvector")
     score = diarization_error(reference, diarizer.turns())
     assert score.hypothesis_speakers == 2, score
+    # Since each chunk goes to its nearest centroid after the clustering, 15.2 % (17.3 % before:
+    # the agent's opening and the caller's first words were swapped).
     reference, diarizer = diarize_recording("call_autorepair_b", "resemblyzer")
     score = diarization_error(reference, diarizer.turns())
-    assert score.hypothesis_speakers == 2 and score.der <= 0.22, score
+    assert score.hypothesis_speakers == 2 and score.der <= 0.165, score
+
+
+def test_a_chunk_that_average_linkage_left_with_the_wrong_voice_goes_to_the_nearest_centroid():
+    # Average linkage decides a chunk when its group merges: here the ambiguous chunk (0.77 from
+    # a) is closest of all to another odd chunk (0.82), pairs with it first, and the pair goes
+    # with b; the finished clusters' centroids put it with a.
+    from harken.audio.diarization import _average_linkage, _nearest_centroid
+
+    a, b = unit(1, 0, 0), unit(0, 1, 0)
+    ambiguous, odd = unit(0.77, 0.44, 0.09, 0.46), unit(0.32, 0.81, 0.25, 0.43)
+    vectors = np.stack([a, a, a, ambiguous, odd, b, b])
+    clusters = _average_linkage(vectors, threshold=0.55)
+    assert clusters[3] == clusters[4] != clusters[0], clusters          # linkage put it with b
+    moved = _nearest_centroid(clusters, vectors)
+    assert moved[3] == moved[0] and moved[4] == moved[5] != moved[0], moved
+    assert _nearest_centroid([0, 0, 0], vectors[:3]) == [0, 0, 0]
 
 
 def test_a_speaker_change_inside_one_utterance_splits_it():
