@@ -453,7 +453,7 @@ class ConversationDiarizer:
             return _average_linkage(vectors, self.threshold)
         found = np.asarray(_average_linkage(vectors[long_enough], self.threshold))
         ids = np.unique(found)
-        centroids = _unit_matrix(np.asarray([vectors[long_enough][found == c].mean(axis=0) for c in ids]))
+        centroids = _centroids(vectors[long_enough], found, ids)
         out = np.empty(len(vectors), dtype=int)
         out[long_enough] = found
         out[~long_enough] = ids[np.argmax(vectors[~long_enough] @ centroids.T, axis=1)]
@@ -637,6 +637,11 @@ def _unit_matrix(vectors: np.ndarray) -> np.ndarray:
     return matrix / (np.linalg.norm(matrix, axis=1, keepdims=True) + 1e-12)
 
 
+def _centroids(vectors: np.ndarray, labels: np.ndarray, ids) -> np.ndarray:
+    """The unit mean of the rows of ``vectors`` labelled each of ``ids``, one row per id."""
+    return _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in ids]))
+
+
 def _average_linkage(vectors: np.ndarray, threshold: float) -> list[int]:
     """Cluster ids (0 … k-1, in order of first appearance) from agglomerative clustering with
     average linkage on cosine similarity, merging while the best pair is ≥ ``threshold``."""
@@ -676,7 +681,7 @@ def _nearest_centroid(clusters: list[int], vectors: np.ndarray) -> list[int]:
     ids = np.unique(labels)
     if len(ids) < 2:
         return list(clusters)
-    centroids = _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in ids]))
+    centroids = _centroids(vectors, labels, ids)
     return [int(x) for x in ids[np.argmax(vectors @ centroids.T, axis=1)]]
 
 
@@ -706,7 +711,7 @@ def _fold_short_replies(clusters: list[int], vectors: np.ndarray, weights: np.nd
     replies = {c for c in ids if share[c] >= SHORT_CLUSTER_SHARE and c not in keep}
     members = [c for c in ids if c in replies or share[c] < SHORT_CLUSTER_SHARE]
     while replies and len(members) > 1:
-        centroids = _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in members]))
+        centroids = _centroids(vectors, labels, members)
         scores = centroids @ centroids.T
         np.fill_diagonal(scores, -np.inf)
         is_reply = np.asarray([c in replies for c in members])
@@ -731,7 +736,7 @@ def _fold_into(labels: np.ndarray, vectors: np.ndarray, sources: list[int], targ
     is most similar to, if that similarity is at least ``min_similarity``."""
     if not sources or not targets:
         return [int(x) for x in labels]
-    centroids = _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in targets]))
+    centroids = _centroids(vectors, labels, targets)
     out = labels.copy()
     for c in sources:
         rows = labels == c
