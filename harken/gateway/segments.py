@@ -34,9 +34,9 @@ from harken.stt.base import SENTENCE_ENDERS, Word
 # and a segment that already holds a whole long sentence does not grow further.
 MAX_SAME_SPEAKER_GAP = 3.0
 LONG_SEGMENT_CHARS = 125
-# Rule (b) limit: a lowercase continuation joins another speaker's unfinished sentence only
-# across a pause shorter than this.
-MAX_CROSS_SPEAKER_CONTINUATION_GAP = 1.0
+# Rule (b) limit: a lowercase continuation joins an unfinished sentence (another speaker's or the
+# same one's) only across a pause shorter than this.
+MAX_CONTINUATION_GAP = 1.0
 
 # Engines (Speechmatics, Whisper) emit punctuation as separate tokens; joining tokens with spaces
 # would give "Hello , world ." — the space before these marks is removed.
@@ -349,9 +349,8 @@ def _can_merge(first: Segment, second: Segment) -> bool:
         return False
     # (a) One speaker keeps talking: same diarized speaker, or both are the owner; a pause under
     # 3 s; and the first segment is not already a long (125+ chars) finished sentence.
-    same_voice = _same_voice(first, second)
     if (
-        same_voice
+        _same_voice(first, second)
         and second.start - first.end < MAX_SAME_SPEAKER_GAP
         and (len(first.text) < LONG_SEGMENT_CHARS or not ends_sentence(first.text))
     ):
@@ -368,7 +367,7 @@ def _can_merge(first: Segment, second: Segment) -> bool:
     #   the segment's times claimed the silence between as speech (call_autorepair_a: a 3.8 s
     #   pause inside one segment, 2.5 % of the call's DER).
     if not ends_sentence(first.text) and starts_lowercase(second.text):
-        return second.start - first.end < MAX_CROSS_SPEAKER_CONTINUATION_GAP
+        return second.start - first.end < MAX_CONTINUATION_GAP
     return False
 
 
