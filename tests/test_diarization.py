@@ -177,6 +177,33 @@ def test_a_chunk_that_average_linkage_left_with_the_wrong_voice_goes_to_the_near
     assert _nearest_centroid([0, 0, 0], vectors[:3]) == [0, 0, 0]
 
 
+def test_a_cluster_that_mixes_two_voices_is_dissolved_and_a_voice_of_its_own_is_kept():
+    # Three clusters: two voices, and a third holding some chunks of each (what average linkage
+    # left of two voices on one telephone line). Its chunks are closer to the voices they came
+    # from than to each other, so it is dissolved and each chunk goes home; a third voice whose
+    # chunks are close to each other stays a speaker, and two clusters are never made one.
+    from harken.audio.diarization import _dissolve_indistinct, _margins
+
+    rng = np.random.default_rng(7)
+    a, b, c = unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)
+
+    def voice(v, n):
+        return [v + 0.03 * rng.standard_normal(EMBEDDING_DIM) for _ in range(n)]      # noise of norm ~0.5
+
+    vectors = np.asarray([x / np.linalg.norm(x) for x in
+                          voice(a, 6) + voice(b, 6) + voice(a, 2) + voice(b, 2) + voice(c, 4)])
+    mixed = [0] * 6 + [1] * 6 + [2] * 4 + [3] * 4
+    margins = _margins(vectors, np.asarray(mixed), [0, 1, 2, 3])
+    assert margins[2] < 0.07 < min(margins[0], margins[1], margins[3]), margins
+    out = _dissolve_indistinct(mixed, vectors, 0.07)
+    assert out[12:14] == [0, 0] and out[14:16] == [1, 1], out       # each chunk to its own voice
+    assert out[:12] == mixed[:12] and out[16:] == [3] * 4, out       # the others untouched
+    assert _dissolve_indistinct(mixed, vectors, 0.07, keep={2}) == mixed      # the newest voice waits
+    halves = [0, 0, 0, 1, 1, 1] * 2               # each of two clusters half a, half b: margins ~0
+    assert max(_margins(vectors[:12], np.asarray(halves), [0, 1]).values()) < 0.07
+    assert _dissolve_indistinct(halves, vectors[:12], 0.07) == halves
+
+
 def test_a_speaker_change_inside_one_utterance_splits_it():
     # One "utterance" of 12 windows: the first 6 one voice, the last 6 another.
     a, b = unit(1, 0, 0), unit(0, 1, 0)

@@ -297,6 +297,21 @@ async def diarize_engine_words(name: str) -> tuple[SpeakerIdentifier, list[tuple
     return identifier, words
 
 
+def engine_words_labelled(identifier: SpeakerIdentifier, words, name: str) -> tuple[list[int], list[str]]:
+    """The diarizer's label and the reference speaker of every word inside one reference turn."""
+    from harken.audio.der import read_rttm
+
+    reference = read_rttm(CONVERSATIONS / f"{name}.rttm")
+    labels, truth = [], []
+    for text, start, end in words:
+        middle = (start + end) / 2
+        who = {speaker for a, b, speaker in reference if a <= middle <= b}
+        if len(who) == 1:                       # words in one reference turn only
+            labels.append(identifier.diarizer.label_at(middle))
+            truth.append(who.pop())
+    return labels, truth
+
+
 @pytest.mark.timeout(120)
 async def test_a_callers_short_replies_do_not_get_a_label_of_their_own():
     # A telephone call of two voices (a development recording), as the embedded engine cut and
@@ -307,21 +322,28 @@ async def test_a_callers_short_replies_do_not_get_a_label_of_their_own():
     # all short but whose voice is far from the other's keeps a label of their own: Steve in the
     # meeting (every turn under 1.4 s; the rule "a voice needs an utterance of 1.2 s of speech"
     # lost him).
-    from harken.audio.der import read_rttm
-
     # Floors: 100 % measured on both; main before this rule had 96.6 % on the call (3 labels).
     for name, floor in (("call_autorepair_a", 0.98), ("meeting_katie_steve", 0.95)):
         identifier, words = await diarize_engine_words(name)
-        reference = read_rttm(CONVERSATIONS / f"{name}.rttm")
-        labels, truth = [], []
-        for text, start, end in words:
-            middle = (start + end) / 2
-            who = {speaker for a, b, speaker in reference if a <= middle <= b}
-            if len(who) == 1:                       # words in one reference turn only
-                labels.append(identifier.diarizer.label_at(middle))
-                truth.append(who.pop())
+        labels, truth = engine_words_labelled(identifier, words, name)
         print(f"\n{name}: labels {sorted(set(identifier.diarizer.labels))}, {len(labels)} words, "
               f"{labelling_accuracy(labels, truth):.1%} right")
         assert identifier.diarizer.speakers == 2, (name, identifier.diarizer.labels)
         assert len(set(labels)) == 2, name
         assert labelling_accuracy(labels, truth) >= floor, name
+
+
+@pytest.mark.timeout(120)
+async def test_two_voices_on_one_telephone_line_get_two_labels_not_three():
+    # A call whose two voices score close on one telephone line (a development recording: the rule
+    # was found on it), as the embedded engine cut it when its pause decodes came back 0.3 s
+    # late. The re-clustering left a third cluster: the caller's "Oh," and "Okay." and a few of the
+    # agent's words, mostly longer speech, so no reply rule folds it, and its chunks barely closer
+    # to it than to either voice (margin 0.04-0.06; each real voice 0.08 or more). Main before
+    # the rule: 3 labels, 92.4 % of 422 words right; now 2 labels, 98.6 %.
+    identifier, words = await diarize_engine_words("call_autorepair_b")
+    labels, truth = engine_words_labelled(identifier, words, "call_autorepair_b")
+    print(f"\ncall_autorepair_b: labels {sorted(set(identifier.diarizer.labels))}, {len(labels)} words, "
+          f"{labelling_accuracy(labels, truth):.1%} right")
+    assert identifier.diarizer.speakers == 2, identifier.diarizer.labels
+    assert labelling_accuracy(labels, truth) >= 0.96

@@ -44,6 +44,9 @@ class SpeakerModel:
     # a cluster of short replies joins a cluster of longer speech at least this similar (None: never;
     # ``diarization.SHORT_UTTERANCE_SECONDS``)
     short_cluster_similarity: float | None = None
+    # with three or more clusters, one whose stretches are on average less than this much closer to
+    # it than to another voice is dissolved (None: never; ``diarization._dissolve_indistinct``)
+    min_cluster_margin: float | None = None
 
 
 # A speaker of one clip of an upload and a speaker of the recording so far are the same person
@@ -67,6 +70,14 @@ CLIP_LINK_RESEMBLYZER = 0.75
 # Steve to Katie (2.0 -> 21.6 % DER), 0.88 left the caller's third label with the 0.5 s decodes.
 # The d-vector is not measured: off.
 SHORT_CLUSTER_RESEMBLYZER = 0.80
+# With three or more clusters, one whose stretches are on average less than this much closer to it
+# than to another voice (``diarization._margins``) is no voice of its own. Resemblyzer, the replica
+# of the gateway's path (bench_diarization.py --replica --speed 1, decodes back after 0.1-1.0 s,
+# all 6 development recordings): every cluster that was one real speaker 0.082-0.265 (the lowest
+# the two voices on one telephone line in call_autorepair_b); the third cluster that call got
+# (the caller's "Oh," and "Okay." with a few of the agent's words) 0.039-0.056. 0.06-0.09 gave the
+# same labels and DER; 0.07 sits between. The d-vector is not measured: off.
+MIN_CLUSTER_MARGIN_RESEMBLYZER = 0.07
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,7 +128,8 @@ def _resemblyzer() -> SpeakerModel:
                         WINDOW_SECONDS, WINDOW_HOP_SECONDS, chunk_windows=1, chunk_stride=1,
                         cluster_similarity=0.63, known_similarity=0.70, known_mean_similarity=0.75,
                         min_speaker_seconds=4.0, clip_link_similarity=CLIP_LINK_RESEMBLYZER,
-                        short_cluster_similarity=SHORT_CLUSTER_RESEMBLYZER)
+                        short_cluster_similarity=SHORT_CLUSTER_RESEMBLYZER,
+                        min_cluster_margin=MIN_CLUSTER_MARGIN_RESEMBLYZER)
 
 
 MODELS: dict[str, Callable[[], SpeakerModel]] = {"dvector": _dvector, "resemblyzer": _resemblyzer}
