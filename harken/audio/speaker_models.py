@@ -76,7 +76,10 @@ SHORT_CLUSTER_RESEMBLYZER = 0.80
 # all 6 development recordings): every cluster that was one real speaker 0.082-0.265 (the lowest
 # the two voices on one telephone line in call_autorepair_b); the third cluster that call got
 # (the caller's "Oh," and "Okay." with a few of the agent's words) 0.039-0.056. 0.06-0.09 gave the
-# same labels and DER; 0.07 sits between. The d-vector is not measured: off.
+# same labels and DER; 0.07 sits between. Offline (--offline, Silero cuts) it dissolved one cluster
+# more, radio_phonein's fourth: three stretches of two other voices (confusion 7.9 -> 5.1 %, but 4 ->
+# 3 of 4 speakers; its speaker A had no cluster of its own there either way). The d-vector is not
+# measured: off.
 MIN_CLUSTER_MARGIN_RESEMBLYZER = 0.07
 
 
