@@ -161,7 +161,10 @@ async def test_a_rare_word_is_right_with_the_term_and_misheard_without_it(make_g
     with_term = await stream(server, "austen-reader", load_audio("ss_0890.wav"), language="en")
     without = await stream(server, "plain-reader", load_audio("ss_0890.wav"), language="en")
     heard_with, heard_without = (" ".join(normalize(r.transcript())) for r in (with_term, without))
-    assert heard_with.endswith("selfish is to be ill disposed"), with_term.transcript()
+    # "in", not "ends with": under a full suite's load one run's transcript ended "... is to be
+    # ill-disposed. in the end." (session 24: words after the phrase, heard in the clip's tail);
+    # what is tested is the term's word.
+    assert "selfish is to be ill disposed" in heard_with, with_term.transcript()
     assert "selfish" in heard_without, without.transcript()
     # Without the term the same model mishears it: decoded whole, as a stream decodes (its encoder
     # window), it says "old-sposed". (Whether the gateway's own decode of the clip mishears depends
