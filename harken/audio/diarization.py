@@ -457,11 +457,9 @@ class ConversationDiarizer:
         if long_enough.all() or long_enough.sum() < 2:
             return _average_linkage(vectors, self.threshold)
         found = np.asarray(_average_linkage(vectors[long_enough], self.threshold))
-        ids = np.unique(found)
-        centroids = _centroids(vectors[long_enough], found, ids)
         out = np.empty(len(vectors), dtype=int)
         out[long_enough] = found
-        out[~long_enough] = ids[np.argmax(vectors[~long_enough] @ centroids.T, axis=1)]
+        out[~long_enough] = _nearest(vectors[~long_enough], vectors[long_enough], found, np.unique(found))
         order: dict[int, int] = {}
         return [order.setdefault(int(c), len(order)) for c in out]
 
@@ -647,6 +645,12 @@ def _centroids(vectors: np.ndarray, labels: np.ndarray, ids) -> np.ndarray:
     return _unit_matrix(np.asarray([vectors[labels == c].mean(axis=0) for c in ids]))
 
 
+def _nearest(rows: np.ndarray, vectors: np.ndarray, labels: np.ndarray, ids) -> np.ndarray:
+    """For each of ``rows``, the one of ``ids`` whose cluster's centroid (over ``vectors`` by
+    ``labels``) it is most similar to."""
+    return np.asarray(ids)[np.argmax(rows @ _centroids(vectors, labels, ids).T, axis=1)]
+
+
 def _average_linkage(vectors: np.ndarray, threshold: float) -> list[int]:
     """Cluster ids (0 … k-1, in order of first appearance) from agglomerative clustering with
     average linkage on cosine similarity, merging while the best pair is ≥ ``threshold``."""
@@ -686,8 +690,7 @@ def _nearest_centroid(clusters: list[int], vectors: np.ndarray) -> list[int]:
     ids = np.unique(labels)
     if len(ids) < 2:
         return list(clusters)
-    centroids = _centroids(vectors, labels, ids)
-    return [int(x) for x in ids[np.argmax(vectors @ centroids.T, axis=1)]]
+    return [int(x) for x in _nearest(vectors, vectors, labels, ids)]
 
 
 def _margins(vectors: np.ndarray, labels: np.ndarray, ids: list[int]) -> dict[int, float]:
@@ -700,6 +703,7 @@ def _margins(vectors: np.ndarray, labels: np.ndarray, ids: list[int]) -> dict[in
         rows = vectors[labels == c]
         others = np.delete(centroids, k, axis=0)
         if len(rows) < 2 or not len(others):
+            # One chunk has no centroid without itself: as indistinct as can be, unless it is alone.
             out[c] = -1.0 if len(others) else 1.0
             continue
         rest = _unit_matrix(rows.sum(axis=0, keepdims=True) - rows)     # the centroid without each chunk
@@ -732,9 +736,8 @@ def _dissolve_indistinct(clusters: list[int], vectors: np.ndarray, min_margin: f
         worst = min(candidates, key=margins.get, default=None)
         if worst is None or margins[worst] >= min_margin:
             break
-        rest = [c for c in ids if c != worst]
         rows = labels == worst
-        labels[rows] = np.asarray(rest)[np.argmax(vectors[rows] @ _centroids(vectors, labels, rest).T, axis=1)]
+        labels[rows] = _nearest(vectors[rows], vectors, labels, [c for c in ids if c != worst])
     return [int(x) for x in labels]
 
 
